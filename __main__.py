@@ -1,0 +1,3 @@
+from epserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""epserve's configuration: frozen dataclasses mirroring the YAML, validated once at the edge.
+
+Every key has a default, and the defaults are the embedded default (a tiny model made
+on first use, one prefill and one decode unit of 1 node x 2 fake GPUs, local Ray,
+127.0.0.1). Errors name the key, the value and what is allowed. Values measured at
+start-up live in runtime state, never back in here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not valid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None        # null: embedded local Ray (fake GPUs on a machine without CUDA)
+    num_cpus: int | None = None       # embedded Ray only
+    fake_gpus: int | None = None      # embedded Ray without CUDA: logical GPUs to advertise (default: enough)
+
+
+@dataclass(frozen=True)
+class UnitConfig:
+    units: int = 1
+    nodes_per_unit: int = 1
+    gpus_per_node: int = 2
+    redundant_experts: int = 0
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 128
+    kv_pages: int = 256               # 64-token latent pages per rank
+    cpus_per_rank: float = 0.1        # Ray CPU reservation per rank actor (logical)
+
+    @property
+    def ranks_per_unit(self) -> int:
+        return self.nodes_per_unit * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class EplbConfig:
+    interval_s: float = 600.0
+    window_steps: int = 1000
+    policy: str = "auto"              # auto | baseline | improved
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class KVStoreConfig:
+    path: str | None = None           # null: <user cache>/epserve/kv
+    capacity_gb: float = 64.0
+    block_tokens: int = 64
+    enabled: bool = True
+    shared_namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    path: str | None = None           # null: <user cache>/epserve/ledger
+    flush_rows: int = 256
+    flush_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class AutoscaleConfig:
+    enabled: bool = False
+    schedule: tuple = ()              # [{at: "08:30", prefill: 29, decode: 9}, ...]
+    prefill_units: tuple = (1, 1)
+    decode_units: tuple = (1, 1)
+    interval_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    release_hook: str | None = None   # shell command run with the freed node count (e.g. a `ray job submit`)
+
+
+@dataclass(frozen=True)
+class PricingConfig:
+    gpu_hour_usd: float = 2.0
+    input_hit_per_m: float = 0.14
+    input_miss_per_m: float = 0.55
+    output_per_m: float = 2.19
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple = ()
+    model_name: str = "epserve"
+    max_queue: int = 256              # requests waiting per service before 429
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str | None = None          # checkpoint folder; null: the tiny default model
+    dtype: str = "bfloat16"           # float32 for exact CPU tests
+    kernels: str = "auto"             # auto | reference | triton | native
+    fp8_activations: bool = True      # FP8 checkpoints: quantise activations 1x128 (the seed's recipe)
+    max_model_len: int | None = None  # null: the checkpoint's max_position_embeddings
+    overlap: str = "auto"             # auto | on | off
+    ray: RayConfig = field(default_factory=RayConfig)
+    prefill: UnitConfig = field(default_factory=UnitConfig)
+    decode: UnitConfig = field(default_factory=UnitConfig)
+    eplb: EplbConfig = field(default_factory=EplbConfig)
+    kv_store: KVStoreConfig = field(default_factory=KVStoreConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def __post_init__(self):
+        _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("kernels", self.kernels, ("auto", "reference", "triton", "native"))
+        _choice("overlap", self.overlap, ("auto", "on", "off"))
+        _choice("eplb.policy", self.eplb.policy, ("auto", "baseline", "improved"))
+        for role in ("prefill", "decode"):
+            u = getattr(self, role)
+            for key in ("units", "nodes_per_unit", "gpus_per_node", "max_batch_tokens", "max_batch_size",
+                        "kv_pages"):
+                if getattr(u, key) < 1:
+                    raise ConfigError(f"{role}.{key}: must be >= 1, got {getattr(u, key)}")
+            if u.redundant_experts < 0:
+                raise ConfigError(f"{role}.redundant_experts: must be >= 0, got {u.redundant_experts}")
+        if self.kv_store.block_tokens < 1 or self.kv_store.capacity_gb <= 0:
+            raise ConfigError("kv_store: block_tokens must be >= 1 and capacity_gb > 0")
+        if not 0 < self.serve.port < 65536:
+            raise ConfigError(f"serve.port: must be in 1..65535, got {self.serve.port}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len: must be >= 1, got {self.max_model_len}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _coerce(key: str, value, tp):
+    """Check one YAML value against a field type; returns the value in that type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        opts = typing.get_args(tp)
+        if value is None and type(None) in opts:
+            return None
+        for opt in opts:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(key, value, opt)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def load_config(source: str | Path | dict | Config | None = None, **overrides) -> Config:
+    """Config from a YAML file path, a dict, an existing Config, or None (the defaults)."""
+    if isinstance(source, Config):
+        data = source.to_dict()
+    elif source is None:
+        data = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    data.update(overrides)
+    return _build(Config, data)
+
+
+def builtin_config(name: str) -> Path:
+    """Path of a config shipped in configs/ (default, deepseek_v3_prod, test)."""
+    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no built-in config named {name!r}")
+    return path

@@ -1,0 +1,194 @@
+"""One KV store block on disk: its key, its bytes, and how it is written.
+
+Owns the key scheme, encoding and validating a block file, and the atomic write.
+Knows nothing of capacity, LRU or faults policy (fleet/kv_store.py). Never
+guesses: anything that does not match the expected `BlockSpec` and key exactly is
+a `BlockFormatError` with a short reason, which the store turns into a miss.
+
+Keys: key_i = sha256(KEY_TAG, model_id, namespace, key_{i-1}, the block_tokens token
+ids of block i as int64 little-endian), each field prefixed by its length (8 bytes LE)
+so no two field splits hash alike; key_{-1} = "". Lowercase hex. Only FULL blocks
+get keys: 150 tokens at 64 per block -> 2 keys, 22 tokens are always recomputed.
+
+Layout (integers little-endian):
+
+    offset  size        field
+    0       4           magic b"EPKV"
+    4       2           format version (FORMAT_VERSION)
+    6       2           reserved, 0
+    8       4           meta_len: length of the JSON meta that follows
+    12      meta_len    JSON meta, utf-8, space-padded so the payload starts on a
+                        64-byte boundary (aligned torch.frombuffer views):
+                        {"model_id", "dtype", "shape", "byteorder", "key",
+                         "payload_bytes", "sha256"}
+    12+meta_len         payload: the tensor [n_layers, block_tokens, kv_dim] in C
+                        order, raw bytes of `dtype` in the host's byte order
+
+The file size must be exactly 12 + meta_len + payload_bytes, so truncation or a
+trailing append is caught before hashing. The meta is JSON rather than packed
+fields because it is tiny next to the payload (a DeepSeek-V3 bf16 block is
+61 x 64 x 576 x 2 B = 4.5 MB) and `head -c 400 FILE` should tell a person what a
+block is.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import struct
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+MAGIC = b"EPKV"
+FORMAT_VERSION = 1
+PAYLOAD_ALIGN = 64
+MAX_META_BYTES = 64 * 1024  # a bigger header is garbage, not a block
+_PREFIX = struct.Struct("<4sHHI")  # magic, version, reserved, meta_len
+SUFFIX = ".kvb"
+KEY_RE = re.compile(r"[0-9a-f]{64}")
+KEY_TAG = b"epserve.kv.v1"
+
+
+class BlockFormatError(ValueError):
+    """A block file that must not be used; `reason` is a short stable tag."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What every block of one store holds: [n_layers, block_tokens, kv_dim] of `dtype`."""
+
+    model_id: str
+    dtype: torch.dtype
+    shape: tuple[int, int, int]
+
+    @property
+    def numel(self) -> int:
+        n_layers, block_tokens, kv_dim = self.shape
+        return n_layers * block_tokens * kv_dim
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _header(spec: BlockSpec, key: str, payload_bytes: int, digest: str) -> bytes:
+    meta = {
+        "model_id": spec.model_id,
+        "dtype": dtype_name(spec.dtype),
+        "shape": list(spec.shape),
+        "byteorder": sys.byteorder,
+        "key": key,
+        "payload_bytes": payload_bytes,
+        "sha256": digest,
+    }
+    meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+    meta_bytes += b" " * (-(_PREFIX.size + len(meta_bytes)) % PAYLOAD_ALIGN)
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(meta_bytes)) + meta_bytes
+
+
+def encode_block(spec: BlockSpec, key: str, kv: torch.Tensor) -> list[bytes | memoryview]:
+    """Header bytes and payload view for `kv` ([*spec.shape], spec.dtype), to write in order."""
+    payload = memoryview(kv.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return [_header(spec, key, payload.nbytes, hashlib.sha256(payload).hexdigest()), payload]
+
+
+def file_bytes(spec: BlockSpec) -> int:
+    """Size of every valid block file of `spec` (keys and digests are fixed-length hex)."""
+    return len(_header(spec, "0" * 64, spec.payload_bytes, "0" * 64)) + spec.payload_bytes
+
+
+def decode_block(buf: bytearray, spec: BlockSpec, key: str) -> torch.Tensor:
+    """The tensor [*spec.shape] in `buf` (a whole file), sharing its memory.
+
+    Raises BlockFormatError with reason: truncated, bad_magic, bad_version,
+    bad_meta, foreign_model, foreign_dtype, foreign_shape, foreign_byteorder,
+    wrong_key, bad_size, checksum.
+    """
+    if len(buf) < _PREFIX.size:
+        raise BlockFormatError("truncated", f"{len(buf)} bytes")
+    magic, version, _, meta_len = _PREFIX.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise BlockFormatError("bad_magic", repr(bytes(magic)))
+    if version != FORMAT_VERSION:
+        raise BlockFormatError("bad_version", f"{version} != {FORMAT_VERSION}")
+    start = _PREFIX.size + meta_len
+    if meta_len > MAX_META_BYTES or start > len(buf):
+        raise BlockFormatError("truncated", f"meta_len {meta_len}, file {len(buf)} bytes")
+    try:
+        meta = json.loads(bytes(buf[_PREFIX.size:start]))
+        got = (meta["model_id"], meta["dtype"], tuple(meta["shape"]), meta["byteorder"],
+               meta["key"], int(meta["payload_bytes"]), str(meta["sha256"]))
+    except (ValueError, KeyError, TypeError) as e:  # incl. JSONDecodeError, UnicodeDecodeError
+        raise BlockFormatError("bad_meta", str(e)) from None
+    model_id, dtype, shape, byteorder, file_key, payload_bytes, digest = got
+    checks = (("foreign_model", model_id, spec.model_id),
+              ("foreign_dtype", dtype, dtype_name(spec.dtype)),
+              ("foreign_shape", shape, spec.shape),
+              ("foreign_byteorder", byteorder, sys.byteorder),
+              ("wrong_key", file_key, key),
+              ("bad_size", payload_bytes, spec.payload_bytes))
+    for reason, have, want in checks:
+        if have != want:
+            raise BlockFormatError(reason, f"{have!r} != {want!r}")
+    if len(buf) != start + payload_bytes:
+        raise BlockFormatError("truncated", f"{len(buf)} bytes, want {start + payload_bytes}")
+    payload = memoryview(buf)[start:]
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise BlockFormatError("checksum", "payload sha256 mismatch")
+    return torch.frombuffer(buf, dtype=spec.dtype, count=spec.numel, offset=start).view(spec.shape)
+
+
+def block_keys(token_ids: Sequence[int], namespace: str, *, model_id: str,
+               block_tokens: int = 64) -> list[str]:
+    """Hex sha256 key per FULL block of `token_ids`, chained (see module docstring)."""
+    tokens = np.asarray(token_ids, dtype="<i8").reshape(-1)
+    keys, prev = [], b""
+    for i in range(len(tokens) // block_tokens):
+        h = hashlib.sha256()
+        for field in (KEY_TAG, model_id.encode(), namespace.encode(), prev,
+                      tokens[i * block_tokens:(i + 1) * block_tokens].tobytes()):
+            h.update(len(field).to_bytes(8, "little"))
+            h.update(field)
+        prev = h.hexdigest().encode()
+        keys.append(prev.decode())
+    return keys
+
+
+def write_atomic(path: Path, parts: list, fsync: bool) -> int:
+    """Write `parts` to `path` via a unique temp file + os.replace; returns bytes written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            n = sum(f.write(p) for p in parts)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if fsync:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return n

@@ -1,0 +1,341 @@
+"""On-disk context cache: content-addressed blocks of MLA latent KV (DeepSeek's KV cache on disk).
+
+Owns the block keys, a directory of block files under `root`, and its
+capacity-bounded LRU. The ingress asks `lookup` how long a cached prefix is;
+prefill ranks `load_prefix` it and `save` the new full blocks.
+
+Must never: raise on a disk fault or a bad file (a bad block is a miss, never
+wrong output; a full or unwritable disk turns writes off with one warning and
+serving goes on), share blocks across tenants unless a shared namespace is
+configured (a shared cache leaks prompts through hit timing), or import Ray.
+
+Keys (fleet/kv_block_format.block_keys) are chained sha256 hashes per full block,
+so a key names its whole prefix: a hit on block i means blocks 0..i-1 match too.
+
+Layout: root/ab/abcdef...(64 hex).kvb, one file per block (bytes in
+fleet/kv_block_format.py), fanned out into 256 directories by key prefix. Why:
+- atomic: a block appears by os.replace of a fully written temp file in the same
+  directory, so readers see all of it or nothing. Two writers of one key write
+  identical bytes, so whichever rename lands last is right; no lock needed.
+- no index file to corrupt: the directory is the index. Each process keeps an
+  in-memory view (key -> size, last use) rebuilt by scanning; a crash leaves at
+  most a stray temp file, swept by a later scan.
+- shared file systems (NFS, Lustre, CephFS) give atomic same-directory rename and
+  per-file mtimes without cross-node locks; fan-out keeps directories small.
+- LRU by mtime: a hit does os.utime, so recency lives on disk, survives restarts
+  and is shared by every process; eviction removes the oldest mtime first.
+
+Several processes (and nodes) may share a root. Each evicts on its own view, which
+it refreshes by a rescan before evicting and at least every `rescan_interval_s`;
+files vanishing under it (another evictor) are fine.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from epserve.fleet.kv_block_format import (KEY_RE, MAX_META_BYTES, SUFFIX, BlockFormatError,
+                                           BlockSpec, block_keys, decode_block, encode_block,
+                                           file_bytes, write_atomic)
+
+__all__ = ["KVStore", "KVStoreStats", "block_keys"]
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean "this disk will not take writes": stop trying instead of failing every save.
+_WRITE_FATAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.ENOTDIR, errno.EFBIG}
+
+
+@dataclass
+class KVStoreStats:
+    """Counters since this store object was made (per process)."""
+
+    hits: int = 0            # load() returned a block
+    misses: int = 0          # load() returned None (includes corrupt)
+    corrupt: int = 0         # bad file found, counted as a miss and deleted
+    evictions: int = 0
+    evicted_bytes: int = 0
+    bytes_read: int = 0
+    blocks_written: int = 0
+    bytes_written: int = 0
+    write_skips: int = 0     # save() of a key already on disk
+    write_errors: int = 0
+    rescans: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class KVStore:
+    """Blocks [n_layers, block_tokens, kv_dim] of `dtype` under `root`, at most ~capacity_bytes.
+
+    block_shape: (n_layers, block_tokens, kv_dim), kv_dim = kv_lora_rank + qk_rope_head_dim.
+    shared_namespace: when set, every tenant uses it (blocks shared across tenants).
+    fsync: fsync each block and its directory before counting it written.
+    low_watermark: eviction goes down to this fraction of capacity_bytes.
+    """
+
+    def __init__(self, root: str | os.PathLike, model_id: str, dtype: torch.dtype | str,
+                 block_shape: tuple[int, int, int], capacity_bytes: int,
+                 shared_namespace: str | None = None, *, fsync: bool = False,
+                 low_watermark: float = 0.9, rescan_interval_s: float = 60.0,
+                 stale_tmp_s: float = 3600.0):
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"kv_store dtype={dtype!r} is not a torch dtype")
+            dtype = getattr(torch, dtype)
+        if len(block_shape) != 3 or min(block_shape) <= 0:
+            raise ValueError(f"kv_store block_shape={block_shape!r}: "
+                             "want (n_layers, block_tokens, kv_dim), all > 0")
+        if not 0.0 < low_watermark <= 1.0:
+            raise ValueError(f"kv_store low_watermark={low_watermark}: want in (0, 1]")
+        self.root = Path(root)
+        self.spec = BlockSpec(model_id, dtype, tuple(int(d) for d in block_shape))
+        self.block_tokens = self.spec.shape[1]
+        self.block_file_bytes = file_bytes(self.spec)
+        self.capacity_bytes = int(capacity_bytes)
+        self.shared_namespace = shared_namespace
+        self.fsync = fsync
+        self.low_watermark = low_watermark
+        self.rescan_interval_s = rescan_interval_s
+        self.stale_tmp_s = stale_tmp_s
+        self.stats = KVStoreStats()
+        self._lock = threading.RLock()
+        self._index: dict[str, tuple[int, float]] = {}  # key -> (file bytes, last use as mtime)
+        self._total = 0
+        self._last_scan = 0.0
+        self._warned: set[str] = set()
+        self._writes_enabled = True
+        if self.capacity_bytes < self.block_file_bytes:
+            self._disable_writes(f"capacity_bytes={self.capacity_bytes} is below one block")
+        else:
+            # a name of our own: processes starting together must not unlink each other's probe
+            probe = self.root / f".probe.{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                probe.write_bytes(b"probe")
+                probe.unlink()
+            except OSError as e:
+                self._disable_writes(f"cannot write under {self.root}: {e}")
+        self.rescan()
+        self._maybe_evict()
+
+    # ---- keys and paths -------------------------------------------------------------
+    def namespace_for(self, tenant: str) -> str:
+        return tenant if self.shared_namespace is None else self.shared_namespace
+
+    def block_keys(self, token_ids: Sequence[int], tenant: str) -> list[str]:
+        """A key per full block of `token_ids`, in `tenant`'s namespace (or the shared one)."""
+        return block_keys(token_ids, self.namespace_for(tenant),
+                          model_id=self.spec.model_id, block_tokens=self.block_tokens)
+
+    def path_for(self, key: str) -> Path:
+        if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+            raise ValueError(f"kv_store key={key!r}: want 64 lowercase hex characters")
+        return self.root / key[:2] / (key + SUFFIX)
+
+    @property
+    def writes_enabled(self) -> bool:
+        return self._writes_enabled
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of blocks in this process's view of the store."""
+        return self._total
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self._index)
+
+    # ---- reads ----------------------------------------------------------------------
+    def lookup(self, keys: Sequence[str]) -> int:
+        """Number of leading `keys` whose block file exists (stat only; load may still miss)."""
+        for n, key in enumerate(keys):
+            if not self.path_for(key).is_file():
+                return n
+        return len(keys)
+
+    def load(self, key: str) -> torch.Tensor | None:
+        """The block [n_layers, block_tokens, kv_dim] on CPU, or None on any miss."""
+        path = self.path_for(key)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > self.block_file_bytes + MAX_META_BYTES:  # not ours: don't read it all
+                    raise BlockFormatError("bad_size", f"{size} B, want {self.block_file_bytes}")
+                buf = bytearray(size)
+                n_read = f.readinto(buf)
+            kv = decode_block(buf if n_read == size else buf[:n_read], self.spec, key)
+        except (FileNotFoundError, NotADirectoryError):  # absent (or no store dir at all)
+            self._forget(key)
+            self.stats.misses += 1
+            return None
+        except BlockFormatError as e:
+            self._drop_corrupt(path, key, e)
+            return None
+        except OSError as e:  # EIO, EACCES...: a miss; the file may be fine for others
+            self.stats.misses += 1
+            self._warn_once(f"read:{e.errno}", f"kv_store: read failed, treating as a miss: {e}")
+            return None
+        now = time.time()
+        with contextlib.suppress(OSError):  # vanished or read-only: recency is best effort
+            os.utime(path, (now, now))
+        with self._lock:
+            self.stats.hits += 1
+            self.stats.bytes_read += size
+            self._add(key, size, now)
+        return kv
+
+    def load_prefix(self, keys: Sequence[str]) -> list[torch.Tensor]:
+        """Blocks for the longest leading run of `keys` that load cleanly."""
+        out = []
+        for key in keys:
+            kv = self.load(key)
+            if kv is None:
+                break
+            out.append(kv)
+        return out
+
+    # ---- writes ---------------------------------------------------------------------
+    def save(self, key: str, kv: torch.Tensor) -> bool:
+        """Write block `kv` ([n_layers, block_tokens, kv_dim], the store's dtype, any device).
+
+        Returns True if this call wrote the file; False if it existed already or
+        writes are off. Raises ValueError only for a wrong key/shape/dtype (a caller bug).
+        """
+        path = self.path_for(key)
+        if tuple(kv.shape) != self.spec.shape or kv.dtype != self.spec.dtype:
+            raise ValueError(f"kv_store.save: got {tuple(kv.shape)} {kv.dtype}, "
+                             f"want {self.spec.shape} {self.spec.dtype}")
+        if not self._writes_enabled:
+            return False
+        if path.is_file():  # same key = same content; refresh its recency instead
+            with contextlib.suppress(OSError):
+                os.utime(path)
+            self.stats.write_skips += 1
+            return False
+        try:
+            n = write_atomic(path, encode_block(self.spec, key, kv), self.fsync)
+        except OSError as e:
+            self._on_write_error(e)
+            return False
+        with self._lock:
+            self.stats.blocks_written += 1
+            self.stats.bytes_written += n
+            self._add(key, n, time.time())
+        self._maybe_evict()
+        return True
+
+    def save_many(self, keys: Sequence[str], kvs: Sequence[torch.Tensor]) -> int:
+        """save() each (key, block) pair; returns how many files this call wrote."""
+        if len(keys) != len(kvs):
+            raise ValueError(f"kv_store.save_many: {len(keys)} keys but {len(kvs)} blocks")
+        return sum(self.save(k, kv) for k, kv in zip(keys, kvs))
+
+    # ---- index and eviction ---------------------------------------------------------
+    def rescan(self) -> None:
+        """Rebuild the view (key -> size, mtime) from disk; sweep stale temp files."""
+        index: dict[str, tuple[int, float]] = {}
+        now = time.time()
+        try:
+            subdirs = [d for d in os.scandir(self.root) if len(d.name) == 2 and d.is_dir()]
+        except OSError:
+            subdirs = []  # missing or unreadable root: an empty store
+        for sub in subdirs:
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(sub.path):
+                    with contextlib.suppress(OSError):  # vanished mid-scan
+                        name = entry.name
+                        if name.endswith(SUFFIX) and KEY_RE.fullmatch(name[:-len(SUFFIX)]):
+                            st = entry.stat()
+                            index[name[:-len(SUFFIX)]] = (st.st_size, st.st_mtime)
+                        elif (name.endswith(".tmp")
+                              and now - entry.stat().st_mtime > self.stale_tmp_s):
+                            os.unlink(entry.path)  # left by a crashed writer
+        with self._lock:
+            self._index = index
+            self._total = sum(size for size, _ in index.values())
+            self._last_scan = time.monotonic()
+            self.stats.rescans += 1
+
+    def _maybe_evict(self) -> None:
+        """If over capacity after a fresh rescan, delete least-recently-used blocks down to
+        low_watermark * capacity_bytes."""
+        if not self._writes_enabled:
+            return
+        with self._lock:
+            is_stale = time.monotonic() - self._last_scan > self.rescan_interval_s
+            if self._total <= self.capacity_bytes and not is_stale:
+                return
+            self.rescan()
+            if self._total <= self.capacity_bytes:
+                return
+            target = self.low_watermark * self.capacity_bytes
+            for key, (size, mtime) in sorted(self._index.items(), key=lambda kv: kv[1][1]):
+                if self._total <= target:
+                    break
+                path = self.path_for(key)
+                try:
+                    if os.stat(path).st_mtime > mtime:  # another process used it since the scan
+                        continue
+                    os.unlink(path)
+                    self.stats.evictions += 1
+                    self.stats.evicted_bytes += size
+                except FileNotFoundError:
+                    pass  # another process evicted it first
+                except OSError as e:
+                    self._warn_once(f"evict:{e.errno}", f"kv_store: cannot evict {path}: {e}")
+                    continue
+                self._forget(key)
+
+    def _add(self, key: str, size: int, last_use: float) -> None:
+        with self._lock:
+            old = self._index.get(key)
+            self._total += size - (old[0] if old else 0)
+            self._index[key] = (size, last_use)
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            old = self._index.pop(key, None)
+            if old:
+                self._total -= old[0]
+
+    # ---- faults ---------------------------------------------------------------------
+    def _drop_corrupt(self, path: Path, key: str, err: BlockFormatError) -> None:
+        # A racing writer may just have replaced the bad file with a good one; deleting
+        # that costs one future miss, never a wrong block.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        self._forget(key)
+        self.stats.misses += 1
+        self.stats.corrupt += 1
+        self._warn_once(f"corrupt:{err.reason}",
+                        f"kv_store: bad block {path.name} ({err}); deleted, counted as a miss "
+                        f"(further '{err.reason}' blocks logged at debug)")
+
+    def _on_write_error(self, e: OSError) -> None:
+        self.stats.write_errors += 1
+        if e.errno in _WRITE_FATAL:
+            self._disable_writes(f"write failed: {e}")
+        else:
+            self._warn_once(f"write:{e.errno}", f"kv_store: write failed, block skipped: {e}")
+
+    def _disable_writes(self, why: str) -> None:
+        if self._writes_enabled:
+            self._writes_enabled = False
+            logger.warning("kv_store at %s: %s; writes are off, reads continue", self.root, why)
+
+    def _warn_once(self, reason: str, msg: str) -> None:
+        level = logging.DEBUG if reason in self._warned else logging.WARNING
+        self._warned.add(reason)
+        logger.log(level, msg)

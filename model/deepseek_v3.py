@@ -1,0 +1,462 @@
+"""DeepSeek-V3/R1 model math with single-rank semantics (DeepSeek's names).
+
+Owns: ModelArgs (parsed and validated from a checkpoint's config.json, in the
+original release format or transformers' rope_parameters format), MLA (naive
+form for prefill, weight-absorbed form for decode over the paged latent cache),
+the group-limited sigmoid Gate, dense MLP, MoE and the Transformer.
+Never: talks to other ranks itself. The MoE hands (tokens, experts) to the
+`experts` seam (model/moe_dispatch.py), which is local on one rank and an
+all-to-all across a unit's ranks; everything else here is per-rank work.
+
+Shape legend: T tokens in the step (all sequences concatenated), B sequences,
+D hidden, H heads, P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim,
+L kv_lora_rank, E routed experts, K experts per token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from epserve.kernels.reference import Weight
+
+
+class ConfigError(ValueError):
+    """A checkpoint config.json value epserve cannot serve; names key, value and allowed range."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int = 129280
+    dim: int = 7168
+    inter_dim: int = 18432
+    moe_inter_dim: int = 2048
+    n_layers: int = 61
+    n_dense_layers: int = 3
+    n_heads: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 8
+    n_expert_groups: int = 8
+    n_limited_groups: int = 4
+    score_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    route_scale: float = 2.5
+    norm_topk_prob: bool = True
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_interleave: bool = True
+    rope_type: str = "default"          # default | yarn
+    rope_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_ids: tuple[int, ...] = (1,)
+    fp8_block: tuple[int, int] | None = None  # (128, 128) when the checkpoint is FP8
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one latent cache entry: kv_norm(c_kv) | rope(k_pe)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @property
+    def softmax_scale(self) -> float:
+        """192^-0.5 x mscale^2 under yarn (mscale from mscale_all_dim, as vLLM/SGLang/transformers)."""
+        scale = self.qk_head_dim ** -0.5
+        if self.rope_type == "yarn" and self.mscale_all_dim:
+            m = _yarn_mscale(self.rope_factor, self.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.n_dense_layers
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Parse config.json (original release or transformers format); validate once."""
+        def need(key):
+            if key not in cfg:
+                raise ConfigError(f"config.json: missing required key {key!r}")
+            return cfg[key]
+
+        arch = cfg.get("model_type", "deepseek_v3")
+        if arch not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
+            raise ConfigError(f"config.json: model_type {arch!r} is not supported; expected 'deepseek_v3'")
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type not in ("default", "yarn"):
+            raise ConfigError(f"config.json: rope type {rope_type!r} is not supported; use null/default or yarn")
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        topk_method = cfg.get("topk_method", "noaux_tc")
+        if topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+            raise ConfigError(f"config.json: topk_method {topk_method!r} is not supported; "
+                              "use noaux_tc, greedy or group_limited_greedy")
+        score_func = cfg.get("scoring_func", "sigmoid")
+        if score_func not in ("sigmoid", "softmax"):
+            raise ConfigError(f"config.json: scoring_func {score_func!r} must be sigmoid or softmax")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"config.json: hidden_act {act!r} is not supported; only silu")
+        eos = cfg.get("eos_token_id", 1)
+        quant = cfg.get("quantization_config") or None
+        fp8_block = None
+        if quant is not None:
+            if quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3":
+                raise ConfigError(f"config.json: quantization_config {quant!r} is not supported; "
+                                  "only fp8 e4m3 with weight_block_size [128, 128]")
+            fp8_block = tuple(quant.get("weight_block_size", [128, 128]))
+            if fp8_block != (128, 128):
+                raise ConfigError(f"config.json: weight_block_size {list(fp8_block)} must be [128, 128]")
+        n_heads = need("num_attention_heads")
+        if cfg.get("num_key_value_heads", n_heads) != n_heads:
+            raise ConfigError("config.json: num_key_value_heads must equal num_attention_heads for MLA")
+        args = cls(
+            vocab_size=need("vocab_size"), dim=need("hidden_size"), inter_dim=need("intermediate_size"),
+            moe_inter_dim=need("moe_intermediate_size"), n_layers=need("num_hidden_layers"),
+            n_dense_layers=cfg.get("first_k_dense_replace", 0) or 0, n_heads=n_heads,
+            n_routed_experts=need("n_routed_experts"), n_shared_experts=cfg.get("n_shared_experts", 0) or 0,
+            n_activated_experts=need("num_experts_per_tok"), n_expert_groups=cfg.get("n_group", 1) or 1,
+            n_limited_groups=cfg.get("topk_group", 1) or 1, score_func=score_func, topk_method=topk_method,
+            route_scale=float(cfg.get("routed_scaling_factor", 1.0)),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)), q_lora_rank=cfg.get("q_lora_rank"),
+            kv_lora_rank=need("kv_lora_rank"), qk_nope_head_dim=need("qk_nope_head_dim"),
+            qk_rope_head_dim=need("qk_rope_head_dim"), v_head_dim=need("v_head_dim"),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=need("max_position_embeddings"), rope_theta=float(rope_theta),
+            rope_interleave=bool(cfg.get("rope_interleave", True)), rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0) or 1.0),
+            original_max_position_embeddings=int(rope.get("original_max_position_embeddings",
+                                                          cfg["max_position_embeddings"])),
+            beta_fast=float(rope.get("beta_fast", 32) or 32), beta_slow=float(rope.get("beta_slow", 1) or 1),
+            mscale=float(rope.get("mscale", 1.0) or 0.0), mscale_all_dim=float(rope.get("mscale_all_dim", 0) or 0),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
+            fp8_block=fp8_block,
+        )
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(v, int) or v < 0):
+                raise ConfigError(f"config.json: {f.name}={v!r} must be a non-negative integer")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_routed_experts", "n_activated_experts",
+                     "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config.json: {name}={getattr(self, name)} must be > 0")
+        if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            raise ConfigError(f"config.json: qk_rope_head_dim={self.qk_rope_head_dim} must be even and > 0")
+        if self.n_dense_layers > self.n_layers:
+            raise ConfigError(f"config.json: first_k_dense_replace={self.n_dense_layers} exceeds "
+                              f"num_hidden_layers={self.n_layers}")
+        if self.n_routed_experts % self.n_expert_groups:
+            raise ConfigError(f"config.json: n_routed_experts={self.n_routed_experts} is not divisible by "
+                              f"n_group={self.n_expert_groups}")
+        if not 1 <= self.n_limited_groups <= self.n_expert_groups:
+            raise ConfigError(f"config.json: topk_group={self.n_limited_groups} must be in [1, n_group="
+                              f"{self.n_expert_groups}]")
+        per_group = self.n_routed_experts // self.n_expert_groups
+        if not 1 <= self.n_activated_experts <= self.n_limited_groups * per_group:
+            raise ConfigError(f"config.json: num_experts_per_tok={self.n_activated_experts} must be in [1, "
+                              f"topk_group x experts per group = {self.n_limited_groups * per_group}]")
+        if self.n_expert_groups > 1 and per_group < 2 and self.topk_method == "noaux_tc":
+            raise ConfigError("config.json: noaux_tc routing needs at least 2 experts per group")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"config.json: q_lora_rank={self.q_lora_rank} must be null or > 0")
+        if self.rope_type == "yarn" and self.rope_factor < 1:
+            raise ConfigError(f"config.json: rope_scaling.factor={self.rope_factor} must be >= 1 for yarn")
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [R/2] and the cos/sin attention factor (YaRN when configured)."""
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if args.rope_type != "yarn":
+        return freqs, 1.0
+
+    def corr_dim(n_rot: float) -> float:
+        return dim * math.log(args.original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(corr_dim(args.beta_fast)), 0)
+    high = min(math.ceil(corr_dim(args.beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    freqs = freqs / args.rope_factor * (1 - extrapolate) + freqs * extrapolate
+    if args.mscale and args.mscale_all_dim:
+        factor = _yarn_mscale(args.rope_factor, args.mscale) / _yarn_mscale(args.rope_factor, args.mscale_all_dim)
+    else:
+        factor = _yarn_mscale(args.rope_factor)
+    return freqs, factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """x [T, ..., R] rotated by per-token angles; cos/sin [T, R/2] broadcast over the middle dims.
+
+    Interleaved (DeepSeek's layout): pairs (x0, x1), (x2, x3) ... share one frequency.
+    """
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@dataclass
+class Batch:
+    """One forward step on one rank: B sequences, T = sum of their new tokens.
+
+    seq_ctx[b] tokens of sequence b are already in the cache; its seq_new[b] new tokens
+    follow at positions seq_ctx[b] .. seq_ctx[b] + seq_new[b] - 1. slot_mapping[t] is the
+    cache slot (page * page_size + offset) where token t's latent is written.
+    """
+
+    input_ids: torch.Tensor        # int64 [T]
+    positions: torch.Tensor        # int64 [T]
+    seq_new: list[int]
+    seq_ctx: list[int]
+    block_tables: torch.Tensor     # int64 [B, max_pages]
+    slot_mapping: torch.Tensor     # int64 [T]
+    force_naive: bool = False      # decode through the naive form too (tests)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def last_token_index(self) -> torch.Tensor:
+        return torch.tensor(self.seq_new, dtype=torch.long).cumsum(0) - 1
+
+    @classmethod
+    def empty(cls) -> "Batch":
+        z = torch.zeros(0, dtype=torch.long)
+        return cls(z, z, [], [], torch.zeros(0, 1, dtype=torch.long), z)
+
+
+@dataclass
+class MLA:
+    """Multi-head latent attention of one layer."""
+
+    args: ModelArgs
+    kb: ModuleType
+    wq: Weight | None = None
+    wq_a: Weight | None = None
+    q_norm: torch.Tensor | None = None
+    wq_b: Weight | None = None
+    wkv_a: Weight = None
+    kv_norm: torch.Tensor = None
+    wkv_b: Weight = None
+    wo: Weight = None
+    _absorb: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def absorbed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, P, L], W_UV [H, V, L]) from wkv_b, cached after first use."""
+        if self._absorb is None:
+            a = self.args
+            w = self.wkv_b.dense(torch.float32).view(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+            self._absorb = (w[:, : a.qk_nope_head_dim].to(dtype).contiguous(),
+                            w[:, a.qk_nope_head_dim:].to(dtype).contiguous())
+        return self._absorb
+
+    def forward(self, x: torch.Tensor, batch: Batch, rope: tuple[torch.Tensor, torch.Tensor],
+                cache_layer: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D]; writes the new tokens' latents into cache_layer [pages, page, L+R]."""
+        a, kb = self.args, self.kb
+        t = x.shape[0]
+        if self.wq is not None:
+            q = kb.linear(x, self.wq)
+        else:
+            q = kb.linear(rms_norm(kb.linear(x, self.wq_a), self.q_norm, a.rms_norm_eps), self.wq_b)
+        q = q.view(t, a.n_heads, a.qk_head_dim)
+        q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)
+        cos, sin = rope
+        q_pe = apply_rope(q_pe, cos, sin, a.rope_interleave)
+        kv = kb.linear(x, self.wkv_a)
+        c_kv, k_pe = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
+        latent = torch.cat([rms_norm(c_kv, self.kv_norm, a.rms_norm_eps),
+                            apply_rope(k_pe, cos, sin, a.rope_interleave)], -1)
+        flat_cache = cache_layer.view(-1, a.kv_dim)
+        flat_cache[batch.slot_mapping] = latent.to(cache_layer.dtype)
+
+        out = x.new_empty(t, a.n_heads, a.v_head_dim)
+        decode_rows = [i for i, (n, c) in enumerate(zip(batch.seq_new, batch.seq_ctx))
+                       if n == 1 and c > 0 and not batch.force_naive]
+        starts = [0] + list(torch.tensor(batch.seq_new, dtype=torch.long).cumsum(0).tolist())
+        if decode_rows:
+            tok = torch.tensor([starts[i] for i in decode_rows], dtype=torch.long)
+            out[tok] = self._decode(q_nope[tok], q_pe[tok], batch, decode_rows, cache_layer)
+        w_uk, w_uv = None, None
+        page = cache_layer.shape[1]
+        for i, (n, c) in enumerate(zip(batch.seq_new, batch.seq_ctx)):
+            if i in decode_rows or n == 0:
+                continue
+            total = c + n
+            pages = batch.block_tables[i, : math.ceil(total / page)]
+            lat = cache_layer[pages].reshape(-1, a.kv_dim)[:total].to(x.dtype)
+            if w_uk is None:
+                w_uk, w_uv = self.absorbed(x.dtype)
+            c_lat, k_rope = lat.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
+            # naive form: expand the latent to per-head keys [total, H, P+R] and values [total, H, V]
+            k_nope = torch.einsum("sl,hpl->shp", c_lat, w_uk)
+            k = torch.cat([k_nope, k_rope[:, None].expand(-1, a.n_heads, -1)], -1)
+            v = torch.einsum("sl,hvl->shv", c_lat, w_uv)
+            s = slice(starts[i], starts[i] + n)
+            qi = torch.cat([q_nope[s], q_pe[s]], -1)
+            out[s] = kb.mla_prefill(qi, k, v, a.softmax_scale)
+        return kb.linear(out.flatten(1), self.wo)
+
+    def _decode(self, q_nope, q_pe, batch: Batch, rows: list[int], cache_layer) -> torch.Tensor:
+        """Absorbed form: q_nope [B, H, P] -> latent query [B, H, L]; attention in latent space."""
+        a = self.args
+        w_uk, w_uv = self.absorbed(q_nope.dtype)
+        q_lat = torch.einsum("bhp,hpl->bhl", q_nope, w_uk)
+        q = torch.cat([q_lat, q_pe], -1)
+        seq_lens = torch.tensor([batch.seq_ctx[i] + 1 for i in rows], dtype=torch.long)
+        o_lat, _ = self.kb.mla_decode(q, cache_layer, batch.block_tables[rows], seq_lens,
+                                      a.softmax_scale, a.kv_lora_rank)
+        return torch.einsum("bhl,hvl->bhv", o_lat.to(q_nope.dtype), w_uv)
+
+
+@dataclass
+class MLP:
+    """SiLU-gated MLP: dense layers and the shared expert."""
+
+    kb: ModuleType
+    w1: Weight = None
+    w2: Weight = None
+    w3: Weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kb = self.kb
+        return kb.linear(F.silu(kb.linear(x, self.w1)) * kb.linear(x, self.w3), self.w2)
+
+
+@dataclass
+class Gate:
+    """Group-limited routing: sigmoid scores, biased choice (noaux_tc), unbiased weights."""
+
+    args: ModelArgs
+    weight: torch.Tensor = None          # fp32 [E, D]
+    bias: torch.Tensor | None = None     # fp32 [E] e_score_correction_bias
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights fp32 [T, K], logical expert ids int64 [T, K])."""
+        a = self.args
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if a.score_func == "sigmoid" else logits.softmax(-1)
+        choice = scores + self.bias if self.bias is not None and a.topk_method == "noaux_tc" else scores
+        if a.n_expert_groups > 1:
+            grouped = choice.view(x.shape[0], a.n_expert_groups, -1)
+            if a.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, -1)[0].sum(-1)
+            else:
+                group_scores = grouped.amax(-1)
+            keep = group_scores.topk(a.n_limited_groups, -1, sorted=False)[1]
+            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1)
+        idx = choice.topk(a.n_activated_experts, -1, sorted=False)[1]
+        weights = scores.gather(1, idx)
+        if a.norm_topk_prob and a.n_activated_experts > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * a.route_scale, idx
+
+
+@dataclass
+class MoE:
+    """Routed experts behind the dispatch seam, plus the shared expert (always local)."""
+
+    layer: int
+    gate: Gate
+    shared: MLP | None
+    experts: object          # model.moe_dispatch.ExpertShard: this rank's slots of this layer
+    dispatcher: object       # model.moe_dispatch.Dispatcher: local or all-to-all
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, idx = self.gate.forward(x)
+        y = self.dispatcher.run(self.layer, x, idx, weights, self.experts)
+        if self.shared is not None:
+            y = y + self.shared.forward(x)
+        return y
+
+
+@dataclass
+class Block:
+    attn: MLA
+    ffn: MLP | MoE
+    attn_norm: torch.Tensor = None
+    ffn_norm: torch.Tensor = None
+
+
+class Transformer:
+    """The whole stack on one rank. Built empty; model/checkpoint.py fills the weights."""
+
+    def __init__(self, args: ModelArgs, kb: ModuleType, dispatcher, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.args, self.kb, self.dtype, self.device = args, kb, dtype, torch.device(device)
+        self.dispatcher = dispatcher
+        self.embed: torch.Tensor = None
+        self.norm: torch.Tensor = None
+        self.head: torch.Tensor = None
+        self.layers: list[Block] = []
+        for i in range(args.n_layers):
+            if args.is_moe_layer(i):
+                shared = MLP(kb) if args.n_shared_experts else None
+                ffn = MoE(i, Gate(args), shared, dispatcher.make_shard(i), dispatcher)
+            else:
+                ffn = MLP(kb)
+            self.layers.append(Block(MLA(args, kb), ffn))
+        inv_freq, self.rope_factor = rope_inv_freq(args)
+        self.inv_freq = inv_freq.to(self.device)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ang = positions.float()[:, None] * self.inv_freq[None]
+        return (ang.cos() * self.rope_factor).to(self.dtype), (ang.sin() * self.rope_factor).to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, kv_cache: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """-> logits fp32 [B, vocab] for each sequence's last new token ([T, vocab] with all_logits).
+
+        kv_cache [n_layers, pages, page, L+R]. An empty batch still runs every layer, so
+        this rank joins each MoE exchange of its unit (lockstep).
+        """
+        a = self.args
+        h = self.embed[batch.input_ids].to(self.dtype)
+        rope = self.rope(batch.positions)
+        for i, blk in enumerate(self.layers):
+            h = h + blk.attn.forward(rms_norm(h, blk.attn_norm, a.rms_norm_eps), batch, rope, kv_cache[i])
+            h = h + blk.ffn.forward(rms_norm(h, blk.ffn_norm, a.rms_norm_eps))
+        if not all_logits:
+            h = h[batch.last_token_index] if batch.seq_new else h[:0]
+        return F.linear(rms_norm(h, self.norm, a.rms_norm_eps), self.head.to(h.dtype)).float()

@@ -1,0 +1,72 @@
+"""Text <-> token ids with the checkpoint's own tokenizer files and chat template.
+
+A checkpoint without tokenizer files still serves token-id prompts: `load_tokenizer`
+returns None and callers refuse text prompts with a clear error.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        d = Path(model_dir)
+        self.tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+        cfg_path = d / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+
+        def token_str(v):
+            return v.get("content") if isinstance(v, dict) else v
+
+        self.bos_token, self.eos_token = token_str(cfg.get("bos_token")), token_str(cfg.get("eos_token"))
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+        self.bos_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.chat_template = cfg.get("chat_template")
+        self._template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and self.bos_id is not None and not text.startswith(self.bos_token or "\0"):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("this checkpoint's tokenizer_config.json has no chat_template")
+        if self._template is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                undefined=jinja2.StrictUndefined)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
+    return Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
+
+
+class IncrementalText:
+    """Turns a growing list of token ids into text deltas; holds back half-decoded UTF-8."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        delta, self.text = full[len(self.text):], full
+        return delta

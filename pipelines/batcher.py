@@ -1,0 +1,118 @@
+"""Per-rank admission: waiting and running sequences, token budget, KV pages, preemption.
+
+A plain state machine with no model and no Ray: `schedule()` decides what the next
+forward step computes; the runner executes it. Policy (nano-vllm's): prefill waiting
+sequences first while their prompts fit the token budget and the free pages;
+otherwise one decode token for every running sequence. When a decode step runs out
+of pages, the newest running sequence is preempted and recomputed later.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from epserve.model.kv_cache import PagedKVCache
+from epserve.pipelines.sequence import Sequence
+
+
+class RequestTooLarge(ValueError):
+    """The request can never fit this rank (context or KV pool); maps to HTTP 400."""
+
+
+@dataclass
+class Step:
+    """What one forward step computes: sequences and how many new tokens each feeds."""
+
+    seqs: list[Sequence]
+    n_new: list[int]
+    is_prefill: bool
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Batcher:
+    def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_batch_size: int, max_model_len: int):
+        self.cache = cache
+        self.max_batch_tokens, self.max_batch_size, self.max_model_len = max_batch_tokens, max_batch_size, max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        total = n_prompt + max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLarge(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
+                                  f"model's context of {self.max_model_len} tokens")
+        if self.cache.pages_for(total) > self.cache.n_pages:
+            raise RequestTooLarge(f"{total} tokens need {self.cache.pages_for(total)} KV pages; this rank has "
+                                  f"{self.cache.n_pages}")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                return seq
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.release(seq)
+                return seq
+        return None
+
+    def release(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self.cache.free(seq.pages)
+        seq.pages = []
+
+    def schedule(self) -> Step:
+        step = self._schedule_prefill()
+        return step if not step.is_empty else self._schedule_decode()
+
+    def _schedule_prefill(self) -> Step:
+        seqs, n_new, budget = [], [], self.max_batch_tokens
+        while self.waiting and len(self.running) + len(seqs) < self.max_batch_size:
+            seq = self.waiting[0]
+            todo = seq.n_tokens - seq.n_computed
+            need = self.cache.pages_for(seq.n_tokens + 1) - len(seq.pages)
+            if (todo > budget and seqs) or need > self.cache.n_free:
+                break
+            self.waiting.popleft()
+            seq.pages += self.cache.allocate(need)
+            seqs.append(seq)
+            n_new.append(todo)
+            budget -= todo
+        self.running += seqs
+        return Step(seqs, n_new, is_prefill=True)
+
+    def _schedule_decode(self) -> Step:
+        for seq in list(self.running):
+            while self.cache.pages_for(seq.n_tokens) > len(seq.pages):
+                if self.cache.n_free:
+                    seq.pages += self.cache.allocate(1)
+                else:
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    if victim is seq:
+                        break
+        return Step(list(self.running), [1] * len(self.running), is_prefill=False)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.release(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+
+    def finish(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Release pages of sequences that ended in the last step; returns them."""
+        done = [s for s in seqs if s.is_finished]
+        for s in done:
+            self.release(s)
+        return done

@@ -1,0 +1,23 @@
+"""A whole model on one rank, in this process: every expert slot local, no communication.
+
+The single-rank oracle the EP units are tested against, and what `epserve bench`
+times for one rank.
+"""
+from __future__ import annotations
+
+from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
+from epserve.placement.topology import initial_phy2log
+from epserve.pipelines.runner import RankEngine, RankSpec
+
+
+def local_dispatcher_factory(redundant_experts: int = 0):
+    def make(kb, args):
+        n_slots = args.n_routed_experts + redundant_experts
+        phy2log = initial_phy2log(args.n_moe_layers, args.n_routed_experts, n_slots)
+        return LocalDispatcher(kb, ExpertMap(phy2log, args.n_routed_experts, 1, 1), args.n_dense_layers)
+    return make
+
+
+def make_local_engine(model_dir: str, redundant_experts: int = 0, **spec) -> RankEngine:
+    spec.setdefault("kernels", "reference")
+    return RankEngine(RankSpec(model_dir=str(model_dir), **spec), local_dispatcher_factory(redundant_experts))

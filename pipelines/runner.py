@@ -1,0 +1,128 @@
+"""One rank's engine: the model, its paged cache, its batcher, and the step.
+
+`step()` reads on one screen: schedule -> prepare -> forward -> sample -> postprocess.
+An empty step still runs the forward (every MoE layer joins the unit's exchange).
+Never: imports Ray. actors/rank.py wraps this in an actor; llm.py may run it in-process.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from epserve import kernels
+from epserve.model.checkpoint import LoadOptions, TensorIndex, load_weights, read_config
+from epserve.model.deepseek_v3 import Batch, ModelArgs, Transformer
+from epserve.model.kv_cache import PagedKVCache
+from epserve.model.sampling import InvalidRequest, sample
+from epserve.pipelines.batcher import Batcher, Step
+from epserve.pipelines.sequence import Sequence
+
+log = logging.getLogger("epserve.runner")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Everything a rank needs to build itself; crosses the actor boundary."""
+
+    model_dir: str
+    dtype: str = "float32"
+    kernels: str = "auto"
+    device: str = "cpu"
+    kv_pages: int = 256
+    page_size: int = 64
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 128
+    max_model_len: int | None = None
+    fp8_activations: bool = False
+
+
+@dataclass
+class TokenDelta:
+    """One sampled token of one request, sent back toward the caller."""
+
+    request_id: str
+    token_id: int
+    logprob: dict | None
+    finish_reason: str | None
+    n_cached: int = 0
+
+
+class RankEngine:
+    def __init__(self, spec: RankSpec, dispatcher_factory, index: TensorIndex | None = None):
+        self.spec = spec
+        self.args: ModelArgs = read_config(spec.model_dir)
+        self.device = torch.device(spec.device)
+        self.kb = kernels.get_backend(spec.kernels, self.device)
+        self.dtype = DTYPES[spec.dtype]
+        self.dispatcher = dispatcher_factory(self.kb, self.args)
+        self.model = Transformer(self.args, self.kb, self.dispatcher, self.dtype, self.device)
+        self.load_stats = load_weights(self.model, spec.model_dir, LoadOptions(self.dtype, spec.fp8_activations),
+                                       index)
+        self.cache = PagedKVCache(self.args.n_layers, spec.kv_pages, spec.page_size, self.args.kv_dim,
+                                  self.dtype, self.device)
+        max_len = min(spec.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
+        self.batcher = Batcher(self.cache, spec.max_batch_tokens, spec.max_batch_size, max_len)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.batcher.max_model_len
+
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("prompt: must contain at least one token", "prompt")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool)
+               or not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise InvalidRequest(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {self.args.vocab_size})",
+                                 "prompt")
+
+    def add(self, seq: Sequence) -> None:
+        self.validate_prompt(seq.prompt_ids)
+        if not seq.eos_ids:
+            seq.eos_ids = self.args.eos_token_ids
+        self.batcher.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        return self.batcher.abort(request_id) is not None
+
+    @property
+    def has_work(self) -> bool:
+        return self.batcher.n_requests > 0
+
+    def step(self) -> list[TokenDelta]:
+        step = self.batcher.schedule()
+        batch = self.prepare(step)
+        logits = self.model.forward(batch, self.cache.kv)
+        return self.postprocess(step, logits)
+
+    def prepare(self, step: Step) -> Batch:
+        if step.is_empty:
+            return Batch.empty()
+        ids, pos, slots = [], [], []
+        for seq, n in zip(step.seqs, step.n_new):
+            start = seq.n_computed
+            ids += seq.all_ids[start:start + n]
+            pos += range(start, start + n)
+            slots += self.cache.slots(seq.pages, start, start + n)
+        width = max(len(s.pages) for s in step.seqs)
+        tables = torch.tensor([s.pages + [0] * (width - len(s.pages)) for s in step.seqs], dtype=torch.long)
+        return Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
+                     torch.tensor(pos, dtype=torch.long, device=self.device),
+                     list(step.n_new), [s.n_computed for s in step.seqs], tables.to(self.device),
+                     torch.tensor(slots, dtype=torch.long, device=self.device))
+
+    def postprocess(self, step: Step, logits: torch.Tensor) -> list[TokenDelta]:
+        if step.is_empty:
+            return []
+        tokens, infos = sample(logits, [s.params for s in step.seqs], [s.sample_state for s in step.seqs])
+        deltas = []
+        for seq, n, tok, info in zip(step.seqs, step.n_new, tokens, infos):
+            seq.n_computed += n
+            seq.append(tok, info)
+            deltas.append(TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached))
+        self.batcher.finish(step.seqs)
+        return deltas

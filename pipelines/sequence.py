@@ -1,0 +1,59 @@
+"""A request as one rank sees it: tokens, pages, sampling state, and how it ends.
+
+Small on purpose: it crosses actor boundaries when a unit restarts (prompt plus the
+tokens already produced is all a new rank needs to continue it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from epserve.model.sampling import SamplingParams, SampleState, make_state
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    eos_ids: tuple[int, ...] = ()
+    pages: list[int] = field(default_factory=list)
+    n_computed: int = 0            # tokens whose latents are in this rank's cache
+    n_cached: int = 0              # prompt tokens that came from the KV store (billed as hits)
+    finish_reason: str | None = None
+    sample_state: SampleState = None
+    logprobs: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.sample_state is None:
+            self.sample_state = make_state(self.params)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int, logprob: dict | None) -> None:
+        """Record a sampled token and decide whether the sequence ends here."""
+        self.output_ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        p = self.params
+        if not p.ignore_eos and token in self.eos_ids:
+            self.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= p.max_tokens:
+            self.finish_reason = "length"
+
+    def reset_for_recompute(self) -> None:
+        """Forget cache state (preempted, or moved to a rebuilt unit): prompt + outputs are recomputed."""
+        self.pages = []
+        self.n_computed = 0

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny checkpoints (made once per session) and, for Ray tests, one
+simulated multi-node cluster on loopback shared by every test that needs it."""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from epserve.model.tiny import TINY_CONFIG, make_tiny_model
+
+# Shape B: no q_lora, one expert group, plain RoPE, greedy top-k routing without bias.
+SHAPE_B = {"q_lora_rank": None, "n_group": 1, "topk_group": 1, "rope_scaling": None, "num_experts_per_tok": 2,
+           "n_routed_experts": 8, "first_k_dense_replace": 2, "num_hidden_layers": 4, "hidden_size": 96,
+           "num_attention_heads": 3, "num_key_value_heads": 3}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_b_dir(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny_b", seed=1, shards=3,
+                               config_overrides=SHAPE_B))
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_dir(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny_fp8", fp8=True, seed=2))
+
+
+def hf_model(model_dir):
+    """transformers' DeepseekV3ForCausalLM on the same weights: the independent reference."""
+    from transformers import DeepseekV3ForCausalLM
+    return DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the prompt's logits from transformers, without its cache (plain recompute)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        prompt_logits = model(torch.tensor([ids])).logits[0]
+        out = []
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+    return out, prompt_logits
+
+
+def prompts_of(lengths, vocab=TINY_CONFIG["vocab_size"], seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,288 @@
+"""fleet/kv_store.py: keys, round trips, misses on bad files, LRU across restarts, faults."""
+import errno
+import logging
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+
+from epserve.fleet import kv_store
+from epserve.fleet.kv_store import KVStore
+
+SHAPE = (2, 64, 8)  # n_layers, block_tokens, kv_dim
+BIG = 1 << 30
+
+
+def make_store(root, capacity=BIG, dtype=torch.float32, model_id="tiny-v3", shape=SHAPE, **kw):
+    return KVStore(root, model_id, dtype, shape, capacity, **kw)
+
+
+def block(i, dtype=torch.float32, shape=SHAPE):
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def keys_for(store, n_blocks, tenant="tenant-a", seed=0):
+    tokens = [(seed * 7919 + t) % 50000 for t in range(n_blocks * store.block_tokens)]
+    return store.block_keys(tokens, tenant)
+
+
+def files(root, pattern="*.kvb"):
+    return sorted(root.rglob(pattern))
+
+
+def warnings(caplog):
+    return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# ---- keys ---------------------------------------------------------------------------
+def test_keys_chain_over_full_blocks_only(tmp_path):
+    store = make_store(tmp_path)
+    tokens = list(range(200))  # 3 full blocks + 8 tokens
+    keys = store.block_keys(tokens, "t")
+    assert len(keys) == 3 and all(len(k) == 64 and int(k, 16) >= 0 for k in keys)
+    assert store.block_keys(tokens[:128], "t") == keys[:2]  # same prefix, same keys
+    assert store.block_keys(tokens[:63], "t") == []  # partial block: no key
+    early = tokens.copy()
+    early[5] += 1  # block 0 differs -> every later key differs
+    assert all(a != b for a, b in zip(store.block_keys(early, "t"), keys))
+    late = tokens.copy()
+    late[130] += 1  # only block 2 differs
+    late_keys = store.block_keys(late, "t")
+    assert late_keys[:2] == keys[:2] and late_keys[2] != keys[2]
+    other_model = make_store(tmp_path / "o", model_id="other")
+    assert not set(other_model.block_keys(tokens, "t")) & set(keys)
+
+
+def test_namespaces_isolate_tenants_unless_shared(tmp_path):
+    store = make_store(tmp_path)
+    tokens = list(range(256))
+    a, b = store.block_keys(tokens, "tenant-a"), store.block_keys(tokens, "tenant-b")
+    assert not set(a) & set(b)
+    store.save_many(a, [block(i) for i in range(len(a))])
+    assert store.lookup(a) == 4 and store.lookup(b) == 0
+    shared = make_store(tmp_path / "s", shared_namespace="public")
+    assert shared.block_keys(tokens, "tenant-a") == shared.block_keys(tokens, "tenant-b")
+
+
+# ---- reads and writes ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_is_bit_exact(tmp_path, dtype):
+    store = make_store(tmp_path, dtype=dtype)
+    (key,) = keys_for(store, 1)
+    kv = block(3, dtype)
+    assert store.save(key, kv)
+    got = KVStore(tmp_path, "tiny-v3", str(dtype).removeprefix("torch."), SHAPE, BIG).load(key)
+    assert got.dtype == dtype and tuple(got.shape) == SHAPE
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+
+
+def test_lookup_and_load_prefix_stop_at_first_gap(tmp_path):
+    store = make_store(tmp_path)
+    keys = keys_for(store, 5)
+    for i in (0, 1, 3):
+        store.save(keys[i], block(i))
+    assert store.lookup(keys) == 2 and store.lookup([]) == 0
+    assert store.lookup(keys[2:]) == 0 and store.lookup(keys[3:]) == 1
+    got = store.load_prefix(keys)
+    assert len(got) == 2 and torch.equal(got[1], block(1))
+    assert store.stats.hits == 2 and store.stats.misses == 1
+
+
+def test_save_skips_existing_key_and_validates(tmp_path):
+    store = make_store(tmp_path)
+    (key,) = keys_for(store, 1)
+    assert store.save(key, block(0)) and not store.save(key, block(0))
+    assert store.stats.write_skips == 1 and store.stats.blocks_written == 1
+    assert store.stats.bytes_written == store.block_file_bytes == store.total_bytes
+    with pytest.raises(ValueError, match="want"):
+        store.save(key, torch.zeros(2, 64, 9))
+    with pytest.raises(ValueError, match="hex"):
+        store.load("not-a-key")
+    with pytest.raises(ValueError, match="keys but"):
+        store.save_many([key], [])
+
+
+# ---- bad files are misses -----------------------------------------------------------
+def _flip_payload_byte(path, **_):
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _foreign(**overrides):
+    def write(path, tmp_path, key):
+        spec = dict(model_id="tiny-v3", dtype=torch.float32, shape=SHAPE) | overrides
+        other = make_store(tmp_path / "other", **spec)
+        other.save(key, block(0, spec["dtype"], spec["shape"]))
+        os.replace(other.path_for(key), path)
+    return write
+
+
+CORRUPTIONS = {
+    "flip_payload_byte": _flip_payload_byte,
+    "truncate": lambda path, **_: path.write_bytes(path.read_bytes()[:-100]),
+    "zero_length": lambda path, **_: path.write_bytes(b""),
+    "garbage": lambda path, **_: path.write_bytes(os.urandom(3000)),
+    "bad_magic": lambda path, **_: path.write_bytes(b"XXXX" + path.read_bytes()[4:]),
+    "bad_version": lambda path, **_: path.write_bytes(b"EPKV\x09" + path.read_bytes()[5:]),
+    "other_model": _foreign(model_id="another-model"),
+    "other_dtype": _foreign(dtype=torch.bfloat16),
+    "other_shape": _foreign(shape=(3, 64, 8)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_bad_file_is_a_counted_miss_and_removed(tmp_path, case, caplog):
+    store = make_store(tmp_path / "kv")
+    keys = keys_for(store, 2)
+    store.save_many(keys, [block(0), block(1)])
+    path = store.path_for(keys[0])
+    CORRUPTIONS[case](path=path, tmp_path=tmp_path, key=keys[0])
+    with caplog.at_level(logging.WARNING):
+        assert store.load(keys[0]) is None
+        assert store.load_prefix(keys) == []
+    assert not path.exists() and store.lookup(keys) == 0
+    assert store.stats.corrupt == 1 and store.stats.misses == 2 and store.stats.hits == 0
+    assert len(warnings(caplog)) == 1 and "bad block" in caplog.text
+    assert store.total_bytes == store.block_file_bytes  # only keys[1] left in the view
+
+
+def test_same_fault_is_logged_once(tmp_path, caplog):
+    store = make_store(tmp_path)
+    keys = keys_for(store, 3)
+    store.save_many(keys, [block(i) for i in range(3)])
+    for key in keys:
+        _flip_payload_byte(store.path_for(key))
+    with caplog.at_level(logging.WARNING):
+        assert [store.load(k) for k in keys] == [None] * 3
+    assert store.stats.corrupt == 3 and len(warnings(caplog)) == 1 and "checksum" in caplog.text
+
+
+def test_file_deleted_between_lookup_and_load_is_a_plain_miss(tmp_path):
+    store = make_store(tmp_path)
+    (key,) = keys_for(store, 1)
+    store.save(key, block(0))
+    assert store.lookup([key]) == 1
+    store.path_for(key).unlink()
+    assert store.load(key) is None
+    assert store.stats.misses == 1 and store.stats.corrupt == 0 and store.total_bytes == 0
+
+
+# ---- LRU -----------------------------------------------------------------------------
+def _age(store, keys, start=1000.0):
+    """Give keys[i] mtime now - start + i: keys[0] oldest, distinct, all in the past."""
+    t0 = time.time() - start
+    for i, key in enumerate(keys):
+        os.utime(store.path_for(key), (t0 + i, t0 + i))
+
+
+def test_eviction_bounds_bytes_and_keeps_recently_used(tmp_path):
+    probe = make_store(tmp_path / "probe")
+    size = probe.block_file_bytes
+    store = make_store(tmp_path / "kv", capacity=int(5.5 * size))
+    keys = keys_for(store, 7)
+    store.save_many(keys[:5], [block(i) for i in range(5)])
+    _age(store, keys[:5])
+    assert store.load(keys[0]) is not None  # a hit makes block 0 the most recent
+    store.save_many(keys[5:], [block(5), block(6)])  # 6th block > 5.5: evict to <= 4.95, then 7th
+    on_disk = {p.name[:-4] for p in files(tmp_path / "kv")}
+    assert on_disk == {keys[0], keys[3], keys[4], keys[5], keys[6]}  # 1 and 2 were oldest
+    assert store.stats.evictions == 2 and store.total_bytes == 5 * size <= store.capacity_bytes
+
+
+def test_lru_recency_survives_reopening(tmp_path):
+    store = make_store(tmp_path)
+    keys = keys_for(store, 5)
+    store.save_many(keys, [block(i) for i in range(5)])
+    _age(store, keys)
+    assert store.load(keys[1]) is not None
+    del store
+    size = make_store(tmp_path / "probe").block_file_bytes
+    reopened = make_store(tmp_path, capacity=int(2.5 * size))  # evicts at open, to <= 2.25 blocks
+    assert {p.name[:-4] for p in files(tmp_path)} == {keys[1], keys[4]}
+    assert reopened.n_blocks == 2 and reopened.total_bytes == 2 * size
+    assert torch.equal(reopened.load(keys[1]), block(1))
+
+
+def test_eviction_tolerates_files_vanishing(tmp_path, monkeypatch):
+    store = make_store(tmp_path, capacity=int(3.5 * make_store(tmp_path / "p").block_file_bytes))
+    keys = keys_for(store, 4)
+    store.save_many(keys[:3], [block(i) for i in range(3)])
+    for key in keys[:3]:  # another process evicted these; our view is stale
+        store.path_for(key).unlink()
+    monkeypatch.setattr(store, "rescan", lambda: None)
+    assert store.save(keys[3], block(3))
+    assert store.stats.evictions == 0 and files(tmp_path) == [store.path_for(keys[3])]
+
+
+def test_stale_temp_files_are_swept(tmp_path):
+    (tmp_path / "ab").mkdir()
+    old, new = tmp_path / "ab" / ".x.kvb.1.2.tmp", tmp_path / "ab" / ".y.kvb.1.2.tmp"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200,) * 2)
+    make_store(tmp_path)
+    assert not old.exists() and new.exists()
+
+
+# ---- concurrency ---------------------------------------------------------------------
+def _writer(root, first, n, barrier, capacity):
+    store = make_store(root, capacity=capacity, rescan_interval_s=0.0)
+    keys = keys_for(store, 24)
+    barrier.wait()
+    for i in range(first, first + n):
+        store.save(keys[i], block(i))
+    assert store.writes_enabled and store.stats.write_errors == 0
+
+
+def test_two_processes_writing_overlapping_keys(tmp_path):
+    ctx = mp.get_context("spawn")
+    size = make_store(tmp_path / "probe").block_file_bytes
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(tmp_path / "kv", first, 16, barrier, 12 * size))
+             for first in (0, 8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert files(tmp_path / "kv", "*.tmp") == []
+    store = make_store(tmp_path / "kv", capacity=12 * size)  # evicts at open if a race overshot
+    keys = keys_for(store, 24)
+    present = [i for i, k in enumerate(keys) if store.path_for(k).exists()]
+    assert len(present) >= 8 and store.total_bytes <= 12 * size
+    for i in present:
+        assert torch.equal(store.load(keys[i]), block(i))
+    assert store.stats.corrupt == 0 and len(files(tmp_path / "kv")) == len(present)
+
+
+# ---- faults ---------------------------------------------------------------------------
+def test_unwritable_root_disables_writes_without_raising(tmp_path, caplog):
+    (tmp_path / "afile").write_text("not a directory")
+    with caplog.at_level(logging.WARNING):
+        store = make_store(tmp_path / "afile" / "kv")
+        (key,) = keys_for(store, 1)
+        assert not store.writes_enabled
+        assert store.save(key, block(0)) is False
+        assert store.load(key) is None and store.lookup([key]) == 0
+    assert len(warnings(caplog)) == 1 and "writes are off" in caplog.text
+
+
+def test_disk_full_turns_writes_off_once_and_reads_continue(tmp_path, monkeypatch, caplog):
+    store = make_store(tmp_path)
+    keys = keys_for(store, 3)
+    assert store.save(keys[0], block(0))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kv_store, "write_atomic", disk_full)
+    with caplog.at_level(logging.WARNING):
+        assert store.save(keys[1], block(1)) is False
+        assert store.save_many(keys[1:], [block(1), block(2)]) == 0
+    assert not store.writes_enabled and store.stats.write_errors == 1
+    assert len(warnings(caplog)) == 1 and "No space left" in caplog.text
+    assert torch.equal(store.load(keys[0]), block(0)) and store.lookup(keys) == 1
