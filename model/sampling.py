@@ -4,7 +4,7 @@ Validation happens here, at the edge, with messages naming the value and the lim
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,32 +55,23 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-@dataclass
-class SampleState:
-    """Per-request sampler state: the seeded generator survives across steps (and restarts)."""
-
-    generator: torch.Generator | None = None
-    n_sampled: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-def make_state(params: SamplingParams) -> SampleState:
-    if params.seed is None:
-        return SampleState()
-    g = torch.Generator()
-    g.manual_seed(params.seed)
-    return SampleState(generator=g)
+def _generator(seed: int | None, n_done: int) -> torch.Generator | None:
+    """Seeded requests draw token i from a generator keyed by (seed, i): stateless, so a
+    request re-run on a rebuilt unit or another rank samples exactly the same tokens."""
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed((seed * 1_000_003 + n_done) % (2 ** 63))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[SampleState]
+def sample(logits: torch.Tensor, params: list[SamplingParams], n_done: list[int]
            ) -> tuple[list[int], list[dict | None]]:
-    """logits fp32 [B, V] -> (token ids [B], logprob info per row or None).
+    """logits fp32 [B, V], tokens already produced per row -> (token ids [B], logprob info or None).
 
     Logprobs are of the model's distribution (before temperature/top-p), as OpenAI reports them.
     """
     tokens, infos = [], []
     logp_all = torch.log_softmax(logits.float(), -1)
-    for i, (p, st) in enumerate(zip(params, states)):
+    for i, (p, done) in enumerate(zip(params, n_done)):
         row = logits[i].float()
         if p.is_greedy:
             tok = int(row.argmax())
@@ -95,8 +86,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[Samp
                 drop = sp.cumsum(0) - sp > p.top_p
                 sp[drop] = 0
                 probs = torch.zeros_like(probs).scatter_(0, si, sp)
-            tok = int(torch.multinomial(probs, 1, generator=st.generator))
-        st.n_sampled += 1
+            tok = int(torch.multinomial(probs, 1, generator=_generator(p.seed, done)))
         tokens.append(tok)
         if p.logprobs is None:
             infos.append(None)

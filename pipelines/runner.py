@@ -118,7 +118,7 @@ class RankEngine:
     def postprocess(self, step: Step, logits: torch.Tensor) -> list[TokenDelta]:
         if step.is_empty:
             return []
-        tokens, infos = sample(logits, [s.params for s in step.seqs], [s.sample_state for s in step.seqs])
+        tokens, infos = sample(logits, [s.params for s in step.seqs], [len(s.output_ids) for s in step.seqs])
         deltas = []
         for seq, n, tok, info in zip(step.seqs, step.n_new, tokens, infos):
             seq.n_computed += n

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from epserve.model.sampling import SamplingParams, SampleState, make_state
+from epserve.model.sampling import SamplingParams
 
 
 @dataclass
@@ -21,12 +21,7 @@ class Sequence:
     n_computed: int = 0            # tokens whose latents are in this rank's cache
     n_cached: int = 0              # prompt tokens that came from the KV store (billed as hits)
     finish_reason: str | None = None
-    sample_state: SampleState = None
     logprobs: list[dict] = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.sample_state is None:
-            self.sample_state = make_state(self.params)
 
     @property
     def all_ids(self) -> list[int]:

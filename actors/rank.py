@@ -1,0 +1,129 @@
+"""RankActor: one GPU = one attention DP rank + one EP shard of a unit.
+
+A thin shell around pipelines/runner.RankEngine: it joins the unit's process group
+(gloo on CPU, NCCL on CUDA), loads only its expert slots, and runs one step per
+call from the unit supervisor. Every rank of a unit is called for every step
+(lockstep), with the step's new requests and aborts in the call itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import ray
+import torch
+
+from epserve.messages import RankStats
+from epserve.model.ep_dispatch import AllToAllDispatcher
+from epserve.model.moe_dispatch import ExpertMap
+from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
+from epserve.pipelines.sequence import Sequence
+
+log = logging.getLogger("epserve.rank")
+
+
+@dataclass
+class StepInput:
+    """What the supervisor tells a rank before a step: the agreement of the lockstep."""
+
+    new: list[Sequence] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    deltas: list[TokenDelta]
+    stats: RankStats
+    has_work: bool
+    rejected: list[tuple[str, str]] = field(default_factory=list)   # (request_id, reason)
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    unit: int
+    rank: int
+    world: int
+    gpus_per_node: int
+    fp8_dispatch: bool = False
+
+
+@ray.remote(max_restarts=0, max_concurrency=1)
+class RankActor:
+    def __init__(self, spec: RankSpec, layout: UnitLayout, phy2log: torch.Tensor):
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)   # many ranks share few cores on a CPU test box
+        self.spec, self.layout, self.phy2log = spec, layout, phy2log
+        self.engine: RankEngine | None = None
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "rank": self.layout.rank}
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0 only: bind a free port on this node and publish (ip, port) to the unit."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def setup(self, master: tuple[str, int], timeout_s: float = 60.0) -> dict:
+        """Join the unit's process group and load this rank's weights; returns what was loaded."""
+        lay = self.layout
+        use_cuda = torch.cuda.is_available() and self.spec.device.startswith("cuda")
+        if master[0].startswith("127."):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        t0 = time.time()
+        torch.distributed.init_process_group(
+            "nccl" if use_cuda else "gloo", init_method=f"tcp://{master[0]}:{master[1]}",
+            rank=lay.rank, world_size=lay.world, timeout=timedelta(seconds=timeout_s))
+
+        def dispatcher(kb, args):
+            em = ExpertMap(self.phy2log, args.n_routed_experts, lay.world, lay.gpus_per_node)
+            return AllToAllDispatcher(kb, em, args.n_dense_layers, lay.rank, lay.world, lay.gpus_per_node,
+                                      lay.fp8_dispatch)
+
+        self.engine = RankEngine(self.spec, dispatcher)
+        d = self.engine.dispatcher
+        experts = {layer: sorted({int(e) for e in d.map.phy2log[layer - d.first, list(d.slots_for(layer))]})
+                   for layer in range(self.engine.args.n_layers) if self.engine.args.is_moe_layer(layer)}
+        log.info("unit %d rank %d/%d ready on node %s in %.1fs (%s)", lay.unit, lay.rank, lay.world,
+                 ray.get_runtime_context().get_node_id()[:8], time.time() - t0, self.engine.load_stats)
+        return {**self.info(), "load": self.engine.load_stats, "experts": experts,
+                "max_model_len": self.engine.max_model_len, "kv_pages": self.engine.cache.n_pages}
+
+    def step(self, inp: StepInput) -> StepOutput:
+        eng = self.engine
+        rejected = []
+        for rid in inp.aborts:
+            eng.abort(rid)
+        for seq in inp.new:
+            try:
+                eng.add(seq)
+            except ValueError as exc:       # InvalidRequest / RequestTooLarge: tell the caller, keep going
+                rejected.append((seq.request_id, str(exc)))
+        deltas = eng.step()
+        return StepOutput(deltas, self.stats(), eng.has_work, rejected)
+
+    def stats(self) -> RankStats:
+        b, cache = self.engine.batcher, self.engine.cache
+        pending = [s for s in b.waiting]
+        return RankStats(
+            unit=self.layout.unit, rank=self.layout.rank, n_running=len(b.running), n_waiting=len(b.waiting),
+            pending_prefill_tokens=sum(s.n_tokens - s.n_computed for s in pending),
+            pending_attn_work=float(sum((s.n_tokens - s.n_computed) * (s.n_computed + (s.n_tokens - s.n_computed) / 2)
+                                        for s in pending)),
+            kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages)
+
+    def expert_counters(self, reset: bool = True) -> dict:
+        """Tokens per logical expert per MoE layer [n_moe, E] and dispatch pair totals."""
+        d = self.engine.dispatcher
+        counts = d.take_counts() if reset else d.counts.clone()
+        return {"counts": counts, "pairs_sent": d.pairs_sent.clone(), "pairs_received": d.pairs_received.clone()}
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

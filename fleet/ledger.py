@@ -1,0 +1,275 @@
+"""The ledger: every finished request and every unit start/stop, appended to Parquet.
+
+Layout under `root`: `requests/` and `capacity/`, each a folder of immutable
+part files `part-<utc time>-<pid>-<writer>-<seq>.parquet`. A flush writes one
+new part per table with rows: to a hidden temp name in the same folder, fsync,
+then os.replace, so a crash (kill -9) loses at most the rows not yet flushed and
+never damages an earlier part. Readers ignore temp names and skip, with a
+warning, any part they cannot read.
+
+Owns the schemas, row validation, writing and reading; never computes
+statistics (that is `fleet/report.py`). No Ray, no threads: time-based flushing
+happens inside append(), against a clock passed in.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+TS = pa.timestamp("us", tz="UTC")
+REQUESTS_SCHEMA = pa.schema([
+    ("ts", TS), ("request_id", pa.string()), ("tenant", pa.string()), ("model", pa.string()),
+    ("prompt_tokens", pa.int64()), ("cache_hit_tokens", pa.int64()), ("output_tokens", pa.int64()),
+    ("ttft_s", pa.float64()), ("decode_s", pa.float64()),
+    ("prefill_unit", pa.int32()), ("prefill_rank", pa.int32()),
+    ("decode_unit", pa.int32()), ("decode_rank", pa.int32()),
+    ("finish_reason", pa.string()),
+])
+CAPACITY_SCHEMA = pa.schema([
+    ("ts", TS), ("unit", pa.string()), ("role", pa.string()), ("event", pa.string()), ("gpus", pa.int32()),
+])
+ROLES = ("prefill", "decode")
+EVENTS = ("start", "stop")
+
+
+def to_utc(ts: datetime | float, name: str = "ts") -> datetime:
+    """An aware UTC datetime from an aware datetime or POSIX seconds; naive datetimes are refused."""
+    if isinstance(ts, datetime):
+        if ts.tzinfo is None:
+            raise ValueError(f"{name}={ts!r} is naive; give a timezone (e.g. timezone.utc)")
+        return ts.astimezone(timezone.utc)
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        return datetime.fromtimestamp(ts, timezone.utc)
+    raise ValueError(f"{name}={ts!r} must be an aware datetime or POSIX seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestRow:
+    """One finished request. ts: finish time (aware datetime or POSIX seconds; kept as a UTC
+    datetime). *_s: seconds. Units/ranks: -1 when the request never reached that phase."""
+
+    ts: datetime | float
+    request_id: str
+    tenant: str
+    model: str
+    prompt_tokens: int
+    cache_hit_tokens: int
+    output_tokens: int
+    ttft_s: float
+    decode_s: float
+    prefill_unit: int = -1
+    prefill_rank: int = -1
+    decode_unit: int = -1
+    decode_rank: int = -1
+    finish_reason: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "ts", to_utc(self.ts))
+        for name in ("prompt_tokens", "cache_hit_tokens", "output_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (request {self.request_id})")
+        if self.cache_hit_tokens > self.prompt_tokens:
+            raise ValueError(
+                f"cache_hit_tokens={self.cache_hit_tokens} exceeds prompt_tokens={self.prompt_tokens} "
+                f"(request {self.request_id})"
+            )
+        for name in ("ttft_s", "decode_s"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must be finite and >= 0 (request {self.request_id})"
+                )
+        for name in ("prefill_unit", "prefill_rank", "decode_unit", "decode_rank"):
+            if not -1 <= getattr(self, name) < 2**31:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= -1 (request {self.request_id})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapacityRow:
+    """One unit starting or stopping. unit: a stable name, e.g. 'decode-3'. gpus: the unit's GPUs."""
+
+    ts: datetime | float
+    unit: str
+    role: str
+    event: str
+    gpus: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "ts", to_utc(self.ts))
+        if self.role not in ROLES:
+            raise ValueError(f"role={self.role!r} must be one of {ROLES} (unit {self.unit})")
+        if self.event not in EVENTS:
+            raise ValueError(f"event={self.event!r} must be one of {EVENTS} (unit {self.unit})")
+        if not 0 < self.gpus < 2**31:
+            raise ValueError(f"gpus={self.gpus} must be >= 1 (unit {self.unit})")
+
+
+_TABLES = {RequestRow: ("requests", REQUESTS_SCHEMA), CapacityRow: ("capacity", CAPACITY_SCHEMA)}
+
+
+def rows_to_table(rows: list[RequestRow] | list[CapacityRow], schema: pa.Schema) -> pa.Table:
+    """A table in `schema` from rows of one kind (column order follows the schema)."""
+    cols = {f.name: [getattr(r, f.name) for r in rows] for f in schema}
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def _write_part(folder: Path, table: pa.Table, name: str) -> Path:
+    """Write table as folder/name atomically: temp file, fsync, rename, fsync the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final, tmp = folder / name, folder / f".{name}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; not every file system allows opening a folder
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return final
+
+
+class LedgerWriter:
+    """Buffers rows and writes them as new Parquet parts.
+
+    append() flushes when flush_rows rows are buffered (both tables together) or
+    when the oldest buffered row is flush_interval_s old by `clock` (POSIX
+    seconds; time.time by default). close() flushes what is left; use it, or the
+    writer as a context manager, on shutdown.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        flush_rows: int = 1000,
+        flush_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        if flush_rows < 1:
+            raise ValueError(f"flush_rows={flush_rows} must be >= 1")
+        if not flush_interval_s >= 0:
+            raise ValueError(f"flush_interval_s={flush_interval_s} must be >= 0")
+        self.root, self.clock = Path(root), clock
+        self.flush_rows, self.flush_interval_s = flush_rows, flush_interval_s
+        self._buffers: dict[type, list] = {kind: [] for kind in _TABLES}
+        self._oldest_s: float | None = None
+        self._seq = 0
+        self._token = uuid.uuid4().hex[:8]
+        self.is_closed = False
+
+    @property
+    def n_buffered(self) -> int:
+        return sum(len(b) for b in self._buffers.values())
+
+    def append(self, row: RequestRow | CapacityRow) -> None:
+        """Buffer one row; flush if the batch is full or its oldest row is due."""
+        if self.is_closed:
+            raise RuntimeError(f"ledger writer for {self.root} is closed")
+        if type(row) not in _TABLES:
+            raise TypeError(f"ledger rows are RequestRow or CapacityRow, not {type(row).__name__}")
+        if self._oldest_s is None:
+            self._oldest_s = self.clock()
+        self._buffers[type(row)].append(row)
+        if self.n_buffered >= self.flush_rows:
+            self.flush()
+        else:
+            self.flush_if_due()
+
+    def flush_if_due(self) -> list[Path]:
+        """Flush when the oldest buffered row is flush_interval_s old; a quiet writer's owner
+        (e.g. the ledger actor) may call this on a timer so late rows do not wait for traffic."""
+        if self._oldest_s is not None and self.clock() - self._oldest_s >= self.flush_interval_s:
+            return self.flush()
+        return []
+
+    def flush(self) -> list[Path]:
+        """Write each table's buffered rows as one new part; returns the parts written.
+
+        On an I/O error the rows of the failing table stay buffered for the next try.
+        """
+        written = []
+        stamp = datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        for kind, (folder, schema) in _TABLES.items():
+            rows = self._buffers[kind]
+            if not rows:
+                continue
+            self._seq += 1
+            name = f"part-{stamp}-{os.getpid()}-{self._token}-{self._seq:06d}.parquet"
+            written.append(_write_part(self.root / folder, rows_to_table(rows, schema), name))
+            self._buffers[kind] = []
+        self._oldest_s = None
+        return written
+
+    def close(self) -> None:
+        """Flush and refuse further rows. Idempotent."""
+        if not self.is_closed:
+            self.flush()
+            self.is_closed = True
+
+    def __enter__(self) -> LedgerWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_folder(folder: Path, schema: pa.Schema) -> pa.Table:
+    """Concatenate the readable parts of one table; warn about and skip the rest."""
+    parts = []
+    paths = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
+    for path in paths:
+        try:
+            table = pq.read_table(path)
+            parts.append(table.select(schema.names).cast(schema))
+        except Exception as e:  # a torn or foreign file must not hide the rest of the ledger
+            log.warning("ledger: skipping unreadable part %s: %s: %s", path, type(e).__name__, e)
+    if not parts:
+        return schema.empty_table()
+    return pa.concat_tables(parts).combine_chunks()
+
+
+def read_ledger(
+    root: str | os.PathLike, start: datetime | None = None, end: datetime | None = None
+) -> tuple[pa.Table, pa.Table]:
+    """(requests, capacity) tables of the ledger at root, each sorted by ts.
+
+    requests: rows with start <= ts < end. capacity: rows with ts < end, including
+    those before start, since the report needs earlier starts to know which units
+    were running at `start`. start/end must be aware datetimes (or None: unbounded).
+    """
+    start = None if start is None else to_utc(start, "start")
+    end = None if end is None else to_utc(end, "end")
+    root = Path(root)
+    requests = _read_folder(root / "requests", REQUESTS_SCHEMA)
+    capacity = _read_folder(root / "capacity", CAPACITY_SCHEMA)
+    if start is not None:
+        requests = requests.filter(pc.greater_equal(requests["ts"], pa.scalar(start, TS)))
+    if end is not None:
+        requests = requests.filter(pc.less(requests["ts"], pa.scalar(end, TS)))
+        capacity = capacity.filter(pc.less(capacity["ts"], pa.scalar(end, TS)))
+    return requests.sort_by("ts"), capacity.sort_by("ts")
+
+
+__all__ = [
+    "CAPACITY_SCHEMA", "REQUESTS_SCHEMA", "CapacityRow", "LedgerWriter", "RequestRow",
+    "read_ledger", "rows_to_table", "to_utc",
+]

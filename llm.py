@@ -1,0 +1,163 @@
+"""epserve.LLM: offline generation on expert-parallel units on Ray.
+
+Joins Ray if it is initialised (or `ray.address` is set), else starts an embedded
+local one, so the same code runs on a laptop and on a real multi-node cluster.
+Offline generation runs colocated units (each rank prefills and decodes its own
+requests; the `decode` section gives the unit shape); disaggregated prefill/decode
+is the serving path (serve/).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+
+from epserve.config import Config, load_config
+from epserve.messages import RequestOutput, Usage
+from epserve.model.checkpoint import check_model_dir
+from epserve.model.sampling import InvalidRequest, SamplingParams
+from epserve.model.tiny import default_model_dir
+from epserve.model.tokenizer import load_tokenizer
+from epserve.pipelines.runner import RankSpec
+from epserve.pipelines.sequence import Sequence
+from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank
+from epserve.placement.topology import UnitShape
+
+log = logging.getLogger("epserve.llm")
+
+
+def rank_spec(cfg: Config, model_dir: str, role_cfg) -> RankSpec:
+    import torch
+    return RankSpec(model_dir=model_dir, dtype=cfg.dtype, kernels=cfg.kernels,
+                    device="cuda" if torch.cuda.is_available() else "cpu", kv_pages=role_cfg.kv_pages,
+                    max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
+                    max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations)
+
+
+def start_units(cfg: Config, model_dir: str, role: str, role_cfg, args, first_id: int = 0) -> list:
+    """Start role_cfg.units supervisors and wait until every rank is loaded."""
+    import ray
+    from epserve.actors.unit import UnitSupervisor
+    shape = UnitShape(role_cfg.nodes_per_unit, role_cfg.gpus_per_node, args.n_routed_experts,
+                      role_cfg.redundant_experts)
+    spec = rank_spec(cfg, model_dir, role_cfg)
+    fp8_dispatch = cfg.fp8_activations and args.fp8_block is not None
+    units = [UnitSupervisor.remote(first_id + u, role, spec, shape, role_cfg.cpus_per_rank, fp8_dispatch,
+                                   n_moe_layers=args.n_moe_layers) for u in range(role_cfg.units)]
+    ray.get([u.start.remote() for u in units])
+    return units
+
+
+class LLM:
+    def __init__(self, model: str | None = None, config: str | dict | Config | None = None, **overrides):
+        self.config = load_config(config, **overrides)
+        if model is not None:
+            self.config = load_config(self.config, model=str(model))
+        self.model_dir = str(self.config.model or default_model_dir())
+        self.args = check_model_dir(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        d = self.config.decode
+        from epserve.actors.cluster import ensure_ray
+        self._ray = ensure_ray(self.config.ray.address, d.nodes_per_unit * d.units, d.gpus_per_node,
+                               self.config.ray.num_cpus)
+        self.units = start_units(self.config, self.model_dir, "generate", d, self.args)
+        self._ids = itertools.count()
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequest("prompt: this checkpoint has no tokenizer files; pass token id lists",
+                                     "prompt")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if not ids:
+                raise InvalidRequest("prompt: must contain at least one token", "prompt")
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.args.vocab_size]
+            if bad:
+                raise InvalidRequest(f"prompt: token id {bad[0]!r} is outside the vocabulary "
+                                     f"[0, {self.args.vocab_size})", "prompt")
+            return ids
+        raise InvalidRequest(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}",
+                             "prompt")
+
+    def _check_len(self, n_prompt: int, params: SamplingParams) -> None:
+        max_len = min(self.config.max_model_len or self.args.max_position_embeddings,
+                      self.args.max_position_embeddings)
+        if n_prompt + params.max_tokens > max_len:
+            raise InvalidRequest(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                 f"model's context of {max_len} tokens", "max_tokens")
+
+    # ---- generate -------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for a prompt (text or token ids) or a list of them; outputs in input order."""
+        import ray
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequest(f"sampling_params: {len(params)} given for {len(prompts)} prompts", "sampling_params")
+        encoded = [self._encode(p) for p in prompts]
+        for ids, p in zip(encoded, params):
+            self._check_len(len(ids), p)
+        stats = [s for u in self.units for s in ray.get(u.stats.remote())]
+        per_unit: dict[int, list] = {}
+        order = []
+        for ids, p in zip(encoded, params):
+            need = -(-(len(ids) + p.max_tokens) // 64)
+            ref = pick_decode_rank(stats, need) or min(stats, key=lambda s: s.n_requests).ref
+            stats = apply_decode_choice(stats, ref, need)
+            rid = f"gen-{uuid.uuid4().hex[:8]}-{next(self._ids)}"
+            per_unit.setdefault(ref.unit, []).append((Sequence(rid, ids, p), ref.rank))
+            order.append((ref.unit, len(per_unit[ref.unit]) - 1))
+        results = dict(zip(per_unit, ray.get([self.units[u].generate.remote(items) for u, items in per_unit.items()])))
+        outs = []
+        for (unit, i), ids, p in zip(order, encoded, params):
+            res = results[unit][i]
+            if isinstance(res, str):
+                raise InvalidRequest(res)
+            outs.append(self._output(res, ids, p))
+        return outs[0] if single else outs
+
+    def _output(self, res: dict, prompt_ids: list[int], p: SamplingParams) -> RequestOutput:
+        tokens, reason = list(res["token_ids"]), res["finish_reason"]
+        text = self.tokenizer.decode(tokens) if self.tokenizer else None
+        if text is not None and p.stop:
+            tokens, text, hit = truncate_at_stop(self.tokenizer, tokens, p.stop)
+            reason = "stop" if hit else reason
+        logprobs = res["logprobs"][: len(tokens)] if res["logprobs"] else None
+        return RequestOutput(res["request_id"], prompt_ids, tokens, text, logprobs, reason,
+                             Usage(len(prompt_ids), len(tokens), res["n_cached"]))
+
+    def shutdown(self) -> None:
+        import ray
+        for u in self.units:
+            try:
+                ray.get(u.shutdown.remote(), timeout=30)
+            except Exception:
+                pass
+        self.units = []
+        if self._ray is not None:
+            self._ray.shutdown()
+            self._ray = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+def truncate_at_stop(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> tuple[list[int], str, bool]:
+    """Cut the output before the first stop string (OpenAI semantics); keep the tokens that make the text."""
+    text = tokenizer.decode(tokens)
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut < 0:
+        return tokens, text, False
+    text = text[:cut]
+    keep = len(tokens)
+    while keep > 0 and len(tokenizer.decode(tokens[:keep])) > cut:
+        keep -= 1
+    return tokens[:keep], text, True

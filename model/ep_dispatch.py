@@ -1,0 +1,79 @@
+"""Dispatch and combine across the ranks of a unit: real all-to-all exchanges.
+
+Per MoE layer on every rank (ranks with no tokens still take part):
+  1. route: each (token, expert) pair picks one replica slot (placement/topology.py);
+  2. dispatch: pairs sorted by destination rank; counts exchanged, then the rows
+     (FP8 e4m3 + 1x128 scales when fp8_dispatch, else the model dtype) and each row's
+     local slot id, with all_to_all_single;
+  3. the destination computes its slots' experts on what it received (ExpertShard);
+  4. combine: results go back by the reverse all_to_all in the model dtype (BF16 in
+     production, float32 in exact tests); the sender weights them and sums over K.
+One row per (token, expert) pair, so rows received over all ranks = tokens x top_k.
+Payloads travel as raw bytes (uint8 [rows, bytes]) so any dtype crosses gloo or NCCL.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.distributed as dist
+
+from epserve.model.moe_dispatch import ExpertMap, ExpertShard, LocalDispatcher
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).view(t.shape[0], -1)
+
+
+class AllToAllDispatcher(LocalDispatcher):
+    def __init__(self, kb: ModuleType, expert_map: ExpertMap, first_moe_layer: int, rank: int, world: int,
+                 gpus_per_node: int, fp8_dispatch: bool = False, group=None):
+        super().__init__(kb, expert_map, first_moe_layer)
+        self.rank, self.world, self.node = rank, world, rank // gpus_per_node
+        self.fp8_dispatch, self.group = fp8_dispatch, group
+        n_moe = expert_map.phy2log.shape[0]
+        self.pairs_sent = torch.zeros(n_moe, dtype=torch.long)
+        self.pairs_received = torch.zeros(n_moe, dtype=torch.long)
+
+    def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        out = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
+        dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
+        return out
+
+    def _pack(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self.fp8_dispatch:
+            return _as_bytes(rows)
+        q, s = self.kb.per_token_group_quant_fp8(rows)
+        return torch.cat([_as_bytes(q), _as_bytes(s.float())], 1)
+
+    def _unpack(self, data: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        if not self.fp8_dispatch:
+            return data.contiguous().view(dtype).view(data.shape[0], dim)
+        q = data[:, :dim].contiguous().view(torch.float8_e4m3fn)
+        s = data[:, dim:].contiguous().view(torch.float32)
+        return (q.float() * s.repeat_interleave(128, 1)[:, :dim]).to(dtype)
+
+    def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+            shard: ExpertShard) -> torch.Tensor:
+        """x [T, D], idx/weights [T, K] -> [T, D]; collective: every rank of the unit must call it."""
+        m = layer - self.first
+        t, k = idx.shape
+        d = x.shape[1]
+        spr = self.map.slots_per_rank
+        slots = self.route(layer, idx).flatten()                        # [T*K]
+        dest = slots // spr
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=self.world)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        sc, rc = send_counts.tolist(), recv_counts.tolist()
+        rows = x.repeat_interleave(k, 0)[order] if t else x.new_zeros(0, d)
+        recv_rows = self._unpack(self._exchange(self._pack(rows), sc, rc), d, x.dtype)
+        recv_slot = self._exchange((slots % spr)[order], sc, rc)
+        y = shard.compute(self.kb, recv_rows, recv_slot)                 # [sum(rc), D]
+        back = self._exchange(_as_bytes(y.to(x.dtype)), rc, sc).view(x.dtype).view(-1, d)
+        self.pairs_sent[m] += t * k
+        self.pairs_received[m] += sum(rc)
+        out = torch.empty_like(back)
+        out[order] = back
+        return (out.view(t, k, d) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
