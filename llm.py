@@ -116,8 +116,8 @@ class LLM:
         outs = []
         for (unit, i), ids, p in zip(order, encoded, params):
             res = results[unit][i]
-            if isinstance(res, str):
-                raise InvalidRequest(res)
+            if "error" in res:
+                raise (InvalidRequest if res["rejected"] else RuntimeError)(res["error"])
             outs.append(self._output(res, ids, p))
         return outs[0] if single else outs
 

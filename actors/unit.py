@@ -66,6 +66,7 @@ class UnitSupervisor:
         self.busy = [False] * shape.n_ranks
         self.stats_cache: list[RankStats] = [RankStats(unit_id, r) for r in range(shape.n_ranks)]
         self.n_steps = self.n_restarts = 0
+        self.failures_in_a_row = 0     # steps that failed since the last good one
         self.wake = asyncio.Event()
         self.loop_task = None
         self.closing = False
@@ -154,9 +155,16 @@ class UnitSupervisor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await self._restart(f"step failed: {type(exc).__name__}: {str(exc)[:200]}")
+                why = f"step failed: {type(exc).__name__}: {str(exc)[-400:]}"
+                self.failures_in_a_row += 1
+                if self.failures_in_a_row >= 3:   # not a dead rank but a poisoned batch: fail it, keep serving
+                    for rid in [rid for rid, tr in self.requests.items() if tr.finish_reason is None]:
+                        self._fail(rid, f"internal error after {self.failures_in_a_row} attempts: {why}")
+                    self.failures_in_a_row = 0
+                await self._restart(why)
                 continue
             self.n_steps += 1
+            self.failures_in_a_row = 0
             for r, out in enumerate(outs):
                 self.busy[r] = out.has_work
                 self.stats_cache[r] = out.stats
@@ -181,7 +189,7 @@ class UnitSupervisor:
         tr = self.requests.get(rid)
         if tr is not None:
             tr.error = why
-            tr.queue.put_nowait(RequestRejected(why))
+            tr.queue.put_nowait(RequestRejected(why) if not why.startswith("internal error") else RuntimeError(why))
 
     # ---- requests ----------------------------------------------------------------------
     def _submit(self, seq: Sequence, rank: int) -> Tracked:
@@ -211,10 +219,15 @@ class UnitSupervisor:
                 "ttft_s": (tr.t_first or time.time()) - tr.t_submit, "decode_s": time.time() - (tr.t_first or 0)}
 
     async def generate(self, items: list[tuple[Sequence, int]]) -> list[dict | str]:
-        """Run sequences to completion on the given ranks; a rejected one comes back as its error text."""
+        """Run sequences to completion on the given ranks.
+
+        A request that fails comes back as {"error": text, "rejected": bool}; rejected means the
+        request itself was bad (too long, bad token ids), otherwise the unit failed it.
+        """
         trs = [self._submit(seq, rank) for seq, rank in items]
         results = await asyncio.gather(*[self._finish(tr) for tr in trs], return_exceptions=True)
-        return [str(r) if isinstance(r, Exception) else r for r in results]
+        return [{"error": str(r), "rejected": isinstance(r, RequestRejected)} if isinstance(r, Exception) else r
+                for r in results]
 
     async def stream(self, seq: Sequence, rank: int):
         """Yield TokenDeltas as they are produced; the caller aborts on disconnect."""

@@ -95,7 +95,7 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         return F.linear(x, weight.w)
     if weight.act_quant:
         q, s = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]))
-        return fp8_gemm_nt(q, s, weight.w, weight.scale, x.dtype).view(*x.shape[:-1], -1)
+        return fp8_gemm_nt(q, s, weight.w, weight.scale, x.dtype).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight.dense(x.dtype))
 
 

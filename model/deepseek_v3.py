@@ -378,7 +378,7 @@ class Gate:
         scores = logits.sigmoid() if a.score_func == "sigmoid" else logits.softmax(-1)
         choice = scores + self.bias if self.bias is not None and a.topk_method == "noaux_tc" else scores
         if a.n_expert_groups > 1:
-            grouped = choice.view(x.shape[0], a.n_expert_groups, -1)
+            grouped = choice.view(x.shape[0], a.n_expert_groups, a.n_routed_experts // a.n_expert_groups)
             if a.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, -1)[0].sum(-1)
             else:

@@ -13,6 +13,7 @@ Payloads travel as raw bytes (uint8 [rows, bytes]) so any dtype crosses gloo or 
 """
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 import torch
@@ -22,7 +23,15 @@ from epserve.model.moe_dispatch import ExpertMap, ExpertShard, LocalDispatcher
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).view(t.shape[0], -1)
+    row_bytes = math.prod(t.shape[1:]) * t.element_size()
+    return t.contiguous().view(torch.uint8).view(t.shape[0], row_bytes)
+
+
+def _from_bytes(data: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tensor:
+    """uint8 [rows, cols * itemsize] -> dtype [rows, cols] (empty-safe)."""
+    if data.shape[0] == 0:
+        return torch.empty(0, cols, dtype=dtype, device=data.device)
+    return data.contiguous().view(dtype).view(data.shape[0], cols)
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -48,9 +57,9 @@ class AllToAllDispatcher(LocalDispatcher):
 
     def _unpack(self, data: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
         if not self.fp8_dispatch:
-            return data.contiguous().view(dtype).view(data.shape[0], dim)
-        q = data[:, :dim].contiguous().view(torch.float8_e4m3fn)
-        s = data[:, dim:].contiguous().view(torch.float32)
+            return _from_bytes(data, dtype, dim)
+        q = _from_bytes(data[:, :dim], torch.float8_e4m3fn, dim)
+        s = _from_bytes(data[:, dim:], torch.float32, (data.shape[1] - dim) // 4)
         return (q.float() * s.repeat_interleave(128, 1)[:, :dim]).to(dtype)
 
     def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
@@ -71,7 +80,7 @@ class AllToAllDispatcher(LocalDispatcher):
         recv_rows = self._unpack(self._exchange(self._pack(rows), sc, rc), d, x.dtype)
         recv_slot = self._exchange((slots % spr)[order], sc, rc)
         y = shard.compute(self.kb, recv_rows, recv_slot)                 # [sum(rc), D]
-        back = self._exchange(_as_bytes(y.to(x.dtype)), rc, sc).view(x.dtype).view(-1, d)
+        back = _from_bytes(self._exchange(_as_bytes(y.to(x.dtype)), rc, sc), x.dtype, d)
         self.pairs_sent[m] += t * k
         self.pairs_received[m] += sum(rc)
         out = torch.empty_like(back)

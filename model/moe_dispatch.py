@@ -79,7 +79,7 @@ class LocalDispatcher:
         t, k = idx.shape
         rows = x.repeat_interleave(k, 0)
         y = shard.compute(self.kb, rows, slots.flatten() - self.rank * self.map.slots_per_rank)
-        return (y.view(t, k, -1) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+        return (y.view(t, k, x.shape[1]) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 
     def take_counts(self) -> torch.Tensor:
         """Tokens per logical expert per MoE layer since the last call [n_moe, E]; resets."""

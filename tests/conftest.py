@@ -63,3 +63,22 @@ def prompts_of(lengths, vocab=TINY_CONFIG["vocab_size"], seed=0):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One simulated cluster for the whole session: a CPU-less head and 4 fake nodes x 2 fake GPUs,
+    all on 127.0.0.1. Tests share it (starting clusters is the expensive part on 2 cores)."""
+    import ray
+    from ray.cluster_utils import Cluster
+    mb = 1 << 20
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
+        num_cpus=0, include_dashboard=False, node_ip_address="127.0.0.1", object_store_memory=80 * mb))
+    for i in range(4):
+        cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1", object_store_memory=80 * mb,
+                         resources={f"node{i}": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -1,0 +1,141 @@
+"""Expert-parallel units on a simulated multi-node Ray cluster (fake nodes, fake GPUs, gloo)."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import ray
+import torch
+
+from conftest import hf_greedy, hf_model, prompts_of
+from epserve.actors.unit import UnitSupervisor
+from epserve.model.checkpoint import read_config
+from epserve.model.sampling import SamplingParams
+from epserve.pipelines.local import make_local_engine
+from epserve.pipelines.runner import RankSpec
+from epserve.pipelines.sequence import Sequence
+from epserve.placement.topology import UnitShape, initial_phy2log
+
+N_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def unit(ray_cluster, tiny_dir):
+    """One 2-node x 2-GPU unit with 4 redundant experts (20 slots, 5 per rank)."""
+    args = read_config(tiny_dir)
+    shape = UnitShape(2, 2, args.n_routed_experts, redundant_experts=4)
+    sup = UnitSupervisor.remote(0, "decode", RankSpec(tiny_dir, kernels="reference", kv_pages=64), shape,
+                                n_moe_layers=args.n_moe_layers, step_timeout_s=60)
+    info = ray.get(sup.start.remote(), timeout=180)
+    yield sup, info, shape, args
+    ray.get(sup.shutdown.remote(), timeout=60)
+
+
+def greedy(n=N_NEW):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(tiny_dir):
+    """Single-rank outputs (and transformers' for two of the prompts) for the prompts used below."""
+    prompts = prompts_of([9, 30, 4, 65, 17], seed=7)
+    engine = make_local_engine(tiny_dir)
+    seqs = [Sequence(f"ref{i}", p, greedy()) for i, p in enumerate(prompts)]
+    for s in seqs:
+        engine.add(s)
+    while engine.has_work:
+        engine.step()
+    return prompts, [s.output_ids for s in seqs]
+
+
+def test_ranks_sit_on_planned_nodes_and_load_only_their_experts(unit):
+    sup, info, shape, args = unit
+    nodes = [i["node_id"] for i in info]
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2]
+    phy2log = initial_phy2log(args.n_moe_layers, args.n_routed_experts, shape.n_slots)
+    for r, i in enumerate(info):
+        for layer, experts in i["experts"].items():
+            want = sorted(set(phy2log[int(layer) - args.n_dense_layers, list(shape.slots_of_rank(r))].tolist()))
+            assert experts == want
+        assert i["load"]["experts"] == sum(len(e) for e in i["experts"].values())
+        assert i["load"]["experts"] < args.n_moe_layers * args.n_routed_experts   # never the whole set
+
+
+def test_uneven_batches_equal_single_rank_and_transformers(unit, reference_outputs, tiny_dir):
+    sup, _, _, _ = unit
+    prompts, want = reference_outputs
+    ranks = [0, 0, 2, 0, 2]                     # ranks 1 and 3 get nothing: they run empty batches
+    items = [(Sequence(f"u{i}", p, greedy()), r) for i, (p, r) in enumerate(zip(prompts, ranks))]
+    got = ray.get(sup.generate.remote(items), timeout=300)
+    assert [g["token_ids"] for g in got] == want
+    hf = hf_model(tiny_dir)
+    for p, w in list(zip(prompts, want))[:2]:
+        assert w == hf_greedy(hf, p, N_NEW)[0]
+
+
+def test_dispatch_loses_and_duplicates_nothing(unit, reference_outputs):
+    sup, _, _, args = unit
+    ray.get(sup.expert_counters.remote(reset=True))
+    before = ray.get(sup.expert_counters.remote(reset=False))
+    prompts, _ = reference_outputs
+    items = [(Sequence(f"c{i}", p, greedy(4)), i % 4) for i, p in enumerate(prompts[:3])]
+    ray.get(sup.generate.remote(items), timeout=300)
+    after = ray.get(sup.expert_counters.remote(reset=False))
+    sent = sum(a["pairs_sent"] - b["pairs_sent"] for a, b in zip(after, before))
+    received = sum(a["pairs_received"] - b["pairs_received"] for a, b in zip(after, before))
+    forwarded = sum(len(p) + 4 - 1 for p in prompts[:3])       # the last sampled token is never fed
+    assert torch.equal(sent, received)
+    assert torch.equal(sent, torch.full_like(sent, forwarded * args.n_activated_experts))
+    counted = sum(a["counts"] for a in after)                   # per logical expert, per layer
+    assert torch.equal(counted.sum(1), sent)
+
+
+def test_killing_a_rank_rebuilds_the_unit_and_completes_every_request(unit, reference_outputs):
+    sup, info, _, _ = unit
+    prompts, want = reference_outputs
+    old_pids = [i["pid"] for i in ray.get(sup.status.remote())["ranks"]]
+    long = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+    items = [(Sequence(f"k{i}", p, long), i % 4) for i, p in enumerate(prompts)]
+    ref = sup.generate.remote(items)
+    steps0 = ray.get(sup.status.remote())["steps"]
+    deadline = time.time() + 60
+    while ray.get(sup.status.remote())["steps"] < steps0 + 3 and time.time() < deadline:
+        time.sleep(0.05)
+    victim = ray.get(sup.rank_handles.remote())[1]
+    ray.kill(victim, no_restart=True)
+    got = ray.get(ref, timeout=300)
+    assert [g["token_ids"] for g in got] == want
+    status = ray.get(sup.status.remote())
+    assert status["restarts"] == 1 and len(status["ranks"]) == 4
+    new_pids = [i["pid"] for i in status["ranks"]]
+    assert not set(new_pids) & set(old_pids)
+    time.sleep(1.0)
+    for pid in old_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_llm_runs_units_on_the_initialised_cluster(ray_cluster, tiny_dir, reference_outputs):
+    import epserve
+    prompts, want = reference_outputs
+    cfg = {"dtype": "float32", "kernels": "reference",
+           "decode": {"units": 1, "nodes_per_unit": 2, "gpus_per_node": 2, "redundant_experts": 4, "kv_pages": 32}}
+    with epserve.LLM(model=tiny_dir, config=cfg) as llm:
+        assert llm._ray is None                     # joined, did not start its own
+        outs = llm.generate(prompts, greedy())
+        assert [o.token_ids for o in outs] == want
+        assert all(o.usage.completion_tokens == N_NEW for o in outs)
+
+
+@pytest.mark.parametrize("nodes,gpus,per_gpu", [(4, 8, 9), (18, 8, 2)])
+def test_production_placement_plans_are_valid(nodes, gpus, per_gpu):
+    shape = UnitShape(nodes, gpus, 256, 32)
+    assert shape.n_slots == 288 and shape.slots_per_rank == per_gpu
+    phy2log = initial_phy2log(58, 256, shape.n_slots)
+    assert phy2log.shape == (58, 288)
+    for layer in phy2log:
+        assert set(layer.tolist()) == set(range(256))
+        for r in range(shape.n_ranks):          # no expert twice on one GPU
+            slots = layer[list(shape.slots_of_rank(r))].tolist()
+            assert len(set(slots)) == len(slots)
