@@ -138,16 +138,11 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     lse fp32 [B, H], natural log).
     """
     b, h, _ = q.shape
-    page = kv_cache.shape[1]
-    out = q.new_zeros(b, h, v_dim)
-    lse = torch.full((b, h), float("-inf"), dtype=torch.float32, device=q.device)
-    for i in range(b):
-        n = int(seq_lens[i])
-        if n == 0:
-            continue
-        pages = block_table[i, : math.ceil(n / page)]
-        kv = kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:n].float()
-        scores = (q[i].float() @ kv.t()) * scale  # [H, n]
-        lse[i] = torch.logsumexp(scores, -1)
-        out[i] = (scores.softmax(-1) @ kv[:, :v_dim]).to(q.dtype)
-    return out, lse
+    n_max = block_table.shape[1] * kv_cache.shape[1]
+    kv = kv_cache[block_table].reshape(b, n_max, kv_cache.shape[-1]).float()   # pages gathered, padded
+    scores = torch.einsum("bhd,bnd->bhn", q.float(), kv) * scale
+    valid = torch.arange(n_max, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.nan_to_num(scores.softmax(-1))       # a zero-length row gives zeros, not NaN
+    return torch.einsum("bhn,bnd->bhd", probs, kv[..., :v_dim]).to(q.dtype), lse

@@ -69,6 +69,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], n_done: list[int]
 
     Logprobs are of the model's distribution (before temperature/top-p), as OpenAI reports them.
     """
+    if all(p.is_greedy and p.logprobs is None for p in params):    # the common case, one batched op
+        return logits.argmax(-1).tolist(), [None] * len(params)
     tokens, infos = [], []
     logp_all = torch.log_softmax(logits.float(), -1)
     for i, (p, done) in enumerate(zip(params, n_done)):

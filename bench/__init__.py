@@ -1,0 +1,33 @@
+"""`epserve bench WHAT`: benchmarks that measure and print JSON. They are not tests.
+
+engine  offline tokens/s of one rank at several batch sizes, next to transformers' generate
+units   step latency of empty and batch-32 decode steps for units of 1, 2 and 4 ranks
+eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production shapes
+kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
+step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
+"""
+from __future__ import annotations
+
+import importlib
+import platform
+
+
+def environment() -> dict:
+    import torch
+    return {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": __import__("os").cpu_count(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def run(args) -> dict:
+    mod = importlib.import_module(f"epserve.bench.{args.what}")
+    if args.what == "engine":
+        out = mod.run(model=args.model, batches=[int(b) for b in args.batches.split(",")], n_tokens=args.tokens,
+                      with_transformers=not args.no_transformers)
+    elif args.what == "units":
+        out = mod.run(model=args.model)
+    elif args.what == "step":
+        out = mod.run(phase=args.phase)
+    else:
+        out = mod.run()
+    return {"bench": args.what, "env": environment(), "results": out}

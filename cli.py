@@ -1,0 +1,181 @@
+"""`epserve`: one entry point. Errors are one readable line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="epserve", description="Serve DeepSeek-V3/R1-class MoE models on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="start the OpenAI-compatible server (embedded Ray + tiny model by default)")
+    s.add_argument("--config", help="YAML config file (default: the embedded default)")
+    s.add_argument("--model", help="checkpoint folder (overrides the config's model)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+
+    g = sub.add_parser("generate", help="offline generation on EP units")
+    g.add_argument("prompts", nargs="*", help="text prompts")
+    g.add_argument("--token-ids", action="append", default=[], help="a prompt as comma-separated token ids")
+    g.add_argument("--config")
+    g.add_argument("--model")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[])
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+    m = sub.add_parser("make-tiny-model", help="write a random-weight DeepSeek-V3-layout checkpoint")
+    m.add_argument("dir")
+    m.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights with 128x128 weight_scale_inv")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shards", type=int, default=1)
+
+    pl = sub.add_parser("plan", help="print a config's unit placement without the hardware")
+    pl.add_argument("config", help="YAML config (e.g. configs/deepseek_v3_prod.yaml)")
+    pl.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("eplb", help="run EPLB offline on a saved load matrix [layers, experts]")
+    e.add_argument("--stats", required=True, help=".npy, .pt or .csv load matrix")
+    e.add_argument("--config", help="config giving the unit shape (default: production prefill)")
+    e.add_argument("--role", choices=["prefill", "decode"], default="prefill")
+    e.add_argument("--groups", type=int, default=8)
+    e.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("report", help="the seed's daily statistics table from a ledger")
+    r.add_argument("--ledger", required=True)
+    r.add_argument("--from", dest="start")
+    r.add_argument("--to", dest="end")
+    r.add_argument("--config", help="config with pricing")
+    r.add_argument("--gpus-per-node", type=int, default=8)
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--plot", help="write a PNG of node count and tokens/s")
+
+    b = sub.add_parser("bench", help="benchmarks; print JSON (not tests)")
+    b.add_argument("what", nargs="?", default="engine", choices=["engine", "units", "eplb", "kernels", "step"])
+    b.add_argument("--model")
+    b.add_argument("--batches", default="1,8,32")
+    b.add_argument("--tokens", type=int, default=32, help="output tokens per request")
+    b.add_argument("--no-transformers", action="store_true")
+    b.add_argument("--phase", choices=["prefill", "decode"], default="decode")
+    return p
+
+
+def _cmd_make_tiny_model(a) -> int:
+    from epserve.model.tiny import make_tiny_model
+    out = make_tiny_model(a.dir, fp8=a.fp8, seed=a.seed, shards=a.shards)
+    print(f"wrote {'FP8 ' if a.fp8 else ''}tiny DeepSeek-V3 checkpoint to {out}")
+    return 0
+
+
+def _cmd_generate(a) -> int:
+    import epserve
+    prompts = list(a.prompts)
+    for ids in a.token_ids:
+        try:
+            prompts.append([int(t) for t in ids.split(",") if t.strip()])
+        except ValueError:
+            raise epserve.model.sampling.InvalidRequest(f"--token-ids: {ids!r} is not a comma-separated id list")
+    if not prompts:
+        raise ValueError("give at least one prompt (text, or --token-ids 1,2,3)")
+    params = epserve.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                                    top_k=a.top_k, seed=a.seed, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
+    with epserve.LLM(model=a.model, config=a.config) as llm:
+        outs = llm.generate(prompts, params)
+    for o in outs:
+        if a.json:
+            print(json.dumps({"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+                              "usage": o.usage.to_dict()}))
+        else:
+            print(o.text if o.text is not None else o.token_ids)
+    return 0
+
+
+def _cmd_plan(a) -> int:
+    from epserve.config import load_config
+    from epserve.placement.plan import format_plan, plan_units
+    cfg = load_config(a.config)
+    plan = plan_units(cfg)
+    print(json.dumps(plan, indent=1) if a.json else format_plan(plan))
+    return 0
+
+
+def _cmd_eplb(a) -> int:
+    from epserve.config import load_config
+    from epserve.fleet.eplb_stats import eplb_table, format_table, load_stats
+    weight = load_stats(a.stats)
+    if a.config:
+        u = getattr(load_config(a.config), a.role)
+        nodes, gpus, red = u.nodes_per_unit, u.nodes_per_unit * u.gpus_per_node, u.redundant_experts
+    else:
+        nodes, gpus, red = (4, 32, 32) if a.role == "prefill" else (18, 144, 32)
+    table = eplb_table(weight, weight.shape[1] + red, a.groups, nodes, gpus)
+    print(json.dumps(table, indent=1) if a.json else format_table(table))
+    return 0
+
+
+def _cmd_report(a) -> int:
+    from datetime import datetime, timezone
+
+    from epserve.config import load_config
+    from epserve.fleet.ledger import read_ledger
+    from epserve.fleet.report import Pricing, build_report, format_report, plot_report
+
+    def when(s):
+        if s is None:
+            return None
+        try:
+            t = datetime.fromisoformat(s)
+        except ValueError:
+            raise ValueError(f"--from/--to: {s!r} is not an ISO time like 2025-02-27T12:00") from None
+        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+    p = load_config(a.config).pricing
+    pricing = Pricing(p.gpu_hour_usd, p.input_hit_per_m, p.input_miss_per_m, p.output_per_m)
+    start, end = when(a.start), when(a.end)
+    requests, capacity = read_ledger(a.ledger, start, end)
+    rep = build_report(requests, capacity, pricing, start, end, a.gpus_per_node)
+    print(json.dumps(rep.to_dict(), indent=1) if a.json else format_report(rep))
+    if a.plot:
+        plot_report(requests, capacity, a.plot, a.gpus_per_node, pricing=pricing, start=start, end=end)
+    return 0
+
+
+def _cmd_bench(a) -> int:
+    from epserve import bench
+    print(json.dumps(bench.run(a), indent=1))
+    return 0
+
+
+def _cmd_serve(a) -> int:
+    from epserve.serve.app import run_server
+    return run_server(a.config, model=a.model, host=a.host, port=a.port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = globals()[f"_cmd_{args.cmd.replace('-', '_')}"]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as exc:
+        if args.verbose:
+            raise
+        print(f"epserve {args.cmd}: error: {exc}".splitlines()[0], file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
