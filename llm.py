@@ -26,23 +26,24 @@ from epserve.placement.topology import UnitShape
 log = logging.getLogger("epserve.llm")
 
 
-def rank_spec(cfg: Config, model_dir: str, role_cfg) -> RankSpec:
+def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> RankSpec:
     import torch
-    return RankSpec(model_dir=model_dir, dtype=cfg.dtype, kernels=cfg.kernels,
+    return RankSpec(model_dir=model_dir, dtype=cfg.dtype, kernels=cfg.kernels, role=role,
                     device="cuda" if torch.cuda.is_available() else "cpu", kv_pages=role_cfg.kv_pages,
                     max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
                     max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations)
 
 
-def start_units(cfg: Config, model_dir: str, role: str, role_cfg, args, first_id: int = 0) -> list:
+def start_units(cfg: Config, model_dir: str, name: str, role_cfg, args, first_id: int = 0,
+                role: str = "both") -> list:
     """Start role_cfg.units supervisors and wait until every rank is loaded."""
     import ray
     from epserve.actors.unit import UnitSupervisor
     shape = UnitShape(role_cfg.nodes_per_unit, role_cfg.gpus_per_node, args.n_routed_experts,
                       role_cfg.redundant_experts)
-    spec = rank_spec(cfg, model_dir, role_cfg)
+    spec = rank_spec(cfg, model_dir, role_cfg, role)
     fp8_dispatch = cfg.fp8_activations and args.fp8_block is not None
-    units = [UnitSupervisor.remote(first_id + u, role, spec, shape, role_cfg.cpus_per_rank, fp8_dispatch,
+    units = [UnitSupervisor.remote(first_id + u, name, spec, shape, role_cfg.cpus_per_rank, fp8_dispatch,
                                    n_moe_layers=args.n_moe_layers) for u in range(role_cfg.units)]
     ray.get([u.start.remote() for u in units])
     return units

@@ -20,6 +20,7 @@ import torch
 from epserve.messages import RankStats
 from epserve.model.ep_dispatch import AllToAllDispatcher
 from epserve.model.moe_dispatch import ExpertMap
+from epserve.pipelines.kv_handoff import join_blocks
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
 
@@ -102,11 +103,31 @@ class RankActor:
             eng.abort(rid)
         for seq in inp.new:
             try:
-                eng.add(seq)
+                latents = self._receive_kv(seq)
+                if latents is not None:
+                    eng.add_prefilled(seq, latents)
+                else:
+                    eng.add(seq)
             except ValueError as exc:       # InvalidRequest / RequestTooLarge: tell the caller, keep going
                 rejected.append((seq.request_id, str(exc)))
         deltas = eng.step()
+        for d in deltas:                    # prefill role: publish the handed-off blocks, rank to rank
+            if d.kv_blocks is not None:
+                d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
         return StepOutput(deltas, self.stats(), eng.has_work, rejected)
+
+    @staticmethod
+    def _receive_kv(seq: Sequence):
+        """Fetch handed-off blocks straight from the prefill rank's object store; None -> recompute."""
+        refs, seq.kv_blocks = seq.kv_blocks, None
+        if not refs:
+            return None
+        try:
+            return join_blocks(ray.get(refs, timeout=60))
+        except Exception as exc:           # the prefill rank died or the objects were lost
+            log.warning("KV handoff for %s lost (%r); recomputing its prompt here", seq.request_id, exc)
+            seq.reset_for_recompute()
+            return None
 
     def stats(self) -> RankStats:
         b, cache = self.engine.batcher, self.engine.cache

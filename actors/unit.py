@@ -48,6 +48,7 @@ class Tracked:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     t_submit: float = field(default_factory=time.time)
     t_first: float | None = None
+    kv_blocks: list | None = None      # prefill units: object refs of the handed-off KV blocks
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=0)
@@ -183,6 +184,7 @@ class UnitSupervisor:
         if d.logprob is not None:
             tr.logprobs.append(d.logprob)
         tr.finish_reason = d.finish_reason
+        tr.kv_blocks = d.kv_blocks
         tr.queue.put_nowait(d)
 
     def _fail(self, rid: str, why: str) -> None:
@@ -215,7 +217,7 @@ class UnitSupervisor:
     @staticmethod
     def _result(tr: Tracked) -> dict:
         return {"request_id": tr.seq.request_id, "token_ids": tr.output_ids, "logprobs": tr.logprobs or None,
-                "finish_reason": tr.finish_reason, "n_cached": tr.seq.n_cached,
+                "finish_reason": tr.finish_reason, "n_cached": tr.seq.n_cached, "kv_blocks": tr.kv_blocks,
                 "ttft_s": (tr.t_first or time.time()) - tr.t_submit, "decode_s": time.time() - (tr.t_first or 0)}
 
     async def generate(self, items: list[tuple[Sequence, int]]) -> list[dict | str]:
@@ -228,6 +230,10 @@ class UnitSupervisor:
         results = await asyncio.gather(*[self._finish(tr) for tr in trs], return_exceptions=True)
         return [{"error": str(r), "rejected": isinstance(r, RequestRejected)} if isinstance(r, Exception) else r
                 for r in results]
+
+    async def prefill(self, seq: Sequence, rank: int) -> dict:
+        """Prefill role: run the prompt, return the first token and the KV blocks' object refs."""
+        return (await self.generate([(seq, rank)]))[0]
 
     async def stream(self, seq: Sequence, rank: int):
         """Yield TokenDeltas as they are produced; the caller aborts on disconnect."""

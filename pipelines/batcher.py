@@ -56,6 +56,25 @@ class Batcher:
         self.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))
         self.waiting.append(seq)
 
+    def add_prefilled(self, seq: Sequence, latents) -> bool:
+        """Admit a sequence whose first len(latents) tokens were computed elsewhere (KV handoff).
+
+        Writes the latents into fresh pages and starts decoding at once. Returns False (and
+        queues the sequence for recompute instead) when this rank has no pages for it now.
+        """
+        self.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))
+        n = latents.shape[1]
+        need = self.cache.pages_for(seq.n_tokens + 1)
+        if need > self.cache.n_free or len(self.running) >= self.max_batch_size:
+            seq.reset_for_recompute()
+            self.waiting.append(seq)
+            return False
+        seq.pages = self.cache.allocate(need)
+        self.cache.write_tokens(seq.pages, 0, latents)
+        seq.n_computed = n
+        self.running.append(seq)
+        return True
+
     def abort(self, request_id: str) -> Sequence | None:
         for seq in list(self.waiting):
             if seq.request_id == request_id:

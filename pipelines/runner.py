@@ -17,6 +17,7 @@ from epserve.model.deepseek_v3 import Batch, ModelArgs, Transformer
 from epserve.model.kv_cache import PagedKVCache
 from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
+from epserve.pipelines.kv_handoff import export_blocks
 from epserve.pipelines.sequence import Sequence
 
 log = logging.getLogger("epserve.runner")
@@ -38,6 +39,8 @@ class RankSpec:
     max_batch_size: int = 128
     max_model_len: int | None = None
     fp8_activations: bool = False
+    role: str = "both"          # both | prefill (hand the KV off after the first token) | decode
+    block_tokens: int = 64
 
 
 @dataclass
@@ -49,6 +52,7 @@ class TokenDelta:
     logprob: dict | None
     finish_reason: str | None
     n_cached: int = 0
+    kv_blocks: list | None = None   # prefill role: the prompt's latents, handed to the decode rank
 
 
 class RankEngine:
@@ -85,6 +89,15 @@ class RankEngine:
         if not seq.eos_ids:
             seq.eos_ids = self.args.eos_token_ids
         self.batcher.add(seq)
+
+    def add_prefilled(self, seq: Sequence, latents: torch.Tensor) -> bool:
+        self.validate_prompt(seq.prompt_ids)
+        if not seq.eos_ids:
+            seq.eos_ids = self.args.eos_token_ids
+        if latents.shape[1] != seq.n_tokens - 1 or latents.shape[0] != self.args.n_layers:
+            raise ValueError(f"handed-off KV has shape {tuple(latents.shape)}; expected "
+                             f"[{self.args.n_layers}, {seq.n_tokens - 1}, {self.args.kv_dim}]")
+        return self.batcher.add_prefilled(seq, latents.to(self.device))
 
     def abort(self, request_id: str) -> bool:
         return self.batcher.abort(request_id) is not None
@@ -123,6 +136,10 @@ class RankEngine:
         for seq, n, tok, info in zip(step.seqs, step.n_new, tokens, infos):
             seq.n_computed += n
             seq.append(tok, info)
-            deltas.append(TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached))
+            delta = TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached)
+            if self.spec.role == "prefill" and not seq.is_finished:
+                delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens)
+                seq.finish_reason = delta.finish_reason = "handoff"
+            deltas.append(delta)
         self.batcher.finish(step.seqs)
         return deltas

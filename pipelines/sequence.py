@@ -22,6 +22,7 @@ class Sequence:
     n_cached: int = 0              # prompt tokens that came from the KV store (billed as hits)
     finish_reason: str | None = None
     logprobs: list[dict] = field(default_factory=list)
+    kv_blocks: list | None = None  # handed-off prompt latents (object refs in flight, tensors on arrival)
 
     @property
     def all_ids(self) -> list[int]:
@@ -52,3 +53,4 @@ class Sequence:
         """Forget cache state (preempted, or moved to a rebuilt unit): prompt + outputs are recomputed."""
         self.pages = []
         self.n_computed = 0
+        self.kv_blocks = None

@@ -1,0 +1,99 @@
+"""The one place the serving deployment is written: prefill units, decode units, the ingress.
+
+`build_app` starts the units (actors/unit.py supervisors, each owning its placement
+group) and binds the Ray Serve ingress to them; `run_server` is `epserve serve`: it
+starts everything (embedded local Ray and the tiny default model when nothing else is
+configured) and shuts down cleanly on SIGTERM or Ctrl-C, leaving no Ray process behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+
+from epserve.config import Config, load_config
+from epserve.model.checkpoint import check_model_dir
+from epserve.model.tiny import default_model_dir
+
+log = logging.getLogger("epserve.serve")
+
+
+@dataclasses.dataclass
+class Deployment:
+    cfg: Config
+    model_dir: str
+    prefill_units: list
+    decode_units: list
+    embedded: object = None
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+        try:
+            serve.shutdown()
+        except Exception:
+            pass
+        for u in self.prefill_units + self.decode_units:
+            try:
+                ray.get(u.shutdown.remote(), timeout=30)
+                ray.kill(u)
+            except Exception:
+                pass
+        if self.embedded is not None:
+            self.embedded.shutdown()
+
+
+def embedded_shape(cfg: Config) -> tuple[int, int]:
+    """(nodes, GPUs per node) an embedded Ray needs to host every unit."""
+    roles = (cfg.prefill, cfg.decode)
+    if all(r.nodes_per_unit == 1 for r in roles):
+        return 1, sum(r.units * r.gpus_per_node for r in roles)
+    return sum(r.units * r.nodes_per_unit for r in roles), max(r.gpus_per_node for r in roles)
+
+
+def start_deployment(cfg: Config) -> Deployment:
+    from ray import serve
+
+    from epserve.actors.cluster import ensure_ray
+    from epserve.llm import start_units
+    from epserve.serve.ingress import Ingress
+    model_dir = str(cfg.model or default_model_dir())
+    args = check_model_dir(model_dir)
+    nodes, gpus = embedded_shape(cfg)
+    embedded = ensure_ray(cfg.ray.address, nodes, gpus, cfg.ray.num_cpus)
+    try:
+        pre = start_units(cfg, model_dir, "prefill", cfg.prefill, args, role="prefill")
+        dec = start_units(cfg, model_dir, "decode", cfg.decode, args, role="decode")
+        dep = Deployment(cfg, model_dir, pre, dec, embedded)
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run(Ingress.bind(cfg, model_dir, pre, dec), name="epserve", route_prefix="/", blocking=False)
+    except BaseException:
+        if embedded is not None:
+            embedded.shutdown()
+        raise
+    log.info("serving %s on http://%s:%d (prefill %d x %d ranks, decode %d x %d ranks)", model_dir, cfg.serve.host,
+             cfg.serve.port, cfg.prefill.units, cfg.prefill.ranks_per_unit, cfg.decode.units,
+             cfg.decode.ranks_per_unit)
+    return dep
+
+
+def run_server(config: str | None = None, model: str | None = None, host: str | None = None,
+               port: int | None = None) -> int:
+    cfg = load_config(config)
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    cfg = dataclasses.replace(cfg, model=model or cfg.model, serve=dataclasses.replace(cfg.serve, **overrides))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    dep = start_deployment(cfg)
+    print(f"epserve: serving on http://{cfg.serve.host}:{cfg.serve.port}/v1 (model {cfg.serve.model_name!r}); "
+          "Ctrl-C to stop", flush=True)
+    try:
+        while not stop.is_set():
+            time.sleep(0.2)
+    finally:
+        log.info("shutting down")
+        dep.shutdown()
+    return 0

@@ -1,0 +1,344 @@
+"""① The front door and ⑥ the way back: OpenAI routes on Ray Serve.
+
+/v1/completions and /v1/chat/completions (SSE streaming and not), /v1/models, /health,
+/metrics. Requests are validated here (bad input is a 4xx with an OpenAI-style body,
+never a 500), tokenised with the checkpoint's tokenizer and chat template, routed
+(serve/router.py), prefilled on a prefill rank, handed to the chosen decode rank and
+streamed back. A client that disconnects aborts its request and frees its KV pages.
+"""
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from epserve.actors.unit import RequestRejected
+from epserve.config import Config
+from epserve.messages import Usage
+from epserve.model.checkpoint import read_config
+from epserve.model.sampling import InvalidRequest, SamplingParams
+from epserve.model.tokenizer import IncrementalText, load_tokenizer
+from epserve.pipelines.sequence import Sequence
+from epserve.serve.metrics import ServeMetrics
+from epserve.serve.openai_models import APIError, ChatRequest, CompletionRequest, parse
+from epserve.serve.router import Router
+
+log = logging.getLogger("epserve.ingress")
+app = FastAPI(title="epserve", docs_url=None, redoc_url=None)
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """The error a unit raised, out of Ray's wrapper."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, Exception) else exc
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, cfg: Config, model_dir: str, prefill_units: list, decode_units: list):
+        self.cfg, self.model_name = cfg, cfg.serve.model_name
+        self.args = read_config(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
+        self.prefill_units, self.decode_units = prefill_units, decode_units
+        self.router = Router(prefill_units, decode_units, cfg.serve.max_queue)
+        self.metrics = ServeMetrics()
+        self.api_keys = set(cfg.serve.api_keys)
+
+    # ---- plain routes -----------------------------------------------------------------
+    @app.get("/health")
+    async def health(self):
+        try:
+            await asyncio.wait_for(self.router.refresh(force=True), 10)
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "detail": str(exc)[:200]}, status_code=503)
+        return {"status": "ok", "prefill_ranks": len(self.router.prefill_stats),
+                "decode_ranks": len(self.router.decode_stats)}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        if (err := self._auth(request)) is not None:
+            return err
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "epserve", "max_model_len": self.max_len}]}
+
+    @app.get("/metrics")
+    async def metrics(self):
+        try:
+            await self.router.refresh()
+        except Exception:
+            pass
+        body = self.metrics.render(self.router.prefill_stats, self.router.decode_stats, len(self.router.in_flight))
+        return Response(body, media_type="text/plain; version=0.0.4")
+
+    # ---- generation routes ------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, CompletionRequest, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, ChatRequest, chat=True)
+
+    def _auth(self, request: Request):
+        if not self.api_keys:
+            return None
+        header = request.headers.get("authorization", "")
+        key = header[7:] if header.lower().startswith("bearer ") else ""
+        if key not in self.api_keys:
+            return _error_response(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                            "authentication_error", code="invalid_api_key"))
+        return None
+
+    def tenant(self, request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        return hashlib.sha256(header.encode()).hexdigest()[:16] if header else "anonymous"
+
+    async def _handle(self, request: Request, model_cls, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        if (err := self._auth(request)) is not None:
+            self.metrics.requests.labels(endpoint, "401").inc()
+            return err
+        try:
+            raw = await request.body()
+            try:
+                data = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise APIError(400, f"request body is not valid JSON: {exc}") from None
+            req = parse(model_cls, data)
+            if req.model != self.model_name:
+                raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                               param="model", code="model_not_found")
+            ids = self._prompt_ids(req, chat)
+            params = self._params(req, chat, len(ids))
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+            route = await self.router.admit(rid, len(ids), 0, params.max_tokens)
+        except APIError as exc:
+            self.metrics.requests.labels(endpoint, str(exc.status)).inc()
+            return _error_response(exc)
+        events = self._generate(rid, ids, params, route)
+        if req.stream:
+            return StreamingResponse(self._sse(rid, req, chat, ids, events, endpoint), media_type="text/event-stream")
+        return await self._complete(rid, req, chat, ids, events, endpoint, request)
+
+    def _prompt_ids(self, req, chat: bool) -> list[int]:
+        if chat:
+            if self.tokenizer is None or not self.tokenizer.chat_template:
+                raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+            try:
+                messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                            for m in req.messages]
+                text = self.tokenizer.apply_chat_template(messages)
+            except ValueError as exc:
+                raise APIError(400, f"messages: {exc}", param="messages") from None
+            return self.tokenizer.encode(text, add_special=False)
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})",
+                               param="prompt")
+        if not ids:
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        return ids
+
+    def _params(self, req, chat: bool, n_prompt: int) -> SamplingParams:
+        if n_prompt >= self.max_len:
+            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; the prompt has "
+                           f"{n_prompt}", param="messages" if chat else "prompt", code="context_length_exceeded")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = min(1024, self.max_len - n_prompt) if chat else 16
+        if chat:
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            logprobs = req.logprobs
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    top_k=req.top_k, seed=req.seed, stop=req.stop or (), ignore_eos=req.ignore_eos,
+                                    logprobs=logprobs)
+        except InvalidRequest as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        if n_prompt + params.max_tokens > self.max_len:
+            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; you requested "
+                           f"{n_prompt + params.max_tokens} ({n_prompt} in the prompt, {params.max_tokens} to "
+                           f"generate)", param="max_tokens", code="context_length_exceeded")
+        return params
+
+    # ---- the request path: prefill rank -> KV handoff -> decode rank ----------------------
+    async def _generate(self, rid: str, ids: list[int], params: SamplingParams, route):
+        """Yield (token_id, logprob, finish_reason); aborts on the units if the consumer goes away."""
+        decode_unit = self.decode_units[route.decode.unit]
+        finished = False
+        try:
+            pre = await self.prefill_units[route.prefill.unit].prefill.remote(Sequence(rid, ids, params),
+                                                                             route.prefill.rank)
+            if "error" in pre:
+                raise (APIError(400, pre["error"]) if pre["rejected"] else RuntimeError(pre["error"]))
+            first = pre["token_ids"][0]
+            lp = pre["logprobs"][0] if pre["logprobs"] else None
+            if pre["finish_reason"] != "handoff":
+                finished = True
+                yield first, lp, pre["finish_reason"]
+                return
+            yield first, lp, None
+            seq = Sequence(rid, ids, params, output_ids=[first], kv_blocks=pre["kv_blocks"])
+            gen = decode_unit.stream.options(num_returns="streaming").remote(seq, route.decode.rank)
+            async for ref in gen:
+                d = await ref
+                finished = d.finish_reason is not None
+                yield d.token_id, d.logprob, d.finish_reason
+        except RayTaskErrorTypes as exc:
+            inner = _unwrap(exc)
+            if isinstance(inner, (RequestRejected, ValueError)):
+                raise APIError(400, str(inner).splitlines()[-1]) from None
+            raise
+        finally:
+            self.router.release(rid)
+            if not finished:
+                decode_unit.abort.remote(rid)
+
+    async def _events(self, ids, params, events):
+        """Token events -> (text delta, token, logprob, finish_reason), applying stop strings."""
+        inc = IncrementalText(self.tokenizer) if self.tokenizer else None
+        sent = 0
+        async for tok, lp, reason in events:
+            if inc is None:
+                yield "", tok, lp, reason
+                continue
+            inc.push(tok)
+            text = inc.text
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                yield text[sent:cut], tok, lp, "stop"
+                return
+            hold = max((len(s) - 1 for s in params.stop), default=0)   # a stop string may be starting
+            safe = len(text) if reason else max(sent, len(text) - hold)
+            yield text[sent:safe], tok, lp, reason
+            sent = safe
+
+    async def _complete(self, rid, req, chat, ids, events, endpoint, request: Request):
+        t0 = time.time()
+        text, tokens, lps, reason, t_first = "", [], [], None, None
+        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(request))
+        stream = self._events(ids, self._sp(req), events)
+        try:
+            async for delta, tok, lp, why in stream:
+                t_first = t_first or time.time()
+                text += delta
+                tokens.append(tok)
+                if lp is not None:
+                    lps.append(lp)
+                if why:
+                    reason = why
+                    break
+                if watcher.done():
+                    return Response(status_code=499)
+        except APIError as exc:
+            self.metrics.requests.labels(endpoint, str(exc.status)).inc()
+            return _error_response(exc)
+        except Exception as exc:
+            log.exception("request %s failed", rid)
+            self.metrics.requests.labels(endpoint, "500").inc()
+            return _error_response(APIError(500, f"internal error: {str(_unwrap(exc))[:300]}", "server_error"))
+        finally:
+            watcher.cancel()
+            await stream.aclose()
+        usage = self._account(endpoint, ids, tokens, t0, t_first)
+        choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(chat, tokens, lps, req)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+            choice["token_ids"] = tokens
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(t0),
+                "model": self.model_name, "choices": [choice], "usage": usage.to_dict()}
+
+    def _sp(self, req) -> SamplingParams:
+        return SamplingParams(stop=req.stop or ())
+
+    async def _watch_disconnect(self, request: Request):
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    async def _sse(self, rid, req, chat, ids, events, endpoint):
+        t0, t_first, tokens = time.time(), None, []
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        stream = self._events(ids, self._sp(req), events)
+
+        def chunk(delta_text, reason, lp=None, first=False):
+            if chat:
+                delta = {"role": "assistant", "content": delta_text} if first else \
+                    ({"content": delta_text} if delta_text or not reason else {})
+                c = {"index": 0, "delta": delta, "finish_reason": reason,
+                     "logprobs": self._logprobs(True, tokens[-1:], [lp] if lp else [], req)}
+            else:
+                c = {"index": 0, "text": delta_text, "finish_reason": reason,
+                     "logprobs": self._logprobs(False, tokens[-1:], [lp] if lp else [], req)}
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
+                                          "choices": [c]}) + "\n\n"
+        try:
+            if chat:
+                yield chunk("", None, first=True)
+            async for delta, tok, lp, why in stream:
+                t_first = t_first or time.time()
+                tokens.append(tok)
+                yield chunk(delta, why, lp)
+                if why:
+                    break
+            usage = self._account(endpoint, ids, tokens, t0, t_first)
+            if req.include_usage:
+                yield "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
+                                             "choices": [], "usage": usage.to_dict()}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        except APIError as exc:
+            yield "data: " + json.dumps(exc.body()) + "\n\n"
+        except Exception as exc:
+            log.exception("stream %s failed", rid)
+            yield "data: " + json.dumps(APIError(500, f"internal error: {str(_unwrap(exc))[:300]}",
+                                                 "server_error").body()) + "\n\n"
+        finally:
+            await stream.aclose()
+
+    def _account(self, endpoint, ids, tokens, t0, t_first) -> Usage:
+        now = time.time()
+        self.metrics.requests.labels(endpoint, "200").inc()
+        self.metrics.prompt_tokens.inc(len(ids))
+        self.metrics.observe_tokens(len(tokens))
+        if t_first:
+            self.metrics.ttft.observe(t_first - t0)
+            if len(tokens) > 1:
+                self.metrics.tpot.observe((now - t_first) / (len(tokens) - 1))
+        return Usage(len(ids), len(tokens), 0)
+
+    def _logprobs(self, chat, tokens, lps, req):
+        if not lps:
+            return None
+        dec = (lambda t: self.tokenizer.decode([t])) if self.tokenizer else str
+        if chat:
+            return {"content": [{"token": dec(lp["token_id"]), "logprob": lp["logprob"],
+                                 "bytes": list(dec(lp["token_id"]).encode()),
+                                 "top_logprobs": [{"token": dec(t), "logprob": v, "bytes": list(dec(t).encode())}
+                                                  for t, v in lp["top"]]} for lp in lps]}
+        return {"tokens": [dec(lp["token_id"]) for lp in lps], "token_logprobs": [lp["logprob"] for lp in lps],
+                "top_logprobs": [{dec(t): v for t, v in lp["top"]} for lp in lps], "text_offset": []}
+
+
+RayTaskErrorTypes = (ray.exceptions.RayTaskError,)

@@ -1,0 +1,56 @@
+"""Prometheus metrics of the serving path (one registry per ingress replica).
+
+Queue lengths, per-rank KV use and request counts (from the router's live RankStats),
+tokens/s over a sliding window, and TTFT / time-per-output-token histograms.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ServeMetrics:
+    def __init__(self, window_s: float = 10.0):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("epserve_requests", "Finished HTTP requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("epserve_prompt_tokens", "Prompt tokens served", registry=r)
+        self.cache_hit_tokens = Counter("epserve_prompt_cache_hit_tokens", "Prompt tokens from the KV store",
+                                        registry=r)
+        self.completion_tokens = Counter("epserve_completion_tokens", "Output tokens produced", registry=r)
+        self.ttft = Histogram("epserve_ttft_seconds", "Time to first token", buckets=_LAT_BUCKETS, registry=r)
+        self.tpot = Histogram("epserve_time_per_output_token_seconds", "Decode time per output token",
+                              buckets=_LAT_BUCKETS, registry=r)
+        self.in_flight = Gauge("epserve_in_flight_requests", "Requests admitted and not finished", registry=r)
+        self.queue = Gauge("epserve_rank_waiting_requests", "Requests queued on a rank", ["role", "unit", "rank"],
+                           registry=r)
+        self.running = Gauge("epserve_rank_running_requests", "Requests running on a rank",
+                             ["role", "unit", "rank"], registry=r)
+        self.kv_used = Gauge("epserve_rank_kv_used_ratio", "Fraction of a rank's KV pages in use",
+                             ["role", "unit", "rank"], registry=r)
+        self.tokens_per_s = Gauge("epserve_output_tokens_per_second", "Output tokens/s over the last window",
+                                  registry=r)
+        self.window_s = window_s
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def observe_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, n))
+        self.completion_tokens.inc(n)
+
+    def render(self, prefill_stats, decode_stats, in_flight: int) -> bytes:
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - self.window_s:
+            self._recent.popleft()
+        self.tokens_per_s.set(sum(n for _, n in self._recent) / self.window_s)
+        self.in_flight.set(in_flight)
+        for role, stats in (("prefill", prefill_stats), ("decode", decode_stats)):
+            for s in stats:
+                labels = (role, str(s.unit), str(s.rank))
+                self.queue.labels(*labels).set(s.n_waiting)
+                self.running.labels(*labels).set(s.n_running)
+                self.kv_used.labels(*labels).set(s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0)
+        return generate_latest(self.registry)
