@@ -61,7 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", help="write a PNG of node count and tokens/s")
 
     b = sub.add_parser("bench", help="benchmarks; print JSON (not tests)")
-    b.add_argument("what", nargs="?", default="engine", choices=["engine", "units", "eplb", "kernels", "step"])
+    b.add_argument("what", nargs="?", default="engine",
+                   choices=["engine", "units", "eplb", "kernels", "step", "serve"])
+    b.add_argument("--config", help="serve: config of the server to start (default: the embedded default)")
+    b.add_argument("--url", help="serve: measure this running server instead of starting one")
+    b.add_argument("--concurrency", default="1,4,16")
+    b.add_argument("--requests", type=int, default=32)
+    b.add_argument("--rate", type=float, help="serve: Poisson arrival rate, requests/s (default: closed loop)")
     b.add_argument("--model")
     b.add_argument("--batches", default="1,8,32")
     b.add_argument("--tokens", type=int, default=32, help="output tokens per request")

@@ -42,7 +42,7 @@ def ensure_ray(address: str | None, nodes: int, gpus_per_node: int, num_cpus: in
         return None
     cpus = num_cpus or max(2, os.cpu_count() or 2)
     if nodes <= 1:
-        ray.init(num_cpus=cpus, num_gpus=gpus_per_node, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus_per_node, include_dashboard=False, log_to_driver=False,
                  object_store_memory=128 * MB, _node_ip_address="127.0.0.1")
         log.info("started embedded Ray: 1 node, %d (fake) GPUs", gpus_per_node)
         return EmbeddedRay()

@@ -5,6 +5,8 @@ units   step latency of empty and batch-32 decode steps for units of 1, 2 and 4 
 eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production shapes
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
+serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server
+        (with no --url: starts the embedded default server, measures it, stops it)
 """
 from __future__ import annotations
 
@@ -28,6 +30,30 @@ def run(args) -> dict:
         out = mod.run(model=args.model)
     elif args.what == "step":
         out = mod.run(phase=args.phase)
+    elif args.what == "serve":
+        out = _bench_serve(mod, args)
     else:
         out = mod.run()
     return {"bench": args.what, "env": environment(), "results": out}
+
+
+def _bench_serve(mod, args) -> list:
+    levels = tuple(int(c) for c in args.concurrency.split(","))
+    if args.url:
+        return mod.run(base_url=args.url, concurrency=levels, n_requests=args.requests, rate=args.rate)
+    import socket
+
+    from epserve.config import load_config
+    from epserve.serve.app import start_deployment
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(args.config, **({"model": args.model} if args.model else {}))
+    import dataclasses
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=port, host="127.0.0.1"))
+    dep = start_deployment(cfg)
+    try:
+        return mod.run(base_url=f"http://127.0.0.1:{port}", model=cfg.serve.model_name, concurrency=levels,
+                       n_requests=args.requests, rate=args.rate)
+    finally:
+        dep.shutdown()

@@ -70,3 +70,8 @@ class IncrementalText:
             return ""
         delta, self.text = full[len(self.text):], full
         return delta
+
+    def flush(self) -> str:
+        """The whole text at the end, including any incomplete trailing bytes (as U+FFFD)."""
+        self.text = self.tokenizer.decode(self.ids)
+        return self.text

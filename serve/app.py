@@ -84,10 +84,10 @@ def run_server(config: str | None = None, model: str | None = None, host: str | 
     cfg = load_config(config)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     cfg = dataclasses.replace(cfg, model=model or cfg.model, serve=dataclasses.replace(cfg.serve, **overrides))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     dep = start_deployment(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):   # after Ray's init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())
     print(f"epserve: serving on http://{cfg.serve.host}:{cfg.serve.port}/v1 (model {cfg.serve.model_name!r}); "
           "Ctrl-C to stop", flush=True)
     try:

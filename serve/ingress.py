@@ -146,6 +146,8 @@ class Ingress:
             return self.tokenizer.encode(text, add_special=False)
         prompt = req.prompt
         if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt: must not be empty", param="prompt")
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
             ids = self.tokenizer.encode(prompt)
@@ -224,7 +226,7 @@ class Ingress:
                 yield "", tok, lp, reason
                 continue
             inc.push(tok)
-            text = inc.text
+            text = inc.flush() if reason else inc.text
             cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
             if cut >= 0:
                 yield text[sent:cut], tok, lp, "stop"

@@ -1,0 +1,260 @@
+"""The OpenAI-compatible server on the simulated cluster, driven by the official openai client.
+
+Prefill unit on one fake node, decode unit on another; the KV goes rank to rank.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+
+from epserve.config import load_config
+
+N = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llm_answers(ray_cluster, tiny_dir):
+    """Greedy answers from epserve.LLM on the same cluster: what HTTP must reproduce."""
+    import epserve
+    prompts = ["Hello, world!", "The sea is wide", "What is the capital of France?", "def main():"]
+    cfg = {"dtype": "float32", "kernels": "reference", "decode": {"gpus_per_node": 2, "kv_pages": 32}}
+    with epserve.LLM(model=tiny_dir, config=cfg) as llm:
+        outs = llm.generate(prompts, epserve.SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True))
+    return prompts, [o.text for o in outs], [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_dir, llm_answers):
+    from epserve.serve.app import start_deployment
+    port = free_port()
+    cfg = load_config({"model": tiny_dir, "dtype": "float32", "kernels": "reference",
+                       "prefill": {"gpus_per_node": 2, "kv_pages": 32},
+                       "decode": {"gpus_per_node": 2, "redundant_experts": 2, "kv_pages": 64},
+                       "serve": {"port": port, "max_queue": 64, "model_name": "tiny"}})
+    dep = start_deployment(cfg)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield base, dep
+    dep.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_nodes_are_split_between_prefill_and_decode(server):
+    _, dep = server
+    pre = ray.get(dep.prefill_units[0].status.remote())["ranks"]
+    dec = ray.get(dep.decode_units[0].status.remote())["ranks"]
+    assert len({r["node_id"] for r in pre}) == 1 and len({r["node_id"] for r in dec}) == 1
+    assert pre[0]["node_id"] != dec[0]["node_id"]
+
+
+def test_completion_equals_llm_and_reports_usage(client, llm_answers):
+    prompts, texts, _ = llm_answers
+    for p, want in zip(prompts, texts):
+        r = client.completions.create(model="tiny", prompt=p, max_tokens=N, temperature=0.0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+        u = r.usage.model_dump()
+        assert u["completion_tokens"] == N and u["total_tokens"] == u["prompt_tokens"] + N
+        assert u["prompt_cache_hit_tokens"] == 0 and u["prompt_cache_miss_tokens"] == u["prompt_tokens"]
+
+
+def test_chat_streaming_matches_non_streaming(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a short poem"}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=N, temperature=0.0,
+                                          extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=N, temperature=0.0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == N == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_logprobs_stop_and_seed(client, llm_answers):
+    prompts, texts, _ = llm_answers
+    r = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4, temperature=0.0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(v <= 0 for v in lp.token_logprobs)
+    assert all(1 <= len(t) <= 2 for t in lp.top_logprobs)   # keys are token strings; byte tokens may collide
+    stop = texts[0][2:5]
+    if stop:
+        s = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=N, temperature=0.0, stop=[stop],
+                                      extra_body={"ignore_eos": True})
+        assert s.choices[0].finish_reason == "stop" and stop not in s.choices[0].text
+        assert texts[0].startswith(s.choices[0].text)
+    a, b = (client.completions.create(model="tiny", prompt=prompts[1], max_tokens=N, temperature=1.0, top_p=0.9,
+                                      seed=5, extra_body={"ignore_eos": True}).choices[0].text for _ in range(2))
+    assert a == b
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 10 ** 6}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "nope", "prompt": "hi"}, 404, "model"),
+    ({"model": "tiny", "prompt": [1, 2, 999999]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x " * 3000}, 400, "prompt"),
+    ({"model": "tiny"}, 400, "prompt"),
+])
+def test_bad_completion_inputs_are_4xx_with_openai_bodies(server, body, status, param):
+    r = httpx.post(server[0] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+@pytest.mark.parametrize("raw,status", [(b"{not json", 400), (b"[1, 2]", 400),
+                                        (json.dumps({"model": "tiny", "messages": []}).encode(), 400),
+                                        (json.dumps({"model": "tiny", "messages": [{"role": "robot",
+                                                                                    "content": "x"}]}).encode(), 400),
+                                        (json.dumps({"model": "tiny", "messages": "hi"}).encode(), 400)])
+def test_malformed_chat_bodies_are_400_and_the_server_lives(server, raw, status):
+    r = httpx.post(server[0] + "/v1/chat/completions", content=raw, timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == status and "error" in r.json()
+    assert httpx.get(server[0] + "/health", timeout=30).status_code == 200
+
+
+def test_sixteen_concurrent_streams_are_all_correct(server, llm_answers):
+    prompts, texts, _ = llm_answers
+    aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=300)
+
+    async def one(i):
+        stream = await aclient.completions.create(model="tiny", prompt=prompts[i % 4], max_tokens=N,
+                                                  temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def all16():
+        return await asyncio.gather(*[one(i) for i in range(16)])
+
+    got = asyncio.run(all16())
+    assert got == [texts[i % 4] for i in range(16)]
+
+
+def test_models_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    text = httpx.get(server[0] + "/metrics", timeout=30).text
+    for name in ("epserve_ttft_seconds_bucket", "epserve_time_per_output_token_seconds_bucket",
+                 "epserve_rank_kv_used_ratio{", "epserve_rank_waiting_requests{", "epserve_in_flight_requests",
+                 "epserve_output_tokens_per_second", 'epserve_requests_total{endpoint="completions",status="200"}'):
+        assert name in text
+
+
+def test_client_disconnect_aborts_and_frees_kv(server, tiny_dir):
+    base, dep = server
+    with httpx.stream("POST", base + "/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "The sea", "max_tokens": 1500, "temperature": 0.0,
+                            "stream": True, "ignore_eos": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break                                       # hang up mid-stream
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = ray.get(dep.decode_units[0].stats.remote())
+        if sum(s.kv_blocks_used + s.n_running for s in stats) == 0:
+            break
+        time.sleep(0.2)
+    assert sum(s.kv_blocks_used + s.n_running for s in stats) == 0
+
+
+def test_killing_a_decode_rank_mid_stream_loses_no_request(server, llm_answers):
+    base, dep = server
+    prompts, _, _ = llm_answers
+    n_long = 150
+
+    async def one(aclient, i):
+        r = await aclient.completions.create(model="tiny", prompt=prompts[i], max_tokens=n_long, temperature=0.0,
+                                             extra_body={"ignore_eos": True})
+        return r.choices[0].token_ids if hasattr(r.choices[0], "token_ids") else r.model_dump()["choices"][0]
+
+    async def run(kill: bool):
+        unit = dep.decode_units[0]
+        steps0 = (await unit.status.remote())["steps"]
+        aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
+        tasks = [asyncio.create_task(one(aclient, i)) for i in range(4)]
+        if kill:
+            while (await unit.status.remote())["steps"] < steps0 + 20:
+                await asyncio.sleep(0.02)
+            victim = (await unit.rank_handles.remote())[0]
+            ray.kill(victim, no_restart=True)
+        return await asyncio.gather(*tasks)
+
+    want = asyncio.run(run(kill=False))
+    got = asyncio.run(run(kill=True))
+    assert got == want
+    assert ray.get(dep.decode_units[0].status.remote())["restarts"] >= 1
+
+
+def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
+    """`epserve serve` in its own embedded Ray; SIGTERM leaves no process of its tree behind."""
+    import psutil
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_dir}\nkernels: reference\nprefill: {{gpus_per_node: 1, kv_pages: 16}}\n"
+                   f"decode: {{gpus_per_node: 1, kv_pages: 16}}\nserve: {{port: {port}}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-m", "epserve", "serve", "--config", str(cfg)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    import threading
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    try:
+        deadline = time.time() + 120
+        ok = False
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                               json={"model": "epserve", "prompt": "Hello", "max_tokens": 3})
+                if r.status_code == 200:      # the Serve proxy answers 503/404 until the app is up
+                    ok = r.json()["usage"]["completion_tokens"] == 3
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert ok, (proc.poll(), "".join(lines)[-2000:])
+        while not any("serving on" in line for line in lines) and time.time() < deadline:
+            time.sleep(0.2)
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.time() + 30
+        while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                             for p in tree):
+            time.sleep(0.5)
+        alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
