@@ -1,0 +1,146 @@
+"""One layer's per-GPU work at DeepSeek-V3 shapes, timed; extrapolated to the 61-layer model.
+
+Owns: a V3-sized layer built from model/deepseek_v3.py's classes (MLA, Gate, MLP) and
+model/moe_dispatch.py's ExpertShard with random FP8 weights (128x128 scales, 1x128
+activation quantisation), run eagerly through one kernel backend. `run()` returns a
+JSON-able dict; `python -m epserve.bench.step --phase prefill|decode [--out FILE]`.
+
+Assumptions (DeepSeek's published deployment, V3 dims: hidden 7168, 128 heads, q_lora 1536,
+kv_lora 512, rope 64, nope 128, v 128, 256 experts of inter 2048, top-8, 1 shared expert):
+  prefill: EP32 rank (4 nodes x 8), 9 routed slots + the shared expert, 16384 tokens per GPU
+           as 4 prompts of 4096 (no cached prefix). Every rank sends T*K pair rows spread over
+           32 ranks, so a rank receives on average 32*16384*8/32 = 131072 pair rows, ~14.6K per slot.
+  decode:  EP144 rank (18 nodes x 8), 2 routed slots + the shared expert, 128 requests with
+           context uniform in [4096, 6144] (mean ~5K); receives 144*128*8/144 = 1024 pair rows.
+Routing is uniform over the local slots (what EPLB aims for). Not timed: dispatch/combine
+communication (it overlaps with compute in DeepSeek's two-micro-batch schedule), embedding,
+LM head, sampling, MTP. Timing is eager (no CUDA graphs): host launch overhead is included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from epserve import kernels
+from epserve.bench.kernels import env_info, rand_fp8_weight, time_ms
+from epserve.model.deepseek_v3 import MLA, MLP, Batch, Gate, ModelArgs, rms_norm, rope_inv_freq
+from epserve.model.moe_dispatch import ExpertShard
+
+V3 = ModelArgs(rope_type="yarn", rope_factor=40.0, mscale=1.0, mscale_all_dim=1.0)
+PHASES = {
+    "prefill": dict(ranks=32, slots=9, tokens=16384, prompt=4096, deepseek_tokens_per_s=9200,
+                    deepseek_note="73.7k input tokens/s per H800 node incl. cache hits / 8 GPUs"),
+    "decode": dict(ranks=144, slots=2, tokens=128, ctx=5120, deepseek_tokens_per_s=1850,
+                   deepseek_note="14.8k output tokens/s per H800 node / 8 GPUs"),
+}
+
+
+def build_layer(a: ModelArgs, kb, dev, g, slots: int):
+    """-> (MLA, Gate, shared MLP, ExpertShard, dense MLP, norms) with random FP8 weights."""
+    def w(n, k):
+        return rand_fp8_weight(n, k, dev, g)
+
+    ones = lambda n: torch.ones(n, device=dev, dtype=torch.bfloat16)  # noqa: E731
+    h = a.n_heads
+    mla = MLA(a, kb, wq_a=w(a.q_lora_rank, a.dim), q_norm=ones(a.q_lora_rank), wq_b=w(h * a.qk_head_dim, a.q_lora_rank),
+              wkv_a=w(a.kv_dim, a.dim), kv_norm=ones(a.kv_lora_rank),
+              wkv_b=w(h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), wo=w(a.dim, h * a.v_head_dim))
+    gate = Gate(a, weight=torch.randn(a.n_routed_experts, a.dim, device=dev, generator=g) / a.dim ** 0.5,
+                bias=torch.zeros(a.n_routed_experts, device=dev))
+    inter = a.moe_inter_dim
+    shared = MLP(kb, w1=w(inter * a.n_shared_experts, a.dim), w2=w(a.dim, inter * a.n_shared_experts),
+                 w3=w(inter * a.n_shared_experts, a.dim))
+    shard = ExpertShard(w1=[w(inter, a.dim) for _ in range(slots)], w2=[w(a.dim, inter) for _ in range(slots)],
+                        w3=[w(inter, a.dim) for _ in range(slots)])
+    dense = MLP(kb, w1=w(a.inter_dim, a.dim), w2=w(a.dim, a.inter_dim), w3=w(a.inter_dim, a.dim))
+    return mla, gate, shared, shard, dense, ones(a.dim), ones(a.dim)
+
+
+def make_batch(phase: str, p: dict, dev, g, page: int = 64):
+    """-> (Batch, cache_layer [pages, 64, 576] bf16) for one rank's step."""
+    if phase == "prefill":
+        n_seq, n = p["tokens"] // p["prompt"], p["prompt"]
+        width = math.ceil(n / page)
+        table = torch.arange(n_seq * width, device=dev).view(n_seq, width)
+        pos = torch.arange(n, device=dev).repeat(n_seq)
+        batch = Batch(pos.clone(), pos, [n] * n_seq, [0] * n_seq, table, torch.arange(n_seq * n, device=dev))
+        return batch, torch.zeros(n_seq * width, page, V3.kv_dim, device=dev, dtype=torch.bfloat16)
+    b, ctx = p["tokens"], p["ctx"]
+    lens = (torch.rand(b, device=dev, generator=g) * 0.4 + 0.8).mul(ctx).long()
+    width = math.ceil(int(lens.max()) / page)
+    table = torch.argsort(torch.rand(b * width, device=dev, generator=g)).view(b, width)
+    pos = lens - 1
+    slots = table.gather(1, (pos // page)[:, None])[:, 0] * page + pos % page
+    cache = torch.randn(b * width, page, V3.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
+    return Batch(pos.clone(), pos, [1] * b, pos.tolist(), table, slots), cache
+
+
+def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill") -> dict:
+    """Time attention, MoE FFN and dense FFN of one layer -> per-GPU tokens/s for 61 layers."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    dev, p, a = torch.device(device), PHASES[phase], V3
+    kb = kernels.get_backend(backend, dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    mla, gate, shared, shard, dense, attn_norm, ffn_norm = build_layer(a, kb, dev, g, p["slots"])
+    batch, cache = make_batch(phase, p, dev, g)
+    t = p["tokens"]
+    inv_freq, factor = rope_inv_freq(a)
+    ang = batch.positions.float()[:, None] * inv_freq.to(dev)[None]
+    rope = ((ang.cos() * factor).bfloat16(), (ang.sin() * factor).bfloat16())
+    hidden = torch.randn(t, a.dim, device=dev, generator=g, dtype=torch.bfloat16)
+    rows = t * a.n_activated_experts  # = T_all * K / ranks with T_all = ranks * t
+    recv_x = torch.randn(rows, a.dim, device=dev, generator=g, dtype=torch.bfloat16)
+    recv_slot = torch.randint(0, p["slots"], (rows,), device=dev, generator=g)
+    recv_w = torch.rand(rows, device=dev, generator=g, dtype=torch.bfloat16)
+    recv_tok = torch.randint(0, t, (rows,), device=dev, generator=g)
+
+    def attention():
+        return hidden + mla.forward(rms_norm(hidden, attn_norm, a.rms_norm_eps), batch, rope, cache)
+
+    def moe_ffn():
+        x = rms_norm(hidden, ffn_norm, a.rms_norm_eps)
+        gate.forward(x)  # routing decides the dispatch (its communication is not timed)
+        y = shard.compute(kb, recv_x, recv_slot) * recv_w[:, None]
+        combined = torch.zeros_like(x).index_add_(0, recv_tok, y)  # the combine's reduction
+        return hidden + combined + shared.forward(x)
+
+    def dense_ffn():
+        return hidden + dense.forward(rms_norm(hidden, ffn_norm, a.rms_norm_eps))
+
+    reps, warm = (5, 2) if phase == "prefill" else (20, 3)
+    with torch.inference_mode():
+        ms = {name: time_ms(fn, warmup=warm, reps=reps)
+              for name, fn in (("attention", attention), ("moe_ffn", moe_ffn), ("dense_ffn", dense_ffn))}
+    moe_layer, dense_layer = ms["attention"] + ms["moe_ffn"], ms["attention"] + ms["dense_ffn"]
+    total = a.n_dense_layers * dense_layer + a.n_moe_layers * moe_layer
+    return {
+        "env": env_info(dev, backend), "phase": phase,
+        "assumptions": {"ep_ranks": p["ranks"], "routed_slots_per_gpu": p["slots"], "tokens_per_gpu": t,
+                        "pair_rows_received": rows, "context": p.get("ctx", p.get("prompt")),
+                        "layers": {"dense": a.n_dense_layers, "moe": a.n_moe_layers},
+                        "softmax_scale": a.softmax_scale, "not_timed": "dispatch/combine communication, "
+                        "embedding, LM head, sampling, MTP; eager launches, no CUDA graphs"},
+        "ms": {**ms, "moe_layer": moe_layer, "dense_layer": dense_layer, "model_61_layers": total},
+        "tokens_per_s_per_gpu_one_moe_layer": t / moe_layer * 1e3,
+        "tokens_per_s_per_gpu_61_layers": t / total * 1e3,
+        "deepseek_tokens_per_s_per_gpu": p["deepseek_tokens_per_s"], "deepseek_note": p["deepseek_note"],
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--phase", default="prefill", choices=sorted(PHASES))
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    res = run(backend=args.backend, phase=args.phase)
+    res["command"] = f"python -m epserve.bench.step --backend {args.backend} --phase {args.phase}"
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)

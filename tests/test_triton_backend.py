@@ -1,0 +1,95 @@
+"""The triton backend: CPU-side contract (registry refusal, planning helpers, preconditions,
+reference fallbacks) everywhere; the full self-test only where CUDA is (hardware-gated)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from epserve import kernels
+from epserve.kernels import reference as ref
+from epserve.kernels import triton as kt
+
+
+def test_registry_refuses_triton_without_cuda():
+    with pytest.raises(kernels.BackendUnavailable, match="CUDA"):
+        kernels.get_backend("triton", "cpu")
+
+
+def test_self_test_reports_instead_of_raising_off_gpu():
+    ok, why = kt.self_test("cpu")
+    assert ok is False and ("CUDA" in why or "triton" in why)
+
+
+@pytest.mark.parametrize("batch, n_hb, max_pages, n_sm, want_splits", [
+    (128, 8, 80, 132, 1),      # big decode batch already fills the chip
+    (1, 8, 1600, 132, 33),     # one long sequence: split until ~2 waves
+    (1, 8, 3, 132, 1),         # too few pages to split
+    (2, 8, 0, 132, 1),         # empty block table still gives one (empty) split
+    (1, 1, 10_000, 132, 64),   # capped at max_splits
+])
+def test_plan_kv_splits_covers_every_page(batch, n_hb, max_pages, n_sm, want_splits):
+    n_splits, per_split = kt.plan_kv_splits(batch, n_hb, max_pages, n_sm)
+    assert n_splits == want_splits and per_split >= 1
+    assert n_splits * per_split >= max_pages
+    assert (n_splits - 1) * per_split < max(max_pages, 1)  # no split starts past the end
+
+
+@pytest.mark.parametrize("block_m", [4, 64])
+def test_plan_group_tiles_partitions_rows_by_group(block_m):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(-1, 5, (203,), generator=g)
+    ids[ids == 3] = 1  # group 3 empty
+    rows, tile_group, row0, row1 = kt.plan_group_tiles(ids, 5, block_m)
+    assert tile_group.numel() == math.ceil(203 / block_m) + 5
+    seen = torch.zeros(203, dtype=torch.long)
+    for t in range(tile_group.numel()):
+        grp = int(tile_group[t])
+        if grp < 0:
+            continue
+        r0, r1 = int(row0[t]), int(row1[t])
+        assert 0 < min(r1, r0 + block_m) - r0 <= block_m
+        members = rows[r0:min(r1, r0 + block_m)]
+        assert bool((ids[members] == grp).all())
+        seen[members] += 1
+    assert torch.equal(seen, (ids >= 0).long())  # each live row in exactly one tile, padding in none
+
+
+def test_wrappers_assert_preconditions_before_launch():
+    a = torch.zeros(4, 256, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(128, 384, dtype=torch.float8_e4m3fn)
+    with pytest.raises(AssertionError, match="K mismatch"):
+        kt.fp8_gemm_nt(a, torch.ones(4, 2), b, torch.ones(1, 3))
+    with pytest.raises(AssertionError, match="a_s must be"):
+        kt.fp8_gemm_nt(a, torch.ones(4, 3), b[:, :256], torch.ones(1, 2))
+    with pytest.raises(AssertionError, match="cache width"):
+        kt.mla_decode(torch.zeros(2, 4, 576), torch.zeros(3, 64, 512), torch.zeros(2, 1, dtype=torch.long),
+                      torch.ones(2, dtype=torch.long), 0.1, 512)
+    with pytest.raises(AssertionError, match="page size"):
+        kt.mla_decode(torch.zeros(2, 4, 576), torch.zeros(3, 48, 576), torch.zeros(2, 1, dtype=torch.long),
+                      torch.ones(2, dtype=torch.long), 0.1, 512)
+    with pytest.raises(AssertionError, match="v_dim"):
+        kt.mla_decode(torch.zeros(2, 4, 576), torch.zeros(3, 64, 576), torch.zeros(2, 1, dtype=torch.long),
+                      torch.ones(2, dtype=torch.long), 0.1, 600)
+
+
+def test_float32_paths_match_reference_on_cpu():
+    """fp32 grouped GEMMs take reference's loop; prefill attention is SDPA with the causal offset."""
+    g = torch.Generator().manual_seed(4)
+    ws = [ref.Weight(torch.randn(8, 16, generator=g)) for _ in range(3)]
+    x, ids = torch.randn(7, 16, generator=g), torch.tensor([2, 0, -1, 1, 2, 0, -1])
+    assert torch.allclose(kt.grouped_linear(x, ws, ids), ref.grouped_linear(x, ws, ids))
+    assert torch.allclose(kt.linear(x, ws[0]), ref.linear(x, ws[0]))
+    for tq, tk in ((9, 9), (5, 12)):
+        q, k = torch.randn(tq, 3, 24, generator=g), torch.randn(tk, 3, 24, generator=g)
+        v = torch.randn(tk, 3, 16, generator=g)
+        assert torch.allclose(kt.mla_prefill(q, k, v, 0.2), ref.mla_prefill(q, k, v, 0.2), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_self_test_passes_on_gpu():
+    pytest.importorskip("triton")
+    ok, why = kt.self_test("cuda")
+    assert ok, why
+    assert kernels.get_backend("triton", "cuda") is kt
