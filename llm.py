@@ -16,7 +16,8 @@ from epserve.config import Config, load_config
 from epserve.messages import RequestOutput, Usage
 from epserve.model.checkpoint import check_model_dir
 from epserve.model.sampling import InvalidRequest, SamplingParams
-from epserve.model.tiny import default_model_dir
+from epserve.model.tiny import cache_root, default_model_dir
+from epserve.pipelines.prefix_cache import KVStoreSpec
 from epserve.model.tokenizer import load_tokenizer
 from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
@@ -26,9 +27,18 @@ from epserve.placement.topology import UnitShape
 log = logging.getLogger("epserve.llm")
 
 
+def kv_store_spec(cfg: Config) -> KVStoreSpec | None:
+    k = cfg.kv_store
+    if not k.enabled:
+        return None
+    root = k.path or str(cache_root() / "kv")
+    return KVStoreSpec(root, int(k.capacity_gb * (1 << 30)), k.block_tokens, k.shared_namespace)
+
+
 def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> RankSpec:
     import torch
     return RankSpec(model_dir=model_dir, dtype=cfg.dtype, kernels=cfg.kernels, role=role,
+                    kv_store=kv_store_spec(cfg), block_tokens=cfg.kv_store.block_tokens,
                     device="cuda" if torch.cuda.is_available() else "cpu", kv_pages=role_cfg.kv_pages,
                     max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
                     max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations)
@@ -111,7 +121,8 @@ class LLM:
             ref = pick_decode_rank(stats, need) or min(stats, key=lambda s: s.n_requests).ref
             stats = apply_decode_choice(stats, ref, need)
             rid = f"gen-{uuid.uuid4().hex[:8]}-{next(self._ids)}"
-            per_unit.setdefault(ref.unit, []).append((Sequence(rid, ids, p), ref.rank))
+            tenant = "offline" if self.config.kv_store.enabled else None
+            per_unit.setdefault(ref.unit, []).append((Sequence(rid, ids, p, tenant=tenant), ref.rank))
             order.append((ref.unit, len(per_unit[ref.unit]) - 1))
         results = dict(zip(per_unit, ray.get([self.units[u].generate.remote(items) for u, items in per_unit.items()])))
         outs = []

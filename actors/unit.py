@@ -185,6 +185,7 @@ class UnitSupervisor:
             tr.logprobs.append(d.logprob)
         tr.finish_reason = d.finish_reason
         tr.kv_blocks = d.kv_blocks
+        tr.seq.n_cached = max(tr.seq.n_cached, d.n_cached)   # billed as hits, as the rank loaded them
         tr.queue.put_nowait(d)
 
     def _fail(self, rid: str, why: str) -> None:

@@ -172,10 +172,14 @@ def make_tiny_model(out_dir: str | os.PathLike, *, fp8: bool = False, seed: int 
     return out
 
 
+def cache_root() -> Path:
+    """epserve's user cache ($EPSERVE_CACHE, default ~/.cache/epserve): default model, KV store, ledger."""
+    return Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
+
+
 def default_model_dir() -> Path:
     """The embedded default: the tiny model in the user cache, made on first use."""
-    root = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
-    out = root / "tiny-deepseek-v3-v1"
+    out = cache_root() / "tiny-deepseek-v3-v1"
     if not (out / "config.json").exists():
         try:
             make_tiny_model(out)

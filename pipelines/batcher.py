@@ -56,6 +56,23 @@ class Batcher:
         self.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))
         self.waiting.append(seq)
 
+    def add_with_prefix(self, seq: Sequence, latents) -> bool:
+        """Queue a prompt whose first latents.shape[1] tokens came from the KV store.
+
+        Pages for the whole prompt are taken now and the cached part written in; the
+        rest is computed when the sequence is scheduled. False: no pages now (the caller
+        queues it uncached instead).
+        """
+        self.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))
+        need = self.cache.pages_for(seq.n_tokens + 1)
+        if need > self.cache.n_free:
+            return False
+        seq.pages = self.cache.allocate(need)
+        self.cache.write_tokens(seq.pages, 0, latents)
+        seq.n_computed = latents.shape[1]
+        self.waiting.append(seq)
+        return True
+
     def add_prefilled(self, seq: Sequence, latents) -> bool:
         """Admit a sequence whose first len(latents) tokens were computed elsewhere (KV handoff).
 
@@ -79,6 +96,8 @@ class Batcher:
         for seq in list(self.waiting):
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
+                self.cache.free(seq.pages)           # a cached prefix holds pages while it waits
+                seq.pages = []
                 return seq
         for seq in self.running:
             if seq.request_id == request_id:

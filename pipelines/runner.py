@@ -18,6 +18,7 @@ from epserve.model.kv_cache import PagedKVCache
 from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
 from epserve.pipelines.kv_handoff import export_blocks
+from epserve.pipelines.prefix_cache import KVStoreSpec, PrefixCache, open_store
 from epserve.pipelines.sequence import Sequence
 
 log = logging.getLogger("epserve.runner")
@@ -41,6 +42,7 @@ class RankSpec:
     fp8_activations: bool = False
     role: str = "both"          # both | prefill (hand the KV off after the first token) | decode
     block_tokens: int = 64
+    kv_store: KVStoreSpec | None = None   # on-disk context cache shared by all ranks (None: off)
 
 
 @dataclass
@@ -70,6 +72,8 @@ class RankEngine:
                                   self.dtype, self.device)
         max_len = min(spec.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
         self.batcher = Batcher(self.cache, spec.max_batch_tokens, spec.max_batch_size, max_len)
+        self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_layers,
+                                                   self.args.kv_dim, self.dtype)) if spec.kv_store else None
 
     @property
     def max_model_len(self) -> int:
@@ -88,7 +92,11 @@ class RankEngine:
         self.validate_prompt(seq.prompt_ids)
         if not seq.eos_ids:
             seq.eos_ids = self.args.eos_token_ids
-        self.batcher.add(seq)
+        cached = self.prefix_cache.load_prefix(seq) if self.prefix_cache else None
+        if cached is not None and self.batcher.add_with_prefix(seq, cached.to(self.device)):
+            seq.n_cached = cached.shape[1]
+        else:
+            self.batcher.add(seq)
 
     def add_prefilled(self, seq: Sequence, latents: torch.Tensor) -> bool:
         self.validate_prompt(seq.prompt_ids)
@@ -136,6 +144,7 @@ class RankEngine:
         for seq, n, tok, info in zip(step.seqs, step.n_new, tokens, infos):
             seq.n_computed += n
             seq.append(tok, info)
+            self._save_blocks(seq)
             delta = TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached)
             if self.spec.role == "prefill" and not seq.is_finished:
                 delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens)
@@ -143,3 +152,14 @@ class RankEngine:
             deltas.append(delta)
         self.batcher.finish(step.seqs)
         return deltas
+
+    def _save_blocks(self, seq: Sequence) -> None:
+        """Prompt blocks after the first token (not on decode ranks: prefill wrote them); all full
+        blocks when a sequence ends here, so the next turn of a chat hits."""
+        pc, bt = self.prefix_cache, self.spec.block_tokens
+        if pc is None:
+            return
+        if len(seq.output_ids) == 1 and self.spec.role != "decode":
+            pc.save(seq, self.cache, len(seq.prompt_ids), skip_blocks=seq.n_cached // bt)
+        if seq.is_finished and self.spec.role != "prefill":
+            pc.save(seq, self.cache, seq.n_computed, skip_blocks=len(seq.prompt_ids) // bt)

@@ -23,6 +23,7 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[dict] = field(default_factory=list)
     kv_blocks: list | None = None  # handed-off prompt latents (object refs in flight, tensors on arrival)
+    tenant: str | None = None      # KV-store namespace; None: this request neither reads nor writes the store
 
     @property
     def all_ids(self) -> list[int]:

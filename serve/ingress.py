@@ -25,6 +25,9 @@ from epserve.messages import Usage
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import InvalidRequest, SamplingParams
 from epserve.model.tokenizer import IncrementalText, load_tokenizer
+from epserve.llm import kv_store_spec
+from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
+from epserve.pipelines.runner import DTYPES
 from epserve.pipelines.sequence import Sequence
 from epserve.serve.metrics import ServeMetrics
 from epserve.serve.openai_models import APIError, ChatRequest, CompletionRequest, parse
@@ -56,6 +59,11 @@ class Ingress:
         self.router = Router(prefill_units, decode_units, cfg.serve.max_queue)
         self.metrics = ServeMetrics()
         self.api_keys = set(cfg.serve.api_keys)
+        spec = kv_store_spec(cfg)
+        # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
+        self.kv_store = open_store(spec, model_dir, self.args.n_layers, self.args.kv_dim,
+                                   DTYPES[cfg.dtype]) if spec else None
+        self.cache_hits: dict[str, int] = {}
 
     # ---- plain routes -----------------------------------------------------------------
     @app.get("/health")
@@ -124,14 +132,23 @@ class Ingress:
             ids = self._prompt_ids(req, chat)
             params = self._params(req, chat, len(ids))
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            route = await self.router.admit(rid, len(ids), 0, params.max_tokens)
+            tenant = self.tenant(request)
+            route = await self.router.admit(rid, len(ids), self._cached_tokens(ids, tenant), params.max_tokens)
         except APIError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
-        events = self._generate(rid, ids, params, route)
+        events = self._generate(rid, ids, params, route, tenant)
         if req.stream:
             return StreamingResponse(self._sse(rid, req, chat, ids, events, endpoint), media_type="text/event-stream")
         return await self._complete(rid, req, chat, ids, events, endpoint, request)
+
+    def _cached_tokens(self, ids: list[int], tenant: str) -> int:
+        """Prompt tokens the KV store holds for this tenant (a hint for the prefill balancer)."""
+        if self.kv_store is None:
+            return 0
+        keys = self.kv_store.block_keys(ids, tenant)
+        return cacheable_blocks(len(ids), self.kv_store.lookup(keys), self.kv_store.block_tokens) \
+            * self.kv_store.block_tokens
 
     def _prompt_ids(self, req, chat: bool) -> list[int]:
         if chat:
@@ -185,15 +202,16 @@ class Ingress:
         return params
 
     # ---- the request path: prefill rank -> KV handoff -> decode rank ----------------------
-    async def _generate(self, rid: str, ids: list[int], params: SamplingParams, route):
+    async def _generate(self, rid: str, ids: list[int], params: SamplingParams, route, tenant: str | None):
         """Yield (token_id, logprob, finish_reason); aborts on the units if the consumer goes away."""
         decode_unit = self.decode_units[route.decode.unit]
         finished = False
         try:
-            pre = await self.prefill_units[route.prefill.unit].prefill.remote(Sequence(rid, ids, params),
-                                                                             route.prefill.rank)
+            seq = Sequence(rid, ids, params, tenant=tenant if self.kv_store else None)
+            pre = await self.prefill_units[route.prefill.unit].prefill.remote(seq, route.prefill.rank)
             if "error" in pre:
                 raise (APIError(400, pre["error"]) if pre["rejected"] else RuntimeError(pre["error"]))
+            self.cache_hits[rid] = pre["n_cached"]
             first = pre["token_ids"][0]
             lp = pre["logprobs"][0] if pre["logprobs"] else None
             if pre["finish_reason"] != "handoff":
@@ -201,7 +219,8 @@ class Ingress:
                 yield first, lp, pre["finish_reason"]
                 return
             yield first, lp, None
-            seq = Sequence(rid, ids, params, output_ids=[first], kv_blocks=pre["kv_blocks"])
+            seq = Sequence(rid, ids, params, output_ids=[first], kv_blocks=pre["kv_blocks"], tenant=seq.tenant,
+                           n_cached=pre["n_cached"])
             gen = decode_unit.stream.options(num_returns="streaming").remote(seq, route.decode.rank)
             async for ref in gen:
                 d = await ref
@@ -215,6 +234,7 @@ class Ingress:
         finally:
             self.router.release(rid)
             if not finished:
+                self.cache_hits.pop(rid, None)
                 decode_unit.abort.remote(rid)
 
     async def _events(self, ids, params, events):
@@ -263,7 +283,7 @@ class Ingress:
         finally:
             watcher.cancel()
             await stream.aclose()
-        usage = self._account(endpoint, ids, tokens, t0, t_first)
+        usage = self._account(rid, endpoint, ids, tokens, t0, t_first)
         choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(chat, tokens, lps, req)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -305,7 +325,7 @@ class Ingress:
                 yield chunk(delta, why, lp)
                 if why:
                     break
-            usage = self._account(endpoint, ids, tokens, t0, t_first)
+            usage = self._account(rid, endpoint, ids, tokens, t0, t_first)
             if req.include_usage:
                 yield "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
                                              "choices": [], "usage": usage.to_dict()}) + "\n\n"
@@ -319,8 +339,10 @@ class Ingress:
         finally:
             await stream.aclose()
 
-    def _account(self, endpoint, ids, tokens, t0, t_first) -> Usage:
+    def _account(self, rid, endpoint, ids, tokens, t0, t_first) -> Usage:
         now = time.time()
+        hits = self.cache_hits.pop(rid, 0)
+        self.metrics.cache_hit_tokens.inc(hits)
         self.metrics.requests.labels(endpoint, "200").inc()
         self.metrics.prompt_tokens.inc(len(ids))
         self.metrics.observe_tokens(len(tokens))
@@ -328,7 +350,7 @@ class Ingress:
             self.metrics.ttft.observe(t_first - t0)
             if len(tokens) > 1:
                 self.metrics.tpot.observe((now - t_first) / (len(tokens) - 1))
-        return Usage(len(ids), len(tokens), 0)
+        return Usage(len(ids), len(tokens), hits)
 
     def _logprobs(self, chat, tokens, lps, req):
         if not lps:

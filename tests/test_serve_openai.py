@@ -41,10 +41,11 @@ def llm_answers(ray_cluster, tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_dir, llm_answers):
+def server(ray_cluster, tiny_dir, llm_answers, tmp_path_factory):
     from epserve.serve.app import start_deployment
     port = free_port()
     cfg = load_config({"model": tiny_dir, "dtype": "float32", "kernels": "reference",
+                       "kv_store": {"path": str(tmp_path_factory.mktemp("kv"))},
                        "prefill": {"gpus_per_node": 2, "kv_pages": 32},
                        "decode": {"gpus_per_node": 2, "redundant_experts": 2, "kv_pages": 64},
                        "serve": {"port": port, "max_queue": 64, "model_name": "tiny"}})
@@ -64,6 +65,24 @@ def server(ray_cluster, tiny_dir, llm_answers):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_repeated_long_prompt_hits_the_kv_store_with_the_same_answer(server):
+    def ask(key, prompt):
+        c = openai.OpenAI(base_url=server[0] + "/v1", api_key=key, max_retries=0, timeout=120)
+        return c.completions.create(model="tiny", prompt=prompt, max_tokens=N, temperature=0.0,
+                                    extra_body={"ignore_eos": True})
+    prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 20)
+    first, second = ask("tenant-a", prompt), ask("tenant-a", prompt)
+    n = first.usage.prompt_tokens
+    assert first.usage.model_dump()["prompt_cache_hit_tokens"] == 0
+    hits = second.usage.model_dump()["prompt_cache_hit_tokens"]
+    assert hits == (n - 1) // 64 * 64 and hits > 0
+    assert second.usage.model_dump()["prompt_cache_miss_tokens"] == n - hits
+    assert second.choices[0].text == first.choices[0].text
+    other = ask("tenant-b", prompt)                     # another API key: never a hit on A's blocks
+    assert other.usage.model_dump()["prompt_cache_hit_tokens"] == 0
+    assert other.choices[0].text == first.choices[0].text
 
 
 def test_nodes_are_split_between_prefill_and_decode(server):

@@ -1,0 +1,85 @@
+"""The on-disk context cache as a rank uses it: load a cached prefix, save new full blocks.
+
+Prefill: before a prompt is scheduled, its leading cached blocks are loaded from the
+KV store into fresh pages (they count as computed; billed as cache hits), so the rank
+computes only the uncached suffix. After the first token, the prompt's new full blocks
+are written. Decode: when a sequence ends, the full blocks of prompt + output are
+written, so the next turn of a chat hits. At least one prompt token is always
+computed (its logits give the first output token).
+A block that fails to load is a miss (fleet/kv_store.py checks and removes it).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from epserve.fleet.kv_store import KVStore
+from epserve.model.kv_cache import PagedKVCache
+from epserve.pipelines.sequence import Sequence
+
+log = logging.getLogger("epserve.prefix_cache")
+
+
+@dataclass(frozen=True)
+class KVStoreSpec:
+    """What a rank needs to open the shared store; crosses the actor boundary."""
+
+    root: str
+    capacity_bytes: int
+    block_tokens: int = 64
+    shared_namespace: str | None = None
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """Identity of a checkpoint's weights for cache keys: config plus each file's size and head bytes."""
+    h = hashlib.sha256()
+    d = Path(model_dir)
+    h.update((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:32]
+
+
+def open_store(spec: KVStoreSpec, model_dir: str, n_layers: int, kv_dim: int, dtype: torch.dtype) -> KVStore:
+    return KVStore(spec.root, model_fingerprint(model_dir), dtype, (n_layers, spec.block_tokens, kv_dim),
+                   spec.capacity_bytes, spec.shared_namespace)
+
+
+def cacheable_blocks(n_prompt: int, n_hit_blocks: int, block_tokens: int) -> int:
+    """Blocks of a hit that can be used: all but what would leave no prompt token to compute."""
+    return min(n_hit_blocks, (n_prompt - 1) // block_tokens)
+
+
+class PrefixCache:
+    def __init__(self, store: KVStore):
+        self.store = store
+        self.bt = store.block_tokens
+
+    def load_prefix(self, seq: Sequence) -> torch.Tensor | None:
+        """Latents [n_layers, n, L+R] of the longest usable cached prefix of seq's prompt, or None."""
+        if seq.tenant is None or seq.output_ids:
+            return None
+        keys = self.store.block_keys(seq.prompt_ids, seq.tenant)
+        usable = cacheable_blocks(len(seq.prompt_ids), len(keys), self.bt)
+        blocks = self.store.load_prefix(keys[:usable]) if usable else []
+        return torch.cat(blocks, dim=1) if blocks else None
+
+    def save(self, seq: Sequence, cache: PagedKVCache, n_tokens: int, skip_blocks: int = 0) -> int:
+        """Write the full blocks among seq's first n_tokens computed tokens; returns blocks written."""
+        if seq.tenant is None or not self.store.writes_enabled:
+            return 0
+        n_full = n_tokens // self.bt
+        if n_full <= skip_blocks:
+            return 0
+        keys = self.store.block_keys(seq.all_ids[: n_full * self.bt], seq.tenant)
+        todo = list(range(skip_blocks, n_full))          # save() skips keys already on disk
+        lat = cache.read_tokens(seq.pages, skip_blocks * self.bt, n_full * self.bt).cpu()
+        blocks = [lat[:, (i - skip_blocks) * self.bt:(i - skip_blocks + 1) * self.bt] for i in todo]
+        return self.store.save_many([keys[i] for i in todo], blocks)
