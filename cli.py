@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--plot", help="write a PNG of node count and tokens/s")
 
+    sm = sub.add_parser("simulate", help="24 h of a fleet on the live balancer, EPLB and capacity code")
+    sm.add_argument("--scenario", default=None, help="deepseek-day (default when no --trace)")
+    sm.add_argument("--trace", help="CSV or JSONL trace: ts_s, prompt_tokens, cached_tokens, output_tokens")
+    sm.add_argument("--json", action="store_true")
+    sm.add_argument("--plot", help="write a PNG of node count and tokens/s")
+    sm.add_argument("--step-s", type=float, default=60.0)
+
     b = sub.add_parser("bench", help="benchmarks; print JSON (not tests)")
     b.add_argument("what", nargs="?", default="engine",
                    choices=["engine", "units", "eplb", "kernels", "step", "serve"])
@@ -153,6 +160,15 @@ def _cmd_report(a) -> int:
     print(json.dumps(rep.to_dict(), indent=1) if a.json else format_report(rep))
     if a.plot:
         plot_report(requests, capacity, a.plot, a.gpus_per_node, pricing=pricing, start=start, end=end)
+    return 0
+
+
+def _cmd_simulate(a) -> int:
+    from epserve.fleet.simulate_cli import run_simulate
+    if a.scenario and a.trace:
+        raise ValueError("give --scenario or --trace, not both")
+    print(run_simulate(a.scenario or (None if a.trace else "deepseek-day"), a.trace, a.json, a.plot,
+                       step_s=a.step_s))
     return 0
 
 

@@ -56,6 +56,13 @@ def start_units(cfg: Config, model_dir: str, name: str, role_cfg, args, first_id
     units = [UnitSupervisor.remote(first_id + u, name, spec, shape, role_cfg.cpus_per_rank, fp8_dispatch,
                                    n_moe_layers=args.n_moe_layers) for u in range(role_cfg.units)]
     ray.get([u.start.remote() for u in units])
+    if cfg.eplb.enabled and role_cfg.ranks_per_unit > 1:
+        from epserve.actors.eplb_controller import EplbController
+        for u in units:    # one expert balancer per unit; it lives as long as its unit's owner
+            c = EplbController.remote(u, shape, args.n_expert_groups, cfg.eplb.interval_s, cfg.eplb.window_steps,
+                                      cfg.eplb.policy)
+            ray.get(c.start.remote())
+            ray.get(u.attach.remote(c))
     return units
 
 

@@ -7,6 +7,7 @@ call from the unit supervisor. Every rank of a unit is called for every step
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ import torch
 from epserve.messages import RankStats
 from epserve.model.ep_dispatch import AllToAllDispatcher
 from epserve.model.moe_dispatch import ExpertMap
+from epserve.pipelines.expert_migration import stage, switch
 from epserve.pipelines.kv_handoff import join_blocks
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
@@ -33,6 +35,7 @@ class StepInput:
 
     new: list[Sequence] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
+    switch_map: int | None = None      # switch to staged placement version N before this step
 
 
 @dataclass
@@ -41,6 +44,7 @@ class StepOutput:
     stats: RankStats
     has_work: bool
     rejected: list[tuple[str, str]] = field(default_factory=list)   # (request_id, reason)
+    map_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class RankActor:
             torch.set_num_threads(1)   # many ranks share few cores on a CPU test box
         self.spec, self.layout, self.phy2log = spec, layout, phy2log
         self.engine: RankEngine | None = None
+        self.map_version, self.n_steps, self.switched_at = 0, 0, {}
+        self.staging: concurrent.futures.Future | None = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage")
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -96,9 +103,30 @@ class RankActor:
         return {**self.info(), "load": self.engine.load_stats, "experts": experts,
                 "max_model_len": self.engine.max_model_len, "kv_pages": self.engine.cache.n_pages}
 
+    def stage_placement(self, phy2log: torch.Tensor, version: int) -> None:
+        """Start loading this rank's weights for a new placement in the background."""
+        self.staging = self.pool.submit(stage, self.engine, phy2log)
+        self.staging.version = version
+
+    def staging_done(self) -> dict | None:
+        """None while staging runs; then what was staged (raises if staging failed)."""
+        if self.staging is None or not self.staging.done():
+            return None
+        st = self.staging.result()
+        return {"version": self.staging.version, "loaded": st.n_loaded, "reused": st.n_reused}
+
+    def placement(self) -> dict:
+        return {"version": self.map_version, "phy2log": self.engine.dispatcher.map.phy2log.clone(),
+                "switched_at": dict(self.switched_at)}
+
     def step(self, inp: StepInput) -> StepOutput:
         eng = self.engine
         rejected = []
+        if inp.switch_map is not None:
+            switch(eng, self.staging.result(), self.layout.gpus_per_node)
+            self.map_version, self.staging = inp.switch_map, None
+            self.switched_at[self.map_version] = self.n_steps
+        self.n_steps += 1
         for rid in inp.aborts:
             eng.abort(rid)
         for seq in inp.new:
@@ -114,7 +142,7 @@ class RankActor:
         for d in deltas:                    # prefill role: publish the handed-off blocks, rank to rank
             if d.kv_blocks is not None:
                 d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
-        return StepOutput(deltas, self.stats(), eng.has_work, rejected)
+        return StepOutput(deltas, self.stats(), eng.has_work, rejected, self.map_version)
 
     @staticmethod
     def _receive_kv(seq: Sequence):

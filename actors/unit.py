@@ -68,6 +68,9 @@ class UnitSupervisor:
         self.stats_cache: list[RankStats] = [RankStats(unit_id, r) for r in range(shape.n_ranks)]
         self.n_steps = self.n_restarts = 0
         self.failures_in_a_row = 0     # steps that failed since the last good one
+        self.map_version, self.pending_switch = 0, None
+        self.switched = asyncio.Event()
+        self.eplb_report: dict | None = None
         self.wake = asyncio.Event()
         self.loop_task = None
         self.closing = False
@@ -134,12 +137,14 @@ class UnitSupervisor:
         self.wake.set()
         if self.loop_task:
             self.loop_task.cancel()
+        if getattr(self, "controller", None) is not None:
+            ray.kill(self.controller)
         await asyncio.gather(*[rk.shutdown.remote() for rk in self.ranks], return_exceptions=True)
         await self._teardown()
 
     # ---- the lockstep loop -----------------------------------------------------------
     def _has_work(self) -> bool:
-        return any(self.busy) or any(self.inbox) or any(self.aborts)
+        return any(self.busy) or any(self.inbox) or any(self.aborts) or self.pending_switch is not None
 
     async def _loop(self) -> None:
         while not self.closing:
@@ -147,7 +152,8 @@ class UnitSupervisor:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            inputs = [StepInput(self.inbox[r], self.aborts[r]) for r in range(len(self.ranks))]
+            switching = self.pending_switch
+            inputs = [StepInput(self.inbox[r], self.aborts[r], switching) for r in range(len(self.ranks))]
             self.inbox = [[] for _ in self.ranks]
             self.aborts = [[] for _ in self.ranks]
             try:
@@ -166,6 +172,10 @@ class UnitSupervisor:
                 continue
             self.n_steps += 1
             self.failures_in_a_row = 0
+            if switching is not None:          # every rank switched before this same step
+                self.map_version, self.phy2log = switching, self.staged_phy2log
+                self.pending_switch = None
+                self.switched.set()
             for r, out in enumerate(outs):
                 self.busy[r] = out.has_work
                 self.stats_cache[r] = out.stats
@@ -266,7 +276,8 @@ class UnitSupervisor:
 
     def status(self) -> dict:
         return {"unit": self.unit_id, "role": self.role, "steps": self.n_steps, "restarts": self.n_restarts,
-                "ranks": self.rank_info, "in_flight": len(self.requests)}
+                "ranks": self.rank_info, "in_flight": len(self.requests), "map_version": self.map_version,
+                "eplb": self.eplb_report}
 
     def rank_handles(self) -> list:
         return list(self.ranks)
@@ -274,5 +285,39 @@ class UnitSupervisor:
     async def expert_counters(self, reset: bool = True) -> list[dict]:
         return await asyncio.gather(*[rk.expert_counters.remote(reset) for rk in self.ranks])
 
+    def attach(self, controller) -> None:
+        """Keep the unit's EPLB controller alive with the unit (it holds the handle)."""
+        self.controller = controller
+
+    async def rebalance_now(self) -> dict:
+        """On-demand EPLB round through the attached controller."""
+        return await self.controller.rebalance.remote(force=True)
+
     def phy2log_now(self) -> torch.Tensor:
         return self.phy2log.clone()
+
+    async def apply_placement(self, phy2log: torch.Tensor, report: dict | None = None) -> dict:
+        """Live migration: every rank stages its new slots in the background while requests keep
+        running; then all switch before one agreed step. Returns what was moved and when."""
+        t0 = time.time()
+        version = self.map_version + 1
+        await asyncio.gather(*[rk.stage_placement.remote(phy2log, version) for rk in self.ranks])
+        while True:
+            done = await asyncio.gather(*[rk.staging_done.remote() for rk in self.ranks])
+            if all(d is not None for d in done):
+                break
+            await asyncio.sleep(0.02)
+        self.staged_phy2log = phy2log.clone()
+        self.switched.clear()
+        self.pending_switch = version
+        self.wake.set()
+        await self.switched.wait()
+        out = {"version": version, "switch_step": self.n_steps - 1, "staged_s": round(time.time() - t0, 3),
+               "experts_loaded": sum(d["loaded"] for d in done), "slots_reused": sum(d["reused"] for d in done)}
+        self.eplb_report = {**(report or {}), **out}
+        log.info("%s unit %d: placement v%d live at step %d (%d expert loads, %.2fs)", self.role, self.unit_id,
+                 version, out["switch_step"], out["experts_loaded"], out["staged_s"])
+        return out
+
+    async def rank_placements(self) -> list[dict]:
+        return await asyncio.gather(*[rk.placement.remote() for rk in self.ranks])

@@ -86,6 +86,9 @@ class Ingress:
     async def metrics(self):
         try:
             await self.router.refresh()
+            for role, units in (("prefill", self.prefill_units), ("decode", self.decode_units)):
+                for status in await asyncio.gather(*[u.status.remote() for u in units]):
+                    self.metrics.observe_eplb(role, status["unit"], status["eplb"])
         except Exception:
             pass
         body = self.metrics.render(self.router.prefill_stats, self.router.decode_stats, len(self.router.in_flight))

@@ -33,6 +33,14 @@ class ServeMetrics:
                              ["role", "unit", "rank"], registry=r)
         self.tokens_per_s = Gauge("epserve_output_tokens_per_second", "Output tokens/s over the last window",
                                   registry=r)
+        self.eplb_before = Gauge("epserve_eplb_balancedness_before", "Mean max/mean GPU expert load before the "
+                                 "last EPLB round", ["role", "unit"], registry=r)
+        self.eplb_after = Gauge("epserve_eplb_balancedness_after", "Same, after the last EPLB round",
+                                ["role", "unit"], registry=r)
+        self.eplb_moved = Gauge("epserve_eplb_weights_moved", "Expert weight copies of the last applied round",
+                                ["role", "unit"], registry=r)
+        self.eplb_seconds = Gauge("epserve_eplb_seconds", "Duration of the last applied EPLB round",
+                                  ["role", "unit"], registry=r)
         self.window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -40,6 +48,14 @@ class ServeMetrics:
         now = time.monotonic()
         self._recent.append((now, n))
         self.completion_tokens.inc(n)
+
+    def observe_eplb(self, role: str, unit: int, report: dict | None) -> None:
+        if report:
+            labels = (role, str(unit))
+            self.eplb_before.labels(*labels).set(report.get("balancedness_before", 0))
+            self.eplb_after.labels(*labels).set(report.get("balancedness_after", 0))
+            self.eplb_moved.labels(*labels).set(report.get("weights_moved", 0))
+            self.eplb_seconds.labels(*labels).set(report.get("total_s", report.get("staged_s", 0)))
 
     def render(self, prefill_stats, decode_stats, in_flight: int) -> bytes:
         now = time.monotonic()

@@ -91,6 +91,38 @@ def test_dispatch_loses_and_duplicates_nothing(unit, reference_outputs):
     assert torch.equal(counted.sum(1), sent)
 
 
+def test_eplb_rebalances_live_mid_generation_without_changing_outputs(unit, tiny_dir):
+    from epserve.actors.eplb_controller import EplbController
+    sup, _, shape, args = unit
+    prompts = [[7] * 30, [7] * 29 + [9], [11] * 30, [7, 11] * 15]      # repetitive: a skewed expert load
+    n = 60
+    engine = make_local_engine(tiny_dir)
+    ref = [Sequence(f"e{i}", p, greedy(n)) for i, p in enumerate(prompts)]
+    for s_ in ref:
+        engine.add(s_)
+    while engine.has_work:
+        engine.step()
+    ctrl = EplbController.remote(sup, shape, args.n_expert_groups, interval_s=3600, window_steps=10 ** 9)
+    ray.get(sup.expert_counters.remote(reset=True))
+    steps0 = ray.get(sup.status.remote())["steps"]
+    running = sup.generate.remote([(Sequence(f"m{i}", p, greedy(n)), i) for i, p in enumerate(prompts)])
+    while ray.get(sup.status.remote())["steps"] < steps0 + 8:
+        time.sleep(0.02)
+    report = ray.get(ctrl.rebalance.remote(force=True), timeout=120)
+    got = ray.get(running, timeout=300)
+    assert [g["token_ids"] for g in got] == [s_.output_ids for s_ in ref]       # no request failed or changed
+    assert report["applied"] and report["weights_moved"] > 0
+    assert report["balancedness_after"] < report["balancedness_before"]
+    status = ray.get(sup.status.remote())
+    assert steps0 + 8 <= report["switch_step"] < status["steps"] and status["map_version"] == 1
+    placements = ray.get(sup.rank_placements.remote())
+    new_map = ray.get(sup.phy2log_now.remote())
+    assert {p["switched_at"][1] for p in placements} == {report["switch_step"]}   # one agreed step
+    assert all(torch.equal(p["phy2log"], new_map) for p in placements)
+    hf_want = hf_greedy(hf_model(tiny_dir), prompts[0], n)[0]
+    assert got[0]["token_ids"] == hf_want
+
+
 def test_killing_a_rank_rebuilds_the_unit_and_completes_every_request(unit, reference_outputs):
     sup, info, _, _ = unit
     prompts, want = reference_outputs

@@ -1,0 +1,82 @@
+"""The expert-parallel load balancer of one unit, as a Ray actor.
+
+Every `eplb.interval_s` (and on demand) it pulls the ranks' token counters, keeps a
+window of the last `window_steps` steps, runs placement/eplb.py (migration-aware:
+same balance, fewest weight copies from the current placement), and, when the new
+placement is better, has the unit stage and switch to it (actors/unit.py). Reports
+per-layer balancedness (max/mean GPU load) before and after, weights moved and time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+import ray
+import torch
+
+from epserve.placement.eplb import balancedness, rebalance_experts
+from epserve.placement.eplb_baseline import rebalance_experts as rebalance_baseline
+from epserve.placement.migration import plan_migration
+from epserve.placement.topology import UnitShape
+
+log = logging.getLogger("epserve.eplb")
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class EplbController:
+    def __init__(self, unit, shape: UnitShape, n_groups: int, interval_s: float, window_steps: int,
+                 policy: str = "auto", min_gain: float = 0.01):
+        self.unit, self.shape, self.n_groups = unit, shape, n_groups
+        self.interval_s, self.window_steps, self.policy, self.min_gain = interval_s, window_steps, policy, min_gain
+        self.window: deque[tuple[int, torch.Tensor]] = deque()
+        self.reports: list[dict] = []
+        self.task = None
+
+    async def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.rebalance()
+            except Exception as exc:   # a failed round is logged and retried next interval
+                log.warning("EPLB round failed: %r", exc)
+
+    async def _pull(self) -> torch.Tensor:
+        counters = await self.unit.expert_counters.remote(True)
+        steps = (await self.unit.status.remote())["steps"]
+        self.window.append((steps, sum(c["counts"] for c in counters)))
+        while self.window and self.window[0][0] < steps - self.window_steps:
+            self.window.popleft()
+        return sum(c for _, c in self.window)
+
+    async def rebalance(self, force: bool = False) -> dict:
+        """One EPLB round; returns its report (applied or not, and why)."""
+        t0 = time.time()
+        weight = (await self._pull()).float()
+        current = await self.unit.phy2log_now.remote()
+        s = self.shape
+        algo = rebalance_baseline if self.policy == "baseline" else rebalance_experts
+        kwargs = {} if self.policy == "baseline" else {"current_phy2log": current}
+        new, _, _ = algo(weight, s.n_slots, self.n_groups, s.nodes_per_unit, s.n_ranks, **kwargs)
+        before, after = balancedness(weight, current, s.n_ranks), balancedness(weight, new, s.n_ranks)
+        plan = plan_migration(current, new, s.n_ranks, s.gpus_per_node)
+        report = {"tokens": int(weight.sum()), "balancedness_before": round(float(before.mean()), 4),
+                  "balancedness_after": round(float(after.mean()), 4),
+                  "per_layer_before": [round(float(x), 4) for x in before],
+                  "per_layer_after": [round(float(x), 4) for x in after],
+                  "weights_moved": plan.n_copies, "eplb_ms": round((time.time() - t0) * 1e3, 1), "applied": False}
+        gain = float(before.mean() - after.mean())
+        if plan.n_copies and (force or gain > self.min_gain * float(before.mean())):
+            report.update(await self.unit.apply_placement.remote(new, report), applied=True)
+        report["total_s"] = round(time.time() - t0, 3)
+        log.info("EPLB: balancedness %.3f -> %.3f, %d weight copies, applied=%s", report["balancedness_before"],
+                 report["balancedness_after"], plan.n_copies, report["applied"])
+        self.reports.append(report)
+        return report
+
+    def history(self) -> list[dict]:
+        return list(self.reports)
