@@ -5,6 +5,7 @@ units   step latency of empty and batch-32 decode steps for units of 1, 2 and 4 
 eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production shapes
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
+prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
 serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server
         (with no --url: starts the embedded default server, measures it, stops it)
 """
@@ -26,7 +27,7 @@ def run(args) -> dict:
     if args.what == "engine":
         out = mod.run(model=args.model, batches=[int(b) for b in args.batches.split(",")], n_tokens=args.tokens,
                       with_transformers=not args.no_transformers)
-    elif args.what == "units":
+    elif args.what in ("units", "prefix"):
         out = mod.run(model=args.model)
     elif args.what == "step":
         out = mod.run(phase=args.phase)

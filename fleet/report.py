@@ -137,7 +137,8 @@ class Report:
 def _window(requests: pa.Table, capacity: pa.Table, start, end) -> tuple[int, int]:
     stamps = np.concatenate([_ts_us(requests), _ts_us(capacity)])
     start_us = _us(start) if start is not None else int(stamps.min()) if stamps.size else 0
-    end_us = _us(end) if end is not None else int(stamps.max()) if stamps.size else start_us
+    # a defaulted end includes the latest row (the window is half-open)
+    end_us = _us(end) if end is not None else int(stamps.max()) + 1 if stamps.size else start_us
     if end_us < start_us:
         raise ValueError(f"end={_dt(end_us).isoformat()} is before start={_dt(start_us).isoformat()}")
     return start_us, end_us

@@ -27,6 +27,7 @@ class Deployment:
     prefill_units: list
     decode_units: list
     embedded: object = None
+    ledger: object = None
 
     def shutdown(self) -> None:
         import ray
@@ -35,6 +36,12 @@ class Deployment:
             serve.shutdown()
         except Exception:
             pass
+        if self.ledger is not None:
+            try:
+                ray.get(self.ledger.append.remote(capacity_rows(self, "stop")), timeout=30)
+                ray.get(self.ledger.close.remote(), timeout=30)
+            except Exception as exc:
+                log.warning("ledger close failed: %r", exc)
         for u in self.prefill_units + self.decode_units:
             try:
                 ray.get(u.shutdown.remote(), timeout=30)
@@ -43,6 +50,25 @@ class Deployment:
                 pass
         if self.embedded is not None:
             self.embedded.shutdown()
+
+
+def capacity_rows(dep: "Deployment", event: str) -> list:
+    from epserve.fleet.ledger import CapacityRow
+    now = time.time()
+    return [CapacityRow(ts=now, unit=f"{role}-{i}", role=role, event=event, gpus=getattr(dep.cfg, role).ranks_per_unit)
+            for role, units in (("prefill", dep.prefill_units), ("decode", dep.decode_units))
+            for i in range(len(units))]
+
+
+def start_ledger(cfg: Config):
+    import ray
+
+    from epserve.actors.ledger import LedgerActor
+    from epserve.model.tiny import cache_root
+    root = cfg.ledger.path or str(cache_root() / "ledger")
+    ledger = LedgerActor.remote(root, cfg.ledger.flush_rows, cfg.ledger.flush_interval_s)
+    ray.get(ledger.start.remote())
+    return ledger
 
 
 def embedded_shape(cfg: Config) -> tuple[int, int]:
@@ -66,9 +92,11 @@ def start_deployment(cfg: Config) -> Deployment:
     try:
         pre = start_units(cfg, model_dir, "prefill", cfg.prefill, args, role="prefill")
         dec = start_units(cfg, model_dir, "decode", cfg.decode, args, role="decode")
-        dep = Deployment(cfg, model_dir, pre, dec, embedded)
+        dep = Deployment(cfg, model_dir, pre, dec, embedded, start_ledger(cfg))
+        dep.ledger.append.remote(capacity_rows(dep, "start"))
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        serve.run(Ingress.bind(cfg, model_dir, pre, dec), name="epserve", route_prefix="/", blocking=False)
+        serve.run(Ingress.bind(cfg, model_dir, pre, dec, dep.ledger), name="epserve", route_prefix="/",
+                  blocking=False)
     except BaseException:
         if embedded is not None:
             embedded.shutdown()

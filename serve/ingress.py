@@ -25,6 +25,7 @@ from epserve.messages import Usage
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import InvalidRequest, SamplingParams
 from epserve.model.tokenizer import IncrementalText, load_tokenizer
+from epserve.fleet.ledger import RequestRow
 from epserve.llm import kv_store_spec
 from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
 from epserve.pipelines.runner import DTYPES
@@ -50,7 +51,7 @@ def _unwrap(exc: Exception) -> Exception:
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, cfg: Config, model_dir: str, prefill_units: list, decode_units: list):
+    def __init__(self, cfg: Config, model_dir: str, prefill_units: list, decode_units: list, ledger=None):
         self.cfg, self.model_name = cfg, cfg.serve.model_name
         self.args = read_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
@@ -64,6 +65,7 @@ class Ingress:
         self.kv_store = open_store(spec, model_dir, self.args.n_layers, self.args.kv_dim,
                                    DTYPES[cfg.dtype]) if spec else None
         self.cache_hits: dict[str, int] = {}
+        self.ledger, self.routes = ledger, {}
 
     # ---- plain routes -----------------------------------------------------------------
     @app.get("/health")
@@ -137,6 +139,7 @@ class Ingress:
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             tenant = self.tenant(request)
             route = await self.router.admit(rid, len(ids), self._cached_tokens(ids, tenant), params.max_tokens)
+            self.routes[rid] = (route, tenant)
         except APIError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
@@ -238,6 +241,7 @@ class Ingress:
             self.router.release(rid)
             if not finished:
                 self.cache_hits.pop(rid, None)
+                self.routes.pop(rid, None)
                 decode_unit.abort.remote(rid)
 
     async def _events(self, ids, params, events):
@@ -286,7 +290,7 @@ class Ingress:
         finally:
             watcher.cancel()
             await stream.aclose()
-        usage = self._account(rid, endpoint, ids, tokens, t0, t_first)
+        usage = self._account(rid, endpoint, ids, tokens, t0, t_first, reason)
         choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(chat, tokens, lps, req)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -328,7 +332,7 @@ class Ingress:
                 yield chunk(delta, why, lp)
                 if why:
                     break
-            usage = self._account(rid, endpoint, ids, tokens, t0, t_first)
+            usage = self._account(rid, endpoint, ids, tokens, t0, t_first, tokens and why)
             if req.include_usage:
                 yield "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
                                              "choices": [], "usage": usage.to_dict()}) + "\n\n"
@@ -342,9 +346,16 @@ class Ingress:
         finally:
             await stream.aclose()
 
-    def _account(self, rid, endpoint, ids, tokens, t0, t_first) -> Usage:
+    def _account(self, rid, endpoint, ids, tokens, t0, t_first, reason=None) -> Usage:
         now = time.time()
         hits = self.cache_hits.pop(rid, 0)
+        route, tenant = self.routes.pop(rid, (None, "anonymous"))
+        if self.ledger is not None and route is not None:
+            self.ledger.append.remote([RequestRow(
+                ts=now, request_id=rid, tenant=tenant, model=self.model_name, prompt_tokens=len(ids),
+                cache_hit_tokens=hits, output_tokens=len(tokens), ttft_s=(t_first or now) - t0,
+                decode_s=now - (t_first or now), prefill_unit=route.prefill.unit, prefill_rank=route.prefill.rank,
+                decode_unit=route.decode.unit, decode_rank=route.decode.rank, finish_reason=reason or "unknown")])
         self.metrics.cache_hit_tokens.inc(hits)
         self.metrics.requests.labels(endpoint, "200").inc()
         self.metrics.prompt_tokens.inc(len(ids))

@@ -46,6 +46,7 @@ def server(ray_cluster, tiny_dir, llm_answers, tmp_path_factory):
     port = free_port()
     cfg = load_config({"model": tiny_dir, "dtype": "float32", "kernels": "reference",
                        "kv_store": {"path": str(tmp_path_factory.mktemp("kv"))},
+                       "ledger": {"path": str(tmp_path_factory.mktemp("ledger")), "flush_interval_s": 3600},
                        "prefill": {"gpus_per_node": 2, "kv_pages": 32},
                        "decode": {"gpus_per_node": 2, "redundant_experts": 2, "kv_pages": 64},
                        "serve": {"port": port, "max_queue": 64, "model_name": "tiny"}})
@@ -83,6 +84,31 @@ def test_repeated_long_prompt_hits_the_kv_store_with_the_same_answer(server):
     other = ask("tenant-b", prompt)                     # another API key: never a hit on A's blocks
     assert other.usage.model_dump()["prompt_cache_hit_tokens"] == 0
     assert other.choices[0].text == first.choices[0].text
+
+
+def test_ledger_report_totals_equal_the_usage_responses_returned(server, client):
+    from epserve.fleet.ledger import read_ledger
+    from epserve.fleet.report import build_report
+    _, dep = server
+    long = " ".join(["Paris is the capital of France."] * 16)
+    usages, ids = [], []
+    for i, p in enumerate(["Hello", long, long, "The sea is wide"]):
+        r = client.completions.create(model="tiny", prompt=p, max_tokens=3 + i, temperature=0.0,
+                                      extra_body={"ignore_eos": True})
+        usages.append(r.usage.model_dump())
+        ids.append(r.id)
+    assert usages[2]["prompt_cache_hit_tokens"] > 0
+    ray.get(dep.ledger.flush.remote())
+    requests, capacity = read_ledger(dep.cfg.ledger.path)
+    mine = requests.filter(__import__("pyarrow").compute.is_in(requests["request_id"],
+                                                               value_set=__import__("pyarrow").array(ids)))
+    assert mine.num_rows == 4
+    rep = build_report(mine, capacity)
+    assert rep.input_tokens == sum(u["prompt_tokens"] for u in usages)
+    assert rep.cache_hit_tokens == sum(u["prompt_cache_hit_tokens"] for u in usages)
+    assert rep.output_tokens == sum(u["completion_tokens"] for u in usages)
+    assert set(capacity["role"].to_pylist()) == {"prefill", "decode"}
+    assert rep.gpu_hours > 0 and rep.cost_usd > 0
 
 
 def test_nodes_are_split_between_prefill_and_decode(server):
