@@ -28,6 +28,7 @@ class Deployment:
     decode_units: list
     embedded: object = None
     ledger: object = None
+    capacity: object = None
 
     def shutdown(self) -> None:
         import ray
@@ -36,9 +37,17 @@ class Deployment:
             serve.shutdown()
         except Exception:
             pass
+        live = {"prefill": list(range(len(self.prefill_units))), "decode": list(range(len(self.decode_units)))}
+        if self.capacity is not None:
+            try:
+                reg = ray.get(self.capacity.registry.remote(), timeout=30)
+                live = {role: [uid for uid, _, _ in reg[role]] for role in reg}
+                ray.get(self.capacity.shutdown.remote(), timeout=60)
+            except Exception as exc:
+                log.warning("capacity controller shutdown failed: %r", exc)
         if self.ledger is not None:
             try:
-                ray.get(self.ledger.append.remote(capacity_rows(self, "stop")), timeout=30)
+                ray.get(self.ledger.append.remote(capacity_rows(self.cfg, live, "stop")), timeout=30)
                 ray.get(self.ledger.close.remote(), timeout=30)
             except Exception as exc:
                 log.warning("ledger close failed: %r", exc)
@@ -52,12 +61,11 @@ class Deployment:
             self.embedded.shutdown()
 
 
-def capacity_rows(dep: "Deployment", event: str) -> list:
+def capacity_rows(cfg: Config, unit_ids: dict[str, list[int]], event: str) -> list:
     from epserve.fleet.ledger import CapacityRow
     now = time.time()
-    return [CapacityRow(ts=now, unit=f"{role}-{i}", role=role, event=event, gpus=getattr(dep.cfg, role).ranks_per_unit)
-            for role, units in (("prefill", dep.prefill_units), ("decode", dep.decode_units))
-            for i in range(len(units))]
+    return [CapacityRow(ts=now, unit=f"{role}-{uid}", role=role, event=event, gpus=getattr(cfg, role).ranks_per_unit)
+            for role, ids in unit_ids.items() for uid in ids]
 
 
 def start_ledger(cfg: Config):
@@ -93,10 +101,18 @@ def start_deployment(cfg: Config) -> Deployment:
         pre = start_units(cfg, model_dir, "prefill", cfg.prefill, args, role="prefill")
         dec = start_units(cfg, model_dir, "decode", cfg.decode, args, role="decode")
         dep = Deployment(cfg, model_dir, pre, dec, embedded, start_ledger(cfg))
-        dep.ledger.append.remote(capacity_rows(dep, "start"))
+        dep.ledger.append.remote(capacity_rows(cfg, {"prefill": list(range(len(pre))),
+                                                     "decode": list(range(len(dec)))}, "start"))
+        if cfg.autoscale.enabled:
+            import ray
+
+            from epserve.actors.capacity_controller import CapacityController
+            dep.capacity = CapacityController.remote(cfg, model_dir, args, {"prefill": pre, "decode": dec},
+                                                     dep.ledger)
+            ray.get(dep.capacity.start.remote())
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        serve.run(Ingress.bind(cfg, model_dir, pre, dec, dep.ledger), name="epserve", route_prefix="/",
-                  blocking=False)
+        serve.run(Ingress.bind(cfg, model_dir, pre, dec, dep.ledger, dep.capacity), name="epserve",
+                  route_prefix="/", blocking=False)
     except BaseException:
         if embedded is not None:
             embedded.shutdown()

@@ -51,13 +51,14 @@ def _unwrap(exc: Exception) -> Exception:
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, cfg: Config, model_dir: str, prefill_units: list, decode_units: list, ledger=None):
+    def __init__(self, cfg: Config, model_dir: str, prefill_units: list, decode_units: list, ledger=None,
+                 capacity=None):
         self.cfg, self.model_name = cfg, cfg.serve.model_name
         self.args = read_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
-        self.prefill_units, self.decode_units = prefill_units, decode_units
-        self.router = Router(prefill_units, decode_units, cfg.serve.max_queue)
+        units = None if capacity is not None else {"prefill": prefill_units, "decode": decode_units}
+        self.router = Router(units, cfg.serve.max_queue, controller=capacity)
         self.metrics = ServeMetrics()
         self.api_keys = set(cfg.serve.api_keys)
         spec = kv_store_spec(cfg)
@@ -88,8 +89,8 @@ class Ingress:
     async def metrics(self):
         try:
             await self.router.refresh()
-            for role, units in (("prefill", self.prefill_units), ("decode", self.decode_units)):
-                for status in await asyncio.gather(*[u.status.remote() for u in units]):
+            for role, units in self.router.handles.items():
+                for status in await asyncio.gather(*[u.status.remote() for u in units.values()]):
                     self.metrics.observe_eplb(role, status["unit"], status["eplb"])
         except Exception:
             pass
@@ -210,11 +211,12 @@ class Ingress:
     # ---- the request path: prefill rank -> KV handoff -> decode rank ----------------------
     async def _generate(self, rid: str, ids: list[int], params: SamplingParams, route, tenant: str | None):
         """Yield (token_id, logprob, finish_reason); aborts on the units if the consumer goes away."""
-        decode_unit = self.decode_units[route.decode.unit]
         finished = False
+        decode_unit = None
         try:
+            decode_unit = self.router.handle("decode", route.decode.unit)
             seq = Sequence(rid, ids, params, tenant=tenant if self.kv_store else None)
-            pre = await self.prefill_units[route.prefill.unit].prefill.remote(seq, route.prefill.rank)
+            pre = await self.router.handle("prefill", route.prefill.unit).prefill.remote(seq, route.prefill.rank)
             if "error" in pre:
                 raise (APIError(400, pre["error"]) if pre["rejected"] else RuntimeError(pre["error"]))
             self.cache_hits[rid] = pre["n_cached"]
@@ -242,7 +244,8 @@ class Ingress:
             if not finished:
                 self.cache_hits.pop(rid, None)
                 self.routes.pop(rid, None)
-                decode_unit.abort.remote(rid)
+                if decode_unit is not None:
+                    decode_unit.abort.remote(rid)
 
     async def _events(self, ids, params, events):
         """Token events -> (text delta, token, logprob, finish_reason), applying stop strings."""

@@ -9,6 +9,7 @@ the prefill rank, and refuses with 429 when the fleet is full.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -26,9 +27,14 @@ class Route:
 
 
 class Router:
-    def __init__(self, prefill_units: list, decode_units: list, max_in_flight: int, page_tokens: int = 64,
-                 refresh_s: float = 0.05):
-        self.prefill_units, self.decode_units = prefill_units, decode_units
+    """units: {"prefill": [handles], "decode": [handles]} for a fixed fleet; or a CapacityController
+    whose registry (unit ids, handles, draining flags) is re-read every `registry_s`."""
+
+    def __init__(self, units: dict | None, max_in_flight: int, page_tokens: int = 64, refresh_s: float = 0.05,
+                 controller=None, registry_s: float = 0.5):
+        self.controller, self.registry_s, self.registry_read = controller, registry_s, 0.0
+        self.handles = {role: dict(enumerate(units[role])) for role in ("prefill", "decode")} if units else {}
+        self.draining: dict[str, set[int]] = {"prefill": set(), "decode": set()}
         self.max_in_flight, self.page_tokens, self.refresh_s = max_in_flight, page_tokens, refresh_s
         self.prefill_stats: list[RankStats] = []
         self.decode_stats: list[RankStats] = []
@@ -36,13 +42,33 @@ class Router:
         self.in_flight: dict[str, Route] = {}
         self.lock = asyncio.Lock()
 
+    def handle(self, role: str, unit: int):
+        h = self.handles[role].get(unit)
+        if h is None:
+            raise APIError(503, f"{role} unit {unit} was removed; retry", "server_error", code="unavailable",
+                           headers={"Retry-After": "1"})
+        return h
+
+    async def _read_registry(self) -> None:
+        if self.controller is None or time.monotonic() - self.registry_read < self.registry_s:
+            return
+        reg = await self.controller.registry.remote()
+        self.handles = {role: {uid: h for uid, h, _ in reg[role]} for role in reg}
+        self.draining = {role: {uid for uid, _, d in reg[role] if d} for role in reg}
+        self.registry_read = time.monotonic()
+
+    async def _role_stats(self, role: str) -> list[RankStats]:
+        units = sorted(self.handles[role].items())
+        per_unit = await asyncio.gather(*[h.stats.remote() for _, h in units])
+        return [dataclasses.replace(s, is_draining=True) if uid in self.draining[role] else s
+                for (uid, _), stats in zip(units, per_unit) for s in stats]
+
     async def refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.refreshed < self.refresh_s:
             return
-        pre = await asyncio.gather(*[u.stats.remote() for u in self.prefill_units])
-        dec = await asyncio.gather(*[u.stats.remote() for u in self.decode_units])
-        self.prefill_stats = [s for unit in pre for s in unit]
-        self.decode_stats = [s for unit in dec for s in unit]
+        await self._read_registry()
+        self.prefill_stats = await self._role_stats("prefill")
+        self.decode_stats = await self._role_stats("decode")
         self.refreshed = time.monotonic()
 
     async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int) -> Route:
