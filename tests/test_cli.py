@@ -41,3 +41,39 @@ def test_plan_prints_production_placement():
     assert plan["roles"]["prefill"]["routed_slots_per_rank"] == 9
     assert plan["roles"]["decode"]["routed_slots_per_rank"] == 2
     assert plan["roles"]["decode"]["ranks"][143]["node"] == 17
+
+
+def test_eplb_offline_table_from_a_saved_load_matrix(tmp_path):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    load = (torch.rand(4, 256, generator=g) ** 4 * 1000).round()
+    torch.save(load, tmp_path / "load.pt")
+    r = run("eplb", "--stats", str(tmp_path / "load.pt"), "--json")
+    assert r.returncode == 0, r.stderr
+    table = json.loads(r.stdout)
+    text = json.dumps(table)
+    assert "baseline" in text and "improved" in text
+    bad = run("eplb", "--stats", str(tmp_path / "missing.npy"))
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_report_from_a_ledger_prints_the_seed_table_json_and_png(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from epserve.fleet.ledger import CapacityRow, LedgerWriter, RequestRow
+    t0 = datetime(2025, 2, 27, 4, 0, tzinfo=timezone.utc)
+    with LedgerWriter(tmp_path / "ledger") as w:
+        w.append(CapacityRow(ts=t0, unit="decode-0", role="decode", event="start", gpus=8))
+        for i in range(10):
+            w.append(RequestRow(ts=t0 + timedelta(minutes=5 * i + 1), request_id=f"r{i}", tenant="t", model="m",
+                                prompt_tokens=1000, cache_hit_tokens=600, output_tokens=100, ttft_s=0.5,
+                                decode_s=5.0, finish_reason="stop"))
+        w.append(CapacityRow(ts=t0 + timedelta(hours=1), unit="decode-0", role="decode", event="stop", gpus=8))
+    r = run("report", "--ledger", str(tmp_path / "ledger"), "--json", "--plot", str(tmp_path / "day.png"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["input_tokens"] == 10000 and rep["cache_hit_tokens"] == 6000 and rep["output_tokens"] == 1000
+    assert abs(rep["gpu_hours"] - 8.0) < 1e-6 and abs(rep["cost_usd"] - 16.0) < 1e-6
+    assert (tmp_path / "day.png").stat().st_size > 1000
+    text = run("report", "--ledger", str(tmp_path / "ledger"))
+    assert text.returncode == 0 and "margin" in text.stdout

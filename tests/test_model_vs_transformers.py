@@ -89,3 +89,15 @@ def test_fp8_checkpoint_agrees_with_transformers_on_dequantized_weights(tiny_fp8
         got = engine_prompt_logits(engine_q, p)
         diff = 1 - 2 * (got.double() * ref.double()).sum() / (got.double() ** 2 + ref.double() ** 2).sum()
         assert diff < 0.05, diff   # calc_diff; e4m3 through ~30 chained GEMMs of a random model
+
+
+def test_transformers_style_config_with_rope_parameters_loads_the_same_model(tiny_dir, tmp_path):
+    """A checkpoint saved by transformers (rope_parameters instead of rope_scaling) gives the same logits."""
+    hf = hf_model(tiny_dir)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "rope_parameters" in cfg and "rope_scaling" not in cfg
+    p = prompts_of([40], seed=9)[0]
+    a = engine_prompt_logits(make_local_engine(tiny_dir), p)
+    b = engine_prompt_logits(make_local_engine(str(tmp_path / "hf")), p)
+    assert (a - b).abs().max() < 1e-5

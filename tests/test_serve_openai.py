@@ -21,6 +21,7 @@ import ray
 from epserve.config import load_config
 
 N = 8
+AUTH = {"Authorization": "Bearer none"}
 
 
 def free_port() -> int:
@@ -49,13 +50,14 @@ def server(ray_cluster, tiny_dir, llm_answers, tmp_path_factory):
                        "ledger": {"path": str(tmp_path_factory.mktemp("ledger")), "flush_interval_s": 3600},
                        "prefill": {"gpus_per_node": 2, "kv_pages": 32},
                        "decode": {"gpus_per_node": 2, "redundant_experts": 2, "kv_pages": 64},
-                       "serve": {"port": port, "max_queue": 64, "model_name": "tiny"}})
+                       "serve": {"port": port, "max_queue": 16, "model_name": "tiny",
+                                 "api_keys": ["none", "tenant-a", "tenant-b"]}})
     dep = start_deployment(cfg)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:     # health needs no API key
                 break
         except httpx.HTTPError:
             time.sleep(0.5)
@@ -174,7 +176,7 @@ def test_logprobs_stop_and_seed(client, llm_answers):
     ({"model": "tiny"}, 400, "prompt"),
 ])
 def test_bad_completion_inputs_are_4xx_with_openai_bodies(server, body, status, param):
-    r = httpx.post(server[0] + "/v1/completions", json=body, timeout=60)
+    r = httpx.post(server[0] + "/v1/completions", json=body, timeout=60, headers=AUTH)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"]
@@ -187,7 +189,7 @@ def test_bad_completion_inputs_are_4xx_with_openai_bodies(server, body, status, 
                                         (json.dumps({"model": "tiny", "messages": "hi"}).encode(), 400)])
 def test_malformed_chat_bodies_are_400_and_the_server_lives(server, raw, status):
     r = httpx.post(server[0] + "/v1/chat/completions", content=raw, timeout=60,
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json", **AUTH})
     assert r.status_code == status and "error" in r.json()
     assert httpx.get(server[0] + "/health", timeout=30).status_code == 200
 
@@ -208,9 +210,40 @@ def test_sixteen_concurrent_streams_are_all_correct(server, llm_answers):
     assert got == [texts[i % 4] for i in range(16)]
 
 
+def test_api_keys_are_enforced(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(server[0] + "/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers,
+                       timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server[0] + "/v1/models", timeout=30).status_code == 401
+
+
+def test_over_capacity_is_429_with_retry_after_and_loses_nothing(server):
+    async def one(client, i):
+        try:
+            r = await client.post("/v1/completions", json={"model": "tiny", "prompt": f"Hi {i}", "max_tokens": 60,
+                                                           "ignore_eos": True})
+            return r.status_code, r.headers.get("retry-after"), r.json()
+        except httpx.HTTPError as exc:
+            return 0, None, str(exc)
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server[0], headers=AUTH, timeout=300) as client:
+            return await asyncio.gather(*[one(client, i) for i in range(24)])      # max_queue is 16
+
+    results = asyncio.run(run())
+    codes = [c for c, _, _ in results]
+    assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 16
+    for code, retry, body in results:
+        if code == 429:
+            assert retry and body["error"]["type"] == "rate_limit_error"
+        else:
+            assert body["usage"]["completion_tokens"] == 60
+
+
 def test_models_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    text = httpx.get(server[0] + "/metrics", timeout=30).text
+    text = httpx.get(server[0] + "/metrics", timeout=30).text      # scrapes need no API key
     for name in ("epserve_ttft_seconds_bucket", "epserve_time_per_output_token_seconds_bucket",
                  "epserve_rank_kv_used_ratio{", "epserve_rank_waiting_requests{", "epserve_in_flight_requests",
                  "epserve_output_tokens_per_second", 'epserve_requests_total{endpoint="completions",status="200"}'):
@@ -219,7 +252,7 @@ def test_models_and_metrics(server, client):
 
 def test_client_disconnect_aborts_and_frees_kv(server, tiny_dir):
     base, dep = server
-    with httpx.stream("POST", base + "/v1/completions", timeout=60,
+    with httpx.stream("POST", base + "/v1/completions", timeout=60, headers=AUTH,
                       json={"model": "tiny", "prompt": "The sea", "max_tokens": 1500, "temperature": 0.0,
                             "stream": True, "ignore_eos": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
