@@ -76,8 +76,18 @@ class UnitSupervisor:
         self.closing = False
 
     # ---- lifecycle -------------------------------------------------------------------
-    async def start(self) -> list[dict]:
-        await self._build()
+    async def start(self, attempts: int = 3) -> list[dict]:
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._build()
+                break
+            except Exception as exc:   # a transient cluster error must not leave half a unit behind
+                await self._teardown()
+                if attempt == attempts:
+                    raise
+                log.warning("%s unit %d start failed (%r); retrying (%d/%d)", self.role, self.unit_id, exc,
+                            attempt, attempts)
+                await asyncio.sleep(1.0)
         self.loop_task = asyncio.get_running_loop().create_task(self._loop())
         return self.rank_info
 

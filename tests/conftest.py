@@ -73,9 +73,9 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
     mb = 1 << 20
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
-        num_cpus=0, include_dashboard=False, node_ip_address="127.0.0.1", object_store_memory=80 * mb))
+        num_cpus=0, include_dashboard=False, node_ip_address="127.0.0.1", object_store_memory=100 * mb))
     for i in range(4):
-        cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1", object_store_memory=80 * mb,
+        cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1", object_store_memory=150 * mb,
                          resources={f"node{i}": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
