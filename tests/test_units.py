@@ -121,6 +121,7 @@ def test_eplb_rebalances_live_mid_generation_without_changing_outputs(unit, tiny
     assert all(torch.equal(p["phy2log"], new_map) for p in placements)
     hf_want = hf_greedy(hf_model(tiny_dir), prompts[0], n)[0]
     assert got[0]["token_ids"] == hf_want
+    ray.kill(ctrl)
 
 
 def test_killing_a_rank_rebuilds_the_unit_and_completes_every_request(unit, reference_outputs):
