@@ -28,6 +28,12 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class TransportConfig:
+    latency_ms: float = 0.0           # injected per MoE exchange, to measure overlap where loopback is free
+    bandwidth_gbps: float = 0.0       # injected exchange bandwidth in GB/s; 0: unlimited
+
+
+@dataclass(frozen=True)
 class UnitConfig:
     units: int = 1
     nodes_per_unit: int = 1
@@ -102,7 +108,8 @@ class Config:
     kernels: str = "auto"             # auto | reference | triton | native
     fp8_activations: bool = True      # FP8 checkpoints: quantise activations 1x128 (the seed's recipe)
     max_model_len: int | None = None  # null: the checkpoint's max_position_embeddings
-    overlap: str = "auto"             # auto | on | off
+    overlap: str = "auto"             # auto | on | off (auto: on with CUDA or an injected exchange cost)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     prefill: UnitConfig = field(default_factory=UnitConfig)
     decode: UnitConfig = field(default_factory=UnitConfig)

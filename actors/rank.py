@@ -92,7 +92,8 @@ class RankActor:
         def dispatcher(kb, args):
             em = ExpertMap(self.phy2log, args.n_routed_experts, lay.world, lay.gpus_per_node)
             return AllToAllDispatcher(kb, em, args.n_dense_layers, lay.rank, lay.world, lay.gpus_per_node,
-                                      lay.fp8_dispatch)
+                                      lay.fp8_dispatch, latency_s=self.spec.latency_s,
+                                      bandwidth=self.spec.bandwidth)
 
         self.engine = RankEngine(self.spec, dispatcher)
         d = self.engine.dispatcher

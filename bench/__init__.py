@@ -6,6 +6,7 @@ eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
 prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
+overlap step time with the two-micro-batch overlap on/off, with and without injected exchange latency
 serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server
         (with no --url: starts the embedded default server, measures it, stops it)
 """
@@ -27,7 +28,7 @@ def run(args) -> dict:
     if args.what == "engine":
         out = mod.run(model=args.model, batches=[int(b) for b in args.batches.split(",")], n_tokens=args.tokens,
                       with_transformers=not args.no_transformers)
-    elif args.what in ("units", "prefix"):
+    elif args.what in ("units", "prefix", "overlap"):
         out = mod.run(model=args.model)
     elif args.what == "step":
         out = mod.run(phase=args.phase)

@@ -14,6 +14,8 @@ Payloads travel as raw bytes (uint8 [rows, bytes]) so any dtype crosses gloo or 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
@@ -36,10 +38,12 @@ def _from_bytes(data: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tens
 
 class AllToAllDispatcher(LocalDispatcher):
     def __init__(self, kb: ModuleType, expert_map: ExpertMap, first_moe_layer: int, rank: int, world: int,
-                 gpus_per_node: int, fp8_dispatch: bool = False, group=None):
+                 gpus_per_node: int, fp8_dispatch: bool = False, group=None, latency_s: float = 0.0,
+                 bandwidth: float = 0.0):
         super().__init__(kb, expert_map, first_moe_layer)
         self.rank, self.world, self.node = rank, world, rank // gpus_per_node
         self.fp8_dispatch, self.group = fp8_dispatch, group
+        self.latency_s, self.bandwidth = latency_s, bandwidth   # injected per exchange (bytes/s; 0 = none)
         n_moe = expert_map.phy2log.shape[0]
         self.pairs_sent = torch.zeros(n_moe, dtype=torch.long)
         self.pairs_received = torch.zeros(n_moe, dtype=torch.long)
@@ -65,7 +69,11 @@ class AllToAllDispatcher(LocalDispatcher):
     def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
             shard: ExpertShard) -> torch.Tensor:
         """x [T, D], idx/weights [T, K] -> [T, D]; collective: every rank of the unit must call it."""
-        m = layer - self.first
+        return self.finish(self.compute(self.launch(layer, x, idx, weights), shard))
+
+    # The three halves of one exchange, so a schedule can compute while another is in flight
+    # (pipelines/overlap.py): launch dispatch -> compute experts + launch combine -> finish.
+    def launch(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> "Exchange":
         t, k = idx.shape
         d = x.shape[1]
         spr = self.map.slots_per_rank
@@ -74,15 +82,63 @@ class AllToAllDispatcher(LocalDispatcher):
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=self.world)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)   # small, synchronous
         sc, rc = send_counts.tolist(), recv_counts.tolist()
         rows = x.repeat_interleave(k, 0)[order] if t else x.new_zeros(0, d)
-        recv_rows = self._unpack(self._exchange(self._pack(rows), sc, rc), d, x.dtype)
-        recv_slot = self._exchange((slots % spr)[order], sc, rc)
-        y = shard.compute(self.kb, recv_rows, recv_slot)                 # [sum(rc), D]
-        back = _from_bytes(self._exchange(_as_bytes(y.to(x.dtype)), rc, sc), x.dtype, d)
-        self.pairs_sent[m] += t * k
-        self.pairs_received[m] += sum(rc)
+        payload, slot_ids = self._pack(rows), (slots % spr)[order]
+        ex = Exchange(layer, t, k, d, x.dtype, order, sc, rc, weights)
+        ex.bufs = [payload.new_empty((sum(rc), payload.shape[1])), slot_ids.new_empty(sum(rc))]
+        ex.works = [dist.all_to_all_single(ex.bufs[0], payload.contiguous(), rc, sc, group=self.group, async_op=True),
+                    dist.all_to_all_single(ex.bufs[1], slot_ids.contiguous(), rc, sc, group=self.group,
+                                           async_op=True)]
+        ex.ready_at = self._ready_at(payload.numel())
+        return ex
+
+    def compute(self, ex: "Exchange", shard: ExpertShard) -> "Exchange":
+        self._wait(ex)
+        y = shard.compute(self.kb, self._unpack(ex.bufs[0], ex.d, ex.dtype), ex.bufs[1])    # [sum(rc), D]
+        send = _as_bytes(y.to(ex.dtype))
+        ex.bufs = [send.new_empty((sum(ex.sc), send.shape[1]))]
+        ex.works = [dist.all_to_all_single(ex.bufs[0], send, ex.sc, ex.rc, group=self.group, async_op=True)]
+        ex.ready_at = self._ready_at(send.numel())
+        return ex
+
+    def finish(self, ex: "Exchange") -> torch.Tensor:
+        self._wait(ex)
+        back = _from_bytes(ex.bufs[0], ex.dtype, ex.d)
+        m = ex.layer - self.first
+        self.pairs_sent[m] += ex.t * ex.k
+        self.pairs_received[m] += sum(ex.rc)
         out = torch.empty_like(back)
-        out[order] = back
-        return (out.view(t, k, d) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
+        out[ex.order] = back
+        return (out.view(ex.t, ex.k, ex.d) * ex.weights.unsqueeze(-1).to(ex.dtype)).sum(1)
+
+    def _ready_at(self, n_bytes: int) -> float:
+        """When the exchange may complete under the injected latency/bandwidth (0: no injection)."""
+        if not (self.latency_s or self.bandwidth):
+            return 0.0
+        return time.perf_counter() + self.latency_s + (n_bytes / self.bandwidth if self.bandwidth else 0.0)
+
+    def _wait(self, ex: "Exchange") -> None:
+        for w in ex.works:
+            w.wait()
+        if ex.ready_at:
+            time.sleep(max(0.0, ex.ready_at - time.perf_counter()))
+
+
+@dataclass
+class Exchange:
+    """One micro-batch's MoE exchange of one layer, in flight between launch and finish."""
+
+    layer: int
+    t: int
+    k: int
+    d: int
+    dtype: torch.dtype
+    order: torch.Tensor
+    sc: list[int]
+    rc: list[int]
+    weights: torch.Tensor
+    bufs: list = field(default_factory=list)
+    works: list = field(default_factory=list)
+    ready_at: float = 0.0

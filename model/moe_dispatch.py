@@ -81,6 +81,16 @@ class LocalDispatcher:
         y = shard.compute(self.kb, rows, slots.flatten() - self.rank * self.map.slots_per_rank)
         return (y.view(t, k, x.shape[1]) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 
+    # launch / compute / finish: the split interface of model/ep_dispatch.py (here nothing is in flight)
+    def launch(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
+        return (layer, x, idx, weights)
+
+    def compute(self, ex, shard: ExpertShard) -> torch.Tensor:
+        return self.run(*ex, shard)
+
+    def finish(self, ex) -> torch.Tensor:
+        return ex
+
     def take_counts(self) -> torch.Tensor:
         """Tokens per logical expert per MoE layer since the last call [n_moe, E]; resets."""
         c, self.counts = self.counts, torch.zeros_like(self.counts)

@@ -18,6 +18,7 @@ from epserve.model.kv_cache import PagedKVCache
 from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
 from epserve.pipelines.kv_handoff import export_blocks
+from epserve.pipelines.overlap import forward_overlapped
 from epserve.pipelines.prefix_cache import KVStoreSpec, PrefixCache, open_store
 from epserve.pipelines.sequence import Sequence
 
@@ -43,6 +44,9 @@ class RankSpec:
     role: str = "both"          # both | prefill (hand the KV off after the first token) | decode
     block_tokens: int = 64
     kv_store: KVStoreSpec | None = None   # on-disk context cache shared by all ranks (None: off)
+    overlap: bool = False       # two-micro-batch schedule (pipelines/overlap.py); same on every rank
+    latency_s: float = 0.0      # injected per-exchange latency (to measure overlap on loopback)
+    bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
 
 
 @dataclass
@@ -117,7 +121,10 @@ class RankEngine:
     def step(self) -> list[TokenDelta]:
         step = self.batcher.schedule()
         batch = self.prepare(step)
-        logits = self.model.forward(batch, self.cache.kv)
+        if self.spec.overlap:
+            logits = forward_overlapped(self.model, batch, self.cache.kv)
+        else:
+            logits = self.model.forward(batch, self.cache.kv)
         return self.postprocess(step, logits)
 
     def prepare(self, step: Step) -> Batch:

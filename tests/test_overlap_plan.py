@@ -45,3 +45,17 @@ def test_no_split_when_disallowed_keeps_whole_sequences():
     mb0, mb1 = split_two([100, 10, 10], [0, 0, 0], allow_split=False)
     assert all(p.start == 0 for p in mb0 + mb1)
     assert {p.seq for p in mb0} == {0}
+
+
+def test_sub_batches_cover_the_step_and_mark_sequence_ends():
+    import torch
+
+    from epserve.model.deepseek_v3 import Batch
+    from epserve.pipelines.overlap import sub_batches
+    seq_new, seq_ctx = [300, 1, 40], [0, 17, 5]
+    t = sum(seq_new)
+    b = Batch(torch.arange(t), torch.arange(t), seq_new, seq_ctx, torch.zeros(3, 8, dtype=torch.long),
+              torch.arange(t))
+    mbs, ends = sub_batches(b)
+    assert sorted(torch.cat([m.input_ids for m in mbs]).tolist()) == list(range(t))
+    assert sorted(s for e in ends for _, s in e) == [0, 1, 2]          # each sequence's last piece, once

@@ -91,6 +91,27 @@ def test_dispatch_loses_and_duplicates_nothing(unit, reference_outputs):
     assert torch.equal(counted.sum(1), sent)
 
 
+def test_overlapped_schedule_gives_identical_outputs(ray_cluster, tiny_dir, reference_outputs):
+    """Two-micro-batch overlap on a 2x2 unit with redundant experts and an injected exchange latency:
+    uneven batches, ranks with nothing, a prompt long enough to be split across micro-batches."""
+    import dataclasses
+    args = read_config(tiny_dir)
+    spec = RankSpec(tiny_dir, kernels="reference", kv_pages=64, overlap=True, latency_s=0.001)
+    sup = UnitSupervisor.remote(9, "decode", spec, UnitShape(2, 2, args.n_routed_experts, 4),
+                                n_moe_layers=args.n_moe_layers, step_timeout_s=60)
+    try:
+        ray.get(sup.start.remote(), timeout=180)
+        prompts, want = reference_outputs
+        items = [(Sequence(f"o{i}", p, greedy()), r) for i, (p, r) in enumerate(zip(prompts, [0, 0, 2, 0, 2]))]
+        assert [g["token_ids"] for g in ray.get(sup.generate.remote(items), timeout=300)] == want
+        alone = ray.get(sup.generate.remote([(Sequence("solo", prompts[3], greedy()), 3)]), timeout=300)
+        assert alone[0]["token_ids"] == want[3]
+    finally:
+        ray.get(sup.shutdown.remote(), timeout=60)
+        ray.kill(sup)
+    assert dataclasses.replace(spec, overlap=False) != spec
+
+
 def test_eplb_rebalances_live_mid_generation_without_changing_outputs(unit, tiny_dir):
     from epserve.actors.eplb_controller import EplbController
     sup, _, shape, args = unit
