@@ -141,7 +141,7 @@ def _cmd_report(a) -> int:
 
     from epserve.config import load_config
     from epserve.fleet.ledger import read_ledger
-    from epserve.fleet.report import Pricing, build_report, format_report, plot_report
+    from epserve.fleet.report import build_report, format_report, plot_report
 
     def when(s):
         if s is None:
@@ -152,8 +152,7 @@ def _cmd_report(a) -> int:
             raise ValueError(f"--from/--to: {s!r} is not an ISO time like 2025-02-27T12:00") from None
         return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
-    p = load_config(a.config).pricing
-    pricing = Pricing(p.gpu_hour_usd, p.input_hit_per_m, p.input_miss_per_m, p.output_per_m)
+    pricing = load_config(a.config).pricing
     start, end = when(a.start), when(a.end)
     requests, capacity = read_ledger(a.ledger, start, end)
     rep = build_report(requests, capacity, pricing, start, end, a.gpus_per_node)

@@ -18,20 +18,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from epserve.config import PricingConfig
 from epserve.fleet.ledger import to_utc
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = 1_000_000
 
 
-@dataclass(frozen=True)
-class Pricing:
-    """USD per GPU-hour and per million tokens; defaults: $2 per H800-hour and R1's API prices (SEED)."""
-
-    gpu_hour_usd: float = 2.0
-    input_hit_per_m: float = 0.14
-    input_miss_per_m: float = 0.55
-    output_per_m: float = 2.19
+# USD per GPU-hour and per million tokens (config `pricing:`); defaults: $2 per H800-hour and R1's prices.
+Pricing = PricingConfig
 
 
 def revenue_usd(hit_tokens: float, miss_tokens: float, output_tokens: float, pricing: Pricing) -> float:

@@ -89,14 +89,20 @@ class Weight:
         return n + (self.scale.numel() * 4 if self.is_fp8 else 0)
 
 
-def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-    """x [..., K] @ W[N, K]^T -> [..., N] in x's dtype."""
-    if not weight.is_fp8:
-        return F.linear(x, weight.w)
-    if weight.act_quant:
-        q, s = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]))
-        return fp8_gemm_nt(q, s, weight.w, weight.scale, x.dtype).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight.dense(x.dtype))
+def linear_with(quant, gemm):
+    """A backend's `linear` from its 1x128 quantiser and FP8 GEMM (the three cases are the same everywhere)."""
+    def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+        """x [..., K] @ W[N, K]^T -> [..., N] in x's dtype."""
+        if not weight.is_fp8:
+            return F.linear(x, weight.w)
+        if weight.act_quant:
+            q, s = quant(x.reshape(-1, x.shape[-1]))
+            return gemm(q, s, weight.w, weight.scale, x.dtype).view(*x.shape[:-1], weight.shape[0])
+        return F.linear(x, weight.dense(x.dtype))
+    return linear
+
+
+linear = linear_with(per_token_group_quant_fp8, fp8_gemm_nt)
 
 
 def grouped_linear(x: torch.Tensor, weights: list[Weight], group_ids: torch.Tensor) -> torch.Tensor:

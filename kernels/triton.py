@@ -252,14 +252,7 @@ def fp8_gemm_nt(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: to
     return c
 
 
-def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-    """x [..., K] @ W[N, K]^T -> [..., N] in x's dtype (reference.linear's three cases)."""
-    if not weight.is_fp8:
-        return F.linear(x, weight.w)
-    if weight.act_quant:
-        q, s = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]))
-        return fp8_gemm_nt(q, s, weight.w, weight.scale, x.dtype).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight.dense(x.dtype))
+linear = reference.linear_with(per_token_group_quant_fp8, fp8_gemm_nt)   # reference.linear's three cases
 
 
 @_jit

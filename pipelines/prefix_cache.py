@@ -11,7 +11,6 @@ A block that fails to load is a miss (fleet/kv_store.py checks and removes it).
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,6 @@ import torch
 from epserve.fleet.kv_store import KVStore
 from epserve.model.kv_cache import PagedKVCache
 from epserve.pipelines.sequence import Sequence
-
-log = logging.getLogger("epserve.prefix_cache")
 
 
 @dataclass(frozen=True)
@@ -71,8 +68,13 @@ class PrefixCache:
         blocks = self.store.load_prefix(keys[:usable]) if usable else []
         return torch.cat(blocks, dim=1) if blocks else None
 
-    def save(self, seq: Sequence, cache: PagedKVCache, n_tokens: int, skip_blocks: int = 0) -> int:
-        """Write the full blocks among seq's first n_tokens computed tokens; returns blocks written."""
+    def save(self, seq: Sequence, cache: PagedKVCache, n_tokens: int, skip_blocks: int = 0,
+             blocks: list[torch.Tensor] | None = None) -> int:
+        """Write the full blocks among seq's first n_tokens computed tokens; returns blocks written.
+
+        blocks: the same tokens already exported in block_tokens-sized pieces from block 0
+        (the KV handoff's); otherwise they are read from the paged cache.
+        """
         if seq.tenant is None or not self.store.writes_enabled:
             return 0
         n_full = n_tokens // self.bt
@@ -80,6 +82,7 @@ class PrefixCache:
             return 0
         keys = self.store.block_keys(seq.all_ids[: n_full * self.bt], seq.tenant)
         todo = list(range(skip_blocks, n_full))          # save() skips keys already on disk
-        lat = cache.read_tokens(seq.pages, skip_blocks * self.bt, n_full * self.bt).cpu()
-        blocks = [lat[:, (i - skip_blocks) * self.bt:(i - skip_blocks + 1) * self.bt] for i in todo]
-        return self.store.save_many([keys[i] for i in todo], blocks)
+        if blocks is None:
+            lat = cache.read_tokens(seq.pages, skip_blocks * self.bt, n_full * self.bt).cpu()
+            blocks = [None] * skip_blocks + [lat[:, j * self.bt:(j + 1) * self.bt] for j in range(len(todo))]
+        return self.store.save_many([keys[i] for i in todo], [blocks[i] for i in todo])

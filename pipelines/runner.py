@@ -151,22 +151,23 @@ class RankEngine:
         for seq, n, tok, info in zip(step.seqs, step.n_new, tokens, infos):
             seq.n_computed += n
             seq.append(tok, info)
-            self._save_blocks(seq)
             delta = TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached)
             if self.spec.role == "prefill" and not seq.is_finished:
                 delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens)
                 seq.finish_reason = delta.finish_reason = "handoff"
+            self._save_blocks(seq, delta.kv_blocks)
             deltas.append(delta)
         self.batcher.finish(step.seqs)
         return deltas
 
-    def _save_blocks(self, seq: Sequence) -> None:
+    def _save_blocks(self, seq: Sequence, exported: list | None) -> None:
         """Prompt blocks after the first token (not on decode ranks: prefill wrote them); all full
-        blocks when a sequence ends here, so the next turn of a chat hits."""
+        blocks when a sequence ends here, so the next turn of a chat hits. `exported`: the
+        handoff's blocks, reused so the prompt's latents leave the cache once."""
         pc, bt = self.prefix_cache, self.spec.block_tokens
         if pc is None:
             return
         if len(seq.output_ids) == 1 and self.spec.role != "decode":
-            pc.save(seq, self.cache, len(seq.prompt_ids), skip_blocks=seq.n_cached // bt)
+            pc.save(seq, self.cache, len(seq.prompt_ids), skip_blocks=seq.n_cached // bt, blocks=exported)
         if seq.is_finished and self.spec.role != "prefill":
             pc.save(seq, self.cache, seq.n_computed, skip_blocks=len(seq.prompt_ids) // bt)

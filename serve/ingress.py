@@ -234,7 +234,7 @@ class Ingress:
                 d = await ref
                 finished = d.finish_reason is not None
                 yield d.token_id, d.logprob, d.finish_reason
-        except RayTaskErrorTypes as exc:
+        except ray.exceptions.RayTaskError as exc:
             inner = _unwrap(exc)
             if isinstance(inner, (RequestRejected, ValueError)):
                 raise APIError(400, str(inner).splitlines()[-1]) from None
@@ -381,5 +381,3 @@ class Ingress:
         return {"tokens": [dec(lp["token_id"]) for lp in lps], "token_logprobs": [lp["logprob"] for lp in lps],
                 "top_logprobs": [{dec(t): v for t, v in lp["top"]} for lp in lps], "text_offset": []}
 
-
-RayTaskErrorTypes = (ray.exceptions.RayTaskError,)
