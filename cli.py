@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     b.add_argument("--no-transformers", action="store_true")
     b.add_argument("--phase", choices=["prefill", "decode"], default="decode")
+    b.add_argument("--latency-ms", type=float,
+                   help="overlap/--profile: injected per-exchange latency (overlap default: comparable to compute)")
+    b.add_argument("--profile", metavar="DIR",
+                   help="write PyTorch profiler traces of an overlapped prefill and decode step of a 2-rank unit "
+                        "to DIR (one Chrome trace per step and rank) instead of running a benchmark")
     return p
 
 

@@ -36,6 +36,7 @@ class StepInput:
     new: list[Sequence] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
     switch_map: int | None = None      # switch to staged placement version N before this step
+    schedule: str | None = None        # overlap schedule of this step, the same on every rank
 
 
 @dataclass
@@ -139,11 +140,26 @@ class RankActor:
                     eng.add(seq)
             except ValueError as exc:       # InvalidRequest / RequestTooLarge: tell the caller, keep going
                 rejected.append((seq.request_id, str(exc)))
-        deltas = eng.step()
+        deltas = eng.step(inp.schedule)
         for d in deltas:                    # prefill role: publish the handed-off blocks, rank to rank
             if d.kv_blocks is not None:
                 d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
         return StepOutput(deltas, self.stats(), eng.has_work, rejected, self.map_version)
+
+    def profiled_step(self, inp: StepInput, trace_path: str) -> tuple[StepOutput, dict]:
+        """One step under the PyTorch profiler; writes a Chrome trace (chrome://tracing, Perfetto)
+        and returns the step's output with the milliseconds spent in each schedule stage."""
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            out = self.step(inp)
+        prof.export_chrome_trace(trace_path)
+        stages: dict[str, float] = {}
+        for ev in prof.key_averages():
+            if "[" in ev.key and ev.key.split("[")[0].isupper():       # schedule ops: "MLP[0]@3"
+                name = ev.key.split("[")[0]
+                stages[name] = stages.get(name, 0.0) + ev.cpu_time_total / 1e3
+        return out, stages
 
     @staticmethod
     def _receive_kv(seq: Sequence):

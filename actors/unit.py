@@ -22,6 +22,7 @@ import ray
 import torch
 
 from epserve.actors.rank import RankActor, StepInput, UnitLayout
+from epserve.pipelines.overlap import choose_schedule
 from epserve.messages import RankStats
 from epserve.pipelines.runner import RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
@@ -66,6 +67,7 @@ class UnitSupervisor:
         self.aborts: list[list[str]] = [[] for _ in range(shape.n_ranks)]
         self.busy = [False] * shape.n_ranks
         self.stats_cache: list[RankStats] = [RankStats(unit_id, r) for r in range(shape.n_ranks)]
+        self.schedule_steps = {"plain": 0, "prefill": 0, "decode": 0}     # steps run on each schedule
         self.n_steps = self.n_restarts = 0
         self.failures_in_a_row = 0     # steps that failed since the last good one
         self.map_version, self.pending_switch = 0, None
@@ -163,7 +165,9 @@ class UnitSupervisor:
                 await self.wake.wait()
                 continue
             switching = self.pending_switch
-            inputs = [StepInput(self.inbox[r], self.aborts[r], switching) for r in range(len(self.ranks))]
+            schedule = self._schedule()
+            self.schedule_steps[schedule or "plain"] += 1
+            inputs = [StepInput(self.inbox[r], self.aborts[r], switching, schedule) for r in range(len(self.ranks))]
             self.inbox = [[] for _ in self.ranks]
             self.aborts = [[] for _ in self.ranks]
             try:
@@ -193,6 +197,13 @@ class UnitSupervisor:
                     self._fail(rid, why)
                 for d in out.deltas:
                     self._deliver(d)
+
+    def _schedule(self) -> str | None:
+        """One overlap schedule for all ranks (they must issue their collectives in one order)."""
+        stats = self.stats_cache
+        new_prompts = any(not s.kv_blocks for box in self.inbox for s in box)   # handed-off ones come prefilled
+        return choose_schedule(self.spec.overlap, new_prompts or any(s.n_waiting for s in stats),
+                               max((s.n_running for s in stats), default=0))
 
     def _deliver(self, d: TokenDelta) -> None:
         tr = self.requests.get(d.request_id)
@@ -287,7 +298,7 @@ class UnitSupervisor:
     def status(self) -> dict:
         return {"unit": self.unit_id, "role": self.role, "steps": self.n_steps, "restarts": self.n_restarts,
                 "ranks": self.rank_info, "in_flight": len(self.requests), "map_version": self.map_version,
-                "eplb": self.eplb_report}
+                "eplb": self.eplb_report, "schedule_steps": dict(self.schedule_steps)}
 
     def rank_handles(self) -> list:
         return list(self.ranks)

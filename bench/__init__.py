@@ -6,7 +6,8 @@ eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
 prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
-overlap step time with the two-micro-batch overlap on/off, with and without injected exchange latency
+overlap step time with the overlapped schedules on/off, prefill and decode, with and without injected latency
+--profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit
 serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server
         (with no --url: starts the embedded default server, measures it, stops it)
 """
@@ -24,11 +25,17 @@ def environment() -> dict:
 
 
 def run(args) -> dict:
+    if getattr(args, "profile", None):
+        from epserve.bench import overlap
+        out = overlap.profile(args.profile, model=args.model, latency_ms=args.latency_ms or 0.0)
+        return {"bench": "profile", "env": environment(), "results": out}
     mod = importlib.import_module(f"epserve.bench.{args.what}")
     if args.what == "engine":
         out = mod.run(model=args.model, batches=[int(b) for b in args.batches.split(",")], n_tokens=args.tokens,
                       with_transformers=not args.no_transformers)
-    elif args.what in ("units", "prefix", "overlap"):
+    elif args.what == "overlap":
+        out = mod.run(model=args.model, latency_ms=args.latency_ms)
+    elif args.what in ("units", "prefix"):
         out = mod.run(model=args.model)
     elif args.what == "step":
         out = mod.run(phase=args.phase)

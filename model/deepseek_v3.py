@@ -293,6 +293,13 @@ class MLA:
     def forward(self, x: torch.Tensor, batch: Batch, rope: tuple[torch.Tensor, torch.Tensor],
                 cache_layer: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]; writes the new tokens' latents into cache_layer [pages, page, L+R]."""
+        return self.attend(self.project(x, batch, rope, cache_layer), batch, cache_layer)
+
+    # The two halves DeepSeek's decode pipeline schedules apart (pipelines/overlap.py):
+    # ATTN-0 = project (down/up projections, RoPE, cache write, query absorption),
+    # ATTN-1 = attend (core attention and the output projection).
+    def project(self, x: torch.Tensor, batch: Batch, rope: tuple[torch.Tensor, torch.Tensor],
+                cache_layer: torch.Tensor) -> "Queries":
         a, kb = self.args, self.kb
         t = x.shape[0]
         if self.wq is not None:
@@ -309,44 +316,54 @@ class MLA:
                             apply_rope(k_pe, cos, sin, a.rope_interleave)], -1)
         flat_cache = cache_layer.view(-1, a.kv_dim)
         flat_cache[batch.slot_mapping] = latent.to(cache_layer.dtype)
-
-        out = x.new_empty(t, a.n_heads, a.v_head_dim)
         decode_rows = [i for i, (n, c) in enumerate(zip(batch.seq_new, batch.seq_ctx))
                        if n == 1 and c > 0 and not batch.force_naive]
         starts = [0] + list(torch.tensor(batch.seq_new, dtype=torch.long).cumsum(0).tolist())
-        if decode_rows:
+        q_lat = None
+        if decode_rows:      # absorbed form: q_nope [B, H, P] -> latent query [B, H, L]
             tok = torch.tensor([starts[i] for i in decode_rows], dtype=torch.long)
-            out[tok] = self._decode(q_nope[tok], q_pe[tok], batch, decode_rows, cache_layer)
-        w_uk, w_uv = None, None
+            q_lat = torch.cat([torch.einsum("bhp,hpl->bhl", q_nope[tok], self.absorbed(x.dtype)[0]), q_pe[tok]], -1)
+        return Queries(q_nope, q_pe, decode_rows, starts, q_lat)
+
+    def attend(self, q: "Queries", batch: Batch, cache_layer: torch.Tensor) -> torch.Tensor:
+        a, kb = self.args, self.kb
+        dtype = q.q_nope.dtype
+        out = q.q_nope.new_empty(q.q_nope.shape[0], a.n_heads, a.v_head_dim)
+        w_uk, w_uv = self.absorbed(dtype)
+        if q.decode_rows:
+            tok = torch.tensor([q.starts[i] for i in q.decode_rows], dtype=torch.long)
+            seq_lens = torch.tensor([batch.seq_ctx[i] + 1 for i in q.decode_rows], dtype=torch.long)
+            o_lat, _ = kb.mla_decode(q.q_lat, cache_layer, batch.block_tables[q.decode_rows], seq_lens,
+                                     a.softmax_scale, a.kv_lora_rank)
+            out[tok] = torch.einsum("bhl,hvl->bhv", o_lat.to(dtype), w_uv)
         page = cache_layer.shape[1]
+        decode = set(q.decode_rows)
         for i, (n, c) in enumerate(zip(batch.seq_new, batch.seq_ctx)):
-            if i in decode_rows or n == 0:
+            if i in decode or n == 0:
                 continue
             total = c + n
             pages = batch.block_tables[i, : math.ceil(total / page)]
-            lat = cache_layer[pages].reshape(-1, a.kv_dim)[:total].to(x.dtype)
-            if w_uk is None:
-                w_uk, w_uv = self.absorbed(x.dtype)
+            lat = cache_layer[pages].reshape(-1, a.kv_dim)[:total].to(dtype)
             c_lat, k_rope = lat.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
             # naive form: expand the latent to per-head keys [total, H, P+R] and values [total, H, V]
             k_nope = torch.einsum("sl,hpl->shp", c_lat, w_uk)
             k = torch.cat([k_nope, k_rope[:, None].expand(-1, a.n_heads, -1)], -1)
             v = torch.einsum("sl,hvl->shv", c_lat, w_uv)
-            s = slice(starts[i], starts[i] + n)
-            qi = torch.cat([q_nope[s], q_pe[s]], -1)
+            s = slice(q.starts[i], q.starts[i] + n)
+            qi = torch.cat([q.q_nope[s], q.q_pe[s]], -1)
             out[s] = kb.mla_prefill(qi, k, v, a.softmax_scale)
         return kb.linear(out.flatten(1), self.wo)
 
-    def _decode(self, q_nope, q_pe, batch: Batch, rows: list[int], cache_layer) -> torch.Tensor:
-        """Absorbed form: q_nope [B, H, P] -> latent query [B, H, L]; attention in latent space."""
-        a = self.args
-        w_uk, w_uv = self.absorbed(q_nope.dtype)
-        q_lat = torch.einsum("bhp,hpl->bhl", q_nope, w_uk)
-        q = torch.cat([q_lat, q_pe], -1)
-        seq_lens = torch.tensor([batch.seq_ctx[i] + 1 for i in rows], dtype=torch.long)
-        o_lat, _ = self.kb.mla_decode(q, cache_layer, batch.block_tables[rows], seq_lens,
-                                      a.softmax_scale, a.kv_lora_rank)
-        return torch.einsum("bhl,hvl->bhv", o_lat.to(q_nope.dtype), w_uv)
+
+@dataclass
+class Queries:
+    """ATTN-0's output for ATTN-1: the queries; the new latents are already in the cache."""
+
+    q_nope: torch.Tensor               # [T, H, P]
+    q_pe: torch.Tensor                 # [T, H, R], rotated
+    decode_rows: list[int]             # sequences attended in the absorbed (latent) form
+    starts: list[int]                  # first token row of each sequence
+    q_lat: torch.Tensor | None         # [len(decode_rows), H, L+R] absorbed queries
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Per MoE layer on every rank (ranks with no tokens still take part):
   1. route: each (token, expert) pair picks one replica slot (placement/topology.py);
   2. dispatch: pairs sorted by destination rank; counts exchanged, then the rows
-     (FP8 e4m3 + 1x128 scales when fp8_dispatch, else the model dtype) and each row's
-     local slot id, with all_to_all_single;
+     (FP8 e4m3 + 1x128 scales when fp8_dispatch, else the model dtype), each with its
+     local slot id in its last 4 bytes, in one all_to_all_single;
   3. the destination computes its slots' experts on what it received (ExpertShard);
   4. combine: results go back by the reverse all_to_all in the model dtype (BF16 in
      production, float32 in exact tests); the sender weights them and sums over K.
@@ -85,18 +85,18 @@ class AllToAllDispatcher(LocalDispatcher):
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)   # small, synchronous
         sc, rc = send_counts.tolist(), recv_counts.tolist()
         rows = x.repeat_interleave(k, 0)[order] if t else x.new_zeros(0, d)
-        payload, slot_ids = self._pack(rows), (slots % spr)[order]
+        slot_ids = (slots % spr)[order].to(torch.int32)[:, None]
+        payload = torch.cat([self._pack(rows), _as_bytes(slot_ids)], 1)      # one message per row
         ex = Exchange(layer, t, k, d, x.dtype, order, sc, rc, weights)
-        ex.bufs = [payload.new_empty((sum(rc), payload.shape[1])), slot_ids.new_empty(sum(rc))]
-        ex.works = [dist.all_to_all_single(ex.bufs[0], payload.contiguous(), rc, sc, group=self.group, async_op=True),
-                    dist.all_to_all_single(ex.bufs[1], slot_ids.contiguous(), rc, sc, group=self.group,
-                                           async_op=True)]
+        ex.bufs = [payload.new_empty((sum(rc), payload.shape[1]))]
+        ex.works = [dist.all_to_all_single(ex.bufs[0], payload, rc, sc, group=self.group, async_op=True)]
         ex.ready_at = self._ready_at(payload.numel())
         return ex
 
     def compute(self, ex: "Exchange", shard: ExpertShard) -> "Exchange":
         self._wait(ex)
-        y = shard.compute(self.kb, self._unpack(ex.bufs[0], ex.d, ex.dtype), ex.bufs[1])    # [sum(rc), D]
+        data, slot_ids = ex.bufs[0][:, :-4], _from_bytes(ex.bufs[0][:, -4:], torch.int32, 1)[:, 0].long()
+        y = shard.compute(self.kb, self._unpack(data, ex.d, ex.dtype), slot_ids)            # [sum(rc), D]
         send = _as_bytes(y.to(ex.dtype))
         ex.bufs = [send.new_empty((sum(ex.sc), send.shape[1]))]
         ex.works = [dist.all_to_all_single(ex.bufs[0], send, ex.sc, ex.rc, group=self.group, async_op=True)]

@@ -1,24 +1,31 @@
-"""Micro-batch planning for communication-computation overlap (issue 7, the pure part).
+"""Communication-computation overlap (issue 7): two micro-batches, two schedules.
 
-DeepSeek's prefill splits each batch into two micro-batches so that one computes while
-the other's dispatch/combine is in flight; decode runs a five-stage pipeline over two
-micro-batches. `split_two` decides the split (state in, plan out); `forward_overlapped`
-runs the prefill schedule on the dispatcher's launch / compute / finish halves
-(model/ep_dispatch.py, non-blocking collectives).
+`split_two` cuts a step's batch into two micro-batches (state in, plan out). A schedule is
+a plain list of stage operations over both micro-batches, the orders of DeepSeek's two
+figures (SEED.md):
+  prefill  per layer: ATTN(0) | SHARED(1) ATTN(1) | MLP(0) | MLP(1) | SHARED(0)
+  decode   per layer: SHARED(0) ATTN-0(1) | MLP(0) | ATTN-1(1) | SHARED(1) ATTN-0(0) | MLP(1) | ATTN-1(0)
+with DISPATCH (launch), MLP (wait for the dispatch, run the experts, launch the combine) and
+COMBINE (wait, add into the residual) placed so each exchange flies while the other
+micro-batch computes. `run_schedule` executes a list on the dispatcher's launch / compute /
+finish halves (model/ep_dispatch.py, non-blocking collectives); every stage is a named
+profiler range. The two schedules issue collectives in different orders, so a unit picks
+one per step for all its ranks (`choose_schedule`, called by the supervisor).
 
-A piece is (sequence index, first new token, end): a long prompt may be split across
-the two micro-batches, its first part in micro-batch 0, so that micro-batch 1's part
-finds the first part's latents already in the cache (micro-batch 0's attention runs
-first in every layer).
+A piece is (sequence index, first new token, end): a long prompt may be split across the
+two micro-batches, its head in micro-batch 0, because both schedules run micro-batch 0's
+ATTN-0 of a layer before micro-batch 1's ATTN-1 of it (the tail attends to the head).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from epserve.model.deepseek_v3 import Batch, MoE, rms_norm
+from epserve.model.deepseek_v3 import Batch, MoE, Queries, rms_norm
+
+SCHEDULES = ("prefill", "decode")
 
 @dataclass(frozen=True)
 class Piece:
@@ -95,49 +102,126 @@ def sub_batches(batch: Batch) -> tuple[list[Batch], list[list[tuple[int, int]]]]
     return out, ends
 
 
-def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor) -> torch.Tensor:
-    """Two-micro-batch forward: one micro-batch's dispatch/combine is in flight while the other
-    computes. Per MoE layer: attn(0), launch dispatch(0) | attn(1), launch dispatch(1) |
-    experts(0), launch combine(0) | experts(1), launch combine(1) | and micro-batch 0's combine
-    is finished (with its shared expert) only when its next attention needs it, while 1's flies.
-    Same logits as model.forward: every token sees the same math. -> logits fp32 [B, vocab]."""
-    a = model.args
-    mbs, ends = sub_batches(batch)
-    h = [model.embed[b.input_ids].to(model.dtype) for b in mbs]
-    rope = [model.rope(b.positions) for b in mbs]
-    pending: list = [None, None]
+def choose_schedule(enabled: bool, any_prefill: bool, max_running: int) -> str | None:
+    """The unit's schedule for the next step (None: one batch, no overlap). Prefill work of any
+    rank -> the prefill schedule; a decode step is split only if some rank has two sequences
+    to give the two micro-batches (splitting one sequence buys nothing and costs exchanges)."""
+    if not enabled:
+        return None
+    if any_prefill:
+        return "prefill"
+    return "decode" if max_running >= 2 else None
 
-    def land(j):                      # finish micro-batch j's combine and add its MoE output
-        ffn, x, ex = pending[j]
-        shared = ffn.shared.forward(x) if ffn.shared is not None else 0
-        h[j] = h[j] + ffn.dispatcher.finish(ex) + shared
-        pending[j] = None
 
-    with torch.inference_mode():
-        for i, blk in enumerate(model.layers):
-            for j in (0, 1):
-                if pending[j] is not None:
-                    land(j)
-                h[j] = h[j] + blk.attn.forward(rms_norm(h[j], blk.attn_norm, a.rms_norm_eps), mbs[j], rope[j],
-                                               kv_cache[i])
-                x = rms_norm(h[j], blk.ffn_norm, a.rms_norm_eps)
+@dataclass(frozen=True)
+class Op:
+    stage: str      # ATTN-0 ATTN-1 FFN DISPATCH SHARED MLP COMBINE HEAD
+    mb: int
+    layer: int = -1
+
+    def __str__(self) -> str:
+        return f"{self.stage}[{self.mb}]" + (f"@{self.layer}" if self.layer >= 0 else "")
+
+
+def schedule_ops(kind: str, n_layers: int, n_dense: int) -> list[Op]:
+    """The whole step's operations, in execution order (pure; the tests read it)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule {kind!r}: expected one of {SCHEDULES}")
+    ops = [Op(s, j, i) for i in range(n_dense) for j in (0, 1) for s in ("ATTN-0", "ATTN-1", "FFN")]
+    moe = list(range(n_dense, n_layers))
+    if kind == "prefill":
+        for i in moe:
+            prev = i > n_dense
+            ops += [Op("ATTN-0", 0, i), Op("ATTN-1", 0, i), Op("DISPATCH", 0, i)]
+            ops += [Op("SHARED", 1, i - 1), Op("COMBINE", 1, i - 1)] if prev else []
+            ops += [Op("ATTN-0", 1, i), Op("ATTN-1", 1, i), Op("DISPATCH", 1, i),
+                    Op("MLP", 0, i), Op("MLP", 1, i), Op("SHARED", 0, i), Op("COMBINE", 0, i)]
+        if moe:
+            ops += [Op("HEAD", 0), Op("SHARED", 1, moe[-1]), Op("COMBINE", 1, moe[-1])]
+    else:
+        if moe:
+            ops += [Op("ATTN-0", 0, moe[0]), Op("ATTN-1", 0, moe[0])]
+        for i in moe:
+            more = i + 1 < n_layers
+            ops += [Op("DISPATCH", 0, i), Op("SHARED", 0, i)]
+            ops += [Op("COMBINE", 1, i - 1)] if i > n_dense else []
+            ops += [Op("ATTN-0", 1, i), Op("MLP", 0, i), Op("ATTN-1", 1, i), Op("DISPATCH", 1, i),
+                    Op("SHARED", 1, i), Op("COMBINE", 0, i)]
+            ops += [Op("ATTN-0", 0, i + 1)] if more else [Op("HEAD", 0)]
+            ops += [Op("MLP", 1, i)]
+            ops += [Op("ATTN-1", 0, i + 1)] if more else []
+        if moe:
+            ops += [Op("COMBINE", 1, moe[-1])]     # the one exchange left exposed: the pipeline drains
+    return ops + ([] if moe else [Op("HEAD", 0)]) + [Op("HEAD", 1)]
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch's state as it moves through the layers."""
+
+    batch: Batch
+    rope: tuple
+    h: torch.Tensor                       # residual stream [T, D]
+    q: Queries | None = None              # ATTN-0 -> ATTN-1
+    x: torch.Tensor | None = None         # FFN input of the current MoE layer
+    ex: object = None                     # the exchange in flight (dispatch, then combine)
+    shared: torch.Tensor | None = None    # shared-expert output waiting for the combine
+    routing: tuple | None = None          # (weights, expert ids) from the gate
+    ends: list = field(default_factory=list)   # (row, sequence) of pieces that end a sequence
+    logits: torch.Tensor | None = None    # HEAD: fp32 [len(ends), vocab]
+
+
+def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Tensor,
+                 trace: list[str] | None = None) -> None:
+    """Execute `ops` in order; each stage runs under a profiler range named after it."""
+    a, blocks = model.args, model.layers
+    for op in ops:
+        if trace is not None:
+            trace.append(str(op))
+        m = mbs[op.mb]
+        blk = blocks[op.layer] if op.layer >= 0 else None
+        with torch.profiler.record_function(str(op)):
+            if op.stage == "ATTN-0":
+                m.q = blk.attn.project(rms_norm(m.h, blk.attn_norm, a.rms_norm_eps), m.batch, m.rope,
+                                       kv_cache[op.layer])
+            elif op.stage == "ATTN-1":
+                m.h = m.h + blk.attn.attend(m.q, m.batch, kv_cache[op.layer])
+                m.x, m.q = rms_norm(m.h, blk.ffn_norm, a.rms_norm_eps), None
                 if isinstance(blk.ffn, MoE):
-                    w, idx = blk.ffn.gate.forward(x)
-                    pending[j] = (blk.ffn, x, blk.ffn.dispatcher.launch(i, x, idx, w))
-                else:
-                    h[j] = h[j] + blk.ffn.forward(x)
-            for j in (0, 1):
-                if pending[j] is not None:
-                    ffn, x, ex = pending[j]
-                    pending[j] = (ffn, x, ffn.dispatcher.compute(ex, ffn.experts))
-        for j in (0, 1):
-            if pending[j] is not None:
-                land(j)
+                    m.routing = blk.ffn.gate.forward(m.x)
+            elif op.stage == "FFN":
+                m.h = m.h + blk.ffn.forward(m.x)
+            elif op.stage == "DISPATCH":
+                w, idx = m.routing
+                m.ex = blk.ffn.dispatcher.launch(op.layer, m.x, idx, w)
+            elif op.stage == "SHARED":
+                m.shared = blk.ffn.shared.forward(m.x) if blk.ffn.shared is not None else None
+            elif op.stage == "MLP":
+                m.ex = blk.ffn.dispatcher.compute(m.ex, blk.ffn.experts)
+            elif op.stage == "COMBINE":
+                m.h = m.h + blk.ffn.dispatcher.finish(m.ex)
+                if m.shared is not None:
+                    m.h = m.h + m.shared
+                m.ex = m.shared = None
+            elif op.stage == "HEAD":
+                h = rms_norm(m.h[m.batch.last_token_index[[r for r, _ in m.ends]]], model.norm, a.rms_norm_eps)
+                m.logits = F.linear(h, model.head.to(h.dtype)).float()
+            else:
+                raise ValueError(f"unknown stage {op.stage!r}")
+
+
+def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor, schedule: str = "prefill",
+                       trace: list[str] | None = None) -> torch.Tensor:
+    """Same logits as model.forward (every token sees the same math), computed as two
+    micro-batches on `schedule`'s order. -> logits fp32 [B, vocab]."""
+    a = model.args
+    batches, ends = sub_batches(batch)
+    with torch.inference_mode():
+        mbs = [MicroBatch(b, model.rope(b.positions), model.embed[b.input_ids].to(model.dtype), ends=e)
+               for b, e in zip(batches, ends)]
+        run_schedule(model, mbs, schedule_ops(schedule, a.n_layers, a.n_dense_layers), kv_cache, trace)
         logits = torch.empty(len(batch.seq_new), a.vocab_size, dtype=torch.float32, device=model.device)
-        for j in (0, 1):
-            if not ends[j]:
-                continue
-            last = mbs[j].last_token_index[[r for r, _ in ends[j]]]
-            hj = rms_norm(h[j][last], model.norm, a.rms_norm_eps)
-            logits[[s for _, s in ends[j]]] = F.linear(hj, model.head.to(hj.dtype)).float()
+        for m in mbs:
+            if m.ends:
+                logits[[s for _, s in m.ends]] = m.logits
     return logits

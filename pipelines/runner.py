@@ -44,7 +44,7 @@ class RankSpec:
     role: str = "both"          # both | prefill (hand the KV off after the first token) | decode
     block_tokens: int = 64
     kv_store: KVStoreSpec | None = None   # on-disk context cache shared by all ranks (None: off)
-    overlap: bool = False       # two-micro-batch schedule (pipelines/overlap.py); same on every rank
+    overlap: bool = False       # the unit may run two-micro-batch schedules (pipelines/overlap.py)
     latency_s: float = 0.0      # injected per-exchange latency (to measure overlap on loopback)
     bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
 
@@ -118,11 +118,12 @@ class RankEngine:
     def has_work(self) -> bool:
         return self.batcher.n_requests > 0
 
-    def step(self) -> list[TokenDelta]:
+    def step(self, schedule: str | None = None) -> list[TokenDelta]:
+        """schedule: the unit's overlap schedule for this step (pipelines/overlap.py), None: one batch."""
         step = self.batcher.schedule()
         batch = self.prepare(step)
-        if self.spec.overlap:
-            logits = forward_overlapped(self.model, batch, self.cache.kv)
+        if schedule is not None:
+            logits = forward_overlapped(self.model, batch, self.cache.kv, schedule)
         else:
             logits = self.model.forward(batch, self.cache.kv)
         return self.postprocess(step, logits)

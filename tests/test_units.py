@@ -92,8 +92,8 @@ def test_dispatch_loses_and_duplicates_nothing(unit, reference_outputs):
 
 
 def test_overlapped_schedule_gives_identical_outputs(ray_cluster, tiny_dir, reference_outputs):
-    """Two-micro-batch overlap on a 2x2 unit with redundant experts and an injected exchange latency:
-    uneven batches, ranks with nothing, a prompt long enough to be split across micro-batches."""
+    """The overlapped prefill and five-stage decode schedules on a 2x2 unit with redundant experts and
+    an injected exchange latency: uneven batches, ranks with nothing, prompts split across micro-batches."""
     import dataclasses
     args = read_config(tiny_dir)
     spec = RankSpec(tiny_dir, kernels="reference", kv_pages=64, overlap=True, latency_s=0.001)
@@ -106,6 +106,9 @@ def test_overlapped_schedule_gives_identical_outputs(ray_cluster, tiny_dir, refe
         assert [g["token_ids"] for g in ray.get(sup.generate.remote(items), timeout=300)] == want
         alone = ray.get(sup.generate.remote([(Sequence("solo", prompts[3], greedy()), 3)]), timeout=300)
         assert alone[0]["token_ids"] == want[3]
+        ran = ray.get(sup.status.remote())["schedule_steps"]
+        assert ran["prefill"] >= 2 and ran["decode"] >= N_NEW - 1   # both overlapped schedules ran
+        assert ran["plain"] >= N_NEW - 1                            # the solo request: nothing to split
     finally:
         ray.get(sup.shutdown.remote(), timeout=60)
         ray.kill(sup)

@@ -1,0 +1,183 @@
+"""Overlap: the micro-batch split, the two schedules' order of operations, and exactness."""
+import random
+
+import pytest
+import torch
+
+from conftest import prompts_of
+from epserve.model.sampling import SamplingParams
+from epserve.pipelines.batcher import Step
+from epserve.pipelines.local import make_local_engine
+from epserve.pipelines.overlap import (Op, choose_schedule, forward_overlapped, piece_cost, schedule_ops,
+                                       split_two)
+from epserve.pipelines.sequence import Sequence
+
+COMPUTE = {"ATTN-0", "ATTN-1", "FFN", "SHARED", "MLP", "HEAD"}
+
+
+def covered(pieces, seq_new):
+    got = {}
+    for p in pieces:
+        got.setdefault(p.seq, []).append((p.start, p.end))
+    for i, n in enumerate(seq_new):
+        spans = sorted(got.get(i, []))
+        assert sum(e - s for s, e in spans) == n
+        pos = 0
+        for s, e in spans:
+            assert s == pos and e > s
+            pos = e
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_token_once_and_balanced(seed):
+    rng = random.Random(seed)
+    seq_new = [rng.choice([0, 1, rng.randint(2, 4096)]) for _ in range(rng.randint(1, 12))]
+    seq_ctx = [rng.randint(0, 2048) for _ in seq_new]
+    mb0, mb1 = split_two(seq_new, seq_ctx)
+    covered(mb0 + mb1, seq_new)
+    c = [sum(piece_cost(seq_ctx[p.seq], p.start, p.end, 1e-3) for p in mb) for mb in (mb0, mb1)]
+    biggest = max((piece_cost(seq_ctx[i], 0, 1, 1e-3) for i, n in enumerate(seq_new) if n), default=0)
+    if sum(seq_new) > 1:
+        # within one token's cost of each other, or limited by an unsplittable single token
+        assert abs(c[0] - c[1]) <= max(2 * biggest + 2, 0.02 * sum(c)) or sum(1 for n in seq_new if n) == 1
+
+
+def test_a_single_long_prompt_is_split_head_first():
+    mb0, mb1 = split_two([4096], [0])
+    assert len(mb0) == 1 and len(mb1) == 1
+    assert mb0[0].start == 0 and mb1[0].start == mb0[0].end and mb1[0].end == 4096
+    # the tail attends to more context, so it gets fewer tokens than the head
+    assert mb1[0].end - mb1[0].start < mb0[0].end - mb0[0].start
+
+
+def test_no_split_when_disallowed_keeps_whole_sequences():
+    mb0, mb1 = split_two([100, 10, 10], [0, 0, 0], allow_split=False)
+    assert all(p.start == 0 for p in mb0 + mb1)
+    assert {p.seq for p in mb0} == {0}
+
+
+def test_sub_batches_cover_the_step_and_mark_sequence_ends():
+    import torch
+
+    from epserve.model.deepseek_v3 import Batch
+    from epserve.pipelines.overlap import sub_batches
+    seq_new, seq_ctx = [300, 1, 40], [0, 17, 5]
+    t = sum(seq_new)
+    b = Batch(torch.arange(t), torch.arange(t), seq_new, seq_ctx, torch.zeros(3, 8, dtype=torch.long),
+              torch.arange(t))
+    mbs, ends = sub_batches(b)
+    assert sorted(torch.cat([m.input_ids for m in mbs]).tolist()) == list(range(t))
+    assert sorted(s for e in ends for _, s in e) == [0, 1, 2]          # each sequence's last piece, once
+
+
+def window(ops, start, end):
+    """The ops from `start` up to (not including) `end`, as strings."""
+    names = [str(o) for o in ops]
+    return names[names.index(start):names.index(end)]
+
+
+def test_decode_runs_the_five_stage_figure():
+    """SEED.md's decode figure, one layer of V3 (61 layers, 3 dense): SHARED(0) ATTN-0(1) | MLP(0) |
+    ATTN-1(1) | SHARED(1) ATTN-0(0) | MLP(1) | ATTN-1(0), each exchange flying under the other's work."""
+    ops = schedule_ops("decode", 61, 3)
+    assert window(ops, "DISPATCH[0]@10", "DISPATCH[0]@11") == [
+        "DISPATCH[0]@10", "SHARED[0]@10", "COMBINE[1]@9", "ATTN-0[1]@10", "MLP[0]@10", "ATTN-1[1]@10",
+        "DISPATCH[1]@10", "SHARED[1]@10", "COMBINE[0]@10", "ATTN-0[0]@11", "MLP[1]@10", "ATTN-1[0]@11"]
+
+
+def test_prefill_runs_the_two_micro_batch_figure():
+    """SEED.md's prefill figure: ATTN(0) | SHARED(1) ATTN(1) | MLP(0) | MLP(1) | SHARED(0)."""
+    ops = schedule_ops("prefill", 61, 3)
+    assert window(ops, "ATTN-0[0]@10", "ATTN-0[0]@11") == [
+        "ATTN-0[0]@10", "ATTN-1[0]@10", "DISPATCH[0]@10", "SHARED[1]@9", "COMBINE[1]@9", "ATTN-0[1]@10",
+        "ATTN-1[1]@10", "DISPATCH[1]@10", "MLP[0]@10", "MLP[1]@10", "SHARED[0]@10", "COMBINE[0]@10"]
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+@pytest.mark.parametrize("n_layers,n_dense", [(61, 3), (3, 1), (2, 0), (1, 0), (4, 4)])
+def test_schedules_respect_dependencies_and_hide_every_exchange(kind, n_layers, n_dense):
+    ops = schedule_ops(kind, n_layers, n_dense)
+    pos = {str(o): i for i, o in enumerate(ops)}
+    assert len(pos) == len(ops)                                  # every op once
+    chain_moe = ["ATTN-0", "ATTN-1", "DISPATCH", "MLP", "COMBINE"]
+    for j in (0, 1):
+        prev_end = -1
+        for i in range(n_layers):
+            chain = chain_moe if i >= n_dense else ["ATTN-0", "ATTN-1", "FFN"]
+            at = [pos[f"{s}[{j}]@{i}"] for s in chain]
+            assert at == sorted(at) and at[0] > prev_end, (j, i)   # in order, after the layer below
+            if i >= n_dense:
+                assert at[1] < pos[f"SHARED[{j}]@{i}"] < at[-1]
+            prev_end = at[-1]
+        assert pos[f"HEAD[{j}]"] > prev_end
+    for i in range(n_layers):
+        # the tail of a prompt split across micro-batches attends to its head's latents
+        assert pos[f"ATTN-0[0]@{i}"] < pos[f"ATTN-1[1]@{i}"]
+        if i < n_dense:
+            continue
+        for j in (0, 1):                                       # something of the other micro-batch computes
+            for launch, wait in ((f"DISPATCH[{j}]@{i}", f"MLP[{j}]@{i}"), (f"MLP[{j}]@{i}", f"COMBINE[{j}]@{i}")):
+                if kind == "decode" and j == 1 and i == n_layers - 1 and wait.startswith("COMBINE"):
+                    continue                                   # the last combine: the pipeline drains
+                between = ops[pos[launch] + 1:pos[wait]]
+                assert any(o.stage in COMPUTE and o.mb != j for o in between), (launch, wait)
+
+
+def test_the_schedules_issue_collectives_in_different_orders():
+    """Why a unit picks one schedule per step for all its ranks: mixing them would pair
+    one rank's dispatch with another's combine."""
+    def issued(kind):
+        return [str(o) for o in schedule_ops(kind, 5, 1) if o.stage in ("DISPATCH", "MLP")]
+    assert issued("prefill") != issued("decode")
+    assert sorted(issued("prefill")) == sorted(issued("decode"))
+
+
+def test_choose_schedule():
+    assert choose_schedule(False, True, 10) is None
+    assert choose_schedule(True, True, 0) == "prefill"
+    assert choose_schedule(True, False, 8) == "decode"
+    assert choose_schedule(True, False, 1) is None           # one sequence: nothing to split
+    with pytest.raises(ValueError, match="schedule 'both'"):
+        schedule_ops("both", 3, 1)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return make_local_engine(tiny_dir, redundant_experts=4, kv_pages=64)
+
+
+def _batches(engine):
+    """Prefill of uneven prompts (one long enough to be split), pure decode batches of 1, 2 and 5,
+    and a mixed step: decode rows with a prompt chunk that attends to cached context."""
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    seqs = [Sequence(f"x{i}", p, params) for i, p in enumerate(prompts_of([150, 3, 40, 1, 77], seed=3))]
+    yield "prefill", Step(seqs, [len(s.prompt_ids) for s in seqs], True), seqs
+    for s in seqs:
+        engine.add(s)
+    engine.step()                                              # the real prefill, with the plain path
+    for k in (1, 2, 5):
+        yield f"decode{k}", Step(seqs[:k], [1] * k, False), None
+    chunk = seqs[0]
+    chunk.n_computed = 60                                      # recompute 60.. of a cached prompt
+    yield "mixed", Step([seqs[1], chunk, seqs[2]], [1, len(chunk.all_ids) - 60 - 1, 1], False), None
+    chunk.n_computed = len(chunk.all_ids) - 1
+
+
+def test_overlapped_logits_equal_the_plain_forward(engine):
+    for name, step, fresh in _batches(engine):
+        if fresh is not None:                                  # pages for the prompts, not yet in a batcher
+            for s in fresh:
+                s.pages = engine.cache.allocate(engine.cache.pages_for(len(s.prompt_ids)))
+        batch = engine.prepare(step)
+        kv = engine.cache.kv.clone()
+        want = engine.model.forward(batch, kv)
+        for kind in ("prefill", "decode"):
+            trace = []
+            got = forward_overlapped(engine.model, batch, engine.cache.kv.clone(), kind, trace)
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5, msg=f"{name} on {kind}")
+            assert torch.equal(got.argmax(-1), want.argmax(-1)), (name, kind)
+            assert trace == [str(o) for o in schedule_ops(kind, engine.args.n_layers, engine.args.n_dense_layers)]
+        if fresh is not None:
+            for s in fresh:
+                engine.cache.free(s.pages)
+                s.pages = []
