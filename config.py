@@ -108,7 +108,7 @@ class Config:
     kernels: str = "auto"             # auto | reference | triton | native
     fp8_activations: bool = True      # FP8 checkpoints: quantise activations 1x128 (the seed's recipe)
     max_model_len: int | None = None  # null: the checkpoint's max_position_embeddings
-    overlap: str = "auto"             # auto | on | off (auto: on with CUDA or an injected exchange cost)
+    overlap: str = "auto"             # auto | on | off (auto: each unit measures whether splitting pays)
     transport: TransportConfig = field(default_factory=TransportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     prefill: UnitConfig = field(default_factory=UnitConfig)

@@ -35,17 +35,11 @@ def kv_store_spec(cfg: Config) -> KVStoreSpec | None:
     return KVStoreSpec(root, int(k.capacity_gb * (1 << 30)), k.block_tokens, k.shared_namespace)
 
 
-def overlap_on(cfg: Config, role_cfg) -> bool:
-    import torch
-    if cfg.overlap != "auto" or role_cfg.ranks_per_unit < 2:
-        return cfg.overlap == "on" and role_cfg.ranks_per_unit >= 2
-    return torch.cuda.is_available() or cfg.transport.latency_ms > 0 or cfg.transport.bandwidth_gbps > 0
-
-
 def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> RankSpec:
     import torch
     return RankSpec(model_dir=model_dir, dtype=cfg.dtype, kernels=cfg.kernels, role=role,
-                    overlap=overlap_on(cfg, role_cfg), latency_s=cfg.transport.latency_ms / 1e3,
+                    overlap=cfg.overlap if role_cfg.ranks_per_unit >= 2 else "off",
+                    latency_s=cfg.transport.latency_ms / 1e3,
                     bandwidth=cfg.transport.bandwidth_gbps * 1e9,
                     kv_store=kv_store_spec(cfg), block_tokens=cfg.kv_store.block_tokens,
                     device="cuda" if torch.cuda.is_available() else "cpu", kv_pages=role_cfg.kv_pages,

@@ -22,7 +22,7 @@ import ray
 import torch
 
 from epserve.actors.rank import RankActor, StepInput, UnitLayout
-from epserve.pipelines.overlap import choose_schedule
+from epserve.pipelines.overlap import OverlapTuner, choose_schedule, step_phase, tuner_record
 from epserve.messages import RankStats
 from epserve.pipelines.runner import RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
@@ -68,6 +68,7 @@ class UnitSupervisor:
         self.busy = [False] * shape.n_ranks
         self.stats_cache: list[RankStats] = [RankStats(unit_id, r) for r in range(shape.n_ranks)]
         self.schedule_steps = {"plain": 0, "prefill": 0, "decode": 0}     # steps run on each schedule
+        self.tuner = OverlapTuner()
         self.n_steps = self.n_restarts = 0
         self.failures_in_a_row = 0     # steps that failed since the last good one
         self.map_version, self.pending_switch = 0, None
@@ -165,8 +166,9 @@ class UnitSupervisor:
                 await self.wake.wait()
                 continue
             switching = self.pending_switch
-            schedule = self._schedule()
+            phase, schedule = self._schedule()
             self.schedule_steps[schedule or "plain"] += 1
+            t0 = time.perf_counter()
             inputs = [StepInput(self.inbox[r], self.aborts[r], switching, schedule) for r in range(len(self.ranks))]
             self.inbox = [[] for _ in self.ranks]
             self.aborts = [[] for _ in self.ranks]
@@ -186,6 +188,8 @@ class UnitSupervisor:
                 continue
             self.n_steps += 1
             self.failures_in_a_row = 0
+            if phase is not None and self.spec.overlap == "auto":
+                tuner_record(self.tuner, phase, schedule is not None, (time.perf_counter() - t0) * 1e3)
             if switching is not None:          # every rank switched before this same step
                 self.map_version, self.phy2log = switching, self.staged_phy2log
                 self.pending_switch = None
@@ -198,12 +202,13 @@ class UnitSupervisor:
                 for d in out.deltas:
                     self._deliver(d)
 
-    def _schedule(self) -> str | None:
-        """One overlap schedule for all ranks (they must issue their collectives in one order)."""
+    def _schedule(self) -> tuple[str | None, str | None]:
+        """(phase, schedule): one overlap schedule for all ranks (they must issue their collectives
+        in one order); the phase is what a split step would run, for the tuner."""
         stats = self.stats_cache
         new_prompts = any(not s.kv_blocks for box in self.inbox for s in box)   # handed-off ones come prefilled
-        return choose_schedule(self.spec.overlap, new_prompts or any(s.n_waiting for s in stats),
-                               max((s.n_running for s in stats), default=0))
+        phase = step_phase(new_prompts or any(s.n_waiting for s in stats), max((s.n_running for s in stats), default=0))
+        return phase, choose_schedule(self.spec.overlap, phase, self.tuner)
 
     def _deliver(self, d: TokenDelta) -> None:
         tr = self.requests.get(d.request_id)
@@ -298,7 +303,8 @@ class UnitSupervisor:
     def status(self) -> dict:
         return {"unit": self.unit_id, "role": self.role, "steps": self.n_steps, "restarts": self.n_restarts,
                 "ranks": self.rank_info, "in_flight": len(self.requests), "map_version": self.map_version,
-                "eplb": self.eplb_report, "schedule_steps": dict(self.schedule_steps)}
+                "eplb": self.eplb_report, "schedule_steps": dict(self.schedule_steps),
+                "overlap": {"mode": self.spec.overlap, "split_pays": dict(self.tuner.best)}}
 
     def rank_handles(self) -> list:
         return list(self.ranks)

@@ -3,7 +3,10 @@ with no injected exchange latency, and with one comparable to the compute it sho
 `profile` writes PyTorch profiler traces of an overlapped prefill and decode step on every rank.
 
 One 2-rank unit per latency; on and off steps alternate within it (the schedule is chosen per
-step, pipelines/overlap.py), so both see the same machine state.
+step, pipelines/overlap.py), so both see the same machine state; then `auto` steps choose with
+the live supervisor's OverlapTuner. The default model is a random one with 512-wide layers
+(made once in the cache): the tiny model's kernels are too small for the split to be anything
+but launch overhead on a CPU.
 """
 from __future__ import annotations
 
@@ -19,25 +22,39 @@ from epserve.actors.rank import StepInput
 from epserve.actors.unit import UnitSupervisor
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
-from epserve.model.tiny import default_model_dir
+from epserve.model.tiny import cache_root, make_tiny_model
+from epserve.pipelines.overlap import OverlapTuner, choose_schedule, tuner_record
 from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape
 
 PROMPT_TOKENS, PROMPTS_PER_STEP = 256, 2
+BENCH_MODEL = {"hidden_size": 512, "intermediate_size": 512, "moe_intermediate_size": 256,
+               "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 256, "kv_lora_rank": 128,
+               "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64}
+
+
+def bench_model_dir() -> str:
+    out = cache_root() / "bench-deepseek-v3-512"
+    if not (out / "config.json").exists():
+        try:
+            make_tiny_model(out, config_overrides=BENCH_MODEL)
+        except FileExistsError:        # made concurrently
+            pass
+    return str(out)
 
 
 class _Unit:
     """A 2-rank unit on one fake node, stepped directly (no supervisor loop) for timing."""
 
     def __init__(self, model_dir: str, args, latency_s: float, kernels: str = "reference"):
-        spec = RankSpec(model_dir, kernels=kernels, kv_pages=512, overlap=True, latency_s=latency_s)
+        spec = RankSpec(model_dir, kernels=kernels, kv_pages=512, overlap="on", latency_s=latency_s)
         self.sup = UnitSupervisor.remote(0, "bench", spec, UnitShape(1, 2, args.n_routed_experts),
                                          cpus_per_rank=0.01, n_moe_layers=args.n_moe_layers)
         ray.get(self.sup.start.remote())
         self.ranks = ray.get(self.sup.rank_handles.remote())
         self.ids = itertools.count()
-        self.params = SamplingParams(max_tokens=10 ** 4, temperature=0.0, ignore_eos=True)
+        self.params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)   # outlives the bench
 
     def prompts(self) -> list[Sequence]:
         return [Sequence(f"p{next(self.ids)}", [5 + (j * 7 + len(str(j))) % 300 for j in range(PROMPT_TOKENS)],
@@ -51,8 +68,13 @@ class _Unit:
                             for r, (rk, i) in enumerate(zip(self.ranks, inputs))])
             self.stages = [o[1] for o in outs]
         else:
-            ray.get([rk.step.remote(i) for rk, i in zip(self.ranks, inputs)])
-        return (time.perf_counter() - t) * 1e3
+            outs = ray.get([rk.step.remote(i) for rk, i in zip(self.ranks, inputs)])
+        ms = (time.perf_counter() - t) * 1e3
+        for o in outs:
+            o = o[0] if isinstance(o, tuple) else o
+            if o.rejected:      # a bench that times empty steps would be a wrong answer
+                raise RuntimeError(f"bench request rejected: {o.rejected[0][1]}")
+        return ms
 
     def close(self) -> None:
         ray.get(self.sup.shutdown.remote())
@@ -60,14 +82,23 @@ class _Unit:
 
 
 def _on_off(unit: _Unit, phase: str, n_steps: int) -> dict:
-    """Median step ms with the phase's schedule and with one batch, steps alternating."""
-    on, off = [], []
+    """Median step ms with the phase's schedule (on), with one batch (off), steps alternating;
+    then with `auto`'s choice (probes included)."""
+    on, off, auto = [], [], []
     for i in range(2 * n_steps):
         use = i % 2 == 0
         ms = unit.step(phase if use else None, new=phase == "prefill")
         (on if use else off).append(ms)
-    return {"on_ms": round(statistics.median(on), 2), "off_ms": round(statistics.median(off), 2),
-            "speedup_on_vs_off": round(statistics.median(off) / statistics.median(on), 3)}
+    tuner = OverlapTuner()
+    for _ in range(2 * tuner.probes + n_steps):
+        sched = choose_schedule("auto", phase, tuner)
+        ms = unit.step(sched, new=phase == "prefill")
+        tuner_record(tuner, phase, sched is not None, ms)
+        auto.append(ms)
+    med = {k: statistics.median(v) for k, v in (("on", on), ("off", off), ("auto", auto))}
+    return {"on_ms": round(med["on"], 2), "off_ms": round(med["off"], 2), "auto_ms": round(med["auto"], 2),
+            "speedup_on_vs_off": round(med["off"] / med["on"], 3),
+            "speedup_auto_vs_off": round(med["off"] / med["auto"], 3), "auto_splits": tuner.best[phase]}
 
 
 def _measure(model_dir, args, latency_s: float, n_steps: int) -> dict:
@@ -82,24 +113,27 @@ def _measure(model_dir, args, latency_s: float, n_steps: int) -> dict:
 
 
 def run(model: str | None = None, latency_ms: float | None = None, n_steps: int = 8) -> dict:
-    """latency_ms None: derive it from the no-latency run: one exchange's share of the plain
-    decode step's compute (2 exchanges per MoE layer), the regime where overlap can hide it."""
-    model_dir = str(model or default_model_dir())
+    """latency_ms None: derive it per phase from the no-latency run so that communication is
+    comparable to compute: each micro-batch's exchanges (2 per MoE layer) take as long as its
+    half of the plain step's compute, L = off_ms / (4 x MoE layers); the plain step then spends
+    as long waiting on its exchanges as the split step has compute to hide them under."""
+    model_dir = str(model or bench_model_dir())
     args = read_config(model_dir)
     started = ensure_ray(None, 1, 2)
     try:
         base = _measure(model_dir, args, 0.0, n_steps)
-        out = {"latency_0ms": base}
+        out = {"model": model_dir, "latency_0ms": base}
         phases = {}
         for phase in ("prefill", "decode"):
-            lat = latency_ms if latency_ms is not None else base[phase]["off_ms"] / (2 * args.n_moe_layers)
+            lat = latency_ms if latency_ms is not None else base[phase]["off_ms"] / (4 * args.n_moe_layers)
             phases.setdefault(round(lat, 2), []).append(phase)
         for lat, which in phases.items():
             res = _measure(model_dir, args, lat / 1e3, n_steps)
             for phase in which:
                 out.setdefault(f"latency_{lat:g}ms", {})[phase] = res[phase]
-        out["note"] = ("2 ranks on one fake node, gloo over loopback, tiny model; the latency is injected per "
-                       "dispatch and per combine of every MoE layer; on/off steps alternate in one unit; "
+        out["note"] = ("2 ranks on one fake node, gloo over loopback, 1 CPU thread each; the latency is injected per "
+                       "dispatch and per combine of every MoE layer and micro-batch; on/off steps alternate in one unit, "
+                       "then auto's tuner picks (its probes included); "
                        f"prefill steps add {PROMPTS_PER_STEP} prompts of {PROMPT_TOKENS} tokens per rank")
         return out
     finally:
@@ -110,7 +144,7 @@ def run(model: str | None = None, latency_ms: float | None = None, n_steps: int 
 def profile(out_dir: str, model: str | None = None, latency_ms: float = 0.0) -> dict:
     """Chrome traces of one overlapped prefill step and one overlapped decode step, every rank."""
     os.makedirs(out_dir, exist_ok=True)
-    model_dir = str(model or default_model_dir())
+    model_dir = str(model or bench_model_dir())
     args = read_config(model_dir)
     started = ensure_ray(None, 1, 2)
     try:

@@ -10,7 +10,8 @@ COMBINE (wait, add into the residual) placed so each exchange flies while the ot
 micro-batch computes. `run_schedule` executes a list on the dispatcher's launch / compute /
 finish halves (model/ep_dispatch.py, non-blocking collectives); every stage is a named
 profiler range. The two schedules issue collectives in different orders, so a unit picks
-one per step for all its ranks (`choose_schedule`, called by the supervisor).
+one per step for all its ranks (`choose_schedule`, called by the supervisor); with
+`overlap: auto` an `OverlapTuner` measures whether splitting pays on this machine.
 
 A piece is (sequence index, first new token, end): a long prompt may be split across the
 two micro-batches, its head in micro-batch 0, because both schedules run micro-batch 0's
@@ -102,15 +103,56 @@ def sub_batches(batch: Batch) -> tuple[list[Batch], list[list[tuple[int, int]]]]
     return out, ends
 
 
-def choose_schedule(enabled: bool, any_prefill: bool, max_running: int) -> str | None:
-    """The unit's schedule for the next step (None: one batch, no overlap). Prefill work of any
-    rank -> the prefill schedule; a decode step is split only if some rank has two sequences
-    to give the two micro-batches (splitting one sequence buys nothing and costs exchanges)."""
-    if not enabled:
-        return None
+def step_phase(any_prefill: bool, max_running: int) -> str | None:
+    """Which schedule a split step would use: prefill work on any rank -> prefill; else decode,
+    if some rank has two sequences for the two micro-batches (None: nothing to split)."""
     if any_prefill:
         return "prefill"
     return "decode" if max_running >= 2 else None
+
+
+@dataclass
+class OverlapTuner:
+    """`overlap: auto`: whether the split pays depends on the machine (exchange cost against the
+    split's extra kernel launches and weight reads), so measure it. Each `period` steps of a
+    phase start with `probes` alternating split / plain steps; the rest of the round uses the
+    faster median. State only; `tuner_choice` and `tuner_record` decide and learn."""
+
+    probes: int = 6
+    period: int = 500
+    steps: dict = field(default_factory=dict)      # phase -> steps seen
+    times: dict = field(default_factory=dict)      # (phase, split?) -> this round's probe ms
+    best: dict = field(default_factory=dict)       # phase -> split? (after a round's probes)
+
+
+def tuner_choice(t: OverlapTuner, phase: str) -> bool:
+    n = t.steps.get(phase, 0) % t.period
+    if n < 2 * t.probes:
+        return n % 2 == 0
+    return t.best.get(phase, False)
+
+
+def tuner_record(t: OverlapTuner, phase: str, split: bool, ms: float) -> None:
+    n = t.steps.get(phase, 0) % t.period
+    t.steps[phase] = t.steps.get(phase, 0) + 1
+    if n >= 2 * t.probes:
+        return
+    if n == 0:
+        t.times[(phase, True)], t.times[(phase, False)] = [], []
+    t.times[(phase, split)].append(ms)
+    if n == 2 * t.probes - 1:
+        on, off = (sorted(t.times[(phase, v)])[len(t.times[(phase, v)]) // 2] for v in (True, False))
+        t.best[phase] = on < off
+
+
+def choose_schedule(mode: str, phase: str | None, tuner: OverlapTuner | None = None) -> str | None:
+    """The unit's schedule for the next step (None: one batch): `on` splits every splittable
+    step, `off` none, `auto` what the tuner measured to be faster for this phase."""
+    if phase is None or mode == "off":
+        return None
+    if mode == "on" or tuner is None:
+        return phase
+    return phase if tuner_choice(tuner, phase) else None
 
 
 @dataclass(frozen=True)

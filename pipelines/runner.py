@@ -44,7 +44,7 @@ class RankSpec:
     role: str = "both"          # both | prefill (hand the KV off after the first token) | decode
     block_tokens: int = 64
     kv_store: KVStoreSpec | None = None   # on-disk context cache shared by all ranks (None: off)
-    overlap: bool = False       # the unit may run two-micro-batch schedules (pipelines/overlap.py)
+    overlap: str = "off"        # on | off | auto (measured): the unit's two-micro-batch schedules
     latency_s: float = 0.0      # injected per-exchange latency (to measure overlap on loopback)
     bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
 

@@ -8,8 +8,8 @@ from conftest import prompts_of
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.batcher import Step
 from epserve.pipelines.local import make_local_engine
-from epserve.pipelines.overlap import (Op, choose_schedule, forward_overlapped, piece_cost, schedule_ops,
-                                       split_two)
+from epserve.pipelines.overlap import (OverlapTuner, choose_schedule, forward_overlapped, piece_cost, schedule_ops,
+                                       split_two, step_phase, tuner_record)
 from epserve.pipelines.sequence import Sequence
 
 COMPUTE = {"ATTN-0", "ATTN-1", "FFN", "SHARED", "MLP", "HEAD"}
@@ -132,13 +132,31 @@ def test_the_schedules_issue_collectives_in_different_orders():
     assert sorted(issued("prefill")) == sorted(issued("decode"))
 
 
-def test_choose_schedule():
-    assert choose_schedule(False, True, 10) is None
-    assert choose_schedule(True, True, 0) == "prefill"
-    assert choose_schedule(True, False, 8) == "decode"
-    assert choose_schedule(True, False, 1) is None           # one sequence: nothing to split
+def test_choose_schedule_on_off():
+    assert step_phase(True, 0) == "prefill" and step_phase(False, 8) == "decode"
+    assert step_phase(False, 1) is None                    # one sequence per rank: nothing to split
+    assert choose_schedule("off", "prefill") is None
+    assert choose_schedule("on", "decode") == "decode"
+    assert choose_schedule("on", None) is None
     with pytest.raises(ValueError, match="schedule 'both'"):
         schedule_ops("both", 3, 1)
+
+
+@pytest.mark.parametrize("split_ms,plain_ms,want", [(5.0, 9.0, True), (14.0, 7.0, False)])
+def test_auto_keeps_what_it_measured_faster_and_rechecks(split_ms, plain_ms, want):
+    t = OverlapTuner(probes=3, period=20)
+    used = []
+    for step in range(45):
+        sched = choose_schedule("auto", "decode", t)
+        split = sched is not None
+        used.append(split)
+        noise = (step % 3) * 0.1
+        tuner_record(t, "decode", split, (split_ms if split else plain_ms) + noise)
+    assert used[:6] == [True, False] * 3                     # probes alternate
+    assert used[6:20] == [want] * 14                         # then the faster one
+    assert used[20:26] == [True, False] * 3 and used[26:40] == [want] * 14   # each period re-checks
+    assert t.best == {"decode": want}
+    assert choose_schedule("auto", "prefill", t) == "prefill"  # another phase probes on its own
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +199,19 @@ def test_overlapped_logits_equal_the_plain_forward(engine):
             for s in fresh:
                 engine.cache.free(s.pages)
                 s.pages = []
+
+
+def test_profile_writes_a_browser_trace_of_each_overlapped_step(ray_cluster, tiny_dir, tmp_path):
+    """`epserve bench --profile DIR`: Chrome traces of a prefill and a decode step on every rank,
+    with each schedule stage as a named range."""
+    import json
+
+    from epserve.bench.overlap import profile
+    out = profile(str(tmp_path), model=tiny_dir)
+    assert sorted(p.rsplit("/", 1)[1] for p in out["traces"]) == [
+        "decode-rank0.json", "decode-rank1.json", "prefill-rank0.json", "prefill-rank1.json"]
+    for phase in ("prefill", "decode"):
+        names = {e.get("name") for e in json.load(open(tmp_path / f"{phase}-rank1.json"))["traceEvents"]}
+        want = {str(o) for o in schedule_ops(phase, 3, 1)}                 # the tiny model: 3 layers, 1 dense
+        assert want <= names, sorted(want - names)
+        assert set(out[phase]["stage_ms_rank0"]) == {o.stage for o in schedule_ops(phase, 3, 1)}

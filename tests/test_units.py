@@ -94,9 +94,8 @@ def test_dispatch_loses_and_duplicates_nothing(unit, reference_outputs):
 def test_overlapped_schedule_gives_identical_outputs(ray_cluster, tiny_dir, reference_outputs):
     """The overlapped prefill and five-stage decode schedules on a 2x2 unit with redundant experts and
     an injected exchange latency: uneven batches, ranks with nothing, prompts split across micro-batches."""
-    import dataclasses
     args = read_config(tiny_dir)
-    spec = RankSpec(tiny_dir, kernels="reference", kv_pages=64, overlap=True, latency_s=0.001)
+    spec = RankSpec(tiny_dir, kernels="reference", kv_pages=64, overlap="on", latency_s=0.001)
     sup = UnitSupervisor.remote(9, "decode", spec, UnitShape(2, 2, args.n_routed_experts, 4),
                                 n_moe_layers=args.n_moe_layers, step_timeout_s=60)
     try:
@@ -112,7 +111,6 @@ def test_overlapped_schedule_gives_identical_outputs(ray_cluster, tiny_dir, refe
     finally:
         ray.get(sup.shutdown.remote(), timeout=60)
         ray.kill(sup)
-    assert dataclasses.replace(spec, overlap=False) != spec
 
 
 def test_eplb_rebalances_live_mid_generation_without_changing_outputs(unit, tiny_dir):
