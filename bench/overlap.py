@@ -47,8 +47,10 @@ def bench_model_dir() -> str:
 class _Unit:
     """A 2-rank unit on one fake node, stepped directly (no supervisor loop) for timing."""
 
-    def __init__(self, model_dir: str, args, latency_s: float, kernels: str = "reference"):
-        spec = RankSpec(model_dir, kernels=kernels, kv_pages=512, overlap="on", latency_s=latency_s)
+    def __init__(self, model_dir: str, args, latency_s: float = 0.0, bandwidth: float = 0.0,
+                 kernels: str = "reference"):
+        spec = RankSpec(model_dir, kernels=kernels, kv_pages=512, overlap="on", latency_s=latency_s,
+                        bandwidth=bandwidth)
         self.sup = UnitSupervisor.remote(0, "bench", spec, UnitShape(1, 2, args.n_routed_experts),
                                          cpus_per_rank=0.01, n_moe_layers=args.n_moe_layers)
         ray.get(self.sup.start.remote())
@@ -70,8 +72,8 @@ class _Unit:
         else:
             outs = ray.get([rk.step.remote(i) for rk, i in zip(self.ranks, inputs)])
         ms = (time.perf_counter() - t) * 1e3
-        for o in outs:
-            o = o[0] if isinstance(o, tuple) else o
+        self.last = [o[0] if isinstance(o, tuple) else o for o in outs]
+        for o in self.last:
             if o.rejected:      # a bench that times empty steps would be a wrong answer
                 raise RuntimeError(f"bench request rejected: {o.rejected[0][1]}")
         return ms
@@ -83,57 +85,68 @@ class _Unit:
 
 def _on_off(unit: _Unit, phase: str, n_steps: int) -> dict:
     """Median step ms with the phase's schedule (on), with one batch (off), steps alternating;
-    then with `auto`'s choice (probes included)."""
+    then with `auto`'s choice once its probes are done."""
     on, off, auto = [], [], []
     for i in range(2 * n_steps):
         use = i % 2 == 0
         ms = unit.step(phase if use else None, new=phase == "prefill")
         (on if use else off).append(ms)
     tuner = OverlapTuner()
-    for _ in range(2 * tuner.probes + n_steps):
+    for i in range(2 * tuner.probes + n_steps):
         sched = choose_schedule("auto", phase, tuner)
         ms = unit.step(sched, new=phase == "prefill")
         tuner_record(tuner, phase, sched is not None, ms)
-        auto.append(ms)
+        if i >= 2 * tuner.probes:           # after its probes (12 of every 500 steps)
+            auto.append(ms)
     med = {k: statistics.median(v) for k, v in (("on", on), ("off", off), ("auto", auto))}
     return {"on_ms": round(med["on"], 2), "off_ms": round(med["off"], 2), "auto_ms": round(med["auto"], 2),
             "speedup_on_vs_off": round(med["off"] / med["on"], 3),
-            "speedup_auto_vs_off": round(med["off"] / med["auto"], 3), "auto_splits": tuner.best[phase]}
+            "speedup_auto_vs_off": round(med["off"] / med["auto"], 3), "auto_splits": tuner.best[phase],
+            "tokens_per_rank": PROMPTS_PER_STEP * PROMPT_TOKENS if phase == "prefill" else
+            max(o.stats.n_running for o in unit.last)}
 
 
-def _measure(model_dir, args, latency_s: float, n_steps: int) -> dict:
-    unit = _Unit(model_dir, args, latency_s)
+def _measure(model_dir, args, n_steps: int, latency_s: float = 0.0, bandwidth: float = 0.0) -> dict:
+    unit = _Unit(model_dir, args, latency_s, bandwidth)
     try:
         unit.step(None, new=True)                       # warm-up
-        prefill = _on_off(unit, "prefill", n_steps)     # leaves 2 x n_steps running sequences per rank
+        prefill = _on_off(unit, "prefill", n_steps)     # leaves the running sequences decode measures
         decode = _on_off(unit, "decode", n_steps)
         return {"prefill": prefill, "decode": decode}
     finally:
         unit.close()
 
 
+def _exchange_bytes(args, tokens: int) -> int:
+    """What one rank sends in a step's exchanges: a dispatch row (activations + 4-byte slot id) and
+    a combine row per (token, expert) pair per MoE layer, float32."""
+    return tokens * args.n_activated_experts * args.n_moe_layers * (2 * args.dim * 4 + 4)
+
+
 def run(model: str | None = None, latency_ms: float | None = None, n_steps: int = 8) -> dict:
-    """latency_ms None: derive it per phase from the no-latency run so that communication is
-    comparable to compute: each micro-batch's exchanges (2 per MoE layer) take as long as its
-    half of the plain step's compute, L = off_ms / (4 x MoE layers); the plain step then spends
-    as long waiting on its exchanges as the split step has compute to hide them under."""
+    """Three regimes per phase: no injected cost; an injected latency; an injected bandwidth.
+    Unless given, both are derived from the no-cost run so that communication is comparable to
+    compute. Latency: each micro-batch's exchanges (2 per MoE layer) take as long as its half of
+    the plain step's compute, L = off_ms / (4 x MoE layers) (splitting doubles the exchanges, so
+    the plain step waits half as long as the split one). Bandwidth: a step's bytes take as long
+    to send as the plain step computes (splitting does not change the bytes)."""
     model_dir = str(model or bench_model_dir())
     args = read_config(model_dir)
     started = ensure_ray(None, 1, 2)
     try:
-        base = _measure(model_dir, args, 0.0, n_steps)
-        out = {"model": model_dir, "latency_0ms": base}
-        phases = {}
+        base = _measure(model_dir, args, n_steps)
+        out = {"model": model_dir, "no_injected_cost": base}
         for phase in ("prefill", "decode"):
-            lat = latency_ms if latency_ms is not None else base[phase]["off_ms"] / (4 * args.n_moe_layers)
-            phases.setdefault(round(lat, 2), []).append(phase)
-        for lat, which in phases.items():
-            res = _measure(model_dir, args, lat / 1e3, n_steps)
-            for phase in which:
-                out.setdefault(f"latency_{lat:g}ms", {})[phase] = res[phase]
-        out["note"] = ("2 ranks on one fake node, gloo over loopback, 1 CPU thread each; the latency is injected per "
-                       "dispatch and per combine of every MoE layer and micro-batch; on/off steps alternate in one unit, "
-                       "then auto's tuner picks (its probes included); "
+            off_ms = base[phase]["off_ms"]
+            lat = latency_ms if latency_ms is not None else off_ms / (4 * args.n_moe_layers)
+            res = _measure(model_dir, args, n_steps, latency_s=lat / 1e3)
+            out.setdefault("injected_latency", {})[phase] = {"latency_ms": round(lat, 2), **res[phase]}
+            bw = _exchange_bytes(args, base[phase]["tokens_per_rank"]) / (off_ms / 1e3)
+            res = _measure(model_dir, args, n_steps, bandwidth=bw)
+            out.setdefault("injected_bandwidth", {})[phase] = {"bandwidth_MBps": round(bw / 1e6, 1), **res[phase]}
+        out["note"] = ("2 ranks on one fake node, gloo over loopback, 1 CPU thread each; latency and bandwidth are "
+                       "injected per dispatch and per combine of every MoE layer and micro-batch; on/off steps "
+                       "alternate in one unit, then auto's tuner probes and picks (auto_ms: after its probes); "
                        f"prefill steps add {PROMPTS_PER_STEP} prompts of {PROMPT_TOKENS} tokens per rank")
         return out
     finally:

@@ -44,6 +44,7 @@ class AllToAllDispatcher(LocalDispatcher):
         self.rank, self.world, self.node = rank, world, rank // gpus_per_node
         self.fp8_dispatch, self.group = fp8_dispatch, group
         self.latency_s, self.bandwidth = latency_s, bandwidth   # injected per exchange (bytes/s; 0 = none)
+        self._link_free_at = 0.0
         n_moe = expert_map.phy2log.shape[0]
         self.pairs_sent = torch.zeros(n_moe, dtype=torch.long)
         self.pairs_received = torch.zeros(n_moe, dtype=torch.long)
@@ -114,10 +115,14 @@ class AllToAllDispatcher(LocalDispatcher):
         return (out.view(ex.t, ex.k, ex.d) * ex.weights.unsqueeze(-1).to(ex.dtype)).sum(1)
 
     def _ready_at(self, n_bytes: int) -> float:
-        """When the exchange may complete under the injected latency/bandwidth (0: no injection)."""
+        """When the exchange may complete under the injected cost (0: none). This rank's link sends
+        one exchange at a time (exchanges in flight together share the bandwidth); the latency
+        is added on top of the transfer."""
         if not (self.latency_s or self.bandwidth):
             return 0.0
-        return time.perf_counter() + self.latency_s + (n_bytes / self.bandwidth if self.bandwidth else 0.0)
+        start = max(time.perf_counter(), self._link_free_at)
+        self._link_free_at = start + (n_bytes / self.bandwidth if self.bandwidth else 0.0)
+        return self._link_free_at + self.latency_s
 
     def _wait(self, ex: "Exchange") -> None:
         for w in ex.works:

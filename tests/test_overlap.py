@@ -215,3 +215,20 @@ def test_profile_writes_a_browser_trace_of_each_overlapped_step(ray_cluster, tin
         want = {str(o) for o in schedule_ops(phase, 3, 1)}                 # the tiny model: 3 layers, 1 dense
         assert want <= names, sorted(want - names)
         assert set(out[phase]["stage_ms_rank0"]) == {o.stage for o in schedule_ops(phase, 3, 1)}
+
+
+def test_injected_transport_shares_one_link_between_exchanges_in_flight():
+    """transport.bandwidth: two exchanges launched together take twice as long as one (splitting a
+    batch must not double its bandwidth); transport.latency: added to each."""
+    from epserve.kernels import reference
+    from epserve.model.ep_dispatch import AllToAllDispatcher
+    from epserve.model.moe_dispatch import ExpertMap
+    from epserve.placement.topology import initial_phy2log
+    em = ExpertMap(initial_phy2log(1, 8, 8), 8, 2, 2)
+    d = AllToAllDispatcher(reference, em, 0, 0, 2, 2, latency_s=0.010, bandwidth=1e6)
+    import time
+    t = time.perf_counter()
+    first, second = d._ready_at(5000), d._ready_at(5000)          # 5 ms of transfer each
+    assert first - t == pytest.approx(0.015, abs=0.002)
+    assert second - first == pytest.approx(0.005, abs=0.002)
+    assert AllToAllDispatcher(reference, em, 0, 0, 2, 2)._ready_at(10 ** 9) == 0.0   # no injection: no wait
