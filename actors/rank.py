@@ -187,7 +187,7 @@ class RankActor:
     def expert_counters(self, reset: bool = True) -> dict:
         """Tokens per logical expert per MoE layer [n_moe, E] and dispatch pair totals."""
         d = self.engine.dispatcher
-        counts = d.take_counts() if reset else d.counts.clone()
+        counts = d.take_counts() if reset else d.counts.cpu().clone()
         return {"counts": counts, "pairs_sent": d.pairs_sent.clone(), "pairs_received": d.pairs_received.clone()}
 
     def shutdown(self) -> None:

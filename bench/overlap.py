@@ -123,7 +123,7 @@ def _exchange_bytes(args, tokens: int) -> int:
     return tokens * args.n_activated_experts * args.n_moe_layers * (2 * args.dim * 4 + 4)
 
 
-def run(model: str | None = None, latency_ms: float | None = None, n_steps: int = 8) -> dict:
+def run(model: str | None = None, latency_ms: float | None = None, n_steps: int = 12) -> dict:
     """Three regimes per phase: no injected cost; an injected latency; an injected bandwidth.
     Unless given, both are derived from the no-cost run so that communication is comparable to
     compute. Latency: each micro-batch's exchanges (2 per MoE layer) take as long as its half of

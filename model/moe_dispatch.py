@@ -46,6 +46,13 @@ class ExpertMap:
         self.log2phy, self.logcnt = maps_from_phy2log(self.phy2log, n_experts)
         self.slot_rank = torch.arange(phy2log.shape[1]) // self.slots_per_rank
         self.slot_node = self.slot_rank // gpus_per_node
+        self._tables: dict[torch.device, tuple] = {}
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log2phy, logcnt, slot_node) on `device`, where the router runs (copied once)."""
+        if device not in self._tables:
+            self._tables[device] = (self.log2phy.to(device), self.logcnt.to(device), self.slot_node.to(device))
+        return self._tables[device]
 
     def local_slots(self, rank: int) -> range:
         return range(rank * self.slots_per_rank, (rank + 1) * self.slots_per_rank)
@@ -69,8 +76,11 @@ class LocalDispatcher:
 
     def route(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         m = layer - self.first
+        if self.counts.device != idx.device:
+            self.counts = self.counts.to(idx.device)
         self.counts[m] += torch.bincount(idx.flatten(), minlength=self.map.n_experts)
-        return choose_replicas(idx, self.map.log2phy[m], self.map.logcnt[m], self.map.slot_node, self.node)
+        log2phy, logcnt, slot_node = self.map.tables(idx.device)
+        return choose_replicas(idx, log2phy[m], logcnt[m], slot_node, self.node)
 
     def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
             shard: ExpertShard) -> torch.Tensor:
@@ -94,4 +104,4 @@ class LocalDispatcher:
     def take_counts(self) -> torch.Tensor:
         """Tokens per logical expert per MoE layer since the last call [n_moe, E]; resets."""
         c, self.counts = self.counts, torch.zeros_like(self.counts)
-        return c
+        return c.cpu()

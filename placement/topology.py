@@ -78,7 +78,7 @@ def choose_replicas(idx: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tens
     A replica on the sender's node is preferred (slot_node [S] gives each slot's node);
     among the candidates, token t takes candidate t mod count, spreading tokens evenly.
     """
-    t = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)
+    t = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
     cand = log2phy[idx]                                    # [T, K, X]
     valid = cand >= 0
     if slot_node is not None and my_node is not None:

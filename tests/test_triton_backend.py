@@ -93,3 +93,58 @@ def test_self_test_passes_on_gpu():
     ok, why = kt.self_test("cuda")
     assert ok, why
     assert kernels.get_backend("triton", "cuda") is kt
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_overlapped_schedules_match_the_plain_forward_on_gpu(tiny_dir):
+    """The stage split (ATTN-0 / ATTN-1, launch / compute / finish) on CUDA with Triton kernels in
+    bfloat16: the two schedules agree with the plain forward (float32 equality is tested on CPU)."""
+    pytest.importorskip("triton")
+    from conftest import prompts_of
+    from epserve.model.sampling import SamplingParams
+    from epserve.pipelines.batcher import Step
+    from epserve.pipelines.local import make_local_engine
+    from epserve.pipelines.overlap import forward_overlapped
+    from epserve.pipelines.sequence import Sequence
+    eng = make_local_engine(tiny_dir, redundant_experts=4, kernels="triton", device="cuda", dtype="bfloat16")
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    seqs = [Sequence(f"g{i}", p, params) for i, p in enumerate(prompts_of([150, 3, 40, 77], seed=5))]
+    for s in seqs:
+        eng.add(s)
+    step = eng.batcher.schedule()                      # the prefill step, not yet run
+    for st in (step, Step(seqs, [1] * len(seqs), False)):
+        batch = eng.prepare(st)
+        before = eng.cache.kv.clone()
+        want = eng.model.forward(batch, eng.cache.kv)     # fills the real cache for the next step
+        for kind in ("prefill", "decode"):
+            got = forward_overlapped(eng.model, batch, before.clone(), kind)
+            # bf16 GEMMs of other row counts round differently: equal up to that, and the same
+            # next token wherever the top two logits are further apart than it
+            torch.testing.assert_close(got, want, rtol=0, atol=0.15)
+            top2 = want.topk(2, -1).values
+            clear = top2[:, 0] - top2[:, 1] > 0.3
+            assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), kind
+        eng.postprocess(st, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_local_engine_on_gpu_generates_the_cpu_tokens(tiny_dir):
+    """A whole rank on CUDA (routing tables, counters and caches on the GPU) gives the CPU's
+    greedy tokens in float32 and returns its expert counters on the CPU."""
+    from conftest import prompts_of
+    from epserve.model.sampling import SamplingParams
+    from epserve.pipelines.local import make_local_engine
+    from epserve.pipelines.sequence import Sequence
+    out = {}
+    for dev in ("cpu", "cuda"):
+        eng = make_local_engine(tiny_dir, redundant_experts=4, kernels="reference", device=dev)
+        seqs = [Sequence(f"d{i}", p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+                for i, p in enumerate(prompts_of([20, 7, 33], seed=2))]
+        for s in seqs:
+            eng.add(s)
+        while eng.has_work:
+            eng.step()
+        out[dev] = [s.output_ids for s in seqs]
+        counts = eng.dispatcher.take_counts()
+        assert counts.device.type == "cpu" and int(counts.sum()) > 0
+    assert out["cuda"] == out["cpu"]
