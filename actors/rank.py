@@ -46,6 +46,8 @@ class StepOutput:
     has_work: bool
     rejected: list[tuple[str, str]] = field(default_factory=list)   # (request_id, reason)
     map_version: int = 0
+    n_tokens: int = 0               # tokens this rank computed in the step
+    prefill_next: bool = False      # its next step would prefill (the unit's overlap schedule)
 
 
 @dataclass(frozen=True)
@@ -144,21 +146,25 @@ class RankActor:
         for d in deltas:                    # prefill role: publish the handed-off blocks, rank to rank
             if d.kv_blocks is not None:
                 d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
-        return StepOutput(deltas, self.stats(), eng.has_work, rejected, self.map_version)
+        return StepOutput(deltas, self.stats(), eng.has_work, rejected, self.map_version, eng.last_step_tokens,
+                          eng.batcher.can_prefill())
 
     def profiled_step(self, inp: StepInput, trace_path: str) -> tuple[StepOutput, dict]:
         """One step under the PyTorch profiler; writes a Chrome trace (chrome://tracing, Perfetto)
-        and returns the step's output with the milliseconds spent in each schedule stage."""
+        and returns the step's output with the milliseconds spent in each schedule stage
+        (host time; on CUDA the launches are asynchronous, so the GPU time is given too)."""
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=acts) as prof:
             out = self.step(inp)
         prof.export_chrome_trace(trace_path)
-        stages: dict[str, float] = {}
+        stages: dict[str, float] = {}          # host ms per stage; on CUDA also "<stage> gpu": kernel ms
         for ev in prof.key_averages():
             if "[" in ev.key and ev.key.split("[")[0].isupper():       # schedule ops: "MLP[0]@3"
                 name = ev.key.split("[")[0]
                 stages[name] = stages.get(name, 0.0) + ev.cpu_time_total / 1e3
+                if torch.cuda.is_available():
+                    stages[f"{name} gpu"] = stages.get(f"{name} gpu", 0.0) + ev.device_time_total / 1e3
         return out, stages
 
     @staticmethod

@@ -66,6 +66,7 @@ class UnitSupervisor:
         self.inbox: list[list[Sequence]] = [[] for _ in range(shape.n_ranks)]
         self.aborts: list[list[str]] = [[] for _ in range(shape.n_ranks)]
         self.busy = [False] * shape.n_ranks
+        self.prefill_next = [False] * shape.n_ranks
         self.stats_cache: list[RankStats] = [RankStats(unit_id, r) for r in range(shape.n_ranks)]
         self.schedule_steps = {"plain": 0, "prefill": 0, "decode": 0}     # steps run on each schedule
         self.tuner = OverlapTuner()
@@ -110,6 +111,7 @@ class UnitSupervisor:
         master = await self.ranks[0].rendezvous_address.remote()
         self.rank_info = await asyncio.gather(*[rk.setup.remote(master) for rk in self.ranks])
         self.busy = [False] * s.n_ranks
+        self.prefill_next = [False] * s.n_ranks
         self.stats_cache = [RankStats(self.unit_id, r, kv_blocks_total=info["kv_pages"])
                             for r, info in enumerate(self.rank_info)]
         log.info("%s unit %d up: %d ranks on %d node(s), rendezvous %s:%d", self.role, self.unit_id, s.n_ranks,
@@ -167,7 +169,6 @@ class UnitSupervisor:
                 continue
             switching = self.pending_switch
             phase, schedule = self._schedule()
-            self.schedule_steps[schedule or "plain"] += 1
             t0 = time.perf_counter()
             inputs = [StepInput(self.inbox[r], self.aborts[r], switching, schedule) for r in range(len(self.ranks))]
             self.inbox = [[] for _ in self.ranks]
@@ -188,14 +189,17 @@ class UnitSupervisor:
                 continue
             self.n_steps += 1
             self.failures_in_a_row = 0
-            if phase is not None and self.spec.overlap == "auto":
-                tuner_record(self.tuner, phase, schedule is not None, (time.perf_counter() - t0) * 1e3)
+            self.schedule_steps[schedule or "plain"] += 1
+            tokens = max(o.n_tokens for o in outs)
+            if phase is not None and self.spec.overlap == "auto" and tokens:   # ms per token of the busiest rank
+                tuner_record(self.tuner, phase, schedule is not None, (time.perf_counter() - t0) * 1e3 / tokens)
             if switching is not None:          # every rank switched before this same step
                 self.map_version, self.phy2log = switching, self.staged_phy2log
                 self.pending_switch = None
                 self.switched.set()
             for r, out in enumerate(outs):
                 self.busy[r] = out.has_work
+                self.prefill_next[r] = out.prefill_next
                 self.stats_cache[r] = out.stats
                 for rid, why in out.rejected:
                     self._fail(rid, why)
@@ -205,9 +209,9 @@ class UnitSupervisor:
     def _schedule(self) -> tuple[str | None, str | None]:
         """(phase, schedule): one overlap schedule for all ranks (they must issue their collectives
         in one order); the phase is what a split step would run, for the tuner."""
-        stats = self.stats_cache
         new_prompts = any(not s.kv_blocks for box in self.inbox for s in box)   # handed-off ones come prefilled
-        phase = step_phase(new_prompts or any(s.n_waiting for s in stats), max((s.n_running for s in stats), default=0))
+        phase = step_phase(new_prompts or any(self.prefill_next),
+                           max((s.n_running for s in self.stats_cache), default=0))
         return phase, choose_schedule(self.spec.overlap, phase, self.tuner)
 
     def _deliver(self, d: TokenDelta) -> None:

@@ -1,10 +1,12 @@
 """Step time with the overlapped schedules on and off, prefill and decode, as ratios from one run:
-with no injected exchange latency, and with one comparable to the compute it should hide.
-`profile` writes PyTorch profiler traces of an overlapped prefill and decode step on every rank.
+with no injected exchange cost, and with a latency or a bandwidth comparable to the compute it
+should hide. `profile` writes PyTorch profiler traces of an overlapped prefill and decode step on
+every rank.
 
-One 2-rank unit per latency; on and off steps alternate within it (the schedule is chosen per
-step, pipelines/overlap.py), so both see the same machine state; then `auto` steps choose with
-the live supervisor's OverlapTuner. The default model is a random one with 512-wide layers
+One 2-rank unit per injected cost (on two GPUs when the host has them, else CPU ranks over
+gloo); on and off steps alternate within it (the schedule is chosen per step,
+pipelines/overlap.py), so both see the same machine state; then `auto` steps choose with the
+OverlapTuner the live supervisor uses. The default model is a random one with 512-wide layers
 (made once in the cache): the tiny model's kernels are too small for the split to be anything
 but launch overhead on a CPU.
 """
@@ -16,6 +18,7 @@ import statistics
 import time
 
 import ray
+import torch
 
 from epserve.actors.cluster import ensure_ray
 from epserve.actors.rank import StepInput
@@ -49,8 +52,9 @@ class _Unit:
 
     def __init__(self, model_dir: str, args, latency_s: float = 0.0, bandwidth: float = 0.0,
                  kernels: str = "reference"):
-        spec = RankSpec(model_dir, kernels=kernels, kv_pages=512, overlap="on", latency_s=latency_s,
-                        bandwidth=bandwidth)
+        gpus = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+        spec = RankSpec(model_dir, kernels=kernels if not gpus else "auto", kv_pages=512, overlap="on",
+                        latency_s=latency_s, bandwidth=bandwidth, device="cuda" if gpus else "cpu")
         self.sup = UnitSupervisor.remote(0, "bench", spec, UnitShape(1, 2, args.n_routed_experts),
                                          cpus_per_rank=0.01, n_moe_layers=args.n_moe_layers)
         ray.get(self.sup.start.remote())

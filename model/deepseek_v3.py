@@ -260,9 +260,9 @@ class Batch:
         return torch.tensor(self.seq_new, dtype=torch.long).cumsum(0) - 1
 
     @classmethod
-    def empty(cls) -> "Batch":
-        z = torch.zeros(0, dtype=torch.long)
-        return cls(z, z, [], [], torch.zeros(0, 1, dtype=torch.long), z)
+    def empty(cls, device: torch.device | str = "cpu") -> "Batch":
+        z = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(z, z, [], [], torch.zeros(0, 1, dtype=torch.long, device=device), z)
 
 
 @dataclass

@@ -115,6 +115,13 @@ class Batcher:
         step = self._schedule_prefill()
         return step if not step.is_empty else self._schedule_decode()
 
+    def can_prefill(self) -> bool:
+        """Whether the next schedule() would run a prefill step (its first admission check)."""
+        if not self.waiting or len(self.running) >= self.max_batch_size:
+            return False
+        seq = self.waiting[0]
+        return self.cache.pages_for(seq.n_tokens + 1) - len(seq.pages) <= self.cache.n_free
+
     def _schedule_prefill(self) -> Step:
         seqs, n_new, budget = [], [], self.max_batch_tokens
         while self.waiting and len(self.running) + len(seqs) < self.max_batch_size:

@@ -41,6 +41,18 @@ def piece_cost(ctx: int, start: int, end: int, attn_weight: float) -> float:
     return n + attn_weight * n * (ctx + start + (n + 1) / 2)
 
 
+def attention_weight(args) -> float:
+    """FLOPs of one (query, key) pair of naive-form core attention over the FLOPs of one token's
+    projections and experts in a MoE layer: how piece_cost weighs attention work against tokens."""
+    a = args
+    pair = a.n_heads * (a.qk_head_dim + a.v_head_dim)
+    q = a.dim * a.q_lora_rank + a.q_lora_rank * a.n_heads * a.qk_head_dim if a.q_lora_rank else \
+        a.dim * a.n_heads * a.qk_head_dim
+    token = q + a.dim * a.kv_dim + a.n_heads * a.v_head_dim * a.dim \
+        + (a.n_activated_experts + a.n_shared_experts) * 3 * a.dim * a.moe_inter_dim
+    return pair / token
+
+
 def split_two(seq_new: list[int], seq_ctx: list[int], attn_weight: float = 1e-3,
               allow_split: bool = True) -> tuple[list[Piece], list[Piece]]:
     """Two micro-batches of about equal cost; every new token is in exactly one piece.
@@ -70,12 +82,12 @@ def split_two(seq_new: list[int], seq_ctx: list[int], attn_weight: float = 1e-3,
 
 
 def _balancing_cut(big: Piece, ctx: int, cost: list[float], heavy: int, w: float) -> int | None:
-    """Cut point k in (start, end) minimising |cost0 - cost1| after moving one part of `big` across:
+    """Cut point k in [start + 2, end - 2] minimising |cost0 - cost1| after moving one part of `big` across:
     the tail to micro-batch 1 when micro-batch 0 is heavy, the head to micro-batch 0 otherwise."""
     base = [cost[0], cost[1]]
     base[heavy] -= piece_cost(ctx, big.start, big.end, w)
     best_k, best = None, abs(cost[0] - cost[1])
-    for k in range(big.start + 1, big.end):
+    for k in range(big.start + 2, big.end - 1):     # no 1-token piece: it would attend in the decode form
         c0 = base[0] + piece_cost(ctx, big.start, k, w)
         c1 = base[1] + piece_cost(ctx, k, big.end, w)
         if abs(c0 - c1) < best:
@@ -83,15 +95,15 @@ def _balancing_cut(big: Piece, ctx: int, cost: list[float], heavy: int, w: float
     return best_k
 
 
-def sub_batches(batch: Batch) -> tuple[list[Batch], list[list[tuple[int, int]]]]:
+def sub_batches(batch: Batch, attn_weight: float = 1e-3) -> tuple[list[Batch], list[list[tuple[int, int]]]]:
     """The step's two micro-batches as Batches, and for each, (row in its logits, sequence) of
     the pieces that end a sequence (their last token's logits are the step's output)."""
-    mb_pieces = split_two(batch.seq_new, batch.seq_ctx)
+    mb_pieces = split_two(batch.seq_new, batch.seq_ctx, attn_weight)
     starts = [0] + torch.tensor(batch.seq_new, dtype=torch.long).cumsum(0).tolist()
     out, ends = [], []
     for pieces in mb_pieces:
         if not pieces:
-            out.append(Batch.empty())
+            out.append(Batch.empty(batch.input_ids.device))
             ends.append([])
             continue
         rows = torch.cat([torch.arange(starts[p.seq] + p.start, starts[p.seq] + p.end) for p in pieces])
@@ -116,7 +128,8 @@ class OverlapTuner:
     """`overlap: auto`: whether the split pays depends on the machine (exchange cost against the
     split's extra kernel launches and weight reads), so measure it. Each `period` steps of a
     phase start with `probes` alternating split / plain steps; the rest of the round uses the
-    faster median. State only; `tuner_choice` and `tuner_record` decide and learn."""
+    one with the lower median cost (the supervisor records ms per token of the busiest rank, so
+    steps of different sizes compare). State only; `tuner_choice` and `tuner_record` decide and learn."""
 
     probes: int = 6
     period: int = 500
@@ -132,14 +145,14 @@ def tuner_choice(t: OverlapTuner, phase: str) -> bool:
     return t.best.get(phase, False)
 
 
-def tuner_record(t: OverlapTuner, phase: str, split: bool, ms: float) -> None:
+def tuner_record(t: OverlapTuner, phase: str, split: bool, cost: float) -> None:
     n = t.steps.get(phase, 0) % t.period
     t.steps[phase] = t.steps.get(phase, 0) + 1
     if n >= 2 * t.probes:
         return
     if n == 0:
         t.times[(phase, True)], t.times[(phase, False)] = [], []
-    t.times[(phase, split)].append(ms)
+    t.times[(phase, split)].append(cost)
     if n == 2 * t.probes - 1:
         on, off = (sorted(t.times[(phase, v)])[len(t.times[(phase, v)]) // 2] for v in (True, False))
         t.best[phase] = on < off
@@ -157,6 +170,10 @@ def choose_schedule(mode: str, phase: str | None, tuner: OverlapTuner | None = N
 
 @dataclass(frozen=True)
 class Op:
+    """One stage of one micro-batch in one layer, named as in DeepSeek's figures. DISPATCH
+    launches the exchange; MLP waits for it, runs the routed experts and launches the combine;
+    COMBINE waits for that and adds into the residual; FFN is a dense layer's MLP; HEAD the logits."""
+
     stage: str      # ATTN-0 ATTN-1 FFN DISPATCH SHARED MLP COMBINE HEAD
     mb: int
     layer: int = -1
@@ -205,7 +222,7 @@ class MicroBatch:
     rope: tuple
     h: torch.Tensor                       # residual stream [T, D]
     q: Queries | None = None              # ATTN-0 -> ATTN-1
-    x: torch.Tensor | None = None         # FFN input of the current MoE layer
+    x: torch.Tensor | None = None         # FFN input of the current layer (dense or MoE)
     ex: object = None                     # the exchange in flight (dispatch, then combine)
     shared: torch.Tensor | None = None    # shared-expert output waiting for the combine
     routing: tuple | None = None          # (weights, expert ids) from the gate
@@ -240,10 +257,9 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
                 m.shared = blk.ffn.shared.forward(m.x) if blk.ffn.shared is not None else None
             elif op.stage == "MLP":
                 m.ex = blk.ffn.dispatcher.compute(m.ex, blk.ffn.experts)
-            elif op.stage == "COMBINE":
-                m.h = m.h + blk.ffn.dispatcher.finish(m.ex)
-                if m.shared is not None:
-                    m.h = m.h + m.shared
+            elif op.stage == "COMBINE":              # the same sums as MoE.forward
+                y = blk.ffn.dispatcher.finish(m.ex)
+                m.h = m.h + (y + m.shared if m.shared is not None else y)
                 m.ex = m.shared = None
             elif op.stage == "HEAD":
                 h = rms_norm(m.h[m.batch.last_token_index[[r for r, _ in m.ends]]], model.norm, a.rms_norm_eps)
@@ -254,10 +270,11 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
 
 def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor, schedule: str = "prefill",
                        trace: list[str] | None = None) -> torch.Tensor:
-    """Same logits as model.forward (every token sees the same math), computed as two
-    micro-batches on `schedule`'s order. -> logits fp32 [B, vocab]."""
+    """model.forward's logits computed as two micro-batches in `schedule`'s order: the same math
+    per token, up to the rounding of GEMMs over other row counts (~1e-6 in float32; the greedy
+    tokens are the same, tested). -> logits fp32 [B, vocab]."""
     a = model.args
-    batches, ends = sub_batches(batch)
+    batches, ends = sub_batches(batch, attention_weight(a))
     with torch.inference_mode():
         mbs = [MicroBatch(b, model.rope(b.positions), model.embed[b.input_ids].to(model.dtype), ends=e)
                for b, e in zip(batches, ends)]

@@ -76,6 +76,7 @@ class RankEngine:
                                   self.dtype, self.device)
         max_len = min(spec.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
         self.batcher = Batcher(self.cache, spec.max_batch_tokens, spec.max_batch_size, max_len)
+        self.last_step_tokens = 0
         self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_layers,
                                                    self.args.kv_dim, self.dtype)) if spec.kv_store else None
 
@@ -122,6 +123,7 @@ class RankEngine:
         """schedule: the unit's overlap schedule for this step (pipelines/overlap.py), None: one batch."""
         step = self.batcher.schedule()
         batch = self.prepare(step)
+        self.last_step_tokens = batch.n_tokens
         if schedule is not None:
             logits = forward_overlapped(self.model, batch, self.cache.kv, schedule)
         else:
@@ -130,7 +132,7 @@ class RankEngine:
 
     def prepare(self, step: Step) -> Batch:
         if step.is_empty:
-            return Batch.empty()
+            return Batch.empty(self.device)
         ids, pos, slots = [], [], []
         for seq, n in zip(step.seqs, step.n_new):
             start = seq.n_computed

@@ -207,3 +207,18 @@ def test_checkpoint_without_tokenizer_serves_token_ids(tiny_dir, tmp_path):
     (d / "tokenizer.json").unlink()
     engine = make_local_engine(str(d))
     assert drain(engine, [Sequence("n", [5, 6, 7], greedy(3))])[0]
+
+
+def test_can_prefill_predicts_the_next_schedule():
+    """What a rank reports so its unit can pick the next step's overlap schedule."""
+    from epserve.model.kv_cache import PagedKVCache
+    from epserve.model.sampling import SamplingParams
+    from epserve.pipelines.batcher import Batcher
+    from epserve.pipelines.sequence import Sequence
+    b = Batcher(PagedKVCache(1, 8, 64, 8), max_batch_tokens=1000, max_batch_size=8, max_model_len=1000)
+    params = SamplingParams(max_tokens=4)
+    assert not b.can_prefill()
+    b.add(Sequence("a", [5] * 100, params))
+    assert b.can_prefill() and b.schedule().is_prefill
+    b.add(Sequence("b", [5] * 400, params))               # needs 7 pages, 6 are free: it waits
+    assert not b.can_prefill() and not b.schedule().is_prefill
