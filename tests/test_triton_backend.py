@@ -98,7 +98,8 @@ def test_self_test_passes_on_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_overlapped_schedules_match_the_plain_forward_on_gpu(tiny_dir):
     """The stage split (ATTN-0 / ATTN-1, launch / compute / finish) on CUDA with Triton kernels in
-    bfloat16: the two schedules agree with the plain forward (float32 equality is tested on CPU)."""
+    bfloat16, including a micro-batch left empty and an idle rank's empty step: the two schedules
+    agree with the plain forward (float32 equality is tested on CPU)."""
     pytest.importorskip("triton")
     from conftest import prompts_of
     from epserve.model.sampling import SamplingParams
@@ -112,7 +113,7 @@ def test_overlapped_schedules_match_the_plain_forward_on_gpu(tiny_dir):
     for s in seqs:
         eng.add(s)
     step = eng.batcher.schedule()                      # the prefill step, not yet run
-    for st in (step, Step(seqs, [1] * len(seqs), False)):
+    for st in (step, Step(seqs, [1] * len(seqs), False), Step(seqs[:1], [1], False), Step([], [], False)):
         batch = eng.prepare(st)
         before = eng.cache.kv.clone()
         want = eng.model.forward(batch, eng.cache.kv)     # fills the real cache for the next step
