@@ -160,6 +160,8 @@ def run(model: str | None = None, latency_ms: float | None = None, n_steps: int 
 
 def profile(out_dir: str, model: str | None = None, latency_ms: float = 0.0) -> dict:
     """Chrome traces of one overlapped prefill step and one overlapped decode step, every rank."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--profile {out_dir}: exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
     model_dir = str(model or bench_model_dir())
     args = read_config(model_dir)
