@@ -91,7 +91,7 @@ class Ingress:
             await self.router.refresh()
             for role, units in self.router.handles.items():
                 for status in await asyncio.gather(*[u.status.remote() for u in units.values()]):
-                    self.metrics.observe_eplb(role, status["unit"], status["eplb"])
+                    self.metrics.observe_unit(role, status)
         except Exception:
             pass
         body = self.metrics.render(self.router.prefill_stats, self.router.decode_stats, len(self.router.in_flight))

@@ -41,6 +41,10 @@ class ServeMetrics:
                                 ["role", "unit"], registry=r)
         self.eplb_seconds = Gauge("epserve_eplb_seconds", "Duration of the last applied EPLB round",
                                   ["role", "unit"], registry=r)
+        self.schedule_steps = Gauge("epserve_unit_schedule_steps", "Steps a unit ran one batch (plain) or split "
+                                    "on an overlap schedule", ["role", "unit", "schedule"], registry=r)
+        self.split_pays = Gauge("epserve_overlap_split_pays", "overlap: auto's current choice per phase "
+                                "(1: split steps measured faster)", ["role", "unit", "phase"], registry=r)
         self.window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -48,6 +52,15 @@ class ServeMetrics:
         now = time.monotonic()
         self._recent.append((now, n))
         self.completion_tokens.inc(n)
+
+    def observe_unit(self, role: str, status: dict) -> None:
+        """A unit supervisor's status(): its last EPLB round and its overlap schedules."""
+        unit = str(status["unit"])
+        for schedule, n in status.get("schedule_steps", {}).items():
+            self.schedule_steps.labels(role, unit, schedule).set(n)
+        for phase, pays in status.get("overlap", {}).get("split_pays", {}).items():
+            self.split_pays.labels(role, unit, phase).set(int(pays))
+        self.observe_eplb(role, status["unit"], status.get("eplb"))
 
     def observe_eplb(self, role: str, unit: int, report: dict | None) -> None:
         if report:

@@ -246,7 +246,8 @@ def test_models_and_metrics(server, client):
     text = httpx.get(server[0] + "/metrics", timeout=30).text      # scrapes need no API key
     for name in ("epserve_ttft_seconds_bucket", "epserve_time_per_output_token_seconds_bucket",
                  "epserve_rank_kv_used_ratio{", "epserve_rank_waiting_requests{", "epserve_in_flight_requests",
-                 "epserve_output_tokens_per_second", 'epserve_requests_total{endpoint="completions",status="200"}'):
+                 "epserve_output_tokens_per_second", 'epserve_requests_total{endpoint="completions",status="200"}',
+                 'epserve_unit_schedule_steps{role="decode",schedule="plain",unit="0"}'):
         assert name in text
 
 
