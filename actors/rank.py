@@ -147,7 +147,7 @@ class RankActor:
             if d.kv_blocks is not None:
                 d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
         return StepOutput(deltas, self.stats(), eng.has_work, rejected, self.map_version, eng.last_step_tokens,
-                          eng.batcher.can_prefill())
+                          eng.can_prefill())
 
     def profiled_step(self, inp: StepInput, trace_path: str) -> tuple[StepOutput, dict]:
         """One step under the PyTorch profiler; writes a Chrome trace (chrome://tracing, Perfetto)
@@ -182,9 +182,9 @@ class RankActor:
 
     def stats(self) -> RankStats:
         b, cache = self.engine.batcher, self.engine.cache
-        pending = [s for s in b.waiting]
+        pending = list(b.waiting) + [s for s, _ in self.engine.loading]
         return RankStats(
-            unit=self.layout.unit, rank=self.layout.rank, n_running=len(b.running), n_waiting=len(b.waiting),
+            unit=self.layout.unit, rank=self.layout.rank, n_running=len(b.running), n_waiting=len(pending),
             pending_prefill_tokens=sum(s.n_tokens - s.n_computed for s in pending),
             pending_attn_work=float(sum((s.n_tokens - s.n_computed) * (s.n_computed + (s.n_tokens - s.n_computed) / 2)
                                         for s in pending)),

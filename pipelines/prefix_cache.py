@@ -59,6 +59,11 @@ class PrefixCache:
         self.store = store
         self.bt = store.block_tokens
 
+    def may_hit(self, seq: Sequence) -> bool:
+        """Whether seq could use a cached block at all (a tenant, a fresh prompt, > 1 block)."""
+        return seq.tenant is not None and not seq.output_ids and cacheable_blocks(
+            len(seq.prompt_ids), 1, self.bt) > 0
+
     def load_prefix(self, seq: Sequence) -> torch.Tensor | None:
         """Latents [n_layers, n, L+R] of the longest usable cached prefix of seq's prompt, or None."""
         if seq.tenant is None or seq.output_ids:

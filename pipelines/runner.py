@@ -6,6 +6,7 @@ Never: imports Ray. actors/rank.py wraps this in an actor; llm.py may run it in-
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from dataclasses import dataclass
 
@@ -79,6 +80,11 @@ class RankEngine:
         self.last_step_tokens = 0
         self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_layers,
                                                    self.args.kv_dim, self.dtype)) if spec.kv_store else None
+        # Cached prefixes are read and verified off the step loop, so a long one does not stall
+        # the unit's lockstep; the sequence joins the batcher when its load is done.
+        self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-load") \
+            if self.prefix_cache else None
+        self.loading: list[tuple[Sequence, concurrent.futures.Future]] = []
 
     @property
     def max_model_len(self) -> int:
@@ -97,11 +103,32 @@ class RankEngine:
         self.validate_prompt(seq.prompt_ids)
         if not seq.eos_ids:
             seq.eos_ids = self.args.eos_token_ids
-        cached = self.prefix_cache.load_prefix(seq) if self.prefix_cache else None
-        if cached is not None and self.batcher.add_with_prefix(seq, cached.to(self.device)):
-            seq.n_cached = cached.shape[1]
-        else:
+        if self.prefix_cache is None or not self.prefix_cache.may_hit(seq):
             self.batcher.add(seq)
+            return
+        self.batcher.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))
+        self.loading.append((seq, self.loader.submit(self.prefix_cache.load_prefix, seq)))
+
+    def _admit_loaded(self) -> None:
+        """Queue the sequences whose cached prefix has been read (or failed: then a miss)."""
+        still = []
+        for seq, fut in self.loading:
+            if not fut.done():
+                still.append((seq, fut))
+                continue
+            try:
+                cached = fut.result()
+            except Exception as exc:             # the store already drops what it cannot read
+                log.warning("KV-store load for %s failed (%r); computing the whole prompt", seq.request_id, exc)
+                cached = None
+            if cached is not None and self.batcher.add_with_prefix(seq, cached.to(self.device)):
+                seq.n_cached = cached.shape[1]
+            else:
+                self.batcher.add(seq)
+        self.loading = still
+
+    def can_prefill(self) -> bool:
+        return self.batcher.can_prefill() or any(f.done() for _, f in self.loading)
 
     def add_prefilled(self, seq: Sequence, latents: torch.Tensor) -> bool:
         self.validate_prompt(seq.prompt_ids)
@@ -113,14 +140,23 @@ class RankEngine:
         return self.batcher.add_prefilled(seq, latents.to(self.device))
 
     def abort(self, request_id: str) -> bool:
+        for i, (seq, _) in enumerate(self.loading):
+            if seq.request_id == request_id:
+                del self.loading[i]          # its load finishes unused; it holds no pages yet
+                return True
         return self.batcher.abort(request_id) is not None
 
     @property
     def has_work(self) -> bool:
-        return self.batcher.n_requests > 0
+        return self.batcher.n_requests > 0 or bool(self.loading)
 
     def step(self, schedule: str | None = None) -> list[TokenDelta]:
         """schedule: the unit's overlap schedule for this step (pipelines/overlap.py), None: one batch."""
+        if self.loading:
+            if not self.batcher.n_requests:    # only loads pending: give them a moment rather than spin
+                concurrent.futures.wait([f for _, f in self.loading], timeout=0.002,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+            self._admit_loaded()
         step = self.batcher.schedule()
         batch = self.prepare(step)
         self.last_step_tokens = batch.n_tokens

@@ -60,3 +60,41 @@ def test_eviction_keeps_the_store_under_capacity(ray_cluster, tiny_dir, tmp_path
             llm.generate([p], GREEDY)
     total = sum(f.stat().st_size for f in kv.rglob("*.kvb"))
     assert 0 < total <= capacity
+
+
+def test_a_slow_kv_store_read_does_not_stall_running_requests(tiny_dir, tmp_path):
+    """The cached prefix is read off the step loop: while it loads, the rank's other requests keep
+    decoding; then the request joins with its hit and the cold run's tokens; aborting it while it
+    loads loses nothing."""
+    import threading
+
+    from epserve.pipelines.local import make_local_engine
+    from epserve.pipelines.prefix_cache import KVStoreSpec
+    engine = make_local_engine(tiny_dir, kv_pages=64, kv_store=KVStoreSpec(str(tmp_path / "kv"), 1 << 30))
+    prompt, other = prompts_of([200, 12], seed=4)
+
+    def run_all():
+        while engine.has_work:
+            engine.step()
+
+    cold = Sequence("cold", prompt, GREEDY, tenant="t")
+    engine.add(cold)
+    run_all()
+    a = Sequence("a", other, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    engine.add(a)
+    engine.step()
+    gate = threading.Event()
+    engine.loader.submit(gate.wait)                        # the loader is busy: b's read waits
+    b = Sequence("b", prompt, GREEDY, tenant="t")
+    engine.add(b)
+    c = Sequence("c", prompt, GREEDY, tenant="t")
+    engine.add(c)
+    before = len(a.output_ids)
+    for _ in range(3):
+        engine.step()
+    assert len(a.output_ids) == before + 3 and not b.output_ids    # a decoded; b is still loading
+    assert engine.abort("c") and engine.has_work
+    gate.set()
+    run_all()
+    assert b.n_cached == 192 and b.output_ids == cold.output_ids  # 3 full blocks of the 200-token prompt
+    assert not c.output_ids and engine.cache.n_used == 0          # the aborted one never took pages
