@@ -24,7 +24,6 @@ class ConfigError(ValueError):
 class RayConfig:
     address: str | None = None        # null: embedded local Ray (fake GPUs on a machine without CUDA)
     num_cpus: int | None = None       # embedded Ray only
-    fake_gpus: int | None = None      # embedded Ray without CUDA: logical GPUs to advertise (default: enough)
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class UnitConfig:
 class EplbConfig:
     interval_s: float = 600.0
     window_steps: int = 1000
-    policy: str = "auto"              # auto | baseline | improved
+    policy: str = "auto"              # auto (= improved: placement/eplb.py picks its own policy) | improved | baseline
     enabled: bool = True
 
 

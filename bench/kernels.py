@@ -159,15 +159,19 @@ def env_info(dev, backend: str) -> dict:
     return info
 
 
+def emit(res: dict, command: str, out: str | None) -> None:
+    """Print a GPU bench's JSON with the command that made it; also write it to `out`."""
+    res["command"] = command
+    text = json.dumps(res, indent=1)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", default="triton")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
-    res = run(backend=a.backend)
-    res["command"] = f"python -m epserve.bench.kernels --backend {a.backend}"
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    emit(run(backend=a.backend), f"python -m epserve.bench.kernels --backend {a.backend}", a.out)

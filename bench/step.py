@@ -19,13 +19,12 @@ LM head, sampling, MTP. Timing is eager (no CUDA graphs): host launch overhead i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 
 from epserve import kernels
-from epserve.bench.kernels import env_info, rand_fp8_weight, time_ms
+from epserve.bench.kernels import emit, env_info, rand_fp8_weight, time_ms
 from epserve.model.deepseek_v3 import MLA, MLP, Batch, Gate, ModelArgs, rms_norm, rope_inv_freq
 from epserve.model.moe_dispatch import ExpertShard
 
@@ -153,10 +152,5 @@ if __name__ == "__main__":
     ap.add_argument("--phase", default="prefill", choices=sorted(PHASES))
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
-    res = run(backend=args.backend, phase=args.phase)
-    res["command"] = f"python -m epserve.bench.step --backend {args.backend} --phase {args.phase}"
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(run(backend=args.backend, phase=args.phase),
+         f"python -m epserve.bench.step --backend {args.backend} --phase {args.phase}", args.out)

@@ -154,6 +154,19 @@ def per_token_group_quant_fp8(x: torch.Tensor, group: int = BLOCK) -> tuple[torc
 # ---------------------------------------------------------------- block-FP8 and grouped GEMMs
 
 @_jit
+def _load_k_tiles(a_ptrs, b_ptrs, K, kb, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The kb-th K tiles of a [BM, BK] and b [BK, BN], zero past K when K is ragged."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        k_ok = tl.arange(0, BLOCK_K) < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+    return a, b
+
+
+@_jit
 def _fp8_block_dot(a_ptrs, as_ptrs, b_ptrs, bs_ptr, K, n_kb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """sum_kb dot(a[:, kb], b[kb, :]) * a_s[:, kb] * b_s[kb]; a_ptrs [BM, BK], b_ptrs [BK, BN].
@@ -161,15 +174,8 @@ def _fp8_block_dot(a_ptrs, as_ptrs, b_ptrs, bs_ptr, K, n_kb, BLOCK_M: tl.constex
     bs_ptr is one pointer (BLOCK_N <= 128: the tile sits in one 128-row weight block) or [BN].
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
     for kb in range(0, n_kb):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_ok = offs_k < K - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        a, b = _load_k_tiles(a_ptrs, b_ptrs, K, kb, BLOCK_K, EVEN_K)
         sa = tl.load(as_ptrs + kb)
         if BLOCK_N > 128:
             sb = tl.load(bs_ptr + kb)[None, :]
@@ -185,15 +191,8 @@ def _fp8_block_dot(a_ptrs, as_ptrs, b_ptrs, bs_ptr, K, n_kb, BLOCK_M: tl.constex
 def _float_dot(a_ptrs, b_ptrs, K, n_kb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                EVEN_K: tl.constexpr):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
     for kb in range(0, n_kb):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_ok = offs_k < K - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        a, b = _load_k_tiles(a_ptrs, b_ptrs, K, kb, BLOCK_K, EVEN_K)
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K

@@ -185,6 +185,8 @@ def test_shipped_configs_load():
     for name in ("default", "deepseek_v3_prod", "test"):
         cfg = load_config(root / f"{name}.yaml")
         assert cfg.serve.host in ("127.0.0.1", "0.0.0.0")
+    # configs/default.yaml documents what `epserve serve` runs with no --config: the code's defaults
+    assert load_config(root / "default.yaml") == load_config(None)
     prod = load_config(root / "deepseek_v3_prod.yaml")
     assert (prod.prefill.nodes_per_unit, prod.prefill.gpus_per_node, prod.prefill.redundant_experts) == (4, 8, 32)
     assert (prod.decode.nodes_per_unit, prod.decode.gpus_per_node, prod.decode.redundant_experts) == (18, 8, 32)
