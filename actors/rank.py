@@ -24,6 +24,7 @@ from epserve.model.moe_dispatch import ExpertMap
 from epserve.pipelines.expert_migration import stage, switch
 from epserve.pipelines.kv_handoff import join_blocks
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
+from epserve.placement.prefill_balancer import attn_work
 from epserve.pipelines.sequence import Sequence
 
 log = logging.getLogger("epserve.rank")
@@ -186,8 +187,7 @@ class RankActor:
         return RankStats(
             unit=self.layout.unit, rank=self.layout.rank, n_running=len(b.running), n_waiting=len(pending),
             pending_prefill_tokens=sum(s.n_tokens - s.n_computed for s in pending),
-            pending_attn_work=float(sum((s.n_tokens - s.n_computed) * (s.n_computed + (s.n_tokens - s.n_computed) / 2)
-                                        for s in pending)),
+            pending_attn_work=float(sum(attn_work(s.n_tokens - s.n_computed, s.n_computed) for s in pending)),
             kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages)
 
     def expert_counters(self, reset: bool = True) -> dict:

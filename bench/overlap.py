@@ -110,13 +110,16 @@ def _on_off(unit: _Unit, phase: str, n_steps: int) -> dict:
             max(o.stats.n_running for o in unit.last)}
 
 
-def _measure(model_dir, args, n_steps: int, latency_s: float = 0.0, bandwidth: float = 0.0) -> dict:
+def _measure(model_dir, args, n_steps: int, latency_s: float = 0.0, bandwidth: float = 0.0,
+             decode: bool = True) -> dict:
+    """Both phases; decode=False skips the decode steps (prefill runs anyway: it makes decode's batch)."""
     unit = _Unit(model_dir, args, latency_s, bandwidth)
     try:
         unit.step(None, new=True)                       # warm-up
-        prefill = _on_off(unit, "prefill", n_steps)     # leaves the running sequences decode measures
-        decode = _on_off(unit, "decode", n_steps)
-        return {"prefill": prefill, "decode": decode}
+        out = {"prefill": _on_off(unit, "prefill", n_steps)}
+        if decode:
+            out["decode"] = _on_off(unit, "decode", n_steps)
+        return out
     finally:
         unit.close()
 
@@ -143,10 +146,10 @@ def run(model: str | None = None, latency_ms: float | None = None, n_steps: int 
         for phase in ("prefill", "decode"):
             off_ms = base[phase]["off_ms"]
             lat = latency_ms if latency_ms is not None else off_ms / (4 * args.n_moe_layers)
-            res = _measure(model_dir, args, n_steps, latency_s=lat / 1e3)
+            res = _measure(model_dir, args, n_steps, latency_s=lat / 1e3, decode=phase == "decode")
             out.setdefault("injected_latency", {})[phase] = {"latency_ms": round(lat, 2), **res[phase]}
             bw = _exchange_bytes(args, base[phase]["tokens_per_rank"]) / (off_ms / 1e3)
-            res = _measure(model_dir, args, n_steps, bandwidth=bw)
+            res = _measure(model_dir, args, n_steps, bandwidth=bw, decode=phase == "decode")
             out.setdefault("injected_bandwidth", {})[phase] = {"bandwidth_MBps": round(bw / 1e6, 1), **res[phase]}
         out["note"] = ("2 ranks on one fake node, gloo over loopback, 1 CPU thread each; latency and bandwidth are "
                        "injected per dispatch and per combine of every MoE layer and micro-batch; on/off steps "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from types import ModuleType
 
 import torch
@@ -259,6 +260,27 @@ class Batch:
     def last_token_index(self) -> torch.Tensor:
         return torch.tensor(self.seq_new, dtype=torch.long).cumsum(0) - 1
 
+    # What every layer's attention needs from the batch's shape, computed once per step.
+    @cached_property
+    def starts(self) -> list[int]:
+        """First token row of each sequence."""
+        return [0] + torch.tensor(self.seq_new, dtype=torch.long).cumsum(0).tolist()
+
+    @cached_property
+    def decode_rows(self) -> list[int]:
+        """Sequences attended in the absorbed (latent) form: one new token after cached context."""
+        return [i for i, (n, c) in enumerate(zip(self.seq_new, self.seq_ctx)) if n == 1 and c > 0
+                and not self.force_naive]
+
+    @cached_property
+    def decode_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token row, seq_len, block table row) of each decode row, on the batch's device."""
+        dev = self.input_ids.device
+        rows = self.decode_rows
+        return (torch.tensor([self.starts[i] for i in rows], dtype=torch.long, device=dev),
+                torch.tensor([self.seq_ctx[i] + 1 for i in rows], dtype=torch.long, device=dev),
+                self.block_tables[rows])
+
     @classmethod
     def empty(cls, device: torch.device | str = "cpu") -> "Batch":
         z = torch.zeros(0, dtype=torch.long, device=device)
@@ -316,28 +338,23 @@ class MLA:
                             apply_rope(k_pe, cos, sin, a.rope_interleave)], -1)
         flat_cache = cache_layer.view(-1, a.kv_dim)
         flat_cache[batch.slot_mapping] = latent.to(cache_layer.dtype)
-        decode_rows = [i for i, (n, c) in enumerate(zip(batch.seq_new, batch.seq_ctx))
-                       if n == 1 and c > 0 and not batch.force_naive]
-        starts = [0] + list(torch.tensor(batch.seq_new, dtype=torch.long).cumsum(0).tolist())
         q_lat = None
-        if decode_rows:      # absorbed form: q_nope [B, H, P] -> latent query [B, H, L]
-            tok = torch.tensor([starts[i] for i in decode_rows], dtype=torch.long)
+        if batch.decode_rows:      # absorbed form: q_nope [B, H, P] -> latent query [B, H, L]
+            tok = batch.decode_index[0]
             q_lat = torch.cat([torch.einsum("bhp,hpl->bhl", q_nope[tok], self.absorbed(x.dtype)[0]), q_pe[tok]], -1)
-        return Queries(q_nope, q_pe, decode_rows, starts, q_lat)
+        return Queries(q_nope, q_pe, q_lat)
 
     def attend(self, q: "Queries", batch: Batch, cache_layer: torch.Tensor) -> torch.Tensor:
         a, kb = self.args, self.kb
         dtype = q.q_nope.dtype
         out = q.q_nope.new_empty(q.q_nope.shape[0], a.n_heads, a.v_head_dim)
         w_uk, w_uv = self.absorbed(dtype)
-        if q.decode_rows:
-            tok = torch.tensor([q.starts[i] for i in q.decode_rows], dtype=torch.long)
-            seq_lens = torch.tensor([batch.seq_ctx[i] + 1 for i in q.decode_rows], dtype=torch.long)
-            o_lat, _ = kb.mla_decode(q.q_lat, cache_layer, batch.block_tables[q.decode_rows], seq_lens,
-                                     a.softmax_scale, a.kv_lora_rank)
+        if batch.decode_rows:
+            tok, seq_lens, tables = batch.decode_index
+            o_lat, _ = kb.mla_decode(q.q_lat, cache_layer, tables, seq_lens, a.softmax_scale, a.kv_lora_rank)
             out[tok] = torch.einsum("bhl,hvl->bhv", o_lat.to(dtype), w_uv)
         page = cache_layer.shape[1]
-        decode = set(q.decode_rows)
+        decode = set(batch.decode_rows)
         for i, (n, c) in enumerate(zip(batch.seq_new, batch.seq_ctx)):
             if i in decode or n == 0:
                 continue
@@ -349,7 +366,7 @@ class MLA:
             k_nope = torch.einsum("sl,hpl->shp", c_lat, w_uk)
             k = torch.cat([k_nope, k_rope[:, None].expand(-1, a.n_heads, -1)], -1)
             v = torch.einsum("sl,hvl->shv", c_lat, w_uv)
-            s = slice(q.starts[i], q.starts[i] + n)
+            s = slice(batch.starts[i], batch.starts[i] + n)
             qi = torch.cat([q.q_nope[s], q.q_pe[s]], -1)
             out[s] = kb.mla_prefill(qi, k, v, a.softmax_scale)
         return kb.linear(out.flatten(1), self.wo)
@@ -361,9 +378,7 @@ class Queries:
 
     q_nope: torch.Tensor               # [T, H, P]
     q_pe: torch.Tensor                 # [T, H, R], rotated
-    decode_rows: list[int]             # sequences attended in the absorbed (latent) form
-    starts: list[int]                  # first token row of each sequence
-    q_lat: torch.Tensor | None         # [len(decode_rows), H, L+R] absorbed queries
+    q_lat: torch.Tensor | None         # [len(batch.decode_rows), H, L+R] absorbed queries
 
 
 @dataclass
@@ -469,11 +484,18 @@ class Transformer:
         this rank joins each MoE exchange of its unit (lockstep).
         """
         a = self.args
-        h = self.embed[batch.input_ids].to(self.dtype)
+        h = self.embed_tokens(batch.input_ids)
         rope = self.rope(batch.positions)
         for i, blk in enumerate(self.layers):
             h = h + blk.attn.forward(rms_norm(h, blk.attn_norm, a.rms_norm_eps), batch, rope, kv_cache[i])
             h = h + blk.ffn.forward(rms_norm(h, blk.ffn_norm, a.rms_norm_eps))
         if not all_logits:
             h = h[batch.last_token_index] if batch.seq_new else h[:0]
-        return F.linear(rms_norm(h, self.norm, a.rms_norm_eps), self.head.to(h.dtype)).float()
+        return self.logits(h)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[input_ids].to(self.dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: hidden [N, D] -> fp32 [N, vocab]."""
+        return F.linear(rms_norm(h, self.norm, self.args.rms_norm_eps), self.head.to(h.dtype)).float()

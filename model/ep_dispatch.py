@@ -85,7 +85,7 @@ class AllToAllDispatcher(LocalDispatcher):
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)   # small, synchronous
         sc, rc = send_counts.tolist(), recv_counts.tolist()
-        rows = x.repeat_interleave(k, 0)[order] if t else x.new_zeros(0, d)
+        rows = x[order // k]                                            # pair j is token j // k
         slot_ids = (slots % spr)[order].to(torch.int32)[:, None]
         payload = torch.cat([self._pack(rows), _as_bytes(slot_ids)], 1)      # one message per row
         ex = Exchange(layer, t, k, d, x.dtype, order, sc, rc, weights)

@@ -64,12 +64,8 @@ class Batcher:
         queues it uncached instead).
         """
         self.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))
-        need = self.cache.pages_for(seq.n_tokens + 1)
-        if need > self.cache.n_free:
+        if not self._place(seq, latents):
             return False
-        seq.pages = self.cache.allocate(need)
-        self.cache.write_tokens(seq.pages, 0, latents)
-        seq.n_computed = latents.shape[1]
         self.waiting.append(seq)
         return True
 
@@ -80,16 +76,21 @@ class Batcher:
         queues the sequence for recompute instead) when this rank has no pages for it now.
         """
         self.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))
-        n = latents.shape[1]
-        need = self.cache.pages_for(seq.n_tokens + 1)
-        if need > self.cache.n_free or len(self.running) >= self.max_batch_size:
+        if len(self.running) >= self.max_batch_size or not self._place(seq, latents):
             seq.reset_for_recompute()
             self.waiting.append(seq)
             return False
+        self.running.append(seq)
+        return True
+
+    def _place(self, seq: Sequence, latents) -> bool:
+        """Pages for the whole sequence with its first latents.shape[1] tokens written in (False: no room)."""
+        need = self.cache.pages_for(seq.n_tokens + 1)
+        if need > self.cache.n_free:
+            return False
         seq.pages = self.cache.allocate(need)
         self.cache.write_tokens(seq.pages, 0, latents)
-        seq.n_computed = n
-        self.running.append(seq)
+        seq.n_computed = latents.shape[1]
         return True
 
     def abort(self, request_id: str) -> Sequence | None:

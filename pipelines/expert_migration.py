@@ -2,8 +2,8 @@
 
 Staging builds, off the step path, this rank's ExpertShard of every MoE layer under a
 new phy2log: a slot whose expert is unchanged keeps its weights; a changed slot takes
-the expert from another of this rank's slots or loads it from the checkpoint (the
-plan's source). Switching swaps the shards and the dispatcher's map together; the unit
+the expert from another of this rank's slots or loads it from the checkpoint
+(copies from other ranks' slots, which placement/migration.py plans, are not built). Switching swaps the shards and the dispatcher's map together; the unit
 supervisor tells every rank to switch before the same step, so every rank routes with
 the same map in every exchange. Replicas hold identical weights, so outputs do not change.
 """

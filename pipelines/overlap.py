@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from epserve.model.deepseek_v3 import Batch, MoE, Queries, rms_norm
 
@@ -262,8 +261,7 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
                 m.h = m.h + (y + m.shared if m.shared is not None else y)
                 m.ex = m.shared = None
             elif op.stage == "HEAD":
-                h = rms_norm(m.h[m.batch.last_token_index[[r for r, _ in m.ends]]], model.norm, a.rms_norm_eps)
-                m.logits = F.linear(h, model.head.to(h.dtype)).float()
+                m.logits = model.logits(m.h[m.batch.last_token_index[[r for r, _ in m.ends]]])
             else:
                 raise ValueError(f"unknown stage {op.stage!r}")
 
@@ -276,7 +274,7 @@ def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor, schedule: st
     a = model.args
     batches, ends = sub_batches(batch, attention_weight(a))
     with torch.inference_mode():
-        mbs = [MicroBatch(b, model.rope(b.positions), model.embed[b.input_ids].to(model.dtype), ends=e)
+        mbs = [MicroBatch(b, model.rope(b.positions), model.embed_tokens(b.input_ids), ends=e)
                for b, e in zip(batches, ends)]
         run_schedule(model, mbs, schedule_ops(schedule, a.n_layers, a.n_dense_layers), kv_cache, trace)
         logits = torch.empty(len(batch.seq_new), a.vocab_size, dtype=torch.float32, device=model.device)

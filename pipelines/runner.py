@@ -99,10 +99,13 @@ class RankEngine:
             raise InvalidRequest(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {self.args.vocab_size})",
                                  "prompt")
 
-    def add(self, seq: Sequence) -> None:
+    def _admit_checks(self, seq: Sequence) -> None:
         self.validate_prompt(seq.prompt_ids)
         if not seq.eos_ids:
             seq.eos_ids = self.args.eos_token_ids
+
+    def add(self, seq: Sequence) -> None:
+        self._admit_checks(seq)
         if self.prefix_cache is None or not self.prefix_cache.may_hit(seq):
             self.batcher.add(seq)
             return
@@ -131,9 +134,7 @@ class RankEngine:
         return self.batcher.can_prefill() or any(f.done() for _, f in self.loading)
 
     def add_prefilled(self, seq: Sequence, latents: torch.Tensor) -> bool:
-        self.validate_prompt(seq.prompt_ids)
-        if not seq.eos_ids:
-            seq.eos_ids = self.args.eos_token_ids
+        self._admit_checks(seq)
         if latents.shape[1] != seq.n_tokens - 1 or latents.shape[0] != self.args.n_layers:
             raise ValueError(f"handed-off KV has shape {tuple(latents.shape)}; expected "
                              f"[{self.args.n_layers}, {seq.n_tokens - 1}, {self.args.kv_dim}]")

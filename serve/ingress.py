@@ -139,7 +139,8 @@ class Ingress:
             params = self._params(req, chat, len(ids))
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             tenant = self.tenant(request)
-            route = await self.router.admit(rid, len(ids), self._cached_tokens(ids, tenant), params.max_tokens)
+            cached = await asyncio.to_thread(self._cached_tokens, ids, tenant)    # file checks: off the event loop
+            route = await self.router.admit(rid, len(ids), cached, params.max_tokens)
             self.routes[rid] = (route, tenant)
         except APIError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()

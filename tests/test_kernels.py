@@ -8,11 +8,7 @@ import torch
 
 from epserve import kernels
 from epserve.kernels import reference as ref
-
-
-def calc_diff(x, y):
-    x, y = x.double(), y.double()
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+from epserve.kernels.triton import calc_diff
 
 
 def test_fp8_gemm_close_to_float_and_equal_to_dequantized_promotion():
