@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                    choices=["engine", "units", "eplb", "kernels", "step", "serve", "prefix", "overlap"])
     b.add_argument("--config", help="serve: config of the server to start (default: the embedded default)")
     b.add_argument("--url", help="serve: measure this running server instead of starting one")
+    b.add_argument("--api-key", help="serve --url: bearer key for the server (its model name is read from /v1/models)")
     b.add_argument("--concurrency", default="1,4,16")
     b.add_argument("--requests", type=int, default=32)
     b.add_argument("--rate", type=float, help="serve: Poisson arrival rate, requests/s (default: closed loop)")

@@ -49,7 +49,8 @@ def run(args) -> dict:
 def _bench_serve(mod, args) -> list:
     levels = tuple(int(c) for c in args.concurrency.split(","))
     if args.url:
-        return mod.run(base_url=args.url, concurrency=levels, n_requests=args.requests, rate=args.rate)
+        return mod.run(base_url=args.url, model=mod.served_model(args.url, args.api_key), concurrency=levels,
+                       n_requests=args.requests, rate=args.rate, api_key=args.api_key)
     import socket
 
     from epserve.config import load_config

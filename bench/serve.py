@@ -189,6 +189,14 @@ def summarize(results: list[dict], n_requests: int, wall_s: float) -> dict:
             "errors": sorted({r["error"] for r in results if r["error"]})[:5]}
 
 
+def served_model(base_url: str, api_key: str | None = None) -> str:
+    """The first model id the server lists (GET /v1/models)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(check_loopback(base_url).rstrip("/") + "/v1/models", headers=headers, timeout=30)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
 def run(base_url: str = "http://127.0.0.1:8000", model: str = "epserve", concurrency=(1, 4, 16),
         n_requests: int = 32, rate: float | None = None, prompt_len=(16, 256), output_len=(8, 64),
         seed: int = 0, api_key: str | None = None, timeout_s: float = 300) -> list[dict]:
@@ -210,19 +218,3 @@ def run(base_url: str = "http://127.0.0.1:8000", model: str = "epserve", concurr
         rows.append({"concurrency": int(c), "rate": rate, "n_requests": n_requests,
                      **summarize(results, n_requests, wall)})
     return rows
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--model", default="epserve")
-    p.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
-    p.add_argument("--n-requests", type=int, default=32)
-    p.add_argument("--rate", type=float, default=None, help="req/s, Poisson; default closed-loop")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--timeout-s", type=float, default=300)
-    a = p.parse_args()
-    print(json.dumps(run(a.base_url, a.model, [int(c) for c in a.concurrency.split(",")], a.n_requests, a.rate,
-                         seed=a.seed, api_key=a.api_key, timeout_s=a.timeout_s), indent=2))

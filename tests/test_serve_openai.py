@@ -337,3 +337,13 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bench_serve_measures_this_server(server):
+    """`epserve bench serve --url`: the load generator against the real server, model name read from it."""
+    from epserve.bench.serve import run, served_model
+    assert served_model(server[0], "none") == "tiny"
+    row = run(base_url=server[0], model="tiny", concurrency=(2,), n_requests=4, prompt_len=(8, 32),
+              output_len=(4, 8), api_key="none", timeout_s=120)[0]
+    assert (row["ok"], row["failed"], row["n_429"], row["unsent"]) == (4, 0, 0, 0)
+    assert 4 <= row["output_tokens"] <= 32 and row["ttft_ms_p50"] > 0 and row["output_tokens_per_s"] > 0
