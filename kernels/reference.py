@@ -105,6 +105,97 @@ def linear_with(quant, gemm):
 linear = linear_with(per_token_group_quant_fp8, fp8_gemm_nt)
 
 
+class ExpertWeights:
+    """One rank's routed-expert slots of one layer, stacked so a grouped kernel reads one tensor.
+
+    w13 [G, 2I, D]: each slot's gate rows (w1) then its up rows (w3); w2 [G, D, I]. FP8 weights
+    carry 128x128 dequant scales s13 [G, 2 * ceil(I/128), ceil(D/128)] (w1's blocks, then w3's)
+    and s2 [G, ceil(D/128), ceil(I/128)]. Live EPLB copies a new expert into its slot in place,
+    so the tensors (and the CUDA graphs that captured them) stay the same.
+    """
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor | None = None,
+                 s2: torch.Tensor | None = None, act_quant: bool = False):
+        self.w13, self.w2, self.s13, self.s2, self.act_quant = w13, w2, s13, s2, act_quant
+        self.inter = w2.shape[-1]
+        self._views = None
+
+    @classmethod
+    def empty(cls, n_slots: int, inter: int, dim: int, like: Weight, device) -> "ExpertWeights":
+        """Uninitialised slots in the storage kind of `like` (an FP8 or float expert weight)."""
+        w13 = torch.empty(n_slots, 2 * inter, dim, dtype=like.w.dtype, device=device)
+        w2 = torch.empty(n_slots, dim, inter, dtype=like.w.dtype, device=device)
+        if not like.is_fp8:
+            return cls(w13, w2)
+        nb = lambda n: -(-n // 128)  # noqa: E731
+        s13 = torch.empty(n_slots, 2 * nb(inter), nb(dim), dtype=torch.float32, device=device)
+        s2 = torch.empty(n_slots, nb(dim), nb(inter), dtype=torch.float32, device=device)
+        return cls(w13, w2, s13, s2, like.act_quant)
+
+    @property
+    def n_slots(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.s13 is not None
+
+    def set_slot(self, j: int, w1: Weight, w3: Weight, w2: Weight) -> None:
+        """Copy one expert's three weights into slot j (in place)."""
+        i = self.inter
+        self.w13[j, :i].copy_(w1.w)
+        self.w13[j, i:].copy_(w3.w)
+        self.w2[j].copy_(w2.w)
+        if self.is_fp8:
+            b = self.s13.shape[1] // 2
+            self.s13[j, :b].copy_(w1.scale)
+            self.s13[j, b:].copy_(w3.scale)
+            self.s2[j].copy_(w2.scale)
+
+    def slot(self, j: int) -> dict[str, Weight]:
+        """Views of slot j as the three Weights {w1, w3, w2} (no copy)."""
+        i = self.inter
+        if not self.is_fp8:
+            return {"w1": Weight(self.w13[j, :i]), "w3": Weight(self.w13[j, i:]), "w2": Weight(self.w2[j])}
+        b = self.s13.shape[1] // 2
+        return {"w1": Weight(self.w13[j, :i], self.s13[j, :b], self.act_quant),
+                "w3": Weight(self.w13[j, i:], self.s13[j, b:], self.act_quant),
+                "w2": Weight(self.w2[j], self.s2[j], self.act_quant)}
+
+    def lists(self) -> tuple[list[Weight], list[Weight], list[Weight]]:
+        """(w1s, w3s, w2s): per-slot views for kernels that take one Weight per group."""
+        if self._views is None:
+            slots = [self.slot(j) for j in range(self.n_slots)]
+            self._views = tuple([s[k] for s in slots] for k in ("w1", "w3", "w2"))
+        return self._views
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w13, self.w2, self.s13, self.s2) if t is not None)
+
+
+def expert_ffn_with(grouped):
+    """A backend's routed-expert SwiGLU FFN over contiguous rows, from its grouped GEMM."""
+    def expert_ffn(x: torch.Tensor, experts: ExpertWeights, slot_ids: torch.Tensor) -> torch.Tensor:
+        """x [M, D], slot_ids int [M] (-1: padding, gives 0) -> [M, D] = w2(silu(w1 x) * w3 x) per row's slot."""
+        if x.shape[0] == 0 or experts.n_slots == 0:
+            return torch.zeros_like(x)
+        w1, w3, w2 = experts.lists()
+        return grouped(F.silu(grouped(x, w1, slot_ids)) * grouped(x, w3, slot_ids), w2, slot_ids)
+    return expert_ffn
+
+
+def expert_ffn_masked_with(expert_ffn):
+    """The masked-layout form from the contiguous one: rows past masked_m[g] give 0."""
+    def expert_ffn_masked(x: torch.Tensor, experts: ExpertWeights, masked_m: torch.Tensor,
+                          expected_m: int | None = None) -> torch.Tensor:
+        """x [G, max_m, D], masked_m int [G] -> [G, max_m, D]; expected_m is a tuning hint."""
+        g, max_m, d = x.shape
+        rows = torch.arange(max_m, device=x.device)[None, :]
+        ids = torch.where(rows < masked_m.to(x.device)[:, None], torch.arange(g, device=x.device)[:, None], -1)
+        return expert_ffn(x.reshape(g * max_m, d), experts, ids.flatten()).view(g, max_m, d)
+    return expert_ffn_masked
+
+
 def grouped_linear(x: torch.Tensor, weights: list[Weight], group_ids: torch.Tensor) -> torch.Tensor:
     """Contiguous-layout grouped GEMM: row m uses weights[group_ids[m]]; -1 rows give 0.
 
@@ -122,6 +213,10 @@ def grouped_linear(x: torch.Tensor, weights: list[Weight], group_ids: torch.Tens
     return out
 
 
+expert_ffn = expert_ffn_with(grouped_linear)
+expert_ffn_masked = expert_ffn_masked_with(expert_ffn)
+
+
 def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Naive-form MLA for one sequence's new tokens.
 
@@ -135,8 +230,14 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
 
 
+def plan_mla_decode():
+    """A per-step plan for mla_decode that every layer reuses (FlashMLA's tile schedule); this
+    backend plans nothing."""
+    return None
+
+
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-               seq_lens: torch.Tensor, scale: float, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+               seq_lens: torch.Tensor, scale: float, v_dim: int, plan=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode over a paged latent cache (FlashMLA's semantics).
 
     q [B, H, L+R] (latent-space query), kv_cache [P, page, L+R], block_table int [B, max_pages],

@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from epserve.kernels import reference
-from epserve.kernels.reference import AMAX_FLOOR, FP8, FP8_MAX, Weight, dequant_block, per_block_quant_fp8
+from epserve.kernels.layouts import empty_mn_major_scales
+from epserve.kernels.reference import (AMAX_FLOOR, FP8, FP8_MAX, ExpertWeights, Weight, dequant_block,
+                                      expert_ffn_masked_with, expert_ffn_with, per_block_quant_fp8,
+                                      plan_mla_decode)
 
 try:
     import triton
@@ -40,8 +43,8 @@ except ImportError:  # no triton: keep the module importable, fail on first kern
         return v
 
 __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", "fp8_gemm_nt", "Weight",
-           "linear", "grouped_linear", "mla_prefill", "mla_decode", "self_test",
-           "plan_kv_splits", "plan_group_tiles"]
+           "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "silu_mul_quant_fp8",
+           "mla_prefill", "plan_mla_decode", "mla_decode", "self_test", "plan_kv_splits", "plan_group_tiles"]
 
 BLOCK = 128       # quantisation block: 1x128 activations, 128x128 weights
 LOG2E = 1.4426950408889634
@@ -117,8 +120,16 @@ def _n_sm(device: torch.device) -> int:
 
 # ---------------------------------------------------------------- FP8 quantisation
 
+def _scale_strides(s: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows per group, group stride, row stride, column stride) of a [M, n] or [G, M, n] scale tensor,
+    so a kernel indexing flat rows r writes s[r // rpg, r % rpg, col] whatever the layout."""
+    if s.dim() == 2:
+        return max(1, s.shape[0]), 0, s.stride(0), s.stride(1)
+    return max(1, s.shape[1]), s.stride(0), s.stride(1), s.stride(2)
+
+
 @_jit
-def _quant_kernel(x, q, s, K, n_groups, stride_xm, GROUP: tl.constexpr, GPP: tl.constexpr):
+def _quant_kernel(x, q, s, K, n_groups, stride_xm, rpg, s_sg, s_sm, s_sk, GROUP: tl.constexpr, GPP: tl.constexpr):
     """One row, GPP groups: s = max(amax, floor) / 448, q = e4m3(clamp(x / s))."""
     m = tl.program_id(0).to(tl.int64)
     offs_g = tl.program_id(1) * GPP + tl.arange(0, GPP)
@@ -131,11 +142,16 @@ def _quant_kernel(x, q, s, K, n_groups, stride_xm, GROUP: tl.constexpr, GPP: tl.
     sc = amax * _INV_QMAX
     qv = tl.clamp(tl.math.div_rn(v, sc[:, None]), -_QMAX, _QMAX)
     tl.store(q + m * K + cols, qv.to(tl.float8e4nv), mask=ok)
-    tl.store(s + m * n_groups + offs_g, sc, mask=offs_g < n_groups)
+    tl.store(s + (m // rpg) * s_sg + (m % rpg) * s_sm + offs_g * s_sk, sc, mask=offs_g < n_groups)
 
 
-def per_token_group_quant_fp8(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (q fp8 [..., K], s fp32 [..., ceil(K/group)]), x ~= q * s per group."""
+def per_token_group_quant_fp8(x: torch.Tensor, group: int = BLOCK, mn_major: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q fp8 [..., K], s fp32 [..., ceil(K/group)]), x ~= q * s per group.
+
+    mn_major (2-D or 3-D x): s is laid out column-major per leading group with TMA-aligned
+    columns, the layout DeepGEMM reads activation scales in on Hopper; same values either way.
+    """
     assert group >= 16 and group & (group - 1) == 0, f"group must be a power of two >= 16, got {group}"
     k = x.shape[-1]
     n_groups = math.ceil(k / group)
@@ -143,12 +159,56 @@ def per_token_group_quant_fp8(x: torch.Tensor, group: int = BLOCK) -> tuple[torc
     if k and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     q = torch.empty(x2.shape, dtype=FP8, device=x.device)
-    s = torch.empty(x2.shape[0], n_groups, dtype=torch.float32, device=x.device)
+    if mn_major:
+        assert x.dim() in (2, 3), f"mn_major scales need a 2-D or 3-D input, got {tuple(x.shape)}"
+        s = empty_mn_major_scales((*x.shape[:-1], n_groups), x.device)
+    else:
+        s = torch.empty(*x.shape[:-1], n_groups, dtype=torch.float32, device=x.device)
     if x2.shape[0] and k:
         gpp = 8 if group <= 128 else 1
-        _quant_kernel[(x2.shape[0], _cdiv(n_groups, gpp))](x2, q, s, k, n_groups, x2.stride(0),
+        _quant_kernel[(x2.shape[0], _cdiv(n_groups, gpp))](x2, q, s, k, n_groups, x2.stride(0), *_scale_strides(s),
                                                                   GROUP=group, GPP=gpp, num_warps=4)
-    return q.view(x.shape), s.view(*x.shape[:-1], n_groups)
+    return q.view(x.shape), s
+
+
+@_jit
+def _silu_mul_quant_kernel(h, q, s, I, stride_hm, rpg, s_sg, s_sm, s_sk, GROUP: tl.constexpr):
+    """One row, one 128-wide group of the output: y = silu(gate) * up, then 1x128 FP8 as above."""
+    m = tl.program_id(0).to(tl.int64)
+    gi = tl.program_id(1)
+    cols = gi * GROUP + tl.arange(0, GROUP)
+    ok = cols < I
+    gate = tl.load(h + m * stride_hm + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(h + m * stride_hm + I + cols, mask=ok, other=0.0)
+    # round through the activation dtype, as the unfused silu(g) * u in bf16 does
+    y = ((gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+    y = y.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(y), axis=0), _FLOOR)
+    sc = amax * _INV_QMAX
+    tl.store(q + m * I + cols, tl.clamp(tl.math.div_rn(y, sc), -_QMAX, _QMAX).to(tl.float8e4nv), mask=ok)
+    tl.store(s + (m // rpg) * s_sg + (m % rpg) * s_sm + gi * s_sk, sc)
+
+
+def silu_mul_quant_fp8(h13: torch.Tensor, mn_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """h13 [..., 2I] (gate | up; 2-D or 3-D) -> 1x128 FP8 of silu(gate) * up: (q [..., I], s [..., ceil(I/128)]).
+
+    One pass instead of three (silu, multiply, quantise) between the two expert GEMMs; with
+    mn_major the scales come in DeepGEMM's layout (see per_token_group_quant_fp8).
+    """
+    assert h13.dim() in (2, 3) and h13.shape[-1] % 2 == 0, f"need [..., 2I], got {tuple(h13.shape)}"
+    i = h13.shape[-1] // 2
+    h2 = h13.reshape(-1, 2 * i)
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    n_groups = math.ceil(i / BLOCK)
+    q = torch.empty(*h13.shape[:-1], i, dtype=FP8, device=h13.device)
+    shape = (*h13.shape[:-1], n_groups)
+    s = empty_mn_major_scales(shape, h13.device) if mn_major else \
+        torch.empty(shape, dtype=torch.float32, device=h13.device)
+    if h2.shape[0] and i:
+        _silu_mul_quant_kernel[(h2.shape[0], n_groups)](h2, q, s, i, h2.stride(0), *_scale_strides(s),
+                                                         GROUP=BLOCK, num_warps=4)
+    return q, s
 
 
 # ---------------------------------------------------------------- block-FP8 and grouped GEMMs
@@ -353,6 +413,10 @@ def grouped_linear(x: torch.Tensor, weights: list[Weight], group_ids: torch.Tens
     return out
 
 
+expert_ffn = expert_ffn_with(grouped_linear)
+expert_ffn_masked = expert_ffn_masked_with(expert_ffn)
+
+
 # ---------------------------------------------------------------- MLA attention
 
 def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -456,7 +520,7 @@ MLA_DECODE_CONFIG = dict(block_h=64, num_warps=8, num_stages=2)  # picked by a s
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-               scale: float, v_dim: int, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               scale: float, v_dim: int, plan=None, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode over a paged latent cache (FlashMLA's semantics, reference.mla_decode's).
 
     q [B, H, L+R], kv_cache [P, page, L+R] (V = first v_dim channels), block_table int [B, max_pages],

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from epserve.kernels.reference import FP8, Weight
 from epserve.model.deepseek_v3 import ConfigError, ModelArgs, Transformer
+from epserve.model.moe_dispatch import ExpertShard
 
 log = logging.getLogger("epserve.checkpoint")
 
@@ -227,15 +228,15 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
     for i in range(a.n_layers):
         if not a.is_moe_layer(i):
             continue
-        moe = model.layers[i].ffn
         cache: dict[int, dict[str, Weight]] = {}
+        slots = []
         for slot in model.dispatcher.slots_for(i):
             e = int(model.dispatcher.map.phy2log[i - a.n_dense_layers, slot])
-            if e not in cache:
-                cache[e] = load_expert(index, a, i, e, opts, dev)
+            if e not in cache:   # read on the host, stacked into the rank's device buffers once
+                cache[e] = load_expert(index, a, i, e, opts, "cpu")
                 n_experts += 1
-            for attr in ("w1", "w2", "w3"):
-                getattr(moe.experts, attr).append(cache[e][attr])
+            slots.append(cache[e])
+        model.layers[i].ffn.experts = ExpertShard.from_weights(slots, dev)
     return {"tensors": len(jobs), "experts": n_experts}
 
 

@@ -251,6 +251,8 @@ class Batch:
     block_tables: torch.Tensor     # int64 [B, max_pages]
     slot_mapping: torch.Tensor     # int64 [T]
     force_naive: bool = False      # decode through the naive form too (tests)
+    plan: object = None            # the kernels' per-step attention plan (kb.plan_mla_decode()), shared by layers
+    is_decode_only = False
 
     @property
     def n_tokens(self) -> int:
@@ -285,6 +287,39 @@ class Batch:
     def empty(cls, device: torch.device | str = "cpu") -> "Batch":
         z = torch.zeros(0, dtype=torch.long, device=device)
         return cls(z, z, [], [], torch.zeros(0, 1, dtype=torch.long, device=device), z)
+
+
+@dataclass
+class DecodeBatch:
+    """A pure decode step as tensors of fixed shape: what a CUDA graph captures once per bucket.
+
+    B rows, one new token each, at positions[b] after positions[b] cached tokens. Rows past the
+    live ones pad the bucket: valid False, one token of context on a scratch page, outputs unused.
+    block_tables / seq_lens are int32, as FlashMLA takes them.
+    """
+
+    input_ids: torch.Tensor        # int64 [B]
+    positions: torch.Tensor        # int64 [B]
+    slot_mapping: torch.Tensor     # int64 [B] cache slot of each new latent
+    block_tables: torch.Tensor     # int32 [B, W]
+    seq_lens: torch.Tensor         # int32 [B] = positions + 1
+    valid: torch.Tensor            # bool [B]
+    plan: object = None
+    is_decode_only = True
+
+    @classmethod
+    def from_rows(cls, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, tables: torch.Tensor,
+                  page_size: int, scratch_row: int, plan=None) -> "DecodeBatch":
+        """Build the step on the device from (token, position, table row) per sequence; tables
+        [n_rows, W] int32 is the rank's persistent block table (row scratch_row: the scratch page)."""
+        bt = tables[rows]
+        page = bt.gather(1, (positions // page_size)[:, None])[:, 0].long()
+        return cls(input_ids, positions, page * page_size + positions % page_size, bt,
+                   (positions + 1).to(torch.int32), rows != scratch_row, plan)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.numel())
 
 
 @dataclass
@@ -339,7 +374,9 @@ class MLA:
         flat_cache = cache_layer.view(-1, a.kv_dim)
         flat_cache[batch.slot_mapping] = latent.to(cache_layer.dtype)
         q_lat = None
-        if batch.decode_rows:      # absorbed form: q_nope [B, H, P] -> latent query [B, H, L]
+        if batch.is_decode_only:   # absorbed form: q_nope [B, H, P] -> latent query [B, H, L]
+            q_lat = torch.cat([torch.einsum("bhp,hpl->bhl", q_nope, self.absorbed(x.dtype)[0]), q_pe], -1)
+        elif batch.decode_rows:
             tok = batch.decode_index[0]
             q_lat = torch.cat([torch.einsum("bhp,hpl->bhl", q_nope[tok], self.absorbed(x.dtype)[0]), q_pe[tok]], -1)
         return Queries(q_nope, q_pe, q_lat)
@@ -347,11 +384,16 @@ class MLA:
     def attend(self, q: "Queries", batch: Batch, cache_layer: torch.Tensor) -> torch.Tensor:
         a, kb = self.args, self.kb
         dtype = q.q_nope.dtype
-        out = q.q_nope.new_empty(q.q_nope.shape[0], a.n_heads, a.v_head_dim)
         w_uk, w_uv = self.absorbed(dtype)
+        if batch.is_decode_only:
+            o_lat, _ = kb.mla_decode(q.q_lat, cache_layer, batch.block_tables, batch.seq_lens, a.softmax_scale,
+                                     a.kv_lora_rank, batch.plan)
+            return kb.linear(torch.einsum("bhl,hvl->bhv", o_lat.to(dtype), w_uv).flatten(1), self.wo)
+        out = q.q_nope.new_empty(q.q_nope.shape[0], a.n_heads, a.v_head_dim)
         if batch.decode_rows:
             tok, seq_lens, tables = batch.decode_index
-            o_lat, _ = kb.mla_decode(q.q_lat, cache_layer, tables, seq_lens, a.softmax_scale, a.kv_lora_rank)
+            o_lat, _ = kb.mla_decode(q.q_lat, cache_layer, tables, seq_lens, a.softmax_scale, a.kv_lora_rank,
+                                     batch.plan)
             out[tok] = torch.einsum("bhl,hvl->bhv", o_lat.to(dtype), w_uv)
         page = cache_layer.shape[1]
         decode = set(batch.decode_rows)
@@ -435,9 +477,14 @@ class MoE:
     experts: object          # model.moe_dispatch.ExpertShard: this rank's slots of this layer
     dispatcher: object       # model.moe_dispatch.Dispatcher: local or all-to-all
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """valid bool [T] (a decode step's rows; False on padding): route through the dispatcher's
+        fixed-shape path when it has one (no host sync: CUDA-graph safe)."""
         weights, idx = self.gate.forward(x)
-        y = self.dispatcher.run(self.layer, x, idx, weights, self.experts)
+        if valid is not None and getattr(self.dispatcher, "run_static", None) is not None:
+            y = self.dispatcher.run_static(self.layer, x, idx, weights, self.experts, valid)
+        else:
+            y = self.dispatcher.run(self.layer, x, idx, weights, self.experts)
         if self.shared is not None:
             y = y + self.shared.forward(x)
         return y
@@ -480,16 +527,19 @@ class Transformer:
     def forward(self, batch: Batch, kv_cache: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """-> logits fp32 [B, vocab] for each sequence's last new token ([T, vocab] with all_logits).
 
-        kv_cache [n_layers, pages, page, L+R]. An empty batch still runs every layer, so
-        this rank joins each MoE exchange of its unit (lockstep).
+        batch: a Batch (any mix of prefill and decode) or a DecodeBatch (pure decode, fixed
+        shapes, no host sync: the CUDA-graph path). kv_cache [n_layers, pages, page, L+R]. An empty
+        batch still runs every layer, so this rank joins each MoE exchange of its unit (lockstep).
         """
         a = self.args
         h = self.embed_tokens(batch.input_ids)
         rope = self.rope(batch.positions)
+        valid = batch.valid if batch.is_decode_only else None
         for i, blk in enumerate(self.layers):
             h = h + blk.attn.forward(rms_norm(h, blk.attn_norm, a.rms_norm_eps), batch, rope, kv_cache[i])
-            h = h + blk.ffn.forward(rms_norm(h, blk.ffn_norm, a.rms_norm_eps))
-        if not all_logits:
+            x = rms_norm(h, blk.ffn_norm, a.rms_norm_eps)
+            h = h + (blk.ffn.forward(x, valid) if isinstance(blk.ffn, MoE) else blk.ffn.forward(x))
+        if not all_logits and not batch.is_decode_only:
             h = h[batch.last_token_index] if batch.seq_new else h[:0]
         return self.logits(h)
 

@@ -37,6 +37,7 @@ def _from_bytes(data: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tens
 
 
 class AllToAllDispatcher(LocalDispatcher):
+    run_static = None      # counts cross ranks on the host; a fixed-shape exchange is DeepEP's low-latency mode
     def __init__(self, kb: ModuleType, expert_map: ExpertMap, first_moe_layer: int, rank: int, world: int,
                  gpus_per_node: int, fp8_dispatch: bool = False, group=None, latency_s: float = 0.0,
                  bandwidth: float = 0.0):

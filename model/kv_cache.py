@@ -1,7 +1,9 @@
 """Paged MLA latent cache of one rank: a page pool, per-sequence block tables.
 
 One entry per token: kv_norm(c_kv) | rope(k_pe), L+R wide (576 for V3), in pages of
-64 tokens as FlashMLA. The pool is [n_layers, n_pages, page_size, L+R].
+64 tokens as FlashMLA. The pool is [n_layers, n_pages + 1, page_size, L+R]: the extra page
+(`scratch_page`) is never handed out; the padding rows of a CUDA-graph decode bucket write
+and read it, so they never touch a live sequence's latents.
 Never: decides who gets pages (pipelines/batcher.py does); it only allocates and frees.
 """
 from __future__ import annotations
@@ -21,12 +23,14 @@ class PagedKVCache:
         if n_pages < 1 or page_size < 1:
             raise ValueError(f"kv cache needs >= 1 page of >= 1 token (got {n_pages} x {page_size})")
         self.page_size = page_size
-        self.kv = torch.zeros(n_layers, n_pages, page_size, kv_dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(n_layers, n_pages + 1, page_size, kv_dim, dtype=dtype, device=device)
         self.free_pages: list[int] = list(range(n_pages - 1, -1, -1))
+        self.scratch_page = n_pages
 
     @property
     def n_pages(self) -> int:
-        return self.kv.shape[1]
+        """Pages that can be allocated (the scratch page is not one of them)."""
+        return self.kv.shape[1] - 1
 
     @property
     def n_free(self) -> int:

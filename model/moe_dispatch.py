@@ -1,37 +1,54 @@
 """The MoE seam: where a layer's (token, expert) pairs meet the experts that serve them.
 
-`ExpertShard` holds one rank's expert slots of one layer. A `Dispatcher` routes each
-(token, expert) pair to one replica slot and brings the weighted results back:
-`LocalDispatcher` when every slot is on this rank (one rank, the test oracle);
-model/ep_dispatch.py's all-to-all version across a unit's ranks.
-Both count routed tokens per logical expert per layer for the expert balancer.
+`ExpertShard` holds one rank's expert slots of one layer (stacked weights, kernels/reference.py's
+ExpertWeights). A `Dispatcher` routes each (token, expert) pair to one replica slot and brings
+the weighted results back: `LocalDispatcher` when every slot is on this rank (one rank, the test
+oracle); model/ep_dispatch.py's all-to-all version across a unit's ranks. Both count routed
+tokens per logical expert per layer for the expert balancer.
+
+Two local paths: `run` (rows in the contiguous layout, any step) and `run_static` (the masked
+layout [slots, tokens + 1, D]: fixed shapes and no host sync, what a decode step replays inside a
+CUDA graph; padded rows of the graph's bucket route nowhere and are not counted).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
-from epserve.kernels.reference import Weight
+from epserve.kernels.layouts import masked_layout
+from epserve.kernels.reference import ExpertWeights, Weight
 from epserve.placement.topology import choose_replicas, maps_from_phy2log
 
 
-@dataclass
 class ExpertShard:
-    """This rank's slots of one MoE layer: weights per local slot (w1 gate, w3 up, w2 down)."""
+    """This rank's slots of one MoE layer; `experts` is None until the checkpoint fills it."""
 
-    w1: list[Weight] = field(default_factory=list)
-    w2: list[Weight] = field(default_factory=list)
-    w3: list[Weight] = field(default_factory=list)
+    def __init__(self, experts: ExpertWeights | None = None):
+        self.experts = experts
+
+    @classmethod
+    def from_weights(cls, slots: list[dict[str, Weight]], device=None) -> "ExpertShard":
+        """Stack per-slot {w1, w3, w2} Weights (all of one kind) into one shard."""
+        w = slots[0]
+        ex = ExpertWeights.empty(len(slots), w["w1"].shape[0], w["w1"].shape[1], w["w1"],
+                                 device if device is not None else w["w1"].w.device)
+        for j, s in enumerate(slots):
+            ex.set_slot(j, s["w1"], s["w3"], s["w2"])
+        return cls(ex)
+
+    @property
+    def n_slots(self) -> int:
+        return 0 if self.experts is None else self.experts.n_slots
+
+    def slot_weights(self, j: int) -> dict[str, Weight]:
+        return self.experts.slot(j)
 
     def compute(self, kb: ModuleType, x: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
         """x [M, D], local_slot int64 [M] (-1 = padding row, gives 0) -> [M, D]."""
-        if x.shape[0] == 0 or not self.w1:
+        if x.shape[0] == 0 or not self.n_slots:
             return torch.zeros_like(x)
-        h = F.silu(kb.grouped_linear(x, self.w1, local_slot)) * kb.grouped_linear(x, self.w3, local_slot)
-        return kb.grouped_linear(h, self.w2, local_slot)
+        return kb.expert_ffn(x, self.experts, local_slot)
 
 
 class ExpertMap:
@@ -44,6 +61,10 @@ class ExpertMap:
         self.n_experts, self.n_ranks = n_experts, n_ranks
         self.slots_per_rank = phy2log.shape[1] // n_ranks
         self.log2phy, self.logcnt = maps_from_phy2log(self.phy2log, n_experts)
+        missing = (self.logcnt == 0).nonzero()
+        if missing.numel():   # checked once here, so routing never has to (it runs without a host sync)
+            layer, expert = missing[0].tolist()
+            raise ValueError(f"placement has no replica of expert {expert} in MoE layer {layer}")
         self.slot_rank = torch.arange(phy2log.shape[1]) // self.slots_per_rank
         self.slot_node = self.slot_rank // gpus_per_node
         self._tables: dict[torch.device, tuple] = {}
@@ -74,11 +95,13 @@ class LocalDispatcher:
         """Global slot ids this rank holds in `layer`, in local-slot order."""
         return list(self.map.local_slots(self.rank))
 
-    def route(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+    def route(self, layer: int, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [T, K] logical experts -> slots [T, K]; counts the pairs of valid tokens (no sync)."""
         m = layer - self.first
         if self.counts.device != idx.device:
             self.counts = self.counts.to(idx.device)
-        self.counts[m] += torch.bincount(idx.flatten(), minlength=self.map.n_experts)
+        ones = torch.ones_like(idx) if valid is None else valid[:, None].expand_as(idx).long()
+        self.counts[m].scatter_add_(0, idx.flatten(), ones.flatten())
         log2phy, logcnt, slot_node = self.map.tables(idx.device)
         return choose_replicas(idx, log2phy[m], logcnt[m], slot_node, self.node)
 
@@ -87,9 +110,25 @@ class LocalDispatcher:
         """x [T, D], idx/weights [T, K] -> sum_k weights[t, k] * expert_{idx[t, k]}(x[t])."""
         slots = self.route(layer, idx)
         t, k = idx.shape
-        rows = x.repeat_interleave(k, 0)
+        rows = x[torch.arange(t * k, device=x.device) // k]
         y = shard.compute(self.kb, rows, slots.flatten() - self.rank * self.map.slots_per_rank)
         return (y.view(t, k, x.shape[1]) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+
+    def run_static(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                   shard: ExpertShard, valid: torch.Tensor) -> torch.Tensor:
+        """run() through the masked layout with fixed shapes: x [T, D], valid bool [T] (False: a
+        padding row of a CUDA-graph bucket: routed nowhere, not counted, output 0)."""
+        t, k = idx.shape
+        d = x.shape[1]
+        local = self.route(layer, idx, valid) - self.rank * self.map.slots_per_rank
+        local = torch.where(valid[:, None], local, -1).flatten()
+        lay = masked_layout(local, shard.n_slots, t)
+        tok = torch.arange(t * k, device=x.device) // k
+        buf = x.new_zeros(shard.n_slots, t + 1, d)                       # +1: the spare row of dropped pairs
+        buf[lay.group, lay.slot] = x[tok]
+        y = self.kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, max(1, t * k // max(1, shard.n_slots)))
+        pairs = torch.where(lay.keep[:, None], y[lay.group, lay.slot], 0)
+        return (pairs.view(t, k, d) * weights.unsqueeze(-1).to(pairs.dtype)).sum(1)
 
     # launch / compute / finish: the split interface of model/ep_dispatch.py (here nothing is in flight)
     def launch(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
@@ -102,6 +141,8 @@ class LocalDispatcher:
         return ex
 
     def take_counts(self) -> torch.Tensor:
-        """Tokens per logical expert per MoE layer since the last call [n_moe, E]; resets."""
-        c, self.counts = self.counts, torch.zeros_like(self.counts)
-        return c.cpu()
+        """Tokens per logical expert per MoE layer since the last call [n_moe, E]; resets in place
+        (a captured CUDA graph keeps adding into the same tensor)."""
+        c = self.counts.cpu().clone()
+        self.counts.zero_()
+        return c

@@ -14,16 +14,22 @@ import torch
 
 from epserve import kernels
 from epserve.model.checkpoint import LoadOptions, TensorIndex, load_weights, read_config
-from epserve.model.deepseek_v3 import Batch, ModelArgs, Transformer
+from epserve.model.deepseek_v3 import Batch, DecodeBatch, ModelArgs, Transformer
 from epserve.model.kv_cache import PagedKVCache
 from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
+from epserve.pipelines.block_table import BlockTable
+from epserve.pipelines.cuda_graphs import DecodeGraphs
 from epserve.pipelines.kv_handoff import export_blocks
 from epserve.pipelines.overlap import forward_overlapped
 from epserve.pipelines.prefix_cache import KVStoreSpec, PrefixCache, open_store
 from epserve.pipelines.sequence import Sequence
 
 log = logging.getLogger("epserve.runner")
+
+
+def reference_name() -> str:
+    return kernels.reference.__name__
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,6 +54,7 @@ class RankSpec:
     overlap: str = "off"        # on | off | auto (measured): the unit's two-micro-batch schedules
     latency_s: float = 0.0      # injected per-exchange latency (to measure overlap on loopback)
     bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
+    cuda_graphs: bool = True    # replay decode steps as CUDA graphs where the backend and dispatcher allow
 
 
 @dataclass
@@ -77,6 +84,11 @@ class RankEngine:
                                   self.dtype, self.device)
         max_len = min(spec.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
         self.batcher = Batcher(self.cache, spec.max_batch_tokens, spec.max_batch_size, max_len)
+        self.table = BlockTable(spec.max_batch_size, self.cache.pages_for(max_len + 1), self.cache.scratch_page,
+                                self.device)
+        self.dispatcher.counts = self.dispatcher.counts.to(self.device)
+        self.graphs = DecodeGraphs(self.model, self.cache.kv, self.table, spec.page_size, spec.max_batch_size) \
+            if self.graphs_supported() else None
         self.last_step_tokens = 0
         self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_layers,
                                                    self.args.kv_dim, self.dtype)) if spec.kv_store else None
@@ -85,6 +97,18 @@ class RankEngine:
         self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-load") \
             if self.prefix_cache else None
         self.loading: list[tuple[Sequence, concurrent.futures.Future]] = []
+
+    def graphs_supported(self) -> bool:
+        """CUDA graphs need CUDA, a backend that never syncs the host (not reference), and a
+        dispatcher with a fixed-shape path (a one-rank unit; across ranks that is DeepEP's
+        low-latency mode, not built yet)."""
+        return (self.spec.cuda_graphs and self.device.type == "cuda" and self.kb.__name__ != reference_name()
+                and getattr(self.dispatcher, "run_static", None) is not None)
+
+    def on_placement_switched(self) -> None:
+        """A new expert map: its routing tables are new tensors, so captured graphs are stale."""
+        if self.graphs is not None:
+            self.graphs.clear()
 
     @property
     def max_model_len(self) -> int:
@@ -159,13 +183,32 @@ class RankEngine:
                                         return_when=concurrent.futures.FIRST_COMPLETED)
             self._admit_loaded()
         step = self.batcher.schedule()
-        batch = self.prepare(step)
-        self.last_step_tokens = batch.n_tokens
-        if schedule is not None:
-            logits = forward_overlapped(self.model, batch, self.cache.kv, schedule)
+        if schedule is None and not step.is_prefill and not step.is_empty:
+            logits = self.decode(step)
         else:
-            logits = self.model.forward(batch, self.cache.kv)
+            batch = self.prepare(step)
+            self.last_step_tokens = batch.n_tokens
+            if schedule is not None:
+                logits = forward_overlapped(self.model, batch, self.cache.kv, schedule)
+            else:
+                logits = self.model.forward(batch, self.cache.kv)
         return self.postprocess(step, logits)
+
+    def decode(self, step: Step) -> "torch.Tensor":
+        """A pure decode step: (token, position, table row) per sequence, then one graph replay
+        (or the same DecodeBatch forward eagerly). -> logits fp32 [B, vocab]."""
+        seqs = step.seqs
+        ids = [s.last_token for s in seqs]
+        pos = [s.n_computed for s in seqs]
+        rows = self.table.rows_for(seqs)
+        self.last_step_tokens = len(seqs)
+        if self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
+            return self.graphs.run(ids, pos, rows)
+        dev = self.device
+        t = torch.tensor([ids, pos, rows], dtype=torch.long).to(dev, non_blocking=True)
+        batch = DecodeBatch.from_rows(t[0], t[1], t[2], self.table.tables, self.cache.page_size,
+                                      self.table.scratch_row, self.kb.plan_mla_decode())
+        return self.model.forward(batch, self.cache.kv)
 
     def prepare(self, step: Step) -> Batch:
         if step.is_empty:
@@ -173,7 +216,7 @@ class RankEngine:
         ids, pos, slots = [], [], []
         for seq, n in zip(step.seqs, step.n_new):
             start = seq.n_computed
-            ids += seq.all_ids[start:start + n]
+            ids += seq.token_slice(start, start + n)
             pos += range(start, start + n)
             slots += self.cache.slots(seq.pages, start, start + n)
         width = max(len(s.pages) for s in step.seqs)
@@ -181,7 +224,7 @@ class RankEngine:
         return Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
                      torch.tensor(pos, dtype=torch.long, device=self.device),
                      list(step.n_new), [s.n_computed for s in step.seqs], tables.to(self.device),
-                     torch.tensor(slots, dtype=torch.long, device=self.device))
+                     torch.tensor(slots, dtype=torch.long, device=self.device), plan=self.kb.plan_mla_decode())
 
     def postprocess(self, step: Step, logits: torch.Tensor) -> list[TokenDelta]:
         if step.is_empty:

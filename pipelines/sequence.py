@@ -30,6 +30,20 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def last_token(self) -> int:
+        """The newest token: a decode step's input."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building the whole list (decode reads one token of a long context)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
+
+    @property
     def n_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

@@ -1,0 +1,108 @@
+"""Grouped-GEMM row layouts for routed experts, built on the device without a host sync.
+
+Owns the two layouts DeepGEMM (and DeepEP) use, for every backend alike:
+  contiguous  rows sorted by group, each group's segment padded to `align` rows; a row's
+              group id in m_indices, -1 on padding rows (prefill: many rows, few groups);
+  masked      a [G, max_m, ...] buffer, group g's rows first, masked_m[g] of them
+              (decode: few rows, static shapes, so a CUDA graph can replay it).
+Every size here is known on the host from the input's shape alone (upper bounds), and every
+count stays on the device: nothing calls .item(), .tolist() or nonzero().
+Never: computes an expert or moves data between ranks.
+
+Legend: M rows (pairs of token and expert), G groups (this rank's expert slots).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ContiguousLayout:
+    """pos[m]: row m's row in the padded buffer (-1: dropped, its group id was -1);
+    m_indices [n_rows] int32: each padded row's group, -1 on padding."""
+
+    pos: torch.Tensor
+    m_indices: torch.Tensor
+
+    @property
+    def n_rows(self) -> int:
+        return self.m_indices.numel()
+
+
+@dataclass
+class MaskedLayout:
+    """group[m], slot[m]: where row m sits in the [G, max_m] buffer; `keep[m]` False for rows
+    with group -1 (they point at the spare row (0, max_m) and must be ignored); masked_m [G] int32."""
+
+    group: torch.Tensor
+    slot: torch.Tensor
+    keep: torch.Tensor
+    masked_m: torch.Tensor
+    max_m: int
+
+
+def _rank_in_group(ids: torch.Tensor, n_groups: int):
+    """-> (key [M], rank of each row among its group's rows in input order [M], counts [G])."""
+    m, dev = ids.numel(), ids.device
+    key = torch.where(ids >= 0, ids.long(), n_groups)               # dropped rows sort last
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(n_groups + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    first = torch.cumsum(counts, 0) - counts                        # first sorted index of each key
+    rank_sorted = torch.arange(m, device=dev) - first[key[order]]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    return key, rank, counts[:n_groups]
+
+
+def contiguous_layout(ids: torch.Tensor, n_groups: int, align: int = 128) -> ContiguousLayout:
+    """ids int [M] (values -1..G-1) -> the padded contiguous layout.
+
+    Rows keep their input order within a group. The buffer has align(M) + G * align rows, an
+    upper bound of sum_g align(count_g) that depends on M only; padded blocks carry -1 and
+    DeepGEMM skips them.
+    """
+    m, dev = ids.numel(), ids.device
+    n_rows = -(-m // align) * align + n_groups * align
+    key, rank, counts = _rank_in_group(ids, n_groups)
+    padded = (counts + align - 1) // align * align
+    start = torch.cumsum(padded, 0) - padded
+    live = key < n_groups
+    pos = torch.where(live, start[key.clamp(max=n_groups - 1)] + rank, -1) if n_groups else torch.full_like(key, -1)
+    m_indices = torch.full((n_rows + 1,), -1, dtype=torch.int32, device=dev)
+    m_indices.scatter_(0, torch.where(live, pos, n_rows), torch.where(live, key, -1).to(torch.int32))
+    return ContiguousLayout(pos, m_indices[:n_rows])
+
+
+def masked_layout(ids: torch.Tensor, n_groups: int, max_m: int) -> MaskedLayout:
+    """ids int [M] (values -1..G-1) -> the masked layout with max_m rows per group.
+
+    The caller guarantees no group gets more than max_m rows (decode: max_m = tokens, since a
+    token picks a slot at most once); dropped rows (id -1) point at row max_m of group 0, so the
+    buffer must have max_m + 1 rows per group and that spare row is never counted in masked_m.
+    """
+    key, rank, counts = _rank_in_group(ids, n_groups)
+    keep = key < n_groups
+    group = torch.where(keep, key, 0)
+    slot = torch.where(keep, rank, max_m)
+    return MaskedLayout(group, slot, keep, counts.clamp(max=max_m).to(torch.int32), max_m)
+
+
+def tma_aligned_rows(m: int, element_size: int = 4) -> int:
+    """Rows of an MN-major scale tensor padded so each column starts on 16 bytes (TMA's rule)."""
+    per = 16 // element_size
+    return -(-m // per) * per
+
+
+def empty_mn_major_scales(shape: tuple[int, ...], device, dtype=torch.float32) -> torch.Tensor:
+    """An fp32 scale tensor [..., M, K/128] laid out MN-major and TMA-aligned, as DeepGEMM reads
+    activation scales on Hopper (so it needs no transpose kernel per GEMM)."""
+    *batch, m, nk = shape
+    ma = tma_aligned_rows(m, torch.tensor([], dtype=dtype).element_size())
+    if not batch:
+        return torch.empty_strided((m, nk), (1, ma), dtype=dtype, device=device)
+    g = 1
+    for b in batch:
+        g *= b
+    t = torch.empty_strided((g, m, nk), (ma * nk, 1, ma), dtype=dtype, device=device)
+    return t.view(*batch, m, nk) if len(batch) == 1 else t.unflatten(0, tuple(batch))

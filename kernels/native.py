@@ -1,0 +1,331 @@
+"""The `native` backend: DeepSeek's own kernels behind reference.py's interface, on Hopper.
+
+Owns the adapters, each a wrapper that checks its preconditions and otherwise hands the op to
+the triton backend (shapes DeepGEMM/FlashMLA do not take: K or N not 128/64-aligned, fp32
+outputs, other page sizes, the tiny test models):
+  DeepGEMM  fp8_gemm_nt (dense FP8 GEMM, bf16 out), m_grouped_fp8_gemm_nt_contiguous (prefill
+            experts: rows sorted by slot, 128-aligned segments), m_grouped_fp8_gemm_nt_masked
+            (decode experts: [G, max_m] buffers, counts on the device; CUDA-graph safe);
+  FlashMLA  flash_mla_with_kvcache (absorbed MLA decode over the 64-token paged latent cache),
+            its tile-scheduler metadata planned once per step and reused by every layer;
+  prefill   attention for MLA's 192/128 head dims through the SDPA backend measured fastest at
+            start-up (cuDNN, or flash with V padded to 192);
+  Triton    (ours) 1x128 quantisation that writes scales in DeepGEMM's MN-major TMA-aligned
+            layout, and SwiGLU fused with the quantisation between the two expert GEMMs.
+`self_test` checks every op against reference.py at V3 shapes; kernels/__init__.py selects this
+backend only when it passes. Importing this module never fails: without the libraries or CUDA
+the self-test says why.
+Never: picks a backend or holds model state.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from epserve.kernels import reference
+from epserve.kernels import triton as kt
+from epserve.kernels.layouts import contiguous_layout, empty_mn_major_scales
+from epserve.kernels.reference import FP8, ExpertWeights, Weight, dequant_block, per_block_quant_fp8
+
+log = logging.getLogger("epserve.kernels.native")
+
+_IMPORT_ERRORS: dict[str, str] = {}
+try:
+    import deep_gemm
+except Exception as exc:  # not installed, or its extension failed to load: the self-test reports it
+    deep_gemm = None
+    _IMPORT_ERRORS["deep_gemm"] = f"{type(exc).__name__}: {exc}"
+try:
+    import flash_mla
+except Exception as exc:
+    flash_mla = None
+    _IMPORT_ERRORS["flash_mla"] = f"{type(exc).__name__}: {exc}"
+
+__all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", "fp8_gemm_nt", "Weight",
+           "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "mla_prefill",
+           "plan_mla_decode", "mla_decode", "self_test", "versions"]
+
+grouped_linear = kt.grouped_linear            # the list-of-weights form stays Triton's
+PREFILL_ATTENTION = {"backend": "flash-padded"}   # set by self_test from a measurement
+
+
+def versions() -> dict:
+    """Library versions for benchmark records."""
+    return {"deep_gemm": getattr(deep_gemm, "__version__", None), "flash_mla": getattr(flash_mla, "__version__", None),
+            "prefill_attention": PREFILL_ATTENTION["backend"]}
+
+
+# ---------------------------------------------------------------- quantisation
+
+def per_token_group_quant_fp8(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference's 1x128 quantisation; for 2-D x the scales come MN-major and TMA-aligned,
+    so DeepGEMM reads them without a transpose (same values, other strides)."""
+    return kt.per_token_group_quant_fp8(x, group, mn_major=x.dim() == 2 and group == 128)
+
+
+# ---------------------------------------------------------------- dense FP8 GEMM
+
+def _gemm_ok(m: int, n: int, k: int, out_dtype: torch.dtype) -> bool:
+    return deep_gemm is not None and out_dtype == torch.bfloat16 and k % 128 == 0 and n % 64 == 0 and m > 0
+
+
+def fp8_gemm_nt(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
+                out_dtype: torch.dtype = torch.float32, block: int = 128) -> torch.Tensor:
+    """a_q [M, K] fp8 with a_s [M, K/128]; b_q [N, K] fp8 with b_s [N/128, K/128] -> [M, N].
+
+    DeepGEMM for bf16 outputs at 128-aligned K (the model's GEMMs on GPU); Triton otherwise.
+    """
+    (m, k), n = a_q.shape, b_q.shape[0]
+    if block != 128 or not _gemm_ok(m, n, k, out_dtype) or b_q.shape[1] != k:
+        return kt.fp8_gemm_nt(a_q, a_s, b_q, b_s, out_dtype, block)
+    d = torch.empty(m, n, dtype=torch.bfloat16, device=a_q.device)
+    deep_gemm.fp8_gemm_nt((a_q, a_s.float()), (b_q, b_s.float()), d)
+    return d
+
+
+linear = reference.linear_with(per_token_group_quant_fp8, fp8_gemm_nt)
+
+
+# ---------------------------------------------------------------- routed experts
+
+def _experts_ok(x: torch.Tensor, experts: ExpertWeights) -> bool:
+    return (deep_gemm is not None and experts.is_fp8 and experts.act_quant and x.dtype == torch.bfloat16
+            and experts.inter % 128 == 0 and x.shape[-1] % 128 == 0 and experts.n_slots > 0)
+
+
+def expert_ffn(x: torch.Tensor, experts: ExpertWeights, slot_ids: torch.Tensor) -> torch.Tensor:
+    """x [M, D], slot_ids int [M] (-1 gives 0) -> [M, D]: the contiguous layout for DeepGEMM.
+
+    Rows are scattered into 128-aligned per-slot segments (on the device, no sync), quantised
+    once, multiplied by w13 [G, 2I, D], passed through the fused SwiGLU+quant, multiplied by w2,
+    and gathered back to input order.
+    """
+    if not _experts_ok(x, experts) or x.shape[0] == 0:
+        return kt.expert_ffn(x, experts, slot_ids)
+    d = x.shape[1]
+    lay = contiguous_layout(slot_ids.to(x.device), experts.n_slots, deep_gemm.get_mk_alignment_for_contiguous_layout())
+    live = lay.pos >= 0
+    # The buffer's last row is padding that no live row uses (it has M + 128 G rows for at most
+    # M + 127 G used ones); dropped rows are parked there and zeroed on the way out.
+    dest = torch.where(live, lay.pos, lay.n_rows - 1)
+    q, s = kt.per_token_group_quant_fp8(x)
+    aq = torch.zeros(lay.n_rows, d, dtype=FP8, device=x.device)
+    a_s = empty_mn_major_scales((lay.n_rows, d // 128), x.device).zero_()
+    aq[dest], a_s[dest] = q, s
+    h13 = torch.empty(lay.n_rows, 2 * experts.inter, dtype=torch.bfloat16, device=x.device)
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((aq, a_s), (experts.w13, experts.s13), h13, lay.m_indices)
+    hq, hs = kt.silu_mul_quant_fp8(h13, mn_major=True)
+    y = torch.empty(lay.n_rows, d, dtype=torch.bfloat16, device=x.device)
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((hq, hs), (experts.w2, experts.s2), y, lay.m_indices)
+    return torch.where(live[:, None], y[dest], 0)
+
+
+def expert_ffn_masked(x, experts: ExpertWeights, masked_m: torch.Tensor, expected_m: int | None = None):
+    """x [G, max_m, D] bf16, or already quantised (q fp8 [G, max_m, D], s fp32 [G, max_m, D/128]);
+    masked_m int32 [G] on the device -> [G, max_m, D] bf16 (rows past masked_m[g] undefined).
+
+    DeepGEMM's masked grouped GEMM twice with the fused SwiGLU+quant between: no host sync,
+    fixed shapes, so a decode step replays it inside a CUDA graph.
+    """
+    xq = x if isinstance(x, tuple) else None
+    ref_x = x[0] if xq else x
+    g, max_m, d = ref_x.shape
+    if not (deep_gemm is not None and experts.is_fp8 and experts.act_quant and experts.inter % 128 == 0
+            and d % 128 == 0 and (xq is not None or x.dtype == torch.bfloat16)):
+        if xq is not None:   # dequantise for the fallback (never on the V3 path)
+            x = (xq[0].float() * xq[1].float().repeat_interleave(128, -1)[..., :d]).to(torch.bfloat16)
+        return kt.expert_ffn_masked(x, experts, masked_m, expected_m)
+    if xq is None:
+        xq = kt.per_token_group_quant_fp8(x, mn_major=True)
+    exp_m = max(1, expected_m or max_m)
+    masked_m = masked_m.to(torch.int32)
+    h13 = torch.empty(g, max_m, 2 * experts.inter, dtype=torch.bfloat16, device=ref_x.device)
+    deep_gemm.m_grouped_fp8_gemm_nt_masked(xq, (experts.w13, experts.s13), h13, masked_m, exp_m)
+    hq = kt.silu_mul_quant_fp8(h13, mn_major=True)
+    y = torch.empty(g, max_m, d, dtype=torch.bfloat16, device=ref_x.device)
+    deep_gemm.m_grouped_fp8_gemm_nt_masked(hq, (experts.w2, experts.s2), y, masked_m, exp_m)
+    return y
+
+
+# ---------------------------------------------------------------- MLA attention
+
+def plan_mla_decode():
+    """FlashMLA's tile-scheduler metadata for one step: empty here, filled by the first layer's
+    call from the step's seq_lens, reused by the others (inside a CUDA graph the filling kernel is
+    part of the graph, so every replay plans its own step)."""
+    return flash_mla.get_mla_metadata()[0] if flash_mla is not None else None
+
+
+def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+               scale: float, v_dim: int, plan=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, L+R] or [B, S, H, L+R] (S query positions, causal among them), kv_cache [P, 64, L+R],
+    block_table int [B, W], seq_lens int [B] -> (out [B, (S,) H, v_dim], lse fp32 [B, (S,) H], natural log).
+
+    FlashMLA for bf16/fp16 with a 576-wide cache, 64-token pages and v_dim 512; Triton otherwise.
+    """
+    multi = q.dim() == 4
+    ok = (flash_mla is not None and q.dtype in (torch.bfloat16, torch.float16) and kv_cache.dtype == q.dtype
+          and kv_cache.shape[1] == 64 and kv_cache.shape[-1] in (576, 512) and v_dim == 512 and q.shape[0] > 0)
+    if not ok:
+        if multi:
+            raise NotImplementedError("several query positions per sequence need FlashMLA (bf16, 576/512 MLA)")
+        return kt.mla_decode(q, kv_cache, block_table, seq_lens, scale, v_dim)
+    q4 = q if multi else q.unsqueeze(1)
+    sched = plan if plan is not None else plan_mla_decode()
+    out, lse = flash_mla.flash_mla_with_kvcache(
+        q4, kv_cache.unsqueeze(2), block_table.to(torch.int32), seq_lens.to(torch.int32), v_dim, sched,
+        softmax_scale=scale, causal=multi)
+    lse = lse.transpose(1, 2)                                           # [B, H, S] -> [B, S, H]
+    return (out, lse) if multi else (out[:, 0], lse[:, 0])
+
+
+def _prefill_sdpa(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    tq, h, dqk = q.shape
+    tk, dv = k.shape[0], v.shape[-1]
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    mask = None if tq == tk else torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+    if backend == "cudnn":
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=scale)
+    else:
+        if dv < dqk:
+            vh = F.pad(vh, (0, dqk - dv))
+        kernels = [SDPBackend.FLASH_ATTENTION] if mask is None else [SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel(kernels):
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return o[0, ..., :dv].transpose(0, 1).contiguous()
+
+
+def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv], Tk >= Tq, bottom-right causal -> [Tq, H, Dv]."""
+    if q.shape[0] == 0 or q.dtype not in (torch.bfloat16, torch.float16):
+        return kt.mla_prefill(q, k, v, scale)
+    return _prefill_sdpa(PREFILL_ATTENTION["backend"], q, k, v, scale)
+
+
+# ---------------------------------------------------------------- start-up self-test
+
+def _time(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def _check_gemm(dev, g) -> str:
+    worst = 0.0
+    for m, k, n in ((1, 7168, 1536), (129, 7168, 576), (256, 1536, 24576), (300, 16384, 7168), (64, 512, 4096)):
+        a = torch.randn(m, k, generator=g, device=dev).bfloat16()
+        w = Weight(*per_block_quant_fp8(torch.randn(n, k, generator=g, device=dev) / k ** 0.5), act_quant=True)
+        got, want = linear(a, w), reference.linear(a.float(), w).bfloat16()
+        d = kt.calc_diff(got, want)
+        worst = max(worst, d)
+        assert d <= 1e-5, f"fp8_gemm_nt {m}x{k}x{n}: calc_diff {d:.2e} > 1e-5"
+    return f"gemm calc_diff {worst:.1e}"
+
+
+def _rand_experts(n_slots: int, inter: int, dim: int, dev, g) -> ExpertWeights:
+    like = Weight(torch.zeros(1, 1, dtype=FP8), torch.ones(1, 1), act_quant=True)
+    ex = ExpertWeights.empty(n_slots, inter, dim, like, dev)
+    for j in range(n_slots):
+        w1, w3 = (Weight(*per_block_quant_fp8(torch.randn(inter, dim, generator=g, device=dev) / dim ** 0.5), True)
+                  for _ in range(2))
+        w2 = Weight(*per_block_quant_fp8(torch.randn(dim, inter, generator=g, device=dev) / inter ** 0.5), True)
+        ex.set_slot(j, w1, w3, w2)
+    return ex
+
+
+def _check_experts(dev, g) -> str:
+    worst = 0.0
+    for m, n_slots, dim, inter in ((700, 9, 7168, 2048), (37, 3, 1024, 256)):
+        ex = _rand_experts(n_slots, inter, dim, dev, g)
+        x = torch.randn(m, dim, generator=g, device=dev).bfloat16()
+        ids = torch.randint(-1, n_slots, (m,), generator=g, device=dev)
+        ids[ids == 1] = 0                                                # one slot empty
+        got, want = expert_ffn(x, ex, ids), reference.expert_ffn(x.float(), ex, ids).bfloat16()
+        d = kt.calc_diff(got, want)
+        worst = max(worst, d)
+        assert d <= 1e-4 and bool((got[ids < 0] == 0).all()), f"expert_ffn {m}x{dim} G={n_slots}: calc_diff {d:.2e}"
+        max_m = 64
+        xm = torch.randn(n_slots, max_m, dim, generator=g, device=dev).bfloat16()
+        counts = torch.randint(0, max_m + 1, (n_slots,), generator=g, device=dev).int()
+        got = expert_ffn_masked(xm, ex, counts, 16)
+        want = reference.expert_ffn_masked(xm.float(), ex, counts).bfloat16()
+        live = torch.arange(max_m, device=dev)[None, :] < counts[:, None]
+        d = kt.calc_diff(got[live], want[live])
+        worst = max(worst, d)
+        assert d <= 1e-4, f"expert_ffn_masked G={n_slots} dim={dim}: calc_diff {d:.2e}"
+    return f"experts calc_diff {worst:.1e}"
+
+
+def _check_mla(dev, g) -> str:
+    worst_o = worst_l = 0.0
+    for lens, s_q in (([1, 64, 65, 700, 2000, 4097], 1), ([130, 300], 2)):
+        b, page, h = len(lens), 64, 128
+        width = max(math.ceil(n / page) for n in lens) + 1
+        cache = torch.randn(b * width, page, 576, generator=g, device=dev).bfloat16()
+        table = torch.argsort(torch.rand(b * width, generator=g, device=dev)).view(b, width).int()
+        seq_lens = torch.tensor(lens, device=dev, dtype=torch.int32)
+        q = torch.randn(b, s_q, h, 576, generator=g, device=dev).bfloat16()
+        out, lse = mla_decode(q if s_q > 1 else q[:, 0], cache, table, seq_lens, 0.1352, 512, plan_mla_decode())
+        if s_q == 1:
+            out, lse = out[:, None], lse[:, None]
+        for i in range(s_q):      # query i sees the cache up to len - s_q + i + 1
+            r_out, r_lse = reference.mla_decode(q[:, i], cache, table, seq_lens - (s_q - 1 - i), 0.1352, 512)
+            rel = float((out[:, i].float() - r_out.float()).norm() / r_out.float().norm())
+            dl = float((lse[:, i] - r_lse).abs().max())
+            worst_o, worst_l = max(worst_o, rel), max(worst_l, dl)
+            assert rel <= 5e-3 and dl <= 1e-3, f"mla_decode s_q={s_q} pos {i}: out rel {rel:.2e}, lse abs {dl:.2e}"
+    return f"mla_decode out rel {worst_o:.1e} lse abs {worst_l:.1e}"
+
+
+def _choose_prefill(dev, g) -> str:
+    """Correctness of each SDPA route against reference, then keep the fastest at a V3 shape."""
+    timings = {}
+    for backend in ("cudnn", "flash-padded"):
+        try:
+            for tq, tk in ((300, 300), (40, 333)):
+                q, k = (torch.randn(t, 16, 192, generator=g, device=dev).bfloat16() for t in (tq, tk))
+                v = torch.randn(tk, 16, 128, generator=g, device=dev).bfloat16()
+                d = kt.calc_diff(_prefill_sdpa(backend, q, k, v, 0.1352), reference.mla_prefill(q, k, v, 0.1352))
+                assert d <= 1e-4, f"calc_diff {d:.2e}"
+            q, k = (torch.randn(4096, 128, 192, generator=g, device=dev).bfloat16() for _ in range(2))
+            v = torch.randn(4096, 128, 128, generator=g, device=dev).bfloat16()
+            timings[backend] = _time(lambda: _prefill_sdpa(backend, q, k, v, 0.1352))
+        except Exception as exc:   # a route that fails here is not used
+            log.info("prefill attention via %s unavailable: %s", backend, exc)
+    if not timings:
+        raise RuntimeError("no SDPA route computes MLA prefill attention correctly")
+    PREFILL_ATTENTION["backend"] = min(timings, key=timings.get)
+    PREFILL_ATTENTION["ms_4096x128"] = {k: round(v * 1e3, 3) for k, v in timings.items()}
+    return f"prefill {PREFILL_ATTENTION['backend']} ({', '.join(f'{k} {v * 1e3:.2f} ms' for k, v in timings.items())})"
+
+
+def self_test(device) -> tuple[bool, str]:
+    """Every adapter once on seeded inputs at V3 shapes against reference.py (this also JIT-compiles
+    DeepGEMM's kernels for those shapes). Never raises."""
+    try:
+        missing = {k: v for k, v in _IMPORT_ERRORS.items()}
+        if missing:
+            return False, "; ".join(f"{k} not importable ({v})" for k, v in missing.items())
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            return False, "needs CUDA"
+        cc = torch.cuda.get_device_capability(dev)
+        if cc != (9, 0):
+            return False, f"needs an SM90 (Hopper) GPU, this one is sm{cc[0]}{cc[1]}"
+        ok, why = kt.self_test(dev)
+        if not ok:
+            return False, f"triton fallbacks: {why}"
+        g = torch.Generator(device=dev).manual_seed(0)
+        return True, "; ".join(check(dev, g) for check in (_check_gemm, _check_experts, _check_mla, _choose_prefill))
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,87 @@
+"""CUDA graphs of the decode step: one per batch-size bucket, captured on first use, replayed.
+
+A decode step of V3 launches about 190 kernels per layer; eagerly the host cannot issue them as
+fast as the GPU runs them (measured: 8.2 ms of host time for 0.83 ms of GPU work on the tiny
+model). A graph replays the whole step with one launch. What makes the step capturable:
+model/deepseek_v3.py's DecodeBatch (fixed shapes, built on the device from token, position and
+block-table row), the dispatcher's masked expert path (counts on the device), the kernels'
+per-step attention plan built inside the graph, and no .item()/.tolist() anywhere in between.
+The sampler runs after the replay, on the device, with the step's one host transfer.
+
+Per step the host copies 3 x bucket int64 (token, position, row) into the graph's static input;
+rows past the live ones pad the bucket (scratch row and page, valid False).
+Never: captures with the reference backend (it syncs), or a dispatcher without a static path.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from epserve.model.deepseek_v3 import DecodeBatch
+
+log = logging.getLogger("epserve.cuda_graphs")
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_cache: torch.Tensor, table, page_size: int, max_batch: int,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+        self.model, self.kv, self.table, self.page_size = model, kv_cache, table, page_size
+        self.buckets = tuple(b for b in buckets if b < max_batch) + (max_batch,)
+        dev = kv_cache.device
+        self.static = torch.zeros(3, max_batch, dtype=torch.long, device=dev)
+        self.host = torch.zeros(3, max_batch, dtype=torch.long, pin_memory=True)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.n_replays = 0
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        s = self.static
+        batch = DecodeBatch.from_rows(s[0, :b], s[1, :b], s[2, :b], self.table.tables, self.page_size,
+                                      self.table.scratch_row, self.model.kb.plan_mla_decode())
+        return self.model.forward(batch, self.kv)
+
+    def run(self, ids: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
+        """One decode step for len(ids) sequences -> logits fp32 [n, vocab] (a view of the graph's output)."""
+        n = len(ids)
+        b = self.bucket(n)
+        h = self.host
+        h[0, :n], h[1, :n], h[2, :n] = torch.tensor(ids), torch.tensor(positions), torch.tensor(rows)
+        h[0, n:b], h[1, n:b], h[2, n:b] = 0, 0, self.table.scratch_row
+        self.static[:, :b].copy_(h[:, :b], non_blocking=True)
+        if b not in self.graphs:
+            self.graphs[b] = self._capture(b)
+        graph, out = self.graphs[b]
+        graph.replay()
+        self.n_replays += 1
+        return out[:n]
+
+    def _capture(self, b: int):
+        """Warm up on a side stream (JIT compiles, cached tables, autotuning happen here, outside the
+        graph), then capture. The warm-up runs the real step's inputs, so its cache writes are the
+        ones the replay makes again; the expert counters it bumps are restored."""
+        counts = self.model.dispatcher.counts
+        saved = counts.clone()
+        side = torch.cuda.Stream(device=self.kv.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                self._forward(b)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(b)
+        self.pool = graph.pool()
+        self.model.dispatcher.counts.copy_(saved)
+        log.info("captured the decode step for batch bucket %d (%d graphs)", b, len(self.graphs) + 1)
+        return graph, out
+
+    def clear(self) -> None:
+        """Forget every graph (the expert placement changed: its routing tables are new tensors)."""
+        self.graphs.clear()
+        self.pool = None
