@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights with 128x128 weight_scale_inv")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shards", type=int, default=1)
+    m.add_argument("--preset", default="tiny", help="tiny (default) | v3-4l | v3-ep144-rank | v3-ep32-rank | v3-mini "
+                   "(V3-width ones are FP8, ~5-40 GB; make them on a GPU with --device cuda)")
+    m.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is much faster)")
 
     pl = sub.add_parser("plan", help="print a config's unit placement without the hardware")
     pl.add_argument("config", help="YAML config (e.g. configs/deepseek_v3_prod.yaml)")
@@ -81,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     b.add_argument("--no-transformers", action="store_true")
     b.add_argument("--phase", choices=["prefill", "decode"], default="decode")
+    b.add_argument("--backend", default="triton", help="step: kernel backend (native | triton | reference)")
+    b.add_argument("--backends", default="native,triton", help="kernels: backends side by side in one run")
+    b.add_argument("--step-tokens", type=int, help="step: tokens (decode: requests) per GPU")
+    b.add_argument("--eager", action="store_true", help="step: decode without CUDA graphs")
     b.add_argument("--latency-ms", type=float,
                    help="overlap/--profile: injected per-exchange latency (overlap default: comparable to compute)")
     b.add_argument("--profile", metavar="DIR",
@@ -91,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_make_tiny_model(a) -> int:
     from epserve.model.tiny import make_tiny_model
-    out = make_tiny_model(a.dir, fp8=a.fp8, seed=a.seed, shards=a.shards)
-    print(f"wrote {'FP8 ' if a.fp8 else ''}tiny DeepSeek-V3 checkpoint to {out}")
+    out = make_tiny_model(a.dir, fp8=a.fp8, seed=a.seed, shards=a.shards, preset=a.preset, device=a.device)
+    print(f"wrote {'FP8 ' if a.fp8 or a.preset.startswith('v3-') else ''}{a.preset} DeepSeek-V3 checkpoint to {out}")
     return 0
 
 

@@ -38,7 +38,9 @@ def run(args) -> dict:
     elif args.what in ("units", "prefix"):
         out = mod.run(model=args.model)
     elif args.what == "step":
-        out = mod.run(phase=args.phase)
+        out = mod.run(backend=args.backend, phase=args.phase, tokens=args.step_tokens, graphs=not args.eager)
+    elif args.what == "kernels":
+        out = mod.run(backends=tuple(args.backends.split(",")))
     elif args.what == "serve":
         out = _bench_serve(mod, args)
     else:

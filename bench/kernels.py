@@ -1,6 +1,7 @@
 """Kernel micro-benchmarks at DeepSeek-V3 shapes: FP8 GEMM, grouped GEMM, quant, MLA decode.
 
-Owns: seeded random inputs, event timing after warm-up, figures against the chip's peaks.
+Owns: seeded random inputs, event timing after warm-up, figures against the chip's peaks, and
+the backends side by side (native = DeepGEMM + FlashMLA, triton = ours) in one process.
 `run()` returns a JSON-able dict; `python -m epserve.bench.kernels [--out FILE]` prints it.
 Not a test: figures only. Needs CUDA.
 
@@ -93,19 +94,47 @@ def bench_quant(kb, dev, g, pk) -> dict:
             "pct_of_hbm": 100 * moved / t * 1e3 / pk["hbm_bytes_per_s"]}
 
 
+def rand_experts(slots: int, dev, g, inter: int = 2048, dim: int = 7168):
+    """Random FP8 ExpertWeights at V3's expert shape (w13 [slots, 2I, D], w2 [slots, D, I])."""
+    from epserve.kernels.reference import ExpertWeights
+    ex = ExpertWeights.empty(slots, inter, dim, rand_fp8_weight(1, 1, dev, g), dev)
+    for j in range(slots):
+        ex.set_slot(j, rand_fp8_weight(inter, dim, dev, g), rand_fp8_weight(inter, dim, dev, g),
+                    rand_fp8_weight(dim, inter, dev, g))
+    return ex
+
+
 def bench_grouped(kb, dev, g, pk) -> dict:
+    """The routed experts' whole SwiGLU FFN (w13 GEMM, SiLU*up + quant, w2 GEMM) as the model runs it:
+    the contiguous layout for the prefill rank, the masked layout for the decode rank."""
     out = {}
     for case, (rows, slots) in GROUPED_CASES.items():
-        ids = torch.randint(0, slots, (rows,), device=dev, generator=g)
-        for wname, (n, k) in (("w1 (gate)", (2048, 7168)), ("w2 (down)", (7168, 2048))):
-            x = torch.randn(rows, k, device=dev, generator=g, dtype=torch.bfloat16)
-            ws = [rand_fp8_weight(n, k, dev, g) for _ in range(slots)]
-            t = time_ms(lambda: kb.grouped_linear(x, ws, ids), reps=10 if rows > 10000 else 20)
-            flops = 2 * rows * n * k
-            out[f"{case} {wname}"] = {"rows": rows, "groups": slots, "N": n, "K": k, "ms": t,
-                                      "tflops": flops / t / 1e9,
-                                      "pct_of_fp8_peak": 100 * flops / t / 1e9 / pk["fp8_tflops"]}
+        ex = rand_experts(slots, dev, g)
+        flops = 2 * rows * 3 * 2048 * 7168
+        if "prefill" in case:
+            x = torch.randn(rows, 7168, device=dev, generator=g, dtype=torch.bfloat16)
+            ids = torch.randint(0, slots, (rows,), device=dev, generator=g)
+            t = time_ms(lambda: kb.expert_ffn(x, ex, ids), reps=10)
+            layout = "contiguous"
+        else:
+            per = rows // slots
+            x = torch.randn(slots, per, 7168, device=dev, generator=g, dtype=torch.bfloat16)
+            counts = torch.full((slots,), per, dtype=torch.int32, device=dev)
+            t = time_ms(lambda: kb.expert_ffn_masked(x, ex, counts, per))
+            layout = "masked"
+        out[case] = {"rows": rows, "groups": slots, "layout": layout, "N_K": "w13 4096x7168, w2 7168x2048",
+                     "ms": t, "tflops": flops / t / 1e9, "pct_of_fp8_peak": 100 * flops / t / 1e9 / pk["fp8_tflops"]}
     return out
+
+
+def bench_prefill_attention(kb, dev, g, pk) -> dict:
+    """MLA prefill attention (naive form, 192/128 head dims), one 4096-token prompt, 128 heads."""
+    q, k = (torch.randn(4096, 128, 192, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(4096, 128, 128, device=dev, generator=g, dtype=torch.bfloat16)
+    t = time_ms(lambda: kb.mla_prefill(q, k, v, 0.1352), reps=10)
+    flops = 2 * 128 * 4096 * 4096 * (192 + 128) / 2          # causal: half the score matrix
+    return {"tokens": 4096, "heads": 128, "ms": t, "tflops": flops / t / 1e9,
+            "pct_of_bf16_peak": 100 * flops / t / 1e9 / pk["bf16_tflops"]}
 
 
 def make_decode_inputs(dev, g, batch: int = 128, ctx: int = 5120, heads: int = 128, lat: int = 512,
@@ -123,8 +152,10 @@ def make_decode_inputs(dev, g, batch: int = 128, ctx: int = 5120, heads: int = 1
 def bench_mla_decode(kb, dev, g, pk, block_h: int | None = None) -> dict:
     q, cache, table, lens = make_decode_inputs(dev, g)
     b, h, d = q.shape
-    kw = {} if block_h is None else {"block_h": block_h}
-    t = time_ms(lambda: kb.mla_decode(q, cache, table, lens, 0.1352, 512, **kw))
+    kw = {} if block_h is None else {"config": {"block_h": block_h}}
+    table, lens = table.int(), lens.int()
+    plan = kb.plan_mla_decode()     # one per step, shared by the layers (FlashMLA's tile schedule)
+    t = time_ms(lambda: kb.mla_decode(q, cache, table, lens, 0.1352, 512, plan, **kw))
     tokens = int(lens.sum())
     moved = tokens * d * 2 + q.numel() * 2 + b * h * 512 * 2 + b * h * 4
     flops = 2 * tokens * h * (d + 512)
@@ -133,29 +164,62 @@ def bench_mla_decode(kb, dev, g, pk, block_h: int | None = None) -> dict:
             "tflops": flops / t / 1e9}
 
 
-def run(device: str = "cuda", backend: str = "triton") -> dict:
-    """All micro-benchmarks -> {settings, env, gemm, quant, grouped, mla_decode}."""
-    dev = torch.device(device)
-    kb = kernels.get_backend(backend, dev)
+def run_backend(kb, dev, pk) -> dict:
     g = torch.Generator(device=dev).manual_seed(0)
-    name = torch.cuda.get_device_name(dev)
-    pk = peaks(name)
-    out = {"env": env_info(dev, backend), "peaks": pk, "timing": "CUDA events, median of 20 after 3 warm-ups"}
-    out["gemm"] = bench_gemm(kb, dev, g, pk)
-    out["quant"] = bench_quant(kb, dev, g, pk)
-    out["grouped"] = bench_grouped(kb, dev, g, pk)
-    out["mla_decode"] = bench_mla_decode(kb, dev, g, pk)
+    return {"gemm": bench_gemm(kb, dev, g, pk), "quant": bench_quant(kb, dev, g, pk),
+            "experts": bench_grouped(kb, dev, g, pk), "mla_decode": bench_mla_decode(kb, dev, g, pk),
+            "mla_prefill": bench_prefill_attention(kb, dev, g, pk)}
+
+
+def run(device: str = "cuda", backends: tuple[str, ...] = ("native", "triton")) -> dict:
+    """All micro-benchmarks for each backend, side by side in one process, against the chip's peaks.
+    A backend that cannot run here is reported with the reason instead of figures."""
+    dev = torch.device(device)
+    pk = peaks(torch.cuda.get_device_name(dev))
+    out = {"env": env_info(dev, ",".join(backends)), "peaks": pk,
+           "timing": "CUDA events, median of 20 (10 for the large cases) after 3 warm-ups"}
+    for name in backends:
+        try:
+            kb = kernels.get_backend(name, dev)
+        except kernels.BackendUnavailable as exc:
+            out[name] = {"unavailable": str(exc)}
+            continue
+        out[name] = run_backend(kb, dev, pk)
+    if all("gemm" in out.get(b, {}) for b in backends[:2]) and len(backends) >= 2:
+        a, b = backends[:2]
+        out["speedup"] = {f"{a}_over_{b}": _ratios(out[a], out[b])}
     return out
+
+
+def _ratios(fast: dict, slow: dict) -> dict:
+    """Time ratios slow/fast for every benchmark both backends ran."""
+    r = {f"gemm {k}": slow["gemm"][k]["fp8_gemm_ms"] / v["fp8_gemm_ms"] for k, v in fast["gemm"].items()}
+    r.update({f"experts {k}": slow["experts"][k]["ms"] / v["ms"] for k, v in fast["experts"].items()})
+    for k in ("quant", "mla_decode", "mla_prefill"):
+        r[k] = slow[k]["ms"] / fast[k]["ms"]
+    return {k: round(v, 2) for k, v in r.items()}
 
 
 def env_info(dev, backend: str) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    info = {"device": name, "torch": torch.__version__, "backend": backend}
+    info = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "backend": backend}
     try:
         import triton
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    try:
+        from epserve.kernels import native
+        info.update(native.versions())
+    except Exception:   # informational only
+        pass
+    import subprocess
+    from pathlib import Path
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except Exception:
+        info["commit"] = None
     return info
 
 
@@ -171,7 +235,7 @@ def emit(res: dict, command: str, out: str | None) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", default="triton")
+    p.add_argument("--backends", default="native,triton", help="comma-separated, side by side in one run")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
-    emit(run(backend=a.backend), f"python -m epserve.bench.kernels --backend {a.backend}", a.out)
+    emit(run(backends=tuple(a.backends.split(","))), f"python -m epserve.bench.kernels --backends {a.backends}", a.out)

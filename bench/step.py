@@ -14,18 +14,21 @@ kv_lora 512, rope 64, nope 128, v 128, 256 experts of inter 2048, top-8, 1 share
            context uniform in [4096, 6144] (mean ~5K); receives 144*128*8/144 = 1024 pair rows.
 Routing is uniform over the local slots (what EPLB aims for). Not timed: dispatch/combine
 communication (it overlaps with compute in DeepSeek's two-micro-batch schedule), embedding,
-LM head, sampling, MTP. Timing is eager (no CUDA graphs): host launch overhead is included.
+LM head, sampling, MTP. Decode stages are timed as CUDA-graph replays (as the engine runs them;
+--eager times the launches too); prefill runs eagerly.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import torch
 
 from epserve import kernels
-from epserve.bench.kernels import emit, env_info, rand_fp8_weight, time_ms
-from epserve.model.deepseek_v3 import MLA, MLP, Batch, Gate, ModelArgs, rms_norm, rope_inv_freq
+from epserve.bench.kernels import emit, env_info, rand_experts, rand_fp8_weight, time_ms
+from epserve.kernels.layouts import masked_layout
+from epserve.model.deepseek_v3 import MLA, MLP, Batch, DecodeBatch, Gate, ModelArgs, rms_norm, rope_inv_freq
 from epserve.model.moe_dispatch import ExpertShard
 
 V3 = ModelArgs(rope_type="yarn", rope_factor=40.0, mscale=1.0, mscale_all_dim=1.0)
@@ -52,14 +55,13 @@ def build_layer(a: ModelArgs, kb, dev, g, slots: int):
     inter = a.moe_inter_dim
     shared = MLP(kb, w1=w(inter * a.n_shared_experts, a.dim), w2=w(a.dim, inter * a.n_shared_experts),
                  w3=w(inter * a.n_shared_experts, a.dim))
-    shard = ExpertShard(w1=[w(inter, a.dim) for _ in range(slots)], w2=[w(a.dim, inter) for _ in range(slots)],
-                        w3=[w(inter, a.dim) for _ in range(slots)])
+    shard = ExpertShard(rand_experts(slots, dev, g, inter, a.dim))
     dense = MLP(kb, w1=w(a.inter_dim, a.dim), w2=w(a.dim, a.inter_dim), w3=w(a.inter_dim, a.dim))
     return mla, gate, shared, shard, dense, ones(a.dim), ones(a.dim)
 
 
 def make_batch(phase: str, p: dict, dev, g, page: int = 64):
-    """-> (Batch, cache_layer [pages, 64, 576] bf16) for one rank's step."""
+    """-> (Batch or DecodeBatch, cache_layer [pages, 64, 576] bf16) for one rank's step."""
     if phase == "prefill":
         n_seq, n = p["tokens"] // p["prompt"], p["prompt"]
         width = math.ceil(n / page)
@@ -70,37 +72,45 @@ def make_batch(phase: str, p: dict, dev, g, page: int = 64):
     b, ctx = p["tokens"], p["ctx"]
     lens = (torch.rand(b, device=dev, generator=g) * 0.4 + 0.8).mul(ctx).long()
     width = math.ceil(int(lens.max()) / page)
-    table = torch.argsort(torch.rand(b * width, device=dev, generator=g)).view(b, width)
+    table = torch.argsort(torch.rand(b * width, device=dev, generator=g)).view(b, width).int()
     pos = lens - 1
-    slots = table.gather(1, (pos // page)[:, None])[:, 0] * page + pos % page
     cache = torch.randn(b * width, page, V3.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
-    return Batch(pos.clone(), pos, [1] * b, pos.tolist(), table, slots), cache
+    rows = torch.arange(b, device=dev)
+    return DecodeBatch.from_rows(pos.clone(), pos, rows, table, page, scratch_row=-1), cache
 
 
-def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill") -> dict:
+def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill", tokens: int | None = None,
+        graphs: bool = True) -> dict:
     """Time attention, MoE FFN and dense FFN of one layer -> per-GPU tokens/s for 61 layers; and
-    the same work as two half micro-batches, what the overlapped schedules pay in compute."""
+    the same work as two half micro-batches, what the overlapped schedules pay in compute.
+    Decode stages run as CUDA graphs (what the engine replays) unless graphs=False."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
-    dev, p, a = torch.device(device), PHASES[phase], V3
+    dev, p, a = torch.device(device), dict(PHASES[phase]), V3
+    if tokens:
+        p["tokens"] = tokens
     kb = kernels.get_backend(backend, dev)
     g = torch.Generator(device=dev).manual_seed(0)
     layer = build_layer(a, kb, dev, g, p["slots"])
-    ms = _layer_ms(phase, p, layer, kb, dev, g)
-    half = _layer_ms(phase, {**p, "tokens": p["tokens"] // 2}, layer, kb, dev, g)
+    use_graphs = graphs and phase == "decode"
+    ms = _layer_ms(phase, p, layer, kb, dev, g, use_graphs)
+    half = _layer_ms(phase, {**p, "tokens": p["tokens"] // 2}, layer, kb, dev, g, use_graphs)
     split_ms = {k: 2 * v for k, v in half.items()}
     moe_layer, dense_layer = ms["attention"] + ms["moe_ffn"], ms["attention"] + ms["dense_ffn"]
     split_moe_layer = split_ms["attention"] + split_ms["moe_ffn"]
     total = a.n_dense_layers * dense_layer + a.n_moe_layers * moe_layer
     t = p["tokens"]
+    stages = {k: ms[k] for k in ("attention", "moe_ffn")}
     return {
         "env": env_info(dev, backend), "phase": phase,
         "assumptions": {"ep_ranks": p["ranks"], "routed_slots_per_gpu": p["slots"], "tokens_per_gpu": t,
                         "pair_rows_received": t * a.n_activated_experts, "context": p.get("ctx", p.get("prompt")),
                         "layers": {"dense": a.n_dense_layers, "moe": a.n_moe_layers},
-                        "softmax_scale": a.softmax_scale, "not_timed": "dispatch/combine communication, "
-                        "embedding, LM head, sampling, MTP; eager launches, no CUDA graphs"},
+                        "softmax_scale": a.softmax_scale, "cuda_graphs": use_graphs,
+                        "not_timed": "dispatch/combine communication, embedding, LM head, sampling, MTP"},
         "ms": {**ms, "moe_layer": moe_layer, "dense_layer": dense_layer, "model_61_layers": total},
+        "moe_layer_share": {k: round(v / moe_layer, 3) for k, v in stages.items()},
+        "held_back_by": max(stages, key=stages.get),
         "two_micro_batches": {"ms": {**split_ms, "moe_layer": split_moe_layer},
                               "compute_overhead_of_split": round(split_moe_layer / moe_layer - 1, 4),
                               "note": "the MoE layer's work as two micro-batches of half the tokens, run one "
@@ -111,7 +121,21 @@ def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill") -
     }
 
 
-def _layer_ms(phase: str, p: dict, layer, kb, dev, g) -> dict:
+def _graphed(fn):
+    """fn captured as a CUDA graph; returns its replay (what the engine's decode does)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False) -> dict:
     """ms of attention, MoE FFN and dense FFN for one rank's step of p["tokens"] tokens."""
     a = V3
     mla, gate, shared, shard, dense, attn_norm, ffn_norm = layer
@@ -126,31 +150,45 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g) -> dict:
     recv_slot = torch.randint(0, p["slots"], (rows,), device=dev, generator=g)
     recv_w = torch.rand(rows, device=dev, generator=g, dtype=torch.bfloat16)
     recv_tok = torch.randint(0, t, (rows,), device=dev, generator=g)
+    if phase == "decode":   # what DeepEP's low-latency dispatch hands the rank: [slots, max_m, D] + counts
+        lay = masked_layout(recv_slot, p["slots"], rows)
+        buf = recv_x.new_zeros(p["slots"], rows + 1, a.dim)
+        buf[lay.group, lay.slot] = recv_x
+        per_slot = max(1, rows // p["slots"])
 
     def attention():
-        return hidden + mla.forward(rms_norm(hidden, attn_norm, a.rms_norm_eps), batch, rope, cache)
+        b = dataclasses.replace(batch, plan=kb.plan_mla_decode())
+        return hidden + mla.forward(rms_norm(hidden, attn_norm, a.rms_norm_eps), b, rope, cache)
 
     def moe_ffn():
         x = rms_norm(hidden, ffn_norm, a.rms_norm_eps)
         gate.forward(x)  # routing decides the dispatch (its communication is not timed)
-        y = shard.compute(kb, recv_x, recv_slot) * recv_w[:, None]
-        combined = torch.zeros_like(x).index_add_(0, recv_tok, y)  # the combine's reduction
+        if phase == "decode":
+            y = kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, per_slot)[lay.group, lay.slot]
+        else:
+            y = shard.compute(kb, recv_x, recv_slot)
+        combined = torch.zeros_like(x).index_add_(0, recv_tok, y * recv_w[:, None])  # the combine's reduction
         return hidden + combined + shared.forward(x)
 
     def dense_ffn():
         return hidden + dense.forward(rms_norm(hidden, ffn_norm, a.rms_norm_eps))
 
     reps, warm = (5, 2) if phase == "prefill" else (20, 3)
+    out = {}
     with torch.inference_mode():
-        return {name: time_ms(fn, warmup=warm, reps=reps)
-                for name, fn in (("attention", attention), ("moe_ffn", moe_ffn), ("dense_ffn", dense_ffn))}
+        for name, fn in (("attention", attention), ("moe_ffn", moe_ffn), ("dense_ffn", dense_ffn)):
+            out[name] = time_ms(_graphed(fn) if use_graphs else fn, warmup=warm, reps=reps)
+    return out
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--phase", default="prefill", choices=sorted(PHASES))
+    ap.add_argument("--tokens", type=int, default=None, help="tokens (decode: requests) per GPU; default per phase")
+    ap.add_argument("--eager", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
-    emit(run(backend=args.backend, phase=args.phase),
-         f"python -m epserve.bench.step --backend {args.backend} --phase {args.phase}", args.out)
+    emit(run(backend=args.backend, phase=args.phase, tokens=args.tokens, graphs=not args.eager),
+         f"python -m epserve.bench.step --backend {args.backend} --phase {args.phase}"
+         + (f" --tokens {args.tokens}" if args.tokens else "") + (" --eager" if args.eager else ""), args.out)

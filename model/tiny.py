@@ -43,6 +43,30 @@ TINY_CONFIG = {
     "torch_dtype": "float32",
 }
 
+# V3's own widths (hidden 7168, 128 heads, MLA 1536/512/64/128/128, experts of 2048) with 4 layers,
+# made to measure the engine on one GPU: "v3-4l" keeps all 256 experts (34 GB of FP8 experts);
+# "v3-ep144-rank" and "v3-ep32-rank" keep the experts one GPU of DeepSeek's decode (EP144: 2 routed
+# slots) and prefill (EP32: 9 slots) units holds, so one GPU runs that rank's per-layer work.
+# "v3-mini" is small but keeps the MLA and expert dims DeepGEMM and FlashMLA take (GPU tests).
+_V3 = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+       "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
+       "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+       "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+       "max_position_embeddings": 163840,
+       "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+PRESETS = {
+    "tiny": {},
+    "v3-4l": _V3,
+    "v3-ep144-rank": {**_V3, "n_routed_experts": 2, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1},
+    "v3-ep32-rank": {**_V3, "n_routed_experts": 9, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1},
+    "v3-mini": {"vocab_size": 512, "hidden_size": 1024, "intermediate_size": 1024, "moe_intermediate_size": 256,
+                "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 16,
+                "num_key_value_heads": 16, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4,
+                "topk_group": 2, "q_lora_rank": 256, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64, "v_head_dim": 128},
+}
+
 _CORPUS = """\
 DeepSeek serves V3 and R1 with cross-node expert parallelism. Prefill runs on units of four nodes
 and decode on units of eighteen nodes. Each GPU is an attention data-parallel rank and an expert
@@ -79,76 +103,85 @@ def write_tokenizer(out: Path, vocab_size: int) -> int:
     return tok.get_vocab_size()
 
 
-def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15) -> dict[str, torch.Tensor]:
-    """Random float32 weights in HF names. std is large enough that greedy choices are decisive."""
-    g = torch.Generator().manual_seed(seed)
+def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15, fp8: bool = False,
+                      device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights in HF names, on the host. std is large enough that greedy choices are decisive;
+    wide presets (hidden > 256) scale linear weights by 8 / sqrt(fan_in) to keep activations in range.
 
-    def rnd(*shape, s=std):
-        return torch.randn(*shape, generator=g) * s
+    Each tensor is drawn on `device` (a GPU makes the V3-width presets in seconds), FP8-quantised
+    there when asked (every Linear but the gate and the head), then moved to the host, so peak
+    device memory is one tensor. Same seed and device, same bytes.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    wide = cfg["hidden_size"] > 256
+
+    def put(name, *shape, s=std, center=0.0, linear=False, dtype=torch.float32):
+        scale = s * 8.0 / shape[-1] ** 0.5 if wide and linear else s
+        t = torch.randn(*shape, generator=g, device=device) * scale + center
+        if fp8 and linear:
+            q, sc = per_block_quant_fp8(t)
+            sd[name], sd[name[: -len("weight")] + "weight_scale_inv"] = q.cpu(), sc.cpu()
+        else:
+            sd[name] = t.to(dtype).cpu()
 
     d, h = cfg["hidden_size"], cfg["num_attention_heads"]
     nope, rope, v, kvl = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
     qk, ql, inter, mi = nope + rope, cfg["q_lora_rank"], cfg["intermediate_size"], cfg["moe_intermediate_size"]
-    sd = {"model.embed_tokens.weight": rnd(cfg["vocab_size"], d, s=1.0),
-          "model.norm.weight": 1 + rnd(d, s=0.1), "lm_head.weight": rnd(cfg["vocab_size"], d)}
+    big = torch.bfloat16 if wide else torch.float32          # V3 ships embeddings and head in bf16
+    put("model.embed_tokens.weight", cfg["vocab_size"], d, s=1.0, dtype=big)
+    put("model.norm.weight", d, s=0.1, center=1.0)
+    put("lm_head.weight", cfg["vocab_size"], d, s=std * (8.0 / d ** 0.5 if wide else 1.0), dtype=big)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = 1 + rnd(d, s=0.1)
-        sd[p + "post_attention_layernorm.weight"] = 1 + rnd(d, s=0.1)
+        put(p + "input_layernorm.weight", d, s=0.1, center=1.0)
+        put(p + "post_attention_layernorm.weight", d, s=0.1, center=1.0)
         if ql:
-            sd[p + "self_attn.q_a_proj.weight"] = rnd(ql, d)
-            sd[p + "self_attn.q_a_layernorm.weight"] = 1 + rnd(ql, s=0.1)
-            sd[p + "self_attn.q_b_proj.weight"] = rnd(h * qk, ql)
+            put(p + "self_attn.q_a_proj.weight", ql, d, linear=True)
+            put(p + "self_attn.q_a_layernorm.weight", ql, s=0.1, center=1.0)
+            put(p + "self_attn.q_b_proj.weight", h * qk, ql, linear=True)
         else:
-            sd[p + "self_attn.q_proj.weight"] = rnd(h * qk, d)
-        sd[p + "self_attn.kv_a_proj_with_mqa.weight"] = rnd(kvl + rope, d)
-        sd[p + "self_attn.kv_a_layernorm.weight"] = 1 + rnd(kvl, s=0.1)
-        sd[p + "self_attn.kv_b_proj.weight"] = rnd(h * (nope + v), kvl)
-        sd[p + "self_attn.o_proj.weight"] = rnd(d, h * v)
+            put(p + "self_attn.q_proj.weight", h * qk, d, linear=True)
+        put(p + "self_attn.kv_a_proj_with_mqa.weight", kvl + rope, d, linear=True)
+        put(p + "self_attn.kv_a_layernorm.weight", kvl, s=0.1, center=1.0)
+        put(p + "self_attn.kv_b_proj.weight", h * (nope + v), kvl, linear=True)
+        put(p + "self_attn.o_proj.weight", d, h * v, linear=True)
         if i < cfg["first_k_dense_replace"]:
             for n, shape in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
-                sd[p + f"mlp.{n}.weight"] = rnd(*shape)
+                put(p + f"mlp.{n}.weight", *shape, linear=True)
             continue
         e = cfg["n_routed_experts"]
-        sd[p + "mlp.gate.weight"] = rnd(e, d, s=0.5)
-        sd[p + "mlp.gate.e_score_correction_bias"] = rnd(e, s=0.05)
+        put(p + "mlp.gate.weight", e, d, s=0.5 * (8.0 / d ** 0.5 if wide else 1.0))
+        put(p + "mlp.gate.e_score_correction_bias", e, s=0.05)
         for j in range(e):
             for n, shape in (("gate_proj", (mi, d)), ("up_proj", (mi, d)), ("down_proj", (d, mi))):
-                sd[p + f"mlp.experts.{j}.{n}.weight"] = rnd(*shape)
+                put(p + f"mlp.experts.{j}.{n}.weight", *shape, linear=True)
         si = mi * cfg["n_shared_experts"]
         for n, shape in (("gate_proj", (si, d)), ("up_proj", (si, d)), ("down_proj", (d, si))):
-            sd[p + f"mlp.shared_experts.{n}.weight"] = rnd(*shape)
+            put(p + f"mlp.shared_experts.{n}.weight", *shape, linear=True)
     return sd
 
 
-def _quantize(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """FP8 e4m3 with 128x128 dequant scales for every Linear but the gate and the head."""
-    out = {}
-    for name, t in sd.items():
-        if t.dim() == 2 and "proj" in name and name.endswith(".weight"):
-            q, s = per_block_quant_fp8(t)
-            out[name], out[name[: -len("weight")] + "weight_scale_inv"] = q, s
-        else:
-            out[name] = t
-    return out
-
-
 def make_tiny_model(out_dir: str | os.PathLike, *, fp8: bool = False, seed: int = 0, shards: int = 1,
-                    config_overrides: dict | None = None) -> Path:
-    """Write the checkpoint atomically (temp dir + rename); returns the folder."""
+                    config_overrides: dict | None = None, preset: str = "tiny", device: str = "cpu") -> Path:
+    """Write the checkpoint atomically (temp dir + rename); returns the folder. `preset` picks a
+    shape from PRESETS (the V3-width ones are FP8 and sharded like the release)."""
     out = Path(out_dir)
     if (out / "config.json").exists():
         raise FileExistsError(f"{out} already holds a checkpoint (config.json exists)")
-    cfg = dict(TINY_CONFIG, **(config_overrides or {}))
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
+    cfg = dict(TINY_CONFIG, **PRESETS[preset], **(config_overrides or {}))
+    if cfg["hidden_size"] >= 4096:
+        fp8, shards = True, max(shards, 8)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     try:
         vocab = write_tokenizer(tmp, cfg["vocab_size"])
         if vocab > cfg["vocab_size"]:
             raise ValueError(f"tokenizer has {vocab} tokens, more than vocab_size={cfg['vocab_size']}")
-        sd = random_state_dict(cfg, seed)
+        sd = random_state_dict(cfg, seed, fp8=fp8, device=device)
         if fp8:
-            sd = _quantize(sd)
             cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                           "weight_block_size": [128, 128]}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))

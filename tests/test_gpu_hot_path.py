@@ -1,0 +1,111 @@
+"""The hot path on a GPU (skipped without CUDA; run on a lent H200 and recorded under
+benchmarks/results/): the native backend's self-test, CUDA-graph decode equal to eager, a decode
+forward with no host sync, and a whole rank on `native` giving the `reference` backend's tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import prompts_of
+from epserve.model.sampling import SamplingParams
+from epserve.pipelines.local import make_local_engine
+from epserve.pipelines.sequence import Sequence
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _native_ok() -> bool:
+    from epserve.kernels import native
+    return native.deep_gemm is not None and native.flash_mla is not None
+
+
+needs_native = pytest.mark.skipif(not torch.cuda.is_available() or not _native_ok(),
+                                  reason="needs a Hopper GPU with deep_gemm and flash_mla installed")
+
+
+@pytest.fixture(scope="module")
+def v3_mini_dir(tmp_path_factory):
+    from epserve.model.tiny import make_tiny_model
+    return str(make_tiny_model(tmp_path_factory.mktemp("ckpt") / "v3mini", preset="v3-mini", fp8=True, seed=4))
+
+
+def _generate(eng, prompts, n=12, logprobs=None):
+    seqs = [Sequence(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=logprobs))
+            for i, p in enumerate(prompts)]
+    for s in seqs:
+        eng.add(s)
+    while eng.has_work:
+        eng.step()
+    return seqs
+
+
+@needs_native
+def test_native_self_test_passes():
+    from epserve import kernels
+    from epserve.kernels import native
+    ok, why = native.self_test("cuda")
+    assert ok, why
+    assert kernels.get_backend("native", "cuda") is native
+
+
+@gpu
+@pytest.mark.parametrize("backend, model", [("triton", "tiny"), ("native", "v3mini")])
+def test_cuda_graph_decode_gives_the_eager_tokens(backend, model, tiny_dir, v3_mini_dir):
+    if backend == "native" and not _native_ok():
+        pytest.skip("native libraries not installed")
+    path = tiny_dir if model == "tiny" else v3_mini_dir
+    prompts = prompts_of([33, 7, 70, 1, 129], vocab=500, seed=9)
+    out = {}
+    for graphs in (False, True):
+        eng = make_local_engine(path, kernels=backend, device="cuda", dtype="bfloat16", cuda_graphs=graphs,
+                                redundant_experts=2)
+        out[graphs] = [s.output_ids for s in _generate(eng, prompts)]
+        assert (eng.graphs is not None) == graphs
+        if graphs:
+            assert eng.graphs.n_replays >= 11 and len(eng.graphs.graphs) >= 1
+    assert out[True] == out[False]
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_decode_forward_never_syncs_the_host(backend, tiny_dir, v3_mini_dir):
+    if backend == "native" and not _native_ok():
+        pytest.skip("native libraries not installed")
+    eng = make_local_engine(v3_mini_dir if backend == "native" else tiny_dir, kernels=backend, device="cuda",
+                            dtype="bfloat16", cuda_graphs=False)
+    seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(prompts_of([20, 65], vocab=500, seed=1))]
+    for s in seqs:
+        eng.add(s)
+    eng.step()
+    eng.step()                                                # JIT and table caches warm
+    step = eng.batcher.schedule()
+    rows = eng.table.rows_for(step.seqs)
+    t = torch.tensor([[s.last_token for s in step.seqs], [s.n_computed for s in step.seqs], rows], device="cuda")
+    from epserve.model.deepseek_v3 import DecodeBatch
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = DecodeBatch.from_rows(t[0], t[1], t[2], eng.table.tables, eng.cache.page_size, eng.table.scratch_row,
+                                      eng.kb.plan_mla_decode())
+        eng.model.forward(batch, eng.cache.kv)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_native
+def test_native_rank_gives_the_reference_tokens(v3_mini_dir):
+    """Greedy tokens of a whole rank on native (DeepGEMM, FlashMLA, CUDA graphs) equal the reference
+    backend's on the same GPU and dtype, up to the first step whose top two logits are within
+    bf16 noise of each other (random weights can tie)."""
+    prompts = prompts_of([40, 9, 100, 64], vocab=500, seed=12)
+    ref = _generate(make_local_engine(v3_mini_dir, kernels="reference", device="cuda", dtype="bfloat16"),
+                    prompts, logprobs=2)
+    nat = _generate(make_local_engine(v3_mini_dir, kernels="native", device="cuda", dtype="bfloat16"), prompts)
+    compared = 0
+    for r, n in zip(ref, nat):
+        gaps = [info["top"][0][1] - info["top"][1][1] for info in r.logprobs]
+        clear = next((i for i, gap in enumerate(gaps) if gap < 0.05), len(gaps))
+        assert n.output_ids[:clear + 1] == r.output_ids[:clear + 1]
+        compared += clear + 1
+    assert compared >= len(prompts) * 6
