@@ -19,9 +19,13 @@ cuda=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
 [ -d "$dg/third-party/cutlass/include" ] || { echo "error: $dg/third-party/cutlass is empty (submodules?)" >&2; exit 2; }
 [ -d "$fm/csrc/cutlass/include" ] || { echo "error: $fm/csrc/cutlass is empty (submodules?)" >&2; exit 2; }
 
-# DeepGEMM: its JIT parses headers with std::regex inside the Python process; build it against the
-# libstdc++ the process loads (see README: GPU route) -- EPSERVE_DG_LDFLAGS adds link flags.
-( cd "$dg" && DG_FORCE_BUILD=1 DG_USE_LOCAL_VERSION=0 LDFLAGS="${EPSERVE_DG_LDFLAGS:-}" \
+# DeepGEMM: its extension links libstdc++ statically with the symbols kept private. Linked
+# dynamically, its std::regex calls (the JIT's header parser and nvcc version check) bind to
+# libstdc++ pieces that torch's own libraries export, and the process segfaults on the first
+# kernel compile (seen with torch 2.11+cu130, GCC 13.3, libstdc++ 6.0.33; LD_PRELOAD of the
+# system libstdc++ also avoids it, but has to be set for every process that imports it).
+( cd "$dg" && DG_FORCE_BUILD=1 DG_USE_LOCAL_VERSION=0 \
+    LDFLAGS="${EPSERVE_DG_LDFLAGS:--static-libstdc++ -Wl,--exclude-libs,ALL}" \
     "$py" -m pip wheel --no-build-isolation --no-deps -w "$out" . >"$out/deep_gemm.log" 2>&1 ) &
 dg_pid=$!
 # FlashMLA: sm90 only; CUDA 13 moved libcu++ (cuda/std/...) under include/cccl.
