@@ -61,14 +61,23 @@ def build_layer(a: ModelArgs, kb, dev, g, slots: int):
 
 
 def make_batch(phase: str, p: dict, dev, g, page: int = 64):
-    """-> (Batch or DecodeBatch, cache_layer [pages, 64, 576] bf16) for one rank's step."""
+    """-> (Batch or DecodeBatch, cache_layer [pages, 64, 576] bf16) for one rank's step.
+
+    Prefill with p["cached"] = f: prompts of p["prompt"] tokens whose first f of tokens are in the
+    cache (the on-disk KV cache's hits, loaded before the step), so each step computes
+    p["tokens"] new tokens that attend to the whole prompt."""
     if phase == "prefill":
-        n_seq, n = p["tokens"] // p["prompt"], p["prompt"]
-        width = math.ceil(n / page)
+        total = p["prompt"]
+        ctx = int(total * p.get("cached", 0.0)) // page * page
+        n = total - ctx
+        n_seq = max(1, p["tokens"] // n)
+        width = math.ceil(total / page)
         table = torch.arange(n_seq * width, device=dev).view(n_seq, width)
-        pos = torch.arange(n, device=dev).repeat(n_seq)
-        batch = Batch(pos.clone(), pos, [n] * n_seq, [0] * n_seq, table, torch.arange(n_seq * n, device=dev))
-        return batch, torch.zeros(n_seq * width, page, V3.kv_dim, device=dev, dtype=torch.bfloat16)
+        pos = torch.arange(ctx, total, device=dev).repeat(n_seq)
+        slots = (table[:, :, None] * page + torch.arange(page, device=dev)).flatten(1)[:, ctx:total].flatten()
+        batch = Batch(pos.clone(), pos, [n] * n_seq, [ctx] * n_seq, table, slots)
+        cache = torch.randn(n_seq * width, page, V3.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
+        return batch, cache
     b, ctx = p["tokens"], p["ctx"]
     lens = (torch.rand(b, device=dev, generator=g) * 0.4 + 0.8).mul(ctx).long()
     width = math.ceil(int(lens.max()) / page)
@@ -80,7 +89,7 @@ def make_batch(phase: str, p: dict, dev, g, page: int = 64):
 
 
 def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill", tokens: int | None = None,
-        graphs: bool = True) -> dict:
+        graphs: bool = True, cached: float = 0.0) -> dict:
     """Time attention, MoE FFN and dense FFN of one layer -> per-GPU tokens/s for 61 layers; and
     the same work as two half micro-batches, what the overlapped schedules pay in compute.
     Decode stages run as CUDA graphs (what the engine replays) unless graphs=False."""
@@ -89,26 +98,36 @@ def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill", t
     dev, p, a = torch.device(device), dict(PHASES[phase]), V3
     if tokens:
         p["tokens"] = tokens
+    if cached:
+        if phase != "prefill" or not 0 <= cached < 1:
+            raise ValueError(f"cached: a prefill prefix-hit fraction in [0, 1), got {cached!r} for {phase}")
+        p["cached"] = cached
     kb = kernels.get_backend(backend, dev)
     g = torch.Generator(device=dev).manual_seed(0)
     layer = build_layer(a, kb, dev, g, p["slots"])
     use_graphs = graphs and phase == "decode"
-    ms = _layer_ms(phase, p, layer, kb, dev, g, use_graphs)
-    half = _layer_ms(phase, {**p, "tokens": p["tokens"] // 2}, layer, kb, dev, g, use_graphs)
+    ms, stages = _layer_ms(phase, p, layer, kb, dev, g, use_graphs)
+    half, _ = _layer_ms(phase, {**p, "tokens": p["tokens"] // 2}, layer, kb, dev, g, use_graphs)
     split_ms = {k: 2 * v for k, v in half.items()}
     moe_layer, dense_layer = ms["attention"] + ms["moe_ffn"], ms["attention"] + ms["dense_ffn"]
     split_moe_layer = split_ms["attention"] + split_ms["moe_ffn"]
     total = a.n_dense_layers * dense_layer + a.n_moe_layers * moe_layer
     t = p["tokens"]
-    stages = {k: ms[k] for k in ("attention", "moe_ffn")}
+    n_input = t
+    if p.get("cached"):
+        ctx = int(p["prompt"] * p["cached"]) // 64 * 64
+        n_seq = max(1, t // (p["prompt"] - ctx))
+        t, n_input = n_seq * (p["prompt"] - ctx), n_seq * p["prompt"]
     return {
         "env": env_info(dev, backend), "phase": phase,
         "assumptions": {"ep_ranks": p["ranks"], "routed_slots_per_gpu": p["slots"], "tokens_per_gpu": t,
-                        "pair_rows_received": t * a.n_activated_experts, "context": p.get("ctx", p.get("prompt")),
+                        "pair_rows_received": p["tokens"] * a.n_activated_experts,
+                        "context": p.get("ctx", p.get("prompt")), "cached_prefix_fraction": p.get("cached", 0.0),
                         "layers": {"dense": a.n_dense_layers, "moe": a.n_moe_layers},
                         "softmax_scale": a.softmax_scale, "cuda_graphs": use_graphs,
                         "not_timed": "dispatch/combine communication, embedding, LM head, sampling, MTP"},
         "ms": {**ms, "moe_layer": moe_layer, "dense_layer": dense_layer, "model_61_layers": total},
+        "stages_ms": stages,
         "moe_layer_share": {k: round(v / moe_layer, 3) for k, v in stages.items()},
         "held_back_by": max(stages, key=stages.get),
         "two_micro_batches": {"ms": {**split_ms, "moe_layer": split_moe_layer},
@@ -117,6 +136,8 @@ def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill", t
                                       "after the other; the overlapped schedules pay this to hide the exchanges"},
         "tokens_per_s_per_gpu_one_moe_layer": t / moe_layer * 1e3,
         "tokens_per_s_per_gpu_61_layers": t / total * 1e3,
+        "input_tokens_per_s_per_gpu_61_layers": n_input / total * 1e3,
+        "cached_fraction": p.get("cached", 0.0), "computed_tokens_per_step": t, "input_tokens_per_step": n_input,
         "deepseek_tokens_per_s_per_gpu": p["deepseek_tokens_per_s"], "deepseek_note": p["deepseek_note"],
     }
 
@@ -140,7 +161,7 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False) 
     a = V3
     mla, gate, shared, shard, dense, attn_norm, ffn_norm = layer
     batch, cache = make_batch(phase, p, dev, g)
-    t = p["tokens"]
+    t = batch.n_tokens
     inv_freq, factor = rope_inv_freq(a)
     ang = batch.positions.float()[:, None] * inv_freq.to(dev)[None]
     rope = ((ang.cos() * factor).bfloat16(), (ang.sin() * factor).bfloat16())
@@ -150,6 +171,8 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False) 
     recv_slot = torch.randint(0, p["slots"], (rows,), device=dev, generator=g)
     recv_w = torch.rand(rows, device=dev, generator=g, dtype=torch.bfloat16)
     recv_tok = torch.randint(0, t, (rows,), device=dev, generator=g)
+    # DeepEP hands the expert side FP8 rows; a backend whose GEMMs take them gets them so
+    recv_in = kb.per_token_group_quant_fp8(recv_x) if getattr(kb, "TAKES_FP8_ROWS", False) else recv_x
     if phase == "decode":   # what DeepEP's low-latency dispatch hands the rank: [slots, max_m, D] + counts
         lay = masked_layout(recv_slot, p["slots"], rows)
         buf = recv_x.new_zeros(p["slots"], rows + 1, a.dim)
@@ -166,19 +189,50 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False) 
         if phase == "decode":
             y = kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, per_slot)[lay.group, lay.slot]
         else:
-            y = shard.compute(kb, recv_x, recv_slot)
+            y = shard.compute(kb, recv_in, recv_slot)
         combined = torch.zeros_like(x).index_add_(0, recv_tok, y * recv_w[:, None])  # the combine's reduction
         return hidden + combined + shared.forward(x)
 
     def dense_ffn():
         return hidden + dense.forward(rms_norm(hidden, ffn_norm, a.rms_norm_eps))
 
+    # the pieces, each timed on its own, so the JSON says which one holds the layer back
+    xn = rms_norm(hidden, ffn_norm, a.rms_norm_eps)
+    q_lat = torch.randn(t, a.n_heads, a.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
+
+    if phase == "prefill":     # core attention of each prompt alone: its new tokens over its whole context
+        n_new, n_all = batch.seq_new[0], batch.seq_new[0] + batch.seq_ctx[0]
+        qkv = [(torch.randn(n_new, a.n_heads, a.qk_head_dim, device=dev, generator=g, dtype=torch.bfloat16),
+                torch.randn(n_all, a.n_heads, a.qk_head_dim, device=dev, generator=g, dtype=torch.bfloat16),
+                torch.randn(n_all, a.n_heads, a.v_head_dim, device=dev, generator=g, dtype=torch.bfloat16))
+               for _ in batch.seq_new]
+
+    def attn_core():
+        if phase == "decode":
+            return kb.mla_decode(q_lat, cache, batch.block_tables, batch.seq_lens, a.softmax_scale, a.kv_lora_rank,
+                                 kb.plan_mla_decode())
+        return [kb.mla_prefill(q, k, v, a.softmax_scale) for q, k, v in qkv]
+
+    def routed():
+        if phase == "decode":
+            return kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, per_slot)
+        return shard.compute(kb, recv_in, recv_slot)
+
+    def combine():
+        return torch.zeros_like(xn).index_add_(0, recv_tok, recv_x * recv_w[:, None])
+
+    parts = (("attention", attention), ("moe_ffn", moe_ffn), ("dense_ffn", dense_ffn),
+             ("attention.core", attn_core),
+             ("moe.gate", lambda: gate.forward(xn)), ("moe.routed_experts", routed),
+             ("moe.shared_expert", lambda: shared.forward(xn)), ("moe.combine_reduction", combine))
     reps, warm = (5, 2) if phase == "prefill" else (20, 3)
     out = {}
     with torch.inference_mode():
-        for name, fn in (("attention", attention), ("moe_ffn", moe_ffn), ("dense_ffn", dense_ffn)):
+        for name, fn in parts:
             out[name] = time_ms(_graphed(fn) if use_graphs else fn, warmup=warm, reps=reps)
-    return out
+    main = {k: out.pop(k) for k in ("attention", "moe_ffn", "dense_ffn")}
+    out["attention.projections_and_rest"] = main["attention"] - out["attention.core"]
+    return main, out
 
 
 if __name__ == "__main__":
@@ -187,8 +241,11 @@ if __name__ == "__main__":
     ap.add_argument("--phase", default="prefill", choices=sorted(PHASES))
     ap.add_argument("--tokens", type=int, default=None, help="tokens (decode: requests) per GPU; default per phase")
     ap.add_argument("--eager", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument("--cached", type=float, default=0.0,
+                    help="prefill: fraction of each prompt already in the KV cache (the seed's day: 0.563)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
-    emit(run(backend=args.backend, phase=args.phase, tokens=args.tokens, graphs=not args.eager),
+    emit(run(backend=args.backend, phase=args.phase, tokens=args.tokens, graphs=not args.eager, cached=args.cached),
          f"python -m epserve.bench.step --backend {args.backend} --phase {args.phase}"
-         + (f" --tokens {args.tokens}" if args.tokens else "") + (" --eager" if args.eager else ""), args.out)
+         + (f" --tokens {args.tokens}" if args.tokens else "") + (" --eager" if args.eager else "")
+         + (f" --cached {args.cached}" if args.cached else ""), args.out)

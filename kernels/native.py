@@ -50,6 +50,7 @@ __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", 
            "plan_mla_decode", "mla_decode", "self_test", "versions"]
 
 grouped_linear = kt.grouped_linear            # the list-of-weights form stays Triton's
+TAKES_FP8_ROWS = True                          # expert_ffn takes dispatched FP8 rows (q, s) without a dequantise
 PREFILL_ATTENTION = {"backend": "flash-padded"}   # set by self_test from a measurement
 
 
@@ -92,36 +93,49 @@ linear = reference.linear_with(per_token_group_quant_fp8, fp8_gemm_nt)
 
 # ---------------------------------------------------------------- routed experts
 
-def _experts_ok(x: torch.Tensor, experts: ExpertWeights) -> bool:
-    return (deep_gemm is not None and experts.is_fp8 and experts.act_quant and x.dtype == torch.bfloat16
-            and experts.inter % 128 == 0 and x.shape[-1] % 128 == 0 and experts.n_slots > 0)
+def _experts_ok(x, experts: ExpertWeights) -> bool:
+    dense_ok = isinstance(x, tuple) or x.dtype == torch.bfloat16
+    rows = x[0] if isinstance(x, tuple) else x
+    return (deep_gemm is not None and experts.is_fp8 and experts.act_quant and dense_ok
+            and experts.inter % 128 == 0 and rows.shape[-1] % 128 == 0 and experts.n_slots > 0)
 
 
-def expert_ffn(x: torch.Tensor, experts: ExpertWeights, slot_ids: torch.Tensor) -> torch.Tensor:
-    """x [M, D], slot_ids int [M] (-1 gives 0) -> [M, D]: the contiguous layout for DeepGEMM.
+def _dequant_rows(x) -> torch.Tensor:
+    """FP8 rows (q [.., D], s [.., D/128]) -> bf16, for the fallbacks (never on the V3 path)."""
+    q, s = x
+    return (q.float() * s.float().repeat_interleave(128, -1)[..., :q.shape[-1]]).to(torch.bfloat16)
+
+
+def expert_ffn(x, experts: ExpertWeights, slot_ids: torch.Tensor) -> torch.Tensor:
+    """x [M, D] bf16 or dispatched FP8 rows (q, s), slot_ids int [M] (-1 gives 0) -> [M, D] bf16:
+    the contiguous layout for DeepGEMM.
 
     Rows are scattered into 128-aligned per-slot segments (on the device, no sync), quantised
-    once, multiplied by w13 [G, 2I, D], passed through the fused SwiGLU+quant, multiplied by w2,
-    and gathered back to input order.
+    once (unless they came as FP8), multiplied by w13 [G, 2I, D], passed through the fused
+    SwiGLU+quant, multiplied by w2, and gathered back to input order.
     """
-    if not _experts_ok(x, experts) or x.shape[0] == 0:
-        return kt.expert_ffn(x, experts, slot_ids)
-    d = x.shape[1]
-    lay = contiguous_layout(slot_ids.to(x.device), experts.n_slots, deep_gemm.get_mk_alignment_for_contiguous_layout())
-    live = lay.pos >= 0
-    # The buffer's last row is padding that no live row uses (it has M + 128 G rows for at most
-    # M + 127 G used ones); dropped rows are parked there and zeroed on the way out.
-    dest = torch.where(live, lay.pos, lay.n_rows - 1)
-    q, s = kt.per_token_group_quant_fp8(x)
-    aq = torch.zeros(lay.n_rows, d, dtype=FP8, device=x.device)
-    a_s = empty_mn_major_scales((lay.n_rows, d // 128), x.device).zero_()
-    aq[dest], a_s[dest] = q, s
-    h13 = torch.empty(lay.n_rows, 2 * experts.inter, dtype=torch.bfloat16, device=x.device)
+    if not _experts_ok(x, experts):
+        return kt.expert_ffn(_dequant_rows(x) if isinstance(x, tuple) else x, experts, slot_ids)
+    q, s = x if isinstance(x, tuple) else kt.per_token_group_quant_fp8(x)
+    m, d = q.shape
+    if m == 0:
+        return torch.zeros(0, d, dtype=torch.bfloat16, device=q.device)
+    lay = contiguous_layout(slot_ids.to(q.device), experts.n_slots, deep_gemm.get_mk_alignment_for_contiguous_layout())
+    # The buffer's last row is padding no live row uses (it has M + 128 G rows for at most
+    # M + 127 G used ones): dropped rows are parked there and read back as the zeros written
+    # into it after the GEMMs. Padding rows are left uninitialised: each output row depends on
+    # its own input row only, and no padding row is read.
+    dest = torch.where(lay.pos >= 0, lay.pos, lay.n_rows - 1)
+    aq = torch.empty(lay.n_rows, d, dtype=FP8, device=q.device)
+    a_s = empty_mn_major_scales((lay.n_rows, d // 128), q.device)
+    aq[dest], a_s[dest] = q, s.float()
+    h13 = torch.empty(lay.n_rows, 2 * experts.inter, dtype=torch.bfloat16, device=q.device)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous((aq, a_s), (experts.w13, experts.s13), h13, lay.m_indices)
     hq, hs = kt.silu_mul_quant_fp8(h13, mn_major=True)
-    y = torch.empty(lay.n_rows, d, dtype=torch.bfloat16, device=x.device)
+    y = torch.empty(lay.n_rows, d, dtype=torch.bfloat16, device=q.device)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous((hq, hs), (experts.w2, experts.s2), y, lay.m_indices)
-    return torch.where(live[:, None], y[dest], 0)
+    y[lay.n_rows - 1].zero_()
+    return y[dest]
 
 
 def expert_ffn_masked(x, experts: ExpertWeights, masked_m: torch.Tensor, expected_m: int | None = None):
@@ -136,9 +150,7 @@ def expert_ffn_masked(x, experts: ExpertWeights, masked_m: torch.Tensor, expecte
     g, max_m, d = ref_x.shape
     if not (deep_gemm is not None and experts.is_fp8 and experts.act_quant and experts.inter % 128 == 0
             and d % 128 == 0 and (xq is not None or x.dtype == torch.bfloat16)):
-        if xq is not None:   # dequantise for the fallback (never on the V3 path)
-            x = (xq[0].float() * xq[1].float().repeat_interleave(128, -1)[..., :d]).to(torch.bfloat16)
-        return kt.expert_ffn_masked(x, experts, masked_m, expected_m)
+        return kt.expert_ffn_masked(_dequant_rows(x) if xq is not None else x, experts, masked_m, expected_m)
     if xq is None:
         xq = kt.per_token_group_quant_fp8(x, mn_major=True)
     exp_m = max(1, expected_m or max_m)
@@ -202,10 +214,19 @@ def _prefill_sdpa(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv], Tk >= Tq, bottom-right causal -> [Tq, H, Dv]."""
+    """q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv], Tk >= Tq, bottom-right causal -> [Tq, H, Dv].
+
+    The route measured fastest at start-up; a shape it has no kernel for (cuDNN refuses some,
+    e.g. very short prompts) takes the other route, then Triton's."""
     if q.shape[0] == 0 or q.dtype not in (torch.bfloat16, torch.float16):
         return kt.mla_prefill(q, k, v, scale)
-    return _prefill_sdpa(PREFILL_ATTENTION["backend"], q, k, v, scale)
+    first = PREFILL_ATTENTION["backend"]
+    for backend in (first, "flash-padded" if first == "cudnn" else "cudnn"):
+        try:
+            return _prefill_sdpa(backend, q, k, v, scale)
+        except RuntimeError:     # "No available kernel" for this shape
+            continue
+    return kt.mla_prefill(q, k, v, scale)
 
 
 # ---------------------------------------------------------------- start-up self-test

@@ -177,6 +177,9 @@ def expert_ffn_with(grouped):
     """A backend's routed-expert SwiGLU FFN over contiguous rows, from its grouped GEMM."""
     def expert_ffn(x: torch.Tensor, experts: ExpertWeights, slot_ids: torch.Tensor) -> torch.Tensor:
         """x [M, D], slot_ids int [M] (-1: padding, gives 0) -> [M, D] = w2(silu(w1 x) * w3 x) per row's slot."""
+        if isinstance(x, tuple):                  # FP8 rows as dispatched: this backend dequantises them
+            q, s = x
+            x = (q.float() * s.float().repeat_interleave(128, -1)[..., :q.shape[-1]]).to(torch.bfloat16)
         if x.shape[0] == 0 or experts.n_slots == 0:
             return torch.zeros_like(x)
         w1, w3, w2 = experts.lists()

@@ -44,10 +44,11 @@ class ExpertShard:
     def slot_weights(self, j: int) -> dict[str, Weight]:
         return self.experts.slot(j)
 
-    def compute(self, kb: ModuleType, x: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
-        """x [M, D], local_slot int64 [M] (-1 = padding row, gives 0) -> [M, D]."""
-        if x.shape[0] == 0 or not self.n_slots:
-            return torch.zeros_like(x)
+    def compute(self, kb: ModuleType, x, local_slot: torch.Tensor) -> torch.Tensor:
+        """x [M, D] (or FP8 rows (q, s) as dispatched), local_slot int64 [M] (-1 = padding row, gives 0) -> [M, D]."""
+        rows = x[0] if isinstance(x, tuple) else x
+        if rows.shape[0] == 0 or not self.n_slots:
+            return torch.zeros(rows.shape, dtype=torch.bfloat16 if isinstance(x, tuple) else x.dtype, device=rows.device)
         return kb.expert_ffn(x, self.experts, local_slot)
 
 

@@ -102,8 +102,9 @@ class RankEngine:
         """CUDA graphs need CUDA, a backend that never syncs the host (not reference), and a
         dispatcher with a fixed-shape path (a one-rank unit; across ranks that is DeepEP's
         low-latency mode, not built yet)."""
+        weight_only_fp8 = self.args.fp8_block is not None and not self.spec.fp8_activations   # experts take a host loop
         return (self.spec.cuda_graphs and self.device.type == "cuda" and self.kb.__name__ != reference_name()
-                and getattr(self.dispatcher, "run_static", None) is not None)
+                and getattr(self.dispatcher, "run_static", None) is not None and not weight_only_fp8)
 
     def on_placement_switched(self) -> None:
         """A new expert map: its routing tables are new tensors, so captured graphs are stale."""

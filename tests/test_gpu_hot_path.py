@@ -58,7 +58,7 @@ def test_cuda_graph_decode_gives_the_eager_tokens(backend, model, tiny_dir, v3_m
     out = {}
     for graphs in (False, True):
         eng = make_local_engine(path, kernels=backend, device="cuda", dtype="bfloat16", cuda_graphs=graphs,
-                                redundant_experts=2)
+                                redundant_experts=2, fp8_activations=True)
         out[graphs] = [s.output_ids for s in _generate(eng, prompts)]
         assert (eng.graphs is not None) == graphs
         if graphs:
@@ -72,7 +72,7 @@ def test_decode_forward_never_syncs_the_host(backend, tiny_dir, v3_mini_dir):
     if backend == "native" and not _native_ok():
         pytest.skip("native libraries not installed")
     eng = make_local_engine(v3_mini_dir if backend == "native" else tiny_dir, kernels=backend, device="cuda",
-                            dtype="bfloat16", cuda_graphs=False)
+                            dtype="bfloat16", cuda_graphs=False, fp8_activations=True)
     seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
             for i, p in enumerate(prompts_of([20, 65], vocab=500, seed=1))]
     for s in seqs:
@@ -99,9 +99,9 @@ def test_native_rank_gives_the_reference_tokens(v3_mini_dir):
     backend's on the same GPU and dtype, up to the first step whose top two logits are within
     bf16 noise of each other (random weights can tie)."""
     prompts = prompts_of([40, 9, 100, 64], vocab=500, seed=12)
-    ref = _generate(make_local_engine(v3_mini_dir, kernels="reference", device="cuda", dtype="bfloat16"),
-                    prompts, logprobs=2)
-    nat = _generate(make_local_engine(v3_mini_dir, kernels="native", device="cuda", dtype="bfloat16"), prompts)
+    kw = dict(device="cuda", dtype="bfloat16", fp8_activations=True)
+    ref = _generate(make_local_engine(v3_mini_dir, kernels="reference", **kw), prompts, logprobs=2)
+    nat = _generate(make_local_engine(v3_mini_dir, kernels="native", **kw), prompts)
     compared = 0
     for r, n in zip(ref, nat):
         gaps = [info["top"][0][1] - info["top"][1][1] for info in r.logprobs]
