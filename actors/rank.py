@@ -1,9 +1,18 @@
-"""RankActor: one GPU = one attention DP rank + one EP shard of a unit.
+"""RankActor: one GPU = one attention DP rank + one EP shard of a unit, driving its own steps.
 
-A thin shell around pipelines/runner.RankEngine: it joins the unit's process group
-(gloo on CPU, NCCL on CUDA), loads only its expert slots, and runs one step per
-call from the unit supervisor. Every rank of a unit is called for every step
-(lockstep), with the step's new requests and aborts in the call itself.
+A thin shell around pipelines/runner.RankEngine. It joins the unit's process group (gloo on
+CPU, NCCL on CUDA, plus a gloo control group), loads only its expert slots, and then runs its
+own step loop (`run_loop`), as SGLang's and DeepSeek's DP ranks do:
+
+  inbox (requests, aborts, switch requests; filled by submit/abort/request_switch calls on the
+  actor's other threads) -> one all-gather of a small Vote on the control group -> the same Plan
+  on every rank (pipelines/lockstep.py: step or park, overlap schedule, placement switch) ->
+  the step -> its token deltas and stats pushed to the sink in one fire-and-forget call.
+
+Nobody calls the rank once per step, so a step's control cost does not grow with the unit. An
+idle unit parks: each rank waits on its inbox; the first request to any rank wakes its peers.
+`step()` (one step per call) stays for benchmarks that drive ranks directly (bench units'
+baseline, bench overlap, --profile); it must not be used while the loop runs.
 """
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import concurrent.futures
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,24 +30,29 @@ import torch
 
 from epserve.messages import RankStats
 from epserve.model.ep_dispatch import AllToAllDispatcher
-from epserve.model.moe_dispatch import ExpertMap
+from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
 from epserve.pipelines.expert_migration import stage, switch
 from epserve.pipelines.kv_handoff import join_blocks
+from epserve.pipelines.lockstep import N_FIELDS, LoopState, Vote, agree
+from epserve.pipelines.overlap import OverlapTuner
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
-from epserve.placement.prefill_balancer import attn_work
 from epserve.pipelines.sequence import Sequence
+from epserve.placement.prefill_balancer import attn_work
 
 log = logging.getLogger("epserve.rank")
+
+PARK_POLL_S = 1.0          # a parked rank re-checks with its peers at least this often
+STATS_EVERY_S = 0.2        # stats reach the sink at least this often while the rank steps
 
 
 @dataclass
 class StepInput:
-    """What the supervisor tells a rank before a step: the agreement of the lockstep."""
+    """A driven step (benchmarks): what the caller tells every rank before it."""
 
     new: list[Sequence] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
-    switch_map: int | None = None      # switch to staged placement version N before this step
-    schedule: str | None = None        # overlap schedule of this step, the same on every rank
+    switch_map: int | None = None
+    schedule: str | None = None
 
 
 @dataclass
@@ -47,8 +62,24 @@ class StepOutput:
     has_work: bool
     rejected: list[tuple[str, str]] = field(default_factory=list)   # (request_id, reason)
     map_version: int = 0
-    n_tokens: int = 0               # tokens this rank computed in the step
-    prefill_next: bool = False      # its next step would prefill (the unit's overlap schedule)
+    n_tokens: int = 0
+    prefill_next: bool = False
+
+
+@dataclass
+class Delivery:
+    """What a rank pushes to its sink after a step (or when it parks): deltas and its state."""
+
+    rank: int
+    deltas: list[TokenDelta]
+    stats: RankStats
+    rejected: list[tuple[str, str]]
+    n_steps: int
+    map_version: int
+    switched_at: dict[int, int]
+    schedule_steps: dict[str, int]
+    split_pays: dict[str, bool]
+    timing: dict[str, float]           # seconds summed over the loop's steps: total, agree, step, inbox, push
 
 
 @dataclass(frozen=True)
@@ -60,7 +91,7 @@ class UnitLayout:
     fp8_dispatch: bool = False
 
 
-@ray.remote(max_restarts=0, max_concurrency=1)
+@ray.remote(max_restarts=0, max_concurrency=16)
 class RankActor:
     def __init__(self, spec: RankSpec, layout: UnitLayout, phy2log: torch.Tensor):
         if not torch.cuda.is_available():
@@ -69,7 +100,19 @@ class RankActor:
         self.engine: RankEngine | None = None
         self.map_version, self.n_steps, self.switched_at = 0, 0, {}
         self.staging: concurrent.futures.Future | None = None
+        self.want_version = 0
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage")
+        self.engine_lock = threading.RLock()         # the loop holds it while it touches the engine
+        self.lock = threading.Lock()                 # inbox, parked
+        self.inbox: list[tuple[str, object]] = []
+        self.event = threading.Event()
+        self.parked = self.stopping = False
+        self.peers: list = []
+        self.ctrl = None
+        self.schedule_steps = {"plain": 0, "prefill": 0, "decode": 0}
+        self.tuner = OverlapTuner()
+        self.timing = {"total": 0.0, "agree": 0.0, "step": 0.0, "inbox": 0.0, "push": 0.0, "steps": 0}
+        self.last_stats = self.pushed_stats = RankStats(layout.unit, layout.rank)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -83,7 +126,8 @@ class RankActor:
             return ip, s.getsockname()[1]
 
     def setup(self, master: tuple[str, int], timeout_s: float = 60.0) -> dict:
-        """Join the unit's process group and load this rank's weights; returns what was loaded."""
+        """Join the unit's process groups and load this rank's weights; returns what was loaded.
+        timeout_s bounds every collective: a rank whose peer died raises instead of hanging."""
         lay = self.layout
         use_cuda = torch.cuda.is_available() and self.spec.device.startswith("cuda")
         if master[0].startswith("127."):
@@ -92,9 +136,13 @@ class RankActor:
         torch.distributed.init_process_group(
             "nccl" if use_cuda else "gloo", init_method=f"tcp://{master[0]}:{master[1]}",
             rank=lay.rank, world_size=lay.world, timeout=timedelta(seconds=timeout_s))
+        if lay.world > 1:   # the per-step agreement runs on the host, beside the data collectives
+            self.ctrl = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
         def dispatcher(kb, args):
             em = ExpertMap(self.phy2log, args.n_routed_experts, lay.world, lay.gpus_per_node)
+            if lay.world == 1:          # every slot here: no exchange (and the CUDA-graph decode path)
+                return LocalDispatcher(kb, em, args.n_dense_layers)
             return AllToAllDispatcher(kb, em, args.n_dense_layers, lay.rank, lay.world, lay.gpus_per_node,
                                       lay.fp8_dispatch, latency_s=self.spec.latency_s,
                                       bandwidth=self.spec.bandwidth)
@@ -103,11 +151,178 @@ class RankActor:
         d = self.engine.dispatcher
         experts = {layer: sorted({int(e) for e in d.map.phy2log[layer - d.first, list(d.slots_for(layer))]})
                    for layer in range(self.engine.args.n_layers) if self.engine.args.is_moe_layer(layer)}
+        self.last_stats = self._stats()
         log.info("unit %d rank %d/%d ready on node %s in %.1fs (%s)", lay.unit, lay.rank, lay.world,
                  ray.get_runtime_context().get_node_id()[:8], time.time() - t0, self.engine.load_stats)
         return {**self.info(), "load": self.engine.load_stats, "experts": experts,
                 "max_model_len": self.engine.max_model_len, "kv_pages": self.engine.cache.n_pages}
 
+    # ---- the inbox (called on the actor's other threads while the loop runs) ----------------
+    def _post(self, kind: str, payload) -> None:
+        with self.lock:
+            self.inbox.append((kind, payload))
+            self.event.set()
+            wake, self.parked = self.parked, False
+        if wake:
+            self._wake_peers()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        self._post("add", seqs)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._post("abort", request_ids)
+
+    def request_switch(self, version: int) -> None:
+        """Switch to staged placement `version` at the first step all ranks have it staged."""
+        self._post("switch", version)
+
+    def wake(self) -> None:
+        self.event.set()
+
+    def _wake_peers(self) -> None:
+        for p in self.peers:
+            p.wake.remote()
+
+    def _drain(self) -> list[tuple[str, object]]:
+        with self.lock:
+            msgs, self.inbox = self.inbox, []
+            self.event.clear()
+        return msgs
+
+    def _park(self) -> None:
+        """Nothing to do on any rank: wait for this rank's inbox (or a peer's wake)."""
+        with self.lock:
+            if self.inbox:          # work came in after the agreement: the peers parked on it
+                found = True
+            else:
+                found, self.parked = False, True
+        if found:
+            self._wake_peers()
+            return
+        self.event.wait(PARK_POLL_S)
+        with self.lock:
+            self.parked = False
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run_loop(self, sink, peers: list) -> dict:
+        """Drive this rank's steps until shutdown; returns its counters. Raises if a step fails
+        (the supervisor rebuilds the unit)."""
+        self.sink, self.peers = sink, list(peers)
+        state = LoopState(self.spec.overlap, self.map_version, self.tuner)
+        prev_us = prev_tokens = 0
+        last_push, dirty = 0.0, False          # dirty: stepped since the last push
+        while True:
+            t_iter = time.perf_counter()
+            msgs = self._drain()
+            self.timing["inbox"] += time.perf_counter() - t_iter
+            rejected = self._apply(msgs)
+            eng = self.engine
+            with self.engine_lock:
+                vote = Vote(int(eng.has_work), int(eng.can_prefill()), len(eng.batcher.running),
+                            self._ready_version(), prev_us, prev_tokens, int(self.stopping))
+            t_agree = time.perf_counter()
+            plan = agree(self._gather(vote), state)
+            t_agree = time.perf_counter() - t_agree
+            if plan.stop:
+                break
+            switched = plan.switch_to is not None
+            if switched:
+                with self.engine_lock:
+                    switch(eng, self.staging.result(), self.layout.gpus_per_node)
+                self.map_version = state.version = plan.switch_to
+                self.staging = None
+                self.switched_at[self.map_version] = self.n_steps
+            if not plan.run:
+                state.last, prev_us, prev_tokens = None, 0, 0
+                self.last_stats = self._stats()
+                stale = self.last_stats != self.pushed_stats        # e.g. an abort freed pages
+                if rejected or switched or stale or (dirty and (plan.park or time.time() - last_push > STATS_EVERY_S)):
+                    self._push([], rejected)
+                    last_push, dirty = time.time(), False
+                if plan.park:
+                    self._park()
+                continue
+            t_step = time.perf_counter()
+            with self.engine_lock:
+                deltas = eng.step(plan.schedule)
+                self.last_stats = self._stats()
+            t_step = time.perf_counter() - t_step
+            self.n_steps += 1
+            self.schedule_steps[plan.schedule or "plain"] += 1
+            prev_us, prev_tokens = int(t_step * 1e6), eng.last_step_tokens
+            state.last = (plan.phase, plan.schedule is not None)
+            self._publish_kv(deltas)
+            dirty = True
+            if deltas or rejected or switched or time.time() - last_push > STATS_EVERY_S:
+                self._push(deltas, rejected)
+                last_push, dirty = time.time(), False
+            tm = self.timing
+            tm["total"] += time.perf_counter() - t_iter
+            tm["agree"] += t_agree
+            tm["step"] += t_step
+            tm["steps"] += 1
+        return {"steps": self.n_steps, **self.timing}
+
+    def _gather(self, vote: Vote) -> list[Vote]:
+        if self.ctrl is None:
+            return [vote]
+        mine = torch.tensor(vote.encode(), dtype=torch.long)
+        out = torch.empty(self.layout.world * N_FIELDS, dtype=torch.long)
+        torch.distributed.all_gather_into_tensor(out, mine, group=self.ctrl)
+        return [Vote.decode(r) for r in out.view(self.layout.world, N_FIELDS).tolist()]
+
+    def _apply(self, msgs) -> list[tuple[str, str]]:
+        """Inbox messages in arrival order; -> rejected (request_id, reason)."""
+        rejected = []
+        with self.engine_lock:
+            for kind, payload in msgs:
+                if kind == "add":
+                    rejected += self._add(payload)
+                elif kind == "abort":
+                    for rid in payload:
+                        self.engine.abort(rid)
+                elif kind == "switch":
+                    self.want_version = max(self.want_version, payload)
+                elif kind == "stop":
+                    self.stopping = True
+        return rejected
+
+    def _add(self, seqs: list[Sequence]) -> list[tuple[str, str]]:
+        rejected = []
+        for seq in seqs:
+            try:
+                latents = self._receive_kv(seq)
+                if latents is not None:
+                    self.engine.add_prefilled(seq, latents)
+                else:
+                    self.engine.add(seq)
+            except ValueError as exc:       # InvalidRequest / RequestTooLarge: tell the caller, keep going
+                rejected.append((seq.request_id, str(exc)))
+        return rejected
+
+    def _ready_version(self) -> int:
+        """The placement version this rank can switch to now: staged and asked for."""
+        st = self.staging
+        if st is not None and self.want_version > self.map_version and st.done() and st.exception() is None \
+                and st.version == self.want_version:
+            return self.want_version
+        return self.map_version
+
+    def _publish_kv(self, deltas: list[TokenDelta]) -> None:
+        for d in deltas:                    # prefill role: publish the handed-off blocks, rank to rank
+            if d.kv_blocks is not None:
+                d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
+
+    def _push(self, deltas: list[TokenDelta], rejected) -> None:
+        t = time.perf_counter()
+        self.pushed_stats = self.last_stats
+        self.sink.deliver.remote(Delivery(
+            self.layout.rank, deltas, self.last_stats, rejected, self.n_steps, self.map_version,
+            dict(self.switched_at), dict(self.schedule_steps), dict(self.tuner.best),
+            {k: v for k, v in self.timing.items()}))
+        self.timing["push"] += time.perf_counter() - t
+
+    # ---- lifecycle, placement, observation --------------------------------------------------
     def stage_placement(self, phy2log: torch.Tensor, version: int) -> None:
         """Start loading this rank's weights for a new placement in the background."""
         self.staging = self.pool.submit(stage, self.engine, phy2log)
@@ -121,34 +336,26 @@ class RankActor:
         return {"version": self.staging.version, "loaded": st.n_loaded, "reused": st.n_reused}
 
     def placement(self) -> dict:
-        return {"version": self.map_version, "phy2log": self.engine.dispatcher.map.phy2log.clone(),
-                "switched_at": dict(self.switched_at)}
+        with self.engine_lock:
+            return {"version": self.map_version, "phy2log": self.engine.dispatcher.map.phy2log.clone(),
+                    "switched_at": dict(self.switched_at)}
 
     def step(self, inp: StepInput) -> StepOutput:
+        """One driven step (benchmarks only; not while run_loop runs)."""
         eng = self.engine
-        rejected = []
-        if inp.switch_map is not None:
-            switch(eng, self.staging.result(), self.layout.gpus_per_node)
-            self.map_version, self.staging = inp.switch_map, None
-            self.switched_at[self.map_version] = self.n_steps
-        self.n_steps += 1
-        for rid in inp.aborts:
-            eng.abort(rid)
-        for seq in inp.new:
-            try:
-                latents = self._receive_kv(seq)
-                if latents is not None:
-                    eng.add_prefilled(seq, latents)
-                else:
-                    eng.add(seq)
-            except ValueError as exc:       # InvalidRequest / RequestTooLarge: tell the caller, keep going
-                rejected.append((seq.request_id, str(exc)))
-        deltas = eng.step(inp.schedule)
-        for d in deltas:                    # prefill role: publish the handed-off blocks, rank to rank
-            if d.kv_blocks is not None:
-                d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
-        return StepOutput(deltas, self.stats(), eng.has_work, rejected, self.map_version, eng.last_step_tokens,
-                          eng.can_prefill())
+        with self.engine_lock:
+            if inp.switch_map is not None:
+                switch(eng, self.staging.result(), self.layout.gpus_per_node)
+                self.map_version, self.staging = inp.switch_map, None
+                self.switched_at[self.map_version] = self.n_steps
+            self.n_steps += 1
+            for rid in inp.aborts:
+                eng.abort(rid)
+            rejected = self._add(inp.new)
+            deltas = eng.step(inp.schedule)
+            self._publish_kv(deltas)
+            return StepOutput(deltas, self._stats(), eng.has_work, rejected, self.map_version,
+                              eng.last_step_tokens, eng.can_prefill())
 
     def profiled_step(self, inp: StepInput, trace_path: str) -> tuple[StepOutput, dict]:
         """One step under the PyTorch profiler; writes a Chrome trace (chrome://tracing, Perfetto)
@@ -181,7 +388,7 @@ class RankActor:
             seq.reset_for_recompute()
             return None
 
-    def stats(self) -> RankStats:
+    def _stats(self) -> RankStats:
         b, cache = self.engine.batcher, self.engine.cache
         pending = list(b.waiting) + [s for s, _ in self.engine.loading]
         return RankStats(
@@ -190,11 +397,26 @@ class RankActor:
             pending_attn_work=float(sum(attn_work(s.n_tokens - s.n_computed, s.n_computed) for s in pending)),
             kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages)
 
+    def stats(self) -> RankStats:
+        return self.last_stats
+
     def expert_counters(self, reset: bool = True) -> dict:
         """Tokens per logical expert per MoE layer [n_moe, E] and dispatch pair totals."""
-        d = self.engine.dispatcher
-        counts = d.take_counts() if reset else d.counts.cpu().clone()
-        return {"counts": counts, "pairs_sent": d.pairs_sent.clone(), "pairs_received": d.pairs_received.clone()}
+        with self.engine_lock:
+            d = self.engine.dispatcher
+            counts = d.take_counts() if reset else d.counts.cpu().clone()
+            sent = getattr(d, "pairs_sent", None)
+            if sent is None:                 # one rank: every pair stays here
+                sent = counts.sum(1)
+                recv = sent
+            else:
+                recv = d.pairs_received.clone()
+            return {"counts": counts, "pairs_sent": sent.clone(), "pairs_received": recv.clone()}
+
+    def stop_loop(self) -> None:
+        """Leave run_loop at the next agreement (every rank leaves at the same one)."""
+        self._post("stop", None)
+        self._wake_peers()
 
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():

@@ -1,15 +1,16 @@
-"""UnitSupervisor: starts, steps, and restarts one unit of rank actors as a whole.
+"""UnitSupervisor: starts, watches, and restarts one unit of rank actors as a whole.
 
-It owns the unit's placement group (placement/groups.py), starts one RankActor per
-bundle in rank order, runs the rendezvous (rank 0 publishes its address), and drives
-the lockstep: every step calls every rank at once with that rank's new requests and
-aborts; a rank with no work runs an empty batch so it still joins each MoE exchange.
-With no work anywhere the loop awaits an event (parks; no spinning).
+It owns the unit's placement group (placement/groups.py), starts one RankActor per bundle in
+rank order, runs the rendezvous (rank 0 publishes its address), and then lets the ranks drive
+their own lockstep (actors/rank.py, pipelines/lockstep.py): the supervisor is not on the step
+path. It hands each request to its rank's inbox, relays the token deltas the ranks push (to
+`generate` / `stream` callers), keeps the requests' produced tokens, and owns the lifecycle:
+start, health, restart and resume, EPLB switch requests, shutdown.
 
-If any rank dies or a step times out, the whole unit is torn down and rebuilt (no
-half-unit keeps running), and each unfinished request is re-run on the same rank
-index from its prompt plus the tokens it already produced: callers see complete,
-correct outputs (greedy and seeded sampling are deterministic per token index).
+If any rank dies or a rank's loop fails, the whole unit is torn down and rebuilt (no half-unit
+keeps running), and each unfinished request is re-run on the same rank index from its prompt
+plus the tokens it already produced: callers see complete, correct outputs (greedy and seeded
+sampling are deterministic per token index).
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from epserve.actors.rank import RankActor, StepInput, UnitLayout
-from epserve.pipelines.overlap import OverlapTuner, choose_schedule, step_phase, tuner_record
+from epserve.actors.rank import Delivery, RankActor, UnitLayout
 from epserve.messages import RankStats
 from epserve.pipelines.runner import RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
@@ -60,27 +60,26 @@ class UnitSupervisor:
         self.cpus_per_rank, self.fp8_dispatch, self.step_timeout_s = cpus_per_rank, fp8_dispatch, step_timeout_s
         self.phy2log = initial_phy2log(n_moe_layers, shape.n_routed_experts, shape.n_slots)
         self.ranks: list = []
+        self.loops: list = []
         self.placement = None
         self.rank_info: list[dict] = []
         self.requests: dict[str, Tracked] = {}
-        self.inbox: list[list[Sequence]] = [[] for _ in range(shape.n_ranks)]
-        self.aborts: list[list[str]] = [[] for _ in range(shape.n_ranks)]
-        self.busy = [False] * shape.n_ranks
-        self.prefill_next = [False] * shape.n_ranks
         self.stats_cache: list[RankStats] = [RankStats(unit_id, r) for r in range(shape.n_ranks)]
-        self.schedule_steps = {"plain": 0, "prefill": 0, "decode": 0}     # steps run on each schedule
-        self.tuner = OverlapTuner()
-        self.n_steps = self.n_restarts = 0
-        self.failures_in_a_row = 0     # steps that failed since the last good one
-        self.map_version, self.pending_switch = 0, None
+        self.last: list[Delivery | None] = [None] * shape.n_ranks
+        self.n_restarts = 0
+        self.failures_in_a_row = 0     # rebuilds since a step last produced a token
+        self.map_version = 0
+        self.switch_wanted: int | None = None
         self.switched = asyncio.Event()
         self.eplb_report: dict | None = None
-        self.wake = asyncio.Event()
-        self.loop_task = None
+        self.monitor = None
         self.closing = False
+        self.drive = True
 
     # ---- lifecycle -------------------------------------------------------------------
-    async def start(self, attempts: int = 3) -> list[dict]:
+    async def start(self, attempts: int = 3, drive: bool = True) -> list[dict]:
+        """Build the unit; drive=False leaves the ranks' loops off (benchmarks step them directly)."""
+        self.drive = drive
         for attempt in range(1, attempts + 1):
             try:
                 await self._build()
@@ -92,7 +91,6 @@ class UnitSupervisor:
                 log.warning("%s unit %d start failed (%r); retrying (%d/%d)", self.role, self.unit_id, exc,
                             attempt, attempts)
                 await asyncio.sleep(1.0)
-        self.loop_task = asyncio.get_running_loop().create_task(self._loop())
         return self.rank_info
 
     async def _build(self) -> None:
@@ -109,18 +107,40 @@ class UnitSupervisor:
             self.ranks.append(RankActor.options(num_gpus=1, num_cpus=self.cpus_per_rank,
                                                 scheduling_strategy=strategy).remote(self.spec, layout, self.phy2log))
         master = await self.ranks[0].rendezvous_address.remote()
-        self.rank_info = await asyncio.gather(*[rk.setup.remote(master) for rk in self.ranks])
-        self.busy = [False] * s.n_ranks
-        self.prefill_next = [False] * s.n_ranks
+        timeout = min(self.step_timeout_s, 600.0)
+        self.rank_info = await asyncio.gather(*[rk.setup.remote(master, timeout) for rk in self.ranks])
         self.stats_cache = [RankStats(self.unit_id, r, kv_blocks_total=info["kv_pages"])
                             for r, info in enumerate(self.rank_info)]
+        self.last = [None] * s.n_ranks
+        if self.drive:
+            me = ray.get_runtime_context().current_actor
+            self.loops = [rk.run_loop.remote(me, [p for p in self.ranks if p is not rk]) for rk in self.ranks]
+            self.monitor = asyncio.get_running_loop().create_task(self._watch(self.loops, self.n_restarts))
         log.info("%s unit %d up: %d ranks on %d node(s), rendezvous %s:%d", self.role, self.unit_id, s.n_ranks,
                  s.nodes_per_unit, *master)
+
+    async def _watch(self, loops: list, generation: int) -> None:
+        """A rank's loop ends only at shutdown; anything else (a dead rank, a failed step) rebuilds.
+        A watcher of an older generation (its ranks were already replaced) does nothing."""
+        done, _ = await asyncio.wait([asyncio.ensure_future(ref) for ref in loops], return_when=asyncio.FIRST_COMPLETED)
+        if self.closing or generation != self.n_restarts:
+            return
+        why = "a rank's loop ended"
+        for fut in done:
+            exc = fut.exception()
+            if exc is not None:
+                why = f"{type(exc).__name__}: {str(exc)[-400:]}"
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= 3:   # not a dead rank but a poisoned batch: fail it, keep serving
+            for rid in [rid for rid, tr in self.requests.items() if tr.finish_reason is None]:
+                self._fail(rid, f"internal error after {self.failures_in_a_row} attempts: {why}")
+            self.failures_in_a_row = 0
+        await self._restart(why)
 
     async def _teardown(self) -> None:
         for rk in self.ranks:
             ray.kill(rk, no_restart=True)
-        self.ranks = []
+        self.ranks, self.loops = [], []
         if self.placement is not None:
             remove_unit_placement(self.placement)
             self.placement = None
@@ -138,81 +158,46 @@ class UnitSupervisor:
                 log.warning("%s unit %d rebuild failed: %r; retrying", self.role, self.unit_id, exc)
                 await self._teardown()
                 await asyncio.sleep(1.0)
-        self.inbox = [[] for _ in self.ranks]
-        self.aborts = [[] for _ in self.ranks]
+        if self.switch_wanted is not None:    # the rebuilt ranks start from the current map
+            self.switch_wanted = None
+            self.switched.set()
+        per_rank: dict[int, list[Sequence]] = {}
         for rid, tr in self.requests.items():
             if tr.finish_reason is None and tr.error is None:
-                seq = Sequence(rid, tr.seq.prompt_ids, tr.seq.params, output_ids=list(tr.output_ids),
-                               n_cached=tr.seq.n_cached)
-                self.inbox[tr.rank].append(seq)
-        self.wake.set()
+                per_rank.setdefault(tr.rank, []).append(
+                    Sequence(rid, tr.seq.prompt_ids, tr.seq.params, output_ids=list(tr.output_ids),
+                             n_cached=tr.seq.n_cached, tenant=tr.seq.tenant))
+        for r, seqs in per_rank.items():
+            self.ranks[r].submit.remote(seqs)
 
     async def shutdown(self) -> None:
         self.closing = True
-        self.wake.set()
-        if self.loop_task:
-            self.loop_task.cancel()
+        if self.monitor:
+            self.monitor.cancel()
         if getattr(self, "controller", None) is not None:
             ray.kill(self.controller)
+        if self.loops:
+            await asyncio.gather(*[rk.stop_loop.remote() for rk in self.ranks], return_exceptions=True)
+            await asyncio.wait([asyncio.ensure_future(ref) for ref in self.loops], timeout=30)
         await asyncio.gather(*[rk.shutdown.remote() for rk in self.ranks], return_exceptions=True)
         await self._teardown()
 
-    # ---- the lockstep loop -----------------------------------------------------------
-    def _has_work(self) -> bool:
-        return any(self.busy) or any(self.inbox) or any(self.aborts) or self.pending_switch is not None
-
-    async def _loop(self) -> None:
-        while not self.closing:
-            if not self._has_work():
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            switching = self.pending_switch
-            phase, schedule = self._schedule()
-            t0 = time.perf_counter()
-            inputs = [StepInput(self.inbox[r], self.aborts[r], switching, schedule) for r in range(len(self.ranks))]
-            self.inbox = [[] for _ in self.ranks]
-            self.aborts = [[] for _ in self.ranks]
-            try:
-                outs = await asyncio.wait_for(asyncio.gather(*[rk.step.remote(i) for rk, i in
-                                                               zip(self.ranks, inputs)]), self.step_timeout_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                why = f"step failed: {type(exc).__name__}: {str(exc)[-400:]}"
-                self.failures_in_a_row += 1
-                if self.failures_in_a_row >= 3:   # not a dead rank but a poisoned batch: fail it, keep serving
-                    for rid in [rid for rid, tr in self.requests.items() if tr.finish_reason is None]:
-                        self._fail(rid, f"internal error after {self.failures_in_a_row} attempts: {why}")
-                    self.failures_in_a_row = 0
-                await self._restart(why)
-                continue
-            self.n_steps += 1
+    # ---- what the ranks push -----------------------------------------------------------
+    def deliver(self, d: Delivery) -> None:
+        """One rank's step: its deltas, rejections and state (a fire-and-forget call from its loop)."""
+        self.last[d.rank] = d
+        self.stats_cache[d.rank] = d.stats
+        for rid, why in d.rejected:
+            self._fail(rid, why)
+        for delta in d.deltas:
+            self._deliver(delta)
+        if d.deltas:
             self.failures_in_a_row = 0
-            self.schedule_steps[schedule or "plain"] += 1
-            tokens = max(o.n_tokens for o in outs)
-            if phase is not None and self.spec.overlap == "auto" and tokens:   # ms per token of the busiest rank
-                tuner_record(self.tuner, phase, schedule is not None, (time.perf_counter() - t0) * 1e3 / tokens)
-            if switching is not None:          # every rank switched before this same step
-                self.map_version, self.phy2log = switching, self.staged_phy2log
-                self.pending_switch = None
-                self.switched.set()
-            for r, out in enumerate(outs):
-                self.busy[r] = out.has_work
-                self.prefill_next[r] = out.prefill_next
-                self.stats_cache[r] = out.stats
-                for rid, why in out.rejected:
-                    self._fail(rid, why)
-                for d in out.deltas:
-                    self._deliver(d)
-
-    def _schedule(self) -> tuple[str | None, str | None]:
-        """(phase, schedule): one overlap schedule for all ranks (they must issue their collectives
-        in one order); the phase is what a split step would run, for the tuner."""
-        new_prompts = any(not s.kv_blocks for box in self.inbox for s in box)   # handed-off ones come prefilled
-        phase = step_phase(new_prompts or any(self.prefill_next),
-                           max((s.n_running for s in self.stats_cache), default=0))
-        return phase, choose_schedule(self.spec.overlap, phase, self.tuner)
+        if self.switch_wanted is not None and all(x is not None and x.map_version >= self.switch_wanted
+                                                  for x in self.last):
+            self.map_version = self.switch_wanted
+            self.switch_wanted = None
+            self.switched.set()
 
     def _deliver(self, d: TokenDelta) -> None:
         tr = self.requests.get(d.request_id)
@@ -235,16 +220,24 @@ class UnitSupervisor:
             tr.queue.put_nowait(RequestRejected(why) if not why.startswith("internal error") else RuntimeError(why))
 
     # ---- requests ----------------------------------------------------------------------
-    def _submit(self, seq: Sequence, rank: int) -> Tracked:
+    def _track(self, seq: Sequence, rank: int) -> Tracked:
         if not 0 <= rank < self.shape.n_ranks:
             raise ValueError(f"rank {rank} is not in this unit (0..{self.shape.n_ranks - 1})")
         if seq.request_id in self.requests:
             raise ValueError(f"request id {seq.request_id!r} is already running on this unit")
         tr = Tracked(seq, rank, output_ids=list(seq.output_ids))
         self.requests[seq.request_id] = tr
-        self.inbox[rank].append(seq)
-        self.wake.set()
         return tr
+
+    def _submit(self, items: list[tuple[Sequence, int]]) -> list[Tracked]:
+        """Track every request first, then one inbox call per rank (a rank may answer at once)."""
+        trs = [self._track(seq, rank) for seq, rank in items]
+        per_rank: dict[int, list[Sequence]] = {}
+        for seq, rank in items:
+            per_rank.setdefault(rank, []).append(seq)
+        for r, seqs in per_rank.items():
+            self.ranks[r].submit.remote(seqs)
+        return trs
 
     async def _finish(self, tr: Tracked) -> dict:
         while tr.finish_reason is None:
@@ -267,7 +260,7 @@ class UnitSupervisor:
         A request that fails comes back as {"error": text, "rejected": bool}; rejected means the
         request itself was bad (too long, bad token ids), otherwise the unit failed it.
         """
-        trs = [self._submit(seq, rank) for seq, rank in items]
+        trs = self._submit(items)
         results = await asyncio.gather(*[self._finish(tr) for tr in trs], return_exceptions=True)
         return [{"error": str(r), "rejected": isinstance(r, RequestRejected)} if isinstance(r, Exception) else r
                 for r in results]
@@ -278,7 +271,7 @@ class UnitSupervisor:
 
     async def stream(self, seq: Sequence, rank: int):
         """Yield TokenDeltas as they are produced; the caller aborts on disconnect."""
-        tr = self._submit(seq, rank)
+        tr = self._submit([(seq, rank)])[0]
         try:
             while True:
                 item = await tr.queue.get()
@@ -296,8 +289,8 @@ class UnitSupervisor:
         tr = self.requests.pop(request_id, None)
         if tr is None:
             return False
-        self.aborts[tr.rank].append(request_id)
-        self.wake.set()
+        if self.ranks:
+            self.ranks[tr.rank].abort.remote([request_id])
         return True
 
     # ---- observation ---------------------------------------------------------------------
@@ -305,10 +298,16 @@ class UnitSupervisor:
         return list(self.stats_cache)
 
     def status(self) -> dict:
-        return {"unit": self.unit_id, "role": self.role, "steps": self.n_steps, "restarts": self.n_restarts,
-                "ranks": self.rank_info, "in_flight": len(self.requests), "map_version": self.map_version,
-                "eplb": self.eplb_report, "schedule_steps": dict(self.schedule_steps),
-                "overlap": {"mode": self.spec.overlap, "split_pays": dict(self.tuner.best)}}
+        # every rank steps together; the one that reported last has the newest counts
+        head = max((x for x in self.last if x is not None), key=lambda x: x.n_steps, default=None)
+        timing = [x.timing for x in self.last if x is not None]
+        steps = head.n_steps if head else 0
+        return {"unit": self.unit_id, "role": self.role, "steps": steps,
+                "restarts": self.n_restarts, "ranks": self.rank_info, "in_flight": len(self.requests),
+                "map_version": self.map_version, "eplb": self.eplb_report,
+                "schedule_steps": dict(head.schedule_steps) if head else {"plain": 0, "prefill": 0, "decode": 0},
+                "overlap": {"mode": self.spec.overlap, "split_pays": dict(head.split_pays) if head else {}},
+                "loop_timing": timing}
 
     def rank_handles(self) -> list:
         return list(self.ranks)
@@ -329,7 +328,7 @@ class UnitSupervisor:
 
     async def apply_placement(self, phy2log: torch.Tensor, report: dict | None = None) -> dict:
         """Live migration: every rank stages its new slots in the background while requests keep
-        running; then all switch before one agreed step. Returns what was moved and when."""
+        running; then all switch before one step they agree on (pipelines/lockstep.py)."""
         t0 = time.time()
         version = self.map_version + 1
         await asyncio.gather(*[rk.stage_placement.remote(phy2log, version) for rk in self.ranks])
@@ -338,16 +337,19 @@ class UnitSupervisor:
             if all(d is not None for d in done):
                 break
             await asyncio.sleep(0.02)
-        self.staged_phy2log = phy2log.clone()
         self.switched.clear()
-        self.pending_switch = version
-        self.wake.set()
+        self.switch_wanted = version
+        await asyncio.gather(*[rk.request_switch.remote(version) for rk in self.ranks])
         await self.switched.wait()
-        out = {"version": version, "switch_step": self.n_steps - 1, "staged_s": round(time.time() - t0, 3),
+        if self.map_version != version:
+            raise RuntimeError(f"placement v{version} was not applied: the unit restarted meanwhile")
+        self.phy2log = phy2log.clone()
+        step = self.last[0].switched_at.get(version, -1)
+        out = {"version": version, "switch_step": step, "staged_s": round(time.time() - t0, 3),
                "experts_loaded": sum(d["loaded"] for d in done), "slots_reused": sum(d["reused"] for d in done)}
         self.eplb_report = {**(report or {}), **out}
         log.info("%s unit %d: placement v%d live at step %d (%d expert loads, %.2fs)", self.role, self.unit_id,
-                 version, out["switch_step"], out["experts_loaded"], out["staged_s"])
+                 version, step, out["experts_loaded"], out["staged_s"])
         return out
 
     async def rank_placements(self) -> list[dict]:

@@ -57,7 +57,7 @@ class _Unit:
                         latency_s=latency_s, bandwidth=bandwidth, device="cuda" if gpus else "cpu")
         self.sup = UnitSupervisor.remote(0, "bench", spec, UnitShape(1, 2, args.n_routed_experts),
                                          cpus_per_rank=0.01, n_moe_layers=args.n_moe_layers)
-        ray.get(self.sup.start.remote())
+        ray.get(self.sup.start.remote(drive=False))       # the bench steps the ranks itself
         self.ranks = ray.get(self.sup.rank_handles.remote())
         self.ids = itertools.count()
         self.params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)   # outlives the bench

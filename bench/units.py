@@ -1,7 +1,13 @@
-"""What the all-to-all and the lockstep cost: step latency of units of 1, 2 and 4 ranks.
+"""The lockstep's control cost, old loop against new, for units of 1, 2, 4 and 8 ranks.
 
-Runs on an embedded single-node Ray with fake GPUs; each rank is its own process and
-the MoE exchange is gloo all_to_all_single over loopback.
+old: a central caller fans one step() call out to every rank per step and awaits them all (what
+     the unit supervisor did before ranks drove their own loop);
+new: each rank runs its own loop (actors/rank.py): an inbox read, one small all-gather of votes,
+     the step, one fire-and-forget push of its deltas. Its rank-side timings split every step
+     into the agreement collective, the step itself (compute and the MoE exchanges) and the
+     rest: the control cost the loop adds.
+Runs on an embedded single-node Ray with fake GPUs; each rank is its own process and the
+exchanges are gloo over loopback, so on a small box the ranks also compete for cores.
 """
 from __future__ import annotations
 
@@ -30,31 +36,81 @@ def _time_steps(ranks, inputs_fn, n: int) -> list[float]:
     return out
 
 
-def run(model: str | None = None, sizes=(1, 2, 4), batch: int = 32, n_steps: int = 20) -> list:
+def _requests(tag: str, n_ranks: int, batch: int, n_steps: int) -> dict[int, list[Sequence]]:
+    params = SamplingParams(max_tokens=n_steps + 1, temperature=0.0, ignore_eos=True)
+    return {r: [Sequence(f"{tag}{r}-{j}", [5 + j % 100] * 16, params) for j in range(batch) if j % n_ranks == r]
+            for r in range(n_ranks)}
+
+
+def _old_loop(model_dir, args, n: int, batch: int, n_steps: int) -> dict:
+    sup = UnitSupervisor.remote(0, "bench", RankSpec(model_dir, kernels="reference", kv_pages=128),
+                                UnitShape(1, n, args.n_routed_experts), cpus_per_rank=0.01,
+                                n_moe_layers=args.n_moe_layers)
+    ray.get(sup.start.remote(drive=False))
+    ranks = ray.get(sup.rank_handles.remote())
+    try:
+        empty = _time_steps(ranks, lambda r, i: StepInput(), n_steps)
+        first = _requests("o", n, batch, n_steps)
+        _time_steps(ranks, lambda r, i: StepInput(new=first.get(r, [])), 1)
+        decode = _time_steps(ranks, lambda r, i: StepInput(), n_steps)
+        return {"empty_step_ms": statistics.median(empty), f"decode_batch{batch}_step_ms": statistics.median(decode)}
+    finally:
+        ray.get(sup.shutdown.remote())
+        ray.kill(sup)
+
+
+def _loop_delta(before: list[dict], after: list[dict]) -> dict:
+    """ms per step of each part, from the ranks' own timings; the slowest rank's figures."""
+    per_rank = []
+    for b, a in zip(before, after):
+        steps = max(1, a["steps"] - b["steps"])
+        d = {k: (a[k] - b[k]) * 1e3 / steps for k in ("total", "agree", "step", "inbox", "push")}
+        d["control"] = d["total"] - d["agree"] - d["step"]
+        per_rank.append(d)
+    return {k: max(r[k] for r in per_rank) for k in per_rank[0]}
+
+
+def _new_loop(model_dir, args, n: int, batch: int, n_steps: int) -> dict:
+    sup = UnitSupervisor.remote(0, "bench", RankSpec(model_dir, kernels="reference", kv_pages=128),
+                                UnitShape(1, n, args.n_routed_experts), cpus_per_rank=0.01,
+                                n_moe_layers=args.n_moe_layers)
+    ray.get(sup.start.remote())
+    try:
+        out = {}
+        for name, b in (("one_request", 1), (f"decode_batch{batch}", batch)):
+            warm = _requests(f"w{name}", n, b, 2)
+            ray.get(sup.generate.remote([(s, r) for r, seqs in warm.items() for s in seqs]))
+            before = ray.get(sup.status.remote())["loop_timing"]
+            reqs = _requests(name, n, b, n_steps)
+            t = time.perf_counter()
+            ray.get(sup.generate.remote([(s, r) for r, seqs in reqs.items() for s in seqs]))
+            wall = time.perf_counter() - t
+            time.sleep(0.3)                                # the ranks' last pushes land
+            after = ray.get(sup.status.remote())["loop_timing"]
+            d = _loop_delta(before, after)
+            out[name] = {"step_ms": round(d["total"], 3), "agree_ms": round(d["agree"], 3),
+                         "compute_and_exchange_ms": round(d["step"], 3), "control_ms": round(d["control"], 3),
+                         "inbox_ms": round(d["inbox"], 4), "push_ms": round(d["push"], 4),
+                         "wall_ms_per_token_step": round(wall * 1e3 / (n_steps + 1), 3)}
+        return out
+    finally:
+        ray.get(sup.shutdown.remote())
+        ray.kill(sup)
+
+
+def run(model: str | None = None, sizes=(1, 2, 4, 8), batch: int = 32, n_steps: int = 40) -> dict:
     model_dir = str(model or default_model_dir())
     args = read_config(model_dir)
     started = ensure_ray(None, 1, max(sizes))
     rows = []
     try:
         for n in sizes:
-            shape = UnitShape(1, n, args.n_routed_experts)
-            sup = UnitSupervisor.remote(0, "bench", RankSpec(model_dir, kernels="reference", kv_pages=128), shape,
-                                        cpus_per_rank=0.01, n_moe_layers=args.n_moe_layers)
-            ray.get(sup.start.remote())
-            ranks = ray.get(sup.rank_handles.remote())
-            empty = _time_steps(ranks, lambda r, i: StepInput(), n_steps)
-            # batch-32 decode: 32 requests spread over the ranks, prefilled once, then timed decode steps
-            params = SamplingParams(max_tokens=n_steps + 2, temperature=0.0, ignore_eos=True)
-            first = {r: [Sequence(f"b{r}-{j}", [5 + j % 100] * 16, params) for j in range(batch) if j % n == r]
-                     for r in range(n)}
-            _time_steps(ranks, lambda r, i: StepInput(new=first[r]), 1)
-            decode = _time_steps(ranks, lambda r, i: StepInput(), n_steps)
-            rows.append({"ranks": n, "empty_step_ms": round(statistics.median(empty), 2),
-                         f"decode_batch{batch}_step_ms": round(statistics.median(decode), 2),
-                         f"decode_batch{batch}_tok_s": round(batch / statistics.median(decode) * 1e3, 1)})
-            ray.get(sup.shutdown.remote())
-            ray.kill(sup)
+            old = _old_loop(model_dir, args, n, batch, n_steps)
+            new = _new_loop(model_dir, args, n, batch, n_steps)
+            rows.append({"ranks": n, "old_loop": {k: round(v, 3) for k, v in old.items()}, "new_loop": new})
     finally:
         if started is not None:
             started.shutdown()
-    return rows
+    base = rows[0]["new_loop"][f"decode_batch{batch}"]["control_ms"]
+    return {"rows": rows, "new_control_ratio_vs_1_rank": {
+        r["ranks"]: round(r["new_loop"][f"decode_batch{batch}"]["control_ms"] / max(base, 1e-6), 2) for r in rows}}
