@@ -33,7 +33,7 @@ from epserve.model.ep_dispatch import AllToAllDispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
 from epserve.pipelines.expert_migration import stage, switch
 from epserve.pipelines.kv_handoff import join_blocks
-from epserve.pipelines.lockstep import N_FIELDS, LoopState, Vote, agree
+from epserve.pipelines.lockstep import LoopState, Vote, agree
 from epserve.pipelines.overlap import OverlapTuner
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
@@ -43,6 +43,8 @@ log = logging.getLogger("epserve.rank")
 
 PARK_POLL_S = 1.0          # a parked rank re-checks with its peers at least this often
 STATS_EVERY_S = 0.2        # stats reach the sink at least this often while the rank steps
+PUSH_EVERY_S = 0.004       # fast steps batch their deltas into one push per this much time, unless a
+                           # delta is latency-critical (a first token, a finished request)
 
 
 @dataclass
@@ -111,8 +113,10 @@ class RankActor:
         self.ctrl = None
         self.schedule_steps = {"plain": 0, "prefill": 0, "decode": 0}
         self.tuner = OverlapTuner()
-        self.timing = {"total": 0.0, "agree": 0.0, "step": 0.0, "inbox": 0.0, "push": 0.0, "steps": 0}
+        self.timing = {"total": 0.0, "agree": 0.0, "step": 0.0, "inbox": 0.0, "push": 0.0, "cpu_control": 0.0,
+                       "steps": 0}
         self.last_stats = self.pushed_stats = RankStats(layout.unit, layout.rank)
+        self.streaming: set[str] = set()
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -155,7 +159,8 @@ class RankActor:
         log.info("unit %d rank %d/%d ready on node %s in %.1fs (%s)", lay.unit, lay.rank, lay.world,
                  ray.get_runtime_context().get_node_id()[:8], time.time() - t0, self.engine.load_stats)
         return {**self.info(), "load": self.engine.load_stats, "experts": experts,
-                "max_model_len": self.engine.max_model_len, "kv_pages": self.engine.cache.n_pages}
+                "max_model_len": self.engine.max_model_len, "kv_pages": self.engine.cache.n_pages,
+                "kernels": self.engine.kb.__name__.rsplit(".", 1)[-1], "cuda_graphs": self.engine.graphs is not None}
 
     # ---- the inbox (called on the actor's other threads while the loop runs) ----------------
     def _post(self, kind: str, payload) -> None:
@@ -211,18 +216,20 @@ class RankActor:
         state = LoopState(self.spec.overlap, self.map_version, self.tuner)
         prev_us = prev_tokens = 0
         last_push, dirty = 0.0, False          # dirty: stepped since the last push
+        held: list[TokenDelta] = []            # deltas not pushed yet (fast steps batch them)
+        self.streaming.clear()                 # requests whose first token the sink already has
         while True:
-            t_iter = time.perf_counter()
+            t_iter, c_iter = time.perf_counter(), time.thread_time()
             msgs = self._drain()
             self.timing["inbox"] += time.perf_counter() - t_iter
             rejected = self._apply(msgs)
             eng = self.engine
             with self.engine_lock:
-                vote = Vote(int(eng.has_work), int(eng.can_prefill()), len(eng.batcher.running),
-                            self._ready_version(), prev_us, prev_tokens, int(self.stopping))
-            t_agree = time.perf_counter()
-            plan = agree(self._gather(vote), state)
-            t_agree = time.perf_counter() - t_agree
+                vote = Vote(int(self.stopping), int(eng.has_work), int(eng.can_prefill()), len(eng.batcher.running),
+                            self._ready_version(), prev_us, prev_tokens)
+            t_agree, c_agree = time.perf_counter(), time.thread_time()
+            plan = agree(self._all_reduce(vote), state)
+            t_agree, c_agree = time.perf_counter() - t_agree, time.thread_time() - c_agree
             if plan.stop:
                 break
             switched = plan.switch_to is not None
@@ -236,40 +243,58 @@ class RankActor:
                 state.last, prev_us, prev_tokens = None, 0, 0
                 self.last_stats = self._stats()
                 stale = self.last_stats != self.pushed_stats        # e.g. an abort freed pages
-                if rejected or switched or stale or (dirty and (plan.park or time.time() - last_push > STATS_EVERY_S)):
-                    self._push([], rejected)
-                    last_push, dirty = time.time(), False
+                if held or rejected or switched or stale or \
+                        (dirty and (plan.park or time.time() - last_push > STATS_EVERY_S)):
+                    self._push(held, rejected)
+                    held, last_push, dirty = [], time.time(), False
                 if plan.park:
                     self._park()
                 continue
-            t_step = time.perf_counter()
+            t_step, c_step = time.perf_counter(), time.thread_time()
             with self.engine_lock:
                 deltas = eng.step(plan.schedule)
                 self.last_stats = self._stats()
-            t_step = time.perf_counter() - t_step
+            t_step, c_step = time.perf_counter() - t_step, time.thread_time() - c_step
             self.n_steps += 1
             self.schedule_steps[plan.schedule or "plain"] += 1
             prev_us, prev_tokens = int(t_step * 1e6), eng.last_step_tokens
             state.last = (plan.phase, plan.schedule is not None)
             self._publish_kv(deltas)
+            held += deltas
             dirty = True
-            if deltas or rejected or switched or time.time() - last_push > STATS_EVERY_S:
-                self._push(deltas, rejected)
-                last_push, dirty = time.time(), False
+            urgent = rejected or switched or any(d.finish_reason is not None or d.kv_blocks is not None for d in deltas) \
+                or any(d.request_id not in self.streaming for d in deltas)
+            since = time.time() - last_push
+            if urgent or (held and since > PUSH_EVERY_S) or since > STATS_EVERY_S:
+                self._push(held, rejected)
+                self.streaming |= {d.request_id for d in held}
+                self.streaming -= {d.request_id for d in held if d.finish_reason is not None}
+                held, last_push, dirty = [], time.time(), False
             tm = self.timing
             tm["total"] += time.perf_counter() - t_iter
             tm["agree"] += t_agree
             tm["step"] += t_step
+            tm["cpu_control"] += time.thread_time() - c_iter - c_agree - c_step   # this thread's own work
             tm["steps"] += 1
         return {"steps": self.n_steps, **self.timing}
 
-    def _gather(self, vote: Vote) -> list[Vote]:
+    def _all_reduce(self, vote: Vote) -> Vote:
+        """The unit's combined vote: one MAX all-reduce of a few integers on the control group."""
         if self.ctrl is None:
-            return [vote]
-        mine = torch.tensor(vote.encode(), dtype=torch.long)
-        out = torch.empty(self.layout.world * N_FIELDS, dtype=torch.long)
-        torch.distributed.all_gather_into_tensor(out, mine, group=self.ctrl)
-        return [Vote.decode(r) for r in out.view(self.layout.world, N_FIELDS).tolist()]
+            return vote
+        t = torch.tensor(vote.encode(), dtype=torch.long)
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=self.ctrl)
+        return Vote.decode(t.tolist())
+
+    def time_collective(self, n: int = 200) -> float:
+        """Median ms of one agreement all-reduce (driven mode: every rank calls it at once)."""
+        v = Vote(has_work=1)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self._all_reduce(v)
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
 
     def _apply(self, msgs) -> list[tuple[str, str]]:
         """Inbox messages in arrival order; -> rejected (request_id, reason)."""
@@ -281,6 +306,7 @@ class RankActor:
                 elif kind == "abort":
                     for rid in payload:
                         self.engine.abort(rid)
+                        self.streaming.discard(rid)
                 elif kind == "switch":
                     self.want_version = max(self.want_version, payload)
                 elif kind == "stop":
@@ -399,6 +425,9 @@ class RankActor:
 
     def stats(self) -> RankStats:
         return self.last_stats
+
+    def loop_counters(self) -> dict:
+        return {"steps": self.n_steps, "schedules": dict(self.schedule_steps), "map_version": self.map_version}
 
     def expert_counters(self, reset: bool = True) -> dict:
         """Tokens per logical expert per MoE layer [n_moe, E] and dispatch pair totals."""

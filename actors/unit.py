@@ -277,20 +277,27 @@ class UnitSupervisor:
                 item = await tr.queue.get()
                 if isinstance(item, Exception):
                     raise item
+                if item is None:             # aborted
+                    break
                 yield item
                 if item.finish_reason is not None:
                     break
         finally:
-            if tr.finish_reason is None:
+            if tr.finish_reason is None or tr.finish_reason == "abort":
                 await self.abort(seq.request_id)
             self.requests.pop(seq.request_id, None)
 
     async def abort(self, request_id: str) -> bool:
+        """Stop a request: its rank drops it before its next step (a step in flight finishes, its
+        token is discarded); a `generate` waiting on it returns it with finish_reason "abort"."""
         tr = self.requests.pop(request_id, None)
         if tr is None:
             return False
         if self.ranks:
             self.ranks[tr.rank].abort.remote([request_id])
+        if tr.finish_reason is None:
+            tr.finish_reason = "abort"
+            tr.queue.put_nowait(None)
         return True
 
     # ---- observation ---------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """`epserve bench WHAT`: benchmarks that measure and print JSON. They are not tests.
 
-engine  offline tokens/s of one rank at several batch sizes, next to transformers' generate
-units   step latency of empty and batch-32 decode steps for units of 1, 2 and 4 ranks
+engine  offline tokens/s of one rank at several batch sizes, next to transformers' generate; with
+        --device cuda: epserve.LLM through Ray on one GPU, rank-side decode step time per batch size,
+        prefill tokens/s, and (V3-width checkpoints) the engine against layers x the layer benchmark
+units   the lockstep's control cost, old central loop against the rank-driven loop, 1/2/4/8 ranks
 eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production shapes
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
@@ -30,7 +32,10 @@ def run(args) -> dict:
         out = overlap.profile(args.profile, model=args.model, latency_ms=args.latency_ms or 0.0)
         return {"bench": "profile", "env": environment(), "results": out}
     mod = importlib.import_module(f"epserve.bench.{args.what}")
-    if args.what == "engine":
+    if args.what == "engine" and args.device != "cpu":
+        out = mod.run_gpu(model=args.model, batches=[int(b) for b in args.batches.split(",")], ctx=args.context,
+                          kernels=args.kernels)
+    elif args.what == "engine":
         out = mod.run(model=args.model, batches=[int(b) for b in args.batches.split(",")], n_tokens=args.tokens,
                       with_transformers=not args.no_transformers)
     elif args.what == "overlap":

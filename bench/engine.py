@@ -57,3 +57,97 @@ def run(model: str | None = None, batches=(1, 8, 32), n_tokens: int = 32, with_t
             row["speedup"] = round(dt_hf / dt, 2)
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------- the real engine on a GPU
+
+def _loop(unit) -> dict:
+    import ray
+    st = ray.get(unit.status.remote())
+    return {"steps": st["steps"], **(st["loop_timing"][0] if st["loop_timing"] else {})}
+
+
+def _wait(cond, timeout: float = 600.0, every: float = 0.01) -> None:
+    t = time.time()
+    while not cond():
+        if time.time() - t > timeout:
+            raise TimeoutError("the engine did not reach the benchmark's state in time")
+        time.sleep(every)
+
+
+def _decode_window(unit, n_running: int, n_steps: int) -> dict:
+    """Rank-side ms per decode step while exactly n_running requests decode, over n_steps steps."""
+    import ray
+    _wait(lambda: ray.get(unit.stats.remote())[0].n_running == n_running and
+          ray.get(unit.stats.remote())[0].n_waiting == 0)
+    s0 = _loop(unit)
+    _wait(lambda: _loop(unit)["steps"] >= s0["steps"] + 4)          # a new bucket's graph is captured
+    a = _loop(unit)
+    t = time.perf_counter()
+    _wait(lambda: _loop(unit)["steps"] >= a["steps"] + n_steps)
+    wall = time.perf_counter() - t
+    b = _loop(unit)
+    n = b["steps"] - a["steps"]
+    ms = {k: (b[k] - a[k]) * 1e3 / n for k in ("total", "step", "agree", "inbox", "push")}
+    return {"steps": n, "step_ms": round(ms["total"], 3), "engine_step_ms": round(ms["step"], 3),
+            "control_ms": round(ms["total"] - ms["step"] - ms["agree"], 3), "push_ms": round(ms["push"], 3),
+            "wall_ms_per_step": round(wall * 1e3 / n, 3), "output_tok_s": round(n_running * n / wall, 1)}
+
+
+def run_gpu(model: str | None = None, batches=(1, 32, 128), ctx: int = 64, kernels: str = "auto",
+            prefill_tokens: int = 16384, decode_steps: int = 50, compare_layers: bool = True) -> dict:
+    """epserve.LLM through Ray rank actors, one unit on one GPU, with continuous batching.
+
+    For each batch size B: B requests of `ctx` prompt tokens, decoding until the rank-side step
+    time is measured over `decode_steps` steps with all B running (CUDA-graph replays). Then a
+    prefill of prefill_tokens per step. With a V3-width checkpoint, the same GPU times one layer
+    of that shape (bench step) so the engine's overhead over the kernels is a number.
+    """
+    import ray
+
+    import epserve
+    from epserve.model.checkpoint import read_config
+    model_dir = str(model or default_model_dir())
+    args = read_config(model_dir)
+    pages = max(batches) * (-(-(ctx + 2 * decode_steps + 64) // 64)) + 64
+    cfg = {"dtype": "bfloat16", "kernels": kernels, "eplb": {"enabled": False}, "kv_store": {"enabled": False},
+           "decode": {"units": 1, "nodes_per_unit": 1, "gpus_per_node": 1, "max_batch_size": max(batches),
+                      "kv_pages": max(pages, 2 * prefill_tokens // 64 + 64), "max_batch_tokens": prefill_tokens}}
+    out = {"model": model_dir, "shape": {"dim": args.dim, "layers": args.n_layers, "dense": args.n_dense_layers,
+                                         "experts": args.n_routed_experts, "topk": args.n_activated_experts},
+           "context": ctx, "decode": {}}
+    g = torch.Generator().manual_seed(0)
+    with epserve.LLM(model=model_dir, config=cfg) as llm:
+        unit = llm.units[0]
+        out["backend"] = ray.get(unit.status.remote())["ranks"][0].get("kernels")
+        for b in batches:
+            params = SamplingParams(max_tokens=decode_steps * 3 + 8, temperature=0.0, ignore_eos=True)
+            items = [(Sequence(f"d{b}-{i}", torch.randint(4, args.vocab_size, (ctx,), generator=g).tolist(), params), 0)
+                     for i in range(b)]
+            ref = unit.generate.remote(items)
+            out["decode"][b] = _decode_window(unit, b, decode_steps)
+            ray.get(ref)
+        # prefill: prompts of min(ctx, 4096) tokens filling prefill_tokens per step; first round warms up
+        n = min(4096, max(ctx, 512))
+        per_step = max(1, prefill_tokens // n)
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        for rnd in ("warm", "timed"):
+            items = [(Sequence(f"p{rnd}{i}", torch.randint(4, args.vocab_size, (n,), generator=g).tolist(), params), 0)
+                     for i in range(per_step * 3)]
+            t = time.perf_counter()
+            ray.get(unit.generate.remote(items))
+            dt = time.perf_counter() - t
+        out["prefill"] = {"prompt_tokens": n, "prompts_per_step": per_step, "steps": 3,
+                          "input_tok_s": round(per_step * 3 * n / dt, 1), "step_ms": round(dt * 1e3 / 3, 2)}
+    if compare_layers and args.dim >= 1024 and torch.cuda.is_available():
+        from epserve.bench.step import layer_ms
+        cmp = {}
+        for b, d in out["decode"].items():
+            ms = layer_ms(args, "decode", b, ctx + 2 * decode_steps, args.n_routed_experts, kernels if kernels != "auto"
+                          else "native")
+            layers = args.n_dense_layers * (ms["attention"] + ms["dense_ffn"]) + \
+                args.n_moe_layers * (ms["attention"] + ms["moe_ffn"])
+            cmp[b] = {"layers_x_layer_ms": round(layers, 3), "engine_step_ms": d["step_ms"],
+                      "engine_over_layers": round(d["step_ms"] / layers, 3)}
+        out["engine_vs_layer_bench"] = cmp
+    return out

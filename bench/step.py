@@ -60,7 +60,7 @@ def build_layer(a: ModelArgs, kb, dev, g, slots: int):
     return mla, gate, shared, shard, dense, ones(a.dim), ones(a.dim)
 
 
-def make_batch(phase: str, p: dict, dev, g, page: int = 64):
+def make_batch(phase: str, p: dict, dev, g, page: int = 64, a: ModelArgs = V3):
     """-> (Batch or DecodeBatch, cache_layer [pages, 64, 576] bf16) for one rank's step.
 
     Prefill with p["cached"] = f: prompts of p["prompt"] tokens whose first f of tokens are in the
@@ -76,14 +76,14 @@ def make_batch(phase: str, p: dict, dev, g, page: int = 64):
         pos = torch.arange(ctx, total, device=dev).repeat(n_seq)
         slots = (table[:, :, None] * page + torch.arange(page, device=dev)).flatten(1)[:, ctx:total].flatten()
         batch = Batch(pos.clone(), pos, [n] * n_seq, [ctx] * n_seq, table, slots)
-        cache = torch.randn(n_seq * width, page, V3.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
+        cache = torch.randn(n_seq * width, page, a.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
         return batch, cache
     b, ctx = p["tokens"], p["ctx"]
     lens = (torch.rand(b, device=dev, generator=g) * 0.4 + 0.8).mul(ctx).long()
     width = math.ceil(int(lens.max()) / page)
     table = torch.argsort(torch.rand(b * width, device=dev, generator=g)).view(b, width).int()
     pos = lens - 1
-    cache = torch.randn(b * width, page, V3.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
+    cache = torch.randn(b * width, page, a.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
     rows = torch.arange(b, device=dev)
     return DecodeBatch.from_rows(pos.clone(), pos, rows, table, page, scratch_row=-1), cache
 
@@ -156,11 +156,23 @@ def _graphed(fn):
     return graph.replay
 
 
-def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False) -> dict:
+def layer_ms(a: ModelArgs, phase: str, tokens: int, ctx: int, slots: int, backend: str = "native",
+             graphs: bool = True, device: str = "cuda") -> dict:
+    """ms of attention, MoE FFN and dense FFN of one layer of `a` (a checkpoint's shape) on one GPU:
+    what bench engine compares the whole engine's step against."""
+    dev = torch.device(device)
+    kb = kernels.get_backend(backend, dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    p = {"tokens": tokens, "slots": slots, "ctx": ctx, "prompt": ctx}
+    with torch.inference_mode():
+        main, _ = _layer_ms(phase, p, build_layer(a, kb, dev, g, slots), kb, dev, g, graphs and phase == "decode", a)
+    return main
+
+
+def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, a: ModelArgs = V3) -> dict:
     """ms of attention, MoE FFN and dense FFN for one rank's step of p["tokens"] tokens."""
-    a = V3
     mla, gate, shared, shard, dense, attn_norm, ffn_norm = layer
-    batch, cache = make_batch(phase, p, dev, g)
+    batch, cache = make_batch(phase, p, dev, g, a=a)
     t = batch.n_tokens
     inv_freq, factor = rope_inv_freq(a)
     ang = batch.positions.float()[:, None] * inv_freq.to(dev)[None]

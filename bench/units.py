@@ -53,7 +53,9 @@ def _old_loop(model_dir, args, n: int, batch: int, n_steps: int) -> dict:
         first = _requests("o", n, batch, n_steps)
         _time_steps(ranks, lambda r, i: StepInput(new=first.get(r, [])), 1)
         decode = _time_steps(ranks, lambda r, i: StepInput(), n_steps)
-        return {"empty_step_ms": statistics.median(empty), f"decode_batch{batch}_step_ms": statistics.median(decode)}
+        coll = max(ray.get([rk.time_collective.remote(200) for rk in ranks])) if n > 1 else 0.0
+        return {"empty_step_ms": statistics.median(empty), f"decode_batch{batch}_step_ms": statistics.median(decode),
+                "agreement_all_reduce_ms": coll}
     finally:
         ray.get(sup.shutdown.remote())
         ray.kill(sup)
@@ -64,7 +66,7 @@ def _loop_delta(before: list[dict], after: list[dict]) -> dict:
     per_rank = []
     for b, a in zip(before, after):
         steps = max(1, a["steps"] - b["steps"])
-        d = {k: (a[k] - b[k]) * 1e3 / steps for k in ("total", "agree", "step", "inbox", "push")}
+        d = {k: (a[k] - b[k]) * 1e3 / steps for k in ("total", "agree", "step", "inbox", "push", "cpu_control")}
         d["control"] = d["total"] - d["agree"] - d["step"]
         per_rank.append(d)
     return {k: max(r[k] for r in per_rank) for k in per_rank[0]}
@@ -90,6 +92,7 @@ def _new_loop(model_dir, args, n: int, batch: int, n_steps: int) -> dict:
             d = _loop_delta(before, after)
             out[name] = {"step_ms": round(d["total"], 3), "agree_ms": round(d["agree"], 3),
                          "compute_and_exchange_ms": round(d["step"], 3), "control_ms": round(d["control"], 3),
+                         "control_cpu_ms": round(d["cpu_control"], 3),
                          "inbox_ms": round(d["inbox"], 4), "push_ms": round(d["push"], 4),
                          "wall_ms_per_token_step": round(wall * 1e3 / (n_steps + 1), 3)}
         return out
@@ -111,6 +114,35 @@ def run(model: str | None = None, sizes=(1, 2, 4, 8), batch: int = 32, n_steps: 
     finally:
         if started is not None:
             started.shutdown()
-    base = rows[0]["new_loop"][f"decode_batch{batch}"]["control_ms"]
-    return {"rows": rows, "new_control_ratio_vs_1_rank": {
-        r["ranks"]: round(r["new_loop"][f"decode_batch{batch}"]["control_ms"] / max(base, 1e-6), 2) for r in rows}}
+    key = f"decode_batch{batch}"
+    ratio = {what: {r["ranks"]: round(r["new_loop"][key][what] / max(rows[0]["new_loop"][key][what], 1e-6), 2)
+                    for r in rows} for what in ("control_ms", "control_cpu_ms")}
+    return {"rows": rows, "new_control_ratio_vs_1_rank": ratio, "ep144_model": ep144_model(rows, key)}
+
+
+def ep144_model(rows: list[dict], key: str, ranks: int = 144) -> dict:
+    """The new loop's control cost per step at EP144, from per-hop costs measured here.
+
+    control(N) = inbox read + delta push + agree() (each rank's own CPU work, measured at one rank:
+    it does not grow with N: a rank reads only its inbox, pushes only its deltas, and agree() reads
+    one combined vote) + the agreement all-reduce: a tree of ceil(log2 N) rounds (NCCL's algorithm for
+    small messages; recursive doubling), each round costing the measured 2-rank all-reduce. Loopback
+    gloo on a 2-core box is the measured round; an RDMA round is typically ~5-10 us.
+    """
+    import math
+
+    from epserve.pipelines.lockstep import LoopState, Vote, agree
+    one = rows[0]["new_loop"][key]
+    two = next((r for r in rows if r["ranks"] == 2), None)
+    per_round = two["old_loop"]["agreement_all_reduce_ms"] if two else 0.0
+    t = time.perf_counter()
+    for _ in range(1000):
+        agree(Vote(has_work=1, n_running=64), LoopState())
+    agree_ms = (time.perf_counter() - t)
+    rounds = math.ceil(math.log2(ranks))
+    per_rank = one["inbox_ms"] + one["push_ms"] + agree_ms
+    return {"ranks": ranks, "per_rank_work_ms": round(per_rank, 4), "all_reduce_round_ms": round(per_round, 4),
+            "rounds": rounds, "control_ms_per_step": round(per_rank + rounds * per_round, 3),
+            "measured_all_reduce_ms": {r["ranks"]: round(r["old_loop"]["agreement_all_reduce_ms"], 4) for r in rows},
+            "assumptions": "per-rank work measured with one rank (inbox read, one push of the step's deltas, agree); "
+                           "the all-reduce as ceil(log2 N) rounds of the measured 2-rank loopback all-reduce"}
