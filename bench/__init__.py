@@ -9,7 +9,8 @@ kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
 prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
 overlap step time with the overlapped schedules on/off, prefill and decode, with and without injected latency
---profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit
+--profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit;
+        with `engine --device cuda`: a trace of one rank's decode steps (graph replays vs launches)
 serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server
         (with no --url: starts the embedded default server, measures it, stops it)
 """
@@ -27,6 +28,10 @@ def environment() -> dict:
 
 
 def run(args) -> dict:
+    if getattr(args, "profile", None) and args.what == "engine" and getattr(args, "device", "cpu") != "cpu":
+        from epserve.bench import engine
+        return {"bench": "profile-decode", "env": environment(),
+                "results": engine.profile_decode(args.profile, model=args.model, kernels=args.kernels)}
     if getattr(args, "profile", None):
         from epserve.bench import overlap
         out = overlap.profile(args.profile, model=args.model, latency_ms=args.latency_ms or 0.0)

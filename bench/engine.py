@@ -151,3 +151,41 @@ def run_gpu(model: str | None = None, batches=(1, 32, 128), ctx: int = 64, kerne
                       "engine_over_layers": round(d["step_ms"] / layers, 3)}
         out["engine_vs_layer_bench"] = cmp
     return out
+
+
+def profile_decode(out_dir: str, model: str | None = None, batch: int = 64, kernels: str = "auto",
+                   n_steps: int = 3) -> dict:
+    """PyTorch profiler trace of decode steps of one rank on a GPU (in-process): what a step
+    launches. With CUDA graphs the step is one cudaGraphLaunch plus the sampler's few kernels.
+    Writes out_dir/decode_steps.json (Chrome trace) and returns the launch counts per step."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from epserve.model.checkpoint import read_config
+    model_dir = str(model or default_model_dir())
+    args = read_config(model_dir)
+    eng = make_local_engine(model_dir, kernels=kernels, device="cuda", dtype="bfloat16",
+                            fp8_activations=args.fp8_block is not None, max_batch_size=batch,
+                            kv_pages=batch * 4 + 16)
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=n_steps + 8, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        eng.add(Sequence(f"pr{i}", torch.randint(4, args.vocab_size, (32,), generator=g).tolist(), params))
+    for _ in range(4):                        # prefill, then decode steps that capture the bucket's graph
+        eng.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_steps):
+            eng.step()
+        torch.cuda.synchronize()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "decode_steps.json")
+    prof.export_chrome_trace(path)
+    counts = {}
+    for ev in prof.key_averages():
+        if ev.key in ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                      "cudaLaunchKernelExC", "cudaMemcpyAsync", "cudaStreamSynchronize"):
+            counts[ev.key] = ev.count / n_steps
+    return {"trace": path, "per_step": counts, "cuda_graphs": eng.graphs is not None, "batch": batch,
+            "backend": eng.kb.__name__.rsplit(".", 1)[-1]}

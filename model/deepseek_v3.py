@@ -444,11 +444,23 @@ class Gate:
     args: ModelArgs
     weight: torch.Tensor = None          # fp32 [E, D]
     bias: torch.Tensor | None = None     # fp32 [E] e_score_correction_bias
+    _cast: dict = field(default_factory=dict, repr=False)
+
+    def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype`, converted once (a CUDA graph keeps reading the same tensor)."""
+        key = (dtype, self.weight.data_ptr())
+        if key not in self._cast:
+            self._cast.clear()
+            self._cast[key] = self.weight.to(dtype)
+        return self._cast[key]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (weights fp32 [T, K], logical expert ids int64 [T, K])."""
+        """x [T, D] -> (weights fp32 [T, K], logical expert ids int64 [T, K]).
+
+        The logits GEMM runs in the activation dtype (bf16 on GPU, as DeepSeek's own inference
+        code does; float32 in exact tests), the scores and the choice in float32."""
         a = self.args
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x, self._weight_as(x.dtype)).float()
         scores = logits.sigmoid() if a.score_func == "sigmoid" else logits.softmax(-1)
         choice = scores + self.bias if self.bias is not None and a.topk_method == "noaux_tc" else scores
         if a.n_expert_groups > 1:
