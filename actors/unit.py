@@ -189,9 +189,9 @@ class UnitSupervisor:
         self.stats_cache[d.rank] = d.stats
         for rid, why in d.rejected:
             self._fail(rid, why)
-        for delta in d.deltas:
+        for delta in d.deltas.unpack():
             self._deliver(delta)
-        if d.deltas:
+        if len(d.deltas):
             self.failures_in_a_row = 0
         if self.switch_wanted is not None and all(x is not None and x.map_version >= self.switch_wanted
                                                   for x in self.last):

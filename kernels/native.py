@@ -141,6 +141,7 @@ def expert_ffn(x, experts: ExpertWeights, slot_ids: torch.Tensor) -> torch.Tenso
 def expert_ffn_masked(x, experts: ExpertWeights, masked_m: torch.Tensor, expected_m: int | None = None):
     """x [G, max_m, D] bf16, or already quantised (q fp8 [G, max_m, D], s fp32 [G, max_m, D/128]);
     masked_m int32 [G] on the device -> [G, max_m, D] bf16 (rows past masked_m[g] undefined).
+    max_m must be a multiple of 128: the GEMM stores whole row tiles (checked).
 
     DeepGEMM's masked grouped GEMM twice with the fused SwiGLU+quant between: no host sync,
     fixed shapes, so a decode step replays it inside a CUDA graph.
@@ -151,6 +152,7 @@ def expert_ffn_masked(x, experts: ExpertWeights, masked_m: torch.Tensor, expecte
     if not (deep_gemm is not None and experts.is_fp8 and experts.act_quant and experts.inter % 128 == 0
             and d % 128 == 0 and (xq is not None or x.dtype == torch.bfloat16)):
         return kt.expert_ffn_masked(_dequant_rows(x) if xq is not None else x, experts, masked_m, expected_m)
+    assert max_m % 128 == 0, f"masked layout needs max_m in whole 128-row tiles, got {max_m}"
     if xq is None:
         xq = kt.per_token_group_quant_fp8(x, mn_major=True)
     exp_m = max(1, expected_m or max_m)
@@ -275,7 +277,7 @@ def _check_experts(dev, g) -> str:
         d = kt.calc_diff(got, want)
         worst = max(worst, d)
         assert d <= 1e-4 and bool((got[ids < 0] == 0).all()), f"expert_ffn {m}x{dim} G={n_slots}: calc_diff {d:.2e}"
-        max_m = 64
+        max_m = 128
         xm = torch.randn(n_slots, max_m, dim, generator=g, device=dev).bfloat16()
         counts = torch.randint(0, max_m + 1, (n_slots,), generator=g, device=dev).int()
         got = expert_ffn_masked(xm, ex, counts, 16)

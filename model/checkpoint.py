@@ -203,7 +203,7 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
             want = (a.vocab_size, a.dim) if name != "model.norm.weight" else (a.dim,)
             if tuple(t.shape) != want:
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {want}")
-            t = t.to(device=dev, dtype=model.dtype if name != "lm_head.weight" else torch.float32)
+            t = t.to(device=dev, dtype=model.dtype)   # the head too: logits are a model-dtype GEMM, read as fp32
             {"model.embed_tokens.weight": lambda: setattr(model, "embed", t),
              "model.norm.weight": lambda: setattr(model, "norm", t),
              "lm_head.weight": lambda: setattr(model, "head", t)}[name]()
@@ -223,7 +223,7 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
             _set(model.layers[i], attr, value)
         bar.update(1)
     if a.tie_word_embeddings:
-        model.head = model.embed.float()
+        model.head = model.embed
     bar.close()
     for i in range(a.n_layers):
         if not a.is_moe_layer(i):

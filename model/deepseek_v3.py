@@ -560,4 +560,5 @@ class Transformer:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: hidden [N, D] -> fp32 [N, vocab]."""
-        return F.linear(rms_norm(h, self.norm, self.args.rms_norm_eps), self.head.to(h.dtype)).float()
+        head = self.head if self.head.dtype == h.dtype else self.head.to(h.dtype)
+        return F.linear(rms_norm(h, self.norm, self.args.rms_norm_eps), head).float()

@@ -20,6 +20,8 @@ from epserve.kernels.layouts import masked_layout
 from epserve.kernels.reference import ExpertWeights, Weight
 from epserve.placement.topology import choose_replicas, maps_from_phy2log
 
+MASKED_ROWS_ALIGN = 128        # rows per group of a masked-layout buffer come in whole GEMM tiles
+
 
 class ExpertShard:
     """This rank's slots of one MoE layer; `experts` is None until the checkpoint fills it."""
@@ -125,7 +127,9 @@ class LocalDispatcher:
         local = torch.where(valid[:, None], local, -1).flatten()
         lay = masked_layout(local, shard.n_slots, t)
         tok = torch.arange(t * k, device=x.device) // k
-        buf = x.new_zeros(shard.n_slots, t + 1, d)                       # +1: the spare row of dropped pairs
+        # t + 1 rows (the spare row of dropped pairs), padded to whole 128-row tiles: DeepGEMM's masked
+        # GEMM stores whole tiles, so a group's last tile must not reach into the next group's rows
+        buf = x.new_zeros(shard.n_slots, -(-(t + 1) // MASKED_ROWS_ALIGN) * MASKED_ROWS_ALIGN, d)
         buf[lay.group, lay.slot] = x[tok]
         y = self.kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, max(1, t * k // max(1, shard.n_slots)))
         pairs = torch.where(lay.keep[:, None], y[lay.group, lay.slot], 0)
