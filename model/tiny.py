@@ -171,7 +171,7 @@ def make_tiny_model(out_dir: str | os.PathLike, *, fp8: bool = False, seed: int 
         raise FileExistsError(f"{out} already holds a checkpoint (config.json exists)")
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
-    cfg = dict(TINY_CONFIG, **PRESETS[preset], **(config_overrides or {}))
+    cfg = {**TINY_CONFIG, **PRESETS[preset], **(config_overrides or {})}     # later ones win
     if cfg["hidden_size"] >= 4096:
         fp8, shards = True, max(shards, 8)
     out.parent.mkdir(parents=True, exist_ok=True)

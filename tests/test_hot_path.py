@@ -206,3 +206,6 @@ def test_v3_mini_preset_has_the_shapes_the_native_kernels_take(tmp_path):
     assert a.dim % 128 == 0 and a.moe_inter_dim % 128 == 0
     with pytest.raises(ValueError, match="preset"):
         make_tiny_model(tmp_path / "x", preset="v9")
+    over = make_tiny_model(tmp_path / "o", preset="v3-mini", config_overrides={"n_routed_experts": 8,
+                                                                                "num_experts_per_tok": 8})
+    assert (read_config(over).n_routed_experts, read_config(over).n_activated_experts) == (8, 8)
