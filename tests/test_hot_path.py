@@ -207,5 +207,6 @@ def test_v3_mini_preset_has_the_shapes_the_native_kernels_take(tmp_path):
     with pytest.raises(ValueError, match="preset"):
         make_tiny_model(tmp_path / "x", preset="v9")
     over = make_tiny_model(tmp_path / "o", preset="v3-mini", config_overrides={"n_routed_experts": 8,
-                                                                                "num_experts_per_tok": 8})
+                                                                                "num_experts_per_tok": 8, "n_group": 1,
+                                                                                "topk_group": 1})
     assert (read_config(over).n_routed_experts, read_config(over).n_activated_experts) == (8, 8)
