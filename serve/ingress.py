@@ -64,7 +64,7 @@ class Ingress:
         spec = kv_store_spec(cfg)
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
         self.kv_store = open_store(spec, model_dir, self.args.n_layers, self.args.kv_dim,
-                                   DTYPES[cfg.dtype]) if spec else None
+                                   DTYPES[cfg.dtype], fp8_activations=cfg.fp8_activations) if spec else None
         self.cache_hits: dict[str, int] = {}
         self.ledger, self.routes = ledger, {}
 
