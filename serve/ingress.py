@@ -19,17 +19,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from epserve.actors.ledger import ledger_root
 from epserve.actors.unit import RequestRejected
 from epserve.config import Config
 from epserve.messages import Usage
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import InvalidRequest, SamplingParams
 from epserve.model.tokenizer import IncrementalText, load_tokenizer
-from epserve.fleet.ledger import RequestRow
 from epserve.llm import kv_store_spec
 from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
 from epserve.pipelines.runner import DTYPES
 from epserve.pipelines.sequence import Sequence
+from epserve.serve.accounting import Accounting, Live
 from epserve.serve.metrics import ServeMetrics
 from epserve.serve.openai_models import APIError, ChatRequest, CompletionRequest, parse
 from epserve.serve.router import Router
@@ -65,8 +66,11 @@ class Ingress:
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
         self.kv_store = open_store(spec, model_dir, self.args.n_layers, self.args.kv_dim,
                                    DTYPES[cfg.dtype], fp8_activations=cfg.fp8_activations) if spec else None
-        self.cache_hits: dict[str, int] = {}
-        self.ledger, self.routes = ledger, {}
+        self.acct = Accounting(ledger, ledger_root(cfg), self.model_name)
+
+    async def __del__(self):
+        """Serve's graceful shutdown (after draining): rows for what is still in flight, and every write."""
+        await self.acct.drain()
 
     # ---- plain routes -----------------------------------------------------------------
     @app.get("/health")
@@ -141,14 +145,14 @@ class Ingress:
             tenant = self.tenant(request)
             cached = await asyncio.to_thread(self._cached_tokens, ids, tenant)    # file checks: off the event loop
             route = await self.router.admit(rid, len(ids), cached, params.max_tokens)
-            self.routes[rid] = (route, tenant)
         except APIError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
-        events = self._generate(rid, ids, params, route, tenant)
+        live = self.acct.admit(Live(rid, tenant, len(ids), route))
+        events = self._generate(live, ids, params)
         if req.stream:
-            return StreamingResponse(self._sse(rid, req, chat, ids, events, endpoint), media_type="text/event-stream")
-        return await self._complete(rid, req, chat, ids, events, endpoint, request)
+            return StreamingResponse(self._sse(live, req, chat, ids, events, endpoint), media_type="text/event-stream")
+        return await self._complete(live, req, chat, ids, events, endpoint, request)
 
     def _cached_tokens(self, ids: list[int], tenant: str) -> int:
         """Prompt tokens the KV store holds for this tenant (a hint for the prefill balancer)."""
@@ -210,17 +214,20 @@ class Ingress:
         return params
 
     # ---- the request path: prefill rank -> KV handoff -> decode rank ----------------------
-    async def _generate(self, rid: str, ids: list[int], params: SamplingParams, route, tenant: str | None):
-        """Yield (token_id, logprob, finish_reason); aborts on the units if the consumer goes away."""
+    async def _generate(self, live: Live, ids: list[int], params: SamplingParams):
+        """Yield (token_id, logprob, finish_reason); counts what the units computed into `live`;
+        aborts on the units if the consumer goes away."""
         finished = False
         decode_unit = None
+        rid, route = live.rid, live.route
         try:
             decode_unit = self.router.handle("decode", route.decode.unit)
-            seq = Sequence(rid, ids, params, tenant=tenant if self.kv_store else None)
+            seq = Sequence(rid, ids, params, tenant=live.tenant if self.kv_store else None)
             pre = await self.router.handle("prefill", route.prefill.unit).prefill.remote(seq, route.prefill.rank)
             if "error" in pre:
                 raise (APIError(400, pre["error"]) if pre["rejected"] else RuntimeError(pre["error"]))
-            self.cache_hits[rid] = pre["n_cached"]
+            live.n_cached = pre["n_cached"]
+            live.n_out += 1
             first = pre["token_ids"][0]
             lp = pre["logprobs"][0] if pre["logprobs"] else None
             if pre["finish_reason"] != "handoff":
@@ -233,6 +240,7 @@ class Ingress:
             gen = decode_unit.stream.options(num_returns="streaming").remote(seq, route.decode.rank)
             async for ref in gen:
                 d = await ref
+                live.n_out += 1
                 finished = d.finish_reason is not None
                 yield d.token_id, d.logprob, d.finish_reason
         except ray.exceptions.RayTaskError as exc:
@@ -242,11 +250,8 @@ class Ingress:
             raise
         finally:
             self.router.release(rid)
-            if not finished:
-                self.cache_hits.pop(rid, None)
-                self.routes.pop(rid, None)
-                if decode_unit is not None:
-                    decode_unit.abort.remote(rid)
+            if not finished and decode_unit is not None:
+                decode_unit.abort.remote(rid)
 
     async def _events(self, ids, params, events):
         """Token events -> (text delta, token, logprob, finish_reason), applying stop strings."""
@@ -267,14 +272,14 @@ class Ingress:
             yield text[sent:safe], tok, lp, reason
             sent = safe
 
-    async def _complete(self, rid, req, chat, ids, events, endpoint, request: Request):
-        t0 = time.time()
-        text, tokens, lps, reason, t_first = "", [], [], None, None
+    async def _complete(self, live: Live, req, chat, ids, events, endpoint, request: Request):
+        rid, t0 = live.rid, live.t0
+        text, tokens, lps, reason = "", [], [], None
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(request))
         stream = self._events(ids, self._sp(req), events)
         try:
             async for delta, tok, lp, why in stream:
-                t_first = t_first or time.time()
+                live.t_first = live.t_first or time.time()
                 text += delta
                 tokens.append(tok)
                 if lp is not None:
@@ -283,18 +288,24 @@ class Ingress:
                     reason = why
                     break
                 if watcher.done():
+                    await self.acct.finish(rid, "abort")
                     return Response(status_code=499)
         except APIError as exc:
+            await self.acct.finish(rid, "error")
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
+        except asyncio.CancelledError:
+            self.acct.finish_detached(rid, "abort")
+            raise
         except Exception as exc:
             log.exception("request %s failed", rid)
+            await self.acct.finish(rid, "error")
             self.metrics.requests.labels(endpoint, "500").inc()
             return _error_response(APIError(500, f"internal error: {str(_unwrap(exc))[:300]}", "server_error"))
         finally:
             watcher.cancel()
             await stream.aclose()
-        usage = self._account(rid, endpoint, ids, tokens, t0, t_first, reason)
+        usage = await self._account(live, endpoint, len(tokens), reason)
         choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(chat, tokens, lps, req)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -311,8 +322,8 @@ class Ingress:
         while not await request.is_disconnected():
             await asyncio.sleep(0.25)
 
-    async def _sse(self, rid, req, chat, ids, events, endpoint):
-        t0, t_first, tokens = time.time(), None, []
+    async def _sse(self, live: Live, req, chat, ids, events, endpoint):
+        rid, t0, tokens = live.rid, live.t0, []
         obj = "chat.completion.chunk" if chat else "text_completion"
         stream = self._events(ids, self._sp(req), events)
 
@@ -330,45 +341,46 @@ class Ingress:
         try:
             if chat:
                 yield chunk("", None, first=True)
+            why = None
             async for delta, tok, lp, why in stream:
-                t_first = t_first or time.time()
+                live.t_first = live.t_first or time.time()
                 tokens.append(tok)
                 yield chunk(delta, why, lp)
                 if why:
                     break
-            usage = self._account(rid, endpoint, ids, tokens, t0, t_first, tokens and why)
+            usage = await self._account(live, endpoint, len(tokens), tokens and why)   # before [DONE]
             if req.include_usage:
                 yield "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
                                              "choices": [], "usage": usage.to_dict()}) + "\n\n"
             yield "data: [DONE]\n\n"
         except APIError as exc:
+            await self.acct.finish(rid, "error")
             yield "data: " + json.dumps(exc.body()) + "\n\n"
+        except (asyncio.CancelledError, GeneratorExit):     # the client went away mid-stream
+            self.acct.finish_detached(rid, "abort")
+            raise
         except Exception as exc:
             log.exception("stream %s failed", rid)
+            await self.acct.finish(rid, "error")
             yield "data: " + json.dumps(APIError(500, f"internal error: {str(_unwrap(exc))[:300]}",
                                                  "server_error").body()) + "\n\n"
         finally:
             await stream.aclose()
 
-    def _account(self, rid, endpoint, ids, tokens, t0, t_first, reason=None) -> Usage:
+    async def _account(self, live: Live, endpoint: str, n_tokens: int, reason) -> Usage:
+        """The finished request's row (awaited: the response follows only once the ledger has it)
+        and its metrics; returns its usage."""
         now = time.time()
-        hits = self.cache_hits.pop(rid, 0)
-        route, tenant = self.routes.pop(rid, (None, "anonymous"))
-        if self.ledger is not None and route is not None:
-            self.ledger.append.remote([RequestRow(
-                ts=now, request_id=rid, tenant=tenant, model=self.model_name, prompt_tokens=len(ids),
-                cache_hit_tokens=hits, output_tokens=len(tokens), ttft_s=(t_first or now) - t0,
-                decode_s=now - (t_first or now), prefill_unit=route.prefill.unit, prefill_rank=route.prefill.rank,
-                decode_unit=route.decode.unit, decode_rank=route.decode.rank, finish_reason=reason or "unknown")])
-        self.metrics.cache_hit_tokens.inc(hits)
+        await self.acct.finish(live.rid, reason or "unknown", n_out=n_tokens)
+        self.metrics.cache_hit_tokens.inc(live.n_cached)
         self.metrics.requests.labels(endpoint, "200").inc()
-        self.metrics.prompt_tokens.inc(len(ids))
-        self.metrics.observe_tokens(len(tokens))
-        if t_first:
-            self.metrics.ttft.observe(t_first - t0)
-            if len(tokens) > 1:
-                self.metrics.tpot.observe((now - t_first) / (len(tokens) - 1))
-        return Usage(len(ids), len(tokens), hits)
+        self.metrics.prompt_tokens.inc(live.n_prompt)
+        self.metrics.observe_tokens(n_tokens)
+        if live.t_first:
+            self.metrics.ttft.observe(live.t_first - live.t0)
+            if n_tokens > 1:
+                self.metrics.tpot.observe((now - live.t_first) / (n_tokens - 1))
+        return Usage(live.n_prompt, n_tokens, live.n_cached)
 
     def _logprobs(self, chat, tokens, lps, req):
         if not lps:

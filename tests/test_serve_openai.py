@@ -89,7 +89,7 @@ def test_repeated_long_prompt_hits_the_kv_store_with_the_same_answer(server):
 
 
 def test_ledger_report_totals_equal_the_usage_responses_returned(server, client):
-    from epserve.fleet.ledger import read_ledger
+    from epserve.fleet.ledger_read import read_ledger
     from epserve.fleet.report import build_report
     _, dep = server
     long = " ".join(["Paris is the capital of France."] * 16)
@@ -100,7 +100,7 @@ def test_ledger_report_totals_equal_the_usage_responses_returned(server, client)
         usages.append(r.usage.model_dump())
         ids.append(r.id)
     assert usages[2]["prompt_cache_hit_tokens"] > 0
-    ray.get(dep.ledger.flush.remote())
+    assert all(r is not None for r in ledger_rows(dep, ids).values())    # rows are in before the responses
     requests, capacity = read_ledger(dep.cfg.ledger.path)
     mine = requests.filter(__import__("pyarrow").compute.is_in(requests["request_id"],
                                                                value_set=__import__("pyarrow").array(ids)))
@@ -251,12 +251,24 @@ def test_models_and_metrics(server, client):
         assert name in text
 
 
-def test_client_disconnect_aborts_and_frees_kv(server, tiny_dir):
+def ledger_rows(dep, ids=None):
+    """The ledger's request rows (after a flush) as dicts by request id; asserts ids are unique."""
+    from epserve.fleet.ledger_read import read_ledger
+    ray.get(dep.ledger.flush.remote(), timeout=120)
+    rows = read_ledger(dep.cfg.ledger.path).requests.to_pylist()
+    by_id = {r["request_id"]: r for r in rows}
+    assert len(by_id) == len(rows)
+    return by_id if ids is None else {i: by_id.get(i) for i in ids}
+
+
+def test_client_disconnect_aborts_frees_kv_and_bills_what_was_computed(server, tiny_dir):
     base, dep = server
     with httpx.stream("POST", base + "/v1/completions", timeout=60, headers=AUTH,
                       json={"model": "tiny", "prompt": "The sea", "max_tokens": 1500, "temperature": 0.0,
                             "stream": True, "ignore_eos": True}) as r:
-        for i, _ in enumerate(r.iter_lines()):
+        for i, line in enumerate(r.iter_lines()):
+            if line.startswith("data: {") and i == 0:
+                rid = json.loads(line[6:])["id"]
             if i > 6:
                 break                                       # hang up mid-stream
     deadline = time.time() + 30
@@ -266,6 +278,24 @@ def test_client_disconnect_aborts_and_frees_kv(server, tiny_dir):
             break
         time.sleep(0.2)
     assert sum(s.kv_blocks_used + s.n_running for s in stats) == 0
+    deadline = time.time() + 30
+    while (row := ledger_rows(dep, [rid])[rid]) is None and time.time() < deadline:
+        time.sleep(0.5)                                     # the abort row is written as the stream ends
+    assert row["finish_reason"] == "abort" and 4 <= row["output_tokens"] < 1500 and row["prompt_tokens"] > 0
+
+
+def test_rows_of_sent_responses_survive_a_kill_9_of_the_ledger(server, client):
+    """A response goes out only after its row is in the ledger's write-ahead log: killing the
+    ledger right after (before any flush) loses none, and its restart duplicates none. Before,
+    rows were sent fire-and-forget into a buffer that died with the actor."""
+    _, dep = server
+    ids = [client.completions.create(model="tiny", prompt=f"Count to {i}", max_tokens=2, temperature=0.0,
+                                     extra_body={"ignore_eos": True}).id for i in range(3)]
+    ray.kill(dep.ledger, no_restart=False)                  # SIGKILL; Ray restarts it, it replays its log
+    rows = ledger_rows(dep, ids)
+    assert all(rows[i] is not None and rows[i]["output_tokens"] == 2 for i in ids)
+    again = client.completions.create(model="tiny", prompt="After", max_tokens=2, temperature=0.0)
+    assert ledger_rows(dep, [again.id])[again.id]["finish_reason"] == "length"   # the restarted ledger serves
 
 
 def test_killing_a_decode_rank_mid_stream_loses_no_request(server, llm_answers):
@@ -302,7 +332,8 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
     port = free_port()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {tiny_dir}\nkernels: reference\nprefill: {{gpus_per_node: 1, kv_pages: 16}}\n"
-                   f"decode: {{gpus_per_node: 1, kv_pages: 16}}\nserve: {{port: {port}}}\n")
+                   f"decode: {{gpus_per_node: 1, kv_pages: 16}}\nserve: {{port: {port}}}\n"
+                   f"ledger: {{path: {tmp_path / 'ledger'}, flush_interval_s: 3600}}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     proc = subprocess.Popen([sys.executable, "-m", "epserve", "serve", "--config", str(cfg)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -318,6 +349,7 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
                                json={"model": "epserve", "prompt": "Hello", "max_tokens": 3})
                 if r.status_code == 200:      # the Serve proxy answers 503/404 until the app is up
                     ok = r.json()["usage"]["completion_tokens"] == 3
+                    rid = r.json()["id"]
                     break
             except httpx.HTTPError:
                 pass
@@ -334,6 +366,11 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
             time.sleep(0.5)
         alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
         assert not alive
+        from epserve.fleet.ledger_read import read_ledger     # SIGTERM flushed the ledger: nothing left out
+        led = read_ledger(tmp_path / "ledger")
+        assert led.requests["request_id"].to_pylist() == [rid] and led.is_complete
+        assert sorted(led.capacity["event"].to_pylist()) == ["start", "start", "stop", "stop"]
+        assert not list((tmp_path / "ledger" / "wal").glob("*.jsonl"))
     finally:
         if proc.poll() is None:
             proc.kill()
