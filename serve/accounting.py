@@ -20,6 +20,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from epserve.fleet.ledger import LedgerWriter, RequestRow
@@ -40,11 +41,14 @@ class Live:
     t_first: float | None = None
     n_cached: int = 0                   # prompt tokens loaded from the KV store
     n_out: int = 0                      # output tokens the units produced for it
+    namespace: str = ""                 # its tenant's KV-store namespace
+    owner: object = None                # serve/tenants.py's Tenant (its limits are released at the end)
 
 
 class Accounting:
-    def __init__(self, ledger, ledger_root: str, model_name: str):
-        self.ledger, self.root, self.model_name = ledger, ledger_root, model_name
+    def __init__(self, ledger, ledger_root: str, model_name: str,
+                 on_end: Callable[[Live], None] = lambda live: None):
+        self.ledger, self.root, self.model_name, self.on_end = ledger, ledger_root, model_name, on_end
         self.live: dict[str, Live] = {}
         self._detached: set[asyncio.Task] = set()
         self._fallback: LedgerWriter | None = None
@@ -69,7 +73,7 @@ class Accounting:
         """Write rid's row and wait until the ledger has it. Once per request: later calls do nothing.
 
         n_out: output tokens the client received and is billed for (default: what the units made)."""
-        live = self.live.pop(rid, None)
+        live = self._end(rid)
         if live is not None:
             if n_out is not None:
                 live.n_out = n_out
@@ -78,11 +82,17 @@ class Accounting:
 
     def finish_detached(self, rid: str, reason: str) -> None:
         """finish() from a task that is being cancelled: the write runs on as its own task."""
-        live = self.live.pop(rid, None)
+        live = self._end(rid)
         if live is not None:
             task = asyncio.get_running_loop().create_task(self._write(self.row(live, reason)))
             self._detached.add(task)
             task.add_done_callback(self._detached.discard)
+
+    def _end(self, rid: str) -> Live | None:
+        live = self.live.pop(rid, None)
+        if live is not None:
+            self.on_end(live)
+        return live
 
     async def drain(self, reason: str = "abort") -> int:
         """Shutdown: rows for requests still in flight, then every pending write. Returns rows written."""

@@ -8,7 +8,6 @@ streamed back. A client that disconnects aborts its request and frees its KV pag
 """
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -24,16 +23,18 @@ from epserve.actors.unit import RequestRejected
 from epserve.config import Config
 from epserve.messages import Usage
 from epserve.model.checkpoint import read_config
-from epserve.model.sampling import InvalidRequest, SamplingParams
+from epserve.model.sampling import SamplingParams
 from epserve.model.tokenizer import IncrementalText, load_tokenizer
 from epserve.llm import kv_store_spec
 from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
 from epserve.pipelines.runner import DTYPES
 from epserve.pipelines.sequence import Sequence
 from epserve.serve.accounting import Accounting, Live
+from epserve.serve.inputs import Inputs, too_large
 from epserve.serve.metrics import ServeMetrics
 from epserve.serve.openai_models import APIError, ChatRequest, CompletionRequest, parse
 from epserve.serve.router import Router
+from epserve.serve.tenants import TenantLimits, TenantTable
 
 log = logging.getLogger("epserve.ingress")
 app = FastAPI(title="epserve", docs_url=None, redoc_url=None)
@@ -61,12 +62,14 @@ class Ingress:
         units = None if capacity is not None else {"prefill": prefill_units, "decode": decode_units}
         self.router = Router(units, cfg.serve.max_queue, controller=capacity)
         self.metrics = ServeMetrics()
-        self.api_keys = set(cfg.serve.api_keys)
+        self.tenants, self.limits = TenantTable(cfg.serve), TenantLimits()
+        self.inputs = Inputs(self.tokenizer, self.args.vocab_size, self.max_len, cfg.serve.max_messages)
         spec = kv_store_spec(cfg)
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
         self.kv_store = open_store(spec, model_dir, self.args.n_layers, self.args.kv_dim,
                                    DTYPES[cfg.dtype], fp8_activations=cfg.fp8_activations) if spec else None
-        self.acct = Accounting(ledger, ledger_root(cfg), self.model_name)
+        self.acct = Accounting(ledger, ledger_root(cfg), self.model_name,
+                               on_end=lambda live: self.limits.release(live.owner))
 
     async def __del__(self):
         """Serve's graceful shutdown (after draining): rows for what is still in flight, and every write."""
@@ -84,7 +87,7 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        if (err := self._auth(request)) is not None:
+        if (err := self._auth(request)[1]) is not None:
             return err
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                             "owned_by": "epserve", "max_model_len": self.max_len}]}
@@ -111,44 +114,64 @@ class Ingress:
         return await self._handle(request, ChatRequest, chat=True)
 
     def _auth(self, request: Request):
-        if not self.api_keys:
-            return None
-        header = request.headers.get("authorization", "")
-        key = header[7:] if header.lower().startswith("bearer ") else ""
-        if key not in self.api_keys:
-            return _error_response(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                            "authentication_error", code="invalid_api_key"))
-        return None
+        """(tenant, None) or (None, the 401 response)."""
+        tenant = self.tenants.resolve(request.headers.get("authorization", ""))
+        if tenant is None:
+            return None, _error_response(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                                  "authentication_error", code="invalid_api_key"))
+        return tenant, None
 
-    def tenant(self, request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        return hashlib.sha256(header.encode()).hexdigest()[:16] if header else "anonymous"
+    async def _body(self, request: Request) -> bytes:
+        """The request body, read no further than serve.max_body_bytes (413 past it)."""
+        limit = self.cfg.serve.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large("the request body (bytes)", int(declared), limit, "max_body_bytes")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_large("the request body (bytes) at least", len(body), limit, "max_body_bytes")
+        return bytes(body)
 
     async def _handle(self, request: Request, model_cls, chat: bool):
         endpoint = "chat" if chat else "completions"
-        if (err := self._auth(request)) is not None:
+        tenant, err = self._auth(request)
+        if err is not None:
             self.metrics.requests.labels(endpoint, "401").inc()
             return err
+        retry = self.limits.acquire(tenant, time.monotonic())
+        if retry is not None:
+            lim = tenant.limits
+            self.metrics.requests.labels(endpoint, "429").inc()
+            return _error_response(APIError(
+                429, f"tenant {tenant.name!r} is over its limit ({lim.max_requests_per_s:g} requests/s, "
+                     f"{lim.max_concurrent} in flight; 0 = unlimited); retry after {retry} s", "rate_limit_error",
+                code="tenant_rate_limited", headers={"Retry-After": str(retry)}))
         try:
-            raw = await request.body()
+            raw = await self._body(request)
             try:
                 data = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise APIError(400, f"request body is not valid JSON: {exc}") from None
+            self.inputs.check_counts(data, chat)
             req = parse(model_cls, data)
             if req.model != self.model_name:
                 raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                                param="model", code="model_not_found")
-            ids = self._prompt_ids(req, chat)
-            params = self._params(req, chat, len(ids))
+            ids = self.inputs.prompt_ids(req, chat)
+            params = self.inputs.params(req, chat, len(ids))
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            tenant = self.tenant(request)
-            cached = await asyncio.to_thread(self._cached_tokens, ids, tenant)    # file checks: off the event loop
+            cached = await asyncio.to_thread(self._cached_tokens, ids, tenant.namespace)   # file checks: off the loop
             route = await self.router.admit(rid, len(ids), cached, params.max_tokens)
         except APIError as exc:
+            self.limits.release(tenant)
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
-        live = self.acct.admit(Live(rid, tenant, len(ids), route))
+        except BaseException:
+            self.limits.release(tenant)
+            raise
+        live = self.acct.admit(Live(rid, tenant.name, len(ids), route, namespace=tenant.namespace, owner=tenant))
         events = self._generate(live, ids, params)
         if req.stream:
             return StreamingResponse(self._sse(live, req, chat, ids, events, endpoint), media_type="text/event-stream")
@@ -162,57 +185,6 @@ class Ingress:
         return cacheable_blocks(len(ids), self.kv_store.lookup(keys), self.kv_store.block_tokens) \
             * self.kv_store.block_tokens
 
-    def _prompt_ids(self, req, chat: bool) -> list[int]:
-        if chat:
-            if self.tokenizer is None or not self.tokenizer.chat_template:
-                raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-            try:
-                messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                            for m in req.messages]
-                text = self.tokenizer.apply_chat_template(messages)
-            except ValueError as exc:
-                raise APIError(400, f"messages: {exc}", param="messages") from None
-            return self.tokenizer.encode(text, add_special=False)
-        prompt = req.prompt
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError(400, "prompt: must not be empty", param="prompt")
-            if self.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})",
-                               param="prompt")
-        if not ids:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
-        return ids
-
-    def _params(self, req, chat: bool, n_prompt: int) -> SamplingParams:
-        if n_prompt >= self.max_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; the prompt has "
-                           f"{n_prompt}", param="messages" if chat else "prompt", code="context_length_exceeded")
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = min(1024, self.max_len - n_prompt) if chat else 16
-        if chat:
-            logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        else:
-            logprobs = req.logprobs
-        try:
-            params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                    top_k=req.top_k, seed=req.seed, stop=req.stop or (), ignore_eos=req.ignore_eos,
-                                    logprobs=logprobs)
-        except InvalidRequest as exc:
-            raise APIError(400, str(exc), param=exc.param) from None
-        if n_prompt + params.max_tokens > self.max_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; you requested "
-                           f"{n_prompt + params.max_tokens} ({n_prompt} in the prompt, {params.max_tokens} to "
-                           f"generate)", param="max_tokens", code="context_length_exceeded")
-        return params
-
     # ---- the request path: prefill rank -> KV handoff -> decode rank ----------------------
     async def _generate(self, live: Live, ids: list[int], params: SamplingParams):
         """Yield (token_id, logprob, finish_reason); counts what the units computed into `live`;
@@ -222,7 +194,7 @@ class Ingress:
         rid, route = live.rid, live.route
         try:
             decode_unit = self.router.handle("decode", route.decode.unit)
-            seq = Sequence(rid, ids, params, tenant=live.tenant if self.kv_store else None)
+            seq = Sequence(rid, ids, params, tenant=live.namespace if self.kv_store else None)
             pre = await self.router.handle("prefill", route.prefill.unit).prefill.remote(seq, route.prefill.rank)
             if "error" in pre:
                 raise (APIError(400, pre["error"]) if pre["rejected"] else RuntimeError(pre["error"]))
@@ -306,7 +278,7 @@ class Ingress:
             watcher.cancel()
             await stream.aclose()
         usage = await self._account(live, endpoint, len(tokens), reason)
-        choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(chat, tokens, lps, req)}
+        choice = {"index": 0, "finish_reason": reason, "logprobs": self.inputs.logprobs(chat, tokens, lps, req)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -332,10 +304,10 @@ class Ingress:
                 delta = {"role": "assistant", "content": delta_text} if first else \
                     ({"content": delta_text} if delta_text or not reason else {})
                 c = {"index": 0, "delta": delta, "finish_reason": reason,
-                     "logprobs": self._logprobs(True, tokens[-1:], [lp] if lp else [], req)}
+                     "logprobs": self.inputs.logprobs(True, tokens[-1:], [lp] if lp else [], req)}
             else:
                 c = {"index": 0, "text": delta_text, "finish_reason": reason,
-                     "logprobs": self._logprobs(False, tokens[-1:], [lp] if lp else [], req)}
+                     "logprobs": self.inputs.logprobs(False, tokens[-1:], [lp] if lp else [], req)}
             return "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
                                           "choices": [c]}) + "\n\n"
         try:
@@ -381,16 +353,3 @@ class Ingress:
             if n_tokens > 1:
                 self.metrics.tpot.observe((now - live.t_first) / (n_tokens - 1))
         return Usage(live.n_prompt, n_tokens, live.n_cached)
-
-    def _logprobs(self, chat, tokens, lps, req):
-        if not lps:
-            return None
-        dec = (lambda t: self.tokenizer.decode([t])) if self.tokenizer else str
-        if chat:
-            return {"content": [{"token": dec(lp["token_id"]), "logprob": lp["logprob"],
-                                 "bytes": list(dec(lp["token_id"]).encode()),
-                                 "top_logprobs": [{"token": dec(t), "logprob": v, "bytes": list(dec(t).encode())}
-                                                  for t, v in lp["top"]]} for lp in lps]}
-        return {"tokens": [dec(lp["token_id"]) for lp in lps], "token_logprobs": [lp["logprob"] for lp in lps],
-                "top_logprobs": [{dec(t): v for t, v in lp["top"]} for lp in lps], "text_offset": []}
-

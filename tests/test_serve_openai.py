@@ -51,7 +51,11 @@ def server(ray_cluster, tiny_dir, llm_answers, tmp_path_factory):
                        "prefill": {"gpus_per_node": 2, "kv_pages": 32},
                        "decode": {"gpus_per_node": 2, "redundant_experts": 2, "kv_pages": 64},
                        "serve": {"port": port, "max_queue": 16, "model_name": "tiny",
-                                 "api_keys": ["none", "tenant-a", "tenant-b"]}})
+                                 "api_keys": ["none", "tenant-a", "tenant-b"], "max_body_bytes": 64 * 1024,
+                                 "max_messages": 8,
+                                 "tenants": [{"name": "acme", "api_keys": ["acme-old", "acme-new"]},
+                                             {"name": "slow", "api_keys": ["slow-key"], "max_requests_per_s": 0.2},
+                                             {"name": "solo", "api_keys": ["solo-key"], "max_concurrent": 1}]}})
     dep = start_deployment(cfg)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -384,3 +388,54 @@ def test_bench_serve_measures_this_server(server):
               output_len=(4, 8), api_key="none", timeout_s=120)[0]
     assert (row["ok"], row["failed"], row["n_429"], row["unsent"]) == (4, 0, 0, 0)
     assert 4 <= row["output_tokens"] <= 32 and row["ttft_ms_p50"] > 0 and row["output_tokens_per_s"] > 0
+
+
+def test_a_rotated_key_keeps_its_tenants_cache_and_ledger_name(server):
+    _, dep = server
+    prompt = " ".join(["Tenants own their cache, not their keys."] * 12)
+    old, new = (openai.OpenAI(base_url=server[0] + "/v1", api_key=k, max_retries=0, timeout=120)
+                for k in ("acme-old", "acme-new"))
+    first = old.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0.0)
+    second = new.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0.0)
+    assert second.usage.model_dump()["prompt_cache_hit_tokens"] > 0 and second.choices[0].text == first.choices[0].text
+    rows = ledger_rows(dep, [first.id, second.id])
+    assert rows[first.id]["tenant"] == rows[second.id]["tenant"] == "acme"
+
+
+@pytest.mark.parametrize("body,param", [({"prompt": "x" * (70 * 1024)}, None),
+                                        ({"messages": [{"role": "user", "content": "hi"}] * 9}, "messages")])
+def test_oversized_requests_are_413_with_openai_bodies(server, body, param):
+    route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = httpx.post(server[0] + route, json={"model": "tiny", **body}, timeout=60, headers=AUTH)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and err["param"] == param and "serve.max_" in err["message"]
+
+
+def test_tenant_rate_limit_is_429_with_retry_after(server):
+    c = httpx.Client(base_url=server[0], headers={"Authorization": "Bearer slow-key"}, timeout=60)
+    ok = c.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1})
+    again = c.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1})
+    assert ok.status_code == 200 and again.status_code == 429
+    assert int(again.headers["retry-after"]) >= 1 and again.json()["error"]["code"] == "tenant_rate_limited"
+    other = httpx.post(server[0] + "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1},
+                       headers=AUTH, timeout=60)
+    assert other.status_code == 200                       # one tenant's limit is not another's
+
+
+def test_tenant_concurrency_limit_is_429_while_its_request_runs(server):
+    headers = {"Authorization": "Bearer solo-key"}
+    body = {"model": "tiny", "prompt": "The sea", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)                                       # the first request is running
+        second = httpx.post(server[0] + "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1},
+                            headers=headers, timeout=60)
+        assert second.status_code == 429 and second.headers["retry-after"] == "1"
+        assert any(next(lines).startswith("data: {") for _ in range(2))   # still streaming; then it hangs up
+    deadline = time.time() + 30
+    while (after := httpx.post(server[0] + "/v1/completions", headers=headers, timeout=60,
+                               json={"model": "tiny", "prompt": "Hi", "max_tokens": 1})).status_code == 429:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert after.status_code == 200
