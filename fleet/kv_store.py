@@ -28,6 +28,9 @@ fleet/kv_block_format.py), fanned out into 256 directories by key prefix. Why:
 Several processes (and nodes) may share a root. Each evicts on its own view, which
 it refreshes by a rescan before evicting and at least every `rescan_interval_s`;
 files vanishing under it (another evictor) are fine.
+
+About 400 lines, over the 300 guideline: it is one noun (a directory of blocks and this
+process's index of it); reads, writes, eviction and faults share the index and its lock.
 """
 from __future__ import annotations
 

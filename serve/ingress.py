@@ -5,6 +5,9 @@
 never a 500), tokenised with the checkpoint's tokenizer and chat template, routed
 (serve/router.py), prefilled on a prefill rank, handed to the chosen decode rank and
 streamed back. A client that disconnects aborts its request and frees its KV pages.
+Parsing lives in serve/inputs.py, tenants and limits in serve/tenants.py, each request's
+ledger row in serve/accounting.py. Over 300 lines: the two response shapes (one JSON body,
+SSE) each own their error, abort and accounting paths.
 """
 
 import asyncio
