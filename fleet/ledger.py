@@ -138,8 +138,8 @@ def rows_to_table(rows: list[RequestRow] | list[CapacityRow], schema: pa.Schema)
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def _write_part(folder: Path, table: pa.Table, name: str) -> Path:
-    """Write table as folder/name atomically: temp file, fsync, rename, fsync the folder."""
+def _stage_part(folder: Path, table: pa.Table, name: str) -> tuple[Path, Path]:
+    """Write table to a hidden temp file in folder and fsync it; returns (temp, final path)."""
     folder.mkdir(parents=True, exist_ok=True)
     final, tmp = folder / name, folder / f".{name}.tmp"
     try:
@@ -147,12 +147,17 @@ def _write_part(folder: Path, table: pa.Table, name: str) -> Path:
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable; not every file system allows opening a folder
-        dir_fd = os.open(folder, os.O_RDONLY)
+    return tmp, final
+
+
+def _commit_part(tmp: Path, final: Path) -> Path:
+    """Rename a staged part into place and fsync its folder (the rename itself durable)."""
+    os.replace(tmp, final)
+    try:  # not every file system allows opening a folder
+        dir_fd = os.open(final.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -239,14 +244,21 @@ class LedgerWriter:
     def flush(self) -> list[Path]:
         """Write each table's buffered rows as one new part of this batch; returns the parts written.
 
-        On an I/O error the rows of the failing table stay buffered (and logged) for the next try.
+        All or nothing: every part is staged (written, fsynced) before any is renamed into place,
+        so on an I/O error nothing is visible, every row stays buffered and logged, and the next
+        flush retries the whole batch under the same names.
         """
-        written = []
-        for kind, (folder, _) in _TABLES.items():
-            rows = self._buffers[kind]
-            if rows and not self._part_exists(folder, self._token, self._seq):
-                written.append(self._write_rows(folder, rows, self._token, self._seq))
-            self._buffers[kind] = []
+        staged = []
+        try:
+            for kind, (folder, _) in _TABLES.items():
+                if self._buffers[kind]:
+                    staged.append(self._stage_rows(folder, self._buffers[kind], self._token, self._seq))
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        written = [_commit_part(tmp, final) for tmp, final in staged]
+        self._buffers = {kind: [] for kind in _TABLES}
         if self._log.fd is not None:
             self._log.retire()
             self._seq += 1
@@ -256,11 +268,14 @@ class LedgerWriter:
     def _part_exists(self, folder: str, token: str, seq: int) -> bool:
         return any((self.root / folder).glob(f"part-*-{token}-{seq:06d}.parquet"))
 
-    def _write_rows(self, folder: str, rows: list, token: str, seq: int) -> Path:
+    def _stage_rows(self, folder: str, rows: list, token: str, seq: int) -> tuple[Path, Path]:
         stamp = datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"part-{stamp}-{os.getpid()}-{token}-{seq:06d}.parquet"
-        schema = _TABLES[_ROW_TYPES[folder]][1]
-        return _write_part(self.root / folder, rows_to_table(rows, schema), name)
+        return _stage_part(self.root / folder, rows_to_table(rows, _TABLES[_ROW_TYPES[folder]][1]), name)
+
+    def _write_rows(self, folder: str, rows: list, token: str, seq: int) -> Path:
+        """Recovery's writer: one table's rows of a dead writer's batch, under that batch's name."""
+        return _commit_part(*self._stage_rows(folder, rows, token, seq))
 
     def close(self) -> None:
         """Flush and refuse further rows. Idempotent."""

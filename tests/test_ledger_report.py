@@ -302,3 +302,19 @@ def test_plot_report_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     bare = plot_report(REQUESTS_SCHEMA.empty_table(), CAPACITY_SCHEMA.empty_table(), tmp_path / "empty.png")
     assert bare.stat().st_size > 0
+
+
+def test_a_failed_flush_shows_nothing_and_the_retry_writes_every_row_once(tmp_path):
+    w = LedgerWriter(tmp_path, flush_rows=100)
+    w.append(req(0))
+    w.append(cap("decode-0", "start", 0.0))
+    (tmp_path / "capacity").write_text("a file where the capacity folder should be")   # a real I/O fault
+    with pytest.raises(OSError):
+        w.flush()
+    assert not list((tmp_path / "requests").glob("*.parquet")) and w.n_buffered == 2   # all or nothing
+    w.append(req(1))                                    # rows keep coming while the disk is bad
+    (tmp_path / "capacity").unlink()
+    w.close()
+    led = read_ledger(tmp_path)
+    assert sorted(led.requests["request_id"].to_pylist()) == ["r0", "r1"] and led.capacity.num_rows == 1
+    assert led.duplicate_rows == 0 and led.is_complete
