@@ -295,6 +295,10 @@ def test_rows_of_sent_responses_survive_a_kill_9_of_the_ledger(server, client):
     _, dep = server
     ids = [client.completions.create(model="tiny", prompt=f"Count to {i}", max_tokens=2, temperature=0.0,
                                      extra_body={"ignore_eos": True}).id for i in range(3)]
+    from pathlib import Path
+    logged = {json.loads(line)["row"]["request_id"] for f in (Path(dep.cfg.ledger.path) / "wal").glob("*.jsonl")
+              for line in f.read_text().splitlines() if line}
+    assert set(ids) <= logged                               # in the log when the response arrived, no flush
     ray.kill(dep.ledger, no_restart=False)                  # SIGKILL; Ray restarts it, it replays its log
     rows = ledger_rows(dep, ids)
     assert all(rows[i] is not None and rows[i]["output_tokens"] == 2 for i in ids)
