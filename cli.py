@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-node", type=int, default=8)
     r.add_argument("--json", action="store_true")
     r.add_argument("--plot", help="write a PNG of node count and tokens/s")
+    r.add_argument("--skip-bad-parts", action="store_true",
+                   help="exit 0 even if some ledger parts or rows could not be read (they are still listed)")
 
     sm = sub.add_parser("simulate", help="24 h of a fleet on the live balancer, EPLB and capacity code")
     sm.add_argument("--scenario", default=None, help="deepseek-day (default when no --trace)")
@@ -157,7 +159,7 @@ def _cmd_report(a) -> int:
     from datetime import datetime, timezone
 
     from epserve.config import load_config
-    from epserve.fleet.ledger import read_ledger
+    from epserve.fleet.ledger_read import read_ledger
     from epserve.fleet.report import build_report, format_report, plot_report
 
     def when(s):
@@ -171,11 +173,20 @@ def _cmd_report(a) -> int:
 
     pricing = load_config(a.config).pricing
     start, end = when(a.start), when(a.end)
-    requests, capacity = read_ledger(a.ledger, start, end)
-    rep = build_report(requests, capacity, pricing, start, end, a.gpus_per_node)
-    print(json.dumps(rep.to_dict(), indent=1) if a.json else format_report(rep))
+    led = read_ledger(a.ledger, start, end)
+    rep = build_report(led.requests, led.capacity, pricing, start, end, a.gpus_per_node)
+    if a.json:
+        print(json.dumps({**rep.to_dict(), "ledger": led.to_dict()}, indent=1))
+    else:
+        print(format_report(rep) + "\n" + led.format())
     if a.plot:
-        plot_report(requests, capacity, a.plot, a.gpus_per_node, pricing=pricing, start=start, end=end)
+        plot_report(led.requests, led.capacity, a.plot, a.gpus_per_node, pricing=pricing, start=start, end=end)
+    if not led.is_complete and not a.skip_bad_parts:
+        first = led.bad_parts[0].path if led.bad_parts else "rows with nulls"
+        print(f"epserve report: error: the figures leave out {len(led.bad_parts)} unreadable ledger part(s) and "
+              f"{led.skipped_rows:,} row(s) (first: {first}); repair or move them, or pass --skip-bad-parts",
+              file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

@@ -8,6 +8,7 @@ start-up live in runtime state, never back in here.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,12 +93,23 @@ class PricingConfig:
 
 
 @dataclass(frozen=True)
+class TenantConfig:
+    name: str                         # ledger tenant and KV-store namespace (so a rotated key keeps its cache)
+    api_keys: tuple = ()              # this tenant's bearer keys (rotate: add the new key, then drop the old)
+    max_requests_per_s: float = 0.0   # sustained request rate before 429 + Retry-After (0: unlimited)
+    max_concurrent: int = 0           # requests in flight before 429 + Retry-After (0: unlimited)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: tuple = ()
+    api_keys: tuple = ()              # bare bearer keys: each its own tenant, named by a hash of the key
+    tenants: tuple[TenantConfig, ...] = ()   # named tenants: [{name, api_keys, max_requests_per_s, max_concurrent}]
     model_name: str = "epserve"
     max_queue: int = 256              # requests waiting per service before 429
+    max_body_bytes: int = 1 << 20     # request bodies over this: 413
+    max_messages: int = 256           # chat messages in one request over this: 413
 
 
 @dataclass(frozen=True)
@@ -138,9 +150,43 @@ class Config:
             raise ConfigError(f"serve.port: must be in 1..65535, got {self.serve.port}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len: must be >= 1, got {self.max_model_len}")
+        _check_serve(self.serve)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _check_serve(s: ServeConfig) -> None:
+    for key in ("max_queue", "max_body_bytes", "max_messages"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"serve.{key}: must be >= 1, got {getattr(s, key)}")
+    owner: dict[str, str] = {}
+    for k in s.api_keys:
+        if not isinstance(k, str) or not k:
+            raise ConfigError(f"serve.api_keys: {k!r} is not a non-empty string")
+        owner[k] = "serve.api_keys"
+    names = set()
+    for i, t in enumerate(s.tenants):
+        at = f"serve.tenants[{i}]"
+        if not _TENANT_NAME.fullmatch(t.name):
+            raise ConfigError(f"{at}.name: {t.name!r} must be 1-64 of letters, digits, '.', '_' or '-'")
+        if t.name in names:
+            raise ConfigError(f"{at}.name: {t.name!r} is used by an earlier tenant")
+        names.add(t.name)
+        if not t.api_keys:
+            raise ConfigError(f"{at}.api_keys: tenant {t.name!r} needs at least one key")
+        for k in t.api_keys:
+            if not isinstance(k, str) or not k:
+                raise ConfigError(f"{at}.api_keys: {k!r} is not a non-empty string")
+            if k in owner:
+                raise ConfigError(f"{at}.api_keys: a key of {t.name!r} is already one of {owner[k]}'s")
+            owner[k] = f"tenant {t.name!r}"
+        if t.max_requests_per_s < 0 or t.max_concurrent < 0:
+            raise ConfigError(f"{at}: max_requests_per_s and max_concurrent must be >= 0 (0: unlimited), got "
+                              f"{t.max_requests_per_s} and {t.max_concurrent}")
 
 
 def _choice(key: str, value, allowed: tuple) -> None:
@@ -183,9 +229,12 @@ def _coerce(key: str, value, tp):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
-    if tp is tuple:
+    if tp is tuple or origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:       # tuple[X, ...]: every item an X
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         return tuple(value)
     return value
 

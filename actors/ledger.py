@@ -1,9 +1,13 @@
 """LedgerActor: batches usage and capacity rows into the Parquet ledger (fleet/ledger.py).
 
-One per deployment. The ingress sends a RequestRow per finished request and the
-deployment a CapacityRow per unit start/stop; rows are flushed every `flush_rows`
-rows or `flush_interval_s` seconds into new immutable files, so a crash loses at
-most the unflushed batch.
+One per deployment. The ingress sends a RequestRow per request that reached a unit
+(finished, failed or aborted) and waits until append() returns: by then the row is in
+the writer's write-ahead log, so a flush, a shutdown, a SIGTERM or a kill -9 of this
+actor loses no row whose response was sent. Ray restarts the actor (max_restarts=-1);
+the new writer replays the dead one's log, and a call that died with it is retried
+(max_task_retries=-1) and refused as a duplicate if its rows had been taken.
+Rows are flushed every `flush_rows` rows or `flush_interval_s` seconds into new
+immutable parts.
 """
 from __future__ import annotations
 
@@ -11,32 +15,46 @@ import asyncio
 
 import ray
 
+from epserve.config import Config
 from epserve.fleet.ledger import LedgerWriter
+from epserve.model.tiny import cache_root
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+def ledger_root(cfg: Config) -> str:
+    return cfg.ledger.path or str(cache_root() / "ledger")
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class LedgerActor:
     def __init__(self, root: str, flush_rows: int = 256, flush_interval_s: float = 10.0):
         self.writer = LedgerWriter(root, flush_rows=flush_rows, flush_interval_s=flush_interval_s)
         self.interval = flush_interval_s
         self.task = None
 
-    async def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._tick())
+    def _ensure_ticker(self) -> None:
+        """A quiet ledger still flushes on time; started on first use, so also after a restart."""
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             self.writer.flush_if_due()
 
-    def append(self, rows: list) -> None:
-        for row in rows:
-            self.writer.append(row)
+    async def start(self) -> int:
+        """Rows replayed from a dead writer's log when this actor started."""
+        self._ensure_ticker()
+        return self.writer.n_recovered
 
-    def flush(self) -> int:
+    async def append(self, rows: list) -> int:
+        """Take rows (logged before this returns); returns how many were new."""
+        self._ensure_ticker()
+        return sum(self.writer.append(row) for row in rows)
+
+    async def flush(self) -> int:
         return len(self.writer.flush())
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self.task:
             self.task.cancel()
         self.writer.close()

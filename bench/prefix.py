@@ -48,17 +48,21 @@ def run(model: str | None = None, prompt_len: int = 1536, repeats: int = 3) -> d
         files = sorted(p for p in store.root.rglob("*.kvb"))
         keys = [p.stem for p in files]
         os.sync() if hasattr(os, "sync") else None
-        t = time.perf_counter()
-        n_bytes = sum(len(open(p, "rb").read()) for p in files)
-        raw_s = time.perf_counter() - t
-        t = time.perf_counter()
-        loaded = [store.load(k) for k in keys]
-        load_s = time.perf_counter() - t
-        assert all(x is not None for x in loaded)
+        # best of 9 alternating passes each: one pass is a few ms, so single timings are noise
+        raw_s = load_s = float("inf")
+        for _ in range(9):
+            t = time.perf_counter()
+            n_bytes = sum(len(open(p, "rb").read()) for p in files)
+            raw_s = min(raw_s, time.perf_counter() - t)
+            t = time.perf_counter()
+            loaded = store.load_prefix(keys)          # how a rank reads a cached prefix
+            load_s = min(load_s, time.perf_counter() - t)
+            assert len(loaded) == len(keys)
         return {"ttft": rows, "kv_load": {"blocks": len(files), "bytes": n_bytes,
                                           "raw_read_mb_s": round(n_bytes / raw_s / 1e6, 1),
                                           "kv_store_load_mb_s": round(n_bytes / load_s / 1e6, 1),
                                           "ratio": round(raw_s / load_s, 3)},
-                "note": "files are in the page cache after writing; both reads see the same cache state"}
+                "note": "files are in the page cache after writing; both reads see the same cache state; "
+                        "best of 9 alternating passes"}
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -20,12 +20,20 @@ Layout (integers little-endian):
     12      meta_len    JSON meta, utf-8, space-padded so the payload starts on a
                         64-byte boundary (aligned torch.frombuffer views):
                         {"model_id", "dtype", "shape", "byteorder", "key",
-                         "payload_bytes", "sha256"}
+                         "payload_bytes", "xxh3_128"}
     12+meta_len         payload: the tensor [n_layers, block_tokens, kv_dim] in C
                         order, raw bytes of `dtype` in the host's byte order
 
 The file size must be exactly 12 + meta_len + payload_bytes, so truncation or a
-trailing append is caught before hashing. The meta is JSON rather than packed
+trailing append is caught before hashing.
+
+Integrity vs identity: the key (sha256 of the token chain) says WHICH block a file
+must be; the payload checksum only has to catch torn writes and bit rot, not an
+adversary, so it is XXH3-128 (xxhash), ~27 GB/s on one core against sha256's
+~1.9 GB/s: verifying no longer costs most of a load (a 4.5 MB block verifies in
+~0.2 ms). Version 1 files (a "sha256" payload digest) are still read and verified
+with sha256, so a store written by an older epserve keeps its hits; new blocks are
+always version 2. The meta is JSON rather than packed
 fields because it is tiny next to the payload (a DeepSeek-V3 bf16 block is
 61 x 64 x 576 x 2 B = 4.5 MB) and `head -c 400 FILE` should tell a person what a
 block is.
@@ -33,6 +41,7 @@ block is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -46,9 +55,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import xxhash
 
 MAGIC = b"EPKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# version -> (meta field of the payload digest, digest of a payload buffer as lowercase hex)
+CHECKSUMS = {1: ("sha256", lambda b: hashlib.sha256(b).hexdigest()), 2: ("xxh3_128", xxhash.xxh3_128_hexdigest)}
 PAYLOAD_ALIGN = 64
 MAX_META_BYTES = 64 * 1024  # a bigger header is garbage, not a block
 _PREFIX = struct.Struct("<4sHHI")  # magic, version, reserved, meta_len
@@ -77,12 +89,12 @@ class BlockSpec:
     dtype: torch.dtype
     shape: tuple[int, int, int]
 
-    @property
+    @functools.cached_property        # read on every hit: computed once
     def numel(self) -> int:
         n_layers, block_tokens, kv_dim = self.shape
         return n_layers * block_tokens * kv_dim
 
-    @property
+    @functools.cached_property
     def payload_bytes(self) -> int:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
@@ -95,7 +107,7 @@ def _header(spec: BlockSpec, key: str, payload_bytes: int, digest: str) -> bytes
         "byteorder": sys.byteorder,
         "key": key,
         "payload_bytes": payload_bytes,
-        "sha256": digest,
+        CHECKSUMS[FORMAT_VERSION][0]: digest,
     }
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
     meta_bytes += b" " * (-(_PREFIX.size + len(meta_bytes)) % PAYLOAD_ALIGN)
@@ -105,12 +117,44 @@ def _header(spec: BlockSpec, key: str, payload_bytes: int, digest: str) -> bytes
 def encode_block(spec: BlockSpec, key: str, kv: torch.Tensor) -> list[bytes | memoryview]:
     """Header bytes and payload view for `kv` ([*spec.shape], spec.dtype), to write in order."""
     payload = memoryview(kv.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-    return [_header(spec, key, payload.nbytes, hashlib.sha256(payload).hexdigest()), payload]
+    return [_header(spec, key, payload.nbytes, CHECKSUMS[FORMAT_VERSION][1](payload)), payload]
 
 
 def file_bytes(spec: BlockSpec) -> int:
     """Size of every valid block file of `spec` (keys and digests are fixed-length hex)."""
-    return len(_header(spec, "0" * 64, spec.payload_bytes, "0" * 64)) + spec.payload_bytes
+    return len(_header(spec, "0" * 64, spec.payload_bytes, "0" * 32)) + spec.payload_bytes
+
+
+@functools.lru_cache(maxsize=64)
+def _template(spec: BlockSpec) -> tuple[bytes, bytes, bytes]:
+    """A current-version header of spec cut around its key and digest: (before the key, between the
+    key and the digest, after the digest)."""
+    head = _header(spec, "0" * 64, spec.payload_bytes, "0" * 32)
+    k = head.index(b'"key":"') + 7
+    d = head.index(b'"%s":"' % CHECKSUMS[FORMAT_VERSION][0].encode()) + 12
+    return head[:k], head[k + 64:d], head[d + 32:]
+
+
+def header_bytes(spec: BlockSpec) -> int:
+    """Length of a current-version header of spec (the payload starts there)."""
+    pre, mid, post = _template(spec)
+    return len(pre) + 64 + len(mid) + 32 + len(post)
+
+
+def header_digest(head: bytes | bytearray, spec: BlockSpec, key: str) -> bytes | None:
+    """The payload digest (hex, ascii) if `head` is byte for byte the header this version writes for
+    (spec, key); None otherwise (decode_block's full parse then names the reason). Saves the JSON
+    parse on every hit, which costs more than hashing a small block."""
+    pre, mid, post = _template(spec)
+    d = len(pre) + 64 + len(mid)
+    if len(head) != d + 32 + len(post) or head[:d] != pre + key.encode() + mid or head[d + 32:] != post:
+        return None
+    return bytes(head[d:d + 32])
+
+
+def payload_digest(payload) -> bytes:
+    """Current-version checksum of a payload buffer, as header_digest returns it."""
+    return CHECKSUMS[FORMAT_VERSION][1](payload).encode()
 
 
 def decode_block(buf: bytearray, spec: BlockSpec, key: str) -> torch.Tensor:
@@ -120,20 +164,27 @@ def decode_block(buf: bytearray, spec: BlockSpec, key: str) -> torch.Tensor:
     bad_meta, foreign_model, foreign_dtype, foreign_shape, foreign_byteorder,
     wrong_key, bad_size, checksum.
     """
+    start = len(buf) - spec.payload_bytes
+    digest = header_digest(bytes(buf[:start]), spec, key) if start > 0 else None
+    if digest is not None:
+        if payload_digest(memoryview(buf)[start:]) != digest:
+            raise BlockFormatError("checksum", f"payload {CHECKSUMS[FORMAT_VERSION][0]} mismatch")
+        return torch.frombuffer(buf, dtype=spec.dtype, count=spec.numel, offset=start).view(spec.shape)
     if len(buf) < _PREFIX.size:
         raise BlockFormatError("truncated", f"{len(buf)} bytes")
     magic, version, _, meta_len = _PREFIX.unpack_from(buf, 0)
     if magic != MAGIC:
         raise BlockFormatError("bad_magic", repr(bytes(magic)))
-    if version != FORMAT_VERSION:
-        raise BlockFormatError("bad_version", f"{version} != {FORMAT_VERSION}")
+    if version not in CHECKSUMS:
+        raise BlockFormatError("bad_version", f"{version} is not one of {sorted(CHECKSUMS)}")
+    digest_field, checksum = CHECKSUMS[version]
     start = _PREFIX.size + meta_len
     if meta_len > MAX_META_BYTES or start > len(buf):
         raise BlockFormatError("truncated", f"meta_len {meta_len}, file {len(buf)} bytes")
     try:
         meta = json.loads(bytes(buf[_PREFIX.size:start]))
         got = (meta["model_id"], meta["dtype"], tuple(meta["shape"]), meta["byteorder"],
-               meta["key"], int(meta["payload_bytes"]), str(meta["sha256"]))
+               meta["key"], int(meta["payload_bytes"]), str(meta[digest_field]))
     except (ValueError, KeyError, TypeError) as e:  # incl. JSONDecodeError, UnicodeDecodeError
         raise BlockFormatError("bad_meta", str(e)) from None
     model_id, dtype, shape, byteorder, file_key, payload_bytes, digest = got
@@ -149,8 +200,8 @@ def decode_block(buf: bytearray, spec: BlockSpec, key: str) -> torch.Tensor:
     if len(buf) != start + payload_bytes:
         raise BlockFormatError("truncated", f"{len(buf)} bytes, want {start + payload_bytes}")
     payload = memoryview(buf)[start:]
-    if hashlib.sha256(payload).hexdigest() != digest:
-        raise BlockFormatError("checksum", "payload sha256 mismatch")
+    if checksum(payload) != digest:
+        raise BlockFormatError("checksum", f"payload {digest_field} mismatch")
     return torch.frombuffer(buf, dtype=spec.dtype, count=spec.numel, offset=start).view(spec.shape)
 
 

@@ -1,15 +1,18 @@
 """The ledger: every finished request and every unit start/stop, appended to Parquet.
 
 Layout under `root`: `requests/` and `capacity/`, each a folder of immutable
-part files `part-<utc time>-<pid>-<writer>-<seq>.parquet`. A flush writes one
-new part per table with rows: to a hidden temp name in the same folder, fsync,
-then os.replace, so a crash (kill -9) loses at most the rows not yet flushed and
-never damages an earlier part. Readers ignore temp names and skip, with a
-warning, any part they cannot read.
+part files `part-<utc time>-<pid>-<writer>-<seq>.parquet`, and `wal/`, the
+write-ahead log of rows accepted but not yet in a part (fleet/ledger_wal.py). A
+row is in the log before append() returns, so killing the writer's process loses
+nothing: the next writer on the root replays the log. A flush writes one new
+part per table with rows: to a hidden temp name in the same folder, fsync, then
+os.replace, so a crash never damages an earlier part. Rows carry an identity
+(request id; unit, event and time for capacity) and a writer accepts each once,
+so a retried append (the ledger actor restarted mid-call) is not a second row.
 
-Owns the schemas, row validation, writing and reading; never computes
-statistics (that is `fleet/report.py`). No Ray, no threads: time-based flushing
-happens inside append(), against a clock passed in.
+Owns the schemas, row validation and writing; reading is fleet/ledger_read.py;
+statistics are fleet/report.py. No Ray, no threads: time-based flushing happens
+inside append(), against a clock passed in.
 """
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from epserve.fleet.ledger_wal import WriteAheadLog, encode_row, recover
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +121,15 @@ class CapacityRow:
 
 
 _TABLES = {RequestRow: ("requests", REQUESTS_SCHEMA), CapacityRow: ("capacity", CAPACITY_SCHEMA)}
+_ROW_TYPES = {folder: kind for kind, (folder, _) in _TABLES.items()}
+SEEN_IDS = 200_000     # row identities a writer remembers to refuse a retried append
+
+
+def row_id(row: RequestRow | CapacityRow) -> str:
+    """A row's identity: the same request (or unit event) must never be counted twice."""
+    if isinstance(row, RequestRow):
+        return "r:" + row.request_id
+    return f"c:{row.unit}|{row.event}|{row.ts.isoformat()}"
 
 
 def rows_to_table(rows: list[RequestRow] | list[CapacityRow], schema: pa.Schema) -> pa.Table:
@@ -124,8 +138,8 @@ def rows_to_table(rows: list[RequestRow] | list[CapacityRow], schema: pa.Schema)
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def _write_part(folder: Path, table: pa.Table, name: str) -> Path:
-    """Write table as folder/name atomically: temp file, fsync, rename, fsync the folder."""
+def _stage_part(folder: Path, table: pa.Table, name: str) -> tuple[Path, Path]:
+    """Write table to a hidden temp file in folder and fsync it; returns (temp, final path)."""
     folder.mkdir(parents=True, exist_ok=True)
     final, tmp = folder / name, folder / f".{name}.tmp"
     try:
@@ -133,12 +147,17 @@ def _write_part(folder: Path, table: pa.Table, name: str) -> Path:
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable; not every file system allows opening a folder
-        dir_fd = os.open(folder, os.O_RDONLY)
+    return tmp, final
+
+
+def _commit_part(tmp: Path, final: Path) -> Path:
+    """Rename a staged part into place and fsync its folder (the rename itself durable)."""
+    os.replace(tmp, final)
+    try:  # not every file system allows opening a folder
+        dir_fd = os.open(final.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -151,10 +170,11 @@ def _write_part(folder: Path, table: pa.Table, name: str) -> Path:
 class LedgerWriter:
     """Buffers rows and writes them as new Parquet parts.
 
-    append() flushes when flush_rows rows are buffered (both tables together) or
-    when the oldest buffered row is flush_interval_s old by `clock` (POSIX
-    seconds; time.time by default). close() flushes what is left; use it, or the
-    writer as a context manager, on shutdown.
+    append() logs the row (write-ahead) and flushes when flush_rows rows are
+    buffered (both tables together) or when the oldest buffered row is
+    flush_interval_s old by `clock` (POSIX seconds; time.time by default).
+    close() flushes what is left; use it, or the writer as a context manager, on
+    shutdown. A new writer first replays the logs of writers that died.
     """
 
     def __init__(
@@ -163,6 +183,7 @@ class LedgerWriter:
         flush_rows: int = 1000,
         flush_interval_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        fsync_log: bool = False,
     ):
         if flush_rows < 1:
             raise ValueError(f"flush_rows={flush_rows} must be >= 1")
@@ -172,20 +193,33 @@ class LedgerWriter:
         self.flush_rows, self.flush_interval_s = flush_rows, flush_interval_s
         self._buffers: dict[type, list] = {kind: [] for kind in _TABLES}
         self._oldest_s: float | None = None
-        self._seq = 0
+        self._seq = 1
         self._token = uuid.uuid4().hex[:8]
+        self._log = WriteAheadLog(self.root, self._token, fsync_log)
+        self._seen: OrderedDict[str, None] = OrderedDict()
         self.is_closed = False
+        self.n_recovered = 0
+        for row in recover(self.root, _ROW_TYPES, self._part_exists, self._write_rows):
+            self._remember(row_id(row))
+            self.n_recovered += 1
 
     @property
     def n_buffered(self) -> int:
         return sum(len(b) for b in self._buffers.values())
 
-    def append(self, row: RequestRow | CapacityRow) -> None:
-        """Buffer one row; flush if the batch is full or its oldest row is due."""
+    def append(self, row: RequestRow | CapacityRow) -> bool:
+        """Log and buffer one row; flush if the batch is full or its oldest row is due.
+
+        Returns False (and keeps nothing) for a row whose identity this writer already took."""
         if self.is_closed:
             raise RuntimeError(f"ledger writer for {self.root} is closed")
         if type(row) not in _TABLES:
             raise TypeError(f"ledger rows are RequestRow or CapacityRow, not {type(row).__name__}")
+        rid = row_id(row)
+        if rid in self._seen:
+            return False
+        self._log.append(self._seq, encode_row(_TABLES[type(row)][0], row))
+        self._remember(rid)
         if self._oldest_s is None:
             self._oldest_s = self.clock()
         self._buffers[type(row)].append(row)
@@ -193,6 +227,12 @@ class LedgerWriter:
             self.flush()
         else:
             self.flush_if_due()
+        return True
+
+    def _remember(self, rid: str) -> None:
+        self._seen[rid] = None
+        if len(self._seen) > SEEN_IDS:
+            self._seen.popitem(last=False)
 
     def flush_if_due(self) -> list[Path]:
         """Flush when the oldest buffered row is flush_interval_s old; a quiet writer's owner
@@ -202,22 +242,40 @@ class LedgerWriter:
         return []
 
     def flush(self) -> list[Path]:
-        """Write each table's buffered rows as one new part; returns the parts written.
+        """Write each table's buffered rows as one new part of this batch; returns the parts written.
 
-        On an I/O error the rows of the failing table stay buffered for the next try.
+        All or nothing: every part is staged (written, fsynced) before any is renamed into place,
+        so on an I/O error nothing is visible, every row stays buffered and logged, and the next
+        flush retries the whole batch under the same names.
         """
-        written = []
-        stamp = datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        for kind, (folder, schema) in _TABLES.items():
-            rows = self._buffers[kind]
-            if not rows:
-                continue
+        staged = []
+        try:
+            for kind, (folder, _) in _TABLES.items():
+                if self._buffers[kind]:
+                    staged.append(self._stage_rows(folder, self._buffers[kind], self._token, self._seq))
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        written = [_commit_part(tmp, final) for tmp, final in staged]
+        self._buffers = {kind: [] for kind in _TABLES}
+        if self._log.fd is not None:
+            self._log.retire()
             self._seq += 1
-            name = f"part-{stamp}-{os.getpid()}-{self._token}-{self._seq:06d}.parquet"
-            written.append(_write_part(self.root / folder, rows_to_table(rows, schema), name))
-            self._buffers[kind] = []
         self._oldest_s = None
         return written
+
+    def _part_exists(self, folder: str, token: str, seq: int) -> bool:
+        return any((self.root / folder).glob(f"part-*-{token}-{seq:06d}.parquet"))
+
+    def _stage_rows(self, folder: str, rows: list, token: str, seq: int) -> tuple[Path, Path]:
+        stamp = datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"part-{stamp}-{os.getpid()}-{token}-{seq:06d}.parquet"
+        return _stage_part(self.root / folder, rows_to_table(rows, _TABLES[_ROW_TYPES[folder]][1]), name)
+
+    def _write_rows(self, folder: str, rows: list, token: str, seq: int) -> Path:
+        """Recovery's writer: one table's rows of a dead writer's batch, under that batch's name."""
+        return _commit_part(*self._stage_rows(folder, rows, token, seq))
 
     def close(self) -> None:
         """Flush and refuse further rows. Idempotent."""
@@ -232,44 +290,7 @@ class LedgerWriter:
         self.close()
 
 
-def _read_folder(folder: Path, schema: pa.Schema) -> pa.Table:
-    """Concatenate the readable parts of one table; warn about and skip the rest."""
-    parts = []
-    paths = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
-    for path in paths:
-        try:
-            table = pq.read_table(path)
-            parts.append(table.select(schema.names).cast(schema))
-        except Exception as e:  # a torn or foreign file must not hide the rest of the ledger
-            log.warning("ledger: skipping unreadable part %s: %s: %s", path, type(e).__name__, e)
-    if not parts:
-        return schema.empty_table()
-    return pa.concat_tables(parts).combine_chunks()
-
-
-def read_ledger(
-    root: str | os.PathLike, start: datetime | None = None, end: datetime | None = None
-) -> tuple[pa.Table, pa.Table]:
-    """(requests, capacity) tables of the ledger at root, each sorted by ts.
-
-    requests: rows with start <= ts < end. capacity: rows with ts < end, including
-    those before start, since the report needs earlier starts to know which units
-    were running at `start`. start/end must be aware datetimes (or None: unbounded).
-    """
-    start = None if start is None else to_utc(start, "start")
-    end = None if end is None else to_utc(end, "end")
-    root = Path(root)
-    requests = _read_folder(root / "requests", REQUESTS_SCHEMA)
-    capacity = _read_folder(root / "capacity", CAPACITY_SCHEMA)
-    if start is not None:
-        requests = requests.filter(pc.greater_equal(requests["ts"], pa.scalar(start, TS)))
-    if end is not None:
-        requests = requests.filter(pc.less(requests["ts"], pa.scalar(end, TS)))
-        capacity = capacity.filter(pc.less(capacity["ts"], pa.scalar(end, TS)))
-    return requests.sort_by("ts"), capacity.sort_by("ts")
-
-
 __all__ = [
-    "CAPACITY_SCHEMA", "REQUESTS_SCHEMA", "CapacityRow", "LedgerWriter", "RequestRow",
-    "read_ledger", "rows_to_table", "to_utc",
+    "CAPACITY_SCHEMA", "REQUESTS_SCHEMA", "CapacityRow", "LedgerWriter", "RequestRow", "row_id",
+    "rows_to_table", "to_utc",
 ]

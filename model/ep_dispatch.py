@@ -25,8 +25,10 @@ from epserve.model.moe_dispatch import ExpertMap, ExpertShard, LocalDispatcher
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """[rows, ...] -> uint8 [rows, row bytes]. Flattened first: an empty or [rows, 1] tensor may be
+    "contiguous" with a last stride != 1 (FP8 scales of a rank that sends nothing), which view() refuses."""
     row_bytes = math.prod(t.shape[1:]) * t.element_size()
-    return t.contiguous().view(torch.uint8).view(t.shape[0], row_bytes)
+    return t.contiguous().reshape(-1).view(torch.uint8).view(t.shape[0], row_bytes)
 
 
 def _from_bytes(data: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from epserve.fleet.kv_store import KVStore
+from epserve.model.checkpoint import read_config
 from epserve.model.kv_cache import PagedKVCache
 from epserve.pipelines.sequence import Sequence
 
@@ -44,9 +45,22 @@ def model_fingerprint(model_dir: str) -> str:
     return h.hexdigest()[:32]
 
 
-def open_store(spec: KVStoreSpec, model_dir: str, n_layers: int, kv_dim: int, dtype: torch.dtype) -> KVStore:
-    return KVStore(spec.root, model_fingerprint(model_dir), dtype, (n_layers, spec.block_tokens, kv_dim),
-                   spec.capacity_bytes, spec.shared_namespace)
+def store_model_id(model_dir: str, fp8_activations: bool) -> str:
+    """What a cached latent depends on besides its tokens: the weights and, for an FP8 checkpoint, the
+    activation precision. Latents computed with 1x128-quantised activations differ from unquantised
+    ones, so each setting gets its own keys (the dtype is checked by the block header). A BF16
+    checkpoint ignores fp8_activations, so its id is the bare fingerprint."""
+    fingerprint = model_fingerprint(model_dir)
+    if read_config(model_dir).fp8_block is None:
+        return fingerprint
+    return f"{fingerprint}+act-{'fp8' if fp8_activations else 'dtype'}"
+
+
+def open_store(spec: KVStoreSpec, model_dir: str, n_layers: int, kv_dim: int, dtype: torch.dtype, *,
+               fp8_activations: bool) -> KVStore:
+    """The store as a rank (or the ingress) computing with `dtype` and `fp8_activations` sees it."""
+    return KVStore(spec.root, store_model_id(model_dir, fp8_activations), dtype,
+                   (n_layers, spec.block_tokens, kv_dim), spec.capacity_bytes, spec.shared_namespace)
 
 
 def cacheable_blocks(n_prompt: int, n_hit_blocks: int, block_tokens: int) -> int:

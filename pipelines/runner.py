@@ -91,7 +91,8 @@ class RankEngine:
             if self.graphs_supported() else None
         self.last_step_tokens = 0
         self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_layers,
-                                                   self.args.kv_dim, self.dtype)) if spec.kv_store else None
+                                                   self.args.kv_dim, self.dtype,
+                                                   fp8_activations=spec.fp8_activations)) if spec.kv_store else None
         # Cached prefixes are read and verified off the step loop, so a long one does not stall
         # the unit's lockstep; the sequence joins the batcher when its load is done.
         self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-load") \

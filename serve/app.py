@@ -49,6 +49,7 @@ class Deployment:
             try:
                 ray.get(self.ledger.append.remote(capacity_rows(self.cfg, live, "stop")), timeout=30)
                 ray.get(self.ledger.close.remote(), timeout=30)
+                ray.kill(self.ledger, no_restart=True)     # it restarts itself otherwise
             except Exception as exc:
                 log.warning("ledger close failed: %r", exc)
         for u in self.prefill_units + self.decode_units:
@@ -71,10 +72,8 @@ def capacity_rows(cfg: Config, unit_ids: dict[str, list[int]], event: str) -> li
 def start_ledger(cfg: Config):
     import ray
 
-    from epserve.actors.ledger import LedgerActor
-    from epserve.model.tiny import cache_root
-    root = cfg.ledger.path or str(cache_root() / "ledger")
-    ledger = LedgerActor.remote(root, cfg.ledger.flush_rows, cfg.ledger.flush_interval_s)
+    from epserve.actors.ledger import LedgerActor, ledger_root
+    ledger = LedgerActor.remote(ledger_root(cfg), cfg.ledger.flush_rows, cfg.ledger.flush_interval_s)
     ray.get(ledger.start.remote())
     return ledger
 
@@ -88,6 +87,7 @@ def embedded_shape(cfg: Config) -> tuple[int, int]:
 
 
 def start_deployment(cfg: Config) -> Deployment:
+    import ray
     from ray import serve
 
     from epserve.actors.cluster import ensure_ray
@@ -101,11 +101,9 @@ def start_deployment(cfg: Config) -> Deployment:
         pre = start_units(cfg, model_dir, "prefill", cfg.prefill, args, role="prefill")
         dec = start_units(cfg, model_dir, "decode", cfg.decode, args, role="decode")
         dep = Deployment(cfg, model_dir, pre, dec, embedded, start_ledger(cfg))
-        dep.ledger.append.remote(capacity_rows(cfg, {"prefill": list(range(len(pre))),
-                                                     "decode": list(range(len(dec)))}, "start"))
+        ray.get(dep.ledger.append.remote(capacity_rows(cfg, {"prefill": list(range(len(pre))),
+                                                             "decode": list(range(len(dec)))}, "start")))
         if cfg.autoscale.enabled:
-            import ray
-
             from epserve.actors.capacity_controller import CapacityController
             dep.capacity = CapacityController.remote(cfg, model_dir, args, {"prefill": pre, "decode": dec},
                                                      dep.ledger)

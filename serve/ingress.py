@@ -5,10 +5,12 @@
 never a 500), tokenised with the checkpoint's tokenizer and chat template, routed
 (serve/router.py), prefilled on a prefill rank, handed to the chosen decode rank and
 streamed back. A client that disconnects aborts its request and frees its KV pages.
+Parsing lives in serve/inputs.py, tenants and limits in serve/tenants.py, each request's
+ledger row in serve/accounting.py. Over 300 lines: the two response shapes (one JSON body,
+SSE) each own their error, abort and accounting paths.
 """
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -19,20 +21,23 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from epserve.actors.ledger import ledger_root
 from epserve.actors.unit import RequestRejected
 from epserve.config import Config
 from epserve.messages import Usage
 from epserve.model.checkpoint import read_config
-from epserve.model.sampling import InvalidRequest, SamplingParams
+from epserve.model.sampling import SamplingParams
 from epserve.model.tokenizer import IncrementalText, load_tokenizer
-from epserve.fleet.ledger import RequestRow
 from epserve.llm import kv_store_spec
 from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
 from epserve.pipelines.runner import DTYPES
 from epserve.pipelines.sequence import Sequence
+from epserve.serve.accounting import Accounting, Live
+from epserve.serve.inputs import Inputs, too_large
 from epserve.serve.metrics import ServeMetrics
 from epserve.serve.openai_models import APIError, ChatRequest, CompletionRequest, parse
 from epserve.serve.router import Router
+from epserve.serve.tenants import TenantLimits, TenantTable
 
 log = logging.getLogger("epserve.ingress")
 app = FastAPI(title="epserve", docs_url=None, redoc_url=None)
@@ -60,13 +65,18 @@ class Ingress:
         units = None if capacity is not None else {"prefill": prefill_units, "decode": decode_units}
         self.router = Router(units, cfg.serve.max_queue, controller=capacity)
         self.metrics = ServeMetrics()
-        self.api_keys = set(cfg.serve.api_keys)
+        self.tenants, self.limits = TenantTable(cfg.serve), TenantLimits()
+        self.inputs = Inputs(self.tokenizer, self.args.vocab_size, self.max_len, cfg.serve.max_messages)
         spec = kv_store_spec(cfg)
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
         self.kv_store = open_store(spec, model_dir, self.args.n_layers, self.args.kv_dim,
-                                   DTYPES[cfg.dtype]) if spec else None
-        self.cache_hits: dict[str, int] = {}
-        self.ledger, self.routes = ledger, {}
+                                   DTYPES[cfg.dtype], fp8_activations=cfg.fp8_activations) if spec else None
+        self.acct = Accounting(ledger, ledger_root(cfg), self.model_name,
+                               on_end=lambda live: self.limits.release(live.owner))
+
+    async def __del__(self):
+        """Serve's graceful shutdown (after draining): rows for what is still in flight, and every write."""
+        await self.acct.drain()
 
     # ---- plain routes -----------------------------------------------------------------
     @app.get("/health")
@@ -80,7 +90,7 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        if (err := self._auth(request)) is not None:
+        if (err := self._auth(request)[1]) is not None:
             return err
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                             "owned_by": "epserve", "max_model_len": self.max_len}]}
@@ -107,48 +117,68 @@ class Ingress:
         return await self._handle(request, ChatRequest, chat=True)
 
     def _auth(self, request: Request):
-        if not self.api_keys:
-            return None
-        header = request.headers.get("authorization", "")
-        key = header[7:] if header.lower().startswith("bearer ") else ""
-        if key not in self.api_keys:
-            return _error_response(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                            "authentication_error", code="invalid_api_key"))
-        return None
+        """(tenant, None) or (None, the 401 response)."""
+        tenant = self.tenants.resolve(request.headers.get("authorization", ""))
+        if tenant is None:
+            return None, _error_response(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                                  "authentication_error", code="invalid_api_key"))
+        return tenant, None
 
-    def tenant(self, request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        return hashlib.sha256(header.encode()).hexdigest()[:16] if header else "anonymous"
+    async def _body(self, request: Request) -> bytes:
+        """The request body, read no further than serve.max_body_bytes (413 past it)."""
+        limit = self.cfg.serve.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large("the request body (bytes)", int(declared), limit, "max_body_bytes")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_large("the request body (bytes) at least", len(body), limit, "max_body_bytes")
+        return bytes(body)
 
     async def _handle(self, request: Request, model_cls, chat: bool):
         endpoint = "chat" if chat else "completions"
-        if (err := self._auth(request)) is not None:
+        tenant, err = self._auth(request)
+        if err is not None:
             self.metrics.requests.labels(endpoint, "401").inc()
             return err
+        retry = self.limits.acquire(tenant, time.monotonic())
+        if retry is not None:
+            lim = tenant.limits
+            self.metrics.requests.labels(endpoint, "429").inc()
+            return _error_response(APIError(
+                429, f"tenant {tenant.name!r} is over its limit ({lim.max_requests_per_s:g} requests/s, "
+                     f"{lim.max_concurrent} in flight; 0 = unlimited); retry after {retry} s", "rate_limit_error",
+                code="tenant_rate_limited", headers={"Retry-After": str(retry)}))
         try:
-            raw = await request.body()
+            raw = await self._body(request)
             try:
                 data = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise APIError(400, f"request body is not valid JSON: {exc}") from None
+            self.inputs.check_counts(data, chat)
             req = parse(model_cls, data)
             if req.model != self.model_name:
                 raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                                param="model", code="model_not_found")
-            ids = self._prompt_ids(req, chat)
-            params = self._params(req, chat, len(ids))
+            ids = self.inputs.prompt_ids(req, chat)
+            params = self.inputs.params(req, chat, len(ids))
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            tenant = self.tenant(request)
-            cached = await asyncio.to_thread(self._cached_tokens, ids, tenant)    # file checks: off the event loop
+            cached = await asyncio.to_thread(self._cached_tokens, ids, tenant.namespace)   # file checks: off the loop
             route = await self.router.admit(rid, len(ids), cached, params.max_tokens)
-            self.routes[rid] = (route, tenant)
         except APIError as exc:
+            self.limits.release(tenant)
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
-        events = self._generate(rid, ids, params, route, tenant)
+        except BaseException:
+            self.limits.release(tenant)
+            raise
+        live = self.acct.admit(Live(rid, tenant.name, len(ids), route, namespace=tenant.namespace, owner=tenant))
+        events = self._generate(live, ids, params)
         if req.stream:
-            return StreamingResponse(self._sse(rid, req, chat, ids, events, endpoint), media_type="text/event-stream")
-        return await self._complete(rid, req, chat, ids, events, endpoint, request)
+            return StreamingResponse(self._sse(live, req, chat, ids, events, endpoint), media_type="text/event-stream")
+        return await self._complete(live, req, chat, ids, events, endpoint, request)
 
     def _cached_tokens(self, ids: list[int], tenant: str) -> int:
         """Prompt tokens the KV store holds for this tenant (a hint for the prefill balancer)."""
@@ -158,69 +188,21 @@ class Ingress:
         return cacheable_blocks(len(ids), self.kv_store.lookup(keys), self.kv_store.block_tokens) \
             * self.kv_store.block_tokens
 
-    def _prompt_ids(self, req, chat: bool) -> list[int]:
-        if chat:
-            if self.tokenizer is None or not self.tokenizer.chat_template:
-                raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-            try:
-                messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                            for m in req.messages]
-                text = self.tokenizer.apply_chat_template(messages)
-            except ValueError as exc:
-                raise APIError(400, f"messages: {exc}", param="messages") from None
-            return self.tokenizer.encode(text, add_special=False)
-        prompt = req.prompt
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError(400, "prompt: must not be empty", param="prompt")
-            if self.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})",
-                               param="prompt")
-        if not ids:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
-        return ids
-
-    def _params(self, req, chat: bool, n_prompt: int) -> SamplingParams:
-        if n_prompt >= self.max_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; the prompt has "
-                           f"{n_prompt}", param="messages" if chat else "prompt", code="context_length_exceeded")
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = min(1024, self.max_len - n_prompt) if chat else 16
-        if chat:
-            logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        else:
-            logprobs = req.logprobs
-        try:
-            params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                    top_k=req.top_k, seed=req.seed, stop=req.stop or (), ignore_eos=req.ignore_eos,
-                                    logprobs=logprobs)
-        except InvalidRequest as exc:
-            raise APIError(400, str(exc), param=exc.param) from None
-        if n_prompt + params.max_tokens > self.max_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; you requested "
-                           f"{n_prompt + params.max_tokens} ({n_prompt} in the prompt, {params.max_tokens} to "
-                           f"generate)", param="max_tokens", code="context_length_exceeded")
-        return params
-
     # ---- the request path: prefill rank -> KV handoff -> decode rank ----------------------
-    async def _generate(self, rid: str, ids: list[int], params: SamplingParams, route, tenant: str | None):
-        """Yield (token_id, logprob, finish_reason); aborts on the units if the consumer goes away."""
+    async def _generate(self, live: Live, ids: list[int], params: SamplingParams):
+        """Yield (token_id, logprob, finish_reason); counts what the units computed into `live`;
+        aborts on the units if the consumer goes away."""
         finished = False
         decode_unit = None
+        rid, route = live.rid, live.route
         try:
             decode_unit = self.router.handle("decode", route.decode.unit)
-            seq = Sequence(rid, ids, params, tenant=tenant if self.kv_store else None)
+            seq = Sequence(rid, ids, params, tenant=live.namespace if self.kv_store else None)
             pre = await self.router.handle("prefill", route.prefill.unit).prefill.remote(seq, route.prefill.rank)
             if "error" in pre:
                 raise (APIError(400, pre["error"]) if pre["rejected"] else RuntimeError(pre["error"]))
-            self.cache_hits[rid] = pre["n_cached"]
+            live.n_cached = pre["n_cached"]
+            live.n_out += 1
             first = pre["token_ids"][0]
             lp = pre["logprobs"][0] if pre["logprobs"] else None
             if pre["finish_reason"] != "handoff":
@@ -233,6 +215,7 @@ class Ingress:
             gen = decode_unit.stream.options(num_returns="streaming").remote(seq, route.decode.rank)
             async for ref in gen:
                 d = await ref
+                live.n_out += 1
                 finished = d.finish_reason is not None
                 yield d.token_id, d.logprob, d.finish_reason
         except ray.exceptions.RayTaskError as exc:
@@ -242,11 +225,8 @@ class Ingress:
             raise
         finally:
             self.router.release(rid)
-            if not finished:
-                self.cache_hits.pop(rid, None)
-                self.routes.pop(rid, None)
-                if decode_unit is not None:
-                    decode_unit.abort.remote(rid)
+            if not finished and decode_unit is not None:
+                decode_unit.abort.remote(rid)
 
     async def _events(self, ids, params, events):
         """Token events -> (text delta, token, logprob, finish_reason), applying stop strings."""
@@ -267,14 +247,14 @@ class Ingress:
             yield text[sent:safe], tok, lp, reason
             sent = safe
 
-    async def _complete(self, rid, req, chat, ids, events, endpoint, request: Request):
-        t0 = time.time()
-        text, tokens, lps, reason, t_first = "", [], [], None, None
+    async def _complete(self, live: Live, req, chat, ids, events, endpoint, request: Request):
+        rid, t0 = live.rid, live.t0
+        text, tokens, lps, reason = "", [], [], None
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(request))
         stream = self._events(ids, self._sp(req), events)
         try:
             async for delta, tok, lp, why in stream:
-                t_first = t_first or time.time()
+                live.t_first = live.t_first or time.time()
                 text += delta
                 tokens.append(tok)
                 if lp is not None:
@@ -283,19 +263,25 @@ class Ingress:
                     reason = why
                     break
                 if watcher.done():
+                    await self.acct.finish(rid, "abort")
                     return Response(status_code=499)
         except APIError as exc:
+            await self.acct.finish(rid, "error")
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
+        except asyncio.CancelledError:
+            self.acct.finish_detached(rid, "abort")
+            raise
         except Exception as exc:
             log.exception("request %s failed", rid)
+            await self.acct.finish(rid, "error")
             self.metrics.requests.labels(endpoint, "500").inc()
             return _error_response(APIError(500, f"internal error: {str(_unwrap(exc))[:300]}", "server_error"))
         finally:
             watcher.cancel()
             await stream.aclose()
-        usage = self._account(rid, endpoint, ids, tokens, t0, t_first, reason)
-        choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(chat, tokens, lps, req)}
+        usage = await self._account(live, endpoint, len(tokens), reason)
+        choice = {"index": 0, "finish_reason": reason, "logprobs": self.inputs.logprobs(chat, tokens, lps, req)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -311,8 +297,8 @@ class Ingress:
         while not await request.is_disconnected():
             await asyncio.sleep(0.25)
 
-    async def _sse(self, rid, req, chat, ids, events, endpoint):
-        t0, t_first, tokens = time.time(), None, []
+    async def _sse(self, live: Live, req, chat, ids, events, endpoint):
+        rid, t0, tokens = live.rid, live.t0, []
         obj = "chat.completion.chunk" if chat else "text_completion"
         stream = self._events(ids, self._sp(req), events)
 
@@ -321,64 +307,52 @@ class Ingress:
                 delta = {"role": "assistant", "content": delta_text} if first else \
                     ({"content": delta_text} if delta_text or not reason else {})
                 c = {"index": 0, "delta": delta, "finish_reason": reason,
-                     "logprobs": self._logprobs(True, tokens[-1:], [lp] if lp else [], req)}
+                     "logprobs": self.inputs.logprobs(True, tokens[-1:], [lp] if lp else [], req)}
             else:
                 c = {"index": 0, "text": delta_text, "finish_reason": reason,
-                     "logprobs": self._logprobs(False, tokens[-1:], [lp] if lp else [], req)}
+                     "logprobs": self.inputs.logprobs(False, tokens[-1:], [lp] if lp else [], req)}
             return "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
                                           "choices": [c]}) + "\n\n"
         try:
             if chat:
                 yield chunk("", None, first=True)
+            why = None
             async for delta, tok, lp, why in stream:
-                t_first = t_first or time.time()
+                live.t_first = live.t_first or time.time()
                 tokens.append(tok)
                 yield chunk(delta, why, lp)
                 if why:
                     break
-            usage = self._account(rid, endpoint, ids, tokens, t0, t_first, tokens and why)
+            usage = await self._account(live, endpoint, len(tokens), tokens and why)   # before [DONE]
             if req.include_usage:
                 yield "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
                                              "choices": [], "usage": usage.to_dict()}) + "\n\n"
             yield "data: [DONE]\n\n"
         except APIError as exc:
+            await self.acct.finish(rid, "error")
             yield "data: " + json.dumps(exc.body()) + "\n\n"
+        except (asyncio.CancelledError, GeneratorExit):     # the client went away mid-stream
+            self.acct.finish_detached(rid, "abort")
+            raise
         except Exception as exc:
             log.exception("stream %s failed", rid)
+            await self.acct.finish(rid, "error")
             yield "data: " + json.dumps(APIError(500, f"internal error: {str(_unwrap(exc))[:300]}",
                                                  "server_error").body()) + "\n\n"
         finally:
             await stream.aclose()
 
-    def _account(self, rid, endpoint, ids, tokens, t0, t_first, reason=None) -> Usage:
+    async def _account(self, live: Live, endpoint: str, n_tokens: int, reason) -> Usage:
+        """The finished request's row (awaited: the response follows only once the ledger has it)
+        and its metrics; returns its usage."""
         now = time.time()
-        hits = self.cache_hits.pop(rid, 0)
-        route, tenant = self.routes.pop(rid, (None, "anonymous"))
-        if self.ledger is not None and route is not None:
-            self.ledger.append.remote([RequestRow(
-                ts=now, request_id=rid, tenant=tenant, model=self.model_name, prompt_tokens=len(ids),
-                cache_hit_tokens=hits, output_tokens=len(tokens), ttft_s=(t_first or now) - t0,
-                decode_s=now - (t_first or now), prefill_unit=route.prefill.unit, prefill_rank=route.prefill.rank,
-                decode_unit=route.decode.unit, decode_rank=route.decode.rank, finish_reason=reason or "unknown")])
-        self.metrics.cache_hit_tokens.inc(hits)
+        await self.acct.finish(live.rid, reason or "unknown", n_out=n_tokens)
+        self.metrics.cache_hit_tokens.inc(live.n_cached)
         self.metrics.requests.labels(endpoint, "200").inc()
-        self.metrics.prompt_tokens.inc(len(ids))
-        self.metrics.observe_tokens(len(tokens))
-        if t_first:
-            self.metrics.ttft.observe(t_first - t0)
-            if len(tokens) > 1:
-                self.metrics.tpot.observe((now - t_first) / (len(tokens) - 1))
-        return Usage(len(ids), len(tokens), hits)
-
-    def _logprobs(self, chat, tokens, lps, req):
-        if not lps:
-            return None
-        dec = (lambda t: self.tokenizer.decode([t])) if self.tokenizer else str
-        if chat:
-            return {"content": [{"token": dec(lp["token_id"]), "logprob": lp["logprob"],
-                                 "bytes": list(dec(lp["token_id"]).encode()),
-                                 "top_logprobs": [{"token": dec(t), "logprob": v, "bytes": list(dec(t).encode())}
-                                                  for t, v in lp["top"]]} for lp in lps]}
-        return {"tokens": [dec(lp["token_id"]) for lp in lps], "token_logprobs": [lp["logprob"] for lp in lps],
-                "top_logprobs": [{dec(t): v for t, v in lp["top"]} for lp in lps], "text_offset": []}
-
+        self.metrics.prompt_tokens.inc(live.n_prompt)
+        self.metrics.observe_tokens(n_tokens)
+        if live.t_first:
+            self.metrics.ttft.observe(live.t_first - live.t0)
+            if n_tokens > 1:
+                self.metrics.tpot.observe((now - live.t_first) / (n_tokens - 1))
+        return Usage(live.n_prompt, n_tokens, live.n_cached)

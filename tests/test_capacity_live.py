@@ -93,7 +93,7 @@ def test_day_adds_a_decode_unit_and_night_drains_it_with_no_failed_request(deplo
         time.sleep(0.2)
     assert hook_out.read_text().split() == ["decode", "2"]
     ray.get(dep.ledger.flush.remote())
-    from epserve.fleet.ledger import read_ledger
+    from epserve.fleet.ledger_read import read_ledger
     _, capacity = read_ledger(dep.cfg.ledger.path)
     rows = list(zip(capacity["unit"].to_pylist(), capacity["event"].to_pylist()))
     assert ("decode-1", "start") in rows and ("decode-1", "stop") in rows

@@ -77,3 +77,59 @@ def test_report_from_a_ledger_prints_the_seed_table_json_and_png(tmp_path):
     assert (tmp_path / "day.png").stat().st_size > 1000
     text = run("report", "--ledger", str(tmp_path / "ledger"))
     assert text.returncode == 0 and "margin" in text.stdout
+
+
+def _ledger_with_bad_parts(root):
+    """Ten good rows, a part whose token column has another type, and a truncated part."""
+    from datetime import datetime, timedelta, timezone
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from epserve.fleet.ledger import CapacityRow, LedgerWriter, RequestRow
+    t0 = datetime(2025, 2, 27, 4, 0, tzinfo=timezone.utc)
+    rows = [RequestRow(ts=t0 + timedelta(minutes=i + 1), request_id=f"r{i}", tenant="t", model="m",
+                       prompt_tokens=1000, cache_hit_tokens=600, output_tokens=100, ttft_s=0.5, decode_s=5.0,
+                       finish_reason="stop") for i in range(13)]
+    with LedgerWriter(root) as w:
+        w.append(CapacityRow(ts=t0, unit="decode-0", role="decode", event="start", gpus=8))
+        for r in rows[:10]:
+            w.append(r)
+    with LedgerWriter(root / "x") as w:                       # two more parts, then spoiled
+        for r in rows[10:]:
+            w.append(r)
+    made = sorted((root / "x" / "requests").glob("*.parquet"))[0]
+    table = pq.read_table(made)
+    typed = table.set_column(table.schema.get_field_index("output_tokens"), "output_tokens",
+                             pa.array(["many"] * table.num_rows))
+    pq.write_table(typed, root / "requests" / "part-zz-other-type.parquet")
+    (root / "requests" / "part-zz-torn.parquet").write_bytes(made.read_bytes()[:200])
+    return t0
+
+
+def test_report_names_unreadable_parts_and_fails_unless_told_to_skip(tmp_path):
+    _ledger_with_bad_parts(tmp_path / "ledger")
+    r = run("report", "--ledger", str(tmp_path / "ledger"), "--json")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "2 unreadable ledger part(s)" in r.stderr and "--skip-bad-parts" in r.stderr
+    led = json.loads(r.stdout)["ledger"]
+    assert led["unreadable_parts"] == 2 and led["skipped_rows"] == 3 and led["parts_with_unknown_rows"] == 1
+    named = {p["path"].rsplit("/", 1)[1]: p for p in led["bad_parts"]}
+    assert set(named) == {"part-zz-other-type.parquet", "part-zz-torn.parquet"}
+    assert named["part-zz-other-type.parquet"]["rows"] == 3 and named["part-zz-torn.parquet"]["rows"] is None
+    assert all(p["reason"] for p in named.values())
+    assert json.loads(r.stdout)["output_tokens"] == 1000           # the readable rows, nothing invented
+    text = run("report", "--ledger", str(tmp_path / "ledger"), "--skip-bad-parts")
+    assert text.returncode == 0 and "unreadable: 2; skipped rows: 3 + the rows of 1 part(s)" in text.stdout
+    assert "part-zz-other-type.parquet (3 rows): ArrowInvalid" in text.stdout
+    assert "part-zz-torn.parquet (unknown rows)" in text.stdout
+
+
+def test_report_over_a_clean_ledger_says_nothing_was_skipped(tmp_path):
+    _ledger_with_bad_parts(tmp_path / "ledger")
+    for p in (tmp_path / "ledger" / "requests").glob("part-zz-*"):
+        p.unlink()
+    r = run("report", "--ledger", str(tmp_path / "ledger"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ledger"] == {"parts": 2, "unreadable_parts": 0, "bad_parts": [], "skipped_rows": 0,
+                                              "parts_with_unknown_rows": 0, "null_rows": 0, "duplicate_rows": 0}

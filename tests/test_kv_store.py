@@ -171,6 +171,55 @@ def test_file_deleted_between_lookup_and_load_is_a_plain_miss(tmp_path):
     assert store.stats.misses == 1 and store.stats.corrupt == 0 and store.total_bytes == 0
 
 
+# ---- format versions -------------------------------------------------------------------
+def _write_v1(store, key, kv):
+    """A block as epserve wrote it before format 2: the same layout with a sha256 payload digest."""
+    import hashlib
+    import json
+    import struct
+    import sys
+    payload = kv.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    meta = json.dumps({"model_id": store.spec.model_id, "dtype": "float32", "shape": list(store.spec.shape),
+                       "byteorder": sys.byteorder, "key": key, "payload_bytes": len(payload),
+                       "sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
+    meta += b" " * (-(12 + len(meta)) % 64)
+    path = store.path_for(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<4sHHI", b"EPKV", 1, 0, len(meta)) + meta + payload)
+    return path
+
+
+def test_new_blocks_carry_an_xxh3_checksum_not_sha256(tmp_path):
+    store = make_store(tmp_path)
+    (key,) = keys_for(store, 1)
+    store.save(key, block(0))
+    head = store.path_for(key).read_bytes()[:400]
+    assert head[4:6] == (2).to_bytes(2, "little") and b'"xxh3_128":"' in head and b"sha256" not in head
+
+
+def test_a_version_1_block_is_still_verified_with_sha256(tmp_path):
+    store = make_store(tmp_path)
+    keys = keys_for(store, 2)
+    _write_v1(store, keys[0], block(0))
+    assert torch.equal(store.load(keys[0]), block(0)) and store.stats.hits == 1
+    _flip_payload_byte(_write_v1(store, keys[1], block(1)))        # a corrupted old block: a miss, never used
+    assert store.load(keys[1]) is None and store.stats.corrupt == 1
+
+
+def test_load_prefix_reads_mixed_versions_and_stops_at_a_corrupt_block(tmp_path):
+    store = make_store(tmp_path)
+    keys = keys_for(store, 4)
+    store.save_many([keys[0], keys[2], keys[3]], [block(0), block(2), block(3)])
+    _write_v1(store, keys[1], block(1))                            # an old block inside a chain
+    got = store.load_prefix(keys)
+    assert [torch.equal(g, block(i)) for i, g in enumerate(got)] == [True] * 4 and store.stats.hits == 4
+    _flip_payload_byte(store.path_for(keys[2]))
+    got = store.load_prefix(keys)
+    assert len(got) == 2 and store.stats.corrupt == 1 and not store.path_for(keys[2]).exists()
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        store.load_prefix(["../../etc/passwd"])
+
+
 # ---- LRU -----------------------------------------------------------------------------
 def _age(store, keys, start=1000.0):
     """Give keys[i] mtime now - start + i: keys[0] oldest, distinct, all in the past."""

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pytest
 
 from epserve.fleet.ledger import (
-    CAPACITY_SCHEMA, REQUESTS_SCHEMA, CapacityRow, LedgerWriter, RequestRow, read_ledger, rows_to_table,
+    CAPACITY_SCHEMA, REQUESTS_SCHEMA, CapacityRow, LedgerWriter, RequestRow, rows_to_table,
 )
+from epserve.fleet.ledger_read import read_ledger
 from epserve.fleet.report import (
     Pricing, build_report, cost_usd, format_report, margin, plot_report, revenue_usd, unit_runs,
 )
@@ -86,13 +87,13 @@ def test_flush_by_rows_and_by_time(tmp_path):
     assert len(w.flush_if_due()) == 1 and w.n_buffered == 0  # a quiet writer flushes on its owner's timer
     w.append(req(7))
     w.close()
-    assert len(parts()) == 4 and read_ledger(tmp_path)[0].num_rows == 8
+    assert len(parts()) == 4 and read_ledger(tmp_path).requests.num_rows == 8
     assert not list((tmp_path / "requests").glob(".*"))  # no temp files left behind
     with pytest.raises(RuntimeError, match="closed"):
         w.append(req(8))
 
 
-def test_crash_leftovers_are_skipped(tmp_path, caplog):
+def test_crash_leftovers_are_named_not_hidden(tmp_path):
     with LedgerWriter(tmp_path, clock=FakeClock()) as w:
         for i in range(4):
             w.append(req(i))
@@ -102,15 +103,24 @@ def test_crash_leftovers_are_skipped(tmp_path, caplog):
     (folder / f".{good.name[:-8]}-999.parquet.tmp").write_bytes(good.read_bytes()[:100])
     (folder / "part-torn.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     (folder / "part-garbage.parquet").write_bytes(b"not parquet at all")
-    with caplog.at_level(logging.WARNING, logger="epserve.fleet.ledger"):
-        requests, _ = read_ledger(tmp_path)
-    assert requests.num_rows == 4
-    skipped = [r.getMessage() for r in caplog.records]
-    assert len(skipped) == 2 and all("skipping unreadable part" in m for m in skipped)
-    assert any("part-torn.parquet" in m for m in skipped) and not any(".tmp" in m for m in skipped)
+    led = read_ledger(tmp_path)
+    assert led.requests.num_rows == 4 and not led.is_complete and led.n_parts == 3
+    assert sorted(p.path.rsplit("/", 1)[1] for p in led.bad_parts) == ["part-garbage.parquet", "part-torn.parquet"]
+    assert all(p.rows is None and p.reason for p in led.bad_parts)          # temp files are not parts
 
 
-def test_kill_9_loses_only_the_unflushed_batch(tmp_path):
+def test_rows_with_nulls_are_counted_and_left_out(tmp_path):
+    import pyarrow.parquet as pq
+    table = rows_to_table([req(0), req(1)], REQUESTS_SCHEMA)
+    col = table.schema.get_field_index("output_tokens")
+    (tmp_path / "requests").mkdir()
+    pq.write_table(table.set_column(col, "output_tokens", pa.array([5, None], pa.int64())),
+                   tmp_path / "requests" / "part-nulls.parquet")
+    led = read_ledger(tmp_path)
+    assert led.requests["request_id"].to_pylist() == ["r0"] and led.null_rows == 1 and led.skipped_rows == 1
+
+
+def test_kill_9_loses_nothing_once_a_writer_reopens_the_ledger(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from epserve.fleet.ledger import LedgerWriter, RequestRow
@@ -122,8 +132,37 @@ def test_kill_9_loses_only_the_unflushed_batch(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert proc.returncode == -9, proc.stderr.decode()
-    requests, _ = read_ledger(tmp_path)
-    assert requests["request_id"].to_pylist() == [str(i) for i in range(20)]
+    assert read_ledger(tmp_path).requests["request_id"].to_pylist() == [str(i) for i in range(20)]
+    w = LedgerWriter(tmp_path)                          # e.g. the restarted ledger actor: replays the log
+    assert w.n_recovered == 5 and not w.append(req(0, request_id="22"))   # a retried append of a logged row
+    w.close()
+    LedgerWriter(tmp_path).close()                      # nothing left to replay: no second copy
+    led = read_ledger(tmp_path)
+    assert led.requests["request_id"].to_pylist() == [str(i) for i in range(25)] and led.duplicate_rows == 0
+    assert not list((tmp_path / "wal").iterdir())
+
+
+def test_a_crash_between_flush_and_log_removal_writes_no_row_twice(tmp_path):
+    w = LedgerWriter(tmp_path, flush_rows=100)
+    for i in range(3):
+        w.append(req(i))
+    log = next((tmp_path / "wal").glob("*.jsonl"))
+    kept = log.read_bytes()
+    w.flush()                                           # the part is written and the log removed ...
+    log.write_bytes(kept)                               # ... but say the process died before the removal
+    recovered = LedgerWriter(tmp_path)
+    assert recovered.n_recovered == 3 and len(list((tmp_path / "requests").glob("*.parquet"))) == 1
+    assert read_ledger(tmp_path).requests.num_rows == 3
+
+
+def test_a_row_in_two_parts_is_read_once_and_counted_as_a_duplicate(tmp_path):
+    for _ in range(2):                                  # two writers that both took r0 (a retry across a restart)
+        with LedgerWriter(tmp_path, clock=FakeClock()) as w:
+            w.append(req(0))
+            w.append(cap("decode-0", "start", 0.0))
+    led = read_ledger(tmp_path)
+    assert led.requests.num_rows == 1 and led.capacity.num_rows == 1 and led.duplicate_rows == 2
+    assert led.is_complete
 
 
 def test_read_window(tmp_path):
@@ -137,7 +176,7 @@ def test_read_window(tmp_path):
     assert capacity["event"].to_pylist() == ["start"]  # earlier start kept, the stop at/after end dropped
     with pytest.raises(ValueError, match="start=.* is naive"):
         read_ledger(tmp_path, start=datetime(2025, 1, 1))
-    assert read_ledger(tmp_path / "missing")[0].num_rows == 0
+    assert read_ledger(tmp_path / "missing").requests.num_rows == 0
 
 
 @pytest.mark.parametrize("make, message", [
@@ -263,3 +302,19 @@ def test_plot_report_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     bare = plot_report(REQUESTS_SCHEMA.empty_table(), CAPACITY_SCHEMA.empty_table(), tmp_path / "empty.png")
     assert bare.stat().st_size > 0
+
+
+def test_a_failed_flush_shows_nothing_and_the_retry_writes_every_row_once(tmp_path):
+    w = LedgerWriter(tmp_path, flush_rows=100)
+    w.append(req(0))
+    w.append(cap("decode-0", "start", 0.0))
+    (tmp_path / "capacity").write_text("a file where the capacity folder should be")   # a real I/O fault
+    with pytest.raises(OSError):
+        w.flush()
+    assert not list((tmp_path / "requests").glob("*.parquet")) and w.n_buffered == 2   # all or nothing
+    w.append(req(1))                                    # rows keep coming while the disk is bad
+    (tmp_path / "capacity").unlink()
+    w.close()
+    led = read_ledger(tmp_path)
+    assert sorted(led.requests["request_id"].to_pylist()) == ["r0", "r1"] and led.capacity.num_rows == 1
+    assert led.duplicate_rows == 0 and led.is_complete

@@ -51,7 +51,11 @@ def server(ray_cluster, tiny_dir, llm_answers, tmp_path_factory):
                        "prefill": {"gpus_per_node": 2, "kv_pages": 32},
                        "decode": {"gpus_per_node": 2, "redundant_experts": 2, "kv_pages": 64},
                        "serve": {"port": port, "max_queue": 16, "model_name": "tiny",
-                                 "api_keys": ["none", "tenant-a", "tenant-b"]}})
+                                 "api_keys": ["none", "tenant-a", "tenant-b"], "max_body_bytes": 64 * 1024,
+                                 "max_messages": 8,
+                                 "tenants": [{"name": "acme", "api_keys": ["acme-old", "acme-new"]},
+                                             {"name": "slow", "api_keys": ["slow-key"], "max_requests_per_s": 0.2},
+                                             {"name": "solo", "api_keys": ["solo-key"], "max_concurrent": 1}]}})
     dep = start_deployment(cfg)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -89,7 +93,7 @@ def test_repeated_long_prompt_hits_the_kv_store_with_the_same_answer(server):
 
 
 def test_ledger_report_totals_equal_the_usage_responses_returned(server, client):
-    from epserve.fleet.ledger import read_ledger
+    from epserve.fleet.ledger_read import read_ledger
     from epserve.fleet.report import build_report
     _, dep = server
     long = " ".join(["Paris is the capital of France."] * 16)
@@ -100,7 +104,7 @@ def test_ledger_report_totals_equal_the_usage_responses_returned(server, client)
         usages.append(r.usage.model_dump())
         ids.append(r.id)
     assert usages[2]["prompt_cache_hit_tokens"] > 0
-    ray.get(dep.ledger.flush.remote())
+    assert all(r is not None for r in ledger_rows(dep, ids).values())    # rows are in before the responses
     requests, capacity = read_ledger(dep.cfg.ledger.path)
     mine = requests.filter(__import__("pyarrow").compute.is_in(requests["request_id"],
                                                                value_set=__import__("pyarrow").array(ids)))
@@ -251,12 +255,24 @@ def test_models_and_metrics(server, client):
         assert name in text
 
 
-def test_client_disconnect_aborts_and_frees_kv(server, tiny_dir):
+def ledger_rows(dep, ids=None):
+    """The ledger's request rows (after a flush) as dicts by request id; asserts ids are unique."""
+    from epserve.fleet.ledger_read import read_ledger
+    ray.get(dep.ledger.flush.remote(), timeout=120)
+    rows = read_ledger(dep.cfg.ledger.path).requests.to_pylist()
+    by_id = {r["request_id"]: r for r in rows}
+    assert len(by_id) == len(rows)
+    return by_id if ids is None else {i: by_id.get(i) for i in ids}
+
+
+def test_client_disconnect_aborts_frees_kv_and_bills_what_was_computed(server, tiny_dir):
     base, dep = server
     with httpx.stream("POST", base + "/v1/completions", timeout=60, headers=AUTH,
                       json={"model": "tiny", "prompt": "The sea", "max_tokens": 1500, "temperature": 0.0,
                             "stream": True, "ignore_eos": True}) as r:
-        for i, _ in enumerate(r.iter_lines()):
+        for i, line in enumerate(r.iter_lines()):
+            if line.startswith("data: {") and i == 0:
+                rid = json.loads(line[6:])["id"]
             if i > 6:
                 break                                       # hang up mid-stream
     deadline = time.time() + 30
@@ -266,6 +282,28 @@ def test_client_disconnect_aborts_and_frees_kv(server, tiny_dir):
             break
         time.sleep(0.2)
     assert sum(s.kv_blocks_used + s.n_running for s in stats) == 0
+    deadline = time.time() + 30
+    while (row := ledger_rows(dep, [rid])[rid]) is None and time.time() < deadline:
+        time.sleep(0.5)                                     # the abort row is written as the stream ends
+    assert row["finish_reason"] == "abort" and 4 <= row["output_tokens"] < 1500 and row["prompt_tokens"] > 0
+
+
+def test_rows_of_sent_responses_survive_a_kill_9_of_the_ledger(server, client):
+    """A response goes out only after its row is in the ledger's write-ahead log: killing the
+    ledger right after (before any flush) loses none, and its restart duplicates none. Before,
+    rows were sent fire-and-forget into a buffer that died with the actor."""
+    _, dep = server
+    ids = [client.completions.create(model="tiny", prompt=f"Count to {i}", max_tokens=2, temperature=0.0,
+                                     extra_body={"ignore_eos": True}).id for i in range(3)]
+    from pathlib import Path
+    logged = {json.loads(line)["row"]["request_id"] for f in (Path(dep.cfg.ledger.path) / "wal").glob("*.jsonl")
+              for line in f.read_text().splitlines() if line}
+    assert set(ids) <= logged                               # in the log when the response arrived, no flush
+    ray.kill(dep.ledger, no_restart=False)                  # SIGKILL; Ray restarts it, it replays its log
+    rows = ledger_rows(dep, ids)
+    assert all(rows[i] is not None and rows[i]["output_tokens"] == 2 for i in ids)
+    again = client.completions.create(model="tiny", prompt="After", max_tokens=2, temperature=0.0)
+    assert ledger_rows(dep, [again.id])[again.id]["finish_reason"] == "length"   # the restarted ledger serves
 
 
 def test_killing_a_decode_rank_mid_stream_loses_no_request(server, llm_answers):
@@ -302,7 +340,8 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
     port = free_port()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {tiny_dir}\nkernels: reference\nprefill: {{gpus_per_node: 1, kv_pages: 16}}\n"
-                   f"decode: {{gpus_per_node: 1, kv_pages: 16}}\nserve: {{port: {port}}}\n")
+                   f"decode: {{gpus_per_node: 1, kv_pages: 16}}\nserve: {{port: {port}}}\n"
+                   f"ledger: {{path: {tmp_path / 'ledger'}, flush_interval_s: 3600}}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     proc = subprocess.Popen([sys.executable, "-m", "epserve", "serve", "--config", str(cfg)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -318,6 +357,7 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
                                json={"model": "epserve", "prompt": "Hello", "max_tokens": 3})
                 if r.status_code == 200:      # the Serve proxy answers 503/404 until the app is up
                     ok = r.json()["usage"]["completion_tokens"] == 3
+                    rid = r.json()["id"]
                     break
             except httpx.HTTPError:
                 pass
@@ -334,6 +374,11 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
             time.sleep(0.5)
         alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
         assert not alive
+        from epserve.fleet.ledger_read import read_ledger     # SIGTERM flushed the ledger: nothing left out
+        led = read_ledger(tmp_path / "ledger")
+        assert led.requests["request_id"].to_pylist() == [rid] and led.is_complete
+        assert sorted(led.capacity["event"].to_pylist()) == ["start", "start", "stop", "stop"]
+        assert not list((tmp_path / "ledger" / "wal").glob("*.jsonl"))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -347,3 +392,54 @@ def test_bench_serve_measures_this_server(server):
               output_len=(4, 8), api_key="none", timeout_s=120)[0]
     assert (row["ok"], row["failed"], row["n_429"], row["unsent"]) == (4, 0, 0, 0)
     assert 4 <= row["output_tokens"] <= 32 and row["ttft_ms_p50"] > 0 and row["output_tokens_per_s"] > 0
+
+
+def test_a_rotated_key_keeps_its_tenants_cache_and_ledger_name(server):
+    _, dep = server
+    prompt = " ".join(["Tenants own their cache, not their keys."] * 12)
+    old, new = (openai.OpenAI(base_url=server[0] + "/v1", api_key=k, max_retries=0, timeout=120)
+                for k in ("acme-old", "acme-new"))
+    first = old.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0.0)
+    second = new.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0.0)
+    assert second.usage.model_dump()["prompt_cache_hit_tokens"] > 0 and second.choices[0].text == first.choices[0].text
+    rows = ledger_rows(dep, [first.id, second.id])
+    assert rows[first.id]["tenant"] == rows[second.id]["tenant"] == "acme"
+
+
+@pytest.mark.parametrize("body,param", [({"prompt": "x" * (70 * 1024)}, None),
+                                        ({"messages": [{"role": "user", "content": "hi"}] * 9}, "messages")])
+def test_oversized_requests_are_413_with_openai_bodies(server, body, param):
+    route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = httpx.post(server[0] + route, json={"model": "tiny", **body}, timeout=60, headers=AUTH)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and err["param"] == param and "serve.max_" in err["message"]
+
+
+def test_tenant_rate_limit_is_429_with_retry_after(server):
+    c = httpx.Client(base_url=server[0], headers={"Authorization": "Bearer slow-key"}, timeout=60)
+    ok = c.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1})
+    again = c.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1})
+    assert ok.status_code == 200 and again.status_code == 429
+    assert int(again.headers["retry-after"]) >= 1 and again.json()["error"]["code"] == "tenant_rate_limited"
+    other = httpx.post(server[0] + "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1},
+                       headers=AUTH, timeout=60)
+    assert other.status_code == 200                       # one tenant's limit is not another's
+
+
+def test_tenant_concurrency_limit_is_429_while_its_request_runs(server):
+    headers = {"Authorization": "Bearer solo-key"}
+    body = {"model": "tiny", "prompt": "The sea", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)                                       # the first request is running
+        second = httpx.post(server[0] + "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1},
+                            headers=headers, timeout=60)
+        assert second.status_code == 429 and second.headers["retry-after"] == "1"
+        assert any(next(lines).startswith("data: {") for _ in range(2))   # still streaming; then it hangs up
+    deadline = time.time() + 30
+    while (after := httpx.post(server[0] + "/v1/completions", headers=headers, timeout=60,
+                               json={"model": "tiny", "prompt": "Hi", "max_tokens": 1})).status_code == 429:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert after.status_code == 200

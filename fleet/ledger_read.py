@@ -1,0 +1,142 @@
+"""Reading the ledger: every readable part, and an account of everything that was not read.
+
+A report must never drop data silently. A part that cannot be read (torn, foreign, a
+column of another type) is named with its reason and the rows its footer declares (None
+when even the footer is gone); rows with a null in a column are counted and left out; a
+row whose identity was already read (a retried append) is counted once and the repeat
+is counted as a duplicate. `epserve report` prints all of it and fails unless told to
+accept the skips (--skip-bad-parts).
+
+Reads files, computes no statistics (fleet/report.py). No Ray.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from epserve.fleet.ledger import CAPACITY_SCHEMA, REQUESTS_SCHEMA, TS, to_utc
+
+
+@dataclass(frozen=True)
+class BadPart:
+    path: str
+    reason: str             # "ArrowInvalid: ..." (first line, at most 200 characters)
+    rows: int | None        # rows the part's footer declares; None when the footer is unreadable
+
+
+@dataclass(frozen=True)
+class LedgerRead:
+    """(requests, capacity) tables, each sorted by ts, and what reading them left out."""
+
+    requests: pa.Table
+    capacity: pa.Table
+    bad_parts: tuple[BadPart, ...] = ()
+    null_rows: int = 0          # rows of readable parts with a null in some column
+    duplicate_rows: int = 0     # repeats of a row already read (same request id / unit event)
+    n_parts: int = 0            # part files found
+
+    def __iter__(self):         # `requests, capacity = read_ledger(root)`
+        return iter((self.requests, self.capacity))
+
+    @property
+    def skipped_rows(self) -> int:
+        """Rows known to be left out: declared by unreadable parts, plus rows with nulls."""
+        return sum(p.rows or 0 for p in self.bad_parts) + self.null_rows
+
+    @property
+    def is_complete(self) -> bool:
+        return not self.bad_parts and not self.null_rows
+
+    def to_dict(self) -> dict:
+        return {"parts": self.n_parts, "unreadable_parts": len(self.bad_parts),
+                "bad_parts": [p.__dict__ for p in self.bad_parts], "skipped_rows": self.skipped_rows,
+                "parts_with_unknown_rows": sum(p.rows is None for p in self.bad_parts),
+                "null_rows": self.null_rows, "duplicate_rows": self.duplicate_rows}
+
+    def format(self) -> str:
+        """Lines for the text report: counts, then each unreadable part with its reason."""
+        unknown = sum(p.rows is None for p in self.bad_parts)
+        rows = f"{self.skipped_rows:,}" + (f" + the rows of {unknown} part(s) whose footer is unreadable"
+                                           if unknown else "")
+        lines = [f"ledger parts read: {self.n_parts - len(self.bad_parts)} of {self.n_parts}; "
+                 f"unreadable: {len(self.bad_parts)}; skipped rows: {rows}; "
+                 f"duplicate rows counted once: {self.duplicate_rows:,}"]
+        lines += [f"  unreadable part {p.path} ({p.rows if p.rows is not None else 'unknown'} rows): {p.reason}"
+                  for p in self.bad_parts]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Folder:
+    table: pa.Table
+    bad: list[BadPart] = field(default_factory=list)
+    null_rows: int = 0
+    n_parts: int = 0
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+
+
+def _declared_rows(path: Path) -> int | None:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None
+
+
+def _read_folder(folder: Path, schema: pa.Schema) -> _Folder:
+    parts, bad, n_null = [], [], 0
+    paths = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
+    for path in paths:
+        try:
+            table = pq.read_table(path).select(schema.names).cast(schema)
+        except Exception as exc:      # torn, foreign, a column of another type: named, never hidden
+            bad.append(BadPart(str(path), _reason(exc), _declared_rows(path)))
+            continue
+        if table.num_rows:
+            has_null = functools.reduce(pc.or_, [pc.is_null(table[c]) for c in schema.names])
+            n = pc.sum(has_null).as_py() or 0
+            if n:
+                n_null += n
+                table = table.filter(pc.invert(has_null))
+        parts.append(table)
+    table = pa.concat_tables(parts).combine_chunks() if parts else schema.empty_table()
+    return _Folder(table, bad, n_null, len(paths))
+
+
+def _first_of_each(table: pa.Table, ids: list) -> tuple[pa.Table, int]:
+    """Keep the first row of each identity (parts are read in name order: oldest first)."""
+    seen, keep = set(), []
+    for i in ids:
+        keep.append(i not in seen)
+        seen.add(i)
+    n_dup = len(keep) - sum(keep)
+    return (table.filter(pa.array(keep, pa.bool_())) if n_dup else table), n_dup
+
+
+def read_ledger(root: str | os.PathLike, start: datetime | None = None, end: datetime | None = None) -> LedgerRead:
+    """The ledger at root. requests: rows with start <= ts < end. capacity: rows with ts < end,
+    including those before start (the report needs earlier starts to know which units were
+    running at `start`). start/end must be aware datetimes (or None: unbounded)."""
+    start = None if start is None else to_utc(start, "start")
+    end = None if end is None else to_utc(end, "end")
+    root = Path(root)
+    req, cap = _read_folder(root / "requests", REQUESTS_SCHEMA), _read_folder(root / "capacity", CAPACITY_SCHEMA)
+    requests, dup_r = _first_of_each(req.table, req.table["request_id"].to_pylist())
+    ids = zip(*(cap.table[c].to_pylist() for c in ("unit", "event", "ts")))
+    capacity, dup_c = _first_of_each(cap.table, list(ids))
+    if start is not None:
+        requests = requests.filter(pc.greater_equal(requests["ts"], pa.scalar(start, TS)))
+    if end is not None:
+        requests = requests.filter(pc.less(requests["ts"], pa.scalar(end, TS)))
+        capacity = capacity.filter(pc.less(capacity["ts"], pa.scalar(end, TS)))
+    return LedgerRead(requests.sort_by("ts"), capacity.sort_by("ts"), tuple(req.bad + cap.bad),
+                      req.null_rows + cap.null_rows, dup_r + dup_c, req.n_parts + cap.n_parts)
