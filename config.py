@@ -120,6 +120,7 @@ class Config:
     fp8_activations: bool = True      # FP8 checkpoints: quantise activations 1x128 (the seed's recipe)
     max_model_len: int | None = None  # null: the checkpoint's max_position_embeddings
     overlap: str = "auto"             # auto | on | off (auto: each unit measures whether splitting pays)
+    cuda_graphs: bool = True          # GPU decode steps replay as CUDA graphs (one per batch-size bucket)
     transport: TransportConfig = field(default_factory=TransportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     prefill: UnitConfig = field(default_factory=UnitConfig)

@@ -44,7 +44,8 @@ def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> Rank
                     kv_store=kv_store_spec(cfg), block_tokens=cfg.kv_store.block_tokens,
                     device="cuda" if torch.cuda.is_available() else "cpu", kv_pages=role_cfg.kv_pages,
                     max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
-                    max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations)
+                    max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations,
+                    cuda_graphs=cfg.cuda_graphs)
 
 
 def start_units(cfg: Config, model_dir: str, name: str, role_cfg, args, first_id: int = 0,

@@ -213,13 +213,16 @@ def env_info(dev, backend: str) -> dict:
         info.update(native.versions())
     except Exception:   # informational only
         pass
+    import os
     import subprocess
     from pathlib import Path
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except Exception:
-        info["commit"] = None
+    info["commit"] = os.environ.get("EPSERVE_COMMIT")     # a copied tree may carry a stale .git: say it
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        except Exception:
+            info["commit"] = None
     return info
 
 
