@@ -16,58 +16,20 @@ from epserve.config import Config, load_config
 from epserve.messages import RequestOutput, Usage
 from epserve.model.checkpoint import check_model_dir
 from epserve.model.sampling import InvalidRequest, SamplingParams
-from epserve.model.tiny import cache_root, default_model_dir
-from epserve.pipelines.prefix_cache import KVStoreSpec
+from epserve.model.tiny import default_model_dir
 from epserve.model.tokenizer import load_tokenizer
-from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank
-from epserve.placement.topology import UnitShape
 
 log = logging.getLogger("epserve.llm")
 
 
-def kv_store_spec(cfg: Config) -> KVStoreSpec | None:
-    k = cfg.kv_store
-    if not k.enabled:
-        return None
-    root = k.path or str(cache_root() / "kv")
-    return KVStoreSpec(root, int(k.capacity_gb * (1 << 30)), k.block_tokens, k.shared_namespace)
-
-
-def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> RankSpec:
-    import torch
-    return RankSpec(model_dir=model_dir, dtype=cfg.dtype, kernels=cfg.kernels, role=role,
-                    overlap=cfg.overlap if role_cfg.ranks_per_unit >= 2 else "off",
-                    latency_s=cfg.transport.latency_ms / 1e3,
-                    bandwidth=cfg.transport.bandwidth_gbps * 1e9,
-                    kv_store=kv_store_spec(cfg), block_tokens=cfg.kv_store.block_tokens,
-                    device="cuda" if torch.cuda.is_available() else "cpu", kv_pages=role_cfg.kv_pages,
-                    max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
-                    max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations,
-                    cuda_graphs=cfg.cuda_graphs)
-
-
 def start_units(cfg: Config, model_dir: str, name: str, role_cfg, args, first_id: int = 0,
                 role: str = "both") -> list:
-    """Start role_cfg.units supervisors and wait until every rank is loaded."""
-    import ray
-    from epserve.actors.unit import UnitSupervisor
-    shape = UnitShape(role_cfg.nodes_per_unit, role_cfg.gpus_per_node, args.n_routed_experts,
-                      role_cfg.redundant_experts)
-    spec = rank_spec(cfg, model_dir, role_cfg, role)
-    fp8_dispatch = cfg.fp8_activations and args.fp8_block is not None
-    units = [UnitSupervisor.remote(first_id + u, name, spec, shape, role_cfg.cpus_per_rank, fp8_dispatch,
-                                   n_moe_layers=args.n_moe_layers) for u in range(role_cfg.units)]
-    ray.get([u.start.remote() for u in units])
-    if cfg.eplb.enabled and role_cfg.ranks_per_unit > 1:
-        from epserve.actors.eplb_controller import EplbController
-        for u in units:    # one expert balancer per unit; it lives as long as its unit's owner
-            c = EplbController.remote(u, shape, args.n_expert_groups, cfg.eplb.interval_s, cfg.eplb.window_steps,
-                                      cfg.eplb.policy)
-            ray.get(c.start.remote())
-            ray.get(u.attach.remote(c))
-    return units
+    """Start role_cfg.units supervisors at once and wait until every rank is loaded."""
+    from epserve.actors.launch import orders
+    from epserve.actors.launch import start_units as start
+    return start(cfg, model_dir, args, orders(name, role_cfg, role, first_id))[role]
 
 
 class LLM:

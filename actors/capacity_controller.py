@@ -2,7 +2,8 @@
 
 It owns the registry of live units (the router reads it), evaluates the policy every
 `autoscale.interval_s` from the time of day and live load (KV pressure of the decode
-ranks), starts whole units, and removes whole units by draining them: a draining unit
+ranks), starts whole units (all a tick adds at once; one that fails does not stop the
+others), and removes whole units by draining them: a draining unit
 takes no new requests, its running ones finish, then it stops and its nodes are
 released (the `autoscale.release_hook` command runs with EPSERVE_FREED_GPUS set, e.g.
 a `ray job submit` of a training entrypoint). Start and stop events go to the ledger.
@@ -22,6 +23,7 @@ import time
 
 import ray
 
+from epserve.actors.launch import UnitOrder, start_all
 from epserve.fleet.ledger import CapacityRow
 from epserve.placement.capacity import CapacityPolicy, CapacityState, FleetLoad, desired_units, parse_schedule
 
@@ -91,24 +93,32 @@ class CapacityController:
             current = tuple(len(self.units[r]) - len(self.draining[r]) for r in ROLES)
             (want_p, want_d), self.state = desired_units(self.policy, await self._load(), self._hour(), current,
                                                          self.state)
+            todo = []
             for role, want, have in (("prefill", want_p, current[0]), ("decode", want_d, current[1])):
                 for _ in range(want - have):
-                    await self._add(role)
+                    todo.append(self._order(role))
                 for _ in range(have - want):
                     await self._drain(role)
-            return {"hour": self._hour(), "current": current, "desired": (want_p, want_d)}
+            started = await self._add(todo)
+            return {"hour": self._hour(), "current": current, "desired": (want_p, want_d), "started": started}
 
-    async def _add(self, role: str) -> None:
-        from epserve.llm import start_units
+    def _order(self, role: str) -> UnitOrder:
         uid = self.next_id[role]
         self.next_id[role] += 1
-        role_cfg = getattr(self.cfg, role)
+        return UnitOrder(uid, role, role, dataclasses.replace(getattr(self.cfg, role), units=1))
+
+    async def _add(self, todo: list[UnitOrder]) -> int:
+        """Start all ordered units at once; one that fails is logged and recorded, the rest serve."""
+        if not todo:
+            return 0
         t0 = time.time()
-        (unit,) = await asyncio.get_running_loop().run_in_executor(None, lambda: start_units(
-            self.cfg, self.model_dir, role, dataclasses.replace(role_cfg, units=1), self.args,
-            first_id=uid, role=role))
-        self.units[role][uid] = unit
-        self._record(role, uid, "start", time.time() - t0)
+        ok, failed = await start_all(self.cfg, self.model_dir, self.args, todo)
+        for o, unit in ok:
+            self.units[o.role][o.uid] = unit
+            self._record(o.role, o.uid, "start", time.time() - t0)
+        for o, why in failed:
+            self.events.append({"role": o.role, "unit": o.uid, "event": "start_failed", "why": why})
+        return len(ok)
 
     async def _drain(self, role: str) -> None:
         candidates = [u for u in self.units[role] if u not in self.draining[role]]

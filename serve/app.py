@@ -91,15 +91,17 @@ def start_deployment(cfg: Config) -> Deployment:
     from ray import serve
 
     from epserve.actors.cluster import ensure_ray
-    from epserve.llm import start_units
+    from epserve.actors.launch import orders, start_units
     from epserve.serve.ingress import Ingress
     model_dir = str(cfg.model or default_model_dir())
     args = check_model_dir(model_dir)
     nodes, gpus = embedded_shape(cfg)
     embedded = ensure_ray(cfg.ray.address, nodes, gpus, cfg.ray.num_cpus)
     try:
-        pre = start_units(cfg, model_dir, "prefill", cfg.prefill, args, role="prefill")
-        dec = start_units(cfg, model_dir, "decode", cfg.decode, args, role="decode")
+        # every unit of both roles starts at once; one that fails is reported, the others serve
+        units = start_units(cfg, model_dir, args, orders("prefill", cfg.prefill, "prefill")
+                            + orders("decode", cfg.decode, "decode"))
+        pre, dec = units["prefill"], units["decode"]
         dep = Deployment(cfg, model_dir, pre, dec, embedded, start_ledger(cfg))
         ray.get(dep.ledger.append.remote(capacity_rows(cfg, {"prefill": list(range(len(pre))),
                                                              "decode": list(range(len(dec)))}, "start")))

@@ -28,7 +28,7 @@ from epserve.messages import Usage
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
 from epserve.model.tokenizer import IncrementalText, load_tokenizer
-from epserve.llm import kv_store_spec
+from epserve.actors.launch import kv_store_spec
 from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
 from epserve.pipelines.runner import DTYPES
 from epserve.pipelines.sequence import Sequence
