@@ -108,6 +108,7 @@ class ServeConfig:
     tenants: tuple[TenantConfig, ...] = ()   # named tenants: [{name, api_keys, max_requests_per_s, max_concurrent}]
     model_name: str = "epserve"
     max_queue: int = 256              # requests waiting per service before 429
+    ingress_replicas: int = 1         # front-door replicas; they admit through one shared router
     max_body_bytes: int = 1 << 20     # request bodies over this: 413
     max_messages: int = 256           # chat messages in one request over this: 413
 
@@ -147,6 +148,8 @@ class Config:
                 raise ConfigError(f"{role}.redundant_experts: must be >= 0, got {u.redundant_experts}")
         if self.kv_store.block_tokens < 1 or self.kv_store.capacity_gb <= 0:
             raise ConfigError("kv_store: block_tokens must be >= 1 and capacity_gb > 0")
+        if self.serve.ingress_replicas < 1:
+            raise ConfigError(f"serve.ingress_replicas: must be >= 1, got {self.serve.ingress_replicas}")
         if not 0 < self.serve.port < 65536:
             raise ConfigError(f"serve.port: must be in 1..65535, got {self.serve.port}")
         if self.max_model_len is not None and self.max_model_len < 1:

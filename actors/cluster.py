@@ -53,6 +53,6 @@ def ensure_ray(address: str | None, nodes: int, gpus_per_node: int, num_cpus: in
         cluster.add_node(num_cpus=cpus, num_gpus=gpus_per_node, node_ip_address="127.0.0.1",
                          object_store_memory=80 * MB)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray.init(address=cluster.address, log_to_driver=False, _node_ip_address="127.0.0.1")   # loopback only
     log.info("started embedded simulated cluster: %d nodes x %d (fake) GPUs", nodes, gpus_per_node)
     return EmbeddedRay(cluster)

@@ -301,6 +301,10 @@ class UnitSupervisor:
         return True
 
     # ---- observation ---------------------------------------------------------------------
+    def request_ids(self) -> set[str]:
+        """Requests this unit is running (the router reconciles its in-flight table with them)."""
+        return set(self.requests)
+
     def stats(self) -> list[RankStats]:
         return list(self.stats_cache)
 

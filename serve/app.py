@@ -29,6 +29,7 @@ class Deployment:
     embedded: object = None
     ledger: object = None
     capacity: object = None
+    router: object = None
 
     def shutdown(self) -> None:
         import ray
@@ -37,6 +38,8 @@ class Deployment:
             serve.shutdown()
         except Exception:
             pass
+        if self.router is not None:
+            ray.kill(self.router, no_restart=True)
         live = {"prefill": list(range(len(self.prefill_units))), "decode": list(range(len(self.decode_units)))}
         if self.capacity is not None:
             try:
@@ -110,9 +113,13 @@ def start_deployment(cfg: Config) -> Deployment:
             dep.capacity = CapacityController.remote(cfg, model_dir, args, {"prefill": pre, "decode": dec},
                                                      dep.ledger)
             ray.get(dep.capacity.start.remote())
+        from epserve.serve.router import RouterActor
+        units = None if dep.capacity is not None else {"prefill": pre, "decode": dec}
+        dep.router = RouterActor.remote(units, cfg.serve.max_queue, dep.capacity)
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        serve.run(Ingress.bind(cfg, model_dir, pre, dec, dep.ledger, dep.capacity), name="epserve",
-                  route_prefix="/", blocking=False)
+        serve.run(Ingress.options(num_replicas=cfg.serve.ingress_replicas).bind(
+            cfg, model_dir, pre, dec, dep.ledger, dep.capacity, dep.router), name="epserve",
+            route_prefix="/", blocking=False)
     except BaseException:
         if embedded is not None:
             embedded.shutdown()

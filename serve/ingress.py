@@ -36,7 +36,7 @@ from epserve.serve.accounting import Accounting, Live
 from epserve.serve.inputs import Inputs, too_large
 from epserve.serve.metrics import ServeMetrics
 from epserve.serve.openai_models import APIError, ChatRequest, CompletionRequest, parse
-from epserve.serve.router import Router
+from epserve.serve.router import Router, RouterClient
 from epserve.serve.tenants import TenantLimits, TenantTable
 
 log = logging.getLogger("epserve.ingress")
@@ -57,13 +57,15 @@ def _unwrap(exc: Exception) -> Exception:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, cfg: Config, model_dir: str, prefill_units: list, decode_units: list, ledger=None,
-                 capacity=None):
+                 capacity=None, router=None):
         self.cfg, self.model_name = cfg, cfg.serve.model_name
         self.args = read_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
         units = None if capacity is not None else {"prefill": prefill_units, "decode": decode_units}
-        self.router = Router(units, cfg.serve.max_queue, controller=capacity)
+        # the deployment's shared RouterActor (any number of replicas admit through it), else a local one
+        self.router = RouterClient(router) if router is not None else Router(units, cfg.serve.max_queue,
+                                                                             controller=capacity)
         self.metrics = ServeMetrics()
         self.tenants, self.limits = TenantTable(cfg.serve), TenantLimits()
         self.inputs = Inputs(self.tokenizer, self.args.vocab_size, self.max_len, cfg.serve.max_messages)

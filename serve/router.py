@@ -1,7 +1,9 @@
 """② The router: live per-rank stats of every unit, the two balancers, and the in-flight table.
 
-Runs inside the ingress replica (one process holds the whole in-flight picture, so the
-balancers see every admission at once). It reads RankStats from the unit supervisors
+`Router` is the logic; `RouterActor` runs one per deployment, shared by every ingress
+replica (one process holds the whole in-flight picture, so the balancers see every
+admission at once, however many replicas the front door has); `RouterClient` is what a
+replica holds. It reads RankStats from the unit supervisors
 (refreshed at most every `refresh_s`, and accounted locally between refreshes with
 placement's apply_*_choice), picks the decode rank first (it reserves KV pages), then
 the prefill rank, and refuses with 429 when the fleet is full.
@@ -10,14 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
+
+import ray
 
 from epserve.messages import RankRef, RankStats
 from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank
 from epserve.placement.prefill_balancer import NoRankAvailable, apply_prefill_choice, pick_prefill_rank
 from epserve.serve.openai_models import APIError
+
+log = logging.getLogger("epserve.router")
 
 
 @dataclass
@@ -96,3 +103,117 @@ class Router:
 
     def release(self, request_id: str) -> None:
         self.in_flight.pop(request_id, None)
+
+
+@dataclass
+class Refusal:
+    """An admission the router turned down, as plain fields (crosses the actor boundary)."""
+
+    status: int
+    message: str
+    type: str
+    code: str | None
+    headers: dict
+
+    def error(self) -> APIError:
+        return APIError(self.status, self.message, self.type, code=self.code, headers=self.headers)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1000)
+class RouterActor:
+    """The one router of a deployment, shared by every ingress replica.
+
+    Admissions from all replicas pass through this actor's event loop one at a time, so the
+    balancers see every admission exactly as with one replica (no decode rank is handed more
+    KV pages than it has). Its state is rebuilt from the units' live stats when it restarts,
+    and an ingress replica's restart loses nothing here: requests it admitted are released by
+    `release`, or, if it died first, by the reconciliation against the units' own requests.
+    """
+
+    def __init__(self, units: dict | None, max_in_flight: int, controller=None, reconcile_s: float = 5.0):
+        self.router = Router(units, max_in_flight, controller=controller)
+        self.admitted_at: dict[str, float] = {}
+        self.reconcile_s = reconcile_s
+        self.n_admitted = 0
+        self.task = None
+
+    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int):
+        """-> (Route, prefill unit handle, decode unit handle) or a Refusal."""
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        try:
+            route = await self.router.admit(request_id, n_prompt, n_cached, max_tokens)
+            handles = (self.router.handle("prefill", route.prefill.unit), self.router.handle("decode", route.decode.unit))
+        except APIError as exc:
+            self.router.release(request_id)
+            return Refusal(exc.status, exc.message, exc.type, exc.code, exc.headers)
+        self.admitted_at[request_id] = time.monotonic()
+        self.n_admitted += 1
+        return route, *handles
+
+    def release(self, request_id: str) -> None:
+        self.router.release(request_id)
+        self.admitted_at.pop(request_id, None)
+
+    async def snapshot(self, force: bool = False) -> dict:
+        """Live stats for /health and /metrics: per-rank stats, in-flight count, unit handles."""
+        await self.router.refresh(force)
+        return {"prefill": list(self.router.prefill_stats), "decode": list(self.router.decode_stats),
+                "in_flight": len(self.router.in_flight), "admitted": self.n_admitted,
+                "handles": {r: dict(h) for r, h in self.router.handles.items()}}
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.reconcile_s)
+            try:
+                await self.reconcile()
+            except Exception as exc:   # a unit restarting: try again next round
+                log.debug("router reconcile failed: %r", exc)
+
+    async def reconcile(self, min_age_s: float = 30.0) -> int:
+        """Release in-flight entries no unit knows and that are older than min_age_s (their ingress
+        replica died before releasing them); -> how many."""
+        units = [h for hs in self.router.handles.values() for h in hs.values()]
+        known = set().union(*(await asyncio.gather(*[u.request_ids.remote() for u in units]))) if units else set()
+        now = time.monotonic()
+        stale = [rid for rid, t in self.admitted_at.items() if rid not in known and now - t > min_age_s]
+        for rid in stale:
+            self.release(rid)
+        return len(stale)
+
+
+class RouterClient:
+    """What an ingress replica holds: the shared RouterActor behind the Router calls it makes."""
+
+    def __init__(self, actor):
+        self.actor = actor
+        self.prefill_stats: list[RankStats] = []
+        self.decode_stats: list[RankStats] = []
+        self.handles: dict = {"prefill": {}, "decode": {}}
+        self.n_in_flight = 0
+        self._unit_handles: dict[tuple[str, int], object] = {}
+
+    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int) -> Route:
+        out = await self.actor.admit.remote(request_id, n_prompt, n_cached, max_tokens)
+        if isinstance(out, Refusal):
+            raise out.error()
+        route, pre, dec = out
+        self._unit_handles[("prefill", route.prefill.unit)] = pre
+        self._unit_handles[("decode", route.decode.unit)] = dec
+        return route
+
+    def handle(self, role: str, unit: int):
+        return self._unit_handles[(role, unit)]
+
+    def release(self, request_id: str) -> None:
+        self.actor.release.remote(request_id)
+
+    async def refresh(self, force: bool = False) -> None:
+        snap = await self.actor.snapshot.remote(force)
+        self.prefill_stats, self.decode_stats = snap["prefill"], snap["decode"]
+        self.handles, self.n_in_flight = snap["handles"], snap["in_flight"]
+
+    @property
+    def in_flight(self) -> range:
+        """Only its size is read (metrics)."""
+        return range(self.n_in_flight)
