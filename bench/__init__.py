@@ -5,6 +5,7 @@ engine  offline tokens/s of one rank at several batch sizes, next to transformer
         prefill tokens/s, and (V3-width checkpoints) the engine against layers x the layer benchmark
 units   the lockstep's control cost, old central loop against the rank-driven loop, 1/2/4/8 ranks
 starts  one unit's start time against four units started at once
+admission  requests/s the front door admits at max_tokens=1 with 1 and 2 ingress replicas
 eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production shapes
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
@@ -46,7 +47,7 @@ def run(args) -> dict:
                       with_transformers=not args.no_transformers)
     elif args.what == "overlap":
         out = mod.run(model=args.model, latency_ms=args.latency_ms)
-    elif args.what in ("units", "prefix", "starts"):
+    elif args.what in ("units", "prefix", "starts", "admission"):
         out = mod.run(model=args.model)
     elif args.what == "step":
         out = mod.run(backend=args.backend, phase=args.phase, tokens=args.step_tokens, graphs=not args.eager)

@@ -135,6 +135,7 @@ class RouterActor:
         self.admitted_at: dict[str, float] = {}
         self.reconcile_s = reconcile_s
         self.n_admitted = 0
+        self.per_decode_rank: dict[str, int] = {}       # "unit/rank" -> requests admitted there
         self.task = None
 
     async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int):
@@ -149,6 +150,8 @@ class RouterActor:
             return Refusal(exc.status, exc.message, exc.type, exc.code, exc.headers)
         self.admitted_at[request_id] = time.monotonic()
         self.n_admitted += 1
+        key = f"{route.decode.unit}/{route.decode.rank}"
+        self.per_decode_rank[key] = self.per_decode_rank.get(key, 0) + 1
         return route, *handles
 
     def release(self, request_id: str) -> None:
@@ -160,6 +163,7 @@ class RouterActor:
         await self.router.refresh(force)
         return {"prefill": list(self.router.prefill_stats), "decode": list(self.router.decode_stats),
                 "in_flight": len(self.router.in_flight), "admitted": self.n_admitted,
+                "per_decode_rank": dict(self.per_decode_rank),
                 "handles": {r: dict(h) for r, h in self.router.handles.items()}}
 
     async def _reconcile_loop(self) -> None:
