@@ -64,12 +64,18 @@ def orders(name: str, role_cfg, role: str, first_id: int = 0) -> list[UnitOrder]
     return [UnitOrder(first_id + u, role, name, role_cfg) for u in range(role_cfg.units)]
 
 
+def unit_shape(order: UnitOrder, args) -> UnitShape:
+    """The unit's shape; a config the model cannot be placed with raises ValueError naming why."""
+    rc = order.role_cfg
+    return UnitShape(rc.nodes_per_unit, rc.gpus_per_node, args.n_routed_experts, rc.redundant_experts)
+
+
 async def start_unit(cfg: Config, model_dir: str, args, order: UnitOrder):
     """Start one unit (and its expert balancer) -> its supervisor handle; raises if it cannot start,
     leaving nothing of it behind."""
     from epserve.actors.unit import UnitSupervisor
     rc = order.role_cfg
-    shape = UnitShape(rc.nodes_per_unit, rc.gpus_per_node, args.n_routed_experts, rc.redundant_experts)
+    shape = unit_shape(order, args)
     fp8_dispatch = cfg.fp8_activations and args.fp8_block is not None
     unit = UnitSupervisor.remote(order.uid, order.name, rank_spec(cfg, model_dir, rc, order.role), shape,
                                  rc.cpus_per_rank, fp8_dispatch, n_moe_layers=args.n_moe_layers)
@@ -88,7 +94,10 @@ async def start_unit(cfg: Config, model_dir: str, args, order: UnitOrder):
 
 
 async def start_all(cfg: Config, model_dir: str, args, todo: list[UnitOrder]) -> tuple[list, list]:
-    """Start every ordered unit at once -> ([(order, handle)], [(order, error text)])."""
+    """Start every ordered unit at once -> ([(order, handle)], [(order, error text)]). A shape the
+    config gets wrong is the caller's error (ValueError, before anything starts), not a failed start."""
+    for o in todo:
+        unit_shape(o, args)
     t0 = time.time()
     results = await asyncio.gather(*[start_unit(cfg, model_dir, args, o) for o in todo], return_exceptions=True)
     ok = [(o, r) for o, r in zip(todo, results) if not isinstance(r, BaseException)]
