@@ -117,7 +117,7 @@ def test_eplb_rebalances_live_mid_generation_without_changing_outputs(unit, tiny
     from epserve.actors.eplb_controller import EplbController
     sup, _, shape, args = unit
     prompts = [[7] * 30, [7] * 29 + [9], [11] * 30, [7, 11] * 15]      # repetitive: a skewed expert load
-    n = 60
+    n = 150                         # long enough that the switch lands mid-generation on a loaded box
     engine = make_local_engine(tiny_dir)
     ref = [Sequence(f"e{i}", p, greedy(n)) for i, p in enumerate(prompts)]
     for s_ in ref:
