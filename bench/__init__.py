@@ -7,6 +7,7 @@ units   the lockstep's control cost, old central loop against the rank-driven lo
 eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production shapes
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
+grammar grammar libraries (llguidance, xgrammar, outlines-core): compile ms per schema, mask us per token
 prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
 overlap step time with the overlapped schedules on/off, prefill and decode, with and without injected latency
 --profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit;
