@@ -166,7 +166,7 @@ class UnitSupervisor:
             if tr.finish_reason is None and tr.error is None:
                 per_rank.setdefault(tr.rank, []).append(
                     Sequence(rid, tr.seq.prompt_ids, tr.seq.params, output_ids=list(tr.output_ids),
-                             n_cached=tr.seq.n_cached, tenant=tr.seq.tenant))
+                             n_cached=tr.seq.n_cached, tenant=tr.seq.tenant, share_kv=tr.seq.share_kv))
         for r, seqs in per_rank.items():
             self.ranks[r].submit.remote(seqs)
 

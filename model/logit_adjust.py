@@ -59,6 +59,8 @@ class LogitAdjust:
         if self.bias_rows is not None:
             x.index_put_((self.bias_rows, self.bias_ids), self.bias_values.to(x.dtype), accumulate=True)
         if self.mask_rows is not None:
+            # allowed tokens stay finite (a NaN or -inf logit would let the draw leave the grammar)
             allowed = unpack_bitmask(self.mask_bits, x.shape[1])
-            x[self.mask_rows] = x[self.mask_rows].masked_fill(~allowed, float("-inf"))
+            rows = x[self.mask_rows].nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30)
+            x[self.mask_rows] = rows.masked_fill(~allowed, float("-inf"))
         return x

@@ -162,7 +162,11 @@ class RankEngine:
         return self.batcher.can_prefill() or any(f.done() for _, f in self.loading)
 
     def add_prefilled(self, seq: Sequence, latents: torch.Tensor) -> bool:
+        """latents: the first n_tokens - 1 tokens' KV; or the whole prompt's for a choice of an n > 1 request
+        that has produced nothing yet (it recomputes its last prompt token to sample its own first token)."""
         self._admit_checks(seq)
+        if not seq.output_ids and latents.shape[1] == seq.n_tokens:
+            latents = latents[:, :-1]
         if latents.shape[1] != seq.n_tokens - 1 or latents.shape[0] != self.args.n_layers:
             raise ValueError(f"handed-off KV has shape {tuple(latents.shape)}; expected "
                              f"[{self.args.n_layers}, {seq.n_tokens - 1}, {self.args.kv_dim}]")
@@ -241,9 +245,10 @@ class RankEngine:
             seq.n_computed += n
             seq.append(tok, info)
             delta = TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached)
-            if self.spec.role == "prefill" and not seq.is_finished:
+            if self.spec.role == "prefill" and (not seq.is_finished or seq.share_kv):
                 delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens)
-                seq.finish_reason = delta.finish_reason = "handoff"
+                if not seq.is_finished:
+                    seq.finish_reason = delta.finish_reason = "handoff"
             self._save_blocks(seq, delta.kv_blocks)
             deltas.append(delta)
         self.sampler_state.advance(step.seqs, tokens)
