@@ -28,12 +28,13 @@ class Parsed:
     calls: list[list[str]] = field(default_factory=list)     # [name, arguments so far]
 
 
-def _held(text: str, final: bool) -> str:
-    """text without a tail that may be the start of the closing fence (streams only)."""
+def _held(text: str, final: bool, marker: str = FENCE_CLOSE) -> str:
+    """text without a tail that may be the start of `marker` (streams only; text cut between
+    tokens never splits DeepSeek's one-token markers, but a client's stop string may)."""
     if final:
         return text
-    for k in range(min(len(FENCE_CLOSE), len(text)), 0, -1):
-        if text.endswith(FENCE_CLOSE[:k]):
+    for k in range(min(len(marker), len(text)), 0, -1):
+        if text.endswith(marker[:k]):
             return text[:-k]
     return text
 
@@ -64,14 +65,14 @@ def parse(text: str, reasoning: bool, tools: bool, final: bool = True) -> Parsed
     if reasoning:
         think, end, text = text.partition(ct.END_THINK)
         if not end:                      # still thinking (or cut off while thinking)
-            out.reasoning = think
+            out.reasoning = _held(think, final, ct.END_THINK)
             return out
         out.reasoning, text = think, text.lstrip("\n")
     if tools and ct.CALLS_BEGIN in text:
         out.content, _, section = text.partition(ct.CALLS_BEGIN)
         out.calls = _parse_calls(section, final)
     else:
-        out.content = text
+        out.content = _held(text, final or not tools, ct.CALLS_BEGIN)
     return out
 
 
