@@ -113,3 +113,17 @@ def test_unpack_bitmask_reads_llguidance_bits():
     assert allowed[0].nonzero().flatten().tolist() == [0, 2, 63]
     x = LogitAdjust(mask_rows=torch.tensor([0]), mask_bits=bits).apply(torch.zeros(2, 64))
     assert torch.isinf(x[0]).sum() == 61 and not torch.isinf(x[1]).any()
+
+
+def test_a_grammar_is_compiled_once_per_schema(tiny_dir):
+    from epserve.bench.serve_constrained import compile_times
+    st = state(tiny_dir)
+    spec = GrammarSpec("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    for i in range(3):
+        st.prepare([Sequence(f"s{i}", [3], SamplingParams(grammar=spec))])
+    assert st.grammars.n_compiled == 1
+    st.prepare([Sequence("other", [3], SamplingParams(grammar=GrammarSpec("json_object")))])
+    assert st.grammars.n_compiled == 2
+    times = compile_times(tiny_dir, repeats=1)
+    assert set(times) == {"json_object", "weather", "nested", "long_string"}
+    assert all(t["compile_ms"] > 0 and t["cached_ms"] < t["compile_ms"] for t in times.values())

@@ -262,3 +262,11 @@ def test_a_reasoning_models_stream_sends_reasoning_before_content(server, r1_dir
 
 
 
+
+
+def test_stop_token_ids_end_the_answer_at_that_token(client):
+    kw = dict(model="tiny", prompt="The quick brown fox", max_tokens=6, temperature=0.0)
+    ids = client.completions.create(extra_body={"ignore_eos": True}, **kw).model_dump()["choices"][0]["token_ids"]
+    r = client.completions.create(extra_body={"ignore_eos": True, "stop_token_ids": [ids[2]]}, **kw)
+    c = r.model_dump()["choices"][0]
+    assert c["token_ids"] == ids[:ids.index(ids[2]) + 1] and c["finish_reason"] == "stop"
