@@ -1,12 +1,13 @@
 """① The front door and ⑥ the way back: OpenAI routes on Ray Serve.
 
-/v1/completions and /v1/chat/completions (SSE streaming and not), /v1/models, /health,
-/metrics. Requests are validated here (bad input is a 4xx with an OpenAI-style body,
+/v1/completions and /v1/chat/completions (SSE streaming and not; n choices, tools, structured
+outputs, reasoning, FIM, prefix completion), /tokenize and /detokenize, /v1/models, /health, /metrics. Requests are validated here (bad input is a 4xx with an OpenAI-style body,
 never a 500), tokenised with the checkpoint's tokenizer and chat template, routed
 (serve/router.py), prefilled on a prefill rank, handed to the chosen decode rank and
 streamed back. A client that disconnects aborts its request and frees its KV pages.
-Parsing lives in serve/inputs.py, tenants and limits in serve/tenants.py, each request's
-ledger row in serve/accounting.py. Over 300 lines: the two response shapes (one JSON body,
+Parsing lives in serve/inputs.py (grammars: serve/structured.py), the path through the units
+in serve/generation.py, answers and chunks in serve/responses.py, tenants and limits in
+serve/tenants.py, each request's ledger row in serve/accounting.py. Over 300 lines: the two response shapes (one JSON body,
 SSE) each own their error, abort and accounting paths.
 """
 
