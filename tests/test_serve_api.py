@@ -270,3 +270,4 @@ def test_stop_token_ids_end_the_answer_at_that_token(client):
     r = client.completions.create(extra_body={"ignore_eos": True, "stop_token_ids": [ids[2]]}, **kw)
     c = r.model_dump()["choices"][0]
     assert c["token_ids"] == ids[:ids.index(ids[2]) + 1] and c["finish_reason"] == "stop"
+
