@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights with 128x128 weight_scale_inv")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shards", type=int, default=1)
+    m.add_argument("--chat-template", default="v3", choices=["v3", "r1"],
+                   help="DeepSeek-V3's chat template (tool calls) or the R1 variant that opens <think>")
     m.add_argument("--preset", default="tiny", help="tiny (default) | v3-4l | v3-ep144-rank | v3-ep32-rank | v3-mini "
                    "(V3-width ones are FP8, ~5-40 GB; make them on a GPU with --device cuda)")
     m.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is much faster)")
@@ -74,12 +76,16 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks; print JSON (not tests)")
     b.add_argument("what", nargs="?", default="engine",
-                   choices=["engine", "units", "eplb", "kernels", "step", "serve", "prefix", "overlap", "starts", "admission"])
+                   choices=["engine", "units", "eplb", "kernels", "step", "serve", "prefix", "overlap", "starts",
+                            "admission", "grammar"])
     b.add_argument("--config", help="serve: config of the server to start (default: the embedded default)")
     b.add_argument("--url", help="serve: measure this running server instead of starting one")
     b.add_argument("--api-key", help="serve --url: bearer key for the server (its model name is read from /v1/models)")
     b.add_argument("--concurrency", default="1,4,16")
     b.add_argument("--requests", type=int, default=32)
+    b.add_argument("--constrained", action="store_true",
+                   help="serve: decode TPOT of a 32-request batch with half JSON-constrained vs none, and grammar "
+                        "compile time per schema")
     b.add_argument("--rate", type=float, help="serve: Poisson arrival rate, requests/s (default: closed loop)")
     b.add_argument("--model")
     b.add_argument("--batches", default="1,8,32")
@@ -104,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_make_tiny_model(a) -> int:
     from epserve.model.tiny import make_tiny_model
-    out = make_tiny_model(a.dir, fp8=a.fp8, seed=a.seed, shards=a.shards, preset=a.preset, device=a.device)
+    out = make_tiny_model(a.dir, fp8=a.fp8, seed=a.seed, shards=a.shards, preset=a.preset, device=a.device,
+                          chat_template=a.chat_template)
     print(f"wrote {'FP8 ' if a.fp8 or a.preset.startswith('v3-') else ''}{a.preset} DeepSeek-V3 checkpoint to {out}")
     return 0
 

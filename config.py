@@ -111,6 +111,8 @@ class ServeConfig:
     ingress_replicas: int = 1         # front-door replicas; they admit through one shared router
     max_body_bytes: int = 1 << 20     # request bodies over this: 413
     max_messages: int = 256           # chat messages in one request over this: 413
+    reasoning: str = "auto"           # auto (the chat template opens <think>) | on | off: split reasoning_content
+    max_n: int = 16                   # most choices (`n`) one request may ask for
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ class Config:
         _choice("kernels", self.kernels, ("auto", "reference", "triton", "native"))
         _choice("overlap", self.overlap, ("auto", "on", "off"))
         _choice("eplb.policy", self.eplb.policy, ("auto", "baseline", "improved"))
+        _choice("serve.reasoning", self.serve.reasoning, ("auto", "on", "off"))
+        if self.serve.max_n < 1:
+            raise ConfigError(f"serve.max_n: must be >= 1, got {self.serve.max_n}")
         for role in ("prefill", "decode"):
             u = getattr(self, role)
             for key in ("units", "nodes_per_unit", "gpus_per_node", "max_batch_tokens", "max_batch_size",

@@ -57,6 +57,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_cache_hit_tokens: int = 0
+    reasoning_tokens: int | None = None     # reasoning models: completion tokens up to and including </think>
 
     @property
     def prompt_cache_miss_tokens(self) -> int:
@@ -67,13 +68,16 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
             "prompt_cache_hit_tokens": self.prompt_cache_hit_tokens,
             "prompt_cache_miss_tokens": self.prompt_cache_miss_tokens,
         }
+        if self.reasoning_tokens is not None:
+            out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return out
 
 
 @dataclass

@@ -109,6 +109,8 @@ class Delivery:
     schedule_steps: dict[str, int]
     split_pays: dict[str, bool]
     timing: dict[str, float]           # seconds summed over the loop's steps: total, agree, step, inbox, push
+    seq: int = 0                       # this rank's push counter: the sink applies pushes in this order
+    generation: int = 0                # the unit build that started this loop (older ones are stale)
 
 
 @dataclass(frozen=True)
@@ -236,10 +238,11 @@ class RankActor:
             self.parked = False
 
     # ---- the loop ---------------------------------------------------------------------------
-    def run_loop(self, sink, peers: list) -> dict:
+    def run_loop(self, sink, peers: list, generation: int = 0) -> dict:
         """Drive this rank's steps until shutdown; returns its counters. Raises if a step fails
         (the supervisor rebuilds the unit)."""
         self.sink, self.peers = sink, list(peers)
+        self.generation, self.n_pushes = generation, 0
         state = LoopState(self.spec.overlap, self.map_version, self.tuner)
         prev_us = prev_tokens = 0
         last_push, dirty = 0.0, False          # dirty: stepped since the last push
@@ -372,7 +375,8 @@ class RankActor:
         self.sink.deliver.remote(Delivery(
             self.layout.rank, Deltas.pack(deltas), self.last_stats, rejected, self.n_steps, self.map_version,
             dict(self.switched_at), dict(self.schedule_steps), dict(self.tuner.best),
-            {k: v for k, v in self.timing.items()}))
+            {k: v for k, v in self.timing.items()}, self.n_pushes, self.generation))
+        self.n_pushes += 1
         self.timing["push"] += time.perf_counter() - t
 
     # ---- lifecycle, placement, observation --------------------------------------------------

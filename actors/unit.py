@@ -61,6 +61,8 @@ class UnitSupervisor:
         self.phy2log = initial_phy2log(n_moe_layers, shape.n_routed_experts, shape.n_slots)
         self.ranks: list = []
         self.loops: list = []
+        self.pushes: list[dict] = []
+        self.next_push: list[int] = []
         self.placement = None
         self.rank_info: list[dict] = []
         self.requests: dict[str, Tracked] = {}
@@ -114,7 +116,10 @@ class UnitSupervisor:
         self.last = [None] * s.n_ranks
         if self.drive:
             me = ray.get_runtime_context().current_actor
-            self.loops = [rk.run_loop.remote(me, [p for p in self.ranks if p is not rk]) for rk in self.ranks]
+            self.pushes = [{} for _ in self.ranks]          # rank -> {seq: Delivery} waiting for an earlier one
+            self.next_push = [0] * len(self.ranks)
+            self.loops = [rk.run_loop.remote(me, [p for p in self.ranks if p is not rk], self.n_restarts)
+                          for rk in self.ranks]
             self.monitor = asyncio.get_running_loop().create_task(self._watch(self.loops, self.n_restarts))
         log.info("%s unit %d up: %d ranks on %d node(s), rendezvous %s:%d", self.role, self.unit_id, s.n_ranks,
                  s.nodes_per_unit, *master)
@@ -166,7 +171,7 @@ class UnitSupervisor:
             if tr.finish_reason is None and tr.error is None:
                 per_rank.setdefault(tr.rank, []).append(
                     Sequence(rid, tr.seq.prompt_ids, tr.seq.params, output_ids=list(tr.output_ids),
-                             n_cached=tr.seq.n_cached, tenant=tr.seq.tenant))
+                             n_cached=tr.seq.n_cached, tenant=tr.seq.tenant, share_kv=tr.seq.share_kv))
         for r, seqs in per_rank.items():
             self.ranks[r].submit.remote(seqs)
 
@@ -183,8 +188,20 @@ class UnitSupervisor:
         await self._teardown()
 
     # ---- what the ranks push -----------------------------------------------------------
-    def deliver(self, d: Delivery) -> None:
-        """One rank's step: its deltas, rejections and state (a fire-and-forget call from its loop)."""
+    async def deliver(self, d: Delivery) -> None:
+        """One rank's push (a fire-and-forget call from its loop), applied in the rank's push order:
+        an async actor may run calls from one caller out of order (Ray orders only synchronous,
+        single-threaded actors), and a token applied late would be dropped or misplaced. Pushes
+        from an older build of the unit are stale (its requests were resubmitted) and dropped."""
+        if d.generation != self.n_restarts or not self.pushes:
+            return
+        pending = self.pushes[d.rank]
+        pending[d.seq] = d
+        while self.next_push[d.rank] in pending:
+            self._apply(pending.pop(self.next_push[d.rank]))
+            self.next_push[d.rank] += 1
+
+    def _apply(self, d: Delivery) -> None:
         self.last[d.rank] = d
         self.stats_cache[d.rank] = d.stats
         for rid, why in d.rejected:

@@ -9,11 +9,13 @@ admission  requests/s the front door admits at max_tokens=1 with 1 and 2 ingress
 eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production shapes
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
+grammar grammar libraries (llguidance, xgrammar, outlines-core): compile ms per schema, mask us per token
 prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
 overlap step time with the overlapped schedules on/off, prefill and decode, with and without injected latency
 --profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit;
         with `engine --device cuda`: a trace of one rank's decode steps (graph replays vs launches)
-serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server
+serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server; --constrained:
+        decode TPOT with half of a 32-request batch JSON-constrained vs none, grammar compile ms per schema
         (with no --url: starts the embedded default server, measures it, stops it)
 """
 from __future__ import annotations
@@ -60,11 +62,17 @@ def run(args) -> dict:
     return {"bench": args.what, "env": environment(), "results": out}
 
 
-def _bench_serve(mod, args) -> list:
+def _bench_serve(mod, args) -> list | dict:
     levels = tuple(int(c) for c in args.concurrency.split(","))
+
+    def run(url, model, key, model_dir=None):
+        if getattr(args, "constrained", False):
+            from epserve.bench import serve_constrained
+            return serve_constrained.run(url, model, key, model_dir=model_dir)
+        return mod.run(base_url=url, model=model, concurrency=levels, n_requests=args.requests, rate=args.rate,
+                       api_key=key)
     if args.url:
-        return mod.run(base_url=args.url, model=mod.served_model(args.url, args.api_key), concurrency=levels,
-                       n_requests=args.requests, rate=args.rate, api_key=args.api_key)
+        return run(args.url, mod.served_model(args.url, args.api_key), args.api_key)
     import socket
 
     from epserve.config import load_config
@@ -77,7 +85,6 @@ def _bench_serve(mod, args) -> list:
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=port, host="127.0.0.1"))
     dep = start_deployment(cfg)
     try:
-        return mod.run(base_url=f"http://127.0.0.1:{port}", model=cfg.serve.model_name, concurrency=levels,
-                       n_requests=args.requests, rate=args.rate)
+        return run(f"http://127.0.0.1:{port}", cfg.serve.model_name, None, dep.model_dir)
     finally:
         dep.shutdown()

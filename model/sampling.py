@@ -1,12 +1,17 @@
-"""SamplingParams and the sampler: greedy, temperature, top-k, top-p, per-request seed, logprobs.
+"""SamplingParams and the sampler: greedy, temperature, top-k, top-p, min-p, per-request seed, logprobs.
 
-Validation happens here, at the edge, with messages naming the value and the limit.
+Validation happens here, at the edge, with messages naming the value and the limit. Penalties,
+logit bias and grammar masks change the logits before the draw (model/logit_adjust.py: one
+LogitAdjust of per-row tensors per step, built by the rank from its requests' state).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from epserve.model.grammar import GrammarSpec
+from epserve.model.logit_adjust import LogitAdjust
 
 
 class InvalidRequest(ValueError):
@@ -28,6 +33,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None      # number of top alternatives per token (0 = sampled token only)
+    min_p: float = 0.0               # drop tokens with p < min_p * p(most likely), after temperature
+    presence_penalty: float = 0.0    # OpenAI: logit -= presence * (count > 0), counts of produced tokens
+    frequency_penalty: float = 0.0   # OpenAI: logit -= frequency * count
+    repetition_penalty: float = 1.0  # CTRL/HF: tokens in prompt or output: logit / r if > 0 else logit * r
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]) added to the logits
+    grammar: GrammarSpec | None = None               # constrained decoding: only tokens the grammar allows
 
     def __post_init__(self):
         def bad(param, msg):
@@ -44,15 +55,39 @@ class SamplingParams:
             bad("seed", f"must be an integer, got {self.seed!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                bad(name, f"must be a number in [-2, 2], got {v!r}")
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 10:
+            bad("repetition_penalty", f"must be in (0, 10], got {r!r}")
+        bias = tuple((int(t), float(b)) for t, b in (self.logit_bias.items() if isinstance(self.logit_bias, dict)
+                                                     else self.logit_bias or ()))
+        if len(bias) > 1024 or any(t < 0 or not -100 <= b <= 100 for t, b in bias):
+            bad("logit_bias", "must map at most 1024 token ids >= 0 to biases in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
+        if self.grammar is not None and self.ignore_eos:
+            bad("ignore_eos", "cannot be combined with a response_format or tool grammar (the grammar ends at EOS)")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop) or len(stop) > 16:
             bad("stop", "must be up to 16 non-empty strings")
         object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        ids = tuple(self.stop_token_ids or ())
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids) or len(ids) > 64:
+            bad("stop_token_ids", "must be up to 64 token ids >= 0")
+        object.__setattr__(self, "stop_token_ids", ids)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the rank must count this request's tokens (penalties read the counts)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 _M32 = 0xFFFFFFFF
@@ -84,17 +119,22 @@ def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, n: int) -> torch.Te
     return (_hash32(h[:, None] ^ _hash32(v[None, :] + 0x632BE5AB)).double() + 0.5) / 2.0 ** 32
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], n_done: list[int]
-           ) -> tuple[list[int], list[dict | None]]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], n_done: list[int],
+           adjust: LogitAdjust | None = None) -> tuple[list[int], list[dict | None]]:
     """logits fp32 [B, V], tokens already produced per row -> (token ids [B], logprob info or None).
 
-    Batched on the logits' device: temperature, top-k and top-p as per-row tensors, then the
-    Gumbel-max draw (argmax of log p + Gumbel noise, which samples from p). One host transfer
-    per call (the tokens and the logprobs asked for). Logprobs are of the model's distribution
-    (before temperature/top-k/top-p), as OpenAI reports them.
+    Batched on the logits' device: `adjust` (penalties, logit bias, grammar masks; per-row
+    tensors, rows without any pay nothing) first, then temperature, top-k, top-p and min-p as
+    per-row tensors, then the Gumbel-max draw (argmax of log p + Gumbel noise, which samples
+    from p). One host transfer per call (the tokens and the logprobs asked for). Logprobs are of
+    the model's distribution (before any adjustment or temperature/top-k/top-p), as OpenAI
+    reports them.
     """
     b, v = logits.shape
     dev = logits.device
+    raw = logits
+    if adjust is not None:
+        logits = adjust.apply(logits)
     tok = logits.argmax(-1)
     hot = [i for i, p in enumerate(params) if not p.is_greedy]
     if hot:
@@ -103,6 +143,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], n_done: list[int]
         x = logits[rows].float() / torch.tensor([params[i].temperature for i in hot], device=dev)[:, None]
         top_k = torch.tensor([params[i].top_k if params[i].top_k > 0 else v for i in hot], device=dev)
         top_p = torch.tensor([params[i].top_p for i in hot], device=dev, dtype=torch.float32)
+        if any(params[i].min_p > 0 for i in hot):
+            min_p = torch.tensor([params[i].min_p for i in hot], device=dev, dtype=torch.float32)
+            probs = x.softmax(-1)
+            x = x.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
         if any(params[i].top_k > 0 or params[i].top_p < 1 for i in hot):
             sv, si = x.sort(-1, descending=True)
             keep = torch.arange(v, device=dev)[None, :] < top_k[:, None]
@@ -122,7 +166,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], n_done: list[int]
         return tok.tolist(), [None] * b
     n_top = max(params[i].logprobs for i in want)
     rows = torch.tensor(want, device=dev)
-    lp = torch.log_softmax(logits[rows].float(), -1)
+    lp = torch.log_softmax(raw[rows].float(), -1)
     chosen = lp.gather(1, tok[rows][:, None])
     top_v, top_i = lp.topk(max(1, n_top), -1)
     packed = torch.cat([tok.double(), chosen.double().flatten(), top_v.double().flatten(), top_i.double().flatten()])

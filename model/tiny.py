@@ -3,7 +3,8 @@
 Writes config.json (original release format: rope_scaling, quantization_config),
 safetensors (one file, or shards with model.safetensors.index.json), FP8 e4m3
 weights with 128x128 `weight_scale_inv` when asked, and a real byte-level BPE
-tokenizer (tokenizer.json, tokenizer_config.json with a chat template).
+tokenizer (tokenizer.json, tokenizer_config.json) with DeepSeek-V3's special tokens (BOS/EOS, roles,
+tool calls, <think>, FIM) and DeepSeek's chat template (V3's tool format, or the R1 variant).
 Same seed, same bytes: every process that makes the default model makes the same one.
 """
 from __future__ import annotations
@@ -19,14 +20,7 @@ from safetensors.torch import save_file
 
 from epserve.kernels.reference import per_block_quant_fp8
 
-BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}"
-    "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}" + EOS +
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
-)
+from epserve.model.chat_templates import BOS, EOS, PLAIN_TOKENS, USER, ASSISTANT, template_for
 
 # The default tiny shape: 3 layers (1 dense, 2 MoE), 16 experts in 4 groups, top-4 of 2 groups.
 TINY_CONFIG = {
@@ -85,20 +79,26 @@ def _train_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, USER, ASSISTANT],
+    from tokenizers import AddedToken
+    # BOS/EOS and the role markers are special (dropped when decoding); the tool-call, <think> and FIM
+    # tokens are added but not special, as in DeepSeek's tokenizer: they decode to their text, which the
+    # tool-call and reasoning parsers read.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(PLAIN_TOKENS), special_tokens=[BOS, EOS, USER, ASSISTANT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_TOKENS])
     return tok
 
 
-def write_tokenizer(out: Path, vocab_size: int) -> int:
-    """Write tokenizer.json + tokenizer_config.json; returns the tokenizer's vocabulary size."""
+def write_tokenizer(out: Path, vocab_size: int, chat_template: str = "v3") -> int:
+    """Write tokenizer.json + tokenizer_config.json; returns the tokenizer's vocabulary size.
+    chat_template: "v3" (DeepSeek-V3's, with its tool-call format) or "r1" (the same, opening <think>)."""
     tok = _train_tokenizer(vocab_size)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": BOS, "eos_token": EOS,
         "model_max_length": TINY_CONFIG["max_position_embeddings"], "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": template_for(chat_template),
     }, indent=1))
     return tok.get_vocab_size()
 
@@ -163,7 +163,8 @@ def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15, fp8: bool = F
 
 
 def make_tiny_model(out_dir: str | os.PathLike, *, fp8: bool = False, seed: int = 0, shards: int = 1,
-                    config_overrides: dict | None = None, preset: str = "tiny", device: str = "cpu") -> Path:
+                    config_overrides: dict | None = None, preset: str = "tiny", device: str = "cpu",
+                    chat_template: str = "v3") -> Path:
     """Write the checkpoint atomically (temp dir + rename); returns the folder. `preset` picks a
     shape from PRESETS (the V3-width ones are FP8 and sharded like the release)."""
     out = Path(out_dir)
@@ -177,7 +178,7 @@ def make_tiny_model(out_dir: str | os.PathLike, *, fp8: bool = False, seed: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     try:
-        vocab = write_tokenizer(tmp, cfg["vocab_size"])
+        vocab = write_tokenizer(tmp, cfg["vocab_size"], chat_template)
         if vocab > cfg["vocab_size"]:
             raise ValueError(f"tokenizer has {vocab} tokens, more than vocab_size={cfg['vocab_size']}")
         sd = random_state_dict(cfg, seed, fp8=fp8, device=device)
@@ -212,7 +213,7 @@ def cache_root() -> Path:
 
 def default_model_dir() -> Path:
     """The embedded default: the tiny model in the user cache, made on first use."""
-    out = cache_root() / "tiny-deepseek-v3-v1"
+    out = cache_root() / "tiny-deepseek-v3-v2"     # v2: DeepSeek-V3's special tokens and chat template
     if not (out / "config.json").exists():
         try:
             make_tiny_model(out)

@@ -11,6 +11,8 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from epserve.model.chat_templates import END_THINK, THINK
+
 
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
@@ -42,15 +44,33 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def token_id(self, text: str) -> int | None:
+        """The id of a single added token (a special or tool/think/FIM token), None if absent."""
+        return self.tok.token_to_id(text)
+
+    @property
+    def opens_reasoning(self) -> bool:
+        """Whether the template's generation prompt opens a <think> block (R1-style): rendered, not guessed."""
+        if not self.chat_template or self.token_id(END_THINK) is None:
+            return False
+        prompt = self.apply_chat_template([{"role": "user", "content": "x"}])
+        return prompt.rstrip().endswith(THINK)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if not self.chat_template:
             raise ValueError("this checkpoint's tokenizer_config.json has no chat_template")
         if self._template is None:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 undefined=jinja2.StrictUndefined)
+            # HF's tojson (plain JSON text): Jinja's own returns Markup, which HTML-escapes what it is added to
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
             self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as exc:        # a message the template cannot render: the request's fault
+            raise ValueError(f"the chat template cannot render these messages: {exc}") from None
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:

@@ -23,6 +23,7 @@ from epserve.pipelines.cuda_graphs import DecodeGraphs
 from epserve.pipelines.kv_handoff import export_blocks
 from epserve.pipelines.overlap import forward_overlapped
 from epserve.pipelines.prefix_cache import KVStoreSpec, PrefixCache, open_store
+from epserve.pipelines.sampler_state import SamplerState
 from epserve.pipelines.sequence import Sequence
 
 log = logging.getLogger("epserve.runner")
@@ -98,6 +99,7 @@ class RankEngine:
         self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-load") \
             if self.prefix_cache else None
         self.loading: list[tuple[Sequence, concurrent.futures.Future]] = []
+        self.sampler_state = SamplerState(spec.model_dir, self.args.vocab_size, self.args.eos_token_ids, self.device)
 
     def graphs_supported(self) -> bool:
         """CUDA graphs need CUDA, a backend that never syncs the host (not reference), and a
@@ -160,13 +162,18 @@ class RankEngine:
         return self.batcher.can_prefill() or any(f.done() for _, f in self.loading)
 
     def add_prefilled(self, seq: Sequence, latents: torch.Tensor) -> bool:
+        """latents: the first n_tokens - 1 tokens' KV; or the whole prompt's for a choice of an n > 1 request
+        that has produced nothing yet (it recomputes its last prompt token to sample its own first token)."""
         self._admit_checks(seq)
+        if not seq.output_ids and latents.shape[1] == seq.n_tokens:
+            latents = latents[:, :-1]
         if latents.shape[1] != seq.n_tokens - 1 or latents.shape[0] != self.args.n_layers:
             raise ValueError(f"handed-off KV has shape {tuple(latents.shape)}; expected "
                              f"[{self.args.n_layers}, {seq.n_tokens - 1}, {self.args.kv_dim}]")
         return self.batcher.add_prefilled(seq, latents.to(self.device))
 
     def abort(self, request_id: str) -> bool:
+        self.sampler_state.release(request_id)
         for i, (seq, _) in enumerate(self.loading):
             if seq.request_id == request_id:
                 del self.loading[i]          # its load finishes unused; it holds no pages yet
@@ -231,17 +238,20 @@ class RankEngine:
     def postprocess(self, step: Step, logits: torch.Tensor) -> list[TokenDelta]:
         if step.is_empty:
             return []
-        tokens, infos = sample(logits, [s.params for s in step.seqs], [len(s.output_ids) for s in step.seqs])
+        adjust = self.sampler_state.prepare(step.seqs)
+        tokens, infos = sample(logits, [s.params for s in step.seqs], [len(s.output_ids) for s in step.seqs], adjust)
         deltas = []
         for seq, n, tok, info in zip(step.seqs, step.n_new, tokens, infos):
             seq.n_computed += n
             seq.append(tok, info)
             delta = TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached)
-            if self.spec.role == "prefill" and not seq.is_finished:
+            if self.spec.role == "prefill" and (not seq.is_finished or seq.share_kv):
                 delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens)
-                seq.finish_reason = delta.finish_reason = "handoff"
+                if not seq.is_finished:
+                    seq.finish_reason = delta.finish_reason = "handoff"
             self._save_blocks(seq, delta.kv_blocks)
             deltas.append(delta)
+        self.sampler_state.advance(step.seqs, tokens)
         self.batcher.finish(step.seqs)
         return deltas
 

@@ -1,12 +1,13 @@
 """① The front door and ⑥ the way back: OpenAI routes on Ray Serve.
 
-/v1/completions and /v1/chat/completions (SSE streaming and not), /v1/models, /health,
-/metrics. Requests are validated here (bad input is a 4xx with an OpenAI-style body,
+/v1/completions and /v1/chat/completions (SSE streaming and not; n choices, tools, structured
+outputs, reasoning, FIM, prefix completion), /tokenize and /detokenize, /v1/models, /health, /metrics. Requests are validated here (bad input is a 4xx with an OpenAI-style body,
 never a 500), tokenised with the checkpoint's tokenizer and chat template, routed
 (serve/router.py), prefilled on a prefill rank, handed to the chosen decode rank and
 streamed back. A client that disconnects aborts its request and frees its KV pages.
-Parsing lives in serve/inputs.py, tenants and limits in serve/tenants.py, each request's
-ledger row in serve/accounting.py. Over 300 lines: the two response shapes (one JSON body,
+Parsing lives in serve/inputs.py (grammars: serve/structured.py), the path through the units
+in serve/generation.py, answers and chunks in serve/responses.py, tenants and limits in
+serve/tenants.py, each request's ledger row in serve/accounting.py. Over 300 lines: the two response shapes (one JSON body,
 SSE) each own their error, abort and accounting paths.
 """
 
@@ -15,28 +16,31 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 
-import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from epserve.actors.ledger import ledger_root
-from epserve.actors.unit import RequestRejected
 from epserve.config import Config
 from epserve.messages import Usage
 from epserve.model.checkpoint import read_config
-from epserve.model.sampling import SamplingParams
+from epserve.model import chat_templates as ct
+from epserve.model.grammar import GrammarCache, load_lltokenizer
 from epserve.model.tokenizer import IncrementalText, load_tokenizer
 from epserve.actors.launch import kv_store_spec
 from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
 from epserve.pipelines.runner import DTYPES
-from epserve.pipelines.sequence import Sequence
 from epserve.serve.accounting import Accounting, Live
+from epserve.serve.generation import Choices, _unwrap
 from epserve.serve.inputs import Inputs, too_large
 from epserve.serve.metrics import ServeMetrics
 from epserve.serve.openai_models import APIError, ChatRequest, CompletionRequest, parse
+from epserve.serve.responses import ChoiceState, Shape
 from epserve.serve.router import Router, RouterClient
+from epserve.serve.structured import check_grammar
+from epserve.serve.tokenize import TokenizeRoutes
 from epserve.serve.tenants import TenantLimits, TenantTable
 
 log = logging.getLogger("epserve.ingress")
@@ -45,12 +49,6 @@ app = FastAPI(title="epserve", docs_url=None, redoc_url=None)
 
 def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-def _unwrap(exc: Exception) -> Exception:
-    """The error a unit raised, out of Ray's wrapper."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, Exception) else exc
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
@@ -68,7 +66,16 @@ class Ingress:
                                                                              controller=capacity)
         self.metrics = ServeMetrics()
         self.tenants, self.limits = TenantTable(cfg.serve), TenantLimits()
-        self.inputs = Inputs(self.tokenizer, self.args.vocab_size, self.max_len, cfg.serve.max_messages)
+        self.inputs = Inputs(self.tokenizer, self.args.vocab_size, self.max_len, cfg.serve.max_messages,
+                             cfg.serve.max_n)
+        mode = cfg.serve.reasoning
+        self.reasoning = mode == "on" or (mode == "auto" and self.tokenizer is not None and
+                                          self.tokenizer.opens_reasoning)
+        # the edge compiles every grammar once (cached per spec) so a bad one is a 400 here
+        self.grammars = GrammarCache(load_lltokenizer((Path(model_dir) / "tokenizer.json").read_text(),
+                                                      self.args.vocab_size, self.args.eos_token_ids)) \
+            if self.tokenizer is not None else None
+        self.tokenize_routes = TokenizeRoutes(self.inputs, self.model_name, self.max_len)
         spec = kv_store_spec(cfg)
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
         self.kv_store = open_store(spec, model_dir, self.args.n_layers, self.args.kv_dim,
@@ -118,6 +125,27 @@ class Ingress:
     async def chat_completions(self, request: Request):
         return await self._handle(request, ChatRequest, chat=True)
 
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self._plain(request, self.tokenize_routes.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self._plain(request, self.tokenize_routes.detokenize)
+
+    async def _plain(self, request: Request, fn):
+        """An authenticated JSON route that runs no model (tokenize, detokenize)."""
+        if (err := self._auth(request)[1]) is not None:
+            return err
+        try:
+            try:
+                data = json.loads(await self._body(request))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise APIError(400, f"request body is not valid JSON: {exc}") from None
+            return fn(data)
+        except APIError as exc:
+            return _error_response(exc)
+
     def _auth(self, request: Request):
         """(tenant, None) or (None, the 401 response)."""
         tenant = self.tenants.resolve(request.headers.get("authorization", ""))
@@ -164,11 +192,19 @@ class Ingress:
             if req.model != self.model_name:
                 raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                                param="model", code="model_not_found")
-            ids = self.inputs.prompt_ids(req, chat)
-            params = self.inputs.params(req, chat, len(ids))
+            plan = self.inputs.tool_plan(req, chat)
+            ids = self.inputs.prompt_ids(req, chat, plan)
+            params = self.inputs.params(req, chat, len(ids), plan)
+            check_grammar(self.grammars, params.grammar)
+            if not chat and req.echo and req.logprobs is not None:
+                raise APIError(400, "echo: cannot be combined with logprobs (prompt logprobs are not computed)",
+                               param="echo")
+            shape = Shape(chat, self.reasoning and chat, plan.parse,
+                          self.tokenizer.token_id(ct.END_THINK) if self.tokenizer else None,
+                          self._echo(req, ids) if not chat and req.echo else None)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             cached = await asyncio.to_thread(self._cached_tokens, ids, tenant.namespace)   # file checks: off the loop
-            route = await self.router.admit(rid, len(ids), cached, params.max_tokens)
+            route = await self.router.admit(rid, len(ids), cached, params.max_tokens, req.n)
         except APIError as exc:
             self.limits.release(tenant)
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
@@ -177,10 +213,15 @@ class Ingress:
             self.limits.release(tenant)
             raise
         live = self.acct.admit(Live(rid, tenant.name, len(ids), route, namespace=tenant.namespace, owner=tenant))
-        events = self._generate(live, ids, params)
+        choices = Choices(self.router, live, ids, params, req.n, tenant.namespace if self.kv_store else None)
+        states = [ChoiceState(i, shape, IncrementalText(self.tokenizer) if self.tokenizer else None, params.stop)
+                  for i in range(req.n)]
         if req.stream:
-            return StreamingResponse(self._sse(live, req, chat, ids, events, endpoint), media_type="text/event-stream")
-        return await self._complete(live, req, chat, ids, events, endpoint, request)
+            return StreamingResponse(self._sse(live, req, choices, states, endpoint), media_type="text/event-stream")
+        return await self._complete(live, req, choices, states, endpoint, request)
+
+    def _echo(self, req, ids: list[int]) -> str:
+        return req.prompt if isinstance(req.prompt, str) else (self.tokenizer.decode(ids) if self.tokenizer else "")
 
     def _cached_tokens(self, ids: list[int], tenant: str) -> int:
         """Prompt tokens the KV store holds for this tenant (a hint for the prefill balancer)."""
@@ -190,80 +231,34 @@ class Ingress:
         return cacheable_blocks(len(ids), self.kv_store.lookup(keys), self.kv_store.block_tokens) \
             * self.kv_store.block_tokens
 
-    # ---- the request path: prefill rank -> KV handoff -> decode rank ----------------------
-    async def _generate(self, live: Live, ids: list[int], params: SamplingParams):
-        """Yield (token_id, logprob, finish_reason); counts what the units computed into `live`;
-        aborts on the units if the consumer goes away."""
-        finished = False
-        decode_unit = None
-        rid, route = live.rid, live.route
-        try:
-            decode_unit = self.router.handle("decode", route.decode.unit)
-            seq = Sequence(rid, ids, params, tenant=live.namespace if self.kv_store else None)
-            pre = await self.router.handle("prefill", route.prefill.unit).prefill.remote(seq, route.prefill.rank)
-            if "error" in pre:
-                raise (APIError(400, pre["error"]) if pre["rejected"] else RuntimeError(pre["error"]))
-            live.n_cached = pre["n_cached"]
-            live.n_out += 1
-            first = pre["token_ids"][0]
-            lp = pre["logprobs"][0] if pre["logprobs"] else None
-            if pre["finish_reason"] != "handoff":
-                finished = True
-                yield first, lp, pre["finish_reason"]
+    # ---- the way back: one JSON body, or SSE ---------------------------------------------------
+    async def _take(self, choices: Choices, states: list[ChoiceState]):
+        """(state, released text) per token until every choice has ended (stop strings end one early)."""
+        async for i, tok, lp, reason in choices:
+            st = states[i]
+            if st.reason is not None:
+                continue                     # tokens computed after a stop string: dropped
+            delta = st.push(tok, lp, reason)
+            if st.reason is not None:
+                choices.stop(i)
+            yield st, delta
+            if all(x.reason is not None for x in states):
                 return
-            yield first, lp, None
-            seq = Sequence(rid, ids, params, output_ids=[first], kv_blocks=pre["kv_blocks"], tenant=seq.tenant,
-                           n_cached=pre["n_cached"])
-            gen = decode_unit.stream.options(num_returns="streaming").remote(seq, route.decode.rank)
-            async for ref in gen:
-                d = await ref
-                live.n_out += 1
-                finished = d.finish_reason is not None
-                yield d.token_id, d.logprob, d.finish_reason
-        except ray.exceptions.RayTaskError as exc:
-            inner = _unwrap(exc)
-            if isinstance(inner, (RequestRejected, ValueError)):
-                raise APIError(400, str(inner).splitlines()[-1]) from None
-            raise
-        finally:
-            self.router.release(rid)
-            if not finished and decode_unit is not None:
-                decode_unit.abort.remote(rid)
 
-    async def _events(self, ids, params, events):
-        """Token events -> (text delta, token, logprob, finish_reason), applying stop strings."""
-        inc = IncrementalText(self.tokenizer) if self.tokenizer else None
-        sent = 0
-        async for tok, lp, reason in events:
-            if inc is None:
-                yield "", tok, lp, reason
-                continue
-            inc.push(tok)
-            text = inc.flush() if reason else inc.text
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                yield text[sent:cut], tok, lp, "stop"
-                return
-            hold = max((len(s) - 1 for s in params.stop), default=0)   # a stop string may be starting
-            safe = len(text) if reason else max(sent, len(text) - hold)
-            yield text[sent:safe], tok, lp, reason
-            sent = safe
+    def _usage(self, live: Live, states: list[ChoiceState], chat: bool) -> tuple[int, Usage]:
+        n_tokens = sum(len(st.tokens) for st in states)
+        usage = Usage(live.n_prompt, n_tokens, live.n_cached)
+        if chat and self.reasoning:
+            usage.reasoning_tokens = sum(st.n_reasoning for st in states)
+        return n_tokens, usage
 
-    async def _complete(self, live: Live, req, chat, ids, events, endpoint, request: Request):
-        rid, t0 = live.rid, live.t0
-        text, tokens, lps, reason = "", [], [], None
+    async def _complete(self, live: Live, req, choices, states, endpoint, request: Request):
+        rid, t0, chat = live.rid, live.t0, isinstance(req, ChatRequest)
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(request))
-        stream = self._events(ids, self._sp(req), events)
+        stream = self._take(choices, states)
         try:
-            async for delta, tok, lp, why in stream:
+            async for _ in stream:
                 live.t_first = live.t_first or time.time()
-                text += delta
-                tokens.append(tok)
-                if lp is not None:
-                    lps.append(lp)
-                if why:
-                    reason = why
-                    break
                 if watcher.done():
                     await self.acct.finish(rid, "abort")
                     return Response(status_code=499)
@@ -282,53 +277,44 @@ class Ingress:
         finally:
             watcher.cancel()
             await stream.aclose()
-        usage = await self._account(live, endpoint, len(tokens), reason)
-        choice = {"index": 0, "finish_reason": reason, "logprobs": self.inputs.logprobs(chat, tokens, lps, req)}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-            choice["token_ids"] = tokens
+        n_tokens, usage = self._usage(live, states, chat)
+        await self._account(live, endpoint, n_tokens, states[0].finish_reason)
+        body = [st.body(self.inputs.logprobs(chat, st.tokens, st.lps, req)) for st in states]
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(t0),
-                "model": self.model_name, "choices": [choice], "usage": usage.to_dict()}
-
-    def _sp(self, req) -> SamplingParams:
-        return SamplingParams(stop=req.stop or ())
+                "model": self.model_name, "choices": body, "usage": usage.to_dict()}
 
     async def _watch_disconnect(self, request: Request):
         while not await request.is_disconnected():
             await asyncio.sleep(0.25)
 
-    async def _sse(self, live: Live, req, chat, ids, events, endpoint):
-        rid, t0, tokens = live.rid, live.t0, []
+    async def _sse(self, live: Live, req, choices, states, endpoint):
+        rid, t0, chat = live.rid, live.t0, isinstance(req, ChatRequest)
         obj = "chat.completion.chunk" if chat else "text_completion"
-        stream = self._events(ids, self._sp(req), events)
+        stream = self._take(choices, states)
 
-        def chunk(delta_text, reason, lp=None, first=False):
-            if chat:
-                delta = {"role": "assistant", "content": delta_text} if first else \
-                    ({"content": delta_text} if delta_text or not reason else {})
-                c = {"index": 0, "delta": delta, "finish_reason": reason,
-                     "logprobs": self.inputs.logprobs(True, tokens[-1:], [lp] if lp else [], req)}
-            else:
-                c = {"index": 0, "text": delta_text, "finish_reason": reason,
-                     "logprobs": self.inputs.logprobs(False, tokens[-1:], [lp] if lp else [], req)}
-            return "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
-                                          "choices": [c]}) + "\n\n"
+        def event(choice_list, usage=None):
+            body = {"id": rid, "object": obj, "created": int(t0), "model": self.model_name, "choices": choice_list}
+            if usage is not None:
+                body["usage"] = usage
+            return "data: " + json.dumps(body) + "\n\n"
         try:
             if chat:
-                yield chunk("", None, first=True)
-            why = None
-            async for delta, tok, lp, why in stream:
+                for st in states:
+                    yield event([{"index": st.index, "delta": {"role": "assistant", "content": ""},
+                                  "finish_reason": None, "logprobs": None}])
+            sent = set()
+            async for st, delta in stream:
                 live.t_first = live.t_first or time.time()
-                tokens.append(tok)
-                yield chunk(delta, why, lp)
-                if why:
-                    break
-            usage = await self._account(live, endpoint, len(tokens), tokens and why)   # before [DONE]
+                lp = self.inputs.logprobs(chat, st.tokens[-1:], st.lps[-1:], req) \
+                    if st.lps and len(st.lps) == len(st.tokens) else None
+                c = st.chunk(delta, lp, first=not chat and st.index not in sent)
+                sent.add(st.index)
+                if c is not None:
+                    yield event([c])
+            n_tokens, usage = self._usage(live, states, chat)
+            await self._account(live, endpoint, n_tokens, n_tokens and states[0].finish_reason)   # before [DONE]
             if req.include_usage:
-                yield "data: " + json.dumps({"id": rid, "object": obj, "created": int(t0), "model": self.model_name,
-                                             "choices": [], "usage": usage.to_dict()}) + "\n\n"
+                yield event([], usage.to_dict())
             yield "data: [DONE]\n\n"
         except APIError as exc:
             await self.acct.finish(rid, "error")
@@ -344,9 +330,9 @@ class Ingress:
         finally:
             await stream.aclose()
 
-    async def _account(self, live: Live, endpoint: str, n_tokens: int, reason) -> Usage:
+    async def _account(self, live: Live, endpoint: str, n_tokens: int, reason) -> None:
         """The finished request's row (awaited: the response follows only once the ledger has it)
-        and its metrics; returns its usage."""
+        and its metrics."""
         now = time.time()
         await self.acct.finish(live.rid, reason or "unknown", n_out=n_tokens)
         self.metrics.cache_hit_tokens.inc(live.n_cached)
@@ -357,4 +343,3 @@ class Ingress:
             self.metrics.ttft.observe(live.t_first - live.t0)
             if n_tokens > 1:
                 self.metrics.tpot.observe((now - live.t_first) / (n_tokens - 1))
-        return Usage(live.n_prompt, n_tokens, live.n_cached)

@@ -2,8 +2,10 @@
 -> OpenAI logprobs. Every bad value is an APIError naming the param (400) or the limit (413)."""
 from __future__ import annotations
 
+from epserve.model import chat_templates as ct
 from epserve.model.sampling import InvalidRequest, SamplingParams
 from epserve.serve.openai_models import APIError
+from epserve.serve.structured import ToolPlan, plan_tools, response_grammar
 
 
 def too_large(what: str, n: int, limit: int, key: str, param: str | None = None) -> APIError:
@@ -14,9 +16,10 @@ def too_large(what: str, n: int, limit: int, key: str, param: str | None = None)
 class Inputs:
     """The checkpoint's tokenizer and limits, applied to one request."""
 
-    def __init__(self, tokenizer, vocab_size: int, max_len: int, max_messages: int):
+    def __init__(self, tokenizer, vocab_size: int, max_len: int, max_messages: int, max_n: int = 16):
         self.tokenizer, self.vocab_size, self.max_len, self.max_messages = tokenizer, vocab_size, max_len, \
             max_messages
+        self.max_n = max_n
 
     def check_counts(self, data, chat: bool) -> None:
         """413 before parsing when a chat sends more messages than serve.max_messages."""
@@ -25,18 +28,53 @@ class Inputs:
             raise too_large("the number of messages", len(data["messages"]), self.max_messages, "max_messages",
                             "messages")
 
-    def prompt_ids(self, req, chat: bool) -> list[int]:
+    def tool_plan(self, req, chat: bool) -> ToolPlan:
+        return plan_tools(req, self.tokenizer) if chat and self.tokenizer is not None else ToolPlan()
+
+    def chat_text(self, req, plan: ToolPlan) -> str:
+        """The rendered chat: the checkpoint's template over the messages and tools. A last assistant
+        message with prefix: true is continued (DeepSeek's chat prefix completion)."""
+        if self.tokenizer is None or not self.tokenizer.chat_template:
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        msgs = req.messages
+        for i, m in enumerate(msgs):
+            if m.prefix and (i != len(msgs) - 1 or m.role != "assistant"):
+                raise APIError(400, f"messages[{i}].prefix: only the last message, an assistant one, may be a prefix",
+                               param="messages.prefix")
+        prefix = msgs[-1].text() if msgs[-1].prefix else None
+        try:
+            rendered = [self._message(m) for m in (msgs[:-1] if prefix is not None else msgs)]
+            text = self.tokenizer.apply_chat_template(rendered, tools=plan.render)
+        except ValueError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from None
+        return text + (prefix or "")
+
+    @staticmethod
+    def _message(m) -> dict:
+        out = {"role": m.role if m.role != "developer" else "system", "content": m.text()}
+        if m.role == "assistant" and m.tool_calls:
+            out["content"] = m.text() or None
+            out["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
+                                                                   "arguments": c.function.arguments}}
+                                 for c in m.tool_calls]
+        if m.role == "tool" and m.tool_call_id is not None:
+            out["tool_call_id"] = m.tool_call_id
+        return out
+
+    def fim_text(self, prompt: str, suffix: str) -> str:
+        """DeepSeek's fill-in-the-middle prompt: <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>."""
+        if self.tokenizer is None or self.tokenizer.token_id(ct.FIM_HOLE) is None:
+            raise APIError(400, "suffix: this model's tokenizer has no FIM tokens", param="suffix")
+        if not isinstance(prompt, str):
+            raise APIError(400, "suffix: needs a text prompt", param="suffix")
+        return ct.FIM_BEGIN + prompt + ct.FIM_HOLE + suffix + ct.FIM_END
+
+    def prompt_ids(self, req, chat: bool, plan: ToolPlan | None = None) -> list[int]:
         if chat:
-            if self.tokenizer is None or not self.tokenizer.chat_template:
-                raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-            try:
-                messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                            for m in req.messages]
-                text = self.tokenizer.apply_chat_template(messages)
-            except ValueError as exc:
-                raise APIError(400, f"messages: {exc}", param="messages") from None
-            return self.tokenizer.encode(text, add_special=False)
+            return self.tokenizer.encode(self.chat_text(req, plan or ToolPlan()), add_special=False)
         prompt = req.prompt
+        if req.suffix is not None:
+            prompt = self.fim_text(prompt, req.suffix)
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "prompt: must not be empty", param="prompt")
@@ -53,7 +91,16 @@ class Inputs:
             raise APIError(400, "prompt: must not be empty", param="prompt")
         return ids
 
-    def params(self, req, chat: bool, n_prompt: int) -> SamplingParams:
+    def logit_bias(self, req, plan: ToolPlan) -> dict[int, float]:
+        bias = {t: -100.0 for t in plan.banned}
+        for key, value in (req.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < self.vocab_size:
+                raise APIError(400, f"logit_bias: key {key!r} is not a token id in [0, {self.vocab_size})",
+                               param="logit_bias")
+            bias[int(key)] = value
+        return bias
+
+    def params(self, req, chat: bool, n_prompt: int, plan: ToolPlan | None = None) -> SamplingParams:
         if n_prompt >= self.max_len:
             raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; the prompt has "
                            f"{n_prompt}", param="messages" if chat else "prompt", code="context_length_exceeded")
@@ -64,10 +111,21 @@ class Inputs:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             logprobs = req.logprobs
+        plan = plan or ToolPlan()
+        grammar = response_grammar(req.response_format)
+        if grammar is not None and plan.grammar is not None:
+            raise APIError(400, "response_format: cannot be combined with a tool_choice that forces a call",
+                           param="response_format")
+        if not 1 <= req.n <= self.max_n:
+            raise APIError(400, f"n: must be in [1, {self.max_n}] (serve.max_n), got {req.n}", param="n")
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                     top_k=req.top_k, seed=req.seed, stop=req.stop or (), ignore_eos=req.ignore_eos,
-                                    logprobs=logprobs)
+                                    logprobs=logprobs, min_p=req.min_p, presence_penalty=req.presence_penalty,
+                                    frequency_penalty=req.frequency_penalty,
+                                    repetition_penalty=req.repetition_penalty,
+                                    logit_bias=self.logit_bias(req, plan), stop_token_ids=req.stop_token_ids or (),
+                                    grammar=grammar or plan.grammar)
         except InvalidRequest as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         if n_prompt + params.max_tokens > self.max_len:

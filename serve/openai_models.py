@@ -21,28 +21,51 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+# One rule for fields: a field OpenAI's API (or DeepSeek's, vLLM's extensions below) defines is either
+# implemented or answered with a 400 that names it (UNSUPPORTED); a field nobody defines is refused
+# with a 400 naming it, as OpenAI's own API does ("Unrecognized request argument"). Nothing is ignored.
+UNSUPPORTED = {
+    "audio": "audio output", "modalities": "output modalities other than text", "prediction": "predicted outputs",
+    "web_search_options": "web search", "functions": "the deprecated `functions` (send `tools`)",
+    "function_call": "the deprecated `function_call` (send `tool_choice`)", "reasoning_effort": "reasoning_effort",
+    "verbosity": "verbosity", "metadata": "stored-completion metadata", "store": "stored completions",
+    "service_tier": "service tiers", "prompt_cache_key": "prompt_cache_key (the KV store keys prompts itself)",
+    "safety_identifier": "safety_identifier", "best_of": "best_of (send `n`)",
+}
+_DEFAULTS_OK = {"modalities": (["text"],), "store": (False,), "service_tier": ("auto", "default")}
 
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Common(_Strict):
     model: str
     max_tokens: int | None = Field(default=None)
     max_completion_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: int = -1                       # vLLM/SGLang extension
+    min_p: float = 0.0                    # vLLM/SGLang extension
     seed: int | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None   # vLLM extension
     stream: bool = False
     stream_options: dict | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool = False              # vLLM extension
     n: int = 1
-    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0       # vLLM/SGLang extension
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None               # accepted; the ledger bills by API key, not by `user`
+    response_format: dict | None = None
 
-    @field_validator("n")
+    @field_validator("stream_options")
     @classmethod
-    def _one_choice(cls, v):
-        if v != 1:
-            raise ValueError("only n=1 is supported")
+    def _stream_options(cls, v):
+        if v is not None and set(v) - {"include_usage"}:
+            raise ValueError(f"unsupported keys {sorted(set(v) - {'include_usage'})}; only include_usage")
         return v
 
     @property
@@ -52,6 +75,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
+    suffix: str | None = None             # fill-in-the-middle (DeepSeek's FIM tokens)
     logprobs: int | None = None
     echo: bool = False
 
@@ -65,13 +89,29 @@ class CompletionRequest(_Common):
         return v
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str
 
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None      # assistant turns that called tools
+    tool_call_id: str | None = None               # tool turns: the call they answer
+    prefix: bool = False                          # DeepSeek's chat prefix completion (last assistant turn)
+    reasoning_content: str | None = None          # R1 turns may send it back; the template drops it
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -82,10 +122,25 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatRequest(_Common):
     messages: list[ChatMessage]
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
 
     @field_validator("messages")
     @classmethod
@@ -95,14 +150,29 @@ class ChatRequest(_Common):
         return v
 
 
+def refuse_unsupported(data: dict) -> None:
+    """400 naming the first known-but-unsupported field that asks for something (see UNSUPPORTED)."""
+    for key, what in UNSUPPORTED.items():
+        if key in data and data[key] is not None and data[key] not in _DEFAULTS_OK.get(key, ()):
+            if key == "best_of" and data[key] == data.get("n", 1):
+                continue
+            raise APIError(400, f"{key}: {what} is not supported by this server", param=key,
+                           code="unsupported_parameter")
+
+
 def parse(model_cls, data: Any):
     """Validate a JSON body; the first problem becomes a 400 naming the parameter."""
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
+    refuse_unsupported(data)
+    data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int)) or None
+        loc = [p for p in err.get("loc", ()) if not (isinstance(p, str) and p[:1].isupper())]   # union tags
+        param = ".".join(str(p) for p in loc if not isinstance(p, int)) or None
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = f"unrecognized request argument {loc[-1]!r} (this server refuses fields it does not know)"
         raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None

@@ -78,14 +78,15 @@ class Router:
         self.decode_stats = await self._role_stats("decode")
         self.refreshed = time.monotonic()
 
-    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int) -> Route:
-        """Choose (decode rank, prefill rank) for a request, or raise a 429/503 APIError."""
+    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1) -> Route:
+        """Choose (decode rank, prefill rank) for a request of n_seqs choices (all decode on one rank,
+        each in its own pages), or raise a 429/503 APIError."""
         async with self.lock:
             if len(self.in_flight) >= self.max_in_flight:
                 raise APIError(429, f"server is at capacity ({self.max_in_flight} requests in flight); retry later",
                                "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
             await self.refresh()
-            pages = math.ceil((n_prompt + max_tokens) / self.page_tokens)
+            pages = n_seqs * math.ceil((n_prompt + max_tokens) / self.page_tokens)
             try:
                 dref = pick_decode_rank(self.decode_stats, pages)
                 pref = pick_prefill_rank(self.prefill_stats, n_prompt - n_cached, n_cached)
@@ -138,12 +139,12 @@ class RouterActor:
         self.per_decode_rank: dict[str, int] = {}       # "unit/rank" -> requests admitted there
         self.task = None
 
-    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int):
+    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1):
         """-> (Route, prefill unit handle, decode unit handle) or a Refusal."""
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._reconcile_loop())
         try:
-            route = await self.router.admit(request_id, n_prompt, n_cached, max_tokens)
+            route = await self.router.admit(request_id, n_prompt, n_cached, max_tokens, n_seqs)
             handles = (self.router.handle("prefill", route.prefill.unit), self.router.handle("decode", route.decode.unit))
         except APIError as exc:
             self.router.release(request_id)
@@ -197,8 +198,8 @@ class RouterClient:
         self.n_in_flight = 0
         self._unit_handles: dict[tuple[str, int], object] = {}
 
-    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int) -> Route:
-        out = await self.actor.admit.remote(request_id, n_prompt, n_cached, max_tokens)
+    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1) -> Route:
+        out = await self.actor.admit.remote(request_id, n_prompt, n_cached, max_tokens, n_seqs)
         if isinstance(out, Refusal):
             raise out.error()
         route, pre, dec = out

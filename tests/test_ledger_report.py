@@ -1,7 +1,6 @@
 """Parquet ledger (round trip, batching, crash safety, validation) and the seed's report."""
 import dataclasses
 import json
-import logging
 import subprocess
 import sys
 import textwrap

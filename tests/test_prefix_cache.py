@@ -1,11 +1,8 @@
 """The on-disk context cache through real units: hits, restarts, ranks and units, corruption, eviction."""
 from __future__ import annotations
 
-from pathlib import Path
 
-import pytest
 import ray
-import torch
 
 from conftest import prompts_of
 from epserve.model.sampling import SamplingParams

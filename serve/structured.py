@@ -1,0 +1,128 @@
+"""① What a request's output must look like: response_format and tool_choice -> a GrammarSpec.
+
+response_format: `text` (none), `json_object` (any JSON object), `json_schema` (the given schema;
+`strict` or not, the schema is enforced). Tools, by tool_choice:
+  none       the tools are not rendered, the tool-call token is banned, nothing is parsed;
+  auto       rendered and parsed; with parallel_tool_calls false a grammar allows either free text
+             or exactly one call;
+  required   a grammar forces one call (or more, with parallel_tool_calls) of any of the tools;
+  {"type": "function", "function": {"name": N}}  a grammar forces exactly one call of N.
+The grammars write DeepSeek-V3's tool-call format with its special tokens, and each call's
+arguments are the function's JSON schema (compact JSON), so they always parse and validate.
+Every problem is a 400 naming the field. Never: samples or parses output (serve/chat_output.py).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from epserve.model import chat_templates as ct
+from epserve.model.grammar import JSON_OPTIONS, GrammarCache, GrammarError, GrammarSpec
+from epserve.serve.openai_models import APIError
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How one chat request uses its tools."""
+
+    render: list[dict] | None = None     # tools as the chat template takes them (None: not rendered)
+    parse: bool = False                   # parse tool calls out of the answer
+    grammar: GrammarSpec | None = None
+    banned: tuple[int, ...] = ()          # token ids given a -100 bias (tool_choice none)
+
+
+def _check_schema(schema, param: str) -> dict:
+    import jsonschema
+    if not isinstance(schema, dict):
+        raise APIError(400, f"{param}: must be a JSON schema object", param=param)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise APIError(400, f"{param}: not a valid JSON schema: {exc.message}", param=param) from None
+    return schema
+
+
+def response_grammar(fmt: dict | None) -> GrammarSpec | None:
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json_object")
+    if kind == "json_schema":
+        js = fmt.get("json_schema")
+        if not isinstance(js, dict) or "schema" not in js:
+            raise APIError(400, "response_format.json_schema: needs {name, schema[, strict]}",
+                           param="response_format.json_schema")
+        schema = _check_schema(js["schema"], "response_format.json_schema.schema")
+        return GrammarSpec("json_schema", json.dumps(schema, sort_keys=True), "response_format.json_schema.schema")
+    raise APIError(400, f"response_format.type: must be text, json_object or json_schema, got {kind!r}",
+                   param="response_format.type")
+
+
+def _call_rule(i: int, name: str, schema: dict, ids: dict[str, int]) -> str:
+    schema = {**schema, "x-guidance": JSON_OPTIONS}
+    return (f'f{i}: "{name}\\n```json\\n" a{i} "\\n```" <[{ids[ct.CALL_END]}]>\n'
+            f"a{i}: %json {json.dumps(schema, sort_keys=True)}\n")
+
+
+def tools_grammar(tools: list[dict], ids: dict[str, int], many: bool, free_text: bool) -> str:
+    """Lark for DeepSeek-V3 tool calls of `tools` (one, or one or more if `many`); `free_text` also
+    allows a plain answer instead of the calls."""
+    calls = 'call ("\\n" call)*' if many else "call"
+    rules = [f"start: {'TEXT | ' if free_text else ''}<[{ids[ct.CALLS_BEGIN]}]> {calls} <[{ids[ct.CALLS_END]}]>",
+             f'call: <[{ids[ct.CALL_BEGIN]}]> "function" <[{ids[ct.TOOL_SEP]}]> ('
+             + " | ".join(f"f{i}" for i in range(len(tools))) + ")"]
+    if free_text:
+        rules.append("TEXT: /(.|\\n)*/")
+    text = "\n".join(rules) + "\n"
+    for i, t in enumerate(tools):
+        text += _call_rule(i, t["function"]["name"], t["function"].get("parameters") or {"type": "object"}, ids)
+    return text
+
+
+def plan_tools(req, tokenizer) -> ToolPlan:
+    """The request's ToolPlan; 400 for tool_choice without tools, unknown names, bad schemas."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else []
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    for i, t in enumerate(tools):
+        if "parameters" in t["function"]:
+            _check_schema(t["function"]["parameters"], f"tools[{i}].function.parameters")
+    if len({t["function"]["name"] for t in tools}) != len(tools):
+        raise APIError(400, "tools: function names must be unique", param="tools")
+    if choice == "none":
+        banned = tuple(i for i in [tokenizer.token_id(ct.CALLS_BEGIN)] if i is not None)
+        return ToolPlan(banned=banned)
+    if not tools:
+        raise APIError(400, f"tool_choice: {choice!r} needs `tools`", param="tool_choice")
+    ids = {k: tokenizer.token_id(k) for k in (ct.CALLS_BEGIN, ct.CALLS_END, ct.CALL_BEGIN, ct.CALL_END, ct.TOOL_SEP)}
+    if any(v is None for v in ids.values()):
+        raise APIError(400, "tools: this model's tokenizer has no DeepSeek tool-call tokens", param="tools")
+    many = bool(req.parallel_tool_calls)
+    if choice == "auto":
+        grammar = None if many else GrammarSpec("lark", tools_grammar(tools, ids, False, True), "tools")
+        return ToolPlan(tools, True, grammar)
+    if choice == "required":
+        return ToolPlan(tools, True, GrammarSpec("lark", tools_grammar(tools, ids, many, False), "tools"))
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and \
+        choice.get("type") == "function" else None
+    if name is None:
+        raise APIError(400, "tool_choice: must be none, auto, required or {\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}}", param="tool_choice")
+    named = [t for t in tools if t["function"]["name"] == name]
+    if not named:
+        raise APIError(400, f"tool_choice: no tool is named {name!r}", param="tool_choice")
+    return ToolPlan(tools, True, GrammarSpec("lark", tools_grammar(named, ids, False, False), "tool_choice"))
+
+
+def check_grammar(cache: GrammarCache | None, spec: GrammarSpec | None) -> None:
+    """Compile at the edge (cached per spec), so a grammar the engine refuses is a 400, not a rank error."""
+    if spec is None:
+        return
+    if cache is None:
+        raise APIError(400, f"{spec.param}: this model has no tokenizer for constrained decoding", param=spec.param)
+    try:
+        cache.check(spec)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
