@@ -25,6 +25,7 @@ class PagedKVCache:
         self.page_size = page_size
         self.kv = torch.zeros(n_layers, n_pages + 1, page_size, kv_dim, dtype=dtype, device=device)
         self.free_pages: list[int] = list(range(n_pages - 1, -1, -1))
+        self.refs = [0] * n_pages                  # holders of each page (n > 1 choices share prompt pages)
         self.scratch_page = n_pages
 
     @property
@@ -46,10 +47,23 @@ class PagedKVCache:
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free_pages):
             raise OutOfPages(f"asked for {n} KV pages, {len(self.free_pages)} free of {self.n_pages}")
-        return [self.free_pages.pop() for _ in range(n)]
+        out = [self.free_pages.pop() for _ in range(n)]
+        for p in out:
+            self.refs[p] = 1
+        return out
+
+    def retain(self, pages: list[int]) -> None:
+        """One more holder of each page (it returns to the pool when its last holder frees it)."""
+        for p in pages:
+            self.refs[p] += 1
 
     def free(self, pages: list[int]) -> None:
-        self.free_pages.extend(reversed(pages))
+        back = []
+        for p in pages:
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                back.append(p)
+        self.free_pages.extend(reversed(back))
 
     def slots(self, pages: list[int], start: int, end: int) -> list[int]:
         """Cache slots of token positions [start, end) of a sequence holding `pages`."""

@@ -38,6 +38,7 @@ class Batcher:
         self.max_batch_tokens, self.max_batch_size, self.max_model_len = max_batch_tokens, max_batch_size, max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.kv_groups: dict[str, tuple[list[int], set[int]]] = {}   # group -> (shared full pages, members)
 
     @property
     def n_requests(self) -> int:
@@ -84,21 +85,35 @@ class Batcher:
         return True
 
     def _place(self, seq: Sequence, latents) -> bool:
-        """Pages for the whole sequence with its first latents.shape[1] tokens written in (False: no room)."""
-        need = self.cache.pages_for(seq.n_tokens + 1)
+        """Pages for the whole sequence with its first latents.shape[1] tokens written in (False: no room).
+
+        Sequences of one kv_group (the n choices of one request) hold the same prompt KV: the
+        group's full pages are shared (each member only reads them; it writes from its own
+        position on, which lies past them), and only the rest is allocated and written per member.
+        """
+        page, n_lat = self.cache.page_size, latents.shape[1]
+        group = self.kv_groups.get(seq.kv_group) if seq.kv_group else None
+        shared = group[0][: n_lat // page] if group else []
+        need = self.cache.pages_for(seq.n_tokens + 1) - len(shared)
         if need > self.cache.n_free:
             return False
-        seq.pages = self.cache.allocate(need)
-        self.cache.write_tokens(seq.pages, 0, latents)
-        seq.n_computed = latents.shape[1]
+        self.cache.retain(shared)
+        seq.pages = shared + self.cache.allocate(need)
+        self.cache.write_tokens(seq.pages, len(shared) * page, latents[:, len(shared) * page:])
+        seq.n_computed = n_lat
+        if seq.kv_group:
+            if group is None:                       # the group holds its full pages while a member lives
+                full = seq.pages[: n_lat // page]
+                self.cache.retain(full)
+                group = self.kv_groups[seq.kv_group] = (full, set())
+            group[1].add(id(seq))
         return True
 
     def abort(self, request_id: str) -> Sequence | None:
         for seq in list(self.waiting):
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
-                self.cache.free(seq.pages)           # a cached prefix holds pages while it waits
-                seq.pages = []
+                self.release(seq)                    # a cached prefix holds pages while it waits
                 return seq
         for seq in self.running:
             if seq.request_id == request_id:
@@ -111,6 +126,12 @@ class Batcher:
             self.running.remove(seq)
         self.cache.free(seq.pages)
         seq.pages = []
+        group = self.kv_groups.get(seq.kv_group) if seq.kv_group else None
+        if group is not None and id(seq) in group[1]:
+            group[1].discard(id(seq))
+            if not group[1]:                        # the last member left: the shared pages go back
+                self.cache.free(group[0])
+                del self.kv_groups[seq.kv_group]
 
     def schedule(self) -> Step:
         step = self._schedule_prefill()

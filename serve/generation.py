@@ -6,7 +6,8 @@ on the one decode rank the router picked, from the same handed-off blocks (objec
 latents cross the network once per rank): choice 0 continues from its first token; choice i > 0
 gets the whole prompt's KV less its last token, recomputes that token in a decode step and
 samples its own first token (seed + i when the request is seeded, so choices differ but stay
-reproducible). Each choice is its own decode sequence (own pages; a unit restart resubmits each
+reproducible). Each choice is its own decode sequence (the prompt's full KV pages shared on the
+decode rank, the rest its own; a unit restart resubmits each
 from its produced tokens).
 
 `Choices` yields (choice index, token id, logprob, finish_reason) merged over the n streams;
@@ -75,7 +76,8 @@ class Choices:
                 yield first, lp, None
                 output = [first]
             seq = Sequence(rid, self.ids, choice_params(self.params, i), output_ids=output,
-                           kv_blocks=pre["kv_blocks"], tenant=self.tenant, n_cached=pre["n_cached"])
+                           kv_blocks=pre["kv_blocks"], tenant=self.tenant, n_cached=pre["n_cached"],
+                           kv_group=live.rid if self.n > 1 else None)
             gen = decode_unit.stream.options(num_returns="streaming").remote(seq, route.decode.rank)
             async for ref in gen:
                 d = await ref

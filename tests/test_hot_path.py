@@ -210,3 +210,29 @@ def test_v3_mini_preset_has_the_shapes_the_native_kernels_take(tmp_path):
                                                                                 "num_experts_per_tok": 8, "n_group": 1,
                                                                                 "topk_group": 1})
     assert (read_config(over).n_routed_experts, read_config(over).n_activated_experts) == (8, 8)
+
+
+def test_choices_of_one_request_share_their_prompt_pages(tiny_dir):
+    """n > 1 on a decode rank: the choices' full prompt pages are held once; each choice decodes
+    the tokens it would alone, and every page comes back when the last choice ends."""
+    eng = make_local_engine(tiny_dir, kv_pages=64)
+    prompt = prompts_of([200], seed=21)[0]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    first = Sequence("solo", prompt, params)
+    eng.add(first)
+    eng.step()                                                      # prefill: the prompt's KV is in the cache
+    latents = eng.cache.read_tokens(first.pages, 0, len(prompt))   # what a prefill rank hands off
+    while eng.has_work:
+        eng.step()
+    want = first.output_ids
+    free0 = eng.cache.n_free
+    choices = [Sequence(f"c{i}", prompt, params, kv_group="req-1") for i in range(3)]
+    for c in choices:
+        assert eng.add_prefilled(c, latents)
+    full = len(prompt) // eng.cache.page_size                       # 3 full pages of 64 tokens
+    own = eng.cache.pages_for(len(prompt) + 1) - full
+    assert free0 - eng.cache.n_free == full + 3 * own               # shared once, the rest per choice
+    while eng.has_work:
+        eng.step()
+    assert [c.output_ids for c in choices] == [want] * 3
+    assert eng.cache.n_free == free0 and not eng.batcher.kv_groups
