@@ -60,6 +60,28 @@ def prompts_of(lengths, vocab=TINY_CONFIG["vocab_size"], seed=0):
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, timeout_s: float = 60.0) -> None:
+    """Until the server at `base` answers /health with 200 (it needs no API key)."""
+    import time
+
+    import httpx
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import openai
 import pytest
 import ray
 
 from epserve.config import load_config
-from test_serve_openai import free_port
+from conftest import free_port, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +28,7 @@ def deployment(ray_cluster, tiny_dir, tmp_path_factory):
                       "release_hook": f"echo $EPSERVE_FREED_ROLE $EPSERVE_FREED_GPUS >> {hook_out}"}})
     dep = start_deployment(cfg)
     base = f"http://127.0.0.1:{cfg.serve.port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    wait_healthy(base)
     yield base, dep, hook_out
     dep.shutdown()
 

@@ -3,21 +3,14 @@ and an ingress replica's restart loses no routing state."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
-import httpx
 import openai
 import pytest
 import ray
 
+from conftest import free_port, wait_healthy
 from epserve.config import load_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +23,7 @@ def two_doors(ray_cluster, tiny_dir, tmp_path_factory):
                        "serve": {"port": port, "model_name": "tiny", "ingress_replicas": 2, "max_queue": 64}})
     dep = start_deployment(cfg)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    wait_healthy(base)
     yield base, dep
     dep.shutdown()
 
