@@ -12,7 +12,9 @@ own step loop (`run_loop`), as SGLang's and DeepSeek's DP ranks do:
 Nobody calls the rank once per step, so a step's control cost does not grow with the unit. An
 idle unit parks: each rank waits on its inbox; the first request to any rank wakes its peers.
 `step()` (one step per call) stays for benchmarks that drive ranks directly (bench units'
-baseline, bench overlap, --profile); it must not be used while the loop runs.
+baseline, bench overlap, --profile); it must not be used while the loop runs. Messages are in
+actors/rank_messages.py. Just over 400 lines: the loop, its inbox and the driven step share one
+engine lock and one set of counters, which splitting the class would scatter.
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import timedelta
 
 import ray
 import torch
 
+from epserve.actors.rank_messages import Deltas, Delivery, StepInput, StepOutput, UnitLayout
 from epserve.messages import RankStats
 from epserve.model.ep_dispatch import AllToAllDispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
@@ -45,81 +47,6 @@ PARK_POLL_S = 1.0          # a parked rank re-checks with its peers at least thi
 STATS_EVERY_S = 0.2        # stats reach the sink at least this often while the rank steps
 PUSH_EVERY_S = 0.004       # fast steps batch their deltas into one push per this much time, unless a
                            # delta is latency-critical (a first token, a finished request)
-
-
-@dataclass
-class StepInput:
-    """A driven step (benchmarks): what the caller tells every rank before it."""
-
-    new: list[Sequence] = field(default_factory=list)
-    aborts: list[str] = field(default_factory=list)
-    switch_map: int | None = None
-    schedule: str | None = None
-
-
-@dataclass
-class StepOutput:
-    deltas: list[TokenDelta]
-    stats: RankStats
-    has_work: bool
-    rejected: list[tuple[str, str]] = field(default_factory=list)   # (request_id, reason)
-    map_version: int = 0
-    n_tokens: int = 0
-    prefill_next: bool = False
-
-
-@dataclass
-class Deltas:
-    """A step's token deltas as columns: a few lists pickle far faster than one object per token
-    (the push is on the rank's step path; the sink rebuilds the objects off it)."""
-
-    request_ids: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    finish_reasons: list[str | None] = field(default_factory=list)
-    n_cached: list[int] = field(default_factory=list)
-    logprobs: dict[int, dict] = field(default_factory=dict)       # index -> info, only where asked
-    kv_blocks: dict[int, list] = field(default_factory=dict)      # index -> object refs (prefill role)
-
-    @classmethod
-    def pack(cls, deltas: list[TokenDelta]) -> "Deltas":
-        return cls([d.request_id for d in deltas], [d.token_id for d in deltas], [d.finish_reason for d in deltas],
-                   [d.n_cached for d in deltas], {i: d.logprob for i, d in enumerate(deltas) if d.logprob is not None},
-                   {i: d.kv_blocks for i, d in enumerate(deltas) if d.kv_blocks is not None})
-
-    def unpack(self) -> list[TokenDelta]:
-        return [TokenDelta(rid, tok, self.logprobs.get(i), fin, nc, self.kv_blocks.get(i))
-                for i, (rid, tok, fin, nc) in enumerate(zip(self.request_ids, self.token_ids, self.finish_reasons,
-                                                            self.n_cached))]
-
-    def __len__(self) -> int:
-        return len(self.request_ids)
-
-
-@dataclass
-class Delivery:
-    """What a rank pushes to its sink after a step (or when it parks): deltas and its state."""
-
-    rank: int
-    deltas: Deltas
-    stats: RankStats
-    rejected: list[tuple[str, str]]
-    n_steps: int
-    map_version: int
-    switched_at: dict[int, int]
-    schedule_steps: dict[str, int]
-    split_pays: dict[str, bool]
-    timing: dict[str, float]           # seconds summed over the loop's steps: total, agree, step, inbox, push
-    seq: int = 0                       # this rank's push counter: the sink applies pushes in this order
-    generation: int = 0                # the unit build that started this loop (older ones are stale)
-
-
-@dataclass(frozen=True)
-class UnitLayout:
-    unit: int
-    rank: int
-    world: int
-    gpus_per_node: int
-    fp8_dispatch: bool = False
 
 
 @ray.remote(max_restarts=0, max_concurrency=16)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from epserve.actors.rank import Delivery, RankActor, UnitLayout
+from epserve.actors.rank import RankActor
+from epserve.actors.rank_messages import Delivery, UnitLayout
 from epserve.messages import RankStats
 from epserve.pipelines.runner import RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence

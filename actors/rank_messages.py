@@ -1,0 +1,88 @@
+"""What crosses between a unit's supervisor and its rank actors (small dataclasses, no tensors).
+
+UnitLayout says where a rank sits in its unit; Delivery is a rank's push after a step (its
+token deltas as columns, its stats and counters); StepInput / StepOutput are the driven step
+that benchmarks use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from epserve.messages import RankStats
+from epserve.pipelines.runner import TokenDelta
+from epserve.pipelines.sequence import Sequence
+
+
+@dataclass
+class StepInput:
+    """A driven step (benchmarks): what the caller tells every rank before it."""
+
+    new: list[Sequence] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+    switch_map: int | None = None
+    schedule: str | None = None
+
+
+@dataclass
+class StepOutput:
+    deltas: list[TokenDelta]
+    stats: RankStats
+    has_work: bool
+    rejected: list[tuple[str, str]] = field(default_factory=list)   # (request_id, reason)
+    map_version: int = 0
+    n_tokens: int = 0
+    prefill_next: bool = False
+
+
+@dataclass
+class Deltas:
+    """A step's token deltas as columns: a few lists pickle far faster than one object per token
+    (the push is on the rank's step path; the sink rebuilds the objects off it)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reasons: list[str | None] = field(default_factory=list)
+    n_cached: list[int] = field(default_factory=list)
+    logprobs: dict[int, dict] = field(default_factory=dict)       # index -> info, only where asked
+    kv_blocks: dict[int, list] = field(default_factory=dict)      # index -> object refs (prefill role)
+
+    @classmethod
+    def pack(cls, deltas: list[TokenDelta]) -> "Deltas":
+        return cls([d.request_id for d in deltas], [d.token_id for d in deltas], [d.finish_reason for d in deltas],
+                   [d.n_cached for d in deltas], {i: d.logprob for i, d in enumerate(deltas) if d.logprob is not None},
+                   {i: d.kv_blocks for i, d in enumerate(deltas) if d.kv_blocks is not None})
+
+    def unpack(self) -> list[TokenDelta]:
+        return [TokenDelta(rid, tok, self.logprobs.get(i), fin, nc, self.kv_blocks.get(i))
+                for i, (rid, tok, fin, nc) in enumerate(zip(self.request_ids, self.token_ids, self.finish_reasons,
+                                                            self.n_cached))]
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass
+class Delivery:
+    """What a rank pushes to its sink after a step (or when it parks): deltas and its state."""
+
+    rank: int
+    deltas: Deltas
+    stats: RankStats
+    rejected: list[tuple[str, str]]
+    n_steps: int
+    map_version: int
+    switched_at: dict[int, int]
+    schedule_steps: dict[str, int]
+    split_pays: dict[str, bool]
+    timing: dict[str, float]           # seconds summed over the loop's steps: total, agree, step, inbox, push
+    seq: int = 0                       # this rank's push counter: the sink applies pushes in this order
+    generation: int = 0                # the unit build that started this loop (older ones are stale)
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    unit: int
+    rank: int
+    world: int
+    gpus_per_node: int
+    fp8_dispatch: bool = False
