@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--step-tokens", type=int, help="step: tokens (decode: requests) per GPU")
     b.add_argument("--eager", action="store_true", help="step: decode without CUDA graphs")
     b.add_argument("--device", default="cpu", help="engine: cpu (one rank in-process, vs transformers) or cuda "
-                   "(epserve.LLM through Ray rank actors, one unit on one GPU)")
+                   "(epserve.LLM through Ray rank actors, one unit on one GPU); grammar: also time the masks' cost "
+                   "inside sample() on this device")
     b.add_argument("--kernels", default="auto", help="engine --device cuda: kernel backend")
     b.add_argument("--context", type=int, default=64, help="engine --device cuda: prompt tokens per request")
     b.add_argument("--latency-ms", type=float,

@@ -53,6 +53,8 @@ def run(args) -> dict:
         out = mod.run(model=args.model)
     elif args.what == "step":
         out = mod.run(backend=args.backend, phase=args.phase, tokens=args.step_tokens, graphs=not args.eager)
+    elif args.what == "grammar":
+        out = mod.run(device=getattr(args, "device", "cpu"))
     elif args.what == "kernels":
         out = mod.run(backends=tuple(args.backends.split(",")))
     elif args.what == "serve":

@@ -181,8 +181,12 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
     rows = t * a.n_activated_experts  # = T_all * K / ranks with T_all = ranks * t
     recv_x = torch.randn(rows, a.dim, device=dev, generator=g, dtype=torch.bfloat16)
     recv_slot = torch.randint(0, p["slots"], (rows,), device=dev, generator=g)
-    recv_w = torch.rand(rows, device=dev, generator=g, dtype=torch.bfloat16)
-    recv_tok = torch.randint(0, t, (rows,), device=dev, generator=g)
+    # the combine: each token gets back its K expert rows (row_of_pair[t*K + k] is where pair (t, k)'s
+    # row sits in the expert-sorted receive order) and sums them with its gate weights, as DeepEP's
+    # combine and moe_dispatch.run_static do: a gather and a dense reduction, no scatter-add atomics
+    pair_w = torch.rand(t, a.n_activated_experts, device=dev, generator=g, dtype=torch.bfloat16)
+    row_of_pair = torch.randperm(rows, device=dev, generator=g)
+    k_top = a.n_activated_experts
     # DeepEP hands the expert side FP8 rows; a backend whose GEMMs take them gets them so
     recv_in = kb.per_token_group_quant_fp8(recv_x) if getattr(kb, "TAKES_FP8_ROWS", False) else recv_x
     if phase == "decode":   # what DeepEP's low-latency dispatch hands the rank: [slots, max_m, D] + counts
@@ -202,7 +206,7 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
             y = kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, per_slot)[lay.group, lay.slot]
         else:
             y = shard.compute(kb, recv_in, recv_slot)
-        combined = torch.zeros_like(x).index_add_(0, recv_tok, y * recv_w[:, None])  # the combine's reduction
+        combined = (y[row_of_pair].view(t, k_top, a.dim) * pair_w.unsqueeze(-1)).sum(1)  # the combine's reduction
         return hidden + combined + shared.forward(x)
 
     def dense_ffn():
@@ -231,7 +235,7 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
         return shard.compute(kb, recv_in, recv_slot)
 
     def combine():
-        return torch.zeros_like(xn).index_add_(0, recv_tok, recv_x * recv_w[:, None])
+        return (recv_x[row_of_pair].view(t, k_top, a.dim) * pair_w.unsqueeze(-1)).sum(1)
 
     parts = (("attention", attention), ("moe_ffn", moe_ffn), ("dense_ffn", dense_ffn),
              ("attention.core", attn_core),
