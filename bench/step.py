@@ -194,6 +194,7 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
         buf = recv_x.new_zeros(p["slots"], -(-(rows + 1) // 128) * 128, a.dim)   # whole tiles (moe_dispatch)
         buf[lay.group, lay.slot] = recv_x
         per_slot = max(1, rows // p["slots"])
+        flat = lay.group * buf.shape[1] + lay.slot
 
     def attention():
         b = dataclasses.replace(batch, plan=kb.plan_mla_decode())
@@ -203,7 +204,7 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
         x = rms_norm(hidden, ffn_norm, a.rms_norm_eps)
         gate.forward(x)  # routing decides the dispatch (its communication is not timed)
         if phase == "decode":
-            y = kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, per_slot)[lay.group, lay.slot]
+            y = kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, per_slot).view(-1, a.dim)[flat]
         else:
             y = shard.compute(kb, recv_in, recv_slot)
         combined = (y[row_of_pair].view(t, k_top, a.dim) * pair_w.unsqueeze(-1)).sum(1)  # the combine's reduction

@@ -126,9 +126,14 @@ def expert_ffn(x, experts: ExpertWeights, slot_ids: torch.Tensor) -> torch.Tenso
     # into it after the GEMMs. Padding rows are left uninitialised: each output row depends on
     # its own input row only, and no padding row is read.
     dest = torch.where(lay.pos >= 0, lay.pos, lay.n_rows - 1)
-    aq = torch.empty(lay.n_rows, d, dtype=FP8, device=q.device)
+    # Filled by a row gather, not a scatter: `aq[dest] = q` is an index_put that runs element by
+    # element (4.3 ms for 131K FP8 rows of 7168 on an H200); inverting the map is a scatter of
+    # ints, and the gather then copies whole rows. Rows no input lands on read row 0 (padding).
+    src = torch.zeros(lay.n_rows, dtype=torch.long, device=q.device)
+    src.scatter_(0, dest, torch.arange(m, device=q.device))
+    aq = q.view(torch.uint8)[src].view(FP8)
     a_s = empty_mn_major_scales((lay.n_rows, d // 128), q.device)
-    aq[dest], a_s[dest] = q, s.float()
+    a_s.copy_(s.float()[src])
     h13 = torch.empty(lay.n_rows, 2 * experts.inter, dtype=torch.bfloat16, device=q.device)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous((aq, a_s), (experts.w13, experts.s13), h13, lay.m_indices)
     hq, hs = kt.silu_mul_quant_fp8(h13, mn_major=True)

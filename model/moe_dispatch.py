@@ -129,10 +129,14 @@ class LocalDispatcher:
         tok = torch.arange(t * k, device=x.device) // k
         # t + 1 rows (the spare row of dropped pairs), padded to whole 128-row tiles: DeepGEMM's masked
         # GEMM stores whole tiles, so a group's last tile must not reach into the next group's rows
-        buf = x.new_zeros(shard.n_slots, -(-(t + 1) // MASKED_ROWS_ALIGN) * MASKED_ROWS_ALIGN, d)
-        buf[lay.group, lay.slot] = x[tok]
+        per_group = -(-(t + 1) // MASKED_ROWS_ALIGN) * MASKED_ROWS_ALIGN
+        flat = lay.group * per_group + lay.slot                    # each pair's row in the [G * rows] buffer
+        # filled by a row gather (a scatter of ints inverts the map; rows no pair lands on read token 0
+        # and are past masked_m, so never used): an index_put of the rows would run element by element
+        src = torch.zeros(shard.n_slots * per_group, dtype=torch.long, device=x.device).scatter_(0, flat, tok)
+        buf = x[src].view(shard.n_slots, per_group, d)
         y = self.kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, max(1, t * k // max(1, shard.n_slots)))
-        pairs = torch.where(lay.keep[:, None], y[lay.group, lay.slot], 0)
+        pairs = torch.where(lay.keep[:, None], y.view(-1, d)[flat], 0)
         return (pairs.view(t, k, d) * weights.unsqueeze(-1).to(pairs.dtype)).sum(1)
 
     # launch / compute / finish: the split interface of model/ep_dispatch.py (here nothing is in flight)
