@@ -39,6 +39,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL/HF: tokens in prompt or output: logit / r if > 0 else logit * r
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]) added to the logits
     grammar: GrammarSpec | None = None               # constrained decoding: only tokens the grammar allows
+    grammar_after: int | None = None  # the grammar starts after this token (a reasoning model's </think>, as in vLLM)
 
     def __post_init__(self):
         def bad(param, msg):
@@ -69,6 +70,9 @@ class SamplingParams:
         if len(bias) > 1024 or any(t < 0 or not -100 <= b <= 100 for t, b in bias):
             bad("logit_bias", "must map at most 1024 token ids >= 0 to biases in [-100, 100]")
         object.__setattr__(self, "logit_bias", bias)
+        if self.grammar_after is not None and (self.grammar is None or isinstance(self.grammar_after, bool)
+                                               or not isinstance(self.grammar_after, int) or self.grammar_after < 0):
+            bad("grammar_after", f"must be a token id >= 0 and needs a grammar, got {self.grammar_after!r}")
         if self.grammar is not None and self.ignore_eos:
             bad("ignore_eos", "cannot be combined with a response_format or tool grammar (the grammar ends at EOS)")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

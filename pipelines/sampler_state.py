@@ -61,6 +61,7 @@ class SamplerState:
         self.in_prompt: Rows | None = None      # [R, V] bool prompt tokens (repetition penalty)
         self.bits: Rows | None = None           # [R, ceil(V / 32)] int32 next-token masks, host memory
         self.matchers: dict[str, object] = {}
+        self.grammar_on: dict[str, bool] = {}   # requests whose grammar waits for grammar_after: started yet?
         self._grammars: GrammarCache | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
         self.pending: concurrent.futures.Future | None = None
@@ -92,6 +93,18 @@ class SamplerState:
             self.in_prompt.data[row, torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)] = True
         return row
 
+    def _constrained_now(self, seq: Sequence) -> bool:
+        """Whether seq's grammar applies to its next token: always, or (grammar_after, a reasoning
+        model's </think>) once that token is among its outputs; looked up once per request, then
+        kept current by advance()."""
+        after = seq.params.grammar_after
+        if after is None:
+            return True
+        on = self.grammar_on.get(seq.request_id)
+        if on is None:
+            on = self.grammar_on[seq.request_id] = after in seq.output_ids
+        return on
+
     def _mask_row(self, seq: Sequence) -> int:
         import llguidance.torch as lt
         if self.bits is None:
@@ -99,7 +112,10 @@ class SamplerState:
         row, new = self.bits.take(seq.request_id)
         if new:                                  # a fresh matcher replays what the request produced
             m = self.grammars.matcher(seq.params.grammar)
-            if seq.output_ids and not m.consume_tokens(list(seq.output_ids)):
+            out = list(seq.output_ids)
+            if seq.params.grammar_after is not None:     # ... after the token its grammar starts behind
+                out = out[out.index(seq.params.grammar_after) + 1:]
+            if out and not m.consume_tokens(out):
                 log.warning("%s: its produced tokens do not replay in its grammar: %s", seq.request_id,
                             m.get_error())
             self.matchers[seq.request_id] = m
@@ -113,6 +129,7 @@ class SamplerState:
             if rows is not None:
                 rows.release(request_id)
         self.matchers.pop(request_id, None)
+        self.grammar_on.pop(request_id, None)
 
     # ---- per step ---------------------------------------------------------------------------
     def prepare(self, seqs: list[Sequence]) -> LogitAdjust | None:
@@ -120,7 +137,7 @@ class SamplerState:
         self._wait()
         pen = [i for i, s in enumerate(seqs) if s.params.has_penalties]
         bias = [i for i, s in enumerate(seqs) if s.params.logit_bias]
-        masked = [i for i, s in enumerate(seqs) if s.params.grammar is not None]
+        masked = [i for i, s in enumerate(seqs) if s.params.grammar is not None and self._constrained_now(s)]
         if not (pen or bias or masked):
             return None
         dev, adj = self.device, LogitAdjust()
@@ -155,7 +172,9 @@ class SamplerState:
                    torch.tensor(toks, dtype=torch.long, device=self.device))
             self.counts.data.index_put_(idx, torch.ones(len(rows), dtype=torch.int32, device=self.device),
                                         accumulate=True)
-        for s in seqs:
+        for s, t in zip(seqs, tokens):
+            if s.params.grammar_after == t:      # its grammar applies from the next token on
+                self.grammar_on[s.request_id] = True
             if s.is_finished:
                 self.release(s.request_id)
         work = [(self.matchers[s.request_id], self.bits.of[s.request_id], t, s.request_id)

@@ -12,6 +12,7 @@ SSE) each own their error, abort and accounting paths.
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -196,11 +197,16 @@ class Ingress:
             ids = self.inputs.prompt_ids(req, chat, plan)
             params = self.inputs.params(req, chat, len(ids), plan)
             check_grammar(self.grammars, params.grammar)
+            end_think = self.tokenizer.token_id(ct.END_THINK) if self.tokenizer else None
+            if (self.reasoning and chat and params.grammar is not None and end_think is not None
+                    and end_think not in ids):    # (a prefix-completed answer may be past its reasoning)
+                # the reasoning stays free text; the answer after </think> follows the grammar
+                params = dataclasses.replace(params, grammar_after=end_think)
             if not chat and req.echo and req.logprobs is not None:
                 raise APIError(400, "echo: cannot be combined with logprobs (prompt logprobs are not computed)",
                                param="echo")
             shape = Shape(chat, self.reasoning and chat, plan.parse,
-                          self.tokenizer.token_id(ct.END_THINK) if self.tokenizer else None,
+                          end_think,
                           self._echo(req, ids) if not chat and req.echo else None)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             cached = await asyncio.to_thread(self._cached_tokens, ids, tenant.namespace)   # file checks: off the loop

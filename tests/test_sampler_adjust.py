@@ -127,3 +127,30 @@ def test_a_grammar_is_compiled_once_per_schema(tiny_dir):
     times = compile_times(tiny_dir, repeats=1)
     assert set(times) == {"json_object", "weather", "nested", "long_string"}
     assert all(t["compile_ms"] > 0 and t["cached_ms"] < t["compile_ms"] for t in times.values())
+
+
+def test_a_grammar_after_a_token_leaves_what_comes_before_free(tiny_dir):
+    """A reasoning model's grammar (grammar_after = </think>) masks nothing until that token is out,
+    then constrains from the next token on, replaying only what follows it."""
+    end = 7
+    st = state(tiny_dir)
+    seq = Sequence("r", [3], SamplingParams(max_tokens=50, grammar=GrammarSpec("json_object"), grammar_after=end))
+    assert st.prepare([seq]) is None                              # reasoning: free text
+    seq.output_ids.extend([11, 12])
+    st.advance([seq], [12])
+    assert st.prepare([seq]) is None
+    seq.output_ids.append(end)
+    st.advance([seq], [end])
+    adj = st.prepare([seq])
+    assert adj is not None and adj.mask_rows.tolist() == [0]      # the answer: constrained
+    allowed = unpack_bitmask(adj.mask_bits, 512)[0]
+    free = Sequence("f", [3], SamplingParams(max_tokens=50, grammar=GrammarSpec("json_object")))
+    assert torch.equal(allowed, unpack_bitmask(st.prepare([free]).mask_bits, 512)[0])   # a grammar's start
+    # a request rebuilt on another rank with those tokens gets the same state
+    again = state(tiny_dir)
+    moved = Sequence("r", [3], SamplingParams(max_tokens=50, grammar=GrammarSpec("json_object"), grammar_after=end))
+    moved.output_ids.extend([11, 12, end])
+    assert torch.equal(unpack_bitmask(again.prepare([moved]).mask_bits, 512)[0], allowed)
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(grammar_after=end)
+    assert e.value.param == "grammar_after"

@@ -261,6 +261,25 @@ def test_a_reasoning_models_stream_sends_reasoning_before_content(server, r1_dir
     assert got == {"reasoning_content": reasoning, "content": content}
 
 
+def test_a_reasoning_models_json_answer_leaves_its_reasoning_free(server, r1_dir):
+    """With response_format on an R1-template model, the grammar starts after </think>: the
+    reasoning is free text, the content one JSON object."""
+    r1 = openai.OpenAI(base_url=server + "/r1/v1", api_key="k", max_retries=0, timeout=120)
+    tk = Tokenizer(r1_dir)
+    bias = {str(tk.token_id(ct.END_THINK)): 5, **{str(tk.encode(c, add_special=False)[0]): 4 for c in ('"', "}")}}
+    free = []
+    for seed in range(3):
+        r = r1.chat.completions.create(model="tiny-r1", messages=ASK, max_tokens=300, temperature=1.0, seed=seed,
+                                       response_format={"type": "json_object"}, logit_bias=bias)
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "stop", msg
+        assert isinstance(json.loads(msg.content), dict)
+        reasoning = msg.model_extra.get("reasoning_content") or ""
+        assert ct.END_THINK not in reasoning
+        free.append(not reasoning.lstrip().startswith("{"))
+    assert any(free)           # some reasoning is not JSON: the grammar did not hold it
+
+
 
 
 
