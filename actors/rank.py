@@ -110,7 +110,7 @@ class RankActor:
         self.engine = RankEngine(self.spec, dispatcher)
         d = self.engine.dispatcher
         experts = {layer: sorted({int(e) for e in d.map.phy2log[layer - d.first, list(d.slots_for(layer))]})
-                   for layer in range(self.engine.args.n_layers) if self.engine.args.is_moe_layer(layer)}
+                   for layer in range(self.engine.args.n_kv_layers) if self.engine.args.is_moe_layer(layer)}
         self.last_stats = self._stats()
         log.info("unit %d rank %d/%d ready on node %s in %.1fs (%s)", lay.unit, lay.rank, lay.world,
                  ray.get_runtime_context().get_node_id()[:8], time.time() - t0, self.engine.load_stats)
