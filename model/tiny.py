@@ -134,8 +134,14 @@ def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15, fp8: bool = F
     put("model.embed_tokens.weight", cfg["vocab_size"], d, s=1.0, dtype=big)
     put("model.norm.weight", d, s=0.1, center=1.0)
     put("lm_head.weight", cfg["vocab_size"], d, s=std * (8.0 / d ** 0.5 if wide else 1.0), dtype=big)
-    for i in range(cfg["num_hidden_layers"]):
+    n_mtp = cfg.get("num_nextn_predict_layers", 0) or 0
+    for i in range(cfg["num_hidden_layers"] + n_mtp):       # the MTP layers come after the last (release layout)
         p = f"model.layers.{i}."
+        if i >= cfg["num_hidden_layers"]:
+            put(p + "enorm.weight", d, s=0.1, center=1.0)
+            put(p + "hnorm.weight", d, s=0.1, center=1.0)
+            put(p + "eh_proj.weight", d, 2 * d, linear=True)
+            put(p + "shared_head.norm.weight", d, s=0.1, center=1.0)
         put(p + "input_layernorm.weight", d, s=0.1, center=1.0)
         put(p + "post_attention_layernorm.weight", d, s=0.1, center=1.0)
         if ql:
