@@ -379,7 +379,15 @@ class RankActor:
             unit=self.layout.unit, rank=self.layout.rank, n_running=len(b.running), n_waiting=len(pending),
             pending_prefill_tokens=sum(s.n_tokens - s.n_computed for s in pending),
             pending_attn_work=float(sum(attn_work(s.n_tokens - s.n_computed, s.n_computed) for s in pending)),
-            kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages)
+            kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages, **self._mtp_stats())
+
+    def _mtp_stats(self) -> dict:
+        d = self.engine.drafter
+        if d is None:
+            return {}
+        c = d.counters
+        return {"mtp_proposed": c.proposed, "mtp_accepted": c.accepted, "mtp_sequence_steps": c.sequence_steps,
+                "mtp_emitted": c.emitted}
 
     def stats(self) -> RankStats:
         return self.last_stats
