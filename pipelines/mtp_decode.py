@@ -53,9 +53,10 @@ class MTPCounters:
 
 
 class MTPDrafter:
-    def __init__(self, engine, k: int):
+    def __init__(self, engine, k: int, graphs=None):
         self.e, self.k = engine, k
         self.counters = MTPCounters()
+        self.graphs = graphs        # pipelines/cuda_graphs.py VerifyGraphs: greedy verify steps replayed
 
     # ---- proposing ---------------------------------------------------------------------------
     def _propose(self, logits: torch.Tensor, rows: SamplingRows | None):
@@ -65,7 +66,7 @@ class MTPDrafter:
         q = target_probs(logits, rows)
         return draw(q, torch.rand(q.shape[0], device=q.device)), q
 
-    def _chain(self, seqs: list[Sequence], first: torch.Tensor, q1, m: torch.Tensor, pos: torch.Tensor,
+    def _chain(self, first: torch.Tensor, q1, m: torch.Tensor, pos: torch.Tensor,
                rows: SamplingRows | None, batch_for) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drafts [B, k] (and q [B, k, V]): the first, then k - 1 more by feeding the module its own
         output hidden m [B, D] and draft at positions pos + 1, pos + 2 ... (batch_for builds the step)."""
@@ -98,7 +99,7 @@ class MTPDrafter:
 
         def batch_for(tokens, positions):
             return _one_token_batch(e, seqs, tokens, positions)
-        drafts, q = self._chain(seqs, d1, q1, m[last], pos + 1, rows, batch_for)
+        drafts, q = self._chain(d1, q1, m[last], pos + 1, rows, batch_for)
         self._keep_drafts(seqs, drafts.tolist(), q)
 
     def _keep_drafts(self, seqs, drafts: list[list[int]], q) -> None:
@@ -131,40 +132,22 @@ class MTPDrafter:
             pos += range(n, n + s_q)
             valid += [1] * (1 + len(d)) + [0] * (k - len(d))
             nd.append(len(d))
-        t = torch.tensor([ids, pos, valid], dtype=torch.long).to(dev, non_blocking=True)
-        n_draft = torch.tensor(nd, dtype=torch.long).to(dev, non_blocking=True)
-        batch = DecodeBatch.from_rows(t[0], t[1], torch.tensor(rows, dtype=torch.long).to(dev), e.table.tables,
-                                      e.cache.page_size, e.table.scratch_row, e.kb.plan_mla_decode(), n_q=s_q,
-                                      valid=t[2].bool())
-        draft_slots = batch.slot_mapping.view(b, s_q)[:, 1:].flatten()
-        flat = e.cache.kv.flatten(1, 2)
-        saved = flat.index_select(1, draft_slots)                          # [layers, B*k, L+R]
-        logits, hn = self._target(batch, schedule, [s.n_computed for s in seqs])
-        drafts_in = t[0].view(b, s_q)[:, 1:]
         srows = self._rows(seqs)
-        if srows is None:
-            target = logits.argmax(-1).view(b, s_q)
-            n_acc, tokens = greedy_accept(target, drafts_in, n_draft), target
+        graphs = self.graphs if srows is None and schedule is None else None
+        if graphs is not None and graphs.bucket(b) is not None:
+            inp, saved, draft_slots = graphs.stage(ids, pos, valid, rows, nd)
+            logits, tokens, n_acc, new_drafts = graphs.run(b, inp)
+            new_q = None
         else:
-            p = target_probs(logits, srows.repeat(s_q)).view(b, s_q, -1)
-            q = torch.stack([s.draft_q if s.draft_q is not None and s.draft else
-                             torch.zeros(k, p.shape[-1], device=dev) for s in seqs])
-            onehot = torch.zeros_like(q).scatter_(2, drafts_in[..., None], 1.0)
-            greedy_rows = (srows.temperature == 0)[:, None, None]
-            q = torch.where(greedy_rows | (q.sum(-1, keepdim=True) == 0), onehot, q)
-            tokens, n_acc = accept_drafts(p, q, drafts_in, n_draft, torch.rand(b, k, device=dev),
-                                          torch.rand(b, s_q, device=dev))
-        # the module over the same positions, fed the emitted tokens; drafts read at the last accepted one
-        mb = replace(batch, input_ids=tokens.flatten(),
-                     valid=batch.valid & (torch.arange(s_q, device=dev)[None, :] <= n_acc[:, None]).flatten())
-        mlog, m = e.model.mtp.forward(e.model, mb, hn, e.cache.kv)
-        sel = torch.arange(b, device=dev) * s_q + n_acc
-        d1, q1 = self._propose(mlog[sel], srows)
-
-        def batch_for(tok, positions):
-            return DecodeBatch.from_rows(tok, positions, batch.block_tables.new_tensor(rows).long(), e.table.tables,
-                                         e.cache.page_size, e.table.scratch_row, e.kb.plan_mla_decode())
-        new_drafts, new_q = self._chain(seqs, d1, q1, m[sel], batch.positions[sel] + 1, srows, batch_for)
+            t = torch.tensor([ids, pos, valid, rows + [0] * (b * k), nd + [0] * (b * k)],
+                             dtype=torch.long).to(dev, non_blocking=True)
+            inp = (t[0], t[1], t[2], t[3, :b], t[4, :b])
+            batch = self.verify_batch(*inp[:4])
+            draft_slots = batch.slot_mapping.view(b, s_q)[:, 1:].flatten()
+            saved = e.cache.kv.flatten(1, 2).index_select(1, draft_slots)        # [layers, B*k, L+R]
+            qs = None if srows is None else [s.draft_q if s.draft else None for s in seqs]
+            logits, tokens, n_acc, new_drafts, new_q = self.verify_device(*inp, srows, qs, schedule,
+                                                                          [s.n_computed for s in seqs])
         plain = [i for i, s in enumerate(seqs) if not can_draft(s)]
         plain_tok, plain_info = {}, {}
         if plain:      # their one token through the full sampler (penalties, bias, grammar, logprobs)
@@ -187,7 +170,48 @@ class MTPDrafter:
         self._keep_drafts(seqs, [dr_h[i * k:(i + 1) * k] for i in range(b)], new_q)
         return out, (saved, draft_slots, s_q)
 
-    def _target(self, batch: DecodeBatch, schedule: str | None, ctx: list[int]):
+    def verify_batch(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> DecodeBatch:
+        """The target's step: B sequences x S positions on the rank's persistent block table."""
+        e = self.e
+        return DecodeBatch.from_rows(ids, pos, rows, e.table.tables, e.cache.page_size, e.table.scratch_row,
+                                     e.kb.plan_mla_decode(), n_q=self.k + 1, valid=valid.bool())
+
+    def verify_device(self, ids, pos, valid, rows, n_draft, srows: SamplingRows | None = None, qs=None,
+                      schedule: str | None = None, ctx: list[int] | None = None):
+        """Steps 2-4 on the device, no host sync (for greedy batches, what a CUDA graph captures):
+        ids / pos / valid [B*S], rows / n_draft [B] -> (target logits [B*S, V], emitted tokens [B, S],
+        accepted [B], next drafts [B, k], their q [B, k, V] or None)."""
+        e, k = self.e, self.k
+        s_q, b = k + 1, rows.shape[0]
+        dev = ids.device
+        batch = self.verify_batch(ids, pos, valid, rows)
+        logits, hn = self._target(batch, schedule, ctx)
+        drafts_in = ids.view(b, s_q)[:, 1:]
+        if srows is None:
+            target = logits.argmax(-1).view(b, s_q)
+            n_acc, tokens = greedy_accept(target, drafts_in, n_draft), target
+        else:
+            p = target_probs(logits, srows.repeat(s_q)).view(b, s_q, -1)
+            onehot = torch.zeros(b, k, p.shape[-1], device=dev).scatter_(2, drafts_in[..., None], 1.0)
+            # a draft without its q (greedy rows, handed-over drafts) is a deterministic proposal: q one-hot
+            q = torch.stack([qs[i] if qs[i] is not None else onehot[i] for i in range(b)])
+            q = torch.where((srows.temperature == 0)[:, None, None], onehot, q)
+            tokens, n_acc = accept_drafts(p, q, drafts_in, n_draft, torch.rand(b, k, device=dev),
+                                          torch.rand(b, s_q, device=dev))
+        # the module over the same positions, fed the emitted tokens; drafts read at the last accepted one
+        mb = replace(batch, input_ids=tokens.flatten(),
+                     valid=batch.valid & (torch.arange(s_q, device=dev)[None, :] <= n_acc[:, None]).flatten())
+        mlog, m = e.model.mtp.forward(e.model, mb, hn, e.cache.kv)
+        sel = torch.arange(b, device=dev) * s_q + n_acc
+        d1, q1 = self._propose(mlog[sel], srows)
+
+        def batch_for(tok, positions):
+            return DecodeBatch.from_rows(tok, positions, rows, e.table.tables, e.cache.page_size,
+                                         e.table.scratch_row, e.kb.plan_mla_decode())
+        new_drafts, new_q = self._chain(d1, q1, m[sel], batch.positions[sel] + 1, srows, batch_for)
+        return logits, tokens, n_acc, new_drafts, new_q
+
+    def _target(self, batch: DecodeBatch, schedule: str | None, ctx: list[int] | None):
         """The target forward: one batch, or the unit's overlap schedule (two micro-batches of a Batch
         with S new tokens per sequence, attending in the absorbed form)."""
         e = self.e

@@ -19,7 +19,7 @@ from epserve.model.kv_cache import PagedKVCache
 from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
 from epserve.pipelines.block_table import BlockTable
-from epserve.pipelines.cuda_graphs import DecodeGraphs
+from epserve.pipelines.cuda_graphs import DecodeGraphs, VerifyGraphs
 from epserve.pipelines.kv_handoff import export_blocks
 from epserve.pipelines.mtp_decode import MTPDrafter, can_draft
 from epserve.pipelines.overlap import forward_overlapped
@@ -94,7 +94,9 @@ class RankEngine:
         self.drafter = MTPDrafter(self, spec.mtp_draft) if spec.mtp_draft else None
         self.dispatcher.counts = self.dispatcher.counts.to(self.device)
         self.graphs = DecodeGraphs(self.model, self.cache.kv, self.table, spec.page_size, spec.max_batch_size) \
-            if self.graphs_supported() else None
+            if self.graphs_supported() and not self.drafter else None
+        if self.drafter is not None and self.graphs_supported():
+            self.drafter.graphs = VerifyGraphs(self.drafter, self.cache.kv, spec.max_batch_size)
         self.last_step_tokens = 0
         self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_kv_layers,
                                                    self.args.kv_dim, self.dtype, fp8_activations=spec.fp8_activations,
@@ -111,13 +113,15 @@ class RankEngine:
         dispatcher with a fixed-shape path (a one-rank unit; across ranks that is DeepEP's
         low-latency mode, not built yet)."""
         weight_only_fp8 = self.args.fp8_block is not None and not self.spec.fp8_activations   # experts take a host loop
-        return (self.spec.cuda_graphs and self.device.type == "cuda" and not self.spec.mtp_draft and self.kb.__name__ != reference_name()
+        return (self.spec.cuda_graphs and self.device.type == "cuda" and self.kb.__name__ != reference_name()
                 and getattr(self.dispatcher, "run_static", None) is not None and not weight_only_fp8)
 
     def on_placement_switched(self) -> None:
         """A new expert map: its routing tables are new tensors, so captured graphs are stale."""
         if self.graphs is not None:
             self.graphs.clear()
+        if self.drafter is not None and self.drafter.graphs is not None:
+            self.drafter.graphs.clear()
 
     @property
     def max_model_len(self) -> int:

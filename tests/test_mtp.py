@@ -239,3 +239,30 @@ def test_mtp_greedy_equals_plain_greedy_on_ep_units_with_redundant_experts_and_o
     with epserve.LLM(model=model_dir, config=cfg) as llm:
         got = [o.token_ids for o in llm.generate(prompts, GREEDY)]
     assert got == want
+
+
+def test_a_graph_bucket_of_the_verify_step_gives_the_unpadded_answer(trained_dir):
+    """What a CUDA graph replays on a GPU: VerifyGraphs stages a step into a padded bucket (scratch
+    rows, no drafts) and verify_device runs it; here both run eagerly on CPU, against the unpadded step."""
+    from epserve.pipelines.cuda_graphs import VerifyGraphs
+    engine = make_local_engine(trained_dir, dtype="float32", mtp_draft=1)
+    seqs = [Sequence(f"r{i}", p, GREEDY) for i, p in enumerate(prompts_of([20, 33, 9], vocab=512, seed=8))]
+    for s in seqs:
+        engine.add(s)
+    for _ in range(3):
+        engine.step()
+    d = engine.drafter
+    graphs = VerifyGraphs(d, engine.cache.kv, engine.spec.max_batch_size)
+    assert graphs.bucket(3) == 4
+    rows = engine.table.rows_for(seqs)
+    ids = sum(([s.last_token] + s.draft for s in seqs), [])
+    pos = sum((list(range(s.n_computed, s.n_computed + 2)) for s in seqs), [])
+    before = engine.cache.kv.clone()
+    inp, saved, slots = graphs.stage(ids, pos, [1] * 6, rows, [1] * 3)
+    assert torch.equal(saved, before.flatten(1, 2)[:, slots])
+    padded = d.verify_device(*inp)
+    t = torch.tensor([ids, pos, [1] * 6])
+    plain = d.verify_device(t[0], t[1], t[2], torch.tensor(rows), torch.ones(3, dtype=torch.long))
+    for a, b in zip(padded[1:4], plain[1:4]):
+        assert torch.equal(a[:3], b)
+    assert (padded[0][:6] - plain[0]).abs().max() < 1e-5
