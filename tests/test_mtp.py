@@ -4,6 +4,7 @@ models), rejected drafts leave no trace in the KV cache, and bad configurations 
 from __future__ import annotations
 
 import json
+import time
 import shutil
 from pathlib import Path
 
@@ -266,3 +267,67 @@ def test_a_graph_bucket_of_the_verify_step_gives_the_unpadded_answer(trained_dir
     for a, b in zip(padded[1:4], plain[1:4]):
         assert torch.equal(a[:3], b)
     assert (padded[0][:6] - plain[0]).abs().max() < 1e-5
+
+
+# ---- the server: prefill and decode units (PD), the KV store, usage, /metrics ---------------------
+
+def test_mtp_over_http_with_prefill_decode_handoff_kv_store_usage_and_metrics(ray_cluster, trained_dir,
+                                                                              tmp_path_factory):
+    """Prefill unit and decode unit (the prefill rank drafts from the prompt and hands the draft over
+    with the KV, MTP layer included): greedy answers equal the single-rank engine without MTP, a
+    repeated long prompt hits the KV store (blocks with the MTP layer) with the same answer, usage
+    bills the emitted tokens, /metrics shows the acceptance rate."""
+    import httpx
+    import openai
+
+    from conftest import free_port, wait_healthy
+    from epserve.bench.engine import heldout_prompts
+    from epserve.config import load_config
+    from epserve.serve.app import start_deployment
+    prompts = heldout_prompts(f"{trained_dir}/tokenizer.json", 3, 24)
+    long_prompt = heldout_prompts(f"{trained_dir}/tokenizer.json", 1, 150)[0]
+    n = 20
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    want = generate(make_local_engine(trained_dir, dtype="float32"), prompts + [long_prompt], params)
+    port = free_port()
+    cfg = load_config({"model": trained_dir, "dtype": "float32", "kernels": "reference", "mtp": {"enabled": True},
+                       "kv_store": {"path": str(tmp_path_factory.mktemp("kv"))},
+                       "ledger": {"path": str(tmp_path_factory.mktemp("ledger"))},
+                       "prefill": {"gpus_per_node": 2, "kv_pages": 32},
+                       "decode": {"gpus_per_node": 2, "redundant_experts": 2, "kv_pages": 64},
+                       "serve": {"port": port, "model_name": "trained"}})
+    dep = start_deployment(cfg)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(p):
+            r = client.completions.create(model="trained", prompt=p, max_tokens=n, temperature=0.0,
+                                          extra_body={"ignore_eos": True})
+            return r, r.choices[0].model_extra["token_ids"]
+        for p, w in zip(prompts, want):
+            r, ids = ask(p)
+            assert ids == w
+            assert r.usage.completion_tokens == n
+        first, ids1 = ask(long_prompt)
+        second, ids2 = ask(long_prompt)
+        assert ids1 == ids2 == want[-1]
+        assert second.usage.model_dump()["prompt_cache_hit_tokens"] == (len(long_prompt) - 1) // 64 * 64 > 0
+        deadline = time.time() + 30
+        while time.time() < deadline:          # rank stats reach the router within a second or two
+            text = httpx.get(base + "/metrics", timeout=30).text
+            rates = [float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("epserve_mtp_acceptance_rate{") and 'role="decode"' in line]
+            if rates:
+                break
+            time.sleep(0.5)
+        assert rates and 0 < max(rates) < 1
+        steps = [float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("epserve_mtp_tokens_per_step{") and 'role="decode"' in line]
+        assert steps and 1 < max(steps) < 2
+        # tokens per step = 1 + acceptance only if every verify step had a draft, the first one too:
+        # the decode ranks got the prefill rank's drafts with the KV
+        assert sorted(steps) == pytest.approx(sorted(1 + r for r in rates))
+    finally:
+        dep.shutdown()
