@@ -92,15 +92,9 @@ class ModelArgs:
             scale *= m * m
         return scale
 
-    @property
-    def n_ep_layers(self) -> int:
-        """MoE layers whose routed experts go through EP and EPLB: the main ones, then the MTP layer's."""
-        return self.n_moe_layers + self.n_mtp_layers
-
-    @property
-    def n_kv_layers(self) -> int:
-        """Layers with a latent cache: the main ones, then the MTP layer (index n_layers)."""
-        return self.n_layers + self.n_mtp_layers
+    # MoE layers through EP and EPLB, and layers with a latent cache: the main ones, then the MTP layer's
+    n_ep_layers = property(lambda self: self.n_moe_layers + self.n_mtp_layers)
+    n_kv_layers = property(lambda self: self.n_layers + self.n_mtp_layers)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.n_dense_layers
@@ -264,8 +258,7 @@ class Batch:
     slot_mapping: torch.Tensor     # int64 [T]
     force_naive: bool = False      # decode through the naive form too (tests)
     plan: object = None            # the kernels' per-step attention plan (kb.plan_mla_decode()), shared by layers
-    max_decode_new: int = 1        # sequences with cached context and at most this many new tokens (an MTP
-                                   # verify step: the last token and its drafts) attend in the absorbed form
+    max_decode_new: int = 1        # sequences with context and <= this many new tokens attend absorbed (MTP)
     is_decode_only = False
 
     @property
@@ -308,11 +301,9 @@ class Batch:
 class DecodeBatch:
     """A pure decode step as tensors of fixed shape: what a CUDA graph captures once per bucket.
 
-    B rows of S = n_q new tokens each (S = 1 + k in an MTP verify step: the last token and its k
-    drafts, causal among them), token rows in sequence order [B * S]; a sequence's last query is at
-    positions[b, S-1] after seq_lens[b] - S cached tokens. Rows past the live ones pad the bucket:
-    valid False, context on a scratch page, outputs unused. block_tables / seq_lens are int32, as
-    FlashMLA takes them.
+    B rows of S = n_q new tokens each (MTP verify: the last token and k drafts, causal among them), token
+    rows in sequence order [B*S]. Rows past the live ones pad the bucket: valid False, context on a
+    scratch page, outputs unused. block_tables / seq_lens are int32, as FlashMLA takes them.
     """
 
     input_ids: torch.Tensor        # int64 [B*S]
@@ -335,8 +326,7 @@ class DecodeBatch:
         bt = tables[rows]
         bt_tok = bt if n_q == 1 else bt.repeat_interleave(n_q, 0)
         page = bt_tok.gather(1, (positions // page_size)[:, None])[:, 0].long()
-        live = rows != scratch_row
-        live = live if n_q == 1 else live.repeat_interleave(n_q)
+        live = (rows != scratch_row).repeat_interleave(n_q)
         seq_lens = positions.view(-1, n_q)[:, -1] + 1
         return cls(input_ids, positions, page * page_size + positions % page_size, bt, seq_lens.to(torch.int32),
                    live if valid is None else live & valid, plan, n_q)
@@ -554,13 +544,8 @@ class Transformer:
             else:
                 ffn = MLP(kb)
             self.layers.append(Block(MLA(args, kb), ffn))
-        self.mtp = None
-        if args.n_mtp_layers:
-            from epserve.model.mtp import MTPModule
-            n = args.n_layers       # the MTP layer comes after the last main layer (always MoE in V3)
-            shared = MLP(kb) if args.n_shared_experts else None
-            self.mtp = MTPModule(kb, Block(MLA(args, kb), MoE(n, Gate(args), shared, dispatcher.make_shard(n),
-                                                               dispatcher)))
+        from epserve.model.mtp import build_mtp      # the MTP layer, index n_layers (model/mtp.py)
+        self.mtp = build_mtp(args, kb, dispatcher) if args.n_mtp_layers else None
         inv_freq, self.rope_factor = rope_inv_freq(args)
         self.inv_freq = inv_freq.to(self.device)
 
@@ -595,10 +580,8 @@ class Transformer:
         for i, blk in enumerate(self.layers):
             h = self.run_block(blk, i, h, batch, rope, kv_cache, valid)
         hn = rms_norm(h, self.norm, self.args.rms_norm_eps)
-        out = hn
-        if not all_logits and not batch.is_decode_only:
-            out = hn[batch.last_token_index] if batch.seq_new else hn[:0]
-        logits = self.head_logits(out)
+        last = all_logits or batch.is_decode_only
+        logits = self.head_logits(hn if last else (hn[batch.last_token_index] if batch.seq_new else hn[:0]))
         return (logits, hn) if with_hidden else logits
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -611,5 +594,5 @@ class Transformer:
     def head_logits(self, hn: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         """LM head of normed hidden [N, D] -> fp32 [N, vocab]."""
         head = self.head if head is None else head
-        head = head if head.dtype == hn.dtype else head.to(hn.dtype)
+        head = head if head.dtype == hn.dtype else head.to(hn.dtype)   # the MTP module may bring its own
         return F.linear(hn, head).float()

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from epserve.kernels.reference import Weight
-from epserve.model.deepseek_v3 import Block, ConfigError, ModelArgs, rms_norm
+from epserve.model.deepseek_v3 import MLA, MLP, Block, ConfigError, Gate, ModelArgs, MoE, rms_norm
 
 
 def with_mtp(args: ModelArgs, n_draft: int) -> ModelArgs:
@@ -33,6 +33,13 @@ def with_mtp(args: ModelArgs, n_draft: int) -> ModelArgs:
     if args.n_dense_layers > args.n_layers:
         raise ConfigError("the MTP layer must be a MoE layer")
     return replace(args, n_mtp_layers=1)
+
+
+def build_mtp(args: ModelArgs, kb: ModuleType, dispatcher) -> "MTPModule":
+    """The module, empty (model/checkpoint.py fills it): its block is MoE layer n_layers."""
+    n = args.n_layers
+    shared = MLP(kb) if args.n_shared_experts else None
+    return MTPModule(kb, Block(MLA(args, kb), MoE(n, Gate(args), shared, dispatcher.make_shard(n), dispatcher)))
 
 
 @dataclass

@@ -239,7 +239,9 @@ def test_mtp_greedy_equals_plain_greedy_on_ep_units_with_redundant_experts_and_o
            "decode": {"nodes_per_unit": 1, "gpus_per_node": 2, "redundant_experts": 2, "kv_pages": 16}}
     with epserve.LLM(model=model_dir, config=cfg) as llm:
         got = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+        alone = llm.generate([prompts[1]], GREEDY)[0].token_ids    # one rank idle: empty MTP exchanges
     assert got == want
+    assert alone == want[1]
 
 
 def test_a_graph_bucket_of_the_verify_step_gives_the_unpadded_answer(trained_dir):
@@ -331,3 +333,28 @@ def test_mtp_over_http_with_prefill_decode_handoff_kv_store_usage_and_metrics(ra
         assert sorted(steps) == pytest.approx(sorted(1 + r for r in rates))
     finally:
         dep.shutdown()
+
+
+def test_a_live_expert_map_switch_moves_the_mtp_layers_experts_and_changes_no_token(trained_dir):
+    """EPLB's rank side with MTP on: the MTP layer is MoE layer n_moe_layers of the map; a new
+    placement stages and switches its slots too, mid-generation, and the tokens stay the same."""
+    from epserve.pipelines.expert_migration import stage, switch
+    prompts = prompts_of([20, 33, 9], vocab=512, seed=12)
+    want = generate(make_local_engine(trained_dir, dtype="float32"), prompts)
+    engine = make_local_engine(trained_dir, dtype="float32", mtp_draft=1, redundant_experts=3)
+    seqs = [Sequence(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    for s in seqs:
+        engine.add(s)
+    for _ in range(4):
+        engine.step()
+    old = engine.dispatcher.map.phy2log
+    assert old.shape[0] == engine.args.n_moe_layers + 1
+    g = torch.Generator().manual_seed(0)
+    new = torch.stack([torch.randperm(old.shape[1], generator=g) % engine.args.n_routed_experts for _ in old])
+    staged = stage(engine, new)
+    assert engine.args.n_layers in staged.slots           # the MTP layer's slots move too
+    switch(engine, staged, 1)
+    while engine.has_work:
+        engine.step()
+    assert [s.output_ids for s in seqs] == want
+    assert torch.equal(engine.dispatcher.map.phy2log, new)
