@@ -108,7 +108,8 @@ def run_mtp(model: str | None = None, batch: int = 32, n_tokens: int = 64) -> di
         row = {"output_tok_s": round(batch * n_tokens / dt, 1), "steps": steps, "seconds": round(dt, 2)}
         if engine.drafter is not None:
             c = engine.drafter.counters.as_dict()
-            row.update(acceptance_rate=round(c["acceptance_rate"], 4), tokens_per_target_step=round(c["tokens_per_step"], 3),
+            row.update(acceptance_rate=round(c["acceptance_rate"], 4),
+                       tokens_per_target_step=round(c["tokens_per_step"], 3),
                        drafts_proposed=c["proposed"], drafts_accepted=c["accepted"],
                        same_tokens_as_without_mtp=tokens[name] == tokens["without_mtp"])
         out[name] = row

@@ -279,7 +279,8 @@ def run_mtp(device: str = "cuda", backend: str = "triton", tokens: int | None = 
     b = p["tokens"]
 
     def model_ms(ms):
-        return a.n_dense_layers * (ms["attention"] + ms["dense_ffn"]) + a.n_moe_layers * (ms["attention"] + ms["moe_ffn"])
+        return (a.n_dense_layers * (ms["attention"] + ms["dense_ffn"])
+                + a.n_moe_layers * (ms["attention"] + ms["moe_ffn"]))
     plain = model_ms(one)
     verify = model_ms(two) + two["attention"] + two["moe_ffn"]          # + the MTP layer's block
     per_step = 1 + acceptance

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from epserve.kernels import reference
 from epserve.kernels.layouts import empty_mn_major_scales
-from epserve.kernels.reference import (AMAX_FLOOR, FP8, FP8_MAX, ExpertWeights, Weight, dequant_block, multi_query_decode,
-                                      expert_ffn_masked_with, expert_ffn_with, per_block_quant_fp8,
+from epserve.kernels.reference import (AMAX_FLOOR, FP8, FP8_MAX, ExpertWeights, Weight, dequant_block,
+                                      multi_query_decode, expert_ffn_masked_with, expert_ffn_with, per_block_quant_fp8,
                                       plan_mla_decode)
 
 try:

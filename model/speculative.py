@@ -94,7 +94,3 @@ def greedy_accept(target: torch.Tensor, drafts: torch.Tensor, n_draft: torch.Ten
     ok = (target[:, :k] == drafts) & (torch.arange(k, device=drafts.device)[None, :] < n_draft[:, None])
     return ok.int().cumprod(1).sum(1)
 
-
-def acceptance_stats(n_accept: list[int], n_draft: list[int]) -> tuple[int, int]:
-    """(drafts accepted, drafts proposed) of one step: the /metrics acceptance rate's terms."""
-    return sum(n_accept), sum(n_draft)

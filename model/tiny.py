@@ -85,7 +85,8 @@ def _train_tokenizer(vocab_size: int, corpus_text: str | None = None):
     # tool-call and reasoning parsers read.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(PLAIN_TOKENS), special_tokens=[BOS, EOS, USER, ASSISTANT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = [_CORPUS] * 4 if corpus_text is None else [corpus_text[i:i + 65536] for i in range(0, len(corpus_text), 65536)]
+    chunks = range(0, len(corpus_text or ""), 65536)
+    text = [_CORPUS] * 4 if corpus_text is None else [corpus_text[i:i + 65536] for i in chunks]
     tok.train_from_iterator(text, trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_TOKENS])
     return tok

@@ -53,9 +53,9 @@ class Batcher:
         if total > self.max_model_len:
             raise RequestTooLarge(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
                                   f"model's context of {self.max_model_len} tokens")
-        if self.cache.pages_for(total) > self.cache.n_pages:
-            raise RequestTooLarge(f"{total} tokens need {self.cache.pages_for(total)} KV pages; this rank has "
-                                  f"{self.cache.n_pages}")
+        need = self.cache.pages_for(total + self.extra_tokens)      # + the drafts' look-ahead (MTP)
+        if need > self.cache.n_pages:
+            raise RequestTooLarge(f"{total} tokens need {need} KV pages; this rank has {self.cache.n_pages}")
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))

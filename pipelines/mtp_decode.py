@@ -170,7 +170,8 @@ class MTPDrafter:
         self._keep_drafts(seqs, [dr_h[i * k:(i + 1) * k] for i in range(b)], new_q)
         return out, (saved, draft_slots, s_q)
 
-    def verify_batch(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> DecodeBatch:
+    def verify_batch(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+                     rows: torch.Tensor) -> DecodeBatch:
         """The target's step: B sequences x S positions on the rank's persistent block table."""
         e = self.e
         return DecodeBatch.from_rows(ids, pos, rows, e.table.tables, e.cache.page_size, e.table.scratch_row,
