@@ -357,3 +357,20 @@ def test_a_live_expert_map_switch_moves_the_mtp_layers_experts_and_changes_no_to
         engine.step()
     assert [s.output_ids for s in seqs] == want
     assert torch.equal(engine.dispatcher.map.phy2log, new)
+
+
+def test_multi_query_mla_decode_is_causal_among_the_queries():
+    """reference.mla_decode with q [B, S, H, L+R]: query i of a sequence sees its context and queries
+    0..i, exactly what a one-query decode at that position sees (the verify step's attention)."""
+    from epserve.kernels import reference as kr
+    g = torch.Generator().manual_seed(0)
+    b, s, h, d, page = 3, 3, 4, 48, 16
+    cache = torch.randn(12, page, d, generator=g)
+    tables = torch.randperm(12, generator=g)[:9].view(b, 3)
+    lens = torch.tensor([20, 35, 4])
+    q = torch.randn(b, s, h, d, generator=g)
+    out, lse = kr.mla_decode(q, cache, tables, lens, 0.3, 32)
+    assert out.shape == (b, s, h, 32) and lse.shape == (b, s, h)
+    for i in range(s):
+        one, one_lse = kr.mla_decode(q[:, i], cache, tables, lens - s + 1 + i, 0.3, 32)
+        assert torch.allclose(out[:, i], one, atol=1e-6) and torch.allclose(lse[:, i], one_lse, atol=1e-6)
