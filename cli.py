@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
                    "(V3-width ones are FP8, ~5-40 GB; make them on a GPU with --device cuda)")
     m.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is much faster)")
 
+    t = sub.add_parser("train-tiny", help="train a tiny DeepSeek-V3 with its MTP module on CPU (minutes), saved in "
+                       "the release layout")
+    t.add_argument("dir")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the same bytes on every run)")
+
     pl = sub.add_parser("plan", help="print a config's unit placement without the hardware")
     pl.add_argument("config", help="YAML config (e.g. configs/deepseek_v3_prod.yaml)")
     pl.add_argument("--json", action="store_true")
@@ -96,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", default="native,triton", help="kernels: backends side by side in one run")
     b.add_argument("--step-tokens", type=int, help="step: tokens (decode: requests) per GPU")
     b.add_argument("--eager", action="store_true", help="step: decode without CUDA graphs")
+    b.add_argument("--mtp", action="store_true", help="engine: acceptance and tokens/s with and without MTP (a "
+                   "trained checkpoint: --model DIR, default: trained once into the user cache); step: a 1 + 1 "
+                   "verify step against a 1-token step and the projected tokens/s at 85 %% acceptance")
+    b.add_argument("--small", action="store_true", help="step --mtp: small shapes (runs on CPU)")
     b.add_argument("--device", default="cpu", help="engine: cpu (one rank in-process, vs transformers) or cuda "
                    "(epserve.LLM through Ray rank actors, one unit on one GPU); grammar: also time the masks' cost "
                    "inside sample() on this device")
@@ -114,6 +125,17 @@ def _cmd_make_tiny_model(a) -> int:
     out = make_tiny_model(a.dir, fp8=a.fp8, seed=a.seed, shards=a.shards, preset=a.preset, device=a.device,
                           chat_template=a.chat_template)
     print(f"wrote {'FP8 ' if a.fp8 or a.preset.startswith('v3-') else ''}{a.preset} DeepSeek-V3 checkpoint to {out}")
+    return 0
+
+
+def _cmd_train_tiny(a) -> int:
+    import torch
+
+    from epserve.model.train_tiny import TrainSpec, train
+    torch.set_num_threads(a.threads)
+    out = train(a.dir, TrainSpec(steps=a.steps, seed=a.seed), log=lambda line: print(line, file=sys.stderr))
+    print(f"wrote the trained tiny DeepSeek-V3 (+ MTP) to {a.dir}: {out['steps']} steps in {out['seconds']} s, "
+          f"loss {out['history'][-1]['loss']}, MTP loss {out['history'][-1]['mtp_loss']}")
     return 0
 
 

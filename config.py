@@ -85,6 +85,17 @@ class AutoscaleConfig:
 
 
 @dataclass(frozen=True)
+class MTPConfig:
+    enabled: bool = False             # decode with the checkpoint's MTP module as a lossless draft model
+    num_draft_tokens: int = 1         # drafts per sequence per step (k > 1 chains the one module k times)
+
+    @property
+    def n_draft(self) -> int:
+        """Drafts per step the ranks run (0: MTP off)."""
+        return self.num_draft_tokens if self.enabled else 0
+
+
+@dataclass(frozen=True)
 class PricingConfig:
     gpu_hour_usd: float = 2.0
     input_hit_per_m: float = 0.14
@@ -124,6 +135,7 @@ class Config:
     max_model_len: int | None = None  # null: the checkpoint's max_position_embeddings
     overlap: str = "auto"             # auto | on | off (auto: each unit measures whether splitting pays)
     cuda_graphs: bool = True          # GPU decode steps replay as CUDA graphs (one per batch-size bucket)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     prefill: UnitConfig = field(default_factory=UnitConfig)
@@ -141,6 +153,8 @@ class Config:
         _choice("overlap", self.overlap, ("auto", "on", "off"))
         _choice("eplb.policy", self.eplb.policy, ("auto", "baseline", "improved"))
         _choice("serve.reasoning", self.serve.reasoning, ("auto", "on", "off"))
+        if not 1 <= self.mtp.num_draft_tokens <= 4:
+            raise ConfigError(f"mtp.num_draft_tokens: must be in 1..4, got {self.mtp.num_draft_tokens}")
         if self.serve.max_n < 1:
             raise ConfigError(f"serve.max_n: must be >= 1, got {self.serve.max_n}")
         for role in ("prefill", "decode"):

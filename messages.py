@@ -36,6 +36,10 @@ class RankStats:
     kv_blocks_total: int = 0
     is_alive: bool = True
     is_draining: bool = False
+    mtp_proposed: int = 0          # MTP drafts verified since the rank started (0 with MTP off)
+    mtp_accepted: int = 0
+    mtp_sequence_steps: int = 0    # (sequence, verify step) pairs; emitted / this = tokens per step
+    mtp_emitted: int = 0
 
     @property
     def ref(self) -> RankRef:

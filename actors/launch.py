@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import ray
 
 from epserve.config import Config
+from epserve.model.mtp import with_mtp
 from epserve.model.tiny import cache_root
 from epserve.pipelines.prefix_cache import KVStoreSpec
 from epserve.pipelines.runner import RankSpec
@@ -47,7 +48,7 @@ def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> Rank
                     device="cuda" if torch.cuda.is_available() else "cpu", kv_pages=role_cfg.kv_pages,
                     max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
                     max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations,
-                    cuda_graphs=cfg.cuda_graphs)
+                    cuda_graphs=cfg.cuda_graphs, mtp_draft=cfg.mtp.n_draft)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ async def start_unit(cfg: Config, model_dir: str, args, order: UnitOrder):
     shape = unit_shape(order, args)
     fp8_dispatch = cfg.fp8_activations and args.fp8_block is not None
     unit = UnitSupervisor.remote(order.uid, order.name, rank_spec(cfg, model_dir, rc, order.role), shape,
-                                 rc.cpus_per_rank, fp8_dispatch, n_moe_layers=args.n_moe_layers)
+                                 rc.cpus_per_rank, fp8_dispatch,
+                                 n_moe_layers=with_mtp(args, cfg.mtp.n_draft).n_ep_layers)
     try:
         await unit.start.remote()
         if cfg.eplb.enabled and rc.ranks_per_unit > 1:
@@ -96,6 +98,7 @@ async def start_unit(cfg: Config, model_dir: str, args, order: UnitOrder):
 async def start_all(cfg: Config, model_dir: str, args, todo: list[UnitOrder]) -> tuple[list, list]:
     """Start every ordered unit at once -> ([(order, handle)], [(order, error text)]). A shape the
     config gets wrong is the caller's error (ValueError, before anything starts), not a failed start."""
+    with_mtp(args, cfg.mtp.n_draft)          # MTP on a checkpoint without the module: a clear error, now
     for o in todo:
         unit_shape(o, args)
     t0 = time.time()

@@ -110,7 +110,7 @@ class RankActor:
         self.engine = RankEngine(self.spec, dispatcher)
         d = self.engine.dispatcher
         experts = {layer: sorted({int(e) for e in d.map.phy2log[layer - d.first, list(d.slots_for(layer))]})
-                   for layer in range(self.engine.args.n_layers) if self.engine.args.is_moe_layer(layer)}
+                   for layer in range(self.engine.args.n_kv_layers) if self.engine.args.is_moe_layer(layer)}
         self.last_stats = self._stats()
         log.info("unit %d rank %d/%d ready on node %s in %.1fs (%s)", lay.unit, lay.rank, lay.world,
                  ray.get_runtime_context().get_node_id()[:8], time.time() - t0, self.engine.load_stats)
@@ -379,7 +379,15 @@ class RankActor:
             unit=self.layout.unit, rank=self.layout.rank, n_running=len(b.running), n_waiting=len(pending),
             pending_prefill_tokens=sum(s.n_tokens - s.n_computed for s in pending),
             pending_attn_work=float(sum(attn_work(s.n_tokens - s.n_computed, s.n_computed) for s in pending)),
-            kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages)
+            kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages, **self._mtp_stats())
+
+    def _mtp_stats(self) -> dict:
+        d = self.engine.drafter
+        if d is None:
+            return {}
+        c = d.counters
+        return {"mtp_proposed": c.proposed, "mtp_accepted": c.accepted, "mtp_sequence_steps": c.sequence_steps,
+                "mtp_emitted": c.emitted}
 
     def stats(self) -> RankStats:
         return self.last_stats

@@ -45,15 +45,17 @@ class Deltas:
     n_cached: list[int] = field(default_factory=list)
     logprobs: dict[int, dict] = field(default_factory=dict)       # index -> info, only where asked
     kv_blocks: dict[int, list] = field(default_factory=dict)      # index -> object refs (prefill role)
+    drafts: dict[int, list] = field(default_factory=dict)         # index -> MTP drafts handed over (prefill role)
 
     @classmethod
     def pack(cls, deltas: list[TokenDelta]) -> "Deltas":
         return cls([d.request_id for d in deltas], [d.token_id for d in deltas], [d.finish_reason for d in deltas],
                    [d.n_cached for d in deltas], {i: d.logprob for i, d in enumerate(deltas) if d.logprob is not None},
-                   {i: d.kv_blocks for i, d in enumerate(deltas) if d.kv_blocks is not None})
+                   {i: d.kv_blocks for i, d in enumerate(deltas) if d.kv_blocks is not None},
+                   {i: d.draft for i, d in enumerate(deltas) if d.draft})
 
     def unpack(self) -> list[TokenDelta]:
-        return [TokenDelta(rid, tok, self.logprobs.get(i), fin, nc, self.kv_blocks.get(i))
+        return [TokenDelta(rid, tok, self.logprobs.get(i), fin, nc, self.kv_blocks.get(i), self.drafts.get(i))
                 for i, (rid, tok, fin, nc) in enumerate(zip(self.request_ids, self.token_ids, self.finish_reasons,
                                                             self.n_cached))]
 

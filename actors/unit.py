@@ -51,6 +51,7 @@ class Tracked:
     t_submit: float = field(default_factory=time.time)
     t_first: float | None = None
     kv_blocks: list | None = None      # prefill units: object refs of the handed-off KV blocks
+    draft: list | None = None          # prefill units with MTP: the first drafts, handed over with the KV
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=0)
@@ -228,6 +229,7 @@ class UnitSupervisor:
             tr.logprobs.append(d.logprob)
         tr.finish_reason = d.finish_reason
         tr.kv_blocks = d.kv_blocks
+        tr.draft = d.draft
         tr.seq.n_cached = max(tr.seq.n_cached, d.n_cached)   # billed as hits, as the rank loaded them
         tr.queue.put_nowait(d)
 
@@ -270,6 +272,7 @@ class UnitSupervisor:
     def _result(tr: Tracked) -> dict:
         return {"request_id": tr.seq.request_id, "token_ids": tr.output_ids, "logprobs": tr.logprobs or None,
                 "finish_reason": tr.finish_reason, "n_cached": tr.seq.n_cached, "kv_blocks": tr.kv_blocks,
+                "draft": tr.draft,
                 "ttft_s": (tr.t_first or time.time()) - tr.t_submit, "decode_s": time.time() - (tr.t_first or 0)}
 
     async def generate(self, items: list[tuple[Sequence, int]]) -> list[dict | str]:

@@ -44,6 +44,11 @@ def run(args) -> dict:
     if args.what == "engine" and args.device != "cpu":
         out = mod.run_gpu(model=args.model, batches=[int(b) for b in args.batches.split(",")], ctx=args.context,
                           kernels=args.kernels)
+    elif args.what == "engine" and args.mtp:
+        out = mod.run_mtp(model=args.model, batch=int(args.batches.split(",")[-1]), n_tokens=args.tokens)
+    elif args.what == "step" and args.mtp:
+        out = mod.run_mtp(backend=args.backend, tokens=args.step_tokens, graphs=not args.eager, small=args.small,
+                          device=args.device if args.small else "cuda")
     elif args.what == "engine":
         out = mod.run(model=args.model, batches=[int(b) for b in args.batches.split(",")], n_tokens=args.tokens,
                       with_transformers=not args.no_transformers)

@@ -44,9 +44,17 @@ def peaks(name: str) -> dict:
 
 
 def time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
-    """Median of reps CUDA-event timings of fn() after warm-up."""
+    """Median of reps CUDA-event timings of fn() after warm-up (wall-clock timings without CUDA)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        import time
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):

@@ -78,14 +78,14 @@ def make_batch(phase: str, p: dict, dev, g, page: int = 64, a: ModelArgs = V3):
         batch = Batch(pos.clone(), pos, [n] * n_seq, [ctx] * n_seq, table, slots)
         cache = torch.randn(n_seq * width, page, a.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
         return batch, cache
-    b, ctx = p["tokens"], p["ctx"]
+    b, ctx, n_q = p["tokens"], p["ctx"], p.get("n_q", 1)
     lens = (torch.rand(b, device=dev, generator=g) * 0.4 + 0.8).mul(ctx).long()
     width = math.ceil(int(lens.max()) / page)
     table = torch.argsort(torch.rand(b * width, device=dev, generator=g)).view(b, width).int()
-    pos = lens - 1
+    pos = (lens[:, None] - n_q + torch.arange(n_q, device=dev)).flatten()   # n_q > 1: an MTP verify step
     cache = torch.randn(b * width, page, a.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
     rows = torch.arange(b, device=dev)
-    return DecodeBatch.from_rows(pos.clone(), pos, rows, table, page, scratch_row=-1), cache
+    return DecodeBatch.from_rows(pos.clone(), pos, rows, table, page, scratch_row=-1, n_q=n_q), cache
 
 
 def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill", tokens: int | None = None,
@@ -224,6 +224,9 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
                 torch.randn(n_all, a.n_heads, a.v_head_dim, device=dev, generator=g, dtype=torch.bfloat16))
                for _ in batch.seq_new]
 
+    if phase == "decode" and batch.n_q > 1:
+        q_lat = q_lat.view(-1, batch.n_q, *q_lat.shape[1:])
+
     def attn_core():
         if phase == "decode":
             return kb.mla_decode(q_lat, cache, batch.block_tables, batch.seq_lens, a.softmax_scale, a.kv_lora_rank,
@@ -250,6 +253,58 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
     main = {k: out.pop(k) for k in ("attention", "moe_ffn", "dense_ffn")}
     out["attention.projections_and_rest"] = main["attention"] - out["attention.core"]
     return main, out
+
+
+# Small shapes for `--mtp --small` (CPU): the same code at a few hundred wide, not V3's numbers.
+SMALL = ModelArgs(dim=256, inter_dim=512, moe_inter_dim=128, n_layers=4, n_dense_layers=1, n_heads=4,
+                  n_routed_experts=16, n_activated_experts=4, n_expert_groups=1, n_limited_groups=1, q_lora_rank=128,
+                  kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32)
+
+
+def run_mtp(device: str = "cuda", backend: str = "triton", tokens: int | None = None, graphs: bool = True,
+            small: bool = False, acceptance: float = 0.85) -> dict:
+    """MTP at V3 decode shapes: one layer of a plain decode step (B tokens) against one layer of a
+    1 + 1 verify step (B sequences x 2 causal query positions), the 61-layer steps from them plus
+    the MTP module (one more MoE layer over the verify step's 2B positions), and the projected
+    output tokens/s per GPU at `acceptance` (1 + acceptance tokens per sequence per step)."""
+    dev = torch.device(device)
+    a = SMALL if small else V3
+    p = dict(PHASES["decode"])
+    if small:
+        p.update(tokens=16, ctx=512, slots=4)
+    if tokens:
+        p["tokens"] = tokens
+    use_graphs = graphs and dev.type == "cuda"
+    kb = kernels.get_backend(backend, dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    layer = build_layer(a, kb, dev, g, p["slots"])
+    with torch.inference_mode():
+        one, one_stages = _layer_ms("decode", p, layer, kb, dev, g, use_graphs, a)
+        two, two_stages = _layer_ms("decode", {**p, "n_q": 2}, layer, kb, dev, g, use_graphs, a)
+    b = p["tokens"]
+
+    def model_ms(ms):
+        return (a.n_dense_layers * (ms["attention"] + ms["dense_ffn"])
+                + a.n_moe_layers * (ms["attention"] + ms["moe_ffn"]))
+    plain = model_ms(one)
+    verify = model_ms(two) + two["attention"] + two["moe_ffn"]          # + the MTP layer's block
+    per_step = 1 + acceptance
+    return {
+        "env": env_info(dev, backend), "shapes": "small (CPU)" if small else "DeepSeek-V3",
+        "assumptions": {"requests_per_gpu": b, "context": p["ctx"], "routed_slots_per_gpu": p["slots"],
+                        "draft_tokens": 1, "acceptance": acceptance, "cuda_graphs": use_graphs,
+                        "layers": {"dense": a.n_dense_layers, "moe": a.n_moe_layers, "mtp": 1},
+                        "not_timed": "communication, embedding, LM head, sampling and acceptance, the MTP "
+                                     "module's eh_proj GEMM (2B x 2D x D)"},
+        "layer_ms": {"plain_1_token": one, "verify_1_plus_1": two},
+        "stages_ms": {"plain_1_token": one_stages, "verify_1_plus_1": two_stages},
+        "moe_layer_cost_ratio": round((two["attention"] + two["moe_ffn"]) / (one["attention"] + one["moe_ffn"]), 3),
+        "step_ms": {"plain": plain, "verify_with_mtp": verify},
+        "step_cost_ratio": round(verify / plain, 3),
+        "output_tokens_per_s_per_gpu": {"plain": b / plain * 1e3,
+                                        f"mtp_at_{int(acceptance * 100)}pct": b * per_step / verify * 1e3},
+        "speedup": round(per_step * plain / verify, 3),
+    }
 
 
 if __name__ == "__main__":

@@ -190,8 +190,6 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     ok = (flash_mla is not None and q.dtype in (torch.bfloat16, torch.float16) and kv_cache.dtype == q.dtype
           and kv_cache.shape[1] == 64 and kv_cache.shape[-1] in (576, 512) and v_dim == 512 and q.shape[0] > 0)
     if not ok:
-        if multi:
-            raise NotImplementedError("several query positions per sequence need FlashMLA (bf16, 576/512 MLA)")
         return kt.mla_decode(q, kv_cache, block_table, seq_lens, scale, v_dim)
     q4 = q if multi else q.unsqueeze(1)
     sched = plan if plan is not None else plan_mla_decode()

@@ -239,14 +239,29 @@ def plan_mla_decode():
     return None
 
 
+def multi_query_decode(decode, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                       seq_lens: torch.Tensor, scale: float, v_dim: int, plan=None):
+    """S query positions per sequence as B*S one-query rows: query i of sequence b sees keys
+    < seq_lens[b] - S + i + 1 (KERNELS.md: tril(diagonal=L - S)), the same keys a plain decode
+    step at that position sees. For kernels without an s_q > 1 form; no host sync."""
+    b, s = q.shape[:2]
+    lens = (seq_lens.to(torch.long)[:, None] - s + 1 + torch.arange(s, device=seq_lens.device)).flatten()
+    out, lse = decode(q.flatten(0, 1), kv_cache, block_table.repeat_interleave(s, 0), lens.to(seq_lens.dtype),
+                      scale, v_dim, plan)
+    return out.view(b, s, *out.shape[1:]), lse.view(b, s, *lse.shape[1:])
+
+
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float, v_dim: int, plan=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode over a paged latent cache (FlashMLA's semantics).
 
     q [B, H, L+R] (latent-space query), kv_cache [P, page, L+R], block_table int [B, max_pages],
     seq_lens int [B] -> (out [B, H, v_dim] = softmax(q k^T * scale) @ kv[..., :v_dim],
-    lse fp32 [B, H], natural log).
+    lse fp32 [B, H], natural log). q [B, S, H, L+R]: S query positions per sequence, causal among
+    them (MTP verify) -> out [B, S, H, v_dim], lse [B, S, H].
     """
+    if q.dim() == 4:
+        return multi_query_decode(mla_decode, q, kv_cache, block_table, seq_lens, scale, v_dim, plan)
     b, h, _ = q.shape
     n_max = block_table.shape[1] * kv_cache.shape[1]
     kv = kv_cache[block_table].reshape(b, n_max, kv_cache.shape[-1]).float()   # pages gathered, padded

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from epserve.kernels import reference
 from epserve.kernels.layouts import empty_mn_major_scales
 from epserve.kernels.reference import (AMAX_FLOOR, FP8, FP8_MAX, ExpertWeights, Weight, dequant_block,
-                                      expert_ffn_masked_with, expert_ffn_with, per_block_quant_fp8,
+                                      multi_query_decode, expert_ffn_masked_with, expert_ffn_with, per_block_quant_fp8,
                                       plan_mla_decode)
 
 try:
@@ -525,8 +525,12 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
 
     q [B, H, L+R], kv_cache [P, page, L+R] (V = first v_dim channels), block_table int [B, max_pages],
     seq_lens int [B] -> (out [B, H, v_dim] in q's dtype, lse fp32 [B, H], natural log).
-    config overrides MLA_DECODE_CONFIG (tuning only).
+    config overrides MLA_DECODE_CONFIG (tuning only). q [B, S, H, L+R]: S causal query positions per
+    sequence (MTP verify), as B*S rows (reference.multi_query_decode).
     """
+    if q.dim() == 4:
+        return multi_query_decode(lambda *a: mla_decode(*a, config=config), q, kv_cache, block_table, seq_lens,
+                                  scale, v_dim, plan)
     b, h, d = q.shape
     _, page, dk = kv_cache.shape
     assert dk == d, f"q width {d} != cache width {dk}"

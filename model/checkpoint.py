@@ -56,7 +56,8 @@ _EXPERT_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _FP32_ATTRS = ("ffn.gate.weight", "ffn.gate.bias")
 
 
-def read_config(model_dir: str | os.PathLike) -> ModelArgs:
+def read_config(model_dir: str | os.PathLike, n_draft: int = 0) -> ModelArgs:
+    """The checkpoint's ModelArgs; n_draft > 0 serves its MTP layer (ConfigError if it has none)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no config.json (is this a Hugging Face checkpoint folder?)")
@@ -64,7 +65,8 @@ def read_config(model_dir: str | os.PathLike) -> ModelArgs:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    return ModelArgs.from_hf_config(cfg)
+    from epserve.model.mtp import with_mtp
+    return with_mtp(ModelArgs.from_hf_config(cfg), n_draft)
 
 
 class TensorIndex:
@@ -166,6 +168,36 @@ def _wanted(a: ModelArgs, layer: int) -> list[str]:
     return names
 
 
+# The MTP layer's own tensors (relative to model.layers.{n_layers}.) -> MTPModule attribute. The
+# release stores copies of the embedding and head there; a checkpoint without them shares the main ones.
+_MTP_TABLE = {"enorm.weight": "enorm", "hnorm.weight": "hnorm", "eh_proj.weight": "eh_proj",
+              "shared_head.norm.weight": "norm", "embed_tokens.weight": "embed", "shared_head.head.weight": "head"}
+_MTP_REQUIRED = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
+
+
+def _check_mtp_layer(index: TensorIndex, a: ModelArgs) -> None:
+    missing = [n for n in _MTP_REQUIRED if not index.has(f"model.layers.{a.n_layers}.{n}")]
+    if missing:
+        raise CheckpointError(f"{index.dir}: MTP is on but the checkpoint has no MTP layer: "
+                              f"model.layers.{a.n_layers}.{missing[0]} is missing (config.json says "
+                              f"num_nextn_predict_layers={a.n_nextn_layers}); turn mtp off or use a checkpoint "
+                              "that keeps the module")
+
+
+def _load_mtp_tensor(model: Transformer, index: TensorIndex, name: str, rel: str, opts: LoadOptions) -> None:
+    a, dev = model.args, model.device
+    attr = _MTP_TABLE[rel]
+    if attr == "eh_proj":
+        value = _weight(index, name, (a.dim, 2 * a.dim), opts, dev)
+    else:
+        value = index.get(name)
+        want = (a.vocab_size, a.dim) if attr in ("embed", "head") else (a.dim,)
+        if tuple(value.shape) != want:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {want}")
+        value = value.to(device=dev, dtype=model.dtype)
+    setattr(model.mtp, attr, value)
+
+
 def _set(obj, path: str, value) -> None:
     *parents, leaf = path.split(".")
     for p in parents:
@@ -193,8 +225,12 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
     jobs: list[tuple[str, object]] = [("model.embed_tokens.weight", None), ("model.norm.weight", None)]
     if not a.tie_word_embeddings:
         jobs.append(("lm_head.weight", None))
-    for i in range(a.n_layers):
+    for i in range(a.n_kv_layers):
         jobs += [(f"model.layers.{i}.{n}", (i, n)) for n in _wanted(a, i)]
+    if a.n_mtp_layers:
+        _check_mtp_layer(index, a)
+        jobs += [(f"model.layers.{a.n_layers}.{n}", ("mtp", n)) for n in _MTP_TABLE
+                 if n in _MTP_REQUIRED or index.has(f"model.layers.{a.n_layers}.{n}")]
     n_experts = 0
     bar = tqdm(total=len(jobs), desc="loading checkpoint", unit="tensor", disable=not opts.progress, leave=False)
     for name, where in jobs:
@@ -207,6 +243,8 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
             {"model.embed_tokens.weight": lambda: setattr(model, "embed", t),
              "model.norm.weight": lambda: setattr(model, "norm", t),
              "lm_head.weight": lambda: setattr(model, "head", t)}[name]()
+        elif where[0] == "mtp":
+            _load_mtp_tensor(model, index, name, where[1], opts)
         else:
             i, rel = where
             attr, is_linear = _LAYER_TABLE[rel]
@@ -220,12 +258,12 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
                 if tuple(value.shape) != want:
                     raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {want}")
                 value = value.to(device=dev, dtype=dtype)
-            _set(model.layers[i], attr, value)
+            _set(model.block(i), attr, value)
         bar.update(1)
     if a.tie_word_embeddings:
         model.head = model.embed
     bar.close()
-    for i in range(a.n_layers):
+    for i in range(a.n_kv_layers):
         if not a.is_moe_layer(i):
             continue
         cache: dict[int, dict[str, Weight]] = {}
@@ -236,7 +274,7 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
                 cache[e] = load_expert(index, a, i, e, opts, "cpu")
                 n_experts += 1
             slots.append(cache[e])
-        model.layers[i].ffn.experts = ExpertShard.from_weights(slots, dev)
+        model.block(i).ffn.experts = ExpertShard.from_weights(slots, dev)
     return {"tensors": len(jobs), "experts": n_experts}
 
 

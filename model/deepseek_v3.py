@@ -67,6 +67,8 @@ class ModelArgs:
     bos_token_id: int | None = 0
     eos_token_ids: tuple[int, ...] = (1,)
     fp8_block: tuple[int, int] | None = None  # (128, 128) when the checkpoint is FP8
+    n_nextn_layers: int = 0      # MTP modules the checkpoint carries (num_nextn_predict_layers)
+    n_mtp_layers: int = 0        # MTP modules served (built, loaded, placed): model/mtp.py `with_mtp`
 
     @property
     def qk_head_dim(self) -> int:
@@ -89,6 +91,10 @@ class ModelArgs:
             m = _yarn_mscale(self.rope_factor, self.mscale_all_dim)
             scale *= m * m
         return scale
+
+    # MoE layers through EP and EPLB, and layers with a latent cache: the main ones, then the MTP layer's
+    n_ep_layers = property(lambda self: self.n_moe_layers + self.n_mtp_layers)
+    n_kv_layers = property(lambda self: self.n_layers + self.n_mtp_layers)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.n_dense_layers
@@ -153,7 +159,7 @@ class ModelArgs:
             mscale=float(rope.get("mscale", 1.0) or 0.0), mscale_all_dim=float(rope.get("mscale_all_dim", 0) or 0),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
-            fp8_block=fp8_block,
+            fp8_block=fp8_block, n_nextn_layers=int(cfg.get("num_nextn_predict_layers", 0) or 0),
         )
         args.validate()
         return args
@@ -252,6 +258,7 @@ class Batch:
     slot_mapping: torch.Tensor     # int64 [T]
     force_naive: bool = False      # decode through the naive form too (tests)
     plan: object = None            # the kernels' per-step attention plan (kb.plan_mla_decode()), shared by layers
+    max_decode_new: int = 1        # sequences with context and <= this many new tokens attend absorbed (MTP)
     is_decode_only = False
 
     @property
@@ -270,18 +277,19 @@ class Batch:
 
     @cached_property
     def decode_rows(self) -> list[int]:
-        """Sequences attended in the absorbed (latent) form: one new token after cached context."""
-        return [i for i, (n, c) in enumerate(zip(self.seq_new, self.seq_ctx)) if n == 1 and c > 0
-                and not self.force_naive]
+        """Sequences attended in the absorbed (latent) form: 1..max_decode_new new tokens after cached context."""
+        return [i for i, (n, c) in enumerate(zip(self.seq_new, self.seq_ctx)) if 1 <= n <= self.max_decode_new
+                and c > 0 and not self.force_naive]
 
     @cached_property
     def decode_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(token row, seq_len, block table row) of each decode row, on the batch's device."""
+        """(token row, seq_len, block table row) of each new token of the decode rows, on the batch's
+        device; token j of a sequence sees its context and new tokens 0..j (causal among them)."""
         dev = self.input_ids.device
-        rows = self.decode_rows
-        return (torch.tensor([self.starts[i] for i in rows], dtype=torch.long, device=dev),
-                torch.tensor([self.seq_ctx[i] + 1 for i in rows], dtype=torch.long, device=dev),
-                self.block_tables[rows])
+        pairs = [(i, j) for i in self.decode_rows for j in range(self.seq_new[i])]
+        return (torch.tensor([self.starts[i] + j for i, j in pairs], dtype=torch.long, device=dev),
+                torch.tensor([self.seq_ctx[i] + j + 1 for i, j in pairs], dtype=torch.long, device=dev),
+                self.block_tables[[i for i, _ in pairs]])
 
     @classmethod
     def empty(cls, device: torch.device | str = "cpu") -> "Batch":
@@ -293,29 +301,35 @@ class Batch:
 class DecodeBatch:
     """A pure decode step as tensors of fixed shape: what a CUDA graph captures once per bucket.
 
-    B rows, one new token each, at positions[b] after positions[b] cached tokens. Rows past the
-    live ones pad the bucket: valid False, one token of context on a scratch page, outputs unused.
-    block_tables / seq_lens are int32, as FlashMLA takes them.
+    B rows of S = n_q new tokens each (MTP verify: the last token and k drafts, causal among them), token
+    rows in sequence order [B*S]. Rows past the live ones pad the bucket: valid False, context on a
+    scratch page, outputs unused. block_tables / seq_lens are int32, as FlashMLA takes them.
     """
 
-    input_ids: torch.Tensor        # int64 [B]
-    positions: torch.Tensor        # int64 [B]
-    slot_mapping: torch.Tensor     # int64 [B] cache slot of each new latent
+    input_ids: torch.Tensor        # int64 [B*S]
+    positions: torch.Tensor        # int64 [B*S]
+    slot_mapping: torch.Tensor     # int64 [B*S] cache slot of each new latent
     block_tables: torch.Tensor     # int32 [B, W]
-    seq_lens: torch.Tensor         # int32 [B] = positions + 1
-    valid: torch.Tensor            # bool [B]
+    seq_lens: torch.Tensor         # int32 [B] = last position + 1
+    valid: torch.Tensor            # bool [B*S]: False on padding rows and on absent drafts (MoE skips them)
     plan: object = None
+    n_q: int = 1
     is_decode_only = True
 
     @classmethod
     def from_rows(cls, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, tables: torch.Tensor,
-                  page_size: int, scratch_row: int, plan=None) -> "DecodeBatch":
-        """Build the step on the device from (token, position, table row) per sequence; tables
-        [n_rows, W] int32 is the rank's persistent block table (row scratch_row: the scratch page)."""
+                  page_size: int, scratch_row: int, plan=None, n_q: int = 1,
+                  valid: torch.Tensor | None = None) -> "DecodeBatch":
+        """Build the step on the device from (tokens, positions) [B*S] and a table row [B] per sequence;
+        tables [n_rows, W] int32 is the rank's persistent block table (row scratch_row: the scratch page).
+        valid [B*S] (optional) marks the query rows that carry a real token (absent drafts: False)."""
         bt = tables[rows]
-        page = bt.gather(1, (positions // page_size)[:, None])[:, 0].long()
-        return cls(input_ids, positions, page * page_size + positions % page_size, bt,
-                   (positions + 1).to(torch.int32), rows != scratch_row, plan)
+        bt_tok = bt if n_q == 1 else bt.repeat_interleave(n_q, 0)
+        page = bt_tok.gather(1, (positions // page_size)[:, None])[:, 0].long()
+        live = (rows != scratch_row).repeat_interleave(n_q)
+        seq_lens = positions.view(-1, n_q)[:, -1] + 1
+        return cls(input_ids, positions, page * page_size + positions % page_size, bt, seq_lens.to(torch.int32),
+                   live if valid is None else live & valid, plan, n_q)
 
     @property
     def n_tokens(self) -> int:
@@ -385,9 +399,11 @@ class MLA:
         a, kb = self.args, self.kb
         dtype = q.q_nope.dtype
         w_uk, w_uv = self.absorbed(dtype)
-        if batch.is_decode_only:
-            o_lat, _ = kb.mla_decode(q.q_lat, cache_layer, batch.block_tables, batch.seq_lens, a.softmax_scale,
+        if batch.is_decode_only:     # n_q > 1: [B, S, H, L+R] queries, causal among the S (FlashMLA's s_q)
+            q_lat = q.q_lat if batch.n_q == 1 else q.q_lat.view(-1, batch.n_q, *q.q_lat.shape[1:])
+            o_lat, _ = kb.mla_decode(q_lat, cache_layer, batch.block_tables, batch.seq_lens, a.softmax_scale,
                                      a.kv_lora_rank, batch.plan)
+            o_lat = o_lat.reshape(-1, *o_lat.shape[-2:])
             return kb.linear(torch.einsum("bhl,hvl->bhv", o_lat.to(dtype), w_uv).flatten(1), self.wo)
         out = q.q_nope.new_empty(q.q_nope.shape[0], a.n_heads, a.v_head_dim)
         if batch.decode_rows:
@@ -528,6 +544,8 @@ class Transformer:
             else:
                 ffn = MLP(kb)
             self.layers.append(Block(MLA(args, kb), ffn))
+        from epserve.model.mtp import build_mtp      # the MTP layer, index n_layers (model/mtp.py)
+        self.mtp = build_mtp(args, kb, dispatcher) if args.n_mtp_layers else None
         inv_freq, self.rope_factor = rope_inv_freq(args)
         self.inv_freq = inv_freq.to(self.device)
 
@@ -535,30 +553,46 @@ class Transformer:
         ang = positions.float()[:, None] * self.inv_freq[None]
         return (ang.cos() * self.rope_factor).to(self.dtype), (ang.sin() * self.rope_factor).to(self.dtype)
 
+    def block(self, layer: int) -> Block:
+        """Layer `layer`'s block; n_layers is the MTP module's (when served)."""
+        return self.mtp.block if layer == self.args.n_layers and self.mtp is not None else self.layers[layer]
+
+    def run_block(self, blk: Block, layer: int, h: torch.Tensor, batch, rope, kv_cache: torch.Tensor,
+                  valid: torch.Tensor | None) -> torch.Tensor:
+        a = self.args
+        h = h + blk.attn.forward(rms_norm(h, blk.attn_norm, a.rms_norm_eps), batch, rope, kv_cache[layer])
+        x = rms_norm(h, blk.ffn_norm, a.rms_norm_eps)
+        return h + (blk.ffn.forward(x, valid) if isinstance(blk.ffn, MoE) else blk.ffn.forward(x))
+
     @torch.inference_mode()
-    def forward(self, batch: Batch, kv_cache: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """-> logits fp32 [B, vocab] for each sequence's last new token ([T, vocab] with all_logits).
+    def forward(self, batch: Batch, kv_cache: torch.Tensor, all_logits: bool = False,
+                with_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """-> logits fp32 [B, vocab] for each sequence's last new token ([T, vocab] with all_logits);
+        with_hidden: (logits, the final-normed hidden of every token [T, D]: what the MTP module reads).
 
         batch: a Batch (any mix of prefill and decode) or a DecodeBatch (pure decode, fixed
-        shapes, no host sync: the CUDA-graph path). kv_cache [n_layers, pages, page, L+R]. An empty
+        shapes, no host sync: the CUDA-graph path). kv_cache [n_kv_layers, pages, page, L+R]. An empty
         batch still runs every layer, so this rank joins each MoE exchange of its unit (lockstep).
         """
-        a = self.args
         h = self.embed_tokens(batch.input_ids)
         rope = self.rope(batch.positions)
         valid = batch.valid if batch.is_decode_only else None
         for i, blk in enumerate(self.layers):
-            h = h + blk.attn.forward(rms_norm(h, blk.attn_norm, a.rms_norm_eps), batch, rope, kv_cache[i])
-            x = rms_norm(h, blk.ffn_norm, a.rms_norm_eps)
-            h = h + (blk.ffn.forward(x, valid) if isinstance(blk.ffn, MoE) else blk.ffn.forward(x))
-        if not all_logits and not batch.is_decode_only:
-            h = h[batch.last_token_index] if batch.seq_new else h[:0]
-        return self.logits(h)
+            h = self.run_block(blk, i, h, batch, rope, kv_cache, valid)
+        hn = rms_norm(h, self.norm, self.args.rms_norm_eps)
+        last = all_logits or batch.is_decode_only
+        logits = self.head_logits(hn if last else (hn[batch.last_token_index] if batch.seq_new else hn[:0]))
+        return (logits, hn) if with_hidden else logits
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[input_ids].to(self.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: hidden [N, D] -> fp32 [N, vocab]."""
-        head = self.head if self.head.dtype == h.dtype else self.head.to(h.dtype)
-        return F.linear(rms_norm(h, self.norm, self.args.rms_norm_eps), head).float()
+        return self.head_logits(rms_norm(h, self.norm, self.args.rms_norm_eps))
+
+    def head_logits(self, hn: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+        """LM head of normed hidden [N, D] -> fp32 [N, vocab]."""
+        head = self.head if head is None else head
+        head = head if head.dtype == hn.dtype else head.to(hn.dtype)   # the MTP module may bring its own
+        return F.linear(hn, head).float()

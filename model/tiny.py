@@ -74,7 +74,7 @@ def main(): print("hello") return 0  # comments, code, numbers: 3.14159 2.71828 
 """
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, corpus_text: str | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -85,15 +85,18 @@ def _train_tokenizer(vocab_size: int):
     # tool-call and reasoning parsers read.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(PLAIN_TOKENS), special_tokens=[BOS, EOS, USER, ASSISTANT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    chunks = range(0, len(corpus_text or ""), 65536)
+    text = [_CORPUS] * 4 if corpus_text is None else [corpus_text[i:i + 65536] for i in chunks]
+    tok.train_from_iterator(text, trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_TOKENS])
     return tok
 
 
-def write_tokenizer(out: Path, vocab_size: int, chat_template: str = "v3") -> int:
+def write_tokenizer(out: Path, vocab_size: int, chat_template: str = "v3", corpus_text: str | None = None) -> int:
     """Write tokenizer.json + tokenizer_config.json; returns the tokenizer's vocabulary size.
-    chat_template: "v3" (DeepSeek-V3's, with its tool-call format) or "r1" (the same, opening <think>)."""
-    tok = _train_tokenizer(vocab_size)
+    chat_template: "v3" (DeepSeek-V3's, with its tool-call format) or "r1" (the same, opening <think>).
+    corpus_text: what the BPE merges are learnt from (None: the built-in snippet of the random models)."""
+    tok = _train_tokenizer(vocab_size, corpus_text)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": BOS, "eos_token": EOS,
@@ -132,8 +135,14 @@ def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15, fp8: bool = F
     put("model.embed_tokens.weight", cfg["vocab_size"], d, s=1.0, dtype=big)
     put("model.norm.weight", d, s=0.1, center=1.0)
     put("lm_head.weight", cfg["vocab_size"], d, s=std * (8.0 / d ** 0.5 if wide else 1.0), dtype=big)
-    for i in range(cfg["num_hidden_layers"]):
+    n_mtp = cfg.get("num_nextn_predict_layers", 0) or 0
+    for i in range(cfg["num_hidden_layers"] + n_mtp):       # the MTP layers come after the last (release layout)
         p = f"model.layers.{i}."
+        if i >= cfg["num_hidden_layers"]:
+            put(p + "enorm.weight", d, s=0.1, center=1.0)
+            put(p + "hnorm.weight", d, s=0.1, center=1.0)
+            put(p + "eh_proj.weight", d, 2 * d, linear=True)
+            put(p + "shared_head.norm.weight", d, s=0.1, center=1.0)
         put(p + "input_layernorm.weight", d, s=0.1, center=1.0)
         put(p + "post_attention_layernorm.weight", d, s=0.1, center=1.0)
         if ql:

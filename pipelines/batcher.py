@@ -33,8 +33,12 @@ class Step:
 
 
 class Batcher:
-    def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_batch_size: int, max_model_len: int):
+    def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_batch_size: int, max_model_len: int,
+                 extra_tokens: int = 0):
         self.cache = cache
+        # positions past a sequence's last token a step may write (MTP: its drafts and the chained
+        # module's look-ahead, 2k - 1); their pages are reserved before the step, trimmed after it
+        self.extra_tokens = extra_tokens
         self.max_batch_tokens, self.max_batch_size, self.max_model_len = max_batch_tokens, max_batch_size, max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -49,9 +53,9 @@ class Batcher:
         if total > self.max_model_len:
             raise RequestTooLarge(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
                                   f"model's context of {self.max_model_len} tokens")
-        if self.cache.pages_for(total) > self.cache.n_pages:
-            raise RequestTooLarge(f"{total} tokens need {self.cache.pages_for(total)} KV pages; this rank has "
-                                  f"{self.cache.n_pages}")
+        need = self.cache.pages_for(total + self.extra_tokens)      # + the drafts' look-ahead (MTP)
+        if need > self.cache.n_pages:
+            raise RequestTooLarge(f"{total} tokens need {need} KV pages; this rank has {self.cache.n_pages}")
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(len(seq.prompt_ids), seq.params.max_tokens - len(seq.output_ids))
@@ -142,14 +146,14 @@ class Batcher:
         if not self.waiting or len(self.running) >= self.max_batch_size:
             return False
         seq = self.waiting[0]
-        return self.cache.pages_for(seq.n_tokens + 1) - len(seq.pages) <= self.cache.n_free
+        return self.cache.pages_for(seq.n_tokens + max(1, self.extra_tokens)) - len(seq.pages) <= self.cache.n_free
 
     def _schedule_prefill(self) -> Step:
         seqs, n_new, budget = [], [], self.max_batch_tokens
         while self.waiting and len(self.running) + len(seqs) < self.max_batch_size:
             seq = self.waiting[0]
             todo = seq.n_tokens - seq.n_computed
-            need = self.cache.pages_for(seq.n_tokens + 1) - len(seq.pages)
+            need = self.cache.pages_for(seq.n_tokens + max(1, self.extra_tokens)) - len(seq.pages)
             if (todo > budget and seqs) or need > self.cache.n_free:
                 break
             self.waiting.popleft()
@@ -162,7 +166,7 @@ class Batcher:
 
     def _schedule_decode(self) -> Step:
         for seq in list(self.running):
-            while self.cache.pages_for(seq.n_tokens) > len(seq.pages):
+            while self.cache.pages_for(seq.n_tokens + self.extra_tokens) > len(seq.pages):
                 if self.cache.n_free:
                     seq.pages += self.cache.allocate(1)
                 else:
@@ -171,6 +175,15 @@ class Batcher:
                     if victim is seq:
                         break
         return Step(list(self.running), [1] * len(self.running), is_prefill=False)
+
+    def trim(self, seq: Sequence) -> int:
+        """Return pages past the sequence's computed tokens (reserved for drafts a step rejected): it
+        then holds what it would hold had it never drafted. -> pages kept."""
+        keep = max(self.cache.pages_for(seq.n_computed), 1)
+        if len(seq.pages) > keep:
+            self.cache.free(seq.pages[keep:])
+            del seq.pages[keep:]
+        return len(seq.pages)
 
     def preempt(self, seq: Sequence) -> None:
         self.release(seq)

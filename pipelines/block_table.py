@@ -53,6 +53,12 @@ class BlockTable:
             self.tables[idx[0], idx[1]] = torch.tensor(pp, dtype=torch.int32).to(dev, non_blocking=True)
         return rows
 
+    def truncate(self, seq: Sequence, n_pages: int) -> None:
+        """The sequence gave pages back (pipelines/batcher.py trim): its next pages are written anew."""
+        entry = self._rows.get(id(seq))
+        if entry is not None and entry[2] > n_pages:
+            self._rows[id(seq)] = (entry[0], entry[1], n_pages)
+
     def clear(self) -> None:
         self._free += [row for _, row, _ in self._rows.values()]
         self._rows.clear()

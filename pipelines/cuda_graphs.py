@@ -85,3 +85,84 @@ class DecodeGraphs:
         """Forget every graph (the expert placement changed: its routing tables are new tensors)."""
         self.graphs.clear()
         self.pool = None
+
+
+class VerifyGraphs:
+    """MTP verify-and-draft steps of greedy batches as graphs: B x S positions (S = 1 + k) per bucket.
+
+    What is captured is pipelines/mtp_decode.py's `verify_device` (target forward with S causal
+    queries per sequence, argmax, acceptance, the MTP module, the chained drafts): the same function
+    the eager path runs, so CPU tests cover what a GPU replays. Per step the host copies 5 x B*S int64
+    (tokens, positions, valid, then rows and draft counts in the first B columns) into the graph's
+    static input. The bytes the step may overwrite (its draft slots) are saved before the replay,
+    outside the graph, so a bucket's first use (warm-up and capture run the step three times) saves
+    the bytes from before the step, not the warm-up's.
+    """
+
+    def __init__(self, drafter, kv_cache: torch.Tensor, max_batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+        self.drafter, self.kv = drafter, kv_cache
+        self.s_q = drafter.k + 1
+        self.buckets = tuple(b for b in buckets if b < max_batch) + (max_batch,)
+        dev = kv_cache.device
+        n = max_batch * self.s_q
+        self.static = torch.zeros(5, n, dtype=torch.long, device=dev)
+        self.host = torch.zeros(5, n, dtype=torch.long, pin_memory=kv_cache.is_cuda)
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+        self.n_replays = 0
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def _inputs(self, b: int):
+        s, n = self.static, b * self.s_q
+        return s[0, :n], s[1, :n], s[2, :n], s[3, :b], s[4, :b]
+
+    def stage(self, ids, pos, valid, rows, nd):
+        """Copy one step's host lists into the static input (padding rows: scratch row, no drafts);
+        -> (the bucket's input views, saved bytes of the draft slots [layers, B*k, L+R], the slots)."""
+        n, s_q = len(rows), self.s_q
+        b = self.bucket(n)
+        h = self.host
+        h[0, :n * s_q], h[1, :n * s_q], h[2, :n * s_q] = torch.tensor(ids), torch.tensor(pos), torch.tensor(valid)
+        h[0, n * s_q:b * s_q], h[2, n * s_q:b * s_q] = 0, 0
+        h[1, n * s_q:b * s_q] = torch.arange(s_q).repeat(b - n)
+        h[3, :n], h[4, :n] = torch.tensor(rows), torch.tensor(nd)
+        h[3, n:b], h[4, n:b] = self.drafter.e.table.scratch_row, 0
+        self.static[:, :b * s_q].copy_(h[:, :b * s_q], non_blocking=True)
+        inp = self._inputs(b)
+        slots = self.drafter.verify_batch(*inp[:4]).slot_mapping.view(b, s_q)[:n, 1:].flatten()
+        return inp, self.kv.flatten(1, 2).index_select(1, slots), slots
+
+    def run(self, n: int, inp) -> tuple[torch.Tensor, ...]:
+        """-> (logits [n*S, V], tokens [n, S], accepted [n], drafts [n, k]): views of the graph's outputs."""
+        b = self.bucket(n)
+        if b not in self.graphs:
+            self.graphs[b] = self._capture(b, inp)
+        graph, out = self.graphs[b]
+        graph.replay()
+        self.n_replays += 1
+        logits, tokens, n_acc, drafts = out
+        return logits[:n * self.s_q], tokens[:n], n_acc[:n], drafts[:n]
+
+    def _capture(self, b: int, inp):
+        d = self.drafter
+        counts = d.e.model.dispatcher.counts
+        saved = counts.clone()
+        side = torch.cuda.Stream(device=self.kv.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                d.verify_device(*inp)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+            logits, tokens, n_acc, drafts, _ = d.verify_device(*inp)
+        self.pool = graph.pool()
+        counts.copy_(saved)
+        log.info("captured the MTP verify step for batch bucket %d x %d positions", b, self.s_q)
+        return graph, (logits, tokens, n_acc, drafts)
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.pool = None

@@ -39,9 +39,10 @@ def stage(engine, new_phy2log: torch.Tensor) -> StagedPlacement:
     index = TensorIndex(engine.spec.model_dir)
     staged, loaded, reused = {}, 0, 0
     slots = list(d.map.local_slots(d.rank))
-    for layer, blk in enumerate(engine.model.layers):
+    for layer in range(args.n_kv_layers):           # the MTP layer's experts move with the main ones'
         if not args.is_moe_layer(layer):
             continue
+        blk = engine.model.block(layer)
         m = layer - args.n_dense_layers
         shard = blk.ffn.experts
         have = {int(d.map.phy2log[m, s]): j for j, s in enumerate(slots)}
@@ -68,7 +69,7 @@ def switch(engine, staged: StagedPlacement, gpus_per_node: int) -> None:
     """Copy the staged experts into their slots and swap the map (called between two steps)."""
     d = engine.dispatcher
     for layer, changes in staged.slots.items():
-        experts = engine.model.layers[layer].ffn.experts.experts
+        experts = engine.model.block(layer).ffn.experts.experts
         for j, w in changes.items():
             experts.set_slot(j, w["w1"], w["w3"], w["w2"])
     d.map = ExpertMap(staged.phy2log, d.map.n_experts, d.map.n_ranks, gpus_per_node)

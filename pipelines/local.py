@@ -13,7 +13,7 @@ from epserve.pipelines.runner import RankEngine, RankSpec
 def local_dispatcher_factory(redundant_experts: int = 0):
     def make(kb, args):
         n_slots = args.n_routed_experts + redundant_experts
-        phy2log = initial_phy2log(args.n_moe_layers, args.n_routed_experts, n_slots)
+        phy2log = initial_phy2log(args.n_ep_layers, args.n_routed_experts, n_slots)
         return LocalDispatcher(kb, ExpertMap(phy2log, args.n_routed_experts, 1, 1), args.n_dense_layers)
     return make
 

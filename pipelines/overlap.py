@@ -94,24 +94,27 @@ def _balancing_cut(big: Piece, ctx: int, cost: list[float], heavy: int, w: float
     return best_k
 
 
-def sub_batches(batch: Batch, attn_weight: float = 1e-3) -> tuple[list[Batch], list[list[tuple[int, int]]]]:
+def sub_batches(batch: Batch, attn_weight: float = 1e-3, with_rows: bool = False):
     """The step's two micro-batches as Batches, and for each, (row in its logits, sequence) of
-    the pieces that end a sequence (their last token's logits are the step's output)."""
-    mb_pieces = split_two(batch.seq_new, batch.seq_ctx, attn_weight)
+    the pieces that end a sequence (their last token's logits are the step's output).
+    with_rows: also each micro-batch's token rows in the step's batch (int64 tensors)."""
+    mb_pieces = split_two(batch.seq_new, batch.seq_ctx, attn_weight, allow_split=batch.max_decode_new == 1)
     starts = [0] + torch.tensor(batch.seq_new, dtype=torch.long).cumsum(0).tolist()
-    out, ends = [], []
+    out, ends, all_rows = [], [], []
     for pieces in mb_pieces:
         if not pieces:
             out.append(Batch.empty(batch.input_ids.device))
             ends.append([])
+            all_rows.append(torch.zeros(0, dtype=torch.long, device=batch.input_ids.device))
             continue
         rows = torch.cat([torch.arange(starts[p.seq] + p.start, starts[p.seq] + p.end) for p in pieces])
         rows = rows.to(batch.input_ids.device)
         out.append(Batch(batch.input_ids[rows], batch.positions[rows], [p.end - p.start for p in pieces],
                          [batch.seq_ctx[p.seq] + p.start for p in pieces], batch.block_tables[[p.seq for p in pieces]],
-                         batch.slot_mapping[rows], batch.force_naive))
+                         batch.slot_mapping[rows], batch.force_naive, max_decode_new=batch.max_decode_new))
         ends.append([(j, p.seq) for j, p in enumerate(pieces) if p.end == batch.seq_new[p.seq]])
-    return out, ends
+        all_rows.append(rows)
+    return (out, ends, all_rows) if with_rows else (out, ends)
 
 
 def step_phase(any_prefill: bool, max_running: int) -> str | None:
@@ -261,22 +264,31 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
                 m.h = m.h + (y + m.shared if m.shared is not None else y)
                 m.ex = m.shared = None
             elif op.stage == "HEAD":
+                if not m.ends:
+                    continue
                 m.logits = model.logits(m.h[m.batch.last_token_index[[r for r, _ in m.ends]]])
             else:
                 raise ValueError(f"unknown stage {op.stage!r}")
 
 
 def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor, schedule: str = "prefill",
-                       trace: list[str] | None = None) -> torch.Tensor:
+                       trace: list[str] | None = None, all_tokens: bool = False) -> torch.Tensor:
     """model.forward's logits computed as two micro-batches in `schedule`'s order: the same math
     per token, up to the rounding of GEMMs over other row counts (~1e-6 in float32; the greedy
-    tokens are the same, tested). -> logits fp32 [B, vocab]."""
+    tokens are the same, tested). -> logits fp32 [B, vocab]; all_tokens: the final-normed hidden
+    of every token instead [T, D] (what MTP verifies and drafts from)."""
     a = model.args
-    batches, ends = sub_batches(batch, attention_weight(a))
+    batches, ends, rows = sub_batches(batch, attention_weight(a), with_rows=True)
     with torch.inference_mode():
-        mbs = [MicroBatch(b, model.rope(b.positions), model.embed_tokens(b.input_ids), ends=e)
+        mbs = [MicroBatch(b, model.rope(b.positions), model.embed_tokens(b.input_ids), ends=[] if all_tokens else e)
                for b, e in zip(batches, ends)]
         run_schedule(model, mbs, schedule_ops(schedule, a.n_layers, a.n_dense_layers), kv_cache, trace)
+        if all_tokens:
+            hn = torch.empty(batch.n_tokens, a.dim, dtype=model.dtype, device=model.device)
+            for m, r in zip(mbs, rows):
+                if len(r):
+                    hn[r] = rms_norm(m.h, model.norm, a.rms_norm_eps)
+            return hn
         logits = torch.empty(len(batch.seq_new), a.vocab_size, dtype=torch.float32, device=model.device)
         for m in mbs:
             if m.ends:

@@ -45,21 +45,23 @@ def model_fingerprint(model_dir: str) -> str:
     return h.hexdigest()[:32]
 
 
-def store_model_id(model_dir: str, fp8_activations: bool) -> str:
+def store_model_id(model_dir: str, fp8_activations: bool, mtp: bool = False) -> str:
     """What a cached latent depends on besides its tokens: the weights and, for an FP8 checkpoint, the
     activation precision. Latents computed with 1x128-quantised activations differ from unquantised
     ones, so each setting gets its own keys (the dtype is checked by the block header). A BF16
-    checkpoint ignores fp8_activations, so its id is the bare fingerprint."""
-    fingerprint = model_fingerprint(model_dir)
+    checkpoint ignores fp8_activations, so its id is the bare fingerprint. With MTP served, blocks
+    also hold the MTP layer's latents (one more layer), under their own keys."""
+    fingerprint = model_fingerprint(model_dir) + ("+mtp" if mtp else "")
     if read_config(model_dir).fp8_block is None:
         return fingerprint
     return f"{fingerprint}+act-{'fp8' if fp8_activations else 'dtype'}"
 
 
 def open_store(spec: KVStoreSpec, model_dir: str, n_layers: int, kv_dim: int, dtype: torch.dtype, *,
-               fp8_activations: bool) -> KVStore:
-    """The store as a rank (or the ingress) computing with `dtype` and `fp8_activations` sees it."""
-    return KVStore(spec.root, store_model_id(model_dir, fp8_activations), dtype,
+               fp8_activations: bool, mtp: bool = False) -> KVStore:
+    """The store as a rank (or the ingress) computing with `dtype` and `fp8_activations` sees it;
+    n_layers counts the MTP layer when mtp."""
+    return KVStore(spec.root, store_model_id(model_dir, fp8_activations, mtp), dtype,
                    (n_layers, spec.block_tokens, kv_dim), spec.capacity_bytes, spec.shared_namespace)
 
 

@@ -19,8 +19,9 @@ from epserve.model.kv_cache import PagedKVCache
 from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
 from epserve.pipelines.block_table import BlockTable
-from epserve.pipelines.cuda_graphs import DecodeGraphs
+from epserve.pipelines.cuda_graphs import DecodeGraphs, VerifyGraphs
 from epserve.pipelines.kv_handoff import export_blocks
+from epserve.pipelines.mtp_decode import MTPDrafter, can_draft
 from epserve.pipelines.overlap import forward_overlapped
 from epserve.pipelines.prefix_cache import KVStoreSpec, PrefixCache, open_store
 from epserve.pipelines.sampler_state import SamplerState
@@ -56,6 +57,7 @@ class RankSpec:
     latency_s: float = 0.0      # injected per-exchange latency (to measure overlap on loopback)
     bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
     cuda_graphs: bool = True    # replay decode steps as CUDA graphs where the backend and dispatcher allow
+    mtp_draft: int = 0          # MTP drafts per sequence per step (0: off; the checkpoint must carry the module)
 
 
 @dataclass
@@ -68,12 +70,13 @@ class TokenDelta:
     finish_reason: str | None
     n_cached: int = 0
     kv_blocks: list | None = None   # prefill role: the prompt's latents, handed to the decode rank
+    draft: list | None = None       # prefill role with MTP: the first drafts, handed over with the KV
 
 
 class RankEngine:
     def __init__(self, spec: RankSpec, dispatcher_factory, index: TensorIndex | None = None):
         self.spec = spec
-        self.args: ModelArgs = read_config(spec.model_dir)
+        self.args: ModelArgs = read_config(spec.model_dir, spec.mtp_draft)   # with its MTP layer when drafting
         self.device = torch.device(spec.device)
         self.kb = kernels.get_backend(spec.kernels, self.device)
         self.dtype = DTYPES[spec.dtype]
@@ -81,19 +84,23 @@ class RankEngine:
         self.model = Transformer(self.args, self.kb, self.dispatcher, self.dtype, self.device)
         self.load_stats = load_weights(self.model, spec.model_dir, LoadOptions(self.dtype, spec.fp8_activations),
                                        index)
-        self.cache = PagedKVCache(self.args.n_layers, spec.kv_pages, spec.page_size, self.args.kv_dim,
+        self.cache = PagedKVCache(self.args.n_kv_layers, spec.kv_pages, spec.page_size, self.args.kv_dim,
                                   self.dtype, self.device)
         max_len = min(spec.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
-        self.batcher = Batcher(self.cache, spec.max_batch_tokens, spec.max_batch_size, max_len)
-        self.table = BlockTable(spec.max_batch_size, self.cache.pages_for(max_len + 1), self.cache.scratch_page,
+        extra = 2 * spec.mtp_draft - 1 if spec.mtp_draft else 0
+        self.batcher = Batcher(self.cache, spec.max_batch_tokens, spec.max_batch_size, max_len, extra)
+        self.table = BlockTable(spec.max_batch_size, self.cache.pages_for(max_len + 1 + extra), self.cache.scratch_page,
                                 self.device)
+        self.drafter = MTPDrafter(self, spec.mtp_draft) if spec.mtp_draft else None
         self.dispatcher.counts = self.dispatcher.counts.to(self.device)
         self.graphs = DecodeGraphs(self.model, self.cache.kv, self.table, spec.page_size, spec.max_batch_size) \
-            if self.graphs_supported() else None
+            if self.graphs_supported() and not self.drafter else None
+        if self.drafter is not None and self.graphs_supported():
+            self.drafter.graphs = VerifyGraphs(self.drafter, self.cache.kv, spec.max_batch_size)
         self.last_step_tokens = 0
-        self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_layers,
-                                                   self.args.kv_dim, self.dtype,
-                                                   fp8_activations=spec.fp8_activations)) if spec.kv_store else None
+        self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_kv_layers,
+                                                   self.args.kv_dim, self.dtype, fp8_activations=spec.fp8_activations,
+                                                   mtp=bool(spec.mtp_draft))) if spec.kv_store else None
         # Cached prefixes are read and verified off the step loop, so a long one does not stall
         # the unit's lockstep; the sequence joins the batcher when its load is done.
         self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-load") \
@@ -113,6 +120,8 @@ class RankEngine:
         """A new expert map: its routing tables are new tensors, so captured graphs are stale."""
         if self.graphs is not None:
             self.graphs.clear()
+        if self.drafter is not None and self.drafter.graphs is not None:
+            self.drafter.graphs.clear()
 
     @property
     def max_model_len(self) -> int:
@@ -167,9 +176,9 @@ class RankEngine:
         self._admit_checks(seq)
         if not seq.output_ids and latents.shape[1] == seq.n_tokens:
             latents = latents[:, :-1]
-        if latents.shape[1] != seq.n_tokens - 1 or latents.shape[0] != self.args.n_layers:
+        if latents.shape[1] != seq.n_tokens - 1 or latents.shape[0] != self.args.n_kv_layers:
             raise ValueError(f"handed-off KV has shape {tuple(latents.shape)}; expected "
-                             f"[{self.args.n_layers}, {seq.n_tokens - 1}, {self.args.kv_dim}]")
+                             f"[{self.args.n_kv_layers}, {seq.n_tokens - 1}, {self.args.kv_dim}]")
         return self.batcher.add_prefilled(seq, latents.to(self.device))
 
     def abort(self, request_id: str) -> bool:
@@ -192,6 +201,8 @@ class RankEngine:
                                         return_when=concurrent.futures.FIRST_COMPLETED)
             self._admit_loaded()
         step = self.batcher.schedule()
+        if self.drafter is not None:
+            return self.step_mtp(step, schedule)
         if schedule is None and not step.is_prefill and not step.is_empty:
             logits = self.decode(step)
         else:
@@ -202,6 +213,53 @@ class RankEngine:
             else:
                 logits = self.model.forward(batch, self.cache.kv)
         return self.postprocess(step, logits)
+
+    def step_mtp(self, step: Step, schedule: str | None) -> list[TokenDelta]:
+        """A step with the MTP module (pipelines/mtp_decode.py): verify-and-draft for decode steps;
+        prefill steps sample the first token, then draft from the prompt."""
+        if not step.is_prefill and not step.is_empty:
+            self.last_step_tokens = len(step.seqs) * (1 + self.drafter.k)
+            out, undo = self.drafter.decode(step.seqs, schedule)
+            return self.postprocess_verified(step, out, undo)
+        batch = self.prepare(step)
+        self.last_step_tokens = batch.n_tokens
+        if schedule is not None:
+            hn = forward_overlapped(self.model, batch, self.cache.kv, schedule, all_tokens=True)
+            logits = self.model.head_logits(hn[batch.last_token_index] if batch.seq_new else hn[:0])
+        else:
+            logits, hn = self.model.forward(batch, self.cache.kv, with_hidden=True)
+        if step.is_empty:
+            self.drafter.empty_step()
+            return []
+        return self.postprocess(step, logits, lambda tokens: self.drafter.after_prefill(batch, hn, step.seqs, tokens))
+
+    def postprocess_verified(self, step: Step, out, undo) -> list[TokenDelta]:
+        """Append each sequence's emitted tokens up to a stop, roll back what was not used, trim pages."""
+        deltas, used, plain, plain_tok = [], [], [], []
+        for seq, emitted, infos in out:
+            n = 0
+            for tok, info in zip(emitted, infos):
+                seq.n_computed += 1          # the position that produced tok was fed its input
+                seq.append(tok, info)
+                n += 1
+                deltas.append(TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached))
+                if seq.is_finished:
+                    break
+            used.append(n)
+            if not can_draft(seq):
+                plain.append(seq)
+                plain_tok.append(emitted[0])
+        self.drafter.rollback(undo, used)
+        if plain:
+            self.sampler_state.advance(plain, plain_tok)
+        for seq in step.seqs:
+            if seq.is_finished:
+                seq.draft = []
+                self._save_blocks(seq, None)
+            else:
+                self.table.truncate(seq, self.batcher.trim(seq))
+        self.batcher.finish(step.seqs)
+        return deltas
 
     def decode(self, step: Step) -> "torch.Tensor":
         """A pure decode step: (token, position, table row) per sequence, then one graph replay
@@ -235,11 +293,15 @@ class RankEngine:
                      list(step.n_new), [s.n_computed for s in step.seqs], tables.to(self.device),
                      torch.tensor(slots, dtype=torch.long, device=self.device), plan=self.kb.plan_mla_decode())
 
-    def postprocess(self, step: Step, logits: torch.Tensor) -> list[TokenDelta]:
+    def postprocess(self, step: Step, logits: torch.Tensor, after_sample=None) -> list[TokenDelta]:
+        """after_sample(tokens): runs once the step's tokens are drawn, before any KV leaves the rank
+        (the MTP module drafts from the prompt there)."""
         if step.is_empty:
             return []
         adjust = self.sampler_state.prepare(step.seqs)
         tokens, infos = sample(logits, [s.params for s in step.seqs], [len(s.output_ids) for s in step.seqs], adjust)
+        if after_sample is not None:
+            after_sample(tokens)
         deltas = []
         for seq, n, tok, info in zip(step.seqs, step.n_new, tokens, infos):
             seq.n_computed += n
@@ -247,6 +309,7 @@ class RankEngine:
             delta = TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached)
             if self.spec.role == "prefill" and (not seq.is_finished or seq.share_kv):
                 delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens)
+                delta.draft = list(seq.draft) or None
                 if not seq.is_finished:
                     seq.finish_reason = delta.finish_reason = "handoff"
             self._save_blocks(seq, delta.kv_blocks)

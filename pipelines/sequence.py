@@ -27,6 +27,8 @@ class Sequence:
     kv_group: str | None = None    # decode rank, n > 1: the choices of one request share their prompt's full KV pages
     share_kv: bool = False         # prefill role, n > 1: hand the prompt's KV off even if this choice ends at its
                                    # first token (the request's other choices decode from it)
+    draft: list[int] = field(default_factory=list)   # MTP: tokens proposed to follow last_token, verified next step
+    draft_q: object = None         # MTP, sampled requests: the distributions [k, V] the drafts were drawn from
 
     @property
     def all_ids(self) -> list[int]:
@@ -72,3 +74,4 @@ class Sequence:
         self.pages = []
         self.n_computed = 0
         self.kv_blocks = None
+        self.draft, self.draft_q = [], None

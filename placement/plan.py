@@ -15,10 +15,13 @@ GiB = 1 << 30
 
 
 def _model_args(cfg: Config) -> tuple[ModelArgs, str]:
+    """The served shape: with mtp on, its MTP layer's routed experts are placed with the main layers'."""
+    from epserve.model.mtp import with_mtp
     if cfg.model and (Path(cfg.model) / "config.json").is_file():
         from epserve.model.checkpoint import read_config
-        return read_config(cfg.model), cfg.model
-    return ModelArgs(fp8_block=(128, 128)), "DeepSeek-V3 dimensions (no checkpoint read)"
+        return read_config(cfg.model, cfg.mtp.n_draft), cfg.model
+    return with_mtp(ModelArgs(fp8_block=(128, 128), n_nextn_layers=1), cfg.mtp.n_draft), \
+        "DeepSeek-V3 dimensions (no checkpoint read)"
 
 
 def _bytes_per_param(a: ModelArgs, dtype: str) -> float:
@@ -33,14 +36,15 @@ def rank_memory(a: ModelArgs, dtype: str, slots_per_rank: int, kv_pages: int) ->
         + a.dim * a.kv_dim + a.kv_lora_rank * a.n_heads * (a.qk_nope_head_dim + a.v_head_dim) \
         + a.n_heads * a.v_head_dim * a.dim
     expert = 3 * a.dim * a.moe_inter_dim
-    dense = a.n_layers * attn + a.n_dense_layers * 3 * a.dim * a.inter_dim \
-        + a.n_moe_layers * (a.n_shared_experts * expert + a.n_routed_experts * a.dim)
+    dense = a.n_kv_layers * attn + a.n_dense_layers * 3 * a.dim * a.inter_dim \
+        + a.n_ep_layers * (a.n_shared_experts * expert + a.n_routed_experts * a.dim) \
+        + a.n_mtp_layers * 2 * a.dim * a.dim                     # the MTP layer's eh_proj
     bpp = _bytes_per_param(a, dtype)
     act_bytes = 4 if dtype == "float32" else 2
     return {"dense_gib": round(dense * bpp / GiB, 2),
             "embed_head_gib": round(2 * a.vocab_size * a.dim * act_bytes / GiB, 2),
-            "experts_gib": round(a.n_moe_layers * slots_per_rank * expert * bpp / GiB, 2),
-            "kv_cache_gib": round(a.n_layers * kv_pages * 64 * a.kv_dim * act_bytes / GiB, 2)}
+            "experts_gib": round(a.n_ep_layers * slots_per_rank * expert * bpp / GiB, 2),
+            "kv_cache_gib": round(a.n_kv_layers * kv_pages * 64 * a.kv_dim * act_bytes / GiB, 2)}
 
 
 def plan_units(cfg: Config) -> dict:
@@ -58,6 +62,8 @@ def plan_units(cfg: Config) -> dict:
             "units": u.units, "nodes_per_unit": u.nodes_per_unit, "gpus_per_node": u.gpus_per_node,
             "ep": shape.n_ranks, "dp": shape.n_ranks, "slots_per_layer": shape.n_slots,
             "routed_slots_per_rank": shape.slots_per_rank, "redundant_experts": u.redundant_experts,
+            "moe_layers_placed": a.n_ep_layers,
+            "mtp_layer": a.n_layers if a.n_mtp_layers else None,   # placed and balanced as MoE layer n_moe_layers
             "memory_per_rank": mem, "memory_per_rank_total_gib": round(sum(mem.values()), 2), "ranks": ranks}
     return out
 
@@ -70,6 +76,9 @@ def format_plan(plan: dict) -> str:
                      f"({r['redundant_experts']} redundant), {r['routed_slots_per_rank']} routed + shared per GPU")
         mem = ", ".join(f"{k[:-4]} {v} GiB" for k, v in r["memory_per_rank"].items())
         lines.append(f"  memory per rank: {r['memory_per_rank_total_gib']} GiB ({mem})")
+        if r.get("mtp_layer") is not None:
+            lines.append(f"  MTP layer {r['mtp_layer']}: its routed experts take the same slots on every rank "
+                         f"({r['moe_layers_placed']} MoE layers placed and balanced)")
         by_node: dict[int, list] = {}
         for rk in r["ranks"]:
             by_node.setdefault(rk["node"], []).append(rk)

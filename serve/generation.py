@@ -77,7 +77,8 @@ class Choices:
                 output = [first]
             seq = Sequence(rid, self.ids, choice_params(self.params, i), output_ids=output,
                            kv_blocks=pre["kv_blocks"], tenant=self.tenant, n_cached=pre["n_cached"],
-                           kv_group=live.rid if self.n > 1 else None)
+                           kv_group=live.rid if self.n > 1 else None,
+                           draft=list(pre.get("draft") or []) if self.n == 1 else [])   # MTP: the prefill's drafts
             gen = decode_unit.stream.options(num_returns="streaming").remote(seq, route.decode.rank)
             async for ref in gen:
                 d = await ref

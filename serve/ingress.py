@@ -79,8 +79,9 @@ class Ingress:
         self.tokenize_routes = TokenizeRoutes(self.inputs, self.model_name, self.max_len)
         spec = kv_store_spec(cfg)
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
-        self.kv_store = open_store(spec, model_dir, self.args.n_layers, self.args.kv_dim,
-                                   DTYPES[cfg.dtype], fp8_activations=cfg.fp8_activations) if spec else None
+        mtp = cfg.mtp.n_draft > 0
+        self.kv_store = open_store(spec, model_dir, self.args.n_layers + mtp, self.args.kv_dim, DTYPES[cfg.dtype],
+                                   fp8_activations=cfg.fp8_activations, mtp=mtp) if spec else None
         self.acct = Accounting(ledger, ledger_root(cfg), self.model_name,
                                on_end=lambda live: self.limits.release(live.owner))
 

@@ -48,6 +48,12 @@ class ServeMetrics:
         self.window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()
 
+        self.mtp_acceptance = Gauge("epserve_mtp_acceptance_rate", "MTP drafts accepted / verified since the "
+                                    "rank started", ["role", "unit", "rank"], registry=r)
+        self.mtp_tokens_per_step = Gauge("epserve_mtp_tokens_per_step", "Tokens a sequence gets per MTP verify step "
+                                         "(1 + accepted drafts), since the rank started", ["role", "unit", "rank"],
+                                         registry=r)
+
     def observe_tokens(self, n: int) -> None:
         now = time.monotonic()
         self._recent.append((now, n))
@@ -82,4 +88,7 @@ class ServeMetrics:
                 self.queue.labels(*labels).set(s.n_waiting)
                 self.running.labels(*labels).set(s.n_running)
                 self.kv_used.labels(*labels).set(s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0)
+                if s.mtp_sequence_steps:
+                    self.mtp_acceptance.labels(*labels).set(s.mtp_accepted / max(1, s.mtp_proposed))
+                    self.mtp_tokens_per_step.labels(*labels).set(s.mtp_emitted / s.mtp_sequence_steps)
         return generate_latest(self.registry)

@@ -104,3 +104,30 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+# A small trained checkpoint with its MTP module (model/train_tiny.py at test size, ~20 s on 2 cores):
+# enough training that drafts are accepted often, so verify steps take both branches.
+TRAINED_TEST = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+                "n_routed_experts": 8, "q_lora_rank": 32, "kv_lora_rank": 32}
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory):
+    from epserve.model.train_tiny import TrainSpec, train
+    out = tmp_path_factory.mktemp("ckpt") / "trained"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(out, TrainSpec(steps=80, batch=8, seq_len=64, config_overrides=tuple(TRAINED_TEST.items())),
+              log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_mtp_dir(tmp_path_factory):
+    """The random tiny model with a random MTP layer (num_nextn_predict_layers: 1)."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny_mtp", seed=4,
+                               config_overrides={"num_nextn_predict_layers": 1}))
