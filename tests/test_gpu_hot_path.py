@@ -121,3 +121,30 @@ def test_native_rank_gives_the_reference_tokens(v3_mini_all_experts_dir):
         assert n.output_ids[:clear + 1] == r.output_ids[:clear + 1]
         compared += clear + 1
     assert compared >= len(prompts) * 6
+
+
+@pytest.fixture(scope="module")
+def tiny_mtp_gpu_dir(tmp_path_factory):
+    from epserve.model.tiny import make_tiny_model
+    return str(make_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny_mtp", seed=4,
+                               config_overrides={"num_nextn_predict_layers": 1}))
+
+
+@gpu
+def test_mtp_verify_graphs_give_the_eager_tokens_and_the_plain_decode(tiny_mtp_gpu_dir):
+    """MTP on a GPU: verify steps replayed as CUDA graphs give the eager verify steps' tokens, and in
+    float32 (reference kernels) MTP's greedy tokens equal plain decoding's."""
+    prompts = prompts_of([33, 7, 70, 1, 129], vocab=500, seed=9)
+    out = {}
+    for graphs in (False, True):
+        eng = make_local_engine(tiny_mtp_gpu_dir, kernels="triton", device="cuda", dtype="bfloat16",
+                                cuda_graphs=graphs, mtp_draft=1)
+        out[graphs] = [s.output_ids for s in _generate(eng, prompts)]
+        if graphs:
+            assert eng.drafter.graphs is not None and eng.drafter.graphs.n_replays >= 1
+    assert out[True] == out[False]
+    exact = {}
+    for mtp in (0, 1):
+        eng = make_local_engine(tiny_mtp_gpu_dir, kernels="reference", device="cuda", dtype="float32", mtp_draft=mtp)
+        exact[mtp] = [s.output_ids for s in _generate(eng, prompts)]
+    assert exact[1] == exact[0]
