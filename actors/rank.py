@@ -19,6 +19,7 @@ engine lock and one set of counters, which splitting the class would scatter.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import socket
@@ -39,6 +40,7 @@ from epserve.pipelines.lockstep import LoopState, Vote, agree
 from epserve.pipelines.overlap import OverlapTuner
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
+from epserve.placement.devices import data_backend, local_device_index
 from epserve.placement.prefill_balancer import attn_work
 
 log = logging.getLogger("epserve.rank")
@@ -54,6 +56,11 @@ class RankActor:
     def __init__(self, spec: RankSpec, layout: UnitLayout, phy2log: torch.Tensor):
         if not torch.cuda.is_available():
             torch.set_num_threads(1)   # many ranks share few cores on a CPU test box
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if spec.device.startswith("cuda") and torch.cuda.is_available():   # this rank's own GPU (placement/devices.py)
+            index = local_device_index(self.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            torch.cuda.set_device(index)
+            spec = dataclasses.replace(spec, device=f"cuda:{index}")
         self.spec, self.layout, self.phy2log = spec, layout, phy2log
         self.engine: RankEngine | None = None
         self.map_version, self.n_steps, self.switched_at = 0, 0, {}
@@ -76,7 +83,7 @@ class RankActor:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "rank": self.layout.rank}
+                "rank": self.layout.rank, "gpu_ids": self.gpu_ids, "device": self.spec.device}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0 only: bind a free port on this node and publish (ip, port) to the unit."""
@@ -89,12 +96,12 @@ class RankActor:
         """Join the unit's process groups and load this rank's weights; returns what was loaded.
         timeout_s bounds every collective: a rank whose peer died raises instead of hanging."""
         lay = self.layout
-        use_cuda = torch.cuda.is_available() and self.spec.device.startswith("cuda")
+        backend = data_backend(self.spec.device) if torch.cuda.is_available() else "gloo"
         if master[0].startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         t0 = time.time()
         torch.distributed.init_process_group(
-            "nccl" if use_cuda else "gloo", init_method=f"tcp://{master[0]}:{master[1]}",
+            backend, init_method=f"tcp://{master[0]}:{master[1]}",
             rank=lay.rank, world_size=lay.world, timeout=timedelta(seconds=timeout_s))
         if lay.world > 1:   # the per-step agreement runs on the host, beside the data collectives
             self.ctrl = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
