@@ -32,7 +32,7 @@ import torch
 
 from epserve.actors.rank_messages import Deltas, Delivery, StepInput, StepOutput, UnitLayout
 from epserve.messages import RankStats
-from epserve.model.ep_dispatch import AllToAllDispatcher
+from epserve.model.ep_select import make_ep_dispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
 from epserve.pipelines.expert_migration import stage, switch
 from epserve.pipelines.kv_handoff import join_blocks
@@ -110,9 +110,9 @@ class RankActor:
             em = ExpertMap(self.phy2log, args.n_routed_experts, lay.world, lay.gpus_per_node)
             if lay.world == 1:          # every slot here: no exchange (and the CUDA-graph decode path)
                 return LocalDispatcher(kb, em, args.n_dense_layers)
-            return AllToAllDispatcher(kb, em, args.n_dense_layers, lay.rank, lay.world, lay.gpus_per_node,
-                                      lay.fp8_dispatch, latency_s=self.spec.latency_s,
-                                      bandwidth=self.spec.bandwidth)
+            return make_ep_dispatcher(kb, args, em, lay.rank, lay.world, lay.gpus_per_node, lay.fp8_dispatch,
+                                      self.spec.device, self.spec.ep_dispatch, self.spec.max_batch_size,
+                                      latency_s=self.spec.latency_s, bandwidth=self.spec.bandwidth)
 
         self.engine = RankEngine(self.spec, dispatcher)
         d = self.engine.dispatcher
@@ -123,7 +123,8 @@ class RankActor:
                  ray.get_runtime_context().get_node_id()[:8], time.time() - t0, self.engine.load_stats)
         return {**self.info(), "load": self.engine.load_stats, "experts": experts,
                 "max_model_len": self.engine.max_model_len, "kv_pages": self.engine.cache.n_pages,
-                "kernels": self.engine.kb.__name__.rsplit(".", 1)[-1], "cuda_graphs": self.engine.graphs is not None}
+                "kernels": self.engine.kb.__name__.rsplit(".", 1)[-1], "cuda_graphs": self.engine.graphs is not None,
+                "ep_dispatch": type(d).__name__}
 
     # ---- the inbox (called on the actor's other threads while the loop runs) ----------------
     def _post(self, kind: str, payload) -> None:
@@ -216,7 +217,7 @@ class RankActor:
                 continue
             t_step, c_step = time.perf_counter(), time.thread_time()
             with self.engine_lock:
-                deltas = eng.step(plan.schedule)
+                deltas = eng.step(plan.schedule, decode_only=plan.phase != "prefill")
                 self.last_stats = self._stats()
             t_step, c_step = time.perf_counter() - t_step, time.thread_time() - c_step
             self.n_steps += 1
@@ -343,7 +344,7 @@ class RankActor:
             for rid in inp.aborts:
                 eng.abort(rid)
             rejected = self._add(inp.new)
-            deltas = eng.step(inp.schedule)
+            deltas = eng.step(inp.schedule, inp.decode_only)
             self._publish_kv(deltas)
             return StepOutput(deltas, self._stats(), eng.has_work, rejected, self.map_version,
                               eng.last_step_tokens, eng.can_prefill())
@@ -413,5 +414,8 @@ class RankActor:
         self._wake_peers()
 
     def shutdown(self) -> None:
+        close = getattr(self.engine.dispatcher, "close", None) if self.engine is not None else None
+        if close is not None:            # DeepEP's buffer is destroyed explicitly, before its group
+            close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -56,6 +56,7 @@ class RankSpec:
     latency_s: float = 0.0      # injected per-exchange latency (to measure overlap on loopback)
     bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
     cuda_graphs: bool = True    # replay decode steps as CUDA graphs where the backend and dispatcher allow
+    ep_dispatch: str = "auto"   # auto | deepep | all_to_all: a multi-rank unit's exchange (model/ep_select.py)
 
 
 @dataclass
@@ -184,34 +185,41 @@ class RankEngine:
     def has_work(self) -> bool:
         return self.batcher.n_requests > 0 or bool(self.loading)
 
-    def step(self, schedule: str | None = None) -> list[TokenDelta]:
-        """schedule: the unit's overlap schedule for this step (pipelines/overlap.py), None: one batch."""
+    def step(self, schedule: str | None = None, decode_only: bool = False) -> list[TokenDelta]:
+        """schedule: the unit's overlap schedule for this step (pipelines/overlap.py), None: one batch.
+        decode_only: the unit agreed that no rank prefills in this step; a dispatcher whose kernels
+        differ by kind of step (DeepEP: low-latency for decode) then holds back prefill here too,
+        so every rank of the unit issues the same kernels."""
         if self.loading:
             if not self.batcher.n_requests:    # only loads pending: give them a moment rather than spin
                 concurrent.futures.wait([f for _, f in self.loading], timeout=0.002,
                                         return_when=concurrent.futures.FIRST_COMPLETED)
             self._admit_loaded()
-        step = self.batcher.schedule()
-        if schedule is None and not step.is_prefill and not step.is_empty:
-            logits = self.decode(step)
-        else:
-            batch = self.prepare(step)
-            self.last_step_tokens = batch.n_tokens
-            if schedule is not None:
-                logits = forward_overlapped(self.model, batch, self.cache.kv, schedule)
+        low_latency = decode_only and getattr(self.dispatcher, "needs_agreed_phase", False)
+        step = self.batcher.schedule(allow_prefill=not low_latency)
+        with self.dispatcher.step_mode(low_latency):
+            if schedule is None and not step.is_prefill and not step.is_empty:
+                logits = self.decode(step, graphs_ok=low_latency or not getattr(self.dispatcher, "needs_agreed_phase",
+                                                                                False))
             else:
-                logits = self.model.forward(batch, self.cache.kv)
+                batch = self.prepare(step)
+                self.last_step_tokens = batch.n_tokens
+                if schedule is not None:
+                    logits = forward_overlapped(self.model, batch, self.cache.kv, schedule)
+                else:
+                    logits = self.model.forward(batch, self.cache.kv)
         return self.postprocess(step, logits)
 
-    def decode(self, step: Step) -> "torch.Tensor":
+    def decode(self, step: Step, graphs_ok: bool = True) -> "torch.Tensor":
         """A pure decode step: (token, position, table row) per sequence, then one graph replay
-        (or the same DecodeBatch forward eagerly). -> logits fp32 [B, vocab]."""
+        (or the same DecodeBatch forward eagerly; graphs_ok False: a DeepEP unit's normal-kernel step,
+        whose exchange the graphs, captured with low-latency kernels, do not hold). -> logits fp32 [B, vocab]."""
         seqs = step.seqs
         ids = [s.last_token for s in seqs]
         pos = [s.n_computed for s in seqs]
         rows = self.table.rows_for(seqs)
         self.last_step_tokens = len(seqs)
-        if self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
+        if graphs_ok and self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
             return self.graphs.run(ids, pos, rows)
         dev = self.device
         t = torch.tensor([ids, pos, rows], dtype=torch.long).to(dev, non_blocking=True)
