@@ -35,7 +35,8 @@ from epserve.messages import RankStats
 from epserve.model.ep_select import make_ep_dispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
 from epserve.pipelines.expert_migration import stage, switch
-from epserve.pipelines.kv_handoff import join_blocks
+from epserve.actors.kv_transfer import HandoffFailed, PairGroups, park_and_ticket
+from epserve.pipelines.kv_handoff import KvTicket, ParkedKv, join_blocks, split_blocks
 from epserve.pipelines.lockstep import LoopState, Vote, agree
 from epserve.pipelines.overlap import OverlapTuner
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
@@ -80,6 +81,8 @@ class RankActor:
                        "steps": 0}
         self.last_stats = self.pushed_stats = RankStats(layout.unit, layout.rank)
         self.streaming: set[str] = set()
+        self.parked_kv = ParkedKv()                     # prefill role, collective handoff: latents awaiting their pull
+        self.pairs: PairGroups | None = None
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -105,6 +108,8 @@ class RankActor:
             rank=lay.rank, world_size=lay.world, timeout=timedelta(seconds=timeout_s))
         if lay.world > 1:   # the per-step agreement runs on the host, beside the data collectives
             self.ctrl = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self.pairs = PairGroups(f"u{lay.unit}r{lay.rank}-{os.getpid()}-{id(self):x}", self.spec.device,
+                                min(timeout_s, 30.0))
 
         def dispatcher(kb, args):
             em = ExpertMap(self.phy2log, args.n_routed_experts, lay.world, lay.gpus_per_node)
@@ -300,9 +305,30 @@ class RankActor:
         return self.map_version
 
     def _publish_kv(self, deltas: list[TokenDelta]) -> None:
-        for d in deltas:                    # prefill role: publish the handed-off blocks, rank to rank
-            if d.kv_blocks is not None:
+        """Prefill role: blocks go into the object store (refs travel); a device tensor is parked
+        here and a KvTicket travels (the decode rank pulls it over a pair group)."""
+        for d in deltas:
+            if isinstance(d.kv_blocks, list):
                 d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
+            elif d.kv_blocks is not None:
+                me = ray.get_runtime_context().current_actor
+                d.kv_blocks = park_and_ticket(self.parked_kv, d.request_id, d.kv_blocks, me, self.pairs.me_id)
+
+    # ---- the collective handoff's sending end (called by the decode rank) --------------------
+    def join_pair(self, pair_id: str, host: str, port: int) -> None:
+        self.pairs.join(pair_id, host, port)
+
+    def send_kv(self, pair_id: str, request_id: str) -> int:
+        return self.pairs.send(pair_id, self.parked_kv.take(request_id, time.time()))
+
+    def kv_objects(self, request_id: str) -> list | None:
+        """The object-store fallback for a parked request: its latents as block refs (None: gone)."""
+        lat = self.parked_kv.take(request_id, time.time())
+        return None if lat is None else [ray.put(b) for b in split_blocks(lat.cpu(), self.spec.block_tokens)]
+
+    def handoff_stats(self) -> dict:
+        return {**(self.pairs.stats if self.pairs else {}), "parked": len(self.parked_kv.items),
+                "parked_bytes": self.parked_kv.nbytes}
 
     def _push(self, deltas: list[TokenDelta], rejected) -> None:
         t = time.perf_counter()
@@ -367,15 +393,25 @@ class RankActor:
                     stages[f"{name} gpu"] = stages.get(f"{name} gpu", 0.0) + ev.device_time_total / 1e3
         return out, stages
 
-    @staticmethod
-    def _receive_kv(seq: Sequence):
-        """Fetch handed-off blocks straight from the prefill rank's object store; None -> recompute."""
-        refs, seq.kv_blocks = seq.kv_blocks, None
-        if not refs:
+    def _receive_kv(self, seq: Sequence):
+        """The handed-off latents: a ticket is pulled over the pair group with its prefill rank (auto:
+        else as object refs from it), refs straight from its object store; None -> recompute."""
+        got, seq.kv_blocks = seq.kv_blocks, None
+        if not got:
             return None
         try:
-            return join_blocks(ray.get(refs, timeout=60))
-        except Exception as exc:           # the prefill rank died or the objects were lost
+            if isinstance(got, KvTicket):
+                try:
+                    return self.pairs.receive(got)
+                except HandoffFailed as exc:
+                    if self.spec.kv_handoff == "collective":
+                        raise
+                    log.warning("%s; trying the object store", exc)
+                    got = ray.get(got.source.kv_objects.remote(got.request_id), timeout=60)
+                    if got is None:
+                        raise HandoffFailed(f"the latents of {seq.request_id} are gone from the prefill rank")
+            return join_blocks(ray.get(got, timeout=60))
+        except Exception as exc:           # the prefill rank died, the objects or the ticket were lost
             log.warning("KV handoff for %s lost (%r); recomputing its prompt here", seq.request_id, exc)
             seq.reset_for_recompute()
             return None

@@ -20,7 +20,7 @@ from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
 from epserve.pipelines.block_table import BlockTable
 from epserve.pipelines.cuda_graphs import DecodeGraphs
-from epserve.pipelines.kv_handoff import export_blocks
+from epserve.pipelines.kv_handoff import export_blocks, export_latents
 from epserve.pipelines.overlap import forward_overlapped
 from epserve.pipelines.prefix_cache import KVStoreSpec, PrefixCache, open_store
 from epserve.pipelines.sampler_state import SamplerState
@@ -57,6 +57,7 @@ class RankSpec:
     bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
     cuda_graphs: bool = True    # replay decode steps as CUDA graphs where the backend and dispatcher allow
     ep_dispatch: str = "auto"   # auto | deepep | all_to_all: a multi-rank unit's exchange (model/ep_select.py)
+    kv_handoff: str = "auto"    # auto | collective | object: prefill -> decode transport (pipelines/kv_handoff.py)
 
 
 @dataclass
@@ -68,7 +69,8 @@ class TokenDelta:
     logprob: dict | None
     finish_reason: str | None
     n_cached: int = 0
-    kv_blocks: list | None = None   # prefill role: the prompt's latents, handed to the decode rank
+    kv_blocks: object = None        # prefill role: the prompt's latents for the decode rank: CPU blocks (object
+                                    # handoff) or one device tensor (collective), then refs or a ticket
 
 
 class RankEngine:
@@ -254,10 +256,12 @@ class RankEngine:
             seq.append(tok, info)
             delta = TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached)
             if self.spec.role == "prefill" and (not seq.is_finished or seq.share_kv):
-                delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens)
+                # n > 1 (share_kv): every choice pulls the same latents, so they go by the object store
+                delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens) \
+                    if self.spec.kv_handoff == "object" or seq.share_kv else export_latents(self.cache, seq)
                 if not seq.is_finished:
                     seq.finish_reason = delta.finish_reason = "handoff"
-            self._save_blocks(seq, delta.kv_blocks)
+            self._save_blocks(seq, delta.kv_blocks if isinstance(delta.kv_blocks, list) else None)
             deltas.append(delta)
         self.sampler_state.advance(step.seqs, tokens)
         self.batcher.finish(step.seqs)
