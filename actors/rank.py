@@ -81,6 +81,7 @@ class RankActor:
                        "steps": 0}
         self.last_stats = self.pushed_stats = RankStats(layout.unit, layout.rank)
         self.streaming: set[str] = set()
+        self.handoff_timing = {"n": 0, "seconds": 0.0, "bytes": 0, "by": {}}
         self.parked_kv = ParkedKv()                     # prefill role, collective handoff: latents awaiting their pull
         self.pairs: PairGroups | None = None
 
@@ -328,7 +329,7 @@ class RankActor:
 
     def handoff_stats(self) -> dict:
         return {**(self.pairs.stats if self.pairs else {}), "parked": len(self.parked_kv.items),
-                "parked_bytes": self.parked_kv.nbytes}
+                "parked_bytes": self.parked_kv.nbytes, "timing": dict(self.handoff_timing)}
 
     def _push(self, deltas: list[TokenDelta], rejected) -> None:
         t = time.perf_counter()
@@ -399,22 +400,32 @@ class RankActor:
         got, seq.kv_blocks = seq.kv_blocks, None
         if not got:
             return None
+        t0 = time.perf_counter()
         try:
-            if isinstance(got, KvTicket):
-                try:
-                    return self.pairs.receive(got)
-                except HandoffFailed as exc:
-                    if self.spec.kv_handoff == "collective":
-                        raise
-                    log.warning("%s; trying the object store", exc)
-                    got = ray.get(got.source.kv_objects.remote(got.request_id), timeout=60)
-                    if got is None:
-                        raise HandoffFailed(f"the latents of {seq.request_id} are gone from the prefill rank")
-            return join_blocks(ray.get(got, timeout=60))
+            lat = self._pull_kv(got, seq)
         except Exception as exc:           # the prefill rank died, the objects or the ticket were lost
             log.warning("KV handoff for %s lost (%r); recomputing its prompt here", seq.request_id, exc)
             seq.reset_for_recompute()
             return None
+        ht = self.handoff_timing           # both transports, measured alike (bench handoff reads it)
+        ht["n"] += 1
+        ht["seconds"] += time.perf_counter() - t0
+        ht["bytes"] += lat.numel() * lat.element_size()
+        ht["by"][type(got).__name__] = ht["by"].get(type(got).__name__, 0) + 1
+        return lat
+
+    def _pull_kv(self, got, seq: Sequence) -> torch.Tensor:
+        if isinstance(got, KvTicket):
+            try:
+                return self.pairs.receive(got)
+            except HandoffFailed as exc:
+                if self.spec.kv_handoff == "collective":
+                    raise
+                log.warning("%s; trying the object store", exc)
+                got = ray.get(got.source.kv_objects.remote(got.request_id), timeout=60)
+                if got is None:
+                    raise HandoffFailed(f"the latents of {seq.request_id} are gone from the prefill rank")
+        return join_blocks(ray.get(got, timeout=60)).to(self.spec.device)
 
     def _stats(self) -> RankStats:
         b, cache = self.engine.batcher, self.engine.cache
