@@ -168,7 +168,9 @@ class DeepEPDispatcher(LocalDispatcher):
         if ex.low_latency:
             ex.hook()                                                     # the receive lands here
             q, s = ex.recv
-            y = self.kb.expert_ffn_masked((q, s), shard.experts, ex.count,
+            rows = (q, s) if getattr(self.kb, "TAKES_FP8_ROWS", False) else \
+                (q.float() * s.float().repeat_interleave(128, -1)[..., :q.shape[-1]]).to(torch.bfloat16)
+            y = self.kb.expert_ffn_masked(rows, shard.experts, ex.count,
                                           max(1, ex.topk.shape[0] * ex.topk.shape[1] // max(1, shard.n_slots)))
             ex.out, _, ex.hook = self.buffer.low_latency_combine(y, ex.topk, ex.weights, ex.handle,
                                                                  async_finish=False, return_recv_hook=True)
