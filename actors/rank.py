@@ -14,7 +14,9 @@ idle unit parks: each rank waits on its inbox; the first request to any rank wak
 `step()` (one step per call) stays for benchmarks that drive ranks directly (bench units'
 baseline, bench overlap, --profile); it must not be used while the loop runs. Messages are in
 actors/rank_messages.py. Just over 400 lines: the loop, its inbox and the driven step share one
-engine lock and one set of counters, which splitting the class would scatter.
+engine lock and one set of counters, which splitting the class would scatter; the KV handoff's
+two ends (park and send on a prefill rank, pull on a decode rank) add their actor methods, their
+transport is actors/kv_transfer.py.
 """
 from __future__ import annotations
 
@@ -35,13 +37,13 @@ from epserve.messages import RankStats
 from epserve.model.ep_select import make_ep_dispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
 from epserve.pipelines.expert_migration import stage, switch
-from epserve.actors.kv_transfer import HandoffFailed, PairGroups, park_and_ticket
-from epserve.pipelines.kv_handoff import KvTicket, ParkedKv, join_blocks, split_blocks
+from epserve.actors.kv_transfer import PairGroups, park_and_ticket, pull_latents
+from epserve.pipelines.kv_handoff import ParkedKv, split_blocks
 from epserve.pipelines.lockstep import LoopState, Vote, agree
 from epserve.pipelines.overlap import OverlapTuner
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
-from epserve.placement.devices import data_backend, local_device_index
+from epserve.placement.devices import DeviceAssignmentError, data_backend, local_device_index
 from epserve.placement.prefill_balancer import attn_work
 
 log = logging.getLogger("epserve.rank")
@@ -60,6 +62,10 @@ class RankActor:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         if spec.device.startswith("cuda") and torch.cuda.is_available():   # this rank's own GPU (placement/devices.py)
             index = local_device_index(self.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if index >= torch.cuda.device_count():
+                raise DeviceAssignmentError(f"Ray assigned GPU {self.gpu_ids[0]} (cuda:{index}) but this process sees "
+                                            f"{torch.cuda.device_count()} GPU(s): does the node advertise more GPUs "
+                                            "than it has?")
             torch.cuda.set_device(index)
             spec = dataclasses.replace(spec, device=f"cuda:{index}")
         self.spec, self.layout, self.phy2log = spec, layout, phy2log
@@ -402,7 +408,7 @@ class RankActor:
             return None
         t0 = time.perf_counter()
         try:
-            lat = self._pull_kv(got, seq)
+            lat = pull_latents(self.pairs, got, self.spec.kv_handoff, self.spec.device)
         except Exception as exc:           # the prefill rank died, the objects or the ticket were lost
             log.warning("KV handoff for %s lost (%r); recomputing its prompt here", seq.request_id, exc)
             seq.reset_for_recompute()
@@ -413,19 +419,6 @@ class RankActor:
         ht["bytes"] += lat.numel() * lat.element_size()
         ht["by"][type(got).__name__] = ht["by"].get(type(got).__name__, 0) + 1
         return lat
-
-    def _pull_kv(self, got, seq: Sequence) -> torch.Tensor:
-        if isinstance(got, KvTicket):
-            try:
-                return self.pairs.receive(got)
-            except HandoffFailed as exc:
-                if self.spec.kv_handoff == "collective":
-                    raise
-                log.warning("%s; trying the object store", exc)
-                got = ray.get(got.source.kv_objects.remote(got.request_id), timeout=60)
-                if got is None:
-                    raise HandoffFailed(f"the latents of {seq.request_id} are gone from the prefill rank")
-        return join_blocks(ray.get(got, timeout=60)).to(self.spec.device)
 
     def _stats(self) -> RankStats:
         b, cache = self.engine.batcher, self.engine.cache

@@ -14,7 +14,6 @@ says how much of the time to the first decoded token the handoff is.
 from __future__ import annotations
 
 import statistics
-import time
 
 import ray
 import torch
