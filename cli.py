@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks; print JSON (not tests)")
     b.add_argument("what", nargs="?", default="engine",
                    choices=["engine", "units", "eplb", "kernels", "step", "serve", "prefix", "overlap", "starts",
-                            "admission", "grammar"])
+                            "admission", "grammar", "handoff", "deepep"])
     b.add_argument("--config", help="serve: config of the server to start (default: the embedded default)")
     b.add_argument("--url", help="serve: measure this running server instead of starting one")
     b.add_argument("--api-key", help="serve --url: bearer key for the server (its model name is read from /v1/models)")
@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                    "inside sample() on this device")
     b.add_argument("--kernels", default="auto", help="engine --device cuda: kernel backend")
     b.add_argument("--context", type=int, default=64, help="engine --device cuda: prompt tokens per request")
+    b.add_argument("--gpus", type=int, default=None,
+                   help="step/overlap/deepep: GPUs of this host, one rank each (step: real EP, dispatch and combine "
+                        "timed; deepep: default 8; overlap: default 2 when CUDA is there); fewer here: one-line error")
     b.add_argument("--latency-ms", type=float,
                    help="overlap/--profile: injected per-exchange latency (overlap default: comparable to compute)")
     b.add_argument("--profile", metavar="DIR",

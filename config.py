@@ -136,6 +136,8 @@ class Config:
     overlap: str = "auto"             # auto | on | off (auto: each unit measures whether splitting pays)
     cuda_graphs: bool = True          # GPU decode steps replay as CUDA graphs (one per batch-size bucket)
     mtp: MTPConfig = field(default_factory=MTPConfig)
+    ep_dispatch: str = "auto"         # auto | deepep | all_to_all: multi-rank units' exchange (auto: DeepEP if it passes)
+    kv_handoff: str = "auto"          # auto | collective | object: prefill -> decode KV (auto: pair group, else objects)
     transport: TransportConfig = field(default_factory=TransportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     prefill: UnitConfig = field(default_factory=UnitConfig)
@@ -151,6 +153,8 @@ class Config:
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("kernels", self.kernels, ("auto", "reference", "triton", "native"))
         _choice("overlap", self.overlap, ("auto", "on", "off"))
+        _choice("ep_dispatch", self.ep_dispatch, ("auto", "deepep", "all_to_all"))
+        _choice("kv_handoff", self.kv_handoff, ("auto", "collective", "object"))
         _choice("eplb.policy", self.eplb.policy, ("auto", "baseline", "improved"))
         _choice("serve.reasoning", self.serve.reasoning, ("auto", "on", "off"))
         if not 1 <= self.mtp.num_draft_tokens <= 4:

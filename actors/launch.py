@@ -48,7 +48,8 @@ def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> Rank
                     device="cuda" if torch.cuda.is_available() else "cpu", kv_pages=role_cfg.kv_pages,
                     max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
                     max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations,
-                    cuda_graphs=cfg.cuda_graphs, mtp_draft=cfg.mtp.n_draft)
+                    cuda_graphs=cfg.cuda_graphs, mtp_draft=cfg.mtp.n_draft, ep_dispatch=cfg.ep_dispatch,
+                    kv_handoff=cfg.kv_handoff)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,14 @@ idle unit parks: each rank waits on its inbox; the first request to any rank wak
 `step()` (one step per call) stays for benchmarks that drive ranks directly (bench units'
 baseline, bench overlap, --profile); it must not be used while the loop runs. Messages are in
 actors/rank_messages.py. Just over 400 lines: the loop, its inbox and the driven step share one
-engine lock and one set of counters, which splitting the class would scatter.
+engine lock and one set of counters, which splitting the class would scatter; the KV handoff's
+two ends (park and send on a prefill rank, pull on a decode rank) add their actor methods, their
+transport is actors/kv_transfer.py.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import socket
@@ -31,14 +34,16 @@ import torch
 
 from epserve.actors.rank_messages import Deltas, Delivery, StepInput, StepOutput, UnitLayout
 from epserve.messages import RankStats
-from epserve.model.ep_dispatch import AllToAllDispatcher
+from epserve.model.ep_select import make_ep_dispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
 from epserve.pipelines.expert_migration import stage, switch
-from epserve.pipelines.kv_handoff import join_blocks
+from epserve.actors.kv_transfer import PairGroups, park_and_ticket, pull_latents
+from epserve.pipelines.kv_handoff import ParkedKv, split_blocks
 from epserve.pipelines.lockstep import LoopState, Vote, agree
 from epserve.pipelines.overlap import OverlapTuner
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
+from epserve.placement.devices import DeviceAssignmentError, data_backend, local_device_index
 from epserve.placement.prefill_balancer import attn_work
 
 log = logging.getLogger("epserve.rank")
@@ -54,6 +59,15 @@ class RankActor:
     def __init__(self, spec: RankSpec, layout: UnitLayout, phy2log: torch.Tensor):
         if not torch.cuda.is_available():
             torch.set_num_threads(1)   # many ranks share few cores on a CPU test box
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if spec.device.startswith("cuda") and torch.cuda.is_available():   # this rank's own GPU (placement/devices.py)
+            index = local_device_index(self.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if index >= torch.cuda.device_count():
+                raise DeviceAssignmentError(f"Ray assigned GPU {self.gpu_ids[0]} (cuda:{index}) but this process sees "
+                                            f"{torch.cuda.device_count()} GPU(s): does the node advertise more GPUs "
+                                            "than it has?")
+            torch.cuda.set_device(index)
+            spec = dataclasses.replace(spec, device=f"cuda:{index}")
         self.spec, self.layout, self.phy2log = spec, layout, phy2log
         self.engine: RankEngine | None = None
         self.map_version, self.n_steps, self.switched_at = 0, 0, {}
@@ -73,10 +87,13 @@ class RankActor:
                        "steps": 0}
         self.last_stats = self.pushed_stats = RankStats(layout.unit, layout.rank)
         self.streaming: set[str] = set()
+        self.handoff_timing = {"n": 0, "seconds": 0.0, "bytes": 0, "by": {}}
+        self.parked_kv = ParkedKv()                     # prefill role, collective handoff: latents awaiting their pull
+        self.pairs: PairGroups | None = None
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "rank": self.layout.rank}
+                "rank": self.layout.rank, "gpu_ids": self.gpu_ids, "device": self.spec.device}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0 only: bind a free port on this node and publish (ip, port) to the unit."""
@@ -89,23 +106,25 @@ class RankActor:
         """Join the unit's process groups and load this rank's weights; returns what was loaded.
         timeout_s bounds every collective: a rank whose peer died raises instead of hanging."""
         lay = self.layout
-        use_cuda = torch.cuda.is_available() and self.spec.device.startswith("cuda")
+        backend = data_backend(self.spec.device) if torch.cuda.is_available() else "gloo"
         if master[0].startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         t0 = time.time()
         torch.distributed.init_process_group(
-            "nccl" if use_cuda else "gloo", init_method=f"tcp://{master[0]}:{master[1]}",
+            backend, init_method=f"tcp://{master[0]}:{master[1]}",
             rank=lay.rank, world_size=lay.world, timeout=timedelta(seconds=timeout_s))
         if lay.world > 1:   # the per-step agreement runs on the host, beside the data collectives
             self.ctrl = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self.pairs = PairGroups(f"u{lay.unit}r{lay.rank}-{os.getpid()}-{id(self):x}", self.spec.device,
+                                min(timeout_s, 30.0))
 
         def dispatcher(kb, args):
             em = ExpertMap(self.phy2log, args.n_routed_experts, lay.world, lay.gpus_per_node)
             if lay.world == 1:          # every slot here: no exchange (and the CUDA-graph decode path)
                 return LocalDispatcher(kb, em, args.n_dense_layers)
-            return AllToAllDispatcher(kb, em, args.n_dense_layers, lay.rank, lay.world, lay.gpus_per_node,
-                                      lay.fp8_dispatch, latency_s=self.spec.latency_s,
-                                      bandwidth=self.spec.bandwidth)
+            return make_ep_dispatcher(kb, args, em, lay.rank, lay.world, lay.gpus_per_node, lay.fp8_dispatch,
+                                      self.spec.device, self.spec.ep_dispatch, self.spec.max_batch_size,
+                                      latency_s=self.spec.latency_s, bandwidth=self.spec.bandwidth)
 
         self.engine = RankEngine(self.spec, dispatcher)
         d = self.engine.dispatcher
@@ -116,7 +135,8 @@ class RankActor:
                  ray.get_runtime_context().get_node_id()[:8], time.time() - t0, self.engine.load_stats)
         return {**self.info(), "load": self.engine.load_stats, "experts": experts,
                 "max_model_len": self.engine.max_model_len, "kv_pages": self.engine.cache.n_pages,
-                "kernels": self.engine.kb.__name__.rsplit(".", 1)[-1], "cuda_graphs": self.engine.graphs is not None}
+                "kernels": self.engine.kb.__name__.rsplit(".", 1)[-1], "cuda_graphs": self.engine.graphs is not None,
+                "ep_dispatch": type(d).__name__}
 
     # ---- the inbox (called on the actor's other threads while the loop runs) ----------------
     def _post(self, kind: str, payload) -> None:
@@ -209,7 +229,7 @@ class RankActor:
                 continue
             t_step, c_step = time.perf_counter(), time.thread_time()
             with self.engine_lock:
-                deltas = eng.step(plan.schedule)
+                deltas = eng.step(plan.schedule, decode_only=plan.phase != "prefill")
                 self.last_stats = self._stats()
             t_step, c_step = time.perf_counter() - t_step, time.thread_time() - c_step
             self.n_steps += 1
@@ -292,9 +312,30 @@ class RankActor:
         return self.map_version
 
     def _publish_kv(self, deltas: list[TokenDelta]) -> None:
-        for d in deltas:                    # prefill role: publish the handed-off blocks, rank to rank
-            if d.kv_blocks is not None:
+        """Prefill role: blocks go into the object store (refs travel); a device tensor is parked
+        here and a KvTicket travels (the decode rank pulls it over a pair group)."""
+        for d in deltas:
+            if isinstance(d.kv_blocks, list):
                 d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
+            elif d.kv_blocks is not None:
+                me = ray.get_runtime_context().current_actor
+                d.kv_blocks = park_and_ticket(self.parked_kv, d.request_id, d.kv_blocks, me, self.pairs.me_id)
+
+    # ---- the collective handoff's sending end (called by the decode rank) --------------------
+    def join_pair(self, pair_id: str, host: str, port: int) -> None:
+        self.pairs.join(pair_id, host, port)
+
+    def send_kv(self, pair_id: str, request_id: str) -> int:
+        return self.pairs.send(pair_id, self.parked_kv.take(request_id, time.time()))
+
+    def kv_objects(self, request_id: str) -> list | None:
+        """The object-store fallback for a parked request: its latents as block refs (None: gone)."""
+        lat = self.parked_kv.take(request_id, time.time())
+        return None if lat is None else [ray.put(b) for b in split_blocks(lat.cpu(), self.spec.block_tokens)]
+
+    def handoff_stats(self) -> dict:
+        return {**(self.pairs.stats if self.pairs else {}), "parked": len(self.parked_kv.items),
+                "parked_bytes": self.parked_kv.nbytes, "timing": dict(self.handoff_timing)}
 
     def _push(self, deltas: list[TokenDelta], rejected) -> None:
         t = time.perf_counter()
@@ -336,7 +377,7 @@ class RankActor:
             for rid in inp.aborts:
                 eng.abort(rid)
             rejected = self._add(inp.new)
-            deltas = eng.step(inp.schedule)
+            deltas = eng.step(inp.schedule, inp.decode_only)
             self._publish_kv(deltas)
             return StepOutput(deltas, self._stats(), eng.has_work, rejected, self.map_version,
                               eng.last_step_tokens, eng.can_prefill())
@@ -359,18 +400,25 @@ class RankActor:
                     stages[f"{name} gpu"] = stages.get(f"{name} gpu", 0.0) + ev.device_time_total / 1e3
         return out, stages
 
-    @staticmethod
-    def _receive_kv(seq: Sequence):
-        """Fetch handed-off blocks straight from the prefill rank's object store; None -> recompute."""
-        refs, seq.kv_blocks = seq.kv_blocks, None
-        if not refs:
+    def _receive_kv(self, seq: Sequence):
+        """The handed-off latents: a ticket is pulled over the pair group with its prefill rank (auto:
+        else as object refs from it), refs straight from its object store; None -> recompute."""
+        got, seq.kv_blocks = seq.kv_blocks, None
+        if not got:
             return None
+        t0 = time.perf_counter()
         try:
-            return join_blocks(ray.get(refs, timeout=60))
-        except Exception as exc:           # the prefill rank died or the objects were lost
+            lat = pull_latents(self.pairs, got, self.spec.kv_handoff, self.spec.device)
+        except Exception as exc:           # the prefill rank died, the objects or the ticket were lost
             log.warning("KV handoff for %s lost (%r); recomputing its prompt here", seq.request_id, exc)
             seq.reset_for_recompute()
             return None
+        ht = self.handoff_timing           # both transports, measured alike (bench handoff reads it)
+        ht["n"] += 1
+        ht["seconds"] += time.perf_counter() - t0
+        ht["bytes"] += lat.numel() * lat.element_size()
+        ht["by"][type(got).__name__] = ht["by"].get(type(got).__name__, 0) + 1
+        return lat
 
     def _stats(self) -> RankStats:
         b, cache = self.engine.batcher, self.engine.cache
@@ -414,5 +462,8 @@ class RankActor:
         self._wake_peers()
 
     def shutdown(self) -> None:
+        close = getattr(self.engine.dispatcher, "close", None) if self.engine is not None else None
+        if close is not None:            # DeepEP's buffer is destroyed explicitly, before its group
+            close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -21,6 +21,7 @@ class StepInput:
     aborts: list[str] = field(default_factory=list)
     switch_map: int | None = None
     schedule: str | None = None
+    decode_only: bool = False          # no rank prefills in this step (DeepEP: low-latency kernels)
 
 
 @dataclass

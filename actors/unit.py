@@ -27,6 +27,7 @@ from epserve.actors.rank_messages import Delivery, UnitLayout
 from epserve.messages import RankStats
 from epserve.pipelines.runner import RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
+from epserve.placement.devices import NOSET_ENV, check_distinct_gpus
 from epserve.placement.groups import create_unit_placement, remove_unit_placement
 from epserve.placement.topology import UnitShape, initial_phy2log
 
@@ -104,12 +105,17 @@ class UnitSupervisor:
             None, lambda: create_unit_placement(name, s.nodes_per_unit, s.gpus_per_node, self.cpus_per_rank))
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         self.ranks = []
+        # On CUDA every rank sees all GPUs of its node and drives its own by index (peers reachable
+        # over NVLink for NCCL P2P and DeepEP's IPC buffers); placement/devices.py has the cases.
+        extra = {"runtime_env": {"env_vars": {NOSET_ENV: "1"}}} if self.spec.device.startswith("cuda") else {}
         for r in range(s.n_ranks):
             strategy = PlacementGroupSchedulingStrategy(self.placement.pg, placement_group_bundle_index=
                                                         self.placement.rank_bundle[r])
             layout = UnitLayout(self.unit_id, r, s.n_ranks, s.gpus_per_node, self.fp8_dispatch)
-            self.ranks.append(RankActor.options(num_gpus=1, num_cpus=self.cpus_per_rank,
-                                                scheduling_strategy=strategy).remote(self.spec, layout, self.phy2log))
+            self.ranks.append(RankActor.options(num_gpus=1, num_cpus=self.cpus_per_rank, scheduling_strategy=strategy,
+                                                **extra).remote(self.spec, layout, self.phy2log))
+        where = await asyncio.gather(*[rk.info.remote() for rk in self.ranks])
+        check_distinct_gpus([(w["node_id"], w["gpu_ids"]) for w in where])
         master = await self.ranks[0].rendezvous_address.remote()
         timeout = min(self.step_timeout_s, 600.0)
         self.rank_info = await asyncio.gather(*[rk.setup.remote(master, timeout) for rk in self.ranks])

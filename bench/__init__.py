@@ -11,7 +11,12 @@ kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
 grammar grammar libraries (llguidance, xgrammar, outlines-core): compile ms per schema, mask us per token
 prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
-overlap step time with the overlapped schedules on/off, prefill and decode, with and without injected latency
+overlap step time with the overlapped schedules on/off/auto, prefill and decode, with and without injected latency;
+        --gpus N: a unit of N ranks on N GPUs of this host (NCCL; DeepEP where it passes), no injected cost
+handoff prefill -> decode KV handoff, pair group (collective) vs object store: GB/s, ms, share of TTFT
+step --gpus N  real EP across N GPUs of this host: a V3 MoE layer's dispatch, experts and combine timed
+deepep  DeepEP dispatch/combine bandwidth and latency at V3 shapes (7168, top-8, FP8 dispatch), normal and
+        low-latency, against NVLink's rate (--gpus N, default 8)
 --profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit;
         with `engine --device cuda`: a trace of one rank's decode steps (graph replays vs launches)
 serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server; --constrained:
@@ -53,13 +58,18 @@ def run(args) -> dict:
         out = mod.run(model=args.model, batches=[int(b) for b in args.batches.split(",")], n_tokens=args.tokens,
                       with_transformers=not args.no_transformers)
     elif args.what == "overlap":
-        out = mod.run(model=args.model, latency_ms=args.latency_ms)
-    elif args.what in ("units", "prefix", "starts", "admission"):
+        out = mod.run(model=args.model, latency_ms=args.latency_ms, gpus=args.gpus)
+    elif args.what in ("units", "prefix", "starts", "admission", "handoff"):
         out = mod.run(model=args.model)
+    elif args.what == "step" and args.gpus:
+        from epserve.bench import ep
+        out = ep.run_step(args.gpus, backend=args.backend, phase=args.phase, tokens=args.step_tokens)
     elif args.what == "step":
         out = mod.run(backend=args.backend, phase=args.phase, tokens=args.step_tokens, graphs=not args.eager)
     elif args.what == "grammar":
         out = mod.run(device=getattr(args, "device", "cpu"))
+    elif args.what == "deepep":
+        out = mod.run(args.gpus or 8)
     elif args.what == "kernels":
         out = mod.run(backends=tuple(args.backends.split(",")))
     elif args.what == "serve":

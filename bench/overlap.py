@@ -51,14 +51,16 @@ class _Unit:
     """A 2-rank unit on one fake node, stepped directly (no supervisor loop) for timing."""
 
     def __init__(self, model_dir: str, args, latency_s: float = 0.0, bandwidth: float = 0.0,
-                 kernels: str = "reference"):
-        gpus = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+                 kernels: str = "reference", n_gpus: int | None = None):
+        gpus = n_gpus or (2 if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else 0)
         spec = RankSpec(model_dir, kernels=kernels if not gpus else "auto", kv_pages=512, overlap="on",
-                        latency_s=latency_s, bandwidth=bandwidth, device="cuda" if gpus else "cpu")
-        self.sup = UnitSupervisor.remote(0, "bench", spec, UnitShape(1, 2, args.n_routed_experts),
+                        latency_s=latency_s, bandwidth=bandwidth, device="cuda" if gpus else "cpu",
+                        dtype="bfloat16" if n_gpus else "float32", cuda_graphs=False)
+        self.sup = UnitSupervisor.remote(0, "bench", spec, UnitShape(1, max(2, gpus), args.n_routed_experts),
                                          cpus_per_rank=0.01, n_moe_layers=args.n_moe_layers)
-        ray.get(self.sup.start.remote(drive=False))       # the bench steps the ranks itself
+        self.info = ray.get(self.sup.start.remote(drive=False))       # the bench steps the ranks itself
         self.ranks = ray.get(self.sup.rank_handles.remote())
+        self.dispatcher = self.info[0].get("ep_dispatch")
         self.ids = itertools.count()
         self.params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)   # outlives the bench
 
@@ -68,7 +70,9 @@ class _Unit:
 
     def step(self, schedule: str | None, new: bool, profile_dir: str | None = None) -> float:
         t = time.perf_counter()
-        inputs = [StepInput(new=self.prompts() if new else [], schedule=schedule) for _ in self.ranks]
+        # decode steps say so (decode_only): a DeepEP unit then runs its low-latency kernels
+        inputs = [StepInput(new=self.prompts() if new else [], schedule=schedule, decode_only=not new)
+                  for _ in self.ranks]
         if profile_dir:
             outs = ray.get([rk.profiled_step.remote(i, os.path.join(profile_dir, f"{schedule}-rank{r}.json"))
                             for r, (rk, i) in enumerate(zip(self.ranks, inputs))])
@@ -130,13 +134,40 @@ def _exchange_bytes(args, tokens: int) -> int:
     return tokens * args.n_activated_experts * args.n_moe_layers * (2 * args.dim * 4 + 4)
 
 
-def run(model: str | None = None, latency_ms: float | None = None, n_steps: int = 12) -> dict:
+def run_gpus(gpus: int, model: str | None = None, n_steps: int = 12) -> dict:
+    """`bench overlap --gpus N`: a unit of N ranks on N GPUs of this host, real exchanges (NCCL or
+    DeepEP, whichever the unit picks), overlap on / off / auto for prefill and decode."""
+    from epserve.bench.ep import require_gpus
+    require_gpus(gpus, "overlap --gpus")
+    model_dir = str(model or bench_model_dir())
+    args = read_config(model_dir)
+    started = ensure_ray(None, 1, gpus)
+    try:
+        unit = _Unit(model_dir, args, n_gpus=gpus)
+        try:
+            unit.step(None, new=True)                       # warm-up
+            out = {"prefill": _on_off(unit, "prefill", n_steps), "decode": _on_off(unit, "decode", n_steps)}
+            return {"model": model_dir, "gpus": gpus, "device": torch.cuda.get_device_name(),
+                    "ep_dispatch": unit.dispatcher, "kernels": unit.info[0].get("kernels"), "real_exchanges": out,
+                    "note": f"{gpus} ranks, one per GPU, no injected cost; on/off steps alternate in one unit, then "
+                            "auto's tuner probes and picks (auto_ms: after its probes)"}
+        finally:
+            unit.close()
+    finally:
+        if started is not None:
+            started.shutdown()
+
+
+def run(model: str | None = None, latency_ms: float | None = None, n_steps: int = 12,
+        gpus: int | None = None) -> dict:
     """Three regimes per phase: no injected cost; an injected latency; an injected bandwidth.
     Unless given, both are derived from the no-cost run so that communication is comparable to
     compute. Latency: each micro-batch's exchanges (2 per MoE layer) take as long as its half of
     the plain step's compute, L = off_ms / (4 x MoE layers) (splitting doubles the exchanges, so
     the plain step waits half as long as the split one). Bandwidth: a step's bytes take as long
     to send as the plain step computes (splitting does not change the bytes)."""
+    if gpus:
+        return run_gpus(gpus, model, n_steps)
     model_dir = str(model or bench_model_dir())
     args = read_config(model_dir)
     started = ensure_ray(None, 1, 2)

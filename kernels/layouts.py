@@ -106,3 +106,62 @@ def empty_mn_major_scales(shape: tuple[int, ...], device, dtype=torch.float32) -
         g *= b
     t = torch.empty_strided((g, m, nk), (ma * nk, 1, ma), dtype=dtype, device=device)
     return t.view(*batch, m, nk) if len(batch) == 1 else t.unflatten(0, tuple(batch))
+
+
+# ---------------------------------------------------------------- DeepEP's outputs -> these layouts
+# DeepEP (deep_ep.Buffer, V1 API; model/deepep_dispatch.py) hands received rows over in two forms:
+#   normal  recv_x [N, D] (one row per (source rank, token) with >= 1 expert here),
+#           recv_topk_idx [N, K] int64: this rank's LOCAL expert (slot) index or -1,
+#           recv_topk_weights [N, K] fp32; its combine is an UNWEIGHTED sum over ranks, so the
+#           rows going back must already be sum_k w[n, k] * expert_k(x[n]) over the local experts.
+#   low latency  recv_x [E_local, R * N_max, D] with recv_count [E_local] int32: exactly the
+#           masked layout (masked_m = recv_count); its combine applies the gate weights itself.
+# Worked example (normal, K = 2, this rank holds slots 0..3): a token that picked global slots
+# (5, 2) on a 2-rank unit arrives once, with recv_topk_idx [-1, 2] and weights [w0, w1]: one
+# pair (row n, slot 2, weight w1); the row sent back is w1 * expert_2(x[n]).
+
+def normal_recv_pairs(recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor):
+    """recv_topk_idx [N, K] (local slot or -1), recv_topk_weights [N, K] -> (row [N*K] int64,
+    slot [N*K] int64 with -1 where no local expert, weight [N*K] fp32 with 0 there). Pair j is
+    row j // K, so the contiguous layout's -1 rows drop the empty pairs without a host sync."""
+    n, k = recv_topk_idx.shape
+    slot = recv_topk_idx.reshape(-1).long()
+    weight = torch.where(slot >= 0, recv_topk_weights.reshape(-1).float(), 0.0)
+    row = torch.arange(n * k, device=slot.device) // k
+    return row, slot, weight
+
+
+def reduce_pairs(y: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Expert outputs of the pairs y [N*K, D] and weights [N*K] -> per received row [N, D]:
+    sum_k weight * y, what DeepEP's unweighted normal combine must be given."""
+    n = y.shape[0] // k
+    return (y.view(n, k, -1).float() * weight.view(n, k, 1)).sum(1).to(y.dtype)
+
+
+def masked_topk(slots: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Routed slots [T, K] -> DeepEP's topk_idx int64 [T, K], -1 on padding rows of a CUDA-graph
+    bucket (valid False): DeepEP sends those rows nowhere."""
+    idx = slots.long()
+    return idx if valid is None else torch.where(valid[:, None], idx, -1)
+
+
+def ll_max_tokens(max_batch: int, align: int = 128) -> int:
+    """num_max_dispatch_tokens_per_rank for DeepEP's low-latency kernels: the rank's largest decode
+    batch rounded up to whole 128-row tiles, so the masked buffer [E_local, R * N_max, D] is whole
+    tiles per slot for any rank count (DeepGEMM's masked GEMM stores whole tiles)."""
+    return -(-max(1, max_batch) // align) * align
+
+
+def ll_valid_rows(recv_count: torch.Tensor, max_m: int) -> torch.Tensor:
+    """bool [E_local, max_m]: which rows of a low-latency receive buffer hold a token."""
+    return torch.arange(max_m, device=recv_count.device)[None, :] < recv_count[:, None].long()
+
+
+def ll_row_sources(layout_range: torch.Tensor, max_m: int) -> torch.Tensor:
+    """DeepEP's layout_range [E_local, R] int64, (begin << 32) | count per source rank, -> the source
+    rank of each row [E_local, max_m] (-1 past the received rows). Rows of one source are contiguous."""
+    begin, count = layout_range >> 32, layout_range & 0xFFFFFFFF
+    rows = torch.arange(max_m, device=layout_range.device)[None, None, :]
+    inside = (rows >= begin[..., None]) & (rows < (begin + count)[..., None])          # [E, R, max_m]
+    ranks = torch.arange(layout_range.shape[1], device=layout_range.device)[None, :, None]
+    return torch.where(inside, ranks, -1).amax(1)

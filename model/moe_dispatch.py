@@ -12,6 +12,7 @@ CUDA graph; padded rows of the graph's bucket route nowhere and are not counted)
 """
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
 
 import torch
@@ -138,6 +139,10 @@ class LocalDispatcher:
         y = self.kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, max(1, t * k // max(1, shard.n_slots)))
         pairs = torch.where(lay.keep[:, None], y.view(-1, d)[flat], 0)
         return (pairs.view(t, k, d) * weights.unsqueeze(-1).to(pairs.dtype)).sum(1)
+
+    def step_mode(self, low_latency: bool):
+        """The kernels of one step (DeepEP's normal or low-latency); nothing to choose here."""
+        return contextlib.nullcontext()
 
     # launch / compute / finish: the split interface of model/ep_dispatch.py (here nothing is in flight)
     def launch(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):

@@ -137,8 +137,8 @@ class Batcher:
                 self.cache.free(group[0])
                 del self.kv_groups[seq.kv_group]
 
-    def schedule(self) -> Step:
-        step = self._schedule_prefill()
+    def schedule(self, allow_prefill: bool = True) -> Step:
+        step = self._schedule_prefill() if allow_prefill else Step([], [], is_prefill=True)
         return step if not step.is_empty else self._schedule_decode()
 
     def can_prefill(self) -> bool:

@@ -20,7 +20,7 @@ from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
 from epserve.pipelines.block_table import BlockTable
 from epserve.pipelines.cuda_graphs import DecodeGraphs, VerifyGraphs
-from epserve.pipelines.kv_handoff import export_blocks
+from epserve.pipelines.kv_handoff import export_blocks, export_latents
 from epserve.pipelines.mtp_decode import MTPDrafter, can_draft
 from epserve.pipelines.overlap import forward_overlapped
 from epserve.pipelines.prefix_cache import KVStoreSpec, PrefixCache, open_store
@@ -58,6 +58,8 @@ class RankSpec:
     bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
     cuda_graphs: bool = True    # replay decode steps as CUDA graphs where the backend and dispatcher allow
     mtp_draft: int = 0          # MTP drafts per sequence per step (0: off; the checkpoint must carry the module)
+    ep_dispatch: str = "auto"   # auto | deepep | all_to_all: a multi-rank unit's exchange (model/ep_select.py)
+    kv_handoff: str = "auto"    # auto | collective | object: prefill -> decode transport (pipelines/kv_handoff.py)
 
 
 @dataclass
@@ -69,7 +71,8 @@ class TokenDelta:
     logprob: dict | None
     finish_reason: str | None
     n_cached: int = 0
-    kv_blocks: list | None = None   # prefill role: the prompt's latents, handed to the decode rank
+    kv_blocks: object = None        # prefill role: the prompt's latents for the decode rank: CPU blocks (object
+                                    # handoff) or one device tensor (collective), then refs or a ticket
     draft: list | None = None       # prefill role with MTP: the first drafts, handed over with the KV
 
 
@@ -193,25 +196,31 @@ class RankEngine:
     def has_work(self) -> bool:
         return self.batcher.n_requests > 0 or bool(self.loading)
 
-    def step(self, schedule: str | None = None) -> list[TokenDelta]:
-        """schedule: the unit's overlap schedule for this step (pipelines/overlap.py), None: one batch."""
+    def step(self, schedule: str | None = None, decode_only: bool = False) -> list[TokenDelta]:
+        """schedule: the unit's overlap schedule for this step (pipelines/overlap.py), None: one batch.
+        decode_only: the unit agreed that no rank prefills in this step; a dispatcher whose kernels
+        differ by kind of step (DeepEP: low-latency for decode) then holds back prefill here too,
+        so every rank of the unit issues the same kernels."""
         if self.loading:
             if not self.batcher.n_requests:    # only loads pending: give them a moment rather than spin
                 concurrent.futures.wait([f for _, f in self.loading], timeout=0.002,
                                         return_when=concurrent.futures.FIRST_COMPLETED)
             self._admit_loaded()
-        step = self.batcher.schedule()
-        if self.drafter is not None:
-            return self.step_mtp(step, schedule)
-        if schedule is None and not step.is_prefill and not step.is_empty:
-            logits = self.decode(step)
-        else:
-            batch = self.prepare(step)
-            self.last_step_tokens = batch.n_tokens
-            if schedule is not None:
-                logits = forward_overlapped(self.model, batch, self.cache.kv, schedule)
+        low_latency = decode_only and getattr(self.dispatcher, "needs_agreed_phase", False)
+        step = self.batcher.schedule(allow_prefill=not low_latency)
+        with self.dispatcher.step_mode(low_latency):
+            if self.drafter is not None:
+                return self.step_mtp(step, schedule)
+            if schedule is None and not step.is_prefill and not step.is_empty:
+                logits = self.decode(step, graphs_ok=low_latency or not getattr(self.dispatcher, "needs_agreed_phase",
+                                                                                False))
             else:
-                logits = self.model.forward(batch, self.cache.kv)
+                batch = self.prepare(step)
+                self.last_step_tokens = batch.n_tokens
+                if schedule is not None:
+                    logits = forward_overlapped(self.model, batch, self.cache.kv, schedule)
+                else:
+                    logits = self.model.forward(batch, self.cache.kv)
         return self.postprocess(step, logits)
 
     def step_mtp(self, step: Step, schedule: str | None) -> list[TokenDelta]:
@@ -261,15 +270,16 @@ class RankEngine:
         self.batcher.finish(step.seqs)
         return deltas
 
-    def decode(self, step: Step) -> "torch.Tensor":
+    def decode(self, step: Step, graphs_ok: bool = True) -> "torch.Tensor":
         """A pure decode step: (token, position, table row) per sequence, then one graph replay
-        (or the same DecodeBatch forward eagerly). -> logits fp32 [B, vocab]."""
+        (or the same DecodeBatch forward eagerly; graphs_ok False: a DeepEP unit's normal-kernel step,
+        whose exchange the graphs, captured with low-latency kernels, do not hold). -> logits fp32 [B, vocab]."""
         seqs = step.seqs
         ids = [s.last_token for s in seqs]
         pos = [s.n_computed for s in seqs]
         rows = self.table.rows_for(seqs)
         self.last_step_tokens = len(seqs)
-        if self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
+        if graphs_ok and self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
             return self.graphs.run(ids, pos, rows)
         dev = self.device
         t = torch.tensor([ids, pos, rows], dtype=torch.long).to(dev, non_blocking=True)
@@ -308,11 +318,13 @@ class RankEngine:
             seq.append(tok, info)
             delta = TokenDelta(seq.request_id, tok, info, seq.finish_reason, seq.n_cached)
             if self.spec.role == "prefill" and (not seq.is_finished or seq.share_kv):
-                delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens)
+                # n > 1 (share_kv): every choice pulls the same latents, so they go by the object store
+                delta.kv_blocks = export_blocks(self.cache, seq, self.spec.block_tokens) \
+                    if self.spec.kv_handoff == "object" or seq.share_kv else export_latents(self.cache, seq)
                 delta.draft = list(seq.draft) or None
                 if not seq.is_finished:
                     seq.finish_reason = delta.finish_reason = "handoff"
-            self._save_blocks(seq, delta.kv_blocks)
+            self._save_blocks(seq, delta.kv_blocks if isinstance(delta.kv_blocks, list) else None)
             deltas.append(delta)
         self.sampler_state.advance(step.seqs, tokens)
         self.batcher.finish(step.seqs)

@@ -22,7 +22,7 @@ class Sequence:
     n_cached: int = 0              # prompt tokens that came from the KV store (billed as hits)
     finish_reason: str | None = None
     logprobs: list[dict] = field(default_factory=list)
-    kv_blocks: list | None = None  # handed-off prompt latents (object refs in flight, tensors on arrival)
+    kv_blocks: object = None       # handed-off prompt latents: object refs or a KvTicket in flight (kv_handoff.py)
     tenant: str | None = None      # KV-store namespace; None: this request neither reads nor writes the store
     kv_group: str | None = None    # decode rank, n > 1: the choices of one request share their prompt's full KV pages
     share_kv: bool = False         # prefill role, n > 1: hand the prompt's KV off even if this choice ends at its
