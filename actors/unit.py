@@ -78,6 +78,7 @@ class UnitSupervisor:
         self.monitor = None
         self.closing = False
         self.drive = True
+        self.rebuilding = False    # between a failure and the rebuilt unit's resubmission: requests are only tracked
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self, attempts: int = 3, drive: bool = True) -> list[dict]:
@@ -153,8 +154,15 @@ class UnitSupervisor:
 
     async def _restart(self, reason: str) -> None:
         self.n_restarts += 1
+        self.rebuilding = True
         log.warning("%s unit %d: %s; rebuilding the whole unit (restart %d)", self.role, self.unit_id, reason,
                     self.n_restarts)
+        try:
+            await self._rebuild()
+        finally:
+            self.rebuilding = False
+
+    async def _rebuild(self) -> None:
         await self._teardown()
         while not self.closing:
             try:
@@ -250,6 +258,8 @@ class UnitSupervisor:
     def _submit(self, items: list[tuple[Sequence, int]]) -> list[Tracked]:
         """Track every request first, then one inbox call per rank (a rank may answer at once)."""
         trs = [self._track(seq, rank) for seq, rank in items]
+        if self.rebuilding:     # the rebuilt unit resubmits every tracked request (a rank half-built must not)
+            return trs
         per_rank: dict[int, list[Sequence]] = {}
         for seq, rank in items:
             per_rank.setdefault(rank, []).append(seq)
@@ -311,7 +321,7 @@ class UnitSupervisor:
         tr = self.requests.pop(request_id, None)
         if tr is None:
             return False
-        if self.ranks:
+        if self.ranks and not self.rebuilding:     # else it is simply not resubmitted
             self.ranks[tr.rank].abort.remote([request_id])
         if tr.finish_reason is None:
             tr.finish_reason = "abort"
