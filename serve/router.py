@@ -59,16 +59,31 @@ class Router:
     async def _read_registry(self) -> None:
         if self.controller is None or time.monotonic() - self.registry_read < self.registry_s:
             return
-        reg = await self.controller.registry.remote()
+        try:
+            reg = await asyncio.wait_for(self.controller.registry.remote(), 2.0)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+            if not self.handles:
+                raise
+            # restarting (Ray brings it back): keep admitting on the last registry rather than fail every request
+            log.warning("capacity controller unreachable (%s); routing on the registry read %.1fs ago",
+                        type(exc).__name__, time.monotonic() - self.registry_read)
+            self.registry_read = time.monotonic()
+            return
         self.handles = {role: {uid: h for uid, h, _ in reg[role]} for role in reg}
         self.draining = {role: {uid for uid, _, d in reg[role] if d} for role in reg}
         self.registry_read = time.monotonic()
 
     async def _role_stats(self, role: str) -> list[RankStats]:
+        """Every rank of the role's units; a unit that cannot answer (its supervisor gone) is left out,
+        so requests go to the others (or are a 503 when none is left) rather than all failing."""
         units = sorted(self.handles[role].items())
-        per_unit = await asyncio.gather(*[h.stats.remote() for _, h in units])
+        per_unit = await asyncio.gather(*[h.stats.remote() for _, h in units], return_exceptions=True)
+        for (uid, _), got in zip(units, per_unit):
+            if isinstance(got, BaseException):
+                log.warning("%s unit %d did not report its stats (%s); routing around it", role, uid,
+                            type(got).__name__)
         return [dataclasses.replace(s, is_draining=True) if uid in self.draining[role] else s
-                for (uid, _), stats in zip(units, per_unit) for s in stats]
+                for (uid, _), stats in zip(units, per_unit) if not isinstance(stats, BaseException) for s in stats]
 
     async def refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.refreshed < self.refresh_s:
