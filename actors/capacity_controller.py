@@ -78,6 +78,7 @@ class CapacityController:
         """Tests and drills: pretend it is `hour` o'clock (None: the real local time)."""
         self.fake_hour = hour
 
+    @ray.method(enable_task_events=False)
     async def registry(self) -> dict:
         """role -> list of (unit id, handle, is_draining), for the router."""
         self._ensure_loop()

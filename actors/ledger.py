@@ -64,6 +64,7 @@ class LedgerActor:
         self._ensure_ticker()
         return self.writer.n_recovered
 
+    @ray.method(enable_task_events=False)
     async def append(self, rows: list) -> int:
         """Take rows (logged before this returns); returns how many were new."""
         self._ensure_ticker()

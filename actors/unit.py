@@ -197,6 +197,7 @@ class UnitSupervisor:
         await self._teardown()
 
     # ---- what the ranks push -----------------------------------------------------------
+    @ray.method(enable_task_events=False)
     async def deliver(self, d: Delivery) -> None:
         """One rank's push (a fire-and-forget call from its loop), applied in the rank's push order:
         an async actor may run calls from one caller out of order (Ray orders only synchronous,
@@ -293,10 +294,12 @@ class UnitSupervisor:
         return [{"error": str(r), "rejected": isinstance(r, RequestRejected)} if isinstance(r, Exception) else r
                 for r in results]
 
+    @ray.method(enable_task_events=False)
     async def prefill(self, seq: Sequence, rank: int) -> dict:
         """Prefill role: run the prompt, return the first token and the KV blocks' object refs."""
         return (await self.generate([(seq, rank)]))[0]
 
+    @ray.method(enable_task_events=False)
     async def stream(self, seq: Sequence, rank: int):
         """Yield TokenDeltas as they are produced; the caller aborts on disconnect."""
         tr = self._submit([(seq, rank)])[0]
@@ -315,6 +318,7 @@ class UnitSupervisor:
                 await self.abort(seq.request_id)
             self.requests.pop(seq.request_id, None)
 
+    @ray.method(enable_task_events=False)
     async def abort(self, request_id: str) -> bool:
         """Stop a request: its rank drops it before its next step (a step in flight finishes, its
         token is discarded); a `generate` waiting on it returns it with finish_reason "abort"."""
@@ -329,13 +333,16 @@ class UnitSupervisor:
         return True
 
     # ---- observation ---------------------------------------------------------------------
+    @ray.method(enable_task_events=False)
     def request_ids(self) -> set[str]:
         """Requests this unit is running (the router reconciles its in-flight table with them)."""
         return set(self.requests)
 
+    @ray.method(enable_task_events=False)
     def stats(self) -> list[RankStats]:
         return list(self.stats_cache)
 
+    @ray.method(enable_task_events=False)
     def status(self) -> dict:
         # every rank steps together; the one that reported last has the newest counts
         head = max((x for x in self.last if x is not None), key=lambda x: x.n_steps, default=None)

@@ -154,6 +154,7 @@ class RouterActor:
         self.per_decode_rank: dict[str, int] = {}       # "unit/rank" -> requests admitted there
         self.task = None
 
+    @ray.method(enable_task_events=False)
     async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1):
         """-> (Route, prefill unit handle, decode unit handle) or a Refusal."""
         if self.task is None:
@@ -170,10 +171,12 @@ class RouterActor:
         self.per_decode_rank[key] = self.per_decode_rank.get(key, 0) + 1
         return route, *handles
 
+    @ray.method(enable_task_events=False)
     def release(self, request_id: str) -> None:
         self.router.release(request_id)
         self.admitted_at.pop(request_id, None)
 
+    @ray.method(enable_task_events=False)
     async def snapshot(self, force: bool = False) -> dict:
         """Live stats for /health and /metrics: per-rank stats, in-flight count, unit handles."""
         await self.router.refresh(force)
