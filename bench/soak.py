@@ -90,7 +90,7 @@ async def closed_loop(base: str, n_clients: int, until: float, seed: int) -> dic
     return out
 
 
-def measure_capacity(base: str, levels=(2, 4, 8, 16, 32), seconds: float = 25.0) -> tuple[int, list[dict]]:
+def measure_capacity(base: str, levels=(2, 4, 8, 16, 32, 64), seconds: float = 25.0) -> tuple[int, list[dict]]:
     rows = []
     for c in levels:
         t0 = time.time()
