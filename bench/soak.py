@@ -15,6 +15,7 @@ Loopback only; bounded requests; no retries (a failure is counted, not hidden).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import statistics
 import tempfile
@@ -138,12 +139,14 @@ async def soak(srv: ChaosServer, cap: int, duration_s: float, sample_s: float = 
     t0 = time.time()
     end = t0 + duration_s
     samples: list[tuple[float, dict]] = []
+    load_avg: list[float] = []          # the machine's 1-minute load average (other work shares it)
     phases = {"at_capacity": {"ok": 0, "429": 0, "failed": 0, "tokens": 0},
               "above_capacity": {"ok": 0, "429": 0, "failed": 0, "tokens": 0}}
 
     async def sampler():
         while time.time() < end:
             samples.append((time.time() - t0, await asyncio.to_thread(rss_snapshot, srv)))
+            load_avg.append(os.getloadavg()[0])
             await asyncio.sleep(sample_s)
         samples.append((time.time() - t0, await asyncio.to_thread(rss_snapshot, srv)))
     task = asyncio.ensure_future(sampler())
@@ -158,7 +161,8 @@ async def soak(srv: ChaosServer, cap: int, duration_s: float, sample_s: float = 
         minute += 1
     await task
     return {"phases": phases, "memory": memory_report(samples, warmup_s=duration_s / 5), "elapsed_s": round(
-        time.time() - t0, 1)}
+        time.time() - t0, 1), "load_average_1min": {"mean": round(statistics.mean(load_avg), 1),
+                                                    "max": round(max(load_avg), 1)} if load_avg else None}
 
 
 def _add(acc: dict, r: dict) -> None:
