@@ -47,6 +47,8 @@ def test_every_stream_survives_the_fault(chaos, fault):
     """Ranks are rebuilt with their requests resumed, the ledger and the controllers are restarted by
     Ray, bad KV blocks are misses, a full KV disk pauses writes, a truncated part is read from its
     copy: every stream completes with the reference tokens."""
+    if fault == "kv-disk-full" and not chaos.srv.has_small_fs:
+        pytest.skip("no user namespace here for a small file system of our own (a real ENOSPC)")
     row = asyncio.run(chaos.run_fault(fault))
     assert_nothing_wrong(row)
     assert row["completed"] == N_STREAMS, row["streams"]
@@ -56,7 +58,7 @@ def test_every_stream_survives_the_fault(chaos, fault):
         assert row["corrupted_blocks"] > 0 and row["corrupt_blocks_dropped"] >= 2   # the shared prefix's, at least
     if fault == "ledger-truncate":
         assert "truncated" in row
-    if fault == "kv-disk-full" and chaos.srv.has_small_fs:
+    if fault == "kv-disk-full":
         assert "No space left on device" in row["fill"] and row["blocks_written_while_full"] == 0
         assert row["writes_resumed_s"] is not None
 
