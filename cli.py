@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks; print JSON (not tests)")
     b.add_argument("what", nargs="?", default="engine",
                    choices=["engine", "units", "eplb", "kernels", "step", "serve", "prefix", "overlap", "starts",
-                            "admission", "grammar", "handoff", "deepep"])
+                            "admission", "grammar", "handoff", "deepep", "chaos", "soak"])
     b.add_argument("--config", help="serve: config of the server to start (default: the embedded default)")
     b.add_argument("--url", help="serve: measure this running server instead of starting one")
     b.add_argument("--api-key", help="serve --url: bearer key for the server (its model name is read from /v1/models)")
@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                         "compile time per schema")
     b.add_argument("--rate", type=float, help="serve: Poisson arrival rate, requests/s (default: closed loop)")
     b.add_argument("--model")
+    b.add_argument("--faults", help="chaos: comma-separated faults (default: all of them)")
+    b.add_argument("--streams", type=int, default=32, help="chaos: concurrent streams during each fault")
+    b.add_argument("--workdir", help="chaos/soak: folder for the server's config, KV store, ledger and logs")
+    b.add_argument("--duration-s", type=float, default=600.0, help="soak: seconds at capacity")
     b.add_argument("--batches", default="1,8,32")
     b.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     b.add_argument("--no-transformers", action="store_true")
@@ -215,8 +219,8 @@ def _cmd_report(a) -> int:
     if a.plot:
         plot_report(led.requests, led.capacity, a.plot, a.gpus_per_node, pricing=pricing, start=start, end=end)
     if not led.is_complete and not a.skip_bad_parts:
-        first = led.bad_parts[0].path if led.bad_parts else "rows with nulls"
-        print(f"epserve report: error: the figures leave out {len(led.bad_parts)} unreadable ledger part(s) and "
+        first = led.lost_parts[0].path if led.lost_parts else "rows with nulls"
+        print(f"epserve report: error: the figures leave out {len(led.lost_parts)} unreadable ledger part(s) and "
               f"{led.skipped_rows:,} row(s) (first: {first}); repair or move them, or pass --skip-bad-parts",
               file=sys.stderr)
         return EXIT_ERROR

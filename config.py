@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 class RayConfig:
     address: str | None = None        # null: embedded local Ray (fake GPUs on a machine without CUDA)
     num_cpus: int | None = None       # embedded Ray only
+    spare_nodes: int = 0              # embedded simulated cluster only: idle nodes a unit can rebuild on
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ class Config:
                 raise ConfigError(f"{role}.redundant_experts: must be >= 0, got {u.redundant_experts}")
         if self.kv_store.block_tokens < 1 or self.kv_store.capacity_gb <= 0:
             raise ConfigError("kv_store: block_tokens must be >= 1 and capacity_gb > 0")
+        if self.ray.spare_nodes < 0:
+            raise ConfigError(f"ray.spare_nodes: must be >= 0, got {self.ray.spare_nodes}")
         if self.serve.ingress_replicas < 1:
             raise ConfigError(f"serve.ingress_replicas: must be >= 1, got {self.serve.ingress_replicas}")
         if not 0 < self.serve.port < 65536:

@@ -6,7 +6,13 @@ ranks), starts whole units (all a tick adds at once; one that fails does not sto
 others), and removes whole units by draining them: a draining unit
 takes no new requests, its running ones finish, then it stops and its nodes are
 released (the `autoscale.release_hook` command runs with EPSERVE_FREED_GPUS set, e.g.
-a `ray job submit` of a training entrypoint). Start and stop events go to the ledger.
+a `ray job submit` of a training entrypoint). Start and stop events go to the ledger, and a
+start or stop is done only once the ledger has its row (or, if the ledger cannot be reached,
+once the row is written as a part of its own).
+
+Killed, it is restarted by Ray with the units it was built with; its loop comes back with the
+router's next registry read. Units it had started itself die with it (Ray actors share their
+owner's fate) and the rebuilt registry no longer lists them; a drain in progress is forgotten.
 
 Why not Ray Serve's autoscaling policy: units are not Serve replicas (a unit is a
 placement group of rank actors with one lockstep owner), and prefill and decode must
@@ -24,6 +30,7 @@ import time
 import ray
 
 from epserve.actors.launch import UnitOrder, start_all
+from epserve.actors.ledger import append_durably, ledger_root
 from epserve.fleet.ledger import CapacityRow
 from epserve.placement.capacity import CapacityPolicy, CapacityState, FleetLoad, desired_units, parse_schedule
 
@@ -37,7 +44,7 @@ def policy_from_config(cfg) -> CapacityPolicy:
                           decode_bounds=tuple(a.decode_units), downscale_delay_s=a.downscale_delay_s)
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=100)
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
 class CapacityController:
     def __init__(self, cfg, model_dir: str, args, units: dict, ledger=None):
         self.cfg, self.model_dir, self.args, self.ledger = cfg, model_dir, args, ledger
@@ -52,7 +59,12 @@ class CapacityController:
         self.lock = asyncio.Lock()
 
     async def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._loop())
+        self._ensure_loop()
+
+    def _ensure_loop(self) -> None:
+        """Started by the first call, so also after a restart (the router reads the registry every 0.5 s)."""
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
         while True:
@@ -66,8 +78,10 @@ class CapacityController:
         """Tests and drills: pretend it is `hour` o'clock (None: the real local time)."""
         self.fake_hour = hour
 
-    def registry(self) -> dict:
+    @ray.method(enable_task_events=False)
+    async def registry(self) -> dict:
         """role -> list of (unit id, handle, is_draining), for the router."""
+        self._ensure_loop()
         return {role: [(uid, h, uid in self.draining[role]) for uid, h in sorted(self.units[role].items())]
                 for role in ROLES}
 
@@ -115,7 +129,7 @@ class CapacityController:
         ok, failed = await start_all(self.cfg, self.model_dir, self.args, todo)
         for o, unit in ok:
             self.units[o.role][o.uid] = unit
-            self._record(o.role, o.uid, "start", time.time() - t0)
+            await self._record(o.role, o.uid, "start", time.time() - t0)
         for o, why in failed:
             self.events.append({"role": o.role, "unit": o.uid, "event": "start_failed", "why": why})
         return len(ok)
@@ -135,20 +149,20 @@ class CapacityController:
         ray.kill(unit)
         del self.units[role][uid]
         self.draining[role].discard(uid)
-        self._record(role, uid, "stop", time.time() - t0)
+        await self._record(role, uid, "stop", time.time() - t0)
         hook = self.cfg.autoscale.release_hook
         if hook:
             gpus = getattr(self.cfg, role).ranks_per_unit
             subprocess.Popen(hook, shell=True, env={**os.environ, "EPSERVE_FREED_GPUS": str(gpus),
                                                     "EPSERVE_FREED_ROLE": role})
 
-    def _record(self, role: str, uid: int, event: str, took_s: float) -> None:
+    async def _record(self, role: str, uid: int, event: str, took_s: float) -> None:
         gpus = getattr(self.cfg, role).ranks_per_unit
         self.events.append({"role": role, "unit": uid, "event": event, "took_s": round(took_s, 2)})
         log.info("%s unit %d %s (%d GPUs, %.1fs)", role, uid, event, gpus, took_s)
         if self.ledger is not None:
-            self.ledger.append.remote([CapacityRow(ts=time.time(), unit=f"{role}-{uid}", role=role, event=event,
-                                                   gpus=gpus)])
+            row = CapacityRow(ts=time.time(), unit=f"{role}-{uid}", role=role, event=event, gpus=gpus)
+            await append_durably(self.ledger, ledger_root(self.cfg), [row])
 
     async def shutdown(self) -> None:
         if self.task:

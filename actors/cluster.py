@@ -13,6 +13,20 @@ import os
 log = logging.getLogger("epserve.cluster")
 
 MB = 1 << 20
+CONTROL = "epserve_control"     # a resource only the control plane's node offers (see control_options)
+
+
+def control_options() -> dict:
+    """Ray options for a control-plane actor (unit supervisor, EPLB and capacity controllers, ledger,
+    router, ingress replica): where the cluster offers the `epserve_control` resource, there.
+
+    An embedded Ray puts it on its head node (no GPUs), so losing a GPU node kills ranks, which
+    their supervisor rebuilds, and never the supervisor itself (one that died took its unit with
+    it: every request then failed). On a cluster of your own, start the CPU node that should hold
+    the control plane with `ray start --resources '{"epserve_control": 10000}'`; without it Ray
+    places these actors where it likes."""
+    import ray
+    return {"resources": {CONTROL: 0.001}} if ray.cluster_resources().get(CONTROL) else {}
 
 
 class EmbeddedRay:
@@ -43,12 +57,13 @@ def ensure_ray(address: str | None, nodes: int, gpus_per_node: int, num_cpus: in
     cpus = num_cpus or max(2, os.cpu_count() or 2)
     if nodes <= 1:
         ray.init(address="local", num_cpus=cpus, num_gpus=gpus_per_node, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=128 * MB, _node_ip_address="127.0.0.1")
+                 object_store_memory=128 * MB, _node_ip_address="127.0.0.1", resources={CONTROL: 10000})
         log.info("started embedded Ray: 1 node, %d (fake) GPUs", gpus_per_node)
         return EmbeddedRay()
     from ray.cluster_utils import Cluster
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=0, include_dashboard=False, node_ip_address="127.0.0.1", object_store_memory=80 * MB))
+        num_cpus=0, include_dashboard=False, node_ip_address="127.0.0.1", object_store_memory=80 * MB,
+        resources={CONTROL: 10000}))
     for _ in range(nodes):
         cluster.add_node(num_cpus=cpus, num_gpus=gpus_per_node, node_ip_address="127.0.0.1",
                          object_store_memory=80 * MB)

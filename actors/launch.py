@@ -79,14 +79,15 @@ async def start_unit(cfg: Config, model_dir: str, args, order: UnitOrder):
     rc = order.role_cfg
     shape = unit_shape(order, args)
     fp8_dispatch = cfg.fp8_activations and args.fp8_block is not None
-    unit = UnitSupervisor.remote(order.uid, order.name, rank_spec(cfg, model_dir, rc, order.role), shape,
-                                 rc.cpus_per_rank, fp8_dispatch,
-                                 n_moe_layers=with_mtp(args, cfg.mtp.n_draft).n_ep_layers)
+    from epserve.actors.cluster import control_options
+    unit = UnitSupervisor.options(**control_options()).remote(
+        order.uid, order.name, rank_spec(cfg, model_dir, rc, order.role), shape, rc.cpus_per_rank, fp8_dispatch,
+        n_moe_layers=with_mtp(args, cfg.mtp.n_draft).n_ep_layers)
     try:
         await unit.start.remote()
         if cfg.eplb.enabled and rc.ranks_per_unit > 1:
             from epserve.actors.eplb_controller import EplbController
-            ctrl = EplbController.remote(unit, shape, args.n_expert_groups, cfg.eplb.interval_s,
+            ctrl = EplbController.options(**control_options()).remote(unit, shape, args.n_expert_groups, cfg.eplb.interval_s,
                                          cfg.eplb.window_steps, cfg.eplb.policy)
             await ctrl.start.remote()
             await unit.attach.remote(ctrl)   # the balancer lives as long as its unit's owner

@@ -12,6 +12,7 @@ immutable parts.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import ray
 
@@ -19,9 +20,26 @@ from epserve.config import Config
 from epserve.fleet.ledger import LedgerWriter
 from epserve.model.tiny import cache_root
 
+log = logging.getLogger("epserve.ledger")
+
 
 def ledger_root(cfg: Config) -> str:
     return cfg.ledger.path or str(cache_root() / "ledger")
+
+
+async def append_durably(ledger, root: str, rows: list, timeout_s: float = 30.0) -> None:
+    """Wait until the ledger actor has `rows` in its log; if it cannot be reached in time, write them
+    as a part of this process's own under the same root (a late duplicate is read once)."""
+    try:
+        await asyncio.wait_for(ledger.append.remote(rows), timeout_s)
+    except Exception as exc:
+        log.error("ledger did not take %d row(s) (%r); writing them to %s directly", len(rows), exc, root)
+
+        def write():
+            with LedgerWriter(root, flush_rows=len(rows)) as w:
+                for row in rows:
+                    w.append(row)
+        await asyncio.to_thread(write)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -46,6 +64,7 @@ class LedgerActor:
         self._ensure_ticker()
         return self.writer.n_recovered
 
+    @ray.method(enable_task_events=False)
     async def append(self, rows: list) -> int:
         """Take rows (logged before this returns); returns how many were new."""
         self._ensure_ticker()

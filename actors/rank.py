@@ -147,9 +147,11 @@ class RankActor:
         if wake:
             self._wake_peers()
 
+    @ray.method(enable_task_events=False)
     def submit(self, seqs: list[Sequence]) -> None:
         self._post("add", seqs)
 
+    @ray.method(enable_task_events=False)
     def abort(self, request_ids: list[str]) -> None:
         self._post("abort", request_ids)
 

@@ -80,6 +80,7 @@ class UnitSupervisor:
         self.monitor = None
         self.closing = False
         self.drive = True
+        self.rebuilding = False    # between a failure and the rebuilt unit's resubmission: requests are only tracked
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self, attempts: int = 3, drive: bool = True) -> list[dict]:
@@ -160,8 +161,15 @@ class UnitSupervisor:
 
     async def _restart(self, reason: str) -> None:
         self.n_restarts += 1
+        self.rebuilding = True
         log.warning("%s unit %d: %s; rebuilding the whole unit (restart %d)", self.role, self.unit_id, reason,
                     self.n_restarts)
+        try:
+            await self._rebuild()
+        finally:
+            self.rebuilding = False
+
+    async def _rebuild(self) -> None:
         await self._teardown()
         while not self.closing:
             try:
@@ -196,6 +204,7 @@ class UnitSupervisor:
         await self._teardown()
 
     # ---- what the ranks push -----------------------------------------------------------
+    @ray.method(enable_task_events=False)
     async def deliver(self, d: Delivery) -> None:
         """One rank's push (a fire-and-forget call from its loop), applied in the rank's push order:
         an async actor may run calls from one caller out of order (Ray orders only synchronous,
@@ -258,6 +267,8 @@ class UnitSupervisor:
     def _submit(self, items: list[tuple[Sequence, int]]) -> list[Tracked]:
         """Track every request first, then one inbox call per rank (a rank may answer at once)."""
         trs = [self._track(seq, rank) for seq, rank in items]
+        if self.rebuilding:     # the rebuilt unit resubmits every tracked request (a rank half-built must not)
+            return trs
         per_rank: dict[int, list[Sequence]] = {}
         for seq, rank in items:
             per_rank.setdefault(rank, []).append(seq)
@@ -292,10 +303,12 @@ class UnitSupervisor:
         return [{"error": str(r), "rejected": isinstance(r, RequestRejected)} if isinstance(r, Exception) else r
                 for r in results]
 
+    @ray.method(enable_task_events=False)
     async def prefill(self, seq: Sequence, rank: int) -> dict:
         """Prefill role: run the prompt, return the first token and the KV blocks' object refs."""
         return (await self.generate([(seq, rank)]))[0]
 
+    @ray.method(enable_task_events=False)
     async def stream(self, seq: Sequence, rank: int):
         """Yield TokenDeltas as they are produced; the caller aborts on disconnect."""
         tr = self._submit([(seq, rank)])[0]
@@ -314,13 +327,14 @@ class UnitSupervisor:
                 await self.abort(seq.request_id)
             self.requests.pop(seq.request_id, None)
 
+    @ray.method(enable_task_events=False)
     async def abort(self, request_id: str) -> bool:
         """Stop a request: its rank drops it before its next step (a step in flight finishes, its
         token is discarded); a `generate` waiting on it returns it with finish_reason "abort"."""
         tr = self.requests.pop(request_id, None)
         if tr is None:
             return False
-        if self.ranks:
+        if self.ranks and not self.rebuilding:     # else it is simply not resubmitted
             self.ranks[tr.rank].abort.remote([request_id])
         if tr.finish_reason is None:
             tr.finish_reason = "abort"
@@ -328,13 +342,16 @@ class UnitSupervisor:
         return True
 
     # ---- observation ---------------------------------------------------------------------
+    @ray.method(enable_task_events=False)
     def request_ids(self) -> set[str]:
         """Requests this unit is running (the router reconciles its in-flight table with them)."""
         return set(self.requests)
 
+    @ray.method(enable_task_events=False)
     def stats(self) -> list[RankStats]:
         return list(self.stats_cache)
 
+    @ray.method(enable_task_events=False)
     def status(self) -> dict:
         # every rank steps together; the one that reported last has the newest counts
         head = max((x for x in self.last if x is not None), key=lambda x: x.n_steps, default=None)

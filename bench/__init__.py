@@ -19,6 +19,9 @@ deepep  DeepEP dispatch/combine bandwidth and latency at V3 shapes (7168, top-8,
         low-latency, against NVLink's rate (--gpus N, default 8)
 --profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit;
         with `engine --device cuda`: a trace of one rank's decode steps (graph replays vs launches)
+chaos   one fault at a time (kill -9 of ranks, ledger, controllers, ingress, a node; full KV disk, corrupt
+        blocks, a truncated ledger part, the whole server killed and restarted) under 32 streams: a table + JSON
+soak    the server at its measured capacity for --duration-s: RSS of every process, failures, 429s above it
 serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server; --constrained:
         decode TPOT with half of a 32-request batch JSON-constrained vs none, grammar compile ms per schema
         (with no --url: starts the embedded default server, measures it, stops it)
@@ -74,6 +77,11 @@ def run(args) -> dict:
         out = mod.run(backends=tuple(args.backends.split(",")))
     elif args.what == "serve":
         out = _bench_serve(mod, args)
+    elif args.what == "chaos":
+        faults = tuple(args.faults.split(",")) if args.faults else mod.FAULTS
+        out = mod.run(faults=faults, n_streams=args.streams, model=args.model, workdir=args.workdir)
+    elif args.what == "soak":
+        out = mod.run(duration_s=args.duration_s, model=args.model, workdir=args.workdir)
     else:
         out = mod.run()
     return {"bench": args.what, "env": environment(), "results": out}

@@ -6,7 +6,8 @@ prefill ranks `load_prefix` it and `save` the new full blocks.
 
 Must never: raise on a disk fault or a bad file (a bad block is a miss, never
 wrong output; a full or unwritable disk turns writes off with one warning and
-serving goes on), share blocks across tenants unless a shared namespace is
+serving goes on, and writes are tried again every `write_retry_s`, so they resume once
+there is room), share blocks across tenants unless a shared namespace is
 configured (a shared cache leaks prompts through hit timing), or import Ray.
 
 Keys (fleet/kv_block_format.block_keys) are chained sha256 hashes per full block,
@@ -90,13 +91,14 @@ class KVStore:
     fsync: fsync each block and its directory before counting it written.
     low_watermark: eviction goes down to this fraction of capacity_bytes.
     touch_interval_s: a hit refreshes a block's mtime (LRU recency) when it is older than this.
+    write_retry_s: after a write fails for a full or unwritable disk, writes pause this long, then retry.
     """
 
     def __init__(self, root: str | os.PathLike, model_id: str, dtype: torch.dtype | str,
                  block_shape: tuple[int, int, int], capacity_bytes: int,
                  shared_namespace: str | None = None, *, fsync: bool = False,
                  low_watermark: float = 0.9, rescan_interval_s: float = 60.0,
-                 stale_tmp_s: float = 3600.0, touch_interval_s: float = 60.0):
+                 stale_tmp_s: float = 3600.0, touch_interval_s: float = 60.0, write_retry_s: float = 10.0):
         if isinstance(dtype, str):
             if not isinstance(getattr(torch, dtype, None), torch.dtype):
                 raise ValueError(f"kv_store dtype={dtype!r} is not a torch dtype")
@@ -118,6 +120,7 @@ class KVStore:
         self.rescan_interval_s = rescan_interval_s
         self.stale_tmp_s = stale_tmp_s
         self.touch_interval_s = touch_interval_s
+        self.write_retry_s = write_retry_s
         self.stats = KVStoreStats()
         self._lock = threading.RLock()
         self._index: dict[str, tuple[int, float]] = {}  # key -> (file bytes, last use as mtime)
@@ -125,6 +128,7 @@ class KVStore:
         self._last_scan = 0.0
         self._warned: set[str] = set()
         self._writes_enabled = True
+        self._writes_paused_until = 0.0                 # a full or unwritable disk: no write before this
         if self.capacity_bytes < self.block_file_bytes:
             self._disable_writes(f"capacity_bytes={self.capacity_bytes} is below one block")
         else:
@@ -155,7 +159,7 @@ class KVStore:
 
     @property
     def writes_enabled(self) -> bool:
-        return self._writes_enabled
+        return self._writes_enabled and time.monotonic() >= self._writes_paused_until
 
     @property
     def total_bytes(self) -> int:
@@ -279,7 +283,7 @@ class KVStore:
         if tuple(kv.shape) != self.spec.shape or kv.dtype != self.spec.dtype:
             raise ValueError(f"kv_store.save: got {tuple(kv.shape)} {kv.dtype}, "
                              f"want {self.spec.shape} {self.spec.dtype}")
-        if not self._writes_enabled:
+        if not self._writes_enabled or time.monotonic() < self._writes_paused_until:
             return False
         if path.is_file():  # same key = same content; refresh its recency instead
             with contextlib.suppress(OSError):
@@ -388,7 +392,10 @@ class KVStore:
     def _on_write_error(self, e: OSError) -> None:
         self.stats.write_errors += 1
         if e.errno in _WRITE_FATAL:
-            self._disable_writes(f"write failed: {e}")
+            if time.monotonic() >= self._writes_paused_until:
+                self._warn_once(f"pause:{e.errno}", f"kv_store at {self.root}: write failed ({e}); writes are "
+                                f"off for {self.write_retry_s:g}s at a time until one succeeds, reads continue")
+            self._writes_paused_until = time.monotonic() + self.write_retry_s
         else:
             self._warn_once(f"write:{e.errno}", f"kv_store: write failed, block skipped: {e}")
 

@@ -4,8 +4,10 @@ A report must never drop data silently. A part that cannot be read (torn, foreig
 column of another type) is named with its reason and the rows its footer declares (None
 when even the footer is gone); rows with a null in a column are counted and left out; a
 row whose identity was already read (a retried append) is counted once and the repeat
-is counted as a duplicate. `epserve report` prints all of it and fails unless told to
-accept the skips (--skip-bad-parts).
+is counted as a duplicate. An unreadable part whose batch log was kept
+(fleet/ledger_wal.py: `wal/flushed/<token>-<seq>.jsonl`) is read from that copy instead:
+still named, with the rows restored, and nothing is left out. `epserve report` prints all
+of it and fails unless told to accept the skips (--skip-bad-parts).
 
 Reads files, computes no statistics (fleet/report.py). No Ray.
 """
@@ -21,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from epserve.fleet.ledger import CAPACITY_SCHEMA, REQUESTS_SCHEMA, TS, to_utc
+from epserve.fleet.ledger import _ROW_TYPES, CAPACITY_SCHEMA, REQUESTS_SCHEMA, TS, rows_to_table, to_utc
+from epserve.fleet.ledger_wal import flushed_rows
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class BadPart:
     path: str
     reason: str             # "ArrowInvalid: ..." (first line, at most 200 characters)
     rows: int | None        # rows the part's footer declares; None when the footer is unreadable
+    restored: int | None = None   # rows read from the batch's kept log instead (None: no copy)
 
 
 @dataclass(frozen=True)
@@ -48,27 +52,34 @@ class LedgerRead:
     @property
     def skipped_rows(self) -> int:
         """Rows known to be left out: declared by unreadable parts, plus rows with nulls."""
-        return sum(p.rows or 0 for p in self.bad_parts) + self.null_rows
+        return sum(p.rows or 0 for p in self.lost_parts) + self.null_rows
+
+    @property
+    def lost_parts(self) -> tuple[BadPart, ...]:
+        """Unreadable parts with no copy to restore them from."""
+        return tuple(p for p in self.bad_parts if p.restored is None)
 
     @property
     def is_complete(self) -> bool:
-        return not self.bad_parts and not self.null_rows
+        return not self.lost_parts and not self.null_rows
 
     def to_dict(self) -> dict:
         return {"parts": self.n_parts, "unreadable_parts": len(self.bad_parts),
                 "bad_parts": [p.__dict__ for p in self.bad_parts], "skipped_rows": self.skipped_rows,
-                "parts_with_unknown_rows": sum(p.rows is None for p in self.bad_parts),
+                "restored_rows": sum(p.restored or 0 for p in self.bad_parts),
+                "parts_with_unknown_rows": sum(p.rows is None for p in self.lost_parts),
                 "null_rows": self.null_rows, "duplicate_rows": self.duplicate_rows}
 
     def format(self) -> str:
         """Lines for the text report: counts, then each unreadable part with its reason."""
-        unknown = sum(p.rows is None for p in self.bad_parts)
+        unknown = sum(p.rows is None for p in self.lost_parts)
         rows = f"{self.skipped_rows:,}" + (f" + the rows of {unknown} part(s) whose footer is unreadable"
                                            if unknown else "")
         lines = [f"ledger parts read: {self.n_parts - len(self.bad_parts)} of {self.n_parts}; "
                  f"unreadable: {len(self.bad_parts)}; skipped rows: {rows}; "
                  f"duplicate rows counted once: {self.duplicate_rows:,}"]
         lines += [f"  unreadable part {p.path} ({p.rows if p.rows is not None else 'unknown'} rows): {p.reason}"
+                  + (f"; {p.restored} rows restored from its batch log" if p.restored is not None else "")
                   for p in self.bad_parts]
         return "\n".join(lines)
 
@@ -92,6 +103,15 @@ def _declared_rows(path: Path) -> int | None:
         return None
 
 
+def _from_copy(root: Path, path: Path, schema: pa.Schema) -> pa.Table | None:
+    """An unreadable part's rows from its batch's kept log (`part-...-<token>-<seq>.parquet`), or None."""
+    _, token, seq = path.stem.rsplit("-", 2) if path.stem.count("-") >= 2 else ("", "", "")
+    if not seq.isdigit():
+        return None
+    rows = flushed_rows(root, token, int(seq), path.parent.name, _ROW_TYPES)
+    return None if rows is None else rows_to_table(rows, schema)
+
+
 def _read_folder(folder: Path, schema: pa.Schema) -> _Folder:
     parts, bad, n_null = [], [], 0
     paths = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
@@ -99,8 +119,11 @@ def _read_folder(folder: Path, schema: pa.Schema) -> _Folder:
         try:
             table = pq.read_table(path).select(schema.names).cast(schema)
         except Exception as exc:      # torn, foreign, a column of another type: named, never hidden
-            bad.append(BadPart(str(path), _reason(exc), _declared_rows(path)))
-            continue
+            table = _from_copy(folder.parent, path, schema)
+            bad.append(BadPart(str(path), _reason(exc), _declared_rows(path),
+                               None if table is None else table.num_rows))
+            if table is None:
+                continue
         if table.num_rows:
             has_null = functools.reduce(pc.or_, [pc.is_null(table[c]) for c in schema.names])
             n = pc.sum(has_null).as_py() or 0

@@ -76,24 +76,27 @@ def start_ledger(cfg: Config):
     import ray
 
     from epserve.actors.ledger import LedgerActor, ledger_root
-    ledger = LedgerActor.remote(ledger_root(cfg), cfg.ledger.flush_rows, cfg.ledger.flush_interval_s)
+    from epserve.actors.cluster import control_options
+    ledger = LedgerActor.options(**control_options()).remote(ledger_root(cfg), cfg.ledger.flush_rows, cfg.ledger.flush_interval_s)
     ray.get(ledger.start.remote())
     return ledger
 
 
 def embedded_shape(cfg: Config) -> tuple[int, int]:
-    """(nodes, GPUs per node) an embedded Ray needs to host every unit."""
+    """(nodes, GPUs per node) an embedded Ray needs to host every unit, plus `ray.spare_nodes`
+    (a simulated cluster then, even for one-node units: a unit whose node dies rebuilds on a spare)."""
     roles = (cfg.prefill, cfg.decode)
-    if all(r.nodes_per_unit == 1 for r in roles):
+    if all(r.nodes_per_unit == 1 for r in roles) and not cfg.ray.spare_nodes:
         return 1, sum(r.units * r.gpus_per_node for r in roles)
-    return sum(r.units * r.nodes_per_unit for r in roles), max(r.gpus_per_node for r in roles)
+    return (sum(r.units * r.nodes_per_unit for r in roles) + cfg.ray.spare_nodes,
+            max(r.gpus_per_node for r in roles))
 
 
 def start_deployment(cfg: Config) -> Deployment:
     import ray
     from ray import serve
 
-    from epserve.actors.cluster import ensure_ray
+    from epserve.actors.cluster import control_options, ensure_ray
     from epserve.actors.launch import orders, start_units
     from epserve.serve.ingress import Ingress
     model_dir = str(cfg.model or default_model_dir())
@@ -110,14 +113,15 @@ def start_deployment(cfg: Config) -> Deployment:
                                                              "decode": list(range(len(dec)))}, "start")))
         if cfg.autoscale.enabled:
             from epserve.actors.capacity_controller import CapacityController
-            dep.capacity = CapacityController.remote(cfg, model_dir, args, {"prefill": pre, "decode": dec},
+            dep.capacity = CapacityController.options(**control_options()).remote(cfg, model_dir, args, {"prefill": pre, "decode": dec},
                                                      dep.ledger)
             ray.get(dep.capacity.start.remote())
         from epserve.serve.router import RouterActor
         units = None if dep.capacity is not None else {"prefill": pre, "decode": dec}
-        dep.router = RouterActor.remote(units, cfg.serve.max_queue, dep.capacity)
+        dep.router = RouterActor.options(**control_options()).remote(units, cfg.serve.max_queue, dep.capacity)
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        serve.run(Ingress.options(num_replicas=cfg.serve.ingress_replicas).bind(
+        serve.run(Ingress.options(num_replicas=cfg.serve.ingress_replicas,
+                                  ray_actor_options={"num_cpus": 0, **control_options()}).bind(
             cfg, model_dir, pre, dec, dep.ledger, dep.capacity, dep.router), name="epserve",
             route_prefix="/", blocking=False)
     except BaseException:
@@ -139,8 +143,9 @@ def run_server(config: str | None = None, model: str | None = None, host: str | 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):   # after Ray's init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())
-    print(f"epserve: serving on http://{cfg.serve.host}:{cfg.serve.port}/v1 (model {cfg.serve.model_name!r}); "
-          "Ctrl-C to stop", flush=True)
+    import ray
+    print(f"epserve: serving on http://{cfg.serve.host}:{cfg.serve.port}/v1 (model {cfg.serve.model_name!r}; "
+          f"Ray at {ray.get_runtime_context().gcs_address}); Ctrl-C to stop", flush=True)
     try:
         while not stop.is_set():
             time.sleep(0.2)

@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -50,6 +51,22 @@ app = FastAPI(title="epserve", docs_url=None, redoc_url=None)
 
 def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+class _Stream(StreamingResponse):
+    """SSE that calls `on_close` however the response ends. A client that leaves before the first
+    byte cancels the response before its body generator has started, and a generator that never
+    started runs no `finally` (its request would stay admitted, its tenant slot taken, until shutdown)."""
+
+    def __init__(self, body, on_close):
+        super().__init__(body, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
@@ -211,7 +228,11 @@ class Ingress:
                           self._echo(req, ids) if not chat and req.echo else None)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             cached = await asyncio.to_thread(self._cached_tokens, ids, tenant.namespace)   # file checks: off the loop
-            route = await self.router.admit(rid, len(ids), cached, params.max_tokens, req.n)
+            try:
+                route = await self.router.admit(rid, len(ids), cached, params.max_tokens, req.n)
+            except ray.exceptions.RayError as exc:   # the router restarting: retriable, not a bare 500
+                raise APIError(503, f"routing is unavailable ({type(exc).__name__}); retry", "server_error",
+                               code="unavailable", headers={"Retry-After": "1"}) from None
         except APIError as exc:
             self.limits.release(tenant)
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
@@ -224,8 +245,15 @@ class Ingress:
         states = [ChoiceState(i, shape, IncrementalText(self.tokenizer) if self.tokenizer else None, params.stop)
                   for i in range(req.n)]
         if req.stream:
-            return StreamingResponse(self._sse(live, req, choices, states, endpoint), media_type="text/event-stream")
+            return _Stream(self._sse(live, req, choices, states, endpoint), on_close=lambda: self._closed(rid))
         return await self._complete(live, req, choices, states, endpoint, request)
+
+    def _closed(self, rid: str) -> None:
+        """A stream's response ended, however: a request still open here never reached its generator's own
+        ending (the client left before the first byte, so the body never started): abort row, slot back."""
+        if rid in self.acct.live:
+            self.acct.finish_detached(rid, "abort")
+            self.router.release(rid)
 
     def _echo(self, req, ids: list[int]) -> str:
         return req.prompt if isinstance(req.prompt, str) else (self.tokenizer.decode(ids) if self.tokenizer else "")

@@ -59,16 +59,31 @@ class Router:
     async def _read_registry(self) -> None:
         if self.controller is None or time.monotonic() - self.registry_read < self.registry_s:
             return
-        reg = await self.controller.registry.remote()
+        try:
+            reg = await asyncio.wait_for(self.controller.registry.remote(), 2.0)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+            if not self.handles:
+                raise
+            # restarting (Ray brings it back): keep admitting on the last registry rather than fail every request
+            log.warning("capacity controller unreachable (%s); routing on the registry read %.1fs ago",
+                        type(exc).__name__, time.monotonic() - self.registry_read)
+            self.registry_read = time.monotonic()
+            return
         self.handles = {role: {uid: h for uid, h, _ in reg[role]} for role in reg}
         self.draining = {role: {uid for uid, _, d in reg[role] if d} for role in reg}
         self.registry_read = time.monotonic()
 
     async def _role_stats(self, role: str) -> list[RankStats]:
+        """Every rank of the role's units; a unit that cannot answer (its supervisor gone) is left out,
+        so requests go to the others (or are a 503 when none is left) rather than all failing."""
         units = sorted(self.handles[role].items())
-        per_unit = await asyncio.gather(*[h.stats.remote() for _, h in units])
+        per_unit = await asyncio.gather(*[h.stats.remote() for _, h in units], return_exceptions=True)
+        for (uid, _), got in zip(units, per_unit):
+            if isinstance(got, BaseException):
+                log.warning("%s unit %d did not report its stats (%s); routing around it", role, uid,
+                            type(got).__name__)
         return [dataclasses.replace(s, is_draining=True) if uid in self.draining[role] else s
-                for (uid, _), stats in zip(units, per_unit) for s in stats]
+                for (uid, _), stats in zip(units, per_unit) if not isinstance(stats, BaseException) for s in stats]
 
     async def refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.refreshed < self.refresh_s:
@@ -139,6 +154,7 @@ class RouterActor:
         self.per_decode_rank: dict[str, int] = {}       # "unit/rank" -> requests admitted there
         self.task = None
 
+    @ray.method(enable_task_events=False)
     async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1):
         """-> (Route, prefill unit handle, decode unit handle) or a Refusal."""
         if self.task is None:
@@ -155,10 +171,12 @@ class RouterActor:
         self.per_decode_rank[key] = self.per_decode_rank.get(key, 0) + 1
         return route, *handles
 
+    @ray.method(enable_task_events=False)
     def release(self, request_id: str) -> None:
         self.router.release(request_id)
         self.admitted_at.pop(request_id, None)
 
+    @ray.method(enable_task_events=False)
     async def snapshot(self, force: bool = False) -> dict:
         """Live stats for /health and /metrics: per-rank stats, in-flight count, unit handles."""
         await self.router.refresh(force)

@@ -132,4 +132,4 @@ def test_report_over_a_clean_ledger_says_nothing_was_skipped(tmp_path):
     r = run("report", "--ledger", str(tmp_path / "ledger"), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["ledger"] == {"parts": 2, "unreadable_parts": 0, "bad_parts": [], "skipped_rows": 0,
-                                              "parts_with_unknown_rows": 0, "null_rows": 0, "duplicate_rows": 0}
+                                              "restored_rows": 0, "parts_with_unknown_rows": 0, "null_rows": 0, "duplicate_rows": 0}

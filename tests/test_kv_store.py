@@ -321,7 +321,7 @@ def test_unwritable_root_disables_writes_without_raising(tmp_path, caplog):
 
 
 def test_disk_full_turns_writes_off_once_and_reads_continue(tmp_path, monkeypatch, caplog):
-    store = make_store(tmp_path)
+    store = make_store(tmp_path, write_retry_s=0.3)
     keys = keys_for(store, 3)
     assert store.save(keys[0], block(0))
 
@@ -335,3 +335,6 @@ def test_disk_full_turns_writes_off_once_and_reads_continue(tmp_path, monkeypatc
     assert not store.writes_enabled and store.stats.write_errors == 1
     assert len(warnings(caplog)) == 1 and "No space left" in caplog.text
     assert torch.equal(store.load(keys[0]), block(0)) and store.lookup(keys) == 1
+    monkeypatch.undo()                                   # the disk has room again: writes resume on their own
+    time.sleep(0.35)
+    assert store.writes_enabled and store.save(keys[1], block(1)) and store.lookup(keys) == 2

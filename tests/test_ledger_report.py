@@ -1,6 +1,7 @@
 """Parquet ledger (round trip, batching, crash safety, validation) and the seed's report."""
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -138,7 +139,26 @@ def test_kill_9_loses_nothing_once_a_writer_reopens_the_ledger(tmp_path):
     LedgerWriter(tmp_path).close()                      # nothing left to replay: no second copy
     led = read_ledger(tmp_path)
     assert led.requests["request_id"].to_pylist() == [str(i) for i in range(25)] and led.duplicate_rows == 0
-    assert not list((tmp_path / "wal").iterdir())
+    assert not list((tmp_path / "wal").glob("*.jsonl"))     # only the flushed batches' copies are left
+
+
+def test_a_truncated_part_is_read_from_its_batch_log_and_nothing_is_lost(tmp_path):
+    """A flushed part damaged later (the chaos suite truncates one) is named, and its rows come back
+    from the batch's kept log; a part with no copy still counts as left out."""
+    with LedgerWriter(tmp_path, flush_rows=3) as w:
+        for i in range(7):
+            w.append(req(i))
+    parts = sorted((tmp_path / "requests").glob("*.parquet"))
+    assert len(parts) == 3
+    os.truncate(parts[0], parts[0].stat().st_size // 2)
+    led = read_ledger(tmp_path)
+    assert sorted(led.requests["request_id"].to_pylist()) == [f"r{i}" for i in range(7)]
+    assert led.is_complete and len(led.bad_parts) == 1 and led.bad_parts[0].restored == 3
+    assert "3 rows restored" in led.format() and led.to_dict()["restored_rows"] == 3
+    for copy in (tmp_path / "wal" / "flushed").glob("*.jsonl"):
+        copy.unlink()
+    led = read_ledger(tmp_path)
+    assert not led.is_complete and led.requests.num_rows == 4 and led.lost_parts == led.bad_parts
 
 
 def test_a_crash_between_flush_and_log_removal_writes_no_row_twice(tmp_path):
