@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import ray
 
+from epserve.actors.cluster import control_options
 from epserve.config import Config
 from epserve.model.mtp import with_mtp
 from epserve.model.tiny import cache_root
@@ -79,7 +80,6 @@ async def start_unit(cfg: Config, model_dir: str, args, order: UnitOrder):
     rc = order.role_cfg
     shape = unit_shape(order, args)
     fp8_dispatch = cfg.fp8_activations and args.fp8_block is not None
-    from epserve.actors.cluster import control_options
     unit = UnitSupervisor.options(**control_options()).remote(
         order.uid, order.name, rank_spec(cfg, model_dir, rc, order.role), shape, rc.cpus_per_rank, fp8_dispatch,
         n_moe_layers=with_mtp(args, cfg.mtp.n_draft).n_ep_layers)
