@@ -171,7 +171,7 @@ def _cmd_generate(a) -> int:
 
 def _cmd_plan(a) -> int:
     from epserve.config import load_config
-    from epserve.placement.plan import format_plan, plan_units
+    from epserve.plan import format_plan, plan_units
     cfg = load_config(a.config)
     plan = plan_units(cfg)
     print(json.dumps(plan, indent=1) if a.json else format_plan(plan))
