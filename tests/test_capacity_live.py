@@ -81,8 +81,9 @@ def test_day_adds_a_decode_unit_and_night_drains_it_with_no_failed_request(deplo
     assert _decode_units(dep) == [(0, False)]
     events = [(e["role"], e["unit"], e["event"]) for e in ray.get(dep.capacity.history.remote())]
     assert events == [("decode", 1, "start"), ("decode", 1, "stop")]
+    # the hook is a shell `echo ... >> file`: the file exists before its line is written, so wait for the line
     deadline = time.time() + 10
-    while not hook_out.exists() and time.time() < deadline:
+    while not (hook_out.exists() and hook_out.read_text().endswith("\n")) and time.time() < deadline:
         time.sleep(0.2)
     assert hook_out.read_text().split() == ["decode", "2"]
     ray.get(dep.ledger.flush.remote())
