@@ -258,21 +258,10 @@ def _check_gemm(dev, g) -> str:
     return f"gemm calc_diff {worst:.1e}"
 
 
-def _rand_experts(n_slots: int, inter: int, dim: int, dev, g) -> ExpertWeights:
-    like = Weight(torch.zeros(1, 1, dtype=FP8), torch.ones(1, 1), act_quant=True)
-    ex = ExpertWeights.empty(n_slots, inter, dim, like, dev)
-    for j in range(n_slots):
-        w1, w3 = (Weight(*per_block_quant_fp8(torch.randn(inter, dim, generator=g, device=dev) / dim ** 0.5), True)
-                  for _ in range(2))
-        w2 = Weight(*per_block_quant_fp8(torch.randn(dim, inter, generator=g, device=dev) / inter ** 0.5), True)
-        ex.set_slot(j, w1, w3, w2)
-    return ex
-
-
 def _check_experts(dev, g) -> str:
     worst = 0.0
     for m, n_slots, dim, inter in ((700, 9, 7168, 2048), (37, 3, 1024, 256)):
-        ex = _rand_experts(n_slots, inter, dim, dev, g)
+        ex = ExpertWeights.random_fp8(n_slots, inter, dim, dev, g)
         x = torch.randn(m, dim, generator=g, device=dev).bfloat16()
         ids = torch.randint(-1, n_slots, (m,), generator=g, device=dev)
         ids[ids == 1] = 0                                                # one slot empty

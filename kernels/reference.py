@@ -132,6 +132,18 @@ class ExpertWeights:
         s2 = torch.empty(n_slots, nb(dim), nb(inter), dtype=torch.float32, device=device)
         return cls(w13, w2, s13, s2, like.act_quant)
 
+    @classmethod
+    def random_fp8(cls, n_slots: int, inter: int, dim: int, device, g: torch.Generator) -> "ExpertWeights":
+        """Random FP8 slots with 128x128 scales at these widths (the start-up self-tests' experts)."""
+        like = Weight(torch.zeros(1, 1, dtype=FP8), torch.ones(1, 1), act_quant=True)
+        ex = cls.empty(n_slots, inter, dim, like, device)
+        for j in range(n_slots):
+            w1, w3 = (Weight(*per_block_quant_fp8(torch.randn(inter, dim, generator=g, device=device) / dim ** 0.5),
+                             True) for _ in range(2))
+            w2 = Weight(*per_block_quant_fp8(torch.randn(dim, inter, generator=g, device=device) / inter ** 0.5), True)
+            ex.set_slot(j, w1, w3, w2)
+        return ex
+
     @property
     def n_slots(self) -> int:
         return self.w13.shape[0]

@@ -15,7 +15,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from epserve.kernels.reference import FP8, ExpertWeights, Weight, per_block_quant_fp8
+from epserve.kernels.reference import ExpertWeights
 from epserve.model.ep_dispatch import AllToAllDispatcher
 from epserve.model.moe_dispatch import ExpertMap, ExpertShard
 
@@ -26,18 +26,6 @@ EP_DISPATCH = ("auto", "deepep", "all_to_all")
 
 class DeepEPUnavailable(RuntimeError):
     """`ep_dispatch: deepep` was asked for and cannot run (the reason is the message)."""
-
-
-def _random_shard(n_slots: int, inter: int, dim: int, device, g) -> ExpertShard:
-    """FP8 experts with 128x128 scales at the model's widths, for the self-test only."""
-    like = Weight(torch.zeros(1, 1, dtype=FP8), torch.ones(1, 1), act_quant=True)
-    ex = ExpertWeights.empty(n_slots, inter, dim, like, device)
-    for j in range(n_slots):
-        w1, w3 = (Weight(*per_block_quant_fp8(torch.randn(inter, dim, generator=g, device=device) / dim ** 0.5), True)
-                  for _ in range(2))
-        w2 = Weight(*per_block_quant_fp8(torch.randn(dim, inter, generator=g, device=device) / inter ** 0.5), True)
-        ex.set_slot(j, w1, w3, w2)
-    return ExpertShard(ex)
 
 
 def _agree(ok: bool, device: torch.device) -> bool:
@@ -90,7 +78,7 @@ def _try_deepep(kb, args, em, rank, world, gpus_per_node, device, max_batch, a2a
         disp = de.DeepEPDispatcher(kb, em, args.n_dense_layers, rank, world, gpus_per_node, dist.group.WORLD,
                                    args.dim, max_batch, low_latency=ll_why is None)
         g = torch.Generator(device=dev).manual_seed(7 + rank)
-        shard = _random_shard(em.slots_per_rank, args.moe_inter_dim, args.dim, dev, g)
+        shard = ExpertShard(ExpertWeights.random_fp8(em.slots_per_rank, args.moe_inter_dim, args.dim, dev, g))
         ok, why = de.self_test(disp, a2a, shard, min(256, max(8, max_batch)), args.n_activated_experts, dev)
     except Exception as exc:            # the buffer failed to build (NVSHMEM, IPC): the collectives carry
         why = f"{type(exc).__name__}: {exc}"

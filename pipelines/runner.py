@@ -206,14 +206,14 @@ class RankEngine:
                 concurrent.futures.wait([f for _, f in self.loading], timeout=0.002,
                                         return_when=concurrent.futures.FIRST_COMPLETED)
             self._admit_loaded()
-        low_latency = decode_only and getattr(self.dispatcher, "needs_agreed_phase", False)
+        agreed_phase = getattr(self.dispatcher, "needs_agreed_phase", False)
+        low_latency = decode_only and agreed_phase
         step = self.batcher.schedule(allow_prefill=not low_latency)
         with self.dispatcher.step_mode(low_latency):
             if self.drafter is not None:
                 return self.step_mtp(step, schedule)
             if schedule is None and not step.is_prefill and not step.is_empty:
-                logits = self.decode(step, graphs_ok=low_latency or not getattr(self.dispatcher, "needs_agreed_phase",
-                                                                                False))
+                logits = self.decode(step, graphs_ok=low_latency or not agreed_phase)
             else:
                 batch = self.prepare(step)
                 self.last_step_tokens = batch.n_tokens
