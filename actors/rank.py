@@ -5,7 +5,7 @@ CPU, NCCL on CUDA, plus a gloo control group), loads only its expert slots, and 
 own step loop (`run_loop`), as SGLang's and DeepSeek's DP ranks do:
 
   inbox (requests, aborts, switch requests; filled by submit/abort/request_switch calls on the
-  actor's other threads) -> one all-gather of a small Vote on the control group -> the same Plan
+  actor's other threads) -> one MAX of a small Vote over the control group (actors/agreement.py) -> the same Plan
   on every rank (pipelines/lockstep.py: step or park, overlap schedule, placement switch) ->
   the step -> its token deltas and stats pushed to the sink in one fire-and-forget call.
 
@@ -32,6 +32,7 @@ from datetime import timedelta
 import ray
 import torch
 
+from epserve.actors.agreement import max_all_reduce
 from epserve.actors.rank_messages import Deltas, Delivery, StepInput, StepOutput, UnitLayout
 from epserve.messages import RankStats
 from epserve.model.ep_select import make_ep_dispatcher
@@ -258,11 +259,12 @@ class RankActor:
         return {"steps": self.n_steps, **self.timing}
 
     def _all_reduce(self, vote: Vote) -> Vote:
-        """The unit's combined vote: one MAX all-reduce of a few integers on the control group."""
+        """The unit's combined vote: a MAX of a few integers over the control group, by recursive
+        doubling (actors/agreement.py: log2 hops in a row, where gloo's ring all-reduce has 2 (N - 1))."""
         if self.ctrl is None:
             return vote
         t = torch.tensor(vote.encode(), dtype=torch.long)
-        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=self.ctrl)
+        max_all_reduce(t, self.ctrl, self.layout.rank, self.layout.world)
         return Vote.decode(t.tolist())
 
     def time_collective(self, n: int = 200) -> float:
