@@ -140,7 +140,7 @@ def _along_reference(ref, ref_logits, other, other_logits):
 
 
 @needs_native
-def test_native_rank_gives_the_reference_tokens(v3_mini_all_experts_dir):
+def test_native_rank_gives_the_reference_tokens(v3_mini_all_experts_dir, monkeypatch):
     """A whole rank on native (DeepGEMM, FlashMLA, CUDA graphs) computes what the reference backend
     does, on the same GPU and dtype: along the reference's greedy path its logits stay as close as
     the triton backend's do, and its greedy tokens equal the reference's except where the
@@ -152,9 +152,19 @@ def test_native_rank_gives_the_reference_tokens(v3_mini_all_experts_dir):
     path = v3_mini_all_experts_dir
     ref, rl = _greedy_logits(make_local_engine(path, kernels="reference", **kw), prompts)
     tri, tl = _greedy_logits(make_local_engine(path, kernels="triton", **kw), prompts)
+    from epserve.kernels import native
+    calls: dict[str, int] = {}
+    for lib, name in ((native.deep_gemm, "fp8_gemm_nt"), (native.deep_gemm, "m_grouped_fp8_gemm_nt_contiguous"),
+                      (native.deep_gemm, "m_grouped_fp8_gemm_nt_masked"), (native.flash_mla, "flash_mla_with_kvcache")):
+        def counted(*a, _f=getattr(lib, name), _n=name, **k):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*a, **k)
+        monkeypatch.setattr(lib, name, counted)
     nat_eng = make_local_engine(path, kernels="native", **kw)
     assert nat_eng.graphs is not None and nat_eng.kb.__name__.endswith("native")
     nat, nl = _greedy_logits(nat_eng, prompts)
+    # the libraries themselves ran (not the triton fallbacks): dense GEMMs, prefill experts, decode attention
+    assert {"fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "flash_mla_with_kvcache"} <= set(calls), calls
     tri_diff, _, _ = _along_reference(ref, rl, tri, tl)
     nat_diff, compared, unexplained = _along_reference(ref, rl, nat, nl)
     print(f"max |logit - reference| along the reference's path: native {nat_diff:.4f}, triton {tri_diff:.4f}; "
