@@ -54,6 +54,10 @@ PRESETS = {
     "v3-4l": _V3,
     "v3-ep144-rank": {**_V3, "n_routed_experts": 2, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1},
     "v3-ep32-rank": {**_V3, "n_routed_experts": 9, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1},
+    # the whole depth of V3 (3 dense + 58 MoE layers) at an EP144 rank's 2 experts: ~23 GB of FP8, so
+    # the engine's fixed per-step costs are weighed against 61 layers of work, as in production
+    "v3-ep144-rank-61l": {**_V3, "n_routed_experts": 2, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+                          "num_hidden_layers": 61, "first_k_dense_replace": 3},
     "v3-mini": {"vocab_size": 512, "hidden_size": 1024, "intermediate_size": 1024, "moe_intermediate_size": 256,
                 "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 16,
                 "num_key_value_heads": 16, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4,
