@@ -1,0 +1,141 @@
+"""Stream sinks on a real unit (rank processes, gloo): the ranks push each request's deltas straight
+to its own sink, a rebuilt unit resumes a sink's requests, and a dead sink's requests stop."""
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import ray
+
+from conftest import prompts_of
+from epserve.actors.stream_sink import StreamSink
+from epserve.actors.unit import UnitSupervisor
+from epserve.model.checkpoint import read_config
+from epserve.model.sampling import SamplingParams
+from epserve.pipelines.local import make_local_engine
+from epserve.pipelines.runner import RankSpec
+from epserve.pipelines.sequence import Sequence
+from epserve.placement.topology import UnitShape
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # SinkOwner below runs in a worker
+N_NEW = 12
+
+
+def greedy(n=N_NEW):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def unit(ray_cluster, tiny_dir):
+    args = read_config(tiny_dir)
+    sup = UnitSupervisor.remote(7, "decode", RankSpec(tiny_dir, kernels="reference", kv_pages=64),
+                                UnitShape(1, 2, args.n_routed_experts, 2), n_moe_layers=args.n_moe_layers,
+                                step_timeout_s=60)
+    ray.get(sup.start.remote(), timeout=180)
+    yield sup
+    ray.get(sup.shutdown.remote(), timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    prompts = prompts_of([7, 21, 12, 33, 9, 15], seed=11)
+    engine = make_local_engine(tiny_dir)
+    seqs = [Sequence(f"ref{i}", p, greedy()) for i, p in enumerate(prompts)]
+    for s in seqs:
+        engine.add(s)
+    while engine.has_work:
+        engine.step()
+    return prompts, [s.output_ids for s in seqs]
+
+
+def _drain_feed(sink, rids: set[str]) -> dict[str, list[int]]:
+    """Read a sink's feed until every request in rids finished -> tokens per request."""
+    got: dict[str, list[int]] = {rid: [] for rid in rids}
+    open_ = set(rids)
+    for ref in sink.feed.options(num_returns="streaming").remote():
+        for rid, item in ray.get(ref, timeout=120):
+            assert rid in rids, rid                               # only this sink's requests
+            assert not isinstance(item, Exception) and item is not None, item
+            got[rid].append(item.token_id)
+            if item.finish_reason is not None:
+                open_.discard(rid)
+        if not open_:
+            return got
+    raise AssertionError("feed ended")
+
+
+def test_two_sinks_each_get_only_their_requests_deltas(unit, reference):
+    prompts, want = reference
+    a, b = StreamSink.remote(), StreamSink.remote()
+    a_items = [(Sequence(f"a{i}", prompts[i], greedy()), i % 2) for i in range(3)]
+    b_rids = {f"b{i}" for i in range(3, 6)}
+    a_ref = a.generate.remote(unit, a_items)
+    ray.get([b.open_stream.remote(unit, Sequence(f"b{i}", prompts[i], greedy()), i % 2) for i in range(3, 6)])
+    b_got = _drain_feed(b, b_rids)
+    a_got = ray.get(a_ref, timeout=120)
+    assert [g["token_ids"] for g in a_got] == want[:3]
+    assert [b_got[f"b{i}"] for i in range(3, 6)] == want[3:]
+    sa, sb = ray.get([a.stats.remote(), b.stats.remote()])
+    assert sa["deltas"] == sb["deltas"] == 3 * N_NEW              # each its own tokens, none of the other's
+    assert sa["untracked"] == sb["untracked"] == 0
+    assert sb["deliveries"] < sb["deltas"] and sb["feed_yields"] <= sb["deliveries"]   # batched on the way
+    status = ray.get(unit.status.remote())
+    assert status["sinks"] == 2 and status["in_flight"] == 0     # the supervisor's default sink never started
+    assert not hasattr(UnitSupervisor, "deliver")                 # and it has no delta path of its own
+    ray.kill(a)
+    ray.kill(b)
+
+
+def test_a_rank_killed_mid_stream_resumes_the_sinks_requests(unit, reference):
+    prompts, want = reference
+    sink = StreamSink.remote()
+    long = greedy()
+    ref = sink.generate.remote(unit, [(Sequence(f"k{i}", p, long), i % 2) for i, p in enumerate(prompts[:4])])
+    steps0 = ray.get(unit.status.remote())["steps"]
+    deadline = time.time() + 60
+    while ray.get(unit.status.remote())["steps"] < steps0 + 3 and time.time() < deadline:
+        time.sleep(0.02)
+    restarts = ray.get(unit.status.remote())["restarts"]
+    ray.kill(ray.get(unit.rank_handles.remote())[1], no_restart=True)
+    late = sink.generate.remote(unit, [(Sequence("late", prompts[4], long), 1)])   # during the rebuild: once
+    got = ray.get(ref, timeout=300)
+    assert [g["token_ids"] for g in got] == want[:4]
+    assert ray.get(late, timeout=120)[0]["token_ids"] == want[4]
+    assert ray.get(unit.status.remote())["restarts"] == restarts + 1
+    ray.kill(sink)
+
+
+@ray.remote(num_cpus=0)
+class SinkOwner:
+    """Stands in for an ingress replica: owns a sink with a long request running through it."""
+
+    def start(self, unit, items) -> None:
+        self.sink = StreamSink.remote()
+        self.pending = self.sink.generate.remote(unit, items)
+
+    def sink_stats(self) -> dict:
+        return ray.get(self.sink.stats.remote())
+
+
+def test_a_dead_sinks_requests_are_aborted_on_the_ranks(unit):
+    owner = SinkOwner.remote()
+    steps0 = ray.get(unit.status.remote())["steps"]
+    items = [(Sequence(f"orphan{i}", list(range(5, 40)), greedy(2000)), i % 2) for i in range(2)]
+    ray.get(owner.start.remote(unit, items))
+    deadline = time.time() + 60
+    while sum(s.n_running for s in ray.get(unit.stats.remote())) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert sum(s.n_running for s in ray.get(unit.stats.remote())) == 2
+    assert ray.get(unit.status.remote())["in_flight"] == 2
+    ray.kill(owner)                                    # the sink dies with its owner
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = ray.get(unit.stats.remote())
+        if sum(s.n_running + s.kv_blocks_used for s in stats) == 0:
+            break
+        time.sleep(0.1)
+    assert sum(s.n_running + s.kv_blocks_used for s in stats) == 0
+    status = ray.get(unit.status.remote())
+    assert status["in_flight"] == 0
+    assert status["steps"] - steps0 < 1900                # cut short: they were aborted, not finished
