@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from epserve.actors.stream_sink import StreamSink
 
@@ -23,9 +24,13 @@ class DeltaFeed:
     def __init__(self):
         from epserve.actors.cluster import control_options
         self._options = control_options()
-        self.sink = StreamSink.options(**self._options).remote()
+        self.sink = self._start_sink()
         self.queues: dict[str, asyncio.Queue] = {}
         self.task: asyncio.Task | None = None
+
+    def _start_sink(self):
+        # named so that `epserve bench delta_path` can read its counters; owned by this replica
+        return StreamSink.options(name=f"epserve-sink-{uuid.uuid4().hex[:12]}", **self._options).remote()
 
     def _ensure(self) -> None:
         if self.task is None or self.task.done():
@@ -41,7 +46,7 @@ class DeltaFeed:
         except Exception as exc:                # the sink died: fail what it carried, start another
             log.warning("stream sink lost (%r); failing %d stream(s) and starting a new sink", exc, len(self.queues))
             if self.sink is sink:
-                self.sink = StreamSink.options(**self._options).remote()
+                self.sink = self._start_sink()
             for q in self.queues.values():
                 q.put_nowait(RuntimeError(f"stream sink lost: {type(exc).__name__}"))
 
