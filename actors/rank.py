@@ -5,7 +5,7 @@ CPU, NCCL on CUDA, plus a gloo control group), loads only its expert slots, and 
 own step loop (`run_loop`), as SGLang's and DeepSeek's DP ranks do:
 
   inbox (requests, aborts, switch requests; filled by submit/abort/request_switch calls on the
-  actor's other threads) -> one all-gather of a small Vote on the control group -> the same Plan
+  actor's other threads) -> one MAX of a small Vote over the control group (actors/agreement.py) -> the same Plan
   on every rank (pipelines/lockstep.py: step or park, overlap schedule, placement switch) ->
   the step -> its token deltas pushed straight to each request's stream sink (one fire-and-forget
   Delivery per sink, batched every PUSH_EVERY_S unless a delta is latency-critical) -> its stats
@@ -20,8 +20,8 @@ Nobody calls the rank once per step, so a step's control cost does not grow with
 idle unit parks: each rank waits on its inbox; the first request to any rank wakes its peers.
 `step()` (one step per call) stays for benchmarks that drive ranks directly (bench units'
 baseline, bench overlap, --profile); it must not be used while the loop runs. Messages are in
-actors/rank_messages.py. Just over 400 lines: the loop, its inbox and the driven step share one
-engine lock and one set of counters, which splitting the class would scatter; the KV handoff's
+actors/rank_messages.py. About 530 lines: the loop, its inbox, its pushes and reports and the
+driven step share one engine lock and one set of counters, which splitting the class would scatter; the KV handoff's
 two ends (park and send on a prefill rank, pull on a decode rank) add their actor methods, their
 transport is actors/kv_transfer.py.
 """
@@ -39,6 +39,7 @@ from datetime import timedelta
 import ray
 import torch
 
+from epserve.actors.agreement import max_all_reduce
 from epserve.actors.rank_messages import Deltas, Delivery, RankReport, StepInput, StepOutput, UnitLayout
 from epserve.messages import RankStats
 from epserve.model.ep_select import make_ep_dispatcher
@@ -281,11 +282,12 @@ class RankActor:
         return {"steps": self.n_steps, **self.timing}
 
     def _all_reduce(self, vote: Vote) -> Vote:
-        """The unit's combined vote: one MAX all-reduce of a few integers on the control group."""
+        """The unit's combined vote: a MAX of a few integers over the control group, by recursive
+        doubling (actors/agreement.py: log2 hops in a row, where gloo's ring all-reduce has 2 (N - 1))."""
         if self.ctrl is None:
             return vote
         t = torch.tensor(vote.encode(), dtype=torch.long)
-        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=self.ctrl)
+        max_all_reduce(t, self.ctrl, self.layout.rank, self.layout.world)
         return Vote.decode(t.tolist())
 
     def time_collective(self, n: int = 200) -> float:

@@ -205,7 +205,7 @@ def run_gpu(model: str | None = None, batches=(1, 32, 128), ctx: int = 64, kerne
             ms = layer_ms(args, "decode", b, ctx + 2 * decode_steps, args.n_routed_experts, kernels if kernels != "auto"
                           else "native")
             layers = args.n_dense_layers * (ms["attention"] + ms["dense_ffn"]) + \
-                args.n_moe_layers * (ms["attention"] + ms["moe_ffn"])
+                args.n_moe_layers * (ms["attention"] + ms["moe_ffn"]) + ms.get("mla_plan_per_step", 0.0)
             cmp[b] = {"layers_x_layer_ms": round(layers, 3), "engine_step_ms": d["step_ms"],
                       "engine_over_layers": round(d["step_ms"] / layers, 3)}
         out["engine_vs_layer_bench"] = cmp

@@ -51,7 +51,7 @@ def build_layer(a: ModelArgs, kb, dev, g, slots: int):
               wkv_a=w(a.kv_dim, a.dim), kv_norm=ones(a.kv_lora_rank),
               wkv_b=w(h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), wo=w(a.dim, h * a.v_head_dim))
     gate = Gate(a, weight=torch.randn(a.n_routed_experts, a.dim, device=dev, generator=g) / a.dim ** 0.5,
-                bias=torch.zeros(a.n_routed_experts, device=dev))
+                bias=torch.zeros(a.n_routed_experts, device=dev), kb=kb)
     inter = a.moe_inter_dim
     shared = MLP(kb, w1=w(inter * a.n_shared_experts, a.dim), w2=w(a.dim, inter * a.n_shared_experts),
                  w3=w(inter * a.n_shared_experts, a.dim))
@@ -111,7 +111,7 @@ def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill", t
     split_ms = {k: 2 * v for k, v in half.items()}
     moe_layer, dense_layer = ms["attention"] + ms["moe_ffn"], ms["attention"] + ms["dense_ffn"]
     split_moe_layer = split_ms["attention"] + split_ms["moe_ffn"]
-    total = a.n_dense_layers * dense_layer + a.n_moe_layers * moe_layer
+    total = a.n_dense_layers * dense_layer + a.n_moe_layers * moe_layer + ms.get("mla_plan_per_step", 0.0)
     t = p["tokens"]
     n_input = t
     if p.get("cached"):
@@ -186,7 +186,6 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
     # combine and moe_dispatch.run_static do: a gather and a dense reduction, no scatter-add atomics
     pair_w = torch.rand(t, a.n_activated_experts, device=dev, generator=g, dtype=torch.bfloat16)
     row_of_pair = torch.randperm(rows, device=dev, generator=g)
-    k_top = a.n_activated_experts
     # DeepEP hands the expert side FP8 rows; a backend whose GEMMs take them gets them so
     recv_in = kb.per_token_group_quant_fp8(recv_x) if getattr(kb, "TAKES_FP8_ROWS", False) else recv_x
     if phase == "decode":   # what DeepEP's low-latency dispatch hands the rank: [slots, max_m, D] + counts
@@ -196,8 +195,12 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
         per_slot = max(1, rows // p["slots"])
         flat = lay.group * buf.shape[1] + lay.slot
 
+    # FlashMLA's tile-scheduler plan: made once per step, filled by the first layer, reused by the
+    # other 60 (as RankEngine does); its cost is timed apart and counted once per step
+    plan = kb.plan_mla_decode()
+
     def attention():
-        b = dataclasses.replace(batch, plan=kb.plan_mla_decode())
+        b = dataclasses.replace(batch, plan=plan)
         return hidden + mla.forward(rms_norm(hidden, attn_norm, a.rms_norm_eps), b, rope, cache)
 
     def moe_ffn():
@@ -207,7 +210,7 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
             y = kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, per_slot).view(-1, a.dim)[flat]
         else:
             y = shard.compute(kb, recv_in, recv_slot)
-        combined = (y[row_of_pair].view(t, k_top, a.dim) * pair_w.unsqueeze(-1)).sum(1)  # the combine's reduction
+        combined = kb.combine_rows(y, pair_w, row_of_pair)  # the combine's reduction
         return hidden + combined + shared.forward(x)
 
     def dense_ffn():
@@ -227,10 +230,10 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
     if phase == "decode" and batch.n_q > 1:
         q_lat = q_lat.view(-1, batch.n_q, *q_lat.shape[1:])
 
-    def attn_core():
+    def attn_core(fresh: bool = False):
         if phase == "decode":
             return kb.mla_decode(q_lat, cache, batch.block_tables, batch.seq_lens, a.softmax_scale, a.kv_lora_rank,
-                                 kb.plan_mla_decode())
+                                 kb.plan_mla_decode() if fresh else plan)
         return [kb.mla_prefill(q, k, v, a.softmax_scale) for q, k, v in qkv]
 
     def routed():
@@ -239,18 +242,22 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
         return shard.compute(kb, recv_in, recv_slot)
 
     def combine():
-        return (recv_x[row_of_pair].view(t, k_top, a.dim) * pair_w.unsqueeze(-1)).sum(1)
+        return kb.combine_rows(recv_x, pair_w, row_of_pair)
 
     parts = (("attention", attention), ("moe_ffn", moe_ffn), ("dense_ffn", dense_ffn),
              ("attention.core", attn_core),
              ("moe.gate", lambda: gate.forward(xn)), ("moe.routed_experts", routed),
              ("moe.shared_expert", lambda: shared.forward(xn)), ("moe.combine_reduction", combine))
+    if phase == "decode":
+        parts += (("planned_core", lambda: attn_core(fresh=True)),)
     reps, warm = (5, 2) if phase == "prefill" else (20, 3)
     out = {}
     with torch.inference_mode():
         for name, fn in parts:
             out[name] = time_ms(_graphed(fn) if use_graphs else fn, warmup=warm, reps=reps)
     main = {k: out.pop(k) for k in ("attention", "moe_ffn", "dense_ffn")}
+    if "planned_core" in out:    # once per step, not per layer
+        main["mla_plan_per_step"] = max(0.0, out.pop("planned_core") - out["attention.core"])
     out["attention.projections_and_rest"] = main["attention"] - out["attention.core"]
     return main, out
 
@@ -285,7 +292,7 @@ def run_mtp(device: str = "cuda", backend: str = "triton", tokens: int | None = 
 
     def model_ms(ms):
         return (a.n_dense_layers * (ms["attention"] + ms["dense_ffn"])
-                + a.n_moe_layers * (ms["attention"] + ms["moe_ffn"]))
+                + a.n_moe_layers * (ms["attention"] + ms["moe_ffn"]) + ms.get("mla_plan_per_step", 0.0))
     plain = model_ms(one)
     verify = model_ms(two) + two["attention"] + two["moe_ffn"]          # + the MTP layer's block
     per_step = 1 + acceptance

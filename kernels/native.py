@@ -50,6 +50,8 @@ __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", 
            "plan_mla_decode", "mla_decode", "self_test", "versions"]
 
 grouped_linear = kt.grouped_linear            # the list-of-weights form stays Triton's
+combine_rows = kt.combine_rows                # the MoE combine's reduction: one Triton pass
+route_topk = kt.route_topk                    # the gate's routing: one Triton kernel per token
 TAKES_FP8_ROWS = True                          # expert_ffn takes dispatched FP8 rows (q, s) without a dequantise
 PREFILL_ATTENTION = {"backend": "flash-padded"}   # set by self_test from a measurement
 

@@ -232,6 +232,40 @@ expert_ffn = expert_ffn_with(grouped_linear)
 expert_ffn_masked = expert_ffn_masked_with(expert_ffn)
 
 
+def route_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_groups: int = 1, topk_groups: int = 1,
+               score_func: str = "sigmoid", noaux: bool = True, norm: bool = True, scale: float = 1.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k routing of gate logits fp32 [T, E] -> (weights fp32 [T, k], expert ids
+    int64 [T, k]): scores by sigmoid (or softmax); the choice adds the correction bias (noaux_tc);
+    groups ranked by their top-2 choice sum (noaux) or max, the best topk_groups kept; the k best
+    experts of those; their unbiased scores as weights, normalised if norm, times scale."""
+    scores = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
+    choice = scores + bias if bias is not None and noaux else scores
+    if n_groups > 1:
+        grouped = choice.view(logits.shape[0], n_groups, logits.shape[1] // n_groups)
+        group_scores = grouped.topk(2, -1)[0].sum(-1) if noaux else grouped.amax(-1)
+        keep = group_scores.topk(topk_groups, -1, sorted=False)[1]
+        mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        choice = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1)
+    idx = choice.topk(k, -1, sorted=False)[1]
+    weights = scores.gather(1, idx)
+    if norm and k > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scale, idx
+
+
+def combine_rows(y: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE combine's reduction: y [R, D] expert outputs, weights [T, K], rows [T*K] int (the row
+    of y holding pair (t, k); < 0: the pair was dropped, its row may hold garbage; None: row t*K+k)
+    -> [T, D] in y's dtype, sum_k weights[t, k] * y[rows[t*K + k]], accumulated in float32."""
+    t, k = weights.shape
+    if rows is None:
+        pairs = y[: t * k].float()
+    else:
+        pairs = torch.where((rows >= 0)[:, None], y[rows.clamp_min(0)].float(), 0.0)
+    return (pairs.view(t, k, y.shape[1]) * weights.float().unsqueeze(-1)).sum(1).to(y.dtype)
+
+
 def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Naive-form MLA for one sequence's new tokens.
 

@@ -116,7 +116,7 @@ class LocalDispatcher:
         t, k = idx.shape
         rows = x[torch.arange(t * k, device=x.device) // k]
         y = shard.compute(self.kb, rows, slots.flatten() - self.rank * self.map.slots_per_rank)
-        return (y.view(t, k, x.shape[1]) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+        return self.kb.combine_rows(y, weights)
 
     def run_static(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                    shard: ExpertShard, valid: torch.Tensor) -> torch.Tensor:
@@ -137,8 +137,8 @@ class LocalDispatcher:
         src = torch.zeros(shard.n_slots * per_group, dtype=torch.long, device=x.device).scatter_(0, flat, tok)
         buf = x[src].view(shard.n_slots, per_group, d)
         y = self.kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, max(1, t * k // max(1, shard.n_slots)))
-        pairs = torch.where(lay.keep[:, None], y.view(-1, d)[flat], 0)
-        return (pairs.view(t, k, d) * weights.unsqueeze(-1).to(pairs.dtype)).sum(1)
+        # each token reads its K rows straight out of the GEMM's buffer (a dropped pair's row is never read)
+        return self.kb.combine_rows(y.view(-1, d), weights, torch.where(lay.keep, flat, -1))
 
     def step_mode(self, low_latency: bool):
         """The kernels of one step (DeepEP's normal or low-latency); nothing to choose here."""

@@ -39,7 +39,7 @@ def build_mtp(args: ModelArgs, kb: ModuleType, dispatcher) -> "MTPModule":
     """The module, empty (model/checkpoint.py fills it): its block is MoE layer n_layers."""
     n = args.n_layers
     shared = MLP(kb) if args.n_shared_experts else None
-    return MTPModule(kb, Block(MLA(args, kb), MoE(n, Gate(args), shared, dispatcher.make_shard(n), dispatcher)))
+    return MTPModule(kb, Block(MLA(args, kb), MoE(n, Gate(args, kb=kb), shared, dispatcher.make_shard(n), dispatcher)))
 
 
 @dataclass

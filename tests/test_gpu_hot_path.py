@@ -104,23 +104,74 @@ def v3_mini_all_experts_dir(tmp_path_factory):
                                                  "topk_group": 1}))
 
 
+def _greedy_logits(eng, prompts, n=12):
+    """Greedy outputs and, per request, the fp32 logits [V] each step sampled from."""
+    per: dict[str, list[torch.Tensor]] = {}
+    postprocess = eng.postprocess
+
+    def record(step, logits, *a, **kw):
+        for i, s in enumerate(step.seqs):
+            per.setdefault(s.request_id, []).append(logits[i].float().cpu())
+        return postprocess(step, logits, *a, **kw)
+
+    eng.postprocess = record
+    seqs = _generate(eng, prompts, n)
+    return seqs, [per[s.request_id] for s in seqs]
+
+
+def _along_reference(ref, ref_logits, other, other_logits):
+    """Compare a backend with the reference while both have the same context (same tokens so far).
+    -> (max |logit difference| over those steps, steps compared, unexplained flips): a flip is
+    explained when the reference's margin between its token and the other's is within the two
+    backends' logit difference at that step (rounding can move it that far, no further)."""
+    worst, compared, unexplained = 0.0, 0, []
+    for r, rl, o, ol in zip(ref, ref_logits, other, other_logits):
+        for j, (lr, lo) in enumerate(zip(rl, ol)):
+            diff = (lo - lr).abs().max().item()
+            worst = max(worst, diff)
+            compared += 1
+            a, b = r.output_ids[j], o.output_ids[j]
+            if a != b:
+                margin = (lr[a] - lr[b]).item()
+                if margin > 2 * diff:
+                    unexplained.append((r.request_id, j, a, b, round(margin, 4), round(diff, 4)))
+                break
+    return worst, compared, unexplained
+
+
 @needs_native
-def test_native_rank_gives_the_reference_tokens(v3_mini_all_experts_dir):
-    """Greedy tokens of a whole rank on native (DeepGEMM, FlashMLA, CUDA graphs) equal the reference
-    backend's on the same GPU and dtype, up to the first step whose top two logits are within
-    bf16 noise of each other (random weights can tie)."""
+def test_native_rank_gives_the_reference_tokens(v3_mini_all_experts_dir, monkeypatch):
+    """A whole rank on native (DeepGEMM, FlashMLA, CUDA graphs) computes what the reference backend
+    does, on the same GPU and dtype: along the reference's greedy path its logits stay as close as
+    the triton backend's do, and its greedy tokens equal the reference's except where the
+    reference's top choice wins by less than the two backends' logit difference at that step.
+    (bf16 with FP8 activations moves this random model's logits by ~0.5, so a fixed tie threshold
+    would call noise a bug or hide one.)"""
     prompts = prompts_of([40, 9, 100, 64], vocab=500, seed=12)
     kw = dict(device="cuda", dtype="bfloat16", fp8_activations=True)
     path = v3_mini_all_experts_dir
-    ref = _generate(make_local_engine(path, kernels="reference", **kw), prompts, logprobs=2)
-    nat = _generate(make_local_engine(path, kernels="native", **kw), prompts)
-    compared = 0
-    for r, n in zip(ref, nat):
-        gaps = [info["top"][0][1] - info["top"][1][1] for info in r.logprobs]
-        clear = next((i for i, gap in enumerate(gaps) if gap < 0.05), len(gaps))
-        assert n.output_ids[:clear + 1] == r.output_ids[:clear + 1]
-        compared += clear + 1
-    assert compared >= len(prompts) * 6
+    ref, rl = _greedy_logits(make_local_engine(path, kernels="reference", **kw), prompts)
+    tri, tl = _greedy_logits(make_local_engine(path, kernels="triton", **kw), prompts)
+    from epserve.kernels import native
+    calls: dict[str, int] = {}
+    for lib, name in ((native.deep_gemm, "fp8_gemm_nt"), (native.deep_gemm, "m_grouped_fp8_gemm_nt_contiguous"),
+                      (native.deep_gemm, "m_grouped_fp8_gemm_nt_masked"), (native.flash_mla, "flash_mla_with_kvcache")):
+        def counted(*a, _f=getattr(lib, name), _n=name, **k):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*a, **k)
+        monkeypatch.setattr(lib, name, counted)
+    nat_eng = make_local_engine(path, kernels="native", **kw)
+    assert nat_eng.graphs is not None and nat_eng.kb.__name__.endswith("native")
+    nat, nl = _greedy_logits(nat_eng, prompts)
+    # the libraries themselves ran (not the triton fallbacks): dense GEMMs, prefill experts, decode attention
+    assert {"fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "flash_mla_with_kvcache"} <= set(calls), calls
+    tri_diff, _, _ = _along_reference(ref, rl, tri, tl)
+    nat_diff, compared, unexplained = _along_reference(ref, rl, nat, nl)
+    print(f"max |logit - reference| along the reference's path: native {nat_diff:.4f}, triton {tri_diff:.4f}; "
+          f"{compared} steps compared")
+    assert not unexplained, unexplained
+    assert nat_diff <= 1.5 * tri_diff + 0.05
+    assert compared >= len(prompts) * 4
 
 
 @pytest.fixture(scope="module")

@@ -78,3 +78,21 @@ def test_forced_gpu_backend_on_cpu_is_a_clear_error():
         kernels.get_backend("triton", "cpu")
     with pytest.raises(ValueError, match="'cuda-magic' is not a backend"):
         kernels.get_backend("cuda-magic", "cpu")
+
+
+def test_combine_rows_sums_each_tokens_rows_and_never_reads_a_dropped_one():
+    """The MoE combine's reduction: out[t] = sum_k w[t, k] * y[rows[t*K + k]]; a dropped pair (-1)
+    adds nothing even where its row holds garbage (NaN), and rows=None means row t*K + k."""
+    from epserve.kernels.reference import combine_rows
+    g = torch.Generator().manual_seed(3)
+    t, k, d = 4, 3, 5
+    y = torch.randn(t * k + 1, d, generator=g)
+    w = torch.rand(t, k, generator=g)
+    rows = torch.tensor([12, 0, 1, -1, 2, 3, 4, -1, -1, 5, 6, 7])
+    garbage = y.clone()
+    garbage[8:12] = float("nan")            # rows no live pair points at
+    want = torch.stack([sum((w[i, j] * y[rows[i * k + j]] for j in range(k) if rows[i * k + j] >= 0),
+                            torch.zeros(d)) for i in range(t)])
+    assert torch.allclose(combine_rows(garbage, w, rows), want, atol=1e-6)
+    plain = torch.stack([sum(w[i, j] * y[i * k + j] for j in range(k)) for i in range(t)])
+    assert torch.allclose(combine_rows(y, w), plain, atol=1e-6)
