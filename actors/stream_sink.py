@@ -110,6 +110,20 @@ class StreamSink:
         v.n_ranks = len(ranks)
         if v.newer(generation, is_up):       # a rebuild notice may have overtaken this answer
             v.generation, v.is_up, v.ranks = generation, is_up, list(ranks)
+        asyncio.get_running_loop().create_task(self._watch_unit(v))
+
+    async def _watch_unit(self, v: UnitView) -> None:
+        """The supervisor's `watch` never returns: if it fails the unit is gone (its ranks die with
+        their supervisor), so its requests fail here instead of waiting forever."""
+        try:
+            await v.handle.watch.remote()
+        except Exception as exc:
+            why = f"internal error: the unit's supervisor is gone ({type(exc).__name__})"
+            if self.units.get(v.key) is v:
+                del self.units[v.key]
+            for (k, rid), tr in list(self.requests.items()):
+                if k == v.key and tr.finish_reason is None and tr.error is None:
+                    self._fail(k, rid, why)
 
     @ray.method(enable_task_events=False)
     async def unit_down(self, key: str, generation: int, fail: str | None = None) -> None:

@@ -227,6 +227,11 @@ class UnitSupervisor:
             self.sink_watches[key] = asyncio.get_running_loop().create_task(self._watch_sink(key, sink))
         return self.n_restarts, list(self.ranks) if self.is_up else [None] * self.shape.n_ranks, self.is_up
 
+    @ray.method(enable_task_events=False)
+    async def watch(self) -> None:
+        """Never returns: a sink's pending call fails when this supervisor (and so its unit) dies."""
+        await asyncio.Event().wait()
+
     async def _watch_sink(self, key: str, sink) -> None:
         """The sink's `watch` never returns: when it fails the sink died (its owner did); abort its
         requests on the ranks, which know which requests go to it."""

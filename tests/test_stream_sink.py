@@ -139,3 +139,20 @@ def test_a_dead_sinks_requests_are_aborted_on_the_ranks(unit):
     status = ray.get(unit.status.remote())
     assert status["in_flight"] == 0
     assert status["steps"] - steps0 < 1900                # cut short: they were aborted, not finished
+
+
+def test_a_dead_supervisor_fails_its_requests_instead_of_hanging(ray_cluster, tiny_dir):
+    args = read_config(tiny_dir)
+    sup = UnitSupervisor.remote(8, "decode", RankSpec(tiny_dir, kernels="reference", kv_pages=64),
+                                UnitShape(1, 1, args.n_routed_experts), n_moe_layers=args.n_moe_layers,
+                                step_timeout_s=60)
+    ray.get(sup.start.remote(), timeout=180)
+    sink = StreamSink.remote()
+    ref = sink.generate.remote(sup, [(Sequence("gone", list(range(5, 40)), greedy(2000)), 0)])
+    deadline = time.time() + 60
+    while not sum(s.n_running for s in ray.get(sup.stats.remote())) and time.time() < deadline:
+        time.sleep(0.05)
+    ray.kill(sup)                                      # its ranks die with it
+    res = ray.get(ref, timeout=30)[0]
+    assert "supervisor is gone" in res["error"] and not res["rejected"]
+    ray.kill(sink)
