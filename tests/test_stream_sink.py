@@ -153,6 +153,14 @@ def test_a_dead_supervisor_fails_its_requests_instead_of_hanging(ray_cluster, ti
     while not sum(s.n_running for s in ray.get(sup.stats.remote())) and time.time() < deadline:
         time.sleep(0.05)
     ray.kill(sup)                                      # its ranks die with it
-    res = ray.get(ref, timeout=30)[0]
-    assert "supervisor is gone" in res["error"] and not res["rejected"]
-    ray.kill(sink)
+    try:
+        res = ray.get(ref, timeout=30)[0]
+        assert "supervisor is gone" in res["error"] and not res["rejected"]
+    finally:
+        ray.kill(sink)
+        # a killed supervisor cannot remove its unit's placement group: free the GPU for later tests
+        from ray.util import placement_group_table, remove_placement_group
+        from ray.util.placement_group import get_placement_group
+        for pg in placement_group_table().values():
+            if pg["name"].startswith("epserve-decode-unit8-") and pg["state"] != "REMOVED":
+                remove_placement_group(get_placement_group(pg["name"]))
