@@ -13,15 +13,15 @@ own step loop (`run_loop`), as SGLang's and DeepSeek's DP ranks do:
   steps, at once on a placement switch or when its stats changed and it parks).
 
 Each request's Sequence names its sink (actors/stream_sink.py); the rank keeps request -> sink
-and never sends a delta through the supervisor. A dead sink's requests are aborted here when the
+(actors/sink_routes.py) and never sends a delta through the supervisor. A dead sink's requests are aborted here when the
 supervisor says so (`abort_sink`).
 
 Nobody calls the rank once per step, so a step's control cost does not grow with the unit. An
 idle unit parks: each rank waits on its inbox; the first request to any rank wakes its peers.
 `step()` (one step per call) stays for benchmarks that drive ranks directly (bench units'
 baseline, bench overlap, --profile); it must not be used while the loop runs. Messages are in
-actors/rank_messages.py. About 530 lines: the loop, its inbox, its pushes and reports and the
-driven step share one engine lock and one set of counters, which splitting the class would scatter; the KV handoff's
+actors/rank_messages.py. About 510 lines: the loop, its inbox, its reports and the driven step
+share one engine lock and one set of counters, which splitting the class would scatter; the KV handoff's
 two ends (park and send on a prefill rank, pull on a decode rank) add their actor methods, their
 transport is actors/kv_transfer.py.
 """
@@ -40,7 +40,8 @@ import ray
 import torch
 
 from epserve.actors.agreement import max_all_reduce
-from epserve.actors.rank_messages import Deltas, Delivery, RankReport, StepInput, StepOutput, UnitLayout
+from epserve.actors.rank_messages import RankReport, StepInput, StepOutput, UnitLayout
+from epserve.actors.sink_routes import SinkRoutes
 from epserve.messages import RankStats
 from epserve.model.ep_select import make_ep_dispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
@@ -95,8 +96,7 @@ class RankActor:
                        "steps": 0}
         self.last_stats = self.pushed_stats = RankStats(layout.unit, layout.rank)
         self.streaming: set[str] = set()
-        self.sink_of: dict[str, str] = {}                # request id -> its sink's key (loop thread only)
-        self.sinks: dict[str, object] = {}               # sink key -> handle
+        self.routes = SinkRoutes(rank=layout.rank)       # request -> its stream sink (loop thread only)
         self.handoff_timing = {"n": 0, "seconds": 0.0, "bytes": 0, "by": {}}
         self.parked_kv = ParkedKv()                     # prefill role, collective handoff: latents awaiting their pull
         self.pairs: PairGroups | None = None
@@ -205,9 +205,8 @@ class RankActor:
         """Drive this rank's steps until shutdown; returns its counters. Raises if a step fails
         (the supervisor rebuilds the unit). Deltas go to each request's sink; reports to `supervisor`."""
         self.supervisor, self.peers, self.unit_key = supervisor, list(peers), unit_key
-        self.generation, self.n_pushes, self.n_reports = generation, {}, 0
-        self.sink_of.clear()
-        self.sinks.clear()
+        self.generation, self.n_reports = generation, 0
+        self.routes = SinkRoutes(unit_key, self.layout.rank, generation)
         state = LoopState(self.spec.overlap, self.map_version, self.tuner)
         prev_us = prev_tokens = 0
         last_push = last_report = 0.0
@@ -311,9 +310,8 @@ class RankActor:
                     for rid in payload:
                         self._abort_one(rid)
                 elif kind == "abort_sink":      # the sink died: nobody would read these requests' tokens
-                    for rid in [rid for rid, key in self.sink_of.items() if key == payload]:
+                    for rid in self.routes.drop_sink(payload):
                         self._abort_one(rid)
-                    self.sinks.pop(payload, None)
                 elif kind == "switch":
                     self.want_version = max(self.want_version, payload)
                 elif kind == "stop":
@@ -323,16 +321,12 @@ class RankActor:
     def _abort_one(self, rid: str) -> None:
         self.engine.abort(rid)
         self.streaming.discard(rid)
-        self.sink_of.pop(rid, None)
+        self.routes.drop(rid)
 
     def _add(self, seqs: list[Sequence]) -> list[tuple[str, str]]:
         rejected = []
         for seq in seqs:
-            if seq.sink is not None:           # its deltas go there; the Sequence itself need not carry it
-                key = seq.sink._actor_id.hex()
-                self.sinks.setdefault(key, seq.sink)
-                self.sink_of[seq.request_id] = key
-                seq.sink = None
+            self.routes.add(seq)               # its deltas go to its sink
             try:
                 latents = self._receive_kv(seq)
                 if latents is not None:
@@ -378,27 +372,9 @@ class RankActor:
                 "parked_bytes": self.parked_kv.nbytes, "timing": dict(self.handoff_timing)}
 
     def _push(self, deltas: list[TokenDelta], rejected) -> None:
-        """One Delivery per sink with anything to say: its requests' deltas and rejections. A
-        request that finished or was rejected leaves the request -> sink table here."""
+        """The held deltas and rejections to their sinks: one Delivery per sink (actors/sink_routes.py)."""
         t = time.perf_counter()
-        per: dict[str, tuple[list, list]] = {}
-        for d in deltas:
-            key = self.sink_of.get(d.request_id)
-            if key is not None:                # else aborted meanwhile (or a driven request): nobody reads it
-                per.setdefault(key, ([], []))[0].append(d)
-                if d.finish_reason is not None:
-                    del self.sink_of[d.request_id]
-        for rid, why in rejected:
-            key = self.sink_of.pop(rid, None)
-            if key is not None:
-                per.setdefault(key, ([], []))[1].append((rid, why))
-        for key, (ds, rj) in per.items():
-            sink = self.sinks.get(key)
-            if sink is None:
-                continue
-            n = self.n_pushes.get(key, 0)
-            sink.deliver.remote(Delivery(self.unit_key, self.layout.rank, Deltas.pack(ds), rj, n, self.generation))
-            self.n_pushes[key] = n + 1
+        self.routes.push(deltas, rejected)
         self.timing["push"] += time.perf_counter() - t
 
     def _report(self) -> None:
@@ -407,7 +383,7 @@ class RankActor:
         self.supervisor.report.remote(RankReport(
             self.layout.rank, self.generation, self.n_reports, self.last_stats, self.n_steps, self.map_version,
             dict(self.switched_at), dict(self.schedule_steps), dict(self.tuner.best), dict(self.timing),
-            self.produced, sum(self.n_pushes.values())))
+            self.produced, self.routes.n_sent))
         self.n_reports += 1
         self.produced = 0
 

@@ -49,6 +49,37 @@ def reference(tiny_dir):
     return prompts, [s.output_ids for s in seqs]
 
 
+class _Recorder:
+    """Stands in for a sink handle in the pure routing test: records what `deliver.remote` got."""
+
+    def __init__(self, name: str):
+        self._actor_id = type("Id", (), {"hex": lambda _self: name})()
+        self.got: list = []
+        self.deliver = type("M", (), {"remote": lambda _self, d: self.got.append(d)})()
+
+
+def test_sink_routes_send_each_sink_only_its_requests_in_numbered_pushes():
+    from epserve.actors.sink_routes import SinkRoutes
+    from epserve.pipelines.runner import TokenDelta
+    a, b = _Recorder("a"), _Recorder("b")
+    routes = SinkRoutes("unit-key", rank=1, generation=3)
+    for rid, sink in (("a1", a), ("a2", a), ("b1", b)):
+        seq = Sequence(rid, [1, 2], greedy(), sink=sink)
+        routes.add(seq)
+        assert seq.sink is None                                   # nothing per step carries the handle
+    routes.add(Sequence("driven", [1], greedy()))                 # no sink: pushed nowhere
+    def tok(rid, t, fin=None):
+        return TokenDelta(rid, t, None, fin)
+    assert routes.push([tok("a1", 5), tok("b1", 6), tok("a2", 7, "length"), tok("driven", 8)],
+                       [("b1", "too long")]) == 2
+    assert [d.deltas.request_ids for d in a.got] == [["a1", "a2"]] and a.got[0].rejected == []
+    assert [d.deltas.request_ids for d in b.got] == [["b1"]] and b.got[0].rejected == [("b1", "too long")]
+    assert (a.got[0].unit, a.got[0].rank, a.got[0].generation, a.got[0].seq) == ("unit-key", 1, 3, 0)
+    assert routes.push([tok("a1", 9), tok("a2", 1), tok("b1", 2)], []) == 1     # a2 finished, b1 rejected
+    assert [d.seq for d in a.got] == [0, 1] and routes.n_sent == 3
+    assert routes.drop_sink("a") == ["a1"] and routes.push([tok("a1", 3)], []) == 0
+
+
 def _drain_feed(sink, rids: set[str]) -> dict[str, list[int]]:
     """Read a sink's feed until every request in rids finished -> tokens per request."""
     got: dict[str, list[int]] = {rid: [] for rid in rids}
