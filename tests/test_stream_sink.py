@@ -195,3 +195,21 @@ def test_a_dead_supervisor_fails_its_requests_instead_of_hanging(ray_cluster, ti
         for pg in placement_group_table().values():
             if pg["name"].startswith("epserve-decode-unit8-") and pg["state"] != "REMOVED":
                 remove_placement_group(get_placement_group(pg["name"]))
+
+
+def test_a_poisoned_batch_fails_the_sinks_requests_and_the_unit_serves_on(unit, reference):
+    """After three rebuilds with no token in between the supervisor restarts with `fail`: the sinks
+    fail that unit's unfinished requests instead of resubmitting them; later requests run."""
+    prompts, want = reference
+    sink = StreamSink.remote()
+    ref = sink.generate.remote(unit, [(Sequence("poisoned", list(range(5, 40)), greedy(2000)), 0)])
+    deadline = time.time() + 60
+    while not sum(s.n_running for s in ray.get(unit.stats.remote())) and time.time() < deadline:
+        time.sleep(0.05)
+    ray.get(unit._restart.remote("test: a poisoned batch", "internal error after 3 attempts: test"), timeout=180)
+    res = ray.get(ref, timeout=30)[0]
+    assert res["error"].startswith("internal error after 3 attempts") and not res["rejected"]
+    after = ray.get(sink.generate.remote(unit, [(Sequence("after", prompts[0], greedy()), 1)]), timeout=120)
+    assert after[0]["token_ids"] == want[0]
+    assert ray.get(unit.status.remote())["in_flight"] == 0
+    ray.kill(sink)
