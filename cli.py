@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks; print JSON (not tests)")
     b.add_argument("what", nargs="?", default="engine",
                    choices=["engine", "units", "eplb", "kernels", "step", "serve", "prefix", "overlap", "starts",
-                            "admission", "grammar", "handoff", "deepep", "chaos", "soak"])
+                            "admission", "grammar", "handoff", "deepep", "chaos", "soak", "delta_path"])
     b.add_argument("--config", help="serve: config of the server to start (default: the embedded default)")
     b.add_argument("--url", help="serve: measure this running server instead of starting one")
     b.add_argument("--api-key", help="serve --url: bearer key for the server (its model name is read from /v1/models)")

@@ -4,7 +4,9 @@ Joins Ray if it is initialised (or `ray.address` is set), else starts an embedde
 local one, so the same code runs on a laptop and on a real multi-node cluster.
 Offline generation runs colocated units (each rank prefills and decodes its own
 requests; the `decode` section gives the unit shape); disaggregated prefill/decode
-is the serving path (serve/).
+is the serving path (serve/). Requests go through each unit supervisor's `generate`, which
+forwards to that unit's default stream sink (actors/stream_sink.py): the ranks push the
+tokens there, not through the supervisor.
 """
 from __future__ import annotations
 

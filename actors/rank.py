@@ -7,14 +7,21 @@ own step loop (`run_loop`), as SGLang's and DeepSeek's DP ranks do:
   inbox (requests, aborts, switch requests; filled by submit/abort/request_switch calls on the
   actor's other threads) -> one MAX of a small Vote over the control group (actors/agreement.py) -> the same Plan
   on every rank (pipelines/lockstep.py: step or park, overlap schedule, placement switch) ->
-  the step -> its token deltas and stats pushed to the sink in one fire-and-forget call.
+  the step -> its token deltas pushed straight to each request's stream sink (one fire-and-forget
+  Delivery per sink, batched every PUSH_EVERY_S unless a delta is latency-critical) -> its stats
+  and counters reported to the supervisor (a RankReport, at most every REPORT_EVERY_S while it
+  steps, at once on a placement switch or when its stats changed and it parks).
+
+Each request's Sequence names its sink (actors/stream_sink.py); the rank keeps request -> sink
+(actors/sink_routes.py) and never sends a delta through the supervisor. A dead sink's requests are aborted here when the
+supervisor says so (`abort_sink`).
 
 Nobody calls the rank once per step, so a step's control cost does not grow with the unit. An
 idle unit parks: each rank waits on its inbox; the first request to any rank wakes its peers.
 `step()` (one step per call) stays for benchmarks that drive ranks directly (bench units'
 baseline, bench overlap, --profile); it must not be used while the loop runs. Messages are in
-actors/rank_messages.py. Just over 400 lines: the loop, its inbox and the driven step share one
-engine lock and one set of counters, which splitting the class would scatter; the KV handoff's
+actors/rank_messages.py. About 510 lines: the loop, its inbox, its reports and the driven step
+share one engine lock and one set of counters, which splitting the class would scatter; the KV handoff's
 two ends (park and send on a prefill rank, pull on a decode rank) add their actor methods, their
 transport is actors/kv_transfer.py.
 """
@@ -33,7 +40,8 @@ import ray
 import torch
 
 from epserve.actors.agreement import max_all_reduce
-from epserve.actors.rank_messages import Deltas, Delivery, StepInput, StepOutput, UnitLayout
+from epserve.actors.rank_messages import RankReport, StepInput, StepOutput, UnitLayout
+from epserve.actors.sink_routes import SinkRoutes
 from epserve.messages import RankStats
 from epserve.model.ep_select import make_ep_dispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
@@ -50,7 +58,7 @@ from epserve.placement.prefill_balancer import attn_work
 log = logging.getLogger("epserve.rank")
 
 PARK_POLL_S = 1.0          # a parked rank re-checks with its peers at least this often
-STATS_EVERY_S = 0.2        # stats reach the sink at least this often while the rank steps
+REPORT_EVERY_S = 0.05      # stats and counters reach the supervisor at most this often while the rank steps
 PUSH_EVERY_S = 0.004       # fast steps batch their deltas into one push per this much time, unless a
                            # delta is latency-critical (a first token, a finished request)
 
@@ -88,6 +96,7 @@ class RankActor:
                        "steps": 0}
         self.last_stats = self.pushed_stats = RankStats(layout.unit, layout.rank)
         self.streaming: set[str] = set()
+        self.routes = SinkRoutes(rank=layout.rank)       # request -> its stream sink (loop thread only)
         self.handoff_timing = {"n": 0, "seconds": 0.0, "bytes": 0, "by": {}}
         self.parked_kv = ParkedKv()                     # prefill role, collective handoff: latents awaiting their pull
         self.pairs: PairGroups | None = None
@@ -156,6 +165,10 @@ class RankActor:
     def abort(self, request_ids: list[str]) -> None:
         self._post("abort", request_ids)
 
+    def abort_sink(self, sink_key: str) -> None:
+        """Abort every request whose deltas go to this sink (it died with its ingress replica)."""
+        self._post("abort_sink", sink_key)
+
     def request_switch(self, version: int) -> None:
         """Switch to staged placement `version` at the first step all ranks have it staged."""
         self._post("switch", version)
@@ -188,15 +201,18 @@ class RankActor:
             self.parked = False
 
     # ---- the loop ---------------------------------------------------------------------------
-    def run_loop(self, sink, peers: list, generation: int = 0) -> dict:
+    def run_loop(self, supervisor, peers: list, generation: int = 0, unit_key: str = "") -> dict:
         """Drive this rank's steps until shutdown; returns its counters. Raises if a step fails
-        (the supervisor rebuilds the unit)."""
-        self.sink, self.peers = sink, list(peers)
-        self.generation, self.n_pushes = generation, 0
+        (the supervisor rebuilds the unit). Deltas go to each request's sink; reports to `supervisor`."""
+        self.supervisor, self.peers, self.unit_key = supervisor, list(peers), unit_key
+        self.generation, self.n_reports = generation, 0
+        self.routes = SinkRoutes(unit_key, self.layout.rank, generation)
         state = LoopState(self.spec.overlap, self.map_version, self.tuner)
         prev_us = prev_tokens = 0
-        last_push, dirty = 0.0, False          # dirty: stepped since the last push
+        last_push = last_report = 0.0
+        dirty = False                          # stepped since the last report
         held: list[TokenDelta] = []            # deltas not pushed yet (fast steps batch them)
+        self.produced = 0                      # tokens since the last report
         self.streaming.clear()                 # requests whose first token the sink already has
         while True:
             t_iter, c_iter = time.perf_counter(), time.thread_time()
@@ -222,11 +238,13 @@ class RankActor:
             if not plan.run:
                 state.last, prev_us, prev_tokens = None, 0, 0
                 self.last_stats = self._stats()
-                stale = self.last_stats != self.pushed_stats        # e.g. an abort freed pages
-                if held or rejected or switched or stale or \
-                        (dirty and (plan.park or time.time() - last_push > STATS_EVERY_S)):
+                if held or rejected:
                     self._push(held, rejected)
-                    held, last_push, dirty = [], time.time(), False
+                    held, last_push = [], time.time()
+                stale = self.last_stats != self.pushed_stats        # e.g. an abort freed pages
+                if switched or stale or (dirty and (plan.park or time.time() - last_report > REPORT_EVERY_S)):
+                    self._report()
+                    last_report, dirty = time.time(), False
                 if plan.park:
                     self._park()
                 continue
@@ -241,15 +259,19 @@ class RankActor:
             state.last = (plan.phase, plan.schedule is not None)
             self._publish_kv(deltas)
             held += deltas
+            self.produced += len(deltas)
             dirty = True
-            urgent = rejected or switched or any(d.finish_reason is not None or d.kv_blocks is not None for d in deltas) \
+            urgent = rejected or any(d.finish_reason is not None or d.kv_blocks is not None for d in deltas) \
                 or any(d.request_id not in self.streaming for d in deltas)
-            since = time.time() - last_push
-            if urgent or (held and since > PUSH_EVERY_S) or since > STATS_EVERY_S:
+            now = time.time()
+            if urgent or (held and now - last_push > PUSH_EVERY_S):
                 self._push(held, rejected)
                 self.streaming |= {d.request_id for d in held}
                 self.streaming -= {d.request_id for d in held if d.finish_reason is not None}
-                held, last_push, dirty = [], time.time(), False
+                held, last_push = [], now
+            if switched or now - last_report > REPORT_EVERY_S:
+                self._report()
+                last_report, dirty = now, False
             tm = self.timing
             tm["total"] += time.perf_counter() - t_iter
             tm["agree"] += t_agree
@@ -286,17 +308,25 @@ class RankActor:
                     rejected += self._add(payload)
                 elif kind == "abort":
                     for rid in payload:
-                        self.engine.abort(rid)
-                        self.streaming.discard(rid)
+                        self._abort_one(rid)
+                elif kind == "abort_sink":      # the sink died: nobody would read these requests' tokens
+                    for rid in self.routes.drop_sink(payload):
+                        self._abort_one(rid)
                 elif kind == "switch":
                     self.want_version = max(self.want_version, payload)
                 elif kind == "stop":
                     self.stopping = True
         return rejected
 
+    def _abort_one(self, rid: str) -> None:
+        self.engine.abort(rid)
+        self.streaming.discard(rid)
+        self.routes.drop(rid)
+
     def _add(self, seqs: list[Sequence]) -> list[tuple[str, str]]:
         rejected = []
         for seq in seqs:
+            self.routes.add(seq)               # its deltas go to its sink
             try:
                 latents = self._receive_kv(seq)
                 if latents is not None:
@@ -342,14 +372,20 @@ class RankActor:
                 "parked_bytes": self.parked_kv.nbytes, "timing": dict(self.handoff_timing)}
 
     def _push(self, deltas: list[TokenDelta], rejected) -> None:
+        """The held deltas and rejections to their sinks: one Delivery per sink (actors/sink_routes.py)."""
         t = time.perf_counter()
-        self.pushed_stats = self.last_stats
-        self.sink.deliver.remote(Delivery(
-            self.layout.rank, Deltas.pack(deltas), self.last_stats, rejected, self.n_steps, self.map_version,
-            dict(self.switched_at), dict(self.schedule_steps), dict(self.tuner.best),
-            {k: v for k, v in self.timing.items()}, self.n_pushes, self.generation))
-        self.n_pushes += 1
+        self.routes.push(deltas, rejected)
         self.timing["push"] += time.perf_counter() - t
+
+    def _report(self) -> None:
+        """Stats and counters to the supervisor (admission reads them; EPLB switches wait on them)."""
+        self.pushed_stats = self.last_stats
+        self.supervisor.report.remote(RankReport(
+            self.layout.rank, self.generation, self.n_reports, self.last_stats, self.n_steps, self.map_version,
+            dict(self.switched_at), dict(self.schedule_steps), dict(self.tuner.best), dict(self.timing),
+            self.produced, self.routes.n_sent))
+        self.n_reports += 1
+        self.produced = 0
 
     # ---- lifecycle, placement, observation --------------------------------------------------
     def stage_placement(self, phy2log: torch.Tensor, version: int) -> None:

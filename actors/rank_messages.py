@@ -1,7 +1,8 @@
-"""What crosses between a unit's supervisor and its rank actors (small dataclasses, no tensors).
+"""What crosses between a rank actor and its unit's supervisor or stream sinks (small dataclasses, no tensors).
 
-UnitLayout says where a rank sits in its unit; Delivery is a rank's push after a step (its
-token deltas as columns, its stats and counters); StepInput / StepOutput are the driven step
+UnitLayout says where a rank sits in its unit; Delivery is a rank's push to one stream sink
+(the token deltas of that sink's requests, as columns); RankReport is a rank's state for its
+supervisor (stats and counters, at a bounded rate); StepInput / StepOutput are the driven step
 that benchmarks use.
 """
 from __future__ import annotations
@@ -66,20 +67,34 @@ class Deltas:
 
 @dataclass
 class Delivery:
-    """What a rank pushes to its sink after a step (or when it parks): deltas and its state."""
+    """What a rank pushes to one stream sink (actors/stream_sink.py): that sink's requests' deltas
+    and rejections since the last push. Ordered per (unit, rank, generation) by `seq`."""
 
+    unit: str                          # the unit's key: its supervisor's actor id
     rank: int
     deltas: Deltas
+    rejected: list[tuple[str, str]]    # (request_id, reason)
+    seq: int = 0                       # this rank's push counter for this sink: the sink applies pushes in order
+    generation: int = 0                # the unit build that started this loop (older ones are stale)
+
+
+@dataclass
+class RankReport:
+    """What a rank tells its supervisor (lifecycle, admission stats, placement switches), at most
+    every REPORT_EVERY_S while it steps and at once on a switch or before it parks."""
+
+    rank: int
+    generation: int
+    seq: int                           # report counter: the supervisor keeps the newest
     stats: RankStats
-    rejected: list[tuple[str, str]]
     n_steps: int
     map_version: int
     switched_at: dict[int, int]
     schedule_steps: dict[str, int]
     split_pays: dict[str, bool]
     timing: dict[str, float]           # seconds summed over the loop's steps: total, agree, step, inbox, push
-    seq: int = 0                       # this rank's push counter: the sink applies pushes in this order
-    generation: int = 0                # the unit build that started this loop (older ones are stale)
+    n_tokens: int = 0                  # tokens produced since the last report (a rebuild loop resets on any)
+    n_pushes: int = 0                  # pushes to sinks so far in this loop (all sinks)
 
 
 @dataclass(frozen=True)

@@ -3,56 +3,43 @@
 It owns the unit's placement group (placement/groups.py), starts one RankActor per bundle in
 rank order, runs the rendezvous (rank 0 publishes its address), and then lets the ranks drive
 their own lockstep (actors/rank.py, pipelines/lockstep.py): the supervisor is not on the step
-path. It hands each request to its rank's inbox, relays the token deltas the ranks push (to
-`generate` / `stream` callers), keeps the requests' produced tokens, and owns the lifecycle:
-start, health, restart and resume, EPLB switch requests, shutdown.
+path, and not on the token path either. Requests and their deltas belong to stream sinks
+(actors/stream_sink.py): a sink submits straight to a rank's inbox and each rank pushes the
+deltas straight to the request's sink. The supervisor keeps lifecycle only: start, health
+(rank reports: stats for admission, counters), restart and resume, EPLB switch requests, drain
+(`status()["in_flight"]` and `request_ids()` ask the attached sinks), shutdown. It must never
+relay a token delta.
 
-If any rank dies or a rank's loop fails, the whole unit is torn down and rebuilt (no half-unit
-keeps running), and each unfinished request is re-run on the same rank index from its prompt
-plus the tokens it already produced: callers see complete, correct outputs (greedy and seeded
-sampling are deterministic per token index).
+Sinks attach (`attach_sink`: the build's generation and rank handles). If any rank dies or a
+rank's loop fails, the whole unit is torn down and rebuilt (no half-unit keeps running): every
+sink hears `unit_down` (it holds new submissions) and then `unit_up`, and re-runs each
+unfinished request on the same rank index from its prompt plus the tokens it already produced:
+callers see complete, correct outputs (greedy and seeded sampling are deterministic per token
+index). A sink that dies (its ingress replica died) has its requests aborted on the ranks.
+
+`generate` / `prefill` / `stream` / `abort` stay for direct callers (llm.py, tests, benches):
+they forward to the supervisor's own default sink, created on first use.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 
 import ray
 import torch
 
 from epserve.actors.rank import RankActor
-from epserve.actors.rank_messages import Delivery, UnitLayout
+from epserve.actors.rank_messages import RankReport, UnitLayout
+from epserve.actors.stream_sink import RequestRejected, StreamSink  # noqa: F401  (RequestRejected: re-exported)
 from epserve.messages import RankStats
-from epserve.pipelines.runner import RankSpec, TokenDelta
+from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.devices import NOSET_ENV, check_distinct_gpus
 from epserve.placement.groups import create_unit_placement, remove_unit_placement
 from epserve.placement.topology import UnitShape, initial_phy2log
 
 log = logging.getLogger("epserve.unit")
-
-
-class RequestRejected(ValueError):
-    """A rank refused the request (too long for its context or KV pool, bad token ids)."""
-
-
-@dataclass
-class Tracked:
-    """The supervisor's copy of a request: enough to re-run it on a rebuilt unit."""
-
-    seq: Sequence
-    rank: int
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    t_submit: float = field(default_factory=time.time)
-    t_first: float | None = None
-    kv_blocks: list | None = None      # prefill units: object refs of the handed-off KV blocks
-    draft: list | None = None          # prefill units with MTP: the first drafts, handed over with the KV
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=0)
@@ -64,13 +51,14 @@ class UnitSupervisor:
         self.phy2log = initial_phy2log(n_moe_layers, shape.n_routed_experts, shape.n_slots)
         self.ranks: list = []
         self.loops: list = []
-        self.pushes: list[dict] = []
-        self.next_push: list[int] = []
         self.placement = None
         self.rank_info: list[dict] = []
-        self.requests: dict[str, Tracked] = {}
+        self.key = ray.get_runtime_context().get_actor_id()      # sinks and ranks name the unit by it
+        self.sinks: dict[str, object] = {}                       # attached stream sinks: key -> handle
+        self.sink_watches: dict[str, asyncio.Task] = {}
+        self.default_sink = None
         self.stats_cache: list[RankStats] = [RankStats(unit_id, r) for r in range(shape.n_ranks)]
-        self.last: list[Delivery | None] = [None] * shape.n_ranks
+        self.last: list[RankReport | None] = [None] * shape.n_ranks
         self.n_restarts = 0
         self.failures_in_a_row = 0     # rebuilds since a step last produced a token
         self.map_version = 0
@@ -80,7 +68,7 @@ class UnitSupervisor:
         self.monitor = None
         self.closing = False
         self.drive = True
-        self.rebuilding = False    # between a failure and the rebuilt unit's resubmission: requests are only tracked
+        self.is_up = False         # built and its loops running: sinks may submit
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self, attempts: int = 3, drive: bool = True) -> list[dict]:
@@ -97,6 +85,8 @@ class UnitSupervisor:
                 log.warning("%s unit %d start failed (%r); retrying (%d/%d)", self.role, self.unit_id, exc,
                             attempt, attempts)
                 await asyncio.sleep(1.0)
+        if self.is_up:       # a sink that attached while the unit started waits for this
+            await self._tell_sinks(lambda sk: sk.unit_up.remote(self.key, self.n_restarts, list(self.ranks)))
         return self.rank_info
 
     async def _build(self) -> None:
@@ -125,11 +115,10 @@ class UnitSupervisor:
         self.last = [None] * s.n_ranks
         if self.drive:
             me = ray.get_runtime_context().current_actor
-            self.pushes = [{} for _ in self.ranks]          # rank -> {seq: Delivery} waiting for an earlier one
-            self.next_push = [0] * len(self.ranks)
-            self.loops = [rk.run_loop.remote(me, [p for p in self.ranks if p is not rk], self.n_restarts)
+            self.loops = [rk.run_loop.remote(me, [p for p in self.ranks if p is not rk], self.n_restarts, self.key)
                           for rk in self.ranks]
             self.monitor = asyncio.get_running_loop().create_task(self._watch(self.loops, self.n_restarts))
+            self.is_up = True
         log.info("%s unit %d up: %d ranks on %d node(s), rendezvous %s:%d", self.role, self.unit_id, s.n_ranks,
                  s.nodes_per_unit, *master)
 
@@ -145,13 +134,14 @@ class UnitSupervisor:
             if exc is not None:
                 why = f"{type(exc).__name__}: {str(exc)[-400:]}"
         self.failures_in_a_row += 1
+        fail = None
         if self.failures_in_a_row >= 3:   # not a dead rank but a poisoned batch: fail it, keep serving
-            for rid in [rid for rid, tr in self.requests.items() if tr.finish_reason is None]:
-                self._fail(rid, f"internal error after {self.failures_in_a_row} attempts: {why}")
+            fail = f"internal error after {self.failures_in_a_row} attempts: {why}"
             self.failures_in_a_row = 0
-        await self._restart(why)
+        await self._restart(why, fail)
 
     async def _teardown(self) -> None:
+        self.is_up = False
         for rk in self.ranks:
             ray.kill(rk, no_restart=True)
         self.ranks, self.loops = [], []
@@ -159,15 +149,24 @@ class UnitSupervisor:
             remove_unit_placement(self.placement)
             self.placement = None
 
-    async def _restart(self, reason: str) -> None:
+    async def _restart(self, reason: str, fail: str | None = None) -> None:
         self.n_restarts += 1
-        self.rebuilding = True
+        self.is_up = False
         log.warning("%s unit %d: %s; rebuilding the whole unit (restart %d)", self.role, self.unit_id, reason,
                     self.n_restarts)
-        try:
-            await self._rebuild()
-        finally:
-            self.rebuilding = False
+        # every sink holds new submissions (and fails the poisoned batch) before the old ranks go
+        await self._tell_sinks(lambda sk: sk.unit_down.remote(self.key, self.n_restarts, fail))
+        await self._rebuild()
+        if not self.closing:
+            n = await self._tell_sinks(lambda sk: sk.unit_up.remote(self.key, self.n_restarts, list(self.ranks)))
+            log.info("%s unit %d rebuilt; sinks resubmitted %d request(s)", self.role, self.unit_id, sum(n))
+
+    async def _tell_sinks(self, call) -> list:
+        """Call every attached sink and wait (a dead or stuck one is skipped: its watch handles it)."""
+        refs = [call(sk) for sk in list(self.sinks.values())]
+        got = await asyncio.gather(*[asyncio.wait_for(asyncio.ensure_future(r), 30) for r in refs],
+                                   return_exceptions=True)
+        return [g for g in got if not isinstance(g, BaseException)]
 
     async def _rebuild(self) -> None:
         await self._teardown()
@@ -182,19 +181,13 @@ class UnitSupervisor:
         if self.switch_wanted is not None:    # the rebuilt ranks start from the current map
             self.switch_wanted = None
             self.switched.set()
-        per_rank: dict[int, list[Sequence]] = {}
-        for rid, tr in self.requests.items():
-            if tr.finish_reason is None and tr.error is None:
-                per_rank.setdefault(tr.rank, []).append(
-                    Sequence(rid, tr.seq.prompt_ids, tr.seq.params, output_ids=list(tr.output_ids),
-                             n_cached=tr.seq.n_cached, tenant=tr.seq.tenant, share_kv=tr.seq.share_kv))
-        for r, seqs in per_rank.items():
-            self.ranks[r].submit.remote(seqs)
 
     async def shutdown(self) -> None:
         self.closing = True
         if self.monitor:
             self.monitor.cancel()
+        for t in list(self.sink_watches.values()):
+            t.cancel()
         if getattr(self, "controller", None) is not None:
             ray.kill(self.controller)
         if self.loops:
@@ -203,105 +196,69 @@ class UnitSupervisor:
         await asyncio.gather(*[rk.shutdown.remote() for rk in self.ranks], return_exceptions=True)
         await self._teardown()
 
-    # ---- what the ranks push -----------------------------------------------------------
+    # ---- what the ranks report -----------------------------------------------------------
     @ray.method(enable_task_events=False)
-    async def deliver(self, d: Delivery) -> None:
-        """One rank's push (a fire-and-forget call from its loop), applied in the rank's push order:
-        an async actor may run calls from one caller out of order (Ray orders only synchronous,
-        single-threaded actors), and a token applied late would be dropped or misplaced. Pushes
-        from an older build of the unit are stale (its requests were resubmitted) and dropped."""
-        if d.generation != self.n_restarts or not self.pushes:
+    async def report(self, r: RankReport) -> None:
+        """A rank's stats and counters (fire-and-forget from its loop, at a bounded rate). The
+        newest report of the current build wins; an older build's are stale."""
+        if r.generation != self.n_restarts:
             return
-        pending = self.pushes[d.rank]
-        pending[d.seq] = d
-        while self.next_push[d.rank] in pending:
-            self._apply(pending.pop(self.next_push[d.rank]))
-            self.next_push[d.rank] += 1
-
-    def _apply(self, d: Delivery) -> None:
-        self.last[d.rank] = d
-        self.stats_cache[d.rank] = d.stats
-        for rid, why in d.rejected:
-            self._fail(rid, why)
-        for delta in d.deltas.unpack():
-            self._deliver(delta)
-        if len(d.deltas):
+        if r.n_tokens:
             self.failures_in_a_row = 0
+        prev = self.last[r.rank]
+        if prev is not None and prev.seq > r.seq:      # overtaken by a newer one (async actor)
+            return
+        self.last[r.rank] = r
+        self.stats_cache[r.rank] = r.stats
         if self.switch_wanted is not None and all(x is not None and x.map_version >= self.switch_wanted
                                                   for x in self.last):
             self.map_version = self.switch_wanted
             self.switch_wanted = None
             self.switched.set()
 
-    def _deliver(self, d: TokenDelta) -> None:
-        tr = self.requests.get(d.request_id)
-        if tr is None or tr.finish_reason is not None:
+    # ---- stream sinks ------------------------------------------------------------------------
+    async def attach_sink(self, sink) -> tuple[int, list, bool]:
+        """Register a sink for rebuild notices and watch it -> (generation, rank handles, is_up).
+        While the unit is rebuilding the sink holds its submissions until `unit_up`."""
+        key = sink._actor_id.hex()
+        if key not in self.sinks:
+            self.sinks[key] = sink
+            self.sink_watches[key] = asyncio.get_running_loop().create_task(self._watch_sink(key, sink))
+        return self.n_restarts, list(self.ranks) if self.is_up else [None] * self.shape.n_ranks, self.is_up
+
+    @ray.method(enable_task_events=False)
+    async def watch(self) -> None:
+        """Never returns: a sink's pending call fails when this supervisor (and so its unit) dies."""
+        await asyncio.Event().wait()
+
+    async def _watch_sink(self, key: str, sink) -> None:
+        """The sink's `watch` never returns: when it fails the sink died (its owner did); abort its
+        requests on the ranks, which know which requests go to it."""
+        try:
+            await sink.watch.remote()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            pass
+        self.sinks.pop(key, None)
+        self.sink_watches.pop(key, None)
+        if self.closing:
             return
-        if tr.t_first is None:
-            tr.t_first = time.time()
-        tr.output_ids.append(d.token_id)
-        if d.logprob is not None:
-            tr.logprobs.append(d.logprob)
-        tr.finish_reason = d.finish_reason
-        tr.kv_blocks = d.kv_blocks
-        tr.draft = d.draft
-        tr.seq.n_cached = max(tr.seq.n_cached, d.n_cached)   # billed as hits, as the rank loaded them
-        tr.queue.put_nowait(d)
+        log.info("%s unit %d: a stream sink died; aborting its requests", self.role, self.unit_id)
+        for rk in self.ranks:
+            rk.abort_sink.remote(key)
 
-    def _fail(self, rid: str, why: str) -> None:
-        tr = self.requests.get(rid)
-        if tr is not None:
-            tr.error = why
-            tr.queue.put_nowait(RequestRejected(why) if not why.startswith("internal error") else RuntimeError(why))
+    async def _sink(self):
+        if self.default_sink is None:
+            from epserve.actors.cluster import control_options
+            self.default_sink = StreamSink.options(**control_options()).remote()
+        return self.default_sink
 
-    # ---- requests ----------------------------------------------------------------------
-    def _track(self, seq: Sequence, rank: int) -> Tracked:
-        if not 0 <= rank < self.shape.n_ranks:
-            raise ValueError(f"rank {rank} is not in this unit (0..{self.shape.n_ranks - 1})")
-        if seq.request_id in self.requests:
-            raise ValueError(f"request id {seq.request_id!r} is already running on this unit")
-        tr = Tracked(seq, rank, output_ids=list(seq.output_ids))
-        self.requests[seq.request_id] = tr
-        return tr
-
-    def _submit(self, items: list[tuple[Sequence, int]]) -> list[Tracked]:
-        """Track every request first, then one inbox call per rank (a rank may answer at once)."""
-        trs = [self._track(seq, rank) for seq, rank in items]
-        if self.rebuilding:     # the rebuilt unit resubmits every tracked request (a rank half-built must not)
-            return trs
-        per_rank: dict[int, list[Sequence]] = {}
-        for seq, rank in items:
-            per_rank.setdefault(rank, []).append(seq)
-        for r, seqs in per_rank.items():
-            self.ranks[r].submit.remote(seqs)
-        return trs
-
-    async def _finish(self, tr: Tracked) -> dict:
-        while tr.finish_reason is None:
-            item = await tr.queue.get()
-            if isinstance(item, Exception):
-                self.requests.pop(tr.seq.request_id, None)
-                raise item
-        self.requests.pop(tr.seq.request_id, None)
-        return self._result(tr)
-
-    @staticmethod
-    def _result(tr: Tracked) -> dict:
-        return {"request_id": tr.seq.request_id, "token_ids": tr.output_ids, "logprobs": tr.logprobs or None,
-                "finish_reason": tr.finish_reason, "n_cached": tr.seq.n_cached, "kv_blocks": tr.kv_blocks,
-                "draft": tr.draft,
-                "ttft_s": (tr.t_first or time.time()) - tr.t_submit, "decode_s": time.time() - (tr.t_first or 0)}
-
+    # ---- requests: forwarded to the default sink (the supervisor relays no delta) -------------
     async def generate(self, items: list[tuple[Sequence, int]]) -> list[dict | str]:
-        """Run sequences to completion on the given ranks.
-
-        A request that fails comes back as {"error": text, "rejected": bool}; rejected means the
-        request itself was bad (too long, bad token ids), otherwise the unit failed it.
-        """
-        trs = self._submit(items)
-        results = await asyncio.gather(*[self._finish(tr) for tr in trs], return_exceptions=True)
-        return [{"error": str(r), "rejected": isinstance(r, RequestRejected)} if isinstance(r, Exception) else r
-                for r in results]
+        """Run sequences to completion on the given ranks (StreamSink.generate)."""
+        me = ray.get_runtime_context().current_actor
+        return await (await self._sink()).generate.remote(me, items)
 
     @ray.method(enable_task_events=False)
     async def prefill(self, seq: Sequence, rank: int) -> dict:
@@ -310,55 +267,44 @@ class UnitSupervisor:
 
     @ray.method(enable_task_events=False)
     async def stream(self, seq: Sequence, rank: int):
-        """Yield TokenDeltas as they are produced; the caller aborts on disconnect."""
-        tr = self._submit([(seq, rank)])[0]
-        try:
-            while True:
-                item = await tr.queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                if item is None:             # aborted
-                    break
-                yield item
-                if item.finish_reason is not None:
-                    break
-        finally:
-            if tr.finish_reason is None or tr.finish_reason == "abort":
-                await self.abort(seq.request_id)
-            self.requests.pop(seq.request_id, None)
+        """StreamSink.stream through the default sink, for direct callers; the serving path streams
+        from its own sink (serve/generation.py) and never through here."""
+        me = ray.get_runtime_context().current_actor
+        gen = (await self._sink()).stream.options(num_returns="streaming").remote(me, seq, rank)
+        async for ref in gen:
+            yield await ref
 
     @ray.method(enable_task_events=False)
     async def abort(self, request_id: str) -> bool:
-        """Stop a request: its rank drops it before its next step (a step in flight finishes, its
-        token is discarded); a `generate` waiting on it returns it with finish_reason "abort"."""
-        tr = self.requests.pop(request_id, None)
-        if tr is None:
+        """Abort a request submitted through this supervisor's `generate` / `prefill` / `stream`."""
+        if self.default_sink is None:
             return False
-        if self.ranks and not self.rebuilding:     # else it is simply not resubmitted
-            self.ranks[tr.rank].abort.remote([request_id])
-        if tr.finish_reason is None:
-            tr.finish_reason = "abort"
-            tr.queue.put_nowait(None)
-        return True
+        return await self.default_sink.abort.remote(ray.get_runtime_context().current_actor, request_id)
 
     # ---- observation ---------------------------------------------------------------------
+    async def _sink_requests(self) -> set[str]:
+        got = await self._tell_sinks(lambda sk: sk.request_ids.remote(self.key))
+        return set().union(*got) if got else set()
+
     @ray.method(enable_task_events=False)
-    def request_ids(self) -> set[str]:
-        """Requests this unit is running (the router reconciles its in-flight table with them)."""
-        return set(self.requests)
+    async def request_ids(self) -> set[str]:
+        """Requests this unit is running, as its sinks track them (the router reconciles its
+        in-flight table with them)."""
+        return await self._sink_requests()
 
     @ray.method(enable_task_events=False)
     def stats(self) -> list[RankStats]:
         return list(self.stats_cache)
 
     @ray.method(enable_task_events=False)
-    def status(self) -> dict:
+    async def status(self) -> dict:
         # every rank steps together; the one that reported last has the newest counts
         head = max((x for x in self.last if x is not None), key=lambda x: x.n_steps, default=None)
         timing = [x.timing for x in self.last if x is not None]
         steps = head.n_steps if head else 0
         return {"unit": self.unit_id, "role": self.role, "steps": steps,
-                "restarts": self.n_restarts, "ranks": self.rank_info, "in_flight": len(self.requests),
+                "restarts": self.n_restarts, "ranks": self.rank_info,
+                "in_flight": len(await self._sink_requests()), "sinks": len(self.sinks),
                 "map_version": self.map_version, "eplb": self.eplb_report,
                 "schedule_steps": dict(head.schedule_steps) if head else {"plain": 0, "prefill": 0, "decode": 0},
                 "overlap": {"mode": self.spec.overlap, "split_pays": dict(head.split_pays) if head else {}},

@@ -6,6 +6,8 @@ engine  offline tokens/s of one rank at several batch sizes, next to transformer
 units   the lockstep's control cost, old central loop against the rank-driven loop, 1/2/4/8 ranks
 starts  one unit's start time against four units started at once
 admission  requests/s the front door admits at max_tokens=1 with 1 and 2 ingress replicas
+delta_path  decode-heavy tokens/s through the front door (32 streams x 64 tokens) and Ray calls per token
+        on the delta path (rank -> stream sink -> ingress replica)
 eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production shapes
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
@@ -62,7 +64,7 @@ def run(args) -> dict:
                       with_transformers=not args.no_transformers)
     elif args.what == "overlap":
         out = mod.run(model=args.model, latency_ms=args.latency_ms, gpus=args.gpus)
-    elif args.what in ("units", "prefix", "starts", "admission", "handoff"):
+    elif args.what in ("units", "prefix", "starts", "admission", "handoff", "delta_path"):
         out = mod.run(model=args.model)
     elif args.what == "step" and args.gpus:
         from epserve.bench import ep

@@ -1,7 +1,8 @@
 """A request as one rank sees it: tokens, pages, sampling state, and how it ends.
 
 Small on purpose: it crosses actor boundaries when a unit restarts (prompt plus the
-tokens already produced is all a new rank needs to continue it).
+tokens already produced is all a new rank needs to continue it), with the handle of the
+stream sink its tokens go to.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class Sequence:
                                    # first token (the request's other choices decode from it)
     draft: list[int] = field(default_factory=list)   # MTP: tokens proposed to follow last_token, verified next step
     draft_q: object = None         # MTP, sampled requests: the distributions [k, V] the drafts were drawn from
+    sink: object = None            # the stream sink (actor handle) its deltas go to; the rank takes it off on
+                                   # arrival, so nothing per step carries it
 
     @property
     def all_ids(self) -> list[int]:

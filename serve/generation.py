@@ -11,7 +11,8 @@ decode rank, the rest its own; a unit restart resubmits each
 from its produced tokens).
 
 `Choices` yields (choice index, token id, logprob, finish_reason) merged over the n streams;
-`stop(i)` ends one choice early (a stop string) and aborts its decode.
+`stop(i)` ends one choice early (a stop string) and aborts its decode. Requests go through the
+replica's own stream sink (serve/delta_feed.py): the units' ranks push its tokens straight there.
 Never: shapes responses (serve/responses.py) or validates (serve/inputs.py).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import dataclasses
 
 import ray
 
-from epserve.actors.unit import RequestRejected
+from epserve.actors.stream_sink import RequestRejected
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.sequence import Sequence
 from epserve.serve.accounting import Live
@@ -39,8 +40,9 @@ def choice_params(params: SamplingParams, i: int) -> SamplingParams:
 
 
 class Choices:
-    def __init__(self, router, live: Live, ids: list[int], params: SamplingParams, n: int, tenant: str | None):
-        self.router, self.live, self.ids, self.params, self.n, self.tenant = router, live, ids, params, n, tenant
+    def __init__(self, router, feed, live: Live, ids: list[int], params: SamplingParams, n: int, tenant: str | None):
+        self.router, self.feed, self.live, self.ids, self.params, self.n = router, feed, live, ids, params, n
+        self.tenant = tenant
         self.stopped: set[int] = set()
         self.prefill: asyncio.Future | None = None
 
@@ -50,7 +52,7 @@ class Choices:
     async def _prefill(self) -> dict:
         live, route = self.live, self.live.route
         seq = Sequence(live.rid, self.ids, self.params, tenant=self.tenant, share_kv=self.n > 1)
-        pre = await self.router.handle("prefill", route.prefill.unit).prefill.remote(seq, route.prefill.rank)
+        pre = await self.feed.prefill(self.router.handle("prefill", route.prefill.unit), seq, route.prefill.rank)
         if "error" in pre:
             raise (APIError(400, pre["error"]) if pre["rejected"] else RuntimeError(pre["error"]))
         live.n_cached = pre["n_cached"]
@@ -79,14 +81,14 @@ class Choices:
                            kv_blocks=pre["kv_blocks"], tenant=self.tenant, n_cached=pre["n_cached"],
                            kv_group=live.rid if self.n > 1 else None,
                            draft=list(pre.get("draft") or []) if self.n == 1 else [])   # MTP: the prefill's drafts
-            gen = decode_unit.stream.options(num_returns="streaming").remote(seq, route.decode.rank)
-            async for ref in gen:
-                d = await ref
+            async for d in self.feed.stream(decode_unit, seq, route.decode.rank):
                 live.n_out += 1
                 finished = d.finish_reason is not None
                 yield d.token_id, d.logprob, d.finish_reason
                 if i in self.stopped:
                     return
+        except RequestRejected as exc:          # a rank refused it (in the feed, as a value)
+            raise APIError(400, str(exc).splitlines()[-1]) from None
         except ray.exceptions.RayTaskError as exc:
             inner = _unwrap(exc)
             if isinstance(inner, (RequestRejected, ValueError)):
@@ -94,7 +96,7 @@ class Choices:
             raise
         finally:
             if not finished and decode_unit is not None:
-                decode_unit.abort.remote(rid)
+                self.feed.abort(decode_unit, rid)
 
     async def __aiter__(self):
         """(index, token, logprob, finish_reason) as they come, over every choice."""

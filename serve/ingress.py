@@ -35,6 +35,7 @@ from epserve.actors.launch import kv_store_spec
 from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
 from epserve.pipelines.runner import DTYPES
 from epserve.serve.accounting import Accounting, Live
+from epserve.serve.delta_feed import DeltaFeed
 from epserve.serve.generation import Choices, _unwrap
 from epserve.serve.inputs import Inputs, too_large
 from epserve.serve.metrics import ServeMetrics
@@ -83,6 +84,7 @@ class Ingress:
         self.router = RouterClient(router) if router is not None else Router(units, cfg.serve.max_queue,
                                                                              controller=capacity)
         self.metrics = ServeMetrics()
+        self.feed = DeltaFeed()             # this replica's stream sink: the ranks push its tokens there
         self.tenants, self.limits = TenantTable(cfg.serve), TenantLimits()
         self.inputs = Inputs(self.tokenizer, self.args.vocab_size, self.max_len, cfg.serve.max_messages,
                              cfg.serve.max_n)
@@ -241,7 +243,8 @@ class Ingress:
             self.limits.release(tenant)
             raise
         live = self.acct.admit(Live(rid, tenant.name, len(ids), route, namespace=tenant.namespace, owner=tenant))
-        choices = Choices(self.router, live, ids, params, req.n, tenant.namespace if self.kv_store else None)
+        choices = Choices(self.router, self.feed, live, ids, params, req.n,
+                          tenant.namespace if self.kv_store else None)
         states = [ChoiceState(i, shape, IncrementalText(self.tokenizer) if self.tokenizer else None, params.stop)
                   for i in range(req.n)]
         if req.stream:
