@@ -115,9 +115,11 @@ class AllToAllDispatcher(LocalDispatcher):
         m = ex.layer - self.first
         self.pairs_sent[m] += ex.t * ex.k
         self.pairs_received[m] += sum(ex.rc)
-        out = torch.empty_like(back)
-        out[ex.order] = back
-        return (out.view(ex.t, ex.k, ex.d) * ex.weights.unsqueeze(-1).to(ex.dtype)).sum(1)
+        # pair p's row came back at position j with order[j] = p: the inverse permutation (a scatter
+        # of ints) lets the combine read each token's rows where they landed, no scatter of rows
+        rows = torch.empty_like(ex.order)
+        rows[ex.order] = torch.arange(ex.order.numel(), device=ex.order.device)
+        return self.kb.combine_rows(back, ex.weights, rows)
 
     def _ready_at(self, n_bytes: int) -> float:
         """When the exchange may complete under the injected cost (0: none). This rank's link sends

@@ -60,6 +60,33 @@ def prompts_of(lengths, vocab=TINY_CONFIG["vocab_size"], seed=0):
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def single_rank_outputs(model_dir, prompts, params) -> list[list[int]]:
+    """Each prompt's tokens from one in-process rank with every expert local (the oracle units are held to)."""
+    from epserve.pipelines.local import make_local_engine
+    from epserve.pipelines.sequence import Sequence
+    engine = make_local_engine(model_dir)
+    seqs = [Sequence(f"ref{i}", p, params) for i, p in enumerate(prompts)]
+    for s in seqs:
+        engine.add(s)
+    while engine.has_work:
+        engine.step()
+    return [s.output_ids for s in seqs]
+
+
+def wait_unit_empty(unit, timeout_s: float = 30.0, poll_s: float = 0.05) -> list:
+    """Poll a unit supervisor's rank stats until no rank runs a request or holds a KV page (or the
+    time is up); -> the last stats (the caller asserts on them)."""
+    import time
+
+    import ray
+    deadline = time.time() + timeout_s
+    while True:
+        stats = ray.get(unit.stats.remote())
+        if sum(s.n_running + s.kv_blocks_used for s in stats) == 0 or time.time() > deadline:
+            return stats
+        time.sleep(poll_s)
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

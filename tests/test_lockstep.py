@@ -7,7 +7,7 @@ import time
 import pytest
 import ray
 
-from conftest import prompts_of
+from conftest import prompts_of, wait_unit_empty
 from epserve.actors.unit import UnitSupervisor
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
@@ -96,12 +96,7 @@ def test_abort_arriving_mid_step_frees_the_request_and_others_finish(unit2):
         time.sleep(0.01)
     assert ray.get(unit2.abort.remote("ab-long"))
     assert len(ray.get(other, timeout=60)[0]["token_ids"]) == 8
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        stats = ray.get(unit2.stats.remote())
-        if sum(s.n_running + s.kv_blocks_used for s in stats) == 0:
-            break
-        time.sleep(0.05)
+    stats = wait_unit_empty(unit2, 30.0)
     assert sum(s.n_running + s.kv_blocks_used for s in stats) == 0
     res = ray.get(victim, timeout=10)[0]
     assert res["finish_reason"] == "abort" and 0 < len(res["token_ids"]) < 400

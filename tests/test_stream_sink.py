@@ -8,12 +8,11 @@ import time
 import pytest
 import ray
 
-from conftest import prompts_of
+from conftest import prompts_of, single_rank_outputs, wait_unit_empty
 from epserve.actors.stream_sink import StreamSink
 from epserve.actors.unit import UnitSupervisor
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
-from epserve.pipelines.local import make_local_engine
 from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape
@@ -40,13 +39,7 @@ def unit(ray_cluster, tiny_dir):
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
     prompts = prompts_of([7, 21, 12, 33, 9, 15], seed=11)
-    engine = make_local_engine(tiny_dir)
-    seqs = [Sequence(f"ref{i}", p, greedy()) for i, p in enumerate(prompts)]
-    for s in seqs:
-        engine.add(s)
-    while engine.has_work:
-        engine.step()
-    return prompts, [s.output_ids for s in seqs]
+    return prompts, single_rank_outputs(tiny_dir, prompts, greedy())
 
 
 class _Recorder:
@@ -160,12 +153,7 @@ def test_a_dead_sinks_requests_are_aborted_on_the_ranks(unit):
     assert sum(s.n_running for s in ray.get(unit.stats.remote())) == 2
     assert ray.get(unit.status.remote())["in_flight"] == 2
     ray.kill(owner)                                    # the sink dies with its owner
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        stats = ray.get(unit.stats.remote())
-        if sum(s.n_running + s.kv_blocks_used for s in stats) == 0:
-            break
-        time.sleep(0.1)
+    stats = wait_unit_empty(unit, 30.0)
     assert sum(s.n_running + s.kv_blocks_used for s in stats) == 0
     status = ray.get(unit.status.remote())
     assert status["in_flight"] == 0

@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from conftest import hf_greedy, hf_model, prompts_of
+from conftest import hf_greedy, hf_model, prompts_of, single_rank_outputs
 from epserve.actors.unit import UnitSupervisor
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
@@ -40,13 +40,7 @@ def greedy(n=N_NEW):
 def reference_outputs(tiny_dir):
     """Single-rank outputs (and transformers' for two of the prompts) for the prompts used below."""
     prompts = prompts_of([9, 30, 4, 65, 17], seed=7)
-    engine = make_local_engine(tiny_dir)
-    seqs = [Sequence(f"ref{i}", p, greedy()) for i, p in enumerate(prompts)]
-    for s in seqs:
-        engine.add(s)
-    while engine.has_work:
-        engine.step()
-    return prompts, [s.output_ids for s in seqs]
+    return prompts, single_rank_outputs(tiny_dir, prompts, greedy())
 
 
 def test_ranks_sit_on_planned_nodes_and_load_only_their_experts(unit):
