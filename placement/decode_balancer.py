@@ -16,7 +16,7 @@ import dataclasses
 from epserve.messages import RankRef, RankStats
 from epserve.placement.prefill_balancer import NoRankAvailable, eligible_ranks, pick_min_max
 
-__all__ = ["NoRankAvailable", "apply_decode_choice", "kv_used_fraction", "pick_decode_rank"]
+__all__ = ["NoRankAvailable", "apply_decode_choice", "kv_used_fraction", "pick_decode_rank", "with_bookings"]
 
 
 def kv_used_fraction(used_blocks: int, total_blocks: int) -> float:
@@ -74,4 +74,24 @@ def apply_decode_choice(stats: list[RankStats], ref: RankRef, kv_blocks_needed: 
         out.append(s)
     if not found:
         raise ValueError(f"{ref} is not among the {len(stats)} decode ranks in stats")
+    return out
+
+
+def with_bookings(stats: list[RankStats], booked: dict[RankRef, tuple[int, int]]) -> list[RankStats]:
+    """The ranks' reported stats raised to what the router has booked on them: (pages, requests).
+
+    A rank reports the pages it has allocated; a request the router admitted is still in prefill
+    (not on its decode rank yet) or decoding into pages it has not allocated yet. The router books
+    each admitted request's whole budget until it is released, so a decode rank's commitment is
+    at least its bookings; taking the max with the report also covers requests the router does
+    not know (sent before a router restart, or by a direct caller). Without this every refresh
+    would forget the requests in flight and hand their pages out again.
+    """
+    out = []
+    for s in stats:
+        pages, n = booked.get(s.ref, (0, 0))
+        if pages > s.kv_blocks_used or n > s.n_requests:
+            s = dataclasses.replace(s, kv_blocks_used=max(s.kv_blocks_used, pages),
+                                    n_waiting=max(s.n_waiting, n - s.n_running))
+        out.append(s)
     return out

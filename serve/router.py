@@ -6,7 +6,10 @@ admission at once, however many replicas the front door has); `RouterClient` is 
 replica holds. It reads RankStats from the unit supervisors
 (refreshed at most every `refresh_s`, and accounted locally between refreshes with
 placement's apply_*_choice), picks the decode rank first (it reserves KV pages), then
-the prefill rank, and refuses with 429 when the fleet is full.
+the prefill rank, and refuses with 429 when the fleet is full. Each admitted request's decode
+pages stay booked until it is released, and every refresh raises the reports to the bookings
+(with_bookings): a request still in prefill, or decoding into pages it has not allocated yet,
+keeps its pages, so no decode rank is handed more pages than it has.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import ray
 
 from epserve.messages import RankRef, RankStats
-from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank
+from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank, with_bookings
 from epserve.placement.prefill_balancer import NoRankAvailable, apply_prefill_choice, pick_prefill_rank
 from epserve.serve.openai_models import APIError
 
@@ -44,9 +47,12 @@ class Router:
         self.draining: dict[str, set[int]] = {"prefill": set(), "decode": set()}
         self.max_in_flight, self.page_tokens, self.refresh_s = max_in_flight, page_tokens, refresh_s
         self.prefill_stats: list[RankStats] = []
-        self.decode_stats: list[RankStats] = []
+        self.decode_stats: list[RankStats] = []         # what admission sees: reports raised to the bookings
+        self.decode_reported: list[RankStats] = []      # what the decode ranks last reported
         self.refreshed = 0.0
         self.in_flight: dict[str, Route] = {}
+        self.pages_of: dict[str, int] = {}              # request id -> the decode pages booked for it
+        self.booked: dict[RankRef, tuple[int, int]] = {}   # decode rank -> (pages, requests) booked, not released
         self.lock = asyncio.Lock()
 
     def handle(self, role: str, unit: int):
@@ -90,7 +96,8 @@ class Router:
             return
         await self._read_registry()
         self.prefill_stats = await self._role_stats("prefill")
-        self.decode_stats = await self._role_stats("decode")
+        self.decode_reported = await self._role_stats("decode")
+        self.decode_stats = with_bookings(self.decode_reported, self.booked)
         self.refreshed = time.monotonic()
 
     async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1) -> Route:
@@ -115,10 +122,22 @@ class Router:
             self.prefill_stats = apply_prefill_choice(self.prefill_stats, pref, n_prompt - n_cached, n_cached)
             route = Route(pref, dref)
             self.in_flight[request_id] = route
+            self.pages_of[request_id] = pages
+            booked_pages, n = self.booked.get(dref, (0, 0))
+            self.booked[dref] = (booked_pages + pages, n + 1)
             return route
 
     def release(self, request_id: str) -> None:
-        self.in_flight.pop(request_id, None)
+        """The request ended: its booking goes (admission sees the pages free at the next refresh)."""
+        route = self.in_flight.pop(request_id, None)
+        pages = self.pages_of.pop(request_id, 0)
+        if route is None:
+            return
+        booked_pages, n = self.booked.get(route.decode, (0, 0))
+        if n <= 1:
+            self.booked.pop(route.decode, None)
+        else:
+            self.booked[route.decode] = (booked_pages - pages, n - 1)
 
 
 @dataclass
@@ -180,7 +199,8 @@ class RouterActor:
     async def snapshot(self, force: bool = False) -> dict:
         """Live stats for /health and /metrics: per-rank stats, in-flight count, unit handles."""
         await self.router.refresh(force)
-        return {"prefill": list(self.router.prefill_stats), "decode": list(self.router.decode_stats),
+        return {"prefill": list(self.router.prefill_stats), "decode": list(self.router.decode_reported),
+                "decode_booked": {f"{ref.unit}/{ref.rank}": pages for ref, (pages, _) in self.router.booked.items()},
                 "in_flight": len(self.router.in_flight), "admitted": self.n_admitted,
                 "per_decode_rank": dict(self.per_decode_rank),
                 "handles": {r: dict(h) for r, h in self.router.handles.items()}}

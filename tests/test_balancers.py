@@ -4,7 +4,7 @@ import random
 import pytest
 
 from epserve.messages import RankRef, RankStats
-from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank
+from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank, with_bookings
 from epserve.placement.prefill_balancer import (
     NoRankAvailable, apply_prefill_choice, attn_work, pick_min_max, pick_prefill_rank,
 )
@@ -212,3 +212,15 @@ def test_decode_equalises_1000_requests_vs_random():
         baseline = _spread([getattr(s, field) for s in rand])
         assert got < 1.02, (field, got)
         assert got < baseline, (field, got, baseline)
+
+
+def test_bookings_keep_pages_the_ranks_do_not_report_yet():
+    reported = [S(0, 0, kv_blocks_total=32, kv_blocks_used=4, n_running=1), S(0, 1, kv_blocks_total=32)]
+    # rank 0 has 24 pages booked (its running request and two still in prefill), rank 1 none
+    view = with_bookings(reported, {R(0, 0): (24, 3)})
+    assert (view[0].kv_blocks_used, view[0].n_requests) == (24, 3)
+    assert view[1] == reported[1]
+    assert pick_decode_rank(view, 12) == R(0, 1)
+    assert pick_decode_rank(with_bookings(reported, {R(0, 0): (24, 3), R(0, 1): (24, 2)}), 12) is None
+    # a report above the bookings (requests the router does not know) wins
+    assert with_bookings([S(0, 0, kv_blocks_total=32, kv_blocks_used=30)], {R(0, 0): (12, 1)})[0].kv_blocks_used == 30

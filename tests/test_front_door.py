@@ -81,3 +81,24 @@ def test_router_releases_what_no_unit_knows_after_a_dead_replica(two_doors):
     assert not hasattr(out, "status")
     assert ray.get(dep.router.reconcile.remote(min_age_s=0.0)) == 1
     assert ray.get(dep.router.snapshot.remote())["in_flight"] == 0
+
+
+def test_admitted_requests_keep_their_decode_pages_across_refreshes(two_doors):
+    """Requests admitted but not yet on their decode rank (still in prefill) hold their pages:
+    a refresh of the ranks' stats must not hand those pages out again."""
+    _, dep = two_doors
+    # 2 decode ranks x 32 pages; each request books ceil((4 + 700) / 64) = 11 pages: 2 fit per rank
+    routes = [ray.get(dep.router.admit.remote(f"book-{i}", 4, 0, 700)) for i in range(4)]
+    assert not any(hasattr(r, "status") for r in routes)
+    assert sorted((r[0].decode.rank for r in routes)) == [0, 0, 1, 1]
+    snap = ray.get(dep.router.snapshot.remote(True))        # fresh reports: the ranks hold none of them yet
+    assert all(s.kv_blocks_used == 0 for s in snap["decode"])
+    assert snap["decode_booked"] == {"0/0": 22, "0/1": 22}
+    refused = ray.get(dep.router.admit.remote("book-5", 4, 0, 700))
+    assert (refused.status, refused.code) == (429, "kv_cache_full")
+    for i in range(4):
+        ray.get(dep.router.release.remote(f"book-{i}"))
+    assert ray.get(dep.router.snapshot.remote(True))["decode_booked"] == {}
+    again = ray.get(dep.router.admit.remote("book-6", 4, 0, 700))
+    assert not hasattr(again, "status")
+    ray.get(dep.router.release.remote("book-6"))
