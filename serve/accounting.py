@@ -42,7 +42,6 @@ class Live:
     n_cached: int = 0                   # prompt tokens loaded from the KV store
     n_out: int = 0                      # output tokens the units produced for it
     namespace: str = ""                 # its tenant's KV-store namespace
-    owner: object = None                # serve/tenants.py's Tenant (its limits are released at the end)
 
 
 class Accounting:

@@ -44,10 +44,18 @@ from epserve.serve.responses import ChoiceState, Shape
 from epserve.serve.router import Router, RouterClient
 from epserve.serve.structured import check_grammar
 from epserve.serve.tokenize import TokenizeRoutes
-from epserve.serve.tenants import TenantLimits, TenantTable
+from epserve.serve.tenants import Tenant, TenantTable
 
 log = logging.getLogger("epserve.ingress")
 app = FastAPI(title="epserve", docs_url=None, redoc_url=None)
+
+
+def _limited(tenant: Tenant):
+    """What the router needs to keep a tenant's limits (for every replica at once): its name and
+    limits, without its keys; None for a tenant without limits."""
+    if tenant.limits is None:
+        return None
+    return dataclasses.replace(tenant, limits=dataclasses.replace(tenant.limits, api_keys=()))
 
 
 def _error_response(exc: APIError) -> JSONResponse:
@@ -85,7 +93,7 @@ class Ingress:
                                                                              controller=capacity)
         self.metrics = ServeMetrics()
         self.feed = DeltaFeed()             # this replica's stream sink: the ranks push its tokens there
-        self.tenants, self.limits = TenantTable(cfg.serve), TenantLimits()
+        self.tenants = TenantTable(cfg.serve)          # who asks; their limits are kept by the router
         self.inputs = Inputs(self.tokenizer, self.args.vocab_size, self.max_len, cfg.serve.max_messages,
                              cfg.serve.max_n)
         mode = cfg.serve.reasoning
@@ -101,12 +109,17 @@ class Ingress:
         mtp = cfg.mtp.n_draft > 0
         self.kv_store = open_store(spec, model_dir, self.args.n_layers + mtp, self.args.kv_dim, DTYPES[cfg.dtype],
                                    fp8_activations=cfg.fp8_activations, mtp=mtp) if spec else None
+        # a request's row ends when it does (finished, failed, or its client gone): its routing
+        # booking and tenant slot go with it, even before its generator is closed
         self.acct = Accounting(ledger, ledger_root(cfg), self.model_name,
-                               on_end=lambda live: self.limits.release(live.owner))
+                               on_end=lambda live: self.router.release(live.rid))
 
     async def __del__(self):
-        """Serve's graceful shutdown (after draining): rows for what is still in flight, and every write."""
-        await self.acct.drain()
+        """Serve's graceful shutdown (after draining): rows for what is still in flight, and every write.
+        A replica whose __init__ failed has no accounting yet (Serve still calls this)."""
+        acct = getattr(self, "acct", None)
+        if acct is not None:
+            await acct.drain()
 
     # ---- plain routes -----------------------------------------------------------------
     @app.get("/health")
@@ -194,14 +207,6 @@ class Ingress:
         if err is not None:
             self.metrics.requests.labels(endpoint, "401").inc()
             return err
-        retry = self.limits.acquire(tenant, time.monotonic())
-        if retry is not None:
-            lim = tenant.limits
-            self.metrics.requests.labels(endpoint, "429").inc()
-            return _error_response(APIError(
-                429, f"tenant {tenant.name!r} is over its limit ({lim.max_requests_per_s:g} requests/s, "
-                     f"{lim.max_concurrent} in flight; 0 = unlimited); retry after {retry} s", "rate_limit_error",
-                code="tenant_rate_limited", headers={"Retry-After": str(retry)}))
         try:
             raw = await self._body(request)
             try:
@@ -231,18 +236,15 @@ class Ingress:
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             cached = await asyncio.to_thread(self._cached_tokens, ids, tenant.namespace)   # file checks: off the loop
             try:
-                route = await self.router.admit(rid, len(ids), cached, params.max_tokens, req.n)
+                route = await self.router.admit(rid, len(ids), cached, params.max_tokens, req.n,
+                                                _limited(tenant))
             except ray.exceptions.RayError as exc:   # the router restarting: retriable, not a bare 500
                 raise APIError(503, f"routing is unavailable ({type(exc).__name__}); retry", "server_error",
                                code="unavailable", headers={"Retry-After": "1"}) from None
         except APIError as exc:
-            self.limits.release(tenant)
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
-        except BaseException:
-            self.limits.release(tenant)
-            raise
-        live = self.acct.admit(Live(rid, tenant.name, len(ids), route, namespace=tenant.namespace, owner=tenant))
+        live = self.acct.admit(Live(rid, tenant.name, len(ids), route, namespace=tenant.namespace))
         choices = Choices(self.router, self.feed, live, ids, params, req.n,
                           tenant.namespace if self.kv_store else None)
         states = [ChoiceState(i, shape, IncrementalText(self.tokenizer) if self.tokenizer else None, params.stop)

@@ -26,6 +26,7 @@ from epserve.messages import RankRef, RankStats
 from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank, with_bookings
 from epserve.placement.prefill_balancer import NoRankAvailable, apply_prefill_choice, pick_prefill_rank
 from epserve.serve.openai_models import APIError
+from epserve.serve.tenants import Tenant, TenantLimits
 
 log = logging.getLogger("epserve.router")
 
@@ -53,6 +54,8 @@ class Router:
         self.in_flight: dict[str, Route] = {}
         self.pages_of: dict[str, int] = {}              # request id -> the decode pages booked for it
         self.booked: dict[RankRef, tuple[int, int]] = {}   # decode rank -> (pages, requests) booked, not released
+        self.limits = TenantLimits()                    # per-tenant rate and concurrency, for every replica at once
+        self.tenant_of: dict[str, Tenant] = {}          # request id -> the tenant whose slot it holds
         self.lock = asyncio.Lock()
 
     def handle(self, role: str, unit: int):
@@ -100,37 +103,63 @@ class Router:
         self.decode_stats = with_bookings(self.decode_reported, self.booked)
         self.refreshed = time.monotonic()
 
-    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1) -> Route:
+    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1,
+                    tenant: Tenant | None = None) -> Route:
         """Choose (decode rank, prefill rank) for a request of n_seqs choices (all decode on one rank,
-        each in its own pages), or raise a 429/503 APIError."""
+        each in its own pages), or raise a 429/503 APIError. The tenant's limits are checked first and
+        its slot is held until `release`."""
         async with self.lock:
-            if len(self.in_flight) >= self.max_in_flight:
-                raise APIError(429, f"server is at capacity ({self.max_in_flight} requests in flight); retry later",
-                               "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
-            await self.refresh()
-            pages = n_seqs * math.ceil((n_prompt + max_tokens) / self.page_tokens)
+            if tenant is not None:
+                self._acquire_tenant(tenant)
             try:
-                dref = pick_decode_rank(self.decode_stats, pages)
-                pref = pick_prefill_rank(self.prefill_stats, n_prompt - n_cached, n_cached)
-            except NoRankAvailable as exc:
-                raise APIError(503, str(exc), "server_error", code="unavailable",
-                               headers={"Retry-After": "5"}) from None
-            if dref is None:
-                raise APIError(429, f"no decode rank has {pages} free KV pages for this request now; retry later",
-                               "rate_limit_error", code="kv_cache_full", headers={"Retry-After": "1"})
-            self.decode_stats = apply_decode_choice(self.decode_stats, dref, pages)
-            self.prefill_stats = apply_prefill_choice(self.prefill_stats, pref, n_prompt - n_cached, n_cached)
-            route = Route(pref, dref)
-            self.in_flight[request_id] = route
-            self.pages_of[request_id] = pages
-            booked_pages, n = self.booked.get(dref, (0, 0))
-            self.booked[dref] = (booked_pages + pages, n + 1)
-            return route
+                return await self._admit(request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant)
+            except BaseException:
+                if tenant is not None:
+                    self.limits.release(tenant)
+                raise
+
+    def _acquire_tenant(self, tenant: Tenant) -> None:
+        retry = self.limits.acquire(tenant, time.monotonic())
+        if retry is not None:
+            lim = tenant.limits
+            raise APIError(429, f"tenant {tenant.name!r} is over its limit ({lim.max_requests_per_s:g} requests/s, "
+                                f"{lim.max_concurrent} in flight; 0 = unlimited); retry after {retry} s",
+                           "rate_limit_error", code="tenant_rate_limited", headers={"Retry-After": str(retry)})
+
+    async def _admit(self, request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant) -> Route:
+        """admit's balancing and booking, under the lock."""
+        if len(self.in_flight) >= self.max_in_flight:
+            raise APIError(429, f"server is at capacity ({self.max_in_flight} requests in flight); retry later",
+                           "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
+        await self.refresh()
+        pages = n_seqs * math.ceil((n_prompt + max_tokens) / self.page_tokens)
+        try:
+            dref = pick_decode_rank(self.decode_stats, pages)
+            pref = pick_prefill_rank(self.prefill_stats, n_prompt - n_cached, n_cached)
+        except NoRankAvailable as exc:
+            raise APIError(503, str(exc), "server_error", code="unavailable",
+                           headers={"Retry-After": "5"}) from None
+        if dref is None:
+            raise APIError(429, f"no decode rank has {pages} free KV pages for this request now; retry later",
+                           "rate_limit_error", code="kv_cache_full", headers={"Retry-After": "1"})
+        self.decode_stats = apply_decode_choice(self.decode_stats, dref, pages)
+        self.prefill_stats = apply_prefill_choice(self.prefill_stats, pref, n_prompt - n_cached, n_cached)
+        route = Route(pref, dref)
+        self.in_flight[request_id] = route
+        self.pages_of[request_id] = pages
+        booked_pages, n = self.booked.get(dref, (0, 0))
+        self.booked[dref] = (booked_pages + pages, n + 1)
+        if tenant is not None:
+            self.tenant_of[request_id] = tenant
+        return route
 
     def release(self, request_id: str) -> None:
         """The request ended: its booking goes (admission sees the pages free at the next refresh)."""
         route = self.in_flight.pop(request_id, None)
         pages = self.pages_of.pop(request_id, 0)
+        tenant = self.tenant_of.pop(request_id, None)
+        if tenant is not None:
+            self.limits.release(tenant)
         if route is None:
             return
         booked_pages, n = self.booked.get(route.decode, (0, 0))
@@ -160,7 +189,7 @@ class RouterActor:
 
     Admissions from all replicas pass through this actor's event loop one at a time, so the
     balancers see every admission exactly as with one replica (no decode rank is handed more
-    KV pages than it has). Its state is rebuilt from the units' live stats when it restarts,
+    KV pages than it has), and a tenant's rate and concurrency limits hold across replicas. Its state is rebuilt from the units' live stats when it restarts,
     and an ingress replica's restart loses nothing here: requests it admitted are released by
     `release`, or, if it died first, by the reconciliation against the units' own requests.
     """
@@ -174,12 +203,13 @@ class RouterActor:
         self.task = None
 
     @ray.method(enable_task_events=False)
-    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1):
+    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1,
+                    tenant: Tenant | None = None):
         """-> (Route, prefill unit handle, decode unit handle) or a Refusal."""
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._reconcile_loop())
         try:
-            route = await self.router.admit(request_id, n_prompt, n_cached, max_tokens, n_seqs)
+            route = await self.router.admit(request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant)
             handles = (self.router.handle("prefill", route.prefill.unit), self.router.handle("decode", route.decode.unit))
         except APIError as exc:
             self.router.release(request_id)
@@ -236,8 +266,9 @@ class RouterClient:
         self.n_in_flight = 0
         self._unit_handles: dict[tuple[str, int], object] = {}
 
-    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1) -> Route:
-        out = await self.actor.admit.remote(request_id, n_prompt, n_cached, max_tokens, n_seqs)
+    async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1,
+                    tenant: Tenant | None = None) -> Route:
+        out = await self.actor.admit.remote(request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant)
         if isinstance(out, Refusal):
             raise out.error()
         route, pre, dec = out

@@ -102,3 +102,23 @@ def test_admitted_requests_keep_their_decode_pages_across_refreshes(two_doors):
     again = ray.get(dep.router.admit.remote("book-6", 4, 0, 700))
     assert not hasattr(again, "status")
     ray.get(dep.router.release.remote("book-6"))
+
+
+def test_a_tenants_limits_hold_across_replicas(two_doors):
+    """The one router keeps every tenant's slots, so a second replica does not double a limit."""
+    from epserve.config import TenantConfig
+    from epserve.serve.tenants import Tenant
+    _, dep = two_doors
+    solo = Tenant("solo", "tenant:solo", TenantConfig("solo", max_concurrent=1))
+    first = ray.get(dep.router.admit.remote("solo-1", 4, 0, 4, 1, solo))
+    assert not hasattr(first, "status")
+    again = ray.get(dep.router.admit.remote("solo-2", 4, 0, 4, 1, solo))       # from any replica
+    assert (again.status, again.code, again.headers["Retry-After"]) == (429, "tenant_rate_limited", "1")
+    full = ray.get(dep.router.admit.remote("solo-3", 4, 0, 100_000, 1, Tenant("solo2", "t", TenantConfig("solo2", max_concurrent=1))))
+    assert (full.status, full.code) == (429, "kv_cache_full")                     # refused: its slot is given back
+    ok = ray.get(dep.router.admit.remote("solo-4", 4, 0, 4, 1, Tenant("solo2", "t", TenantConfig("solo2", max_concurrent=1))))
+    assert not hasattr(ok, "status")
+    ray.get(dep.router.release.remote("solo-1"))
+    assert not hasattr(ray.get(dep.router.admit.remote("solo-5", 4, 0, 4, 1, solo)), "status")
+    for rid in ("solo-4", "solo-5"):
+        ray.get(dep.router.release.remote(rid))
