@@ -9,7 +9,7 @@ own step loop (`run_loop`), as SGLang's and DeepSeek's DP ranks do:
   on every rank (pipelines/lockstep.py: step or park, overlap schedule, placement switch) ->
   the step -> its token deltas pushed straight to each request's stream sink (one fire-and-forget
   Delivery per sink, batched every PUSH_EVERY_S unless a delta is latency-critical) -> its stats
-  and counters reported to the supervisor (a RankReport, at most every REPORT_EVERY_S while it
+  and counters reported to the supervisor (a RankReport, at most every report_every(world) while it
   steps, at once on a placement switch or when its stats changed and it parks).
 
 Each request's Sequence names its sink (actors/stream_sink.py); the rank keeps request -> sink
@@ -59,8 +59,17 @@ log = logging.getLogger("epserve.rank")
 
 PARK_POLL_S = 1.0          # a parked rank re-checks with its peers at least this often
 REPORT_EVERY_S = 0.05      # stats and counters reach the supervisor at most this often while the rank steps
+UNIT_REPORTS_PER_S = 400   # ... and a unit's ranks together send it at most this many a second
 PUSH_EVERY_S = 0.004       # fast steps batch their deltas into one push per this much time, unless a
                            # delta is latency-critical (a first token, a finished request)
+
+
+def report_every(world: int) -> float:
+    """Seconds between a stepping rank's reports: 50 ms up to 20 ranks, then longer, so one
+    supervisor takes at most UNIT_REPORTS_PER_S (an EP144 unit: every 0.36 s per rank, 400/s in
+    all, where 50 ms would be 2,880/s). Admission does not go stale with it: the router books
+    every admitted request's pages itself (serve/router.py); a report only tells it of pages freed."""
+    return max(REPORT_EVERY_S, world / UNIT_REPORTS_PER_S)
 
 
 @ray.remote(max_restarts=0, max_concurrency=16)
@@ -207,6 +216,7 @@ class RankActor:
         self.supervisor, self.peers, self.unit_key = supervisor, list(peers), unit_key
         self.generation, self.n_reports = generation, 0
         self.routes = SinkRoutes(unit_key, self.layout.rank, generation)
+        every = report_every(self.layout.world)
         state = LoopState(self.spec.overlap, self.map_version, self.tuner)
         prev_us = prev_tokens = 0
         last_push = last_report = 0.0
@@ -242,7 +252,7 @@ class RankActor:
                     self._push(held, rejected)
                     held, last_push = [], time.time()
                 stale = self.last_stats != self.pushed_stats        # e.g. an abort freed pages
-                if switched or stale or (dirty and (plan.park or time.time() - last_report > REPORT_EVERY_S)):
+                if switched or stale or (dirty and (plan.park or time.time() - last_report > every)):
                     self._report()
                     last_report, dirty = time.time(), False
                 if plan.park:
@@ -269,7 +279,7 @@ class RankActor:
                 self.streaming |= {d.request_id for d in held}
                 self.streaming -= {d.request_id for d in held if d.finish_reason is not None}
                 held, last_push = [], now
-            if switched or now - last_report > REPORT_EVERY_S:
+            if switched or now - last_report > every:
                 self._report()
                 last_report, dirty = now, False
             tm = self.timing
@@ -481,6 +491,8 @@ class RankActor:
         return self.last_stats
 
     def loop_counters(self) -> dict:
+        """The loop's counters now (a report may be up to report_every old): a step's schedule is
+        counted before its deltas are pushed, so a caller that has its tokens sees their steps."""
         return {"steps": self.n_steps, "schedules": dict(self.schedule_steps), "map_version": self.map_version}
 
     def expert_counters(self, reset: bool = True) -> dict:

@@ -81,7 +81,7 @@ class Delivery:
 @dataclass
 class RankReport:
     """What a rank tells its supervisor (lifecycle, admission stats, placement switches), at most
-    every REPORT_EVERY_S while it steps and at once on a switch or before it parks."""
+    every report_every(world) while it steps (actors/rank.py) and at once on a switch or before it parks."""
 
     rank: int
     generation: int

@@ -41,6 +41,14 @@ def test_agree_is_one_plan_from_the_combined_vote(votes, version, want):
         assert getattr(plan, k) == v, k
 
 
+def test_a_unit_sends_its_supervisor_a_bounded_number_of_reports():
+    from epserve.actors.rank import REPORT_EVERY_S, UNIT_REPORTS_PER_S, report_every
+    assert report_every(1) == report_every(8) == REPORT_EVERY_S          # small units: every 50 ms
+    for world in (1, 2, 8, 16, 32, 144, 320):
+        assert world / report_every(world) <= UNIT_REPORTS_PER_S + 1e-9    # reports a second, whole unit
+    assert report_every(144) == pytest.approx(0.36)
+
+
 def test_auto_tuner_sees_the_same_costs_on_every_rank():
     """Two ranks' states fed the same combined votes make the same choices step after step."""
     states = [LoopState("auto", 0, OverlapTuner(probes=2, period=10)) for _ in range(2)]
