@@ -241,6 +241,9 @@ class Ingress:
             except ray.exceptions.RayError as exc:   # the router restarting: retriable, not a bare 500
                 raise APIError(503, f"routing is unavailable ({type(exc).__name__}); retry", "server_error",
                                code="unavailable", headers={"Retry-After": "1"}) from None
+            except BaseException:                    # cancelled (the client left): the router undoes the admission
+                self.router.release(rid)
+                raise
         except APIError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)

@@ -200,6 +200,8 @@ class RouterActor:
         self.reconcile_s = reconcile_s
         self.n_admitted = 0
         self.per_decode_rank: dict[str, int] = {}       # "unit/rank" -> requests admitted there
+        self.admitting: set[str] = set()                # admissions under way
+        self.abandoned: set[str] = set()                # ... whose caller released them before they ended
         self.task = None
 
     @ray.method(enable_task_events=False)
@@ -208,12 +210,20 @@ class RouterActor:
         """-> (Route, prefill unit handle, decode unit handle) or a Refusal."""
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        self.admitting.add(request_id)
         try:
             route = await self.router.admit(request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant)
             handles = (self.router.handle("prefill", route.prefill.unit), self.router.handle("decode", route.decode.unit))
         except APIError as exc:
             self.router.release(request_id)
             return Refusal(exc.status, exc.message, exc.type, exc.code, exc.headers)
+        finally:
+            self.admitting.discard(request_id)
+        if request_id in self.abandoned:     # its client left while it waited here: nothing may stay booked
+            self.abandoned.discard(request_id)
+            self.router.release(request_id)
+            return Refusal(499, "the client closed the request before it was admitted", "invalid_request_error",
+                           "client_closed", {})
         self.admitted_at[request_id] = time.monotonic()
         self.n_admitted += 1
         key = f"{route.decode.unit}/{route.decode.rank}"
@@ -222,6 +232,10 @@ class RouterActor:
 
     @ray.method(enable_task_events=False)
     def release(self, request_id: str) -> None:
+        """A request ended, or its caller gave up on it while its admission was still under way
+        (a client that left mid-admission): that admission is undone when it ends."""
+        if request_id in self.admitting:
+            self.abandoned.add(request_id)
         self.router.release(request_id)
         self.admitted_at.pop(request_id, None)
 
