@@ -258,6 +258,9 @@ class RankActor:
                 if plan.park:
                     self._park()
                 continue
+            if self.spec.exit_before_step == (self.layout.rank, self.n_steps + 1) and generation == 0:
+                log.warning("rank %d exits before step %d (exit_before_step)", self.layout.rank, self.n_steps + 1)
+                os._exit(1)         # the peers agreed to this step and enter its exchanges without us
             t_step, c_step = time.perf_counter(), time.thread_time()
             with self.engine_lock:
                 deltas = eng.step(plan.schedule, decode_only=plan.phase != "prefill")

@@ -56,6 +56,8 @@ class RankSpec:
     overlap: str = "off"        # on | off | auto (measured): the unit's two-micro-batch schedules
     latency_s: float = 0.0      # injected per-exchange latency (to measure overlap on loopback)
     bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
+    exit_before_step: tuple[int, int] | None = None   # tests: (rank, n): that rank's process exits after
+                                # agreeing to its n-th step and before running it, in the unit's first build
     cuda_graphs: bool = True    # replay decode steps as CUDA graphs where the backend and dispatcher allow
     mtp_draft: int = 0          # MTP drafts per sequence per step (0: off; the checkpoint must carry the module)
     ep_dispatch: str = "auto"   # auto | deepep | all_to_all: a multi-rank unit's exchange (model/ep_select.py)

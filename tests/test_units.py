@@ -165,6 +165,26 @@ def test_killing_a_rank_rebuilds_the_unit_and_completes_every_request(unit, refe
             os.kill(pid, 0)
 
 
+def test_a_rank_dying_between_the_agreement_and_the_step_rebuilds_and_resumes(ray_cluster, tiny_dir,
+                                                                             reference_outputs):
+    """Rank 1 agrees to the unit's 4th step, then its process exits: rank 0 is already in that step's
+    exchanges. The unit is rebuilt and every request resumes from prompt + produced tokens."""
+    args = read_config(tiny_dir)
+    spec = RankSpec(tiny_dir, kernels="reference", kv_pages=64, exit_before_step=(1, 4))
+    sup = UnitSupervisor.remote(8, "decode", spec, UnitShape(1, 2, args.n_routed_experts),
+                                n_moe_layers=args.n_moe_layers, step_timeout_s=20)
+    try:
+        ray.get(sup.start.remote(), timeout=180)
+        prompts, want = reference_outputs
+        items = [(Sequence(f"x{i}", p, greedy()), i % 2) for i, p in enumerate(prompts)]
+        got = ray.get(sup.generate.remote(items), timeout=300)
+        assert [g["token_ids"] for g in got] == want
+        assert ray.get(sup.status.remote())["restarts"] == 1
+    finally:
+        ray.get(sup.shutdown.remote(), timeout=60)
+        ray.kill(sup)
+
+
 def test_llm_runs_units_on_the_initialised_cluster(ray_cluster, tiny_dir, reference_outputs):
     import epserve
     prompts, want = reference_outputs
