@@ -37,6 +37,16 @@ class Route:
     decode: RankRef
 
 
+@dataclass(frozen=True)
+class Booking:
+    """An admitted request until it is released: where it goes, the decode pages it may fill, and
+    the tenant whose slot it holds."""
+
+    route: Route
+    pages: int
+    tenant: Tenant | None = None
+
+
 class Router:
     """units: {"prefill": [handles], "decode": [handles]} for a fixed fleet; or a CapacityController
     whose registry (unit ids, handles, draining flags) is re-read every `registry_s`."""
@@ -48,14 +58,11 @@ class Router:
         self.draining: dict[str, set[int]] = {"prefill": set(), "decode": set()}
         self.max_in_flight, self.page_tokens, self.refresh_s = max_in_flight, page_tokens, refresh_s
         self.prefill_stats: list[RankStats] = []
-        self.decode_stats: list[RankStats] = []         # what admission sees: reports raised to the bookings
-        self.decode_reported: list[RankStats] = []      # what the decode ranks last reported
+        self.decode_stats: list[RankStats] = []         # what the decode ranks last reported
+        self.decode_view: list[RankStats] = []          # what admission sees: the reports raised to the bookings
         self.refreshed = 0.0
-        self.in_flight: dict[str, Route] = {}
-        self.pages_of: dict[str, int] = {}              # request id -> the decode pages booked for it
-        self.booked: dict[RankRef, tuple[int, int]] = {}   # decode rank -> (pages, requests) booked, not released
+        self.in_flight: dict[str, Booking] = {}
         self.limits = TenantLimits()                    # per-tenant rate and concurrency, for every replica at once
-        self.tenant_of: dict[str, Tenant] = {}          # request id -> the tenant whose slot it holds
         self.lock = asyncio.Lock()
 
     def handle(self, role: str, unit: int):
@@ -99,74 +106,57 @@ class Router:
             return
         await self._read_registry()
         self.prefill_stats = await self._role_stats("prefill")
-        self.decode_reported = await self._role_stats("decode")
-        self.decode_stats = with_bookings(self.decode_reported, self.booked)
+        self.decode_stats = await self._role_stats("decode")
+        self.decode_view = with_bookings(self.decode_stats, self.booked())
         self.refreshed = time.monotonic()
+
+    def booked(self) -> dict[RankRef, tuple[int, int]]:
+        """Decode rank -> (pages, requests) of the admitted requests not released yet."""
+        out: dict[RankRef, tuple[int, int]] = {}
+        for b in self.in_flight.values():
+            pages, n = out.get(b.route.decode, (0, 0))
+            out[b.route.decode] = (pages + b.pages, n + 1)
+        return out
 
     async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1,
                     tenant: Tenant | None = None) -> Route:
         """Choose (decode rank, prefill rank) for a request of n_seqs choices (all decode on one rank,
-        each in its own pages), or raise a 429/503 APIError. The tenant's limits are checked first and
-        its slot is held until `release`."""
+        each in its own pages), or raise a 429/503 APIError. A tenant with limits takes one of its
+        slots here, last, so a refused request holds none; `release` gives it back."""
         async with self.lock:
-            if tenant is not None:
-                self._acquire_tenant(tenant)
+            if len(self.in_flight) >= self.max_in_flight:
+                raise APIError(429, f"server is at capacity ({self.max_in_flight} requests in flight); retry later",
+                               "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
+            await self.refresh()
+            pages = n_seqs * math.ceil((n_prompt + max_tokens) / self.page_tokens)
             try:
-                return await self._admit(request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant)
-            except BaseException:
-                if tenant is not None:
-                    self.limits.release(tenant)
-                raise
-
-    def _acquire_tenant(self, tenant: Tenant) -> None:
-        retry = self.limits.acquire(tenant, time.monotonic())
-        if retry is not None:
-            lim = tenant.limits
-            raise APIError(429, f"tenant {tenant.name!r} is over its limit ({lim.max_requests_per_s:g} requests/s, "
-                                f"{lim.max_concurrent} in flight; 0 = unlimited); retry after {retry} s",
-                           "rate_limit_error", code="tenant_rate_limited", headers={"Retry-After": str(retry)})
-
-    async def _admit(self, request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant) -> Route:
-        """admit's balancing and booking, under the lock."""
-        if len(self.in_flight) >= self.max_in_flight:
-            raise APIError(429, f"server is at capacity ({self.max_in_flight} requests in flight); retry later",
-                           "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
-        await self.refresh()
-        pages = n_seqs * math.ceil((n_prompt + max_tokens) / self.page_tokens)
-        try:
-            dref = pick_decode_rank(self.decode_stats, pages)
-            pref = pick_prefill_rank(self.prefill_stats, n_prompt - n_cached, n_cached)
-        except NoRankAvailable as exc:
-            raise APIError(503, str(exc), "server_error", code="unavailable",
-                           headers={"Retry-After": "5"}) from None
-        if dref is None:
-            raise APIError(429, f"no decode rank has {pages} free KV pages for this request now; retry later",
-                           "rate_limit_error", code="kv_cache_full", headers={"Retry-After": "1"})
-        self.decode_stats = apply_decode_choice(self.decode_stats, dref, pages)
-        self.prefill_stats = apply_prefill_choice(self.prefill_stats, pref, n_prompt - n_cached, n_cached)
-        route = Route(pref, dref)
-        self.in_flight[request_id] = route
-        self.pages_of[request_id] = pages
-        booked_pages, n = self.booked.get(dref, (0, 0))
-        self.booked[dref] = (booked_pages + pages, n + 1)
-        if tenant is not None:
-            self.tenant_of[request_id] = tenant
-        return route
+                dref = pick_decode_rank(self.decode_view, pages)
+                pref = pick_prefill_rank(self.prefill_stats, n_prompt - n_cached, n_cached)
+            except NoRankAvailable as exc:
+                raise APIError(503, str(exc), "server_error", code="unavailable",
+                               headers={"Retry-After": "5"}) from None
+            if dref is None:
+                raise APIError(429, f"no decode rank has {pages} free KV pages for this request now; retry later",
+                               "rate_limit_error", code="kv_cache_full", headers={"Retry-After": "1"})
+            if tenant is not None:
+                retry = self.limits.acquire(tenant, time.monotonic())
+                if retry is not None:
+                    lim = tenant.limits
+                    raise APIError(429, f"tenant {tenant.name!r} is over its limit ({lim.max_requests_per_s:g} "
+                                        f"requests/s, {lim.max_concurrent} in flight; 0 = unlimited); retry after "
+                                        f"{retry} s", "rate_limit_error", code="tenant_rate_limited",
+                                   headers={"Retry-After": str(retry)})
+            self.decode_view = apply_decode_choice(self.decode_view, dref, pages)
+            self.prefill_stats = apply_prefill_choice(self.prefill_stats, pref, n_prompt - n_cached, n_cached)
+            route = Route(pref, dref)
+            self.in_flight[request_id] = Booking(route, pages, tenant)
+            return route
 
     def release(self, request_id: str) -> None:
-        """The request ended: its booking goes (admission sees the pages free at the next refresh)."""
-        route = self.in_flight.pop(request_id, None)
-        pages = self.pages_of.pop(request_id, 0)
-        tenant = self.tenant_of.pop(request_id, None)
-        if tenant is not None:
-            self.limits.release(tenant)
-        if route is None:
-            return
-        booked_pages, n = self.booked.get(route.decode, (0, 0))
-        if n <= 1:
-            self.booked.pop(route.decode, None)
-        else:
-            self.booked[route.decode] = (booked_pages - pages, n - 1)
+        """The request ended: its pages and tenant slot go (admission sees the pages free at the next refresh)."""
+        b = self.in_flight.pop(request_id, None)
+        if b is not None and b.tenant is not None:
+            self.limits.release(b.tenant)
 
 
 @dataclass
@@ -189,8 +179,9 @@ class RouterActor:
 
     Admissions from all replicas pass through this actor's event loop one at a time, so the
     balancers see every admission exactly as with one replica (no decode rank is handed more
-    KV pages than it has), and a tenant's rate and concurrency limits hold across replicas. Its state is rebuilt from the units' live stats when it restarts,
-    and an ingress replica's restart loses nothing here: requests it admitted are released by
+    KV pages than it has), and a tenant's rate and concurrency limits hold across replicas. Its
+    state is rebuilt from the units' live stats when it restarts (bookings and tenant counts start
+    empty), and an ingress replica's restart loses nothing here: requests it admitted are released by
     `release`, or, if it died first, by the reconciliation against the units' own requests.
     """
 
@@ -219,8 +210,9 @@ class RouterActor:
             return Refusal(exc.status, exc.message, exc.type, exc.code, exc.headers)
         finally:
             self.admitting.discard(request_id)
-        if request_id in self.abandoned:     # its client left while it waited here: nothing may stay booked
+            gone = request_id in self.abandoned
             self.abandoned.discard(request_id)
+        if gone:                             # its client left while it waited here: nothing may stay booked
             self.router.release(request_id)
             return Refusal(499, "the client closed the request before it was admitted", "invalid_request_error",
                            "client_closed", {})
@@ -243,8 +235,8 @@ class RouterActor:
     async def snapshot(self, force: bool = False) -> dict:
         """Live stats for /health and /metrics: per-rank stats, in-flight count, unit handles."""
         await self.router.refresh(force)
-        return {"prefill": list(self.router.prefill_stats), "decode": list(self.router.decode_reported),
-                "decode_booked": {f"{ref.unit}/{ref.rank}": pages for ref, (pages, _) in self.router.booked.items()},
+        return {"prefill": list(self.router.prefill_stats), "decode": list(self.router.decode_stats),
+                "decode_booked": {f"{ref.unit}/{ref.rank}": pages for ref, (pages, _) in self.router.booked().items()},
                 "in_flight": len(self.router.in_flight), "admitted": self.n_admitted,
                 "per_decode_rank": dict(self.per_decode_rank),
                 "handles": {r: dict(h) for r, h in self.router.handles.items()}}
