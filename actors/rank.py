@@ -258,7 +258,8 @@ class RankActor:
                 if plan.park:
                     self._park()
                 continue
-            if self.spec.exit_before_step == (self.layout.rank, self.n_steps + 1) and generation == 0:
+            if self.spec.exit_before_step is not None and generation == 0 and \
+                    self.spec.exit_before_step == (self.layout.rank, self.n_steps + 1):
                 log.warning("rank %d exits before step %d (exit_before_step)", self.layout.rank, self.n_steps + 1)
                 os._exit(1)         # the peers agreed to this step and enter its exchanges without us
             t_step, c_step = time.perf_counter(), time.thread_time()
@@ -494,8 +495,8 @@ class RankActor:
         return self.last_stats
 
     def loop_counters(self) -> dict:
-        """The loop's counters now (a report may be up to report_every old): a step's schedule is
-        counted before its deltas are pushed, so a caller that has its tokens sees their steps."""
+        """The loop's counters now (a report may be up to report_every old): a step is counted
+        before its deltas are pushed, so a caller that has its tokens sees their steps here."""
         return {"steps": self.n_steps, "schedules": dict(self.schedule_steps), "map_version": self.map_version}
 
     def expert_counters(self, reset: bool = True) -> dict:

@@ -302,19 +302,11 @@ class UnitSupervisor:
         head = max((x for x in self.last if x is not None), key=lambda x: x.n_steps, default=None)
         timing = [x.timing for x in self.last if x is not None]
         steps = head.n_steps if head else 0
-        schedules = dict(head.schedule_steps) if head else {"plain": 0, "prefill": 0, "decode": 0}
-        if self.is_up:       # the counters as they are now, not as of the last report
-            try:
-                now = await asyncio.wait_for(asyncio.gather(*[rk.loop_counters.remote() for rk in self.ranks]), 5.0)
-                steps = max(c["steps"] for c in now)
-                schedules = dict(max(now, key=lambda c: c["steps"])["schedules"])
-            except (ray.exceptions.RayError, asyncio.TimeoutError):
-                pass         # a rank is going down: the last reports are what there is
         return {"unit": self.unit_id, "role": self.role, "steps": steps,
                 "restarts": self.n_restarts, "ranks": self.rank_info,
                 "in_flight": len(await self._sink_requests()), "sinks": len(self.sinks),
                 "map_version": self.map_version, "eplb": self.eplb_report,
-                "schedule_steps": schedules,
+                "schedule_steps": dict(head.schedule_steps) if head else {"plain": 0, "prefill": 0, "decode": 0},
                 "overlap": {"mode": self.spec.overlap, "split_pays": dict(head.split_pays) if head else {}},
                 "loop_timing": timing}
 
