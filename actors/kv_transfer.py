@@ -29,14 +29,11 @@ import ray
 import torch
 import torch.distributed as dist
 
+from epserve.errors import HandoffFailed
 from epserve.pipelines.kv_handoff import KvTicket, ParkedKv, join_blocks
 from epserve.placement.devices import data_backend
 
 log = logging.getLogger("epserve.kv_transfer")
-
-
-class HandoffFailed(RuntimeError):
-    """The collective handoff of one request could not complete (the peer, the ticket or the pair)."""
 
 
 def _make_group(store, rank: int, device: str, timeout_s: float):

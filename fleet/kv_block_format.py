@@ -57,6 +57,8 @@ import numpy as np
 import torch
 import xxhash
 
+from epserve.errors import EpserveError
+
 MAGIC = b"EPKV"
 FORMAT_VERSION = 2
 # version -> (meta field of the payload digest, digest of a payload buffer as lowercase hex)
@@ -69,8 +71,9 @@ KEY_RE = re.compile(r"[0-9a-f]{64}")
 KEY_TAG = b"epserve.kv.v1"
 
 
-class BlockFormatError(ValueError):
-    """A block file that must not be used; `reason` is a short stable tag."""
+class BlockFormatError(EpserveError, ValueError):
+    """A block file that must not be used; `reason` is a short stable tag. The store turns it into a
+    miss: it never leaves fleet/."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)

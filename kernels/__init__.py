@@ -14,6 +14,7 @@ from types import ModuleType
 
 import torch
 
+from epserve.errors import BackendUnavailable
 from epserve.kernels import reference
 
 log = logging.getLogger("epserve.kernels")
@@ -21,10 +22,6 @@ log = logging.getLogger("epserve.kernels")
 BACKENDS = ("reference", "triton", "native")
 _PREFERENCE = ("native", "triton", "reference")
 _chosen: dict[tuple[str, str], ModuleType] = {}
-
-
-class BackendUnavailable(RuntimeError):
-    """A forced backend cannot run here (not importable, no CUDA, or its self-test failed)."""
 
 
 def _try_load(name: str, device: torch.device) -> tuple[ModuleType | None, str]:

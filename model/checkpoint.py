@@ -20,15 +20,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from epserve.errors import CheckpointError, ConfigError
 from epserve.kernels.reference import FP8, Weight
-from epserve.model.deepseek_v3 import ConfigError, ModelArgs, Transformer
+from epserve.model.deepseek_v3 import ModelArgs, Transformer
 from epserve.model.moe_dispatch import ExpertShard
 
 log = logging.getLogger("epserve.checkpoint")
-
-
-class CheckpointError(RuntimeError):
-    """The checkpoint on disk cannot be loaded as configured."""
 
 
 # HF name (relative to model.layers.{i}.) -> (attribute path on Block, is a Linear weight)

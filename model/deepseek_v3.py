@@ -22,11 +22,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from epserve.errors import ConfigError
 from epserve.kernels.reference import Weight, route_topk
-
-
-class ConfigError(ValueError):
-    """A checkpoint config.json value epserve cannot serve; names key, value and allowed range."""
 
 
 @dataclass(frozen=True)

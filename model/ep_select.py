@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from epserve.errors import DeepEPUnavailable
 from epserve.kernels.reference import ExpertWeights
 from epserve.model.ep_dispatch import AllToAllDispatcher
 from epserve.model.moe_dispatch import ExpertMap, ExpertShard
@@ -22,10 +23,6 @@ from epserve.model.moe_dispatch import ExpertMap, ExpertShard
 log = logging.getLogger("epserve.ep_select")
 
 EP_DISPATCH = ("auto", "deepep", "all_to_all")
-
-
-class DeepEPUnavailable(RuntimeError):
-    """`ep_dispatch: deepep` was asked for and cannot run (the reason is the message)."""
 
 
 def _agree(ok: bool, device: torch.device) -> bool:

@@ -15,17 +15,11 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from epserve.errors import GrammarError
+
 # Compact JSON (no free whitespace): a model cannot spend its tokens on blank space, and every
 # answer still parses. Separators as json.dumps(separators=(",", ":")).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-
-
-class GrammarError(ValueError):
-    """A grammar the engine cannot compile; the ingress answers 400 naming `param`."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)

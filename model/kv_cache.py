@@ -12,9 +12,11 @@ import math
 
 import torch
 
+from epserve.errors import EpserveError
 
-class OutOfPages(RuntimeError):
-    """The pool has fewer free pages than asked for."""
+
+class OutOfPages(EpserveError, RuntimeError):
+    """The pool has fewer free pages than asked for (the batcher checks first: a bug if it reaches a caller)."""
 
 
 class PagedKVCache:

@@ -10,16 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from epserve.errors import InvalidRequest
 from epserve.model.grammar import GrammarSpec
 from epserve.model.logit_adjust import LogitAdjust
-
-
-class InvalidRequest(ValueError):
-    """A request parameter is out of range; maps to HTTP 400."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,9 @@ Never: touches CUDA or Ray (actors/rank.py reads the ids and sets the device).
 """
 from __future__ import annotations
 
+from epserve.errors import DeviceAssignmentError
+
 NOSET_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
-
-
-class DeviceAssignmentError(RuntimeError):
-    """A rank's GPU cannot be found among the visible devices, or two ranks share one GPU."""
 
 
 def local_device_index(assigned: list[str], visible: str | None) -> int:

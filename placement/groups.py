@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-
-class PlacementFailed(RuntimeError):
-    """The cluster could not host a unit of this shape in time, or hosted it misshapen."""
+from epserve.errors import PlacementFailed
 
 
 @dataclass

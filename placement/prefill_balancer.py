@@ -14,21 +14,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from epserve.errors import NoRankAvailable
 from epserve.messages import RankRef, RankStats
-
-
-class NoRankAvailable(RuntimeError):
-    """No rank may take new work: every rank of the role is dead or draining, or there are none.
-
-    The router maps it to 503 (the service is down), unlike "full", which is a 429.
-    """
-
-    def __init__(self, role: str, n_ranks: int, n_dead: int, n_draining: int):
-        self.role, self.n_ranks, self.n_dead, self.n_draining = role, n_ranks, n_dead, n_draining
-        super().__init__(
-            f"no {role} rank available: 0 of {n_ranks} ranks eligible "
-            f"({n_dead} dead, {n_draining} draining)"
-        )
 
 
 def attn_work(new_tokens: int, cached_tokens: int) -> float:
