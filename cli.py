@@ -1,4 +1,6 @@
-"""`epserve`: one entry point. Errors are one readable line on stderr and a non-zero exit."""
+"""`epserve`: one entry point. Errors are one readable line on stderr and a non-zero exit: the
+error family's exit code (epserve.errors: 2 a bad request or argument, 3 configuration, 4
+unavailable, 5 a unit failed, 6 overloaded), 1 for any other error a command reports."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +8,9 @@ import json
 import logging
 import sys
 
-EXIT_USAGE, EXIT_ERROR = 2, 1
+from epserve.errors import EpserveError, InvalidRequest, cli_error
+
+EXIT_ERROR = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,9 +158,9 @@ def _cmd_generate(a) -> int:
         try:
             prompts.append([int(t) for t in ids.split(",") if t.strip()])
         except ValueError:
-            raise epserve.model.sampling.InvalidRequest(f"--token-ids: {ids!r} is not a comma-separated id list")
+            raise InvalidRequest(f"--token-ids: {ids!r} is not a comma-separated id list", "--token-ids") from None
     if not prompts:
-        raise ValueError("give at least one prompt (text, or --token-ids 1,2,3)")
+        raise InvalidRequest("give at least one prompt (text, or --token-ids 1,2,3)", "prompts")
     params = epserve.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
                                     top_k=a.top_k, seed=a.seed, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
     with epserve.LLM(model=a.model, config=a.config) as llm:
@@ -206,7 +210,7 @@ def _cmd_report(a) -> int:
         try:
             t = datetime.fromisoformat(s)
         except ValueError:
-            raise ValueError(f"--from/--to: {s!r} is not an ISO time like 2025-02-27T12:00") from None
+            raise InvalidRequest(f"--from/--to: {s!r} is not an ISO time like 2025-02-27T12:00", "--from") from None
         return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
     pricing = load_config(a.config).pricing
@@ -231,7 +235,7 @@ def _cmd_report(a) -> int:
 def _cmd_simulate(a) -> int:
     from epserve.fleet.simulate_cli import run_simulate
     if a.scenario and a.trace:
-        raise ValueError("give --scenario or --trace, not both")
+        raise InvalidRequest("give --scenario or --trace, not both", "--scenario")
     print(run_simulate(a.scenario or (None if a.trace else "deepseek-day"), a.trace, a.json, a.plot,
                        step_s=a.step_s))
     return 0
@@ -257,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as exc:
+    except (EpserveError, ValueError, RuntimeError, OSError) as exc:   # the family, and builtins a command raised
         if args.verbose:
             raise
-        print(f"epserve {args.cmd}: error: {exc}".splitlines()[0], file=sys.stderr)
-        return EXIT_ERROR
+        line, code = cli_error(exc, args.cmd)
+        print(line, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

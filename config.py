@@ -16,9 +16,31 @@ from pathlib import Path
 
 import yaml
 
+from epserve.errors import ConfigError, ContextTooLong
 
-class ConfigError(ValueError):
-    """A configuration key or value is not valid; the message names the key."""
+__all__ = ["Config", "ConfigError", "check_context", "context_len", "kv_pages", "load_config"]
+
+
+# ---- the context and the page size: every layer (ingress, LLM, a rank's batcher) asks here ------
+def context_len(max_model_len: int | None, max_position_embeddings: int) -> int:
+    """Tokens one sequence may hold (prompt + output): the config's max_model_len, never more than
+    the checkpoint's max_position_embeddings (null: the checkpoint's)."""
+    return min(max_model_len or max_position_embeddings, max_position_embeddings)
+
+
+def check_context(n_prompt: int, max_len: int, max_tokens: int | None = None, prompt_param: str = "prompt") -> None:
+    """Raise ContextTooLong unless the prompt leaves room for one token (max_tokens None: the
+    ingress asks before it picks a default max_tokens) and prompt + max_tokens <= max_len.
+    Example: max_len 2048, a 2000-token prompt: max_tokens 48 fits, 49 raises (param max_tokens)."""
+    if n_prompt >= max_len:
+        raise ContextTooLong(n_prompt, None, max_len, prompt_param)
+    if max_tokens is not None and n_prompt + max_tokens > max_len:
+        raise ContextTooLong(n_prompt, max_tokens, max_len, "max_tokens")
+
+
+def kv_pages(n_tokens: int, page_tokens: int) -> int:
+    """Pages of `page_tokens` tokens that n_tokens fill (the last one partly): 65 tokens of 64 -> 2."""
+    return -(-n_tokens // page_tokens)
 
 
 @dataclass(frozen=True)
@@ -42,7 +64,7 @@ class UnitConfig:
     redundant_experts: int = 0
     max_batch_tokens: int = 16384
     max_batch_size: int = 128
-    kv_pages: int = 256               # 64-token latent pages per rank
+    kv_pages: int = 256               # latent pages per rank, kv_page_tokens tokens each
     cpus_per_rank: float = 0.1        # Ray CPU reservation per rank actor (logical)
 
     @property
@@ -134,6 +156,7 @@ class Config:
     kernels: str = "auto"             # auto | reference | triton | native
     fp8_activations: bool = True      # FP8 checkpoints: quantise activations 1x128 (the seed's recipe)
     max_model_len: int | None = None  # null: the checkpoint's max_position_embeddings
+    kv_page_tokens: int = 64          # tokens per page of a rank's paged latent cache (FlashMLA runs only at 64)
     overlap: str = "auto"             # auto | on | off (auto: each unit measures whether splitting pays)
     cuda_graphs: bool = True          # GPU decode steps replay as CUDA graphs (one per batch-size bucket)
     mtp: MTPConfig = field(default_factory=MTPConfig)
@@ -180,6 +203,8 @@ class Config:
             raise ConfigError(f"serve.port: must be in 1..65535, got {self.serve.port}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len: must be >= 1, got {self.max_model_len}")
+        if self.kv_page_tokens < 1:
+            raise ConfigError(f"kv_page_tokens: must be >= 1, got {self.kv_page_tokens}")
         _check_serve(self.serve)
 
     def to_dict(self) -> dict:

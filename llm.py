@@ -14,10 +14,11 @@ import itertools
 import logging
 import uuid
 
-from epserve.config import Config, load_config
+from epserve.config import Config, check_context, context_len, kv_pages, load_config
+from epserve.errors import InvalidRequest
 from epserve.messages import RequestOutput, Usage
 from epserve.model.checkpoint import check_model_dir
-from epserve.model.sampling import InvalidRequest, SamplingParams
+from epserve.model.sampling import SamplingParams
 from epserve.model.tiny import default_model_dir
 from epserve.model.tokenizer import load_tokenizer
 from epserve.pipelines.sequence import Sequence
@@ -68,13 +69,6 @@ class LLM:
         raise InvalidRequest(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}",
                              "prompt")
 
-    def _check_len(self, n_prompt: int, params: SamplingParams) -> None:
-        max_len = min(self.config.max_model_len or self.args.max_position_embeddings,
-                      self.args.max_position_embeddings)
-        if n_prompt + params.max_tokens > max_len:
-            raise InvalidRequest(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                                 f"model's context of {max_len} tokens", "max_tokens")
-
     # ---- generate -------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
@@ -86,13 +80,14 @@ class LLM:
         if len(params) != len(prompts):
             raise InvalidRequest(f"sampling_params: {len(params)} given for {len(prompts)} prompts", "sampling_params")
         encoded = [self._encode(p) for p in prompts]
+        max_len = context_len(self.config.max_model_len, self.args.max_position_embeddings)
         for ids, p in zip(encoded, params):
-            self._check_len(len(ids), p)
+            check_context(len(ids), max_len, p.max_tokens)
         stats = [s for u in self.units for s in ray.get(u.stats.remote())]
         per_unit: dict[int, list] = {}
         order = []
         for ids, p in zip(encoded, params):
-            need = -(-(len(ids) + p.max_tokens) // 64)
+            need = kv_pages(len(ids) + p.max_tokens, self.config.kv_page_tokens)
             ref = pick_decode_rank(stats, need) or min(stats, key=lambda s: s.n_requests).ref
             stats = apply_decode_choice(stats, ref, need)
             rid = f"gen-{uuid.uuid4().hex[:8]}-{next(self._ids)}"
@@ -104,7 +99,7 @@ class LLM:
         for (unit, i), ids, p in zip(order, encoded, params):
             res = results[unit][i]
             if "error" in res:
-                raise (InvalidRequest if res["rejected"] else RuntimeError)(res["error"])
+                raise res["error"]          # typed (epserve.errors), as the rank or the unit raised it
             outs.append(self._output(res, ids, p))
         return outs[0] if single else outs
 

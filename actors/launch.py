@@ -18,6 +18,7 @@ import ray
 
 from epserve.actors.cluster import control_options
 from epserve.config import Config
+from epserve.errors import UnitStartFailed
 from epserve.model.mtp import with_mtp
 from epserve.model.tiny import cache_root
 from epserve.pipelines.prefix_cache import KVStoreSpec
@@ -25,10 +26,6 @@ from epserve.pipelines.runner import RankSpec
 from epserve.placement.topology import UnitShape
 
 log = logging.getLogger("epserve.launch")
-
-
-class UnitStartFailed(RuntimeError):
-    """No unit of a role could start; the message names each unit's reason."""
 
 
 def kv_store_spec(cfg: Config) -> KVStoreSpec | None:
@@ -47,6 +44,7 @@ def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> Rank
                     bandwidth=cfg.transport.bandwidth_gbps * 1e9,
                     kv_store=kv_store_spec(cfg), block_tokens=cfg.kv_store.block_tokens,
                     device="cuda" if torch.cuda.is_available() else "cpu", kv_pages=role_cfg.kv_pages,
+                    page_size=cfg.kv_page_tokens,
                     max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
                     max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations,
                     cuda_graphs=cfg.cuda_graphs, mtp_draft=cfg.mtp.n_draft, ep_dispatch=cfg.ep_dispatch,

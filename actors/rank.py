@@ -42,6 +42,7 @@ import torch
 from epserve.actors.agreement import max_all_reduce
 from epserve.actors.rank_messages import RankReport, StepInput, StepOutput, UnitLayout
 from epserve.actors.sink_routes import SinkRoutes
+from epserve.errors import EpserveError, RequestRejected
 from epserve.messages import RankStats
 from epserve.model.ep_select import make_ep_dispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
@@ -314,7 +315,7 @@ class RankActor:
         return sorted(times)[len(times) // 2]
 
     def _apply(self, msgs) -> list[tuple[str, str]]:
-        """Inbox messages in arrival order; -> rejected (request_id, reason)."""
+        """Inbox messages in arrival order; -> rejected (request_id, typed error)."""
         rejected = []
         with self.engine_lock:
             for kind, payload in msgs:
@@ -337,7 +338,8 @@ class RankActor:
         self.streaming.discard(rid)
         self.routes.drop(rid)
 
-    def _add(self, seqs: list[Sequence]) -> list[tuple[str, str]]:
+    def _add(self, seqs: list[Sequence]) -> list[tuple[str, EpserveError]]:
+        """Queue each sequence; one the engine refuses comes back as (request_id, the typed error)."""
         rejected = []
         for seq in seqs:
             self.routes.add(seq)               # its deltas go to its sink
@@ -347,8 +349,8 @@ class RankActor:
                     self.engine.add_prefilled(seq, latents)
                 else:
                     self.engine.add(seq)
-            except ValueError as exc:       # InvalidRequest / RequestTooLarge: tell the caller, keep going
-                rejected.append((seq.request_id, str(exc)))
+            except ValueError as exc:       # a bad request (the family, or a plain ValueError): tell its sink
+                rejected.append((seq.request_id, exc if isinstance(exc, EpserveError) else RequestRejected(str(exc))))
         return rejected
 
     def _ready_version(self) -> int:

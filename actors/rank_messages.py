@@ -30,7 +30,7 @@ class StepOutput:
     deltas: list[TokenDelta]
     stats: RankStats
     has_work: bool
-    rejected: list[tuple[str, str]] = field(default_factory=list)   # (request_id, reason)
+    rejected: list[tuple[str, Exception]] = field(default_factory=list)   # (request_id, its typed error)
     map_version: int = 0
     n_tokens: int = 0
     prefill_next: bool = False
@@ -73,7 +73,7 @@ class Delivery:
     unit: str                          # the unit's key: its supervisor's actor id
     rank: int
     deltas: Deltas
-    rejected: list[tuple[str, str]]    # (request_id, reason)
+    rejected: list[tuple[str, Exception]]    # (request_id, its typed error: epserve.errors, pickled as is)
     seq: int = 0                       # this rank's push counter for this sink: the sink applies pushes in order
     generation: int = 0                # the unit build that started this loop (older ones are stale)
 

@@ -41,7 +41,7 @@ class SinkRoutes:
         self.sinks.pop(key, None)
         return rids
 
-    def push(self, deltas: list[TokenDelta], rejected: list[tuple[str, str]]) -> int:
+    def push(self, deltas: list[TokenDelta], rejected: list[tuple[str, Exception]]) -> int:
         """One fire-and-forget Delivery per sink with anything to say -> how many were sent.
         Deltas of a request no longer in the table (aborted meanwhile) go nowhere."""
         per: dict[str, tuple[list, list]] = {}

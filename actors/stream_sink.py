@@ -31,12 +31,9 @@ from dataclasses import dataclass, field
 import ray
 
 from epserve.actors.rank_messages import Delivery
+from epserve.errors import EpserveError, UnitFailed, UnitLost
 from epserve.pipelines.runner import TokenDelta
 from epserve.pipelines.sequence import Sequence
-
-
-class RequestRejected(ValueError):
-    """A rank refused the request (too long for its context or KV pool, bad token ids)."""
 
 
 @dataclass
@@ -49,7 +46,7 @@ class Tracked:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
-    error: str | None = None
+    error: EpserveError | None = None     # what failed it (typed; it crosses Ray as is)
     queue: asyncio.Queue | None = field(default_factory=asyncio.Queue)   # None: fed (see `feed`)
     t_submit: float = field(default_factory=time.time)
     t_first: float | None = None
@@ -118,7 +115,7 @@ class StreamSink:
         try:
             await v.handle.watch.remote()
         except Exception as exc:
-            why = f"internal error: the unit's supervisor is gone ({type(exc).__name__})"
+            why = UnitLost(f"the unit's supervisor is gone ({type(exc).__name__}); retry")
             if self.units.get(v.key) is v:
                 del self.units[v.key]
             for (k, rid), tr in list(self.requests.items()):
@@ -126,7 +123,7 @@ class StreamSink:
                     self._fail(k, rid, why)
 
     @ray.method(enable_task_events=False)
-    async def unit_down(self, key: str, generation: int, fail: str | None = None) -> None:
+    async def unit_down(self, key: str, generation: int, fail: EpserveError | None = None) -> None:
         """The unit is being rebuilt as `generation`: hold new submissions; pushes of older builds
         are stale from now. fail: the rebuild follows repeated failures; fail its requests."""
         v = self.units.get(key)
@@ -223,11 +220,11 @@ class StreamSink:
         tr.seq.n_cached = max(tr.seq.n_cached, d.n_cached)   # billed as hits, as the rank loaded them
         self._put(tr, d)
 
-    def _fail(self, key: str, rid: str, why: str) -> None:
+    def _fail(self, key: str, rid: str, why: EpserveError) -> None:
         tr = self.requests.get((key, rid))
         if tr is not None:
             tr.error = why
-            self._put(tr, RequestRejected(why) if not why.startswith("internal error") else RuntimeError(why))
+            self._put(tr, why)
 
     def _put(self, tr: Tracked, item) -> None:
         if tr.queue is not None:
@@ -285,13 +282,14 @@ class StreamSink:
     async def generate(self, unit, items: list[tuple[Sequence, int]]) -> list[dict | str]:
         """Run sequences to completion on the given ranks of `unit` (a supervisor handle).
 
-        A request that fails comes back as {"error": text, "rejected": bool}; rejected means the
-        request itself was bad (too long, bad token ids), otherwise the unit failed it.
+        A request that fails comes back as {"error": the typed error (epserve.errors)}: a
+        RequestError when the request itself was bad (too long, bad token ids), a UnitFailure or
+        Unavailable when the unit failed it.
         """
         trs = self._submit(await self._view(unit), items)
         results = await asyncio.gather(*[self._finish(tr) for tr in trs], return_exceptions=True)
-        return [{"error": str(r), "rejected": isinstance(r, RequestRejected)} if isinstance(r, Exception) else r
-                for r in results]
+        return [{"error": r if isinstance(r, EpserveError) else UnitFailed(f"{type(r).__name__}: {r}")}
+                if isinstance(r, Exception) else r for r in results]
 
     @ray.method(enable_task_events=False)
     async def prefill(self, unit, seq: Sequence, rank: int) -> dict:

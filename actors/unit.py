@@ -31,7 +31,8 @@ import torch
 
 from epserve.actors.rank import RankActor
 from epserve.actors.rank_messages import RankReport, UnitLayout
-from epserve.actors.stream_sink import RequestRejected, StreamSink  # noqa: F401  (RequestRejected: re-exported)
+from epserve.actors.stream_sink import StreamSink
+from epserve.errors import UnitFailed
 from epserve.messages import RankStats
 from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
@@ -136,7 +137,7 @@ class UnitSupervisor:
         self.failures_in_a_row += 1
         fail = None
         if self.failures_in_a_row >= 3:   # not a dead rank but a poisoned batch: fail it, keep serving
-            fail = f"internal error after {self.failures_in_a_row} attempts: {why}"
+            fail = UnitFailed(f"the unit failed this batch {self.failures_in_a_row} times in a row: {why}")
             self.failures_in_a_row = 0
         await self._restart(why, fail)
 
@@ -149,7 +150,7 @@ class UnitSupervisor:
             remove_unit_placement(self.placement)
             self.placement = None
 
-    async def _restart(self, reason: str, fail: str | None = None) -> None:
+    async def _restart(self, reason: str, fail: UnitFailed | None = None) -> None:
         self.n_restarts += 1
         self.is_up = False
         log.warning("%s unit %d: %s; rebuilding the whole unit (restart %d)", self.role, self.unit_id, reason,

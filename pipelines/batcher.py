@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from epserve.config import check_context
+from epserve.errors import RequestTooLarge
 from epserve.model.kv_cache import PagedKVCache
 from epserve.pipelines.sequence import Sequence
-
-
-class RequestTooLarge(ValueError):
-    """The request can never fit this rank (context or KV pool); maps to HTTP 400."""
 
 
 @dataclass
@@ -49,10 +47,9 @@ class Batcher:
         return len(self.waiting) + len(self.running)
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        """ContextTooLong past the model's context, RequestTooLarge past this rank's whole KV pool."""
+        check_context(n_prompt, self.max_model_len, max_tokens)
         total = n_prompt + max_tokens
-        if total > self.max_model_len:
-            raise RequestTooLarge(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
-                                  f"model's context of {self.max_model_len} tokens")
         need = self.cache.pages_for(total + self.extra_tokens)      # + the drafts' look-ahead (MTP)
         if need > self.cache.n_pages:
             raise RequestTooLarge(f"{total} tokens need {need} KV pages; this rank has {self.cache.n_pages}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from epserve import kernels
+from epserve.config import context_len
 from epserve.model.checkpoint import LoadOptions, TensorIndex, load_weights, read_config
 from epserve.model.deepseek_v3 import Batch, DecodeBatch, ModelArgs, Transformer
 from epserve.model.kv_cache import PagedKVCache
@@ -91,7 +92,7 @@ class RankEngine:
                                        index)
         self.cache = PagedKVCache(self.args.n_kv_layers, spec.kv_pages, spec.page_size, self.args.kv_dim,
                                   self.dtype, self.device)
-        max_len = min(spec.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
+        max_len = context_len(spec.max_model_len, self.args.max_position_embeddings)
         extra = 2 * spec.mtp_draft - 1 if spec.mtp_draft else 0
         self.batcher = Batcher(self.cache, spec.max_batch_tokens, spec.max_batch_size, max_len, extra)
         self.table = BlockTable(spec.max_batch_size, self.cache.pages_for(max_len + 1 + extra), self.cache.scratch_page,

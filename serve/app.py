@@ -118,7 +118,8 @@ def start_deployment(cfg: Config) -> Deployment:
             ray.get(dep.capacity.start.remote())
         from epserve.serve.router import RouterActor
         units = None if dep.capacity is not None else {"prefill": pre, "decode": dec}
-        dep.router = RouterActor.options(**control_options()).remote(units, cfg.serve.max_queue, dep.capacity)
+        dep.router = RouterActor.options(**control_options()).remote(units, cfg.serve.max_queue, cfg.kv_page_tokens,
+                                                                     dep.capacity)
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         serve.run(Ingress.options(num_replicas=cfg.serve.ingress_replicas,
                                   ray_actor_options={"num_cpus": 0, **control_options()}).bind(

@@ -16,6 +16,7 @@ import logging
 import uuid
 
 from epserve.actors.stream_sink import StreamSink
+from epserve.errors import UnitLost
 
 log = logging.getLogger("epserve.feed")
 
@@ -48,7 +49,7 @@ class DeltaFeed:
             if self.sink is sink:
                 self.sink = self._start_sink()
             for q in self.queues.values():
-                q.put_nowait(RuntimeError(f"stream sink lost: {type(exc).__name__}"))
+                q.put_nowait(UnitLost(f"the stream sink carrying this request is gone ({type(exc).__name__}); retry"))
 
     async def prefill(self, unit, seq, rank: int) -> dict:
         """The prefill role's whole answer (first token, KV block refs) in one call."""

@@ -22,17 +22,10 @@ import dataclasses
 
 import ray
 
-from epserve.actors.stream_sink import RequestRejected
+from epserve.errors import unwrap
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.sequence import Sequence
 from epserve.serve.accounting import Live
-from epserve.serve.openai_models import APIError
-
-
-def _unwrap(exc: Exception) -> Exception:
-    """The error a unit raised, out of Ray's wrapper."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, Exception) else exc
 
 
 def choice_params(params: SamplingParams, i: int) -> SamplingParams:
@@ -54,7 +47,7 @@ class Choices:
         seq = Sequence(live.rid, self.ids, self.params, tenant=self.tenant, share_kv=self.n > 1)
         pre = await self.feed.prefill(self.router.handle("prefill", route.prefill.unit), seq, route.prefill.rank)
         if "error" in pre:
-            raise (APIError(400, pre["error"]) if pre["rejected"] else RuntimeError(pre["error"]))
+            raise pre["error"]                  # typed (epserve.errors): the ingress renders it
         live.n_cached = pre["n_cached"]
         return pre
 
@@ -87,13 +80,8 @@ class Choices:
                 yield d.token_id, d.logprob, d.finish_reason
                 if i in self.stopped:
                     return
-        except RequestRejected as exc:          # a rank refused it (in the feed, as a value)
-            raise APIError(400, str(exc).splitlines()[-1]) from None
-        except ray.exceptions.RayTaskError as exc:
-            inner = _unwrap(exc)
-            if isinstance(inner, (RequestRejected, ValueError)):
-                raise APIError(400, str(inner).splitlines()[-1]) from None
-            raise
+        except ray.exceptions.RayTaskError as exc:   # a sink's or unit's call failed: raise what it raised
+            raise unwrap(exc) from None
         finally:
             if not finished and decode_unit is not None:
                 self.feed.abort(decode_unit, rid)

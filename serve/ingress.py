@@ -25,7 +25,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from epserve.actors.ledger import ledger_root
-from epserve.config import Config
+from epserve.config import Config, context_len
+from epserve.errors import (AuthenticationError, EpserveError, InvalidRequest, ModelNotFound, Unavailable, http_error,
+                            unwrap)
 from epserve.messages import Usage
 from epserve.model.checkpoint import read_config
 from epserve.model import chat_templates as ct
@@ -36,10 +38,10 @@ from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
 from epserve.pipelines.runner import DTYPES
 from epserve.serve.accounting import Accounting, Live
 from epserve.serve.delta_feed import DeltaFeed
-from epserve.serve.generation import Choices, _unwrap
+from epserve.serve.generation import Choices
 from epserve.serve.inputs import Inputs, too_large
 from epserve.serve.metrics import ServeMetrics
-from epserve.serve.openai_models import APIError, ChatRequest, CompletionRequest, parse
+from epserve.serve.openai_models import ChatRequest, CompletionRequest, parse
 from epserve.serve.responses import ChoiceState, Shape
 from epserve.serve.router import Router, RouterClient
 from epserve.serve.structured import check_grammar
@@ -58,8 +60,18 @@ def _limited(tenant: Tenant):
     return dataclasses.replace(tenant, limits=dataclasses.replace(tenant.limits, api_keys=()))
 
 
-def _error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+def _render(exc: BaseException, rid: str | None = None) -> tuple[int, dict, dict]:
+    """The one answer to any failure: (status, OpenAI body, headers), a family error as its class
+    says (epserve.errors), anything else a 500 naming it. A server-side (5xx) failure is logged."""
+    status, body, headers = http_error(exc)
+    if status >= 500:
+        log.error("request %s failed: %r", rid, unwrap(exc), exc_info=exc)
+    return status, body, headers
+
+
+def _error_response(exc: BaseException, rid: str | None = None) -> JSONResponse:
+    status, body, headers = _render(exc, rid)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class _Stream(StreamingResponse):
@@ -86,11 +98,11 @@ class Ingress:
         self.cfg, self.model_name = cfg, cfg.serve.model_name
         self.args = read_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
-        self.max_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
+        self.max_len = context_len(cfg.max_model_len, self.args.max_position_embeddings)
         units = None if capacity is not None else {"prefill": prefill_units, "decode": decode_units}
         # the deployment's shared RouterActor (any number of replicas admit through it), else a local one
         self.router = RouterClient(router) if router is not None else Router(units, cfg.serve.max_queue,
-                                                                             controller=capacity)
+                                                                             cfg.kv_page_tokens, controller=capacity)
         self.metrics = ServeMetrics()
         self.feed = DeltaFeed()             # this replica's stream sink: the ranks push its tokens there
         self.tenants = TenantTable(cfg.serve)          # who asks; their limits are kept by the router
@@ -175,17 +187,16 @@ class Ingress:
             try:
                 data = json.loads(await self._body(request))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise APIError(400, f"request body is not valid JSON: {exc}") from None
+                raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
             return fn(data)
-        except APIError as exc:
+        except EpserveError as exc:
             return _error_response(exc)
 
     def _auth(self, request: Request):
         """(tenant, None) or (None, the 401 response)."""
         tenant = self.tenants.resolve(request.headers.get("authorization", ""))
         if tenant is None:
-            return None, _error_response(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                                  "authentication_error", code="invalid_api_key"))
+            return None, _error_response(AuthenticationError("invalid or missing API key (Authorization: Bearer ...)"))
         return tenant, None
 
     async def _body(self, request: Request) -> bytes:
@@ -212,12 +223,12 @@ class Ingress:
             try:
                 data = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise APIError(400, f"request body is not valid JSON: {exc}") from None
+                raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
             self.inputs.check_counts(data, chat)
             req = parse(model_cls, data)
             if req.model != self.model_name:
-                raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                               param="model", code="model_not_found")
+                raise ModelNotFound(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                                    param="model")
             plan = self.inputs.tool_plan(req, chat)
             ids = self.inputs.prompt_ids(req, chat, plan)
             params = self.inputs.params(req, chat, len(ids), plan)
@@ -228,8 +239,8 @@ class Ingress:
                 # the reasoning stays free text; the answer after </think> follows the grammar
                 params = dataclasses.replace(params, grammar_after=end_think)
             if not chat and req.echo and req.logprobs is not None:
-                raise APIError(400, "echo: cannot be combined with logprobs (prompt logprobs are not computed)",
-                               param="echo")
+                raise InvalidRequest("echo: cannot be combined with logprobs (prompt logprobs are not computed)",
+                                     param="echo")
             shape = Shape(chat, self.reasoning and chat, plan.parse,
                           end_think,
                           self._echo(req, ids) if not chat and req.echo else None)
@@ -239,12 +250,11 @@ class Ingress:
                 route = await self.router.admit(rid, len(ids), cached, params.max_tokens, req.n,
                                                 _limited(tenant))
             except ray.exceptions.RayError as exc:   # the router restarting: retriable, not a bare 500
-                raise APIError(503, f"routing is unavailable ({type(exc).__name__}); retry", "server_error",
-                               code="unavailable", headers={"Retry-After": "1"}) from None
+                raise Unavailable(f"routing is unavailable ({type(exc).__name__}); retry", retry_after=1) from None
             except BaseException:                    # cancelled (the client left): the router undoes the admission
                 self.router.release(rid)
                 raise
-        except APIError as exc:
+        except EpserveError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
         live = self.acct.admit(Live(rid, tenant.name, len(ids), route, namespace=tenant.namespace))
@@ -305,18 +315,14 @@ class Ingress:
                 if watcher.done():
                     await self.acct.finish(rid, "abort")
                     return Response(status_code=499)
-        except APIError as exc:
-            await self.acct.finish(rid, "error")
-            self.metrics.requests.labels(endpoint, str(exc.status)).inc()
-            return _error_response(exc)
         except asyncio.CancelledError:
             self.acct.finish_detached(rid, "abort")
             raise
-        except Exception as exc:
-            log.exception("request %s failed", rid)
+        except Exception as exc:             # typed (a rank's refusal, a unit's failure) or not: one renderer
             await self.acct.finish(rid, "error")
-            self.metrics.requests.labels(endpoint, "500").inc()
-            return _error_response(APIError(500, f"internal error: {str(_unwrap(exc))[:300]}", "server_error"))
+            resp = _error_response(exc, rid)
+            self.metrics.requests.labels(endpoint, str(resp.status_code)).inc()
+            return resp
         finally:
             watcher.cancel()
             await stream.aclose()
@@ -359,17 +365,12 @@ class Ingress:
             if req.include_usage:
                 yield event([], usage.to_dict())
             yield "data: [DONE]\n\n"
-        except APIError as exc:
-            await self.acct.finish(rid, "error")
-            yield "data: " + json.dumps(exc.body()) + "\n\n"
         except (asyncio.CancelledError, GeneratorExit):     # the client went away mid-stream
             self.acct.finish_detached(rid, "abort")
             raise
-        except Exception as exc:
-            log.exception("stream %s failed", rid)
+        except Exception as exc:             # the status line is sent: the error goes in the stream
             await self.acct.finish(rid, "error")
-            yield "data: " + json.dumps(APIError(500, f"internal error: {str(_unwrap(exc))[:300]}",
-                                                 "server_error").body()) + "\n\n"
+            yield "data: " + json.dumps(_render(exc, rid)[1]) + "\n\n"
         finally:
             await stream.aclose()
 

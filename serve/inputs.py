@@ -1,16 +1,17 @@
 """① What a request asks for: OpenAI bodies -> token ids and sampling params, and sampled tokens
--> OpenAI logprobs. Every bad value is an APIError naming the param (400) or the limit (413)."""
+-> OpenAI logprobs. Every bad value is an InvalidRequest naming the param (400), a ContextTooLong
+(400, context_length_exceeded) or a PayloadTooLarge naming the limit (413)."""
 from __future__ import annotations
 
 from epserve.model import chat_templates as ct
-from epserve.model.sampling import InvalidRequest, SamplingParams
-from epserve.serve.openai_models import APIError
+from epserve.config import check_context
+from epserve.errors import InvalidRequest, PayloadTooLarge
+from epserve.model.sampling import SamplingParams
 from epserve.serve.structured import ToolPlan, plan_tools, response_grammar
 
 
-def too_large(what: str, n: int, limit: int, key: str, param: str | None = None) -> APIError:
-    return APIError(413, f"{what} is {n:,}; this server takes at most {limit:,} (serve.{key})", param=param,
-                    code="request_too_large")
+def too_large(what: str, n: int, limit: int, key: str, param: str | None = None) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{what} is {n:,}; this server takes at most {limit:,} (serve.{key})", param)
 
 
 class Inputs:
@@ -35,18 +36,18 @@ class Inputs:
         """The rendered chat: the checkpoint's template over the messages and tools. A last assistant
         message with prefix: true is continued (DeepSeek's chat prefix completion)."""
         if self.tokenizer is None or not self.tokenizer.chat_template:
-            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+            raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
         msgs = req.messages
         for i, m in enumerate(msgs):
             if m.prefix and (i != len(msgs) - 1 or m.role != "assistant"):
-                raise APIError(400, f"messages[{i}].prefix: only the last message, an assistant one, may be a prefix",
-                               param="messages.prefix")
+                raise InvalidRequest(f"messages[{i}].prefix: only the last message, an assistant one, may be a prefix",
+                                     param="messages.prefix")
         prefix = msgs[-1].text() if msgs[-1].prefix else None
         try:
             rendered = [self._message(m) for m in (msgs[:-1] if prefix is not None else msgs)]
             text = self.tokenizer.apply_chat_template(rendered, tools=plan.render)
         except ValueError as exc:
-            raise APIError(400, f"messages: {exc}", param="messages") from None
+            raise InvalidRequest(f"messages: {exc}", param="messages") from None
         return text + (prefix or "")
 
     @staticmethod
@@ -64,9 +65,9 @@ class Inputs:
     def fim_text(self, prompt: str, suffix: str) -> str:
         """DeepSeek's fill-in-the-middle prompt: <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>."""
         if self.tokenizer is None or self.tokenizer.token_id(ct.FIM_HOLE) is None:
-            raise APIError(400, "suffix: this model's tokenizer has no FIM tokens", param="suffix")
+            raise InvalidRequest("suffix: this model's tokenizer has no FIM tokens", param="suffix")
         if not isinstance(prompt, str):
-            raise APIError(400, "suffix: needs a text prompt", param="suffix")
+            raise InvalidRequest("suffix: needs a text prompt", param="suffix")
         return ct.FIM_BEGIN + prompt + ct.FIM_HOLE + suffix + ct.FIM_END
 
     def prompt_ids(self, req, chat: bool, plan: ToolPlan | None = None) -> list[int]:
@@ -77,33 +78,31 @@ class Inputs:
             prompt = self.fim_text(prompt, req.suffix)
         if isinstance(prompt, str):
             if not prompt:
-                raise APIError(400, "prompt: must not be empty", param="prompt")
+                raise InvalidRequest("prompt: must not be empty", param="prompt")
             if self.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
+                raise InvalidRequest("this model has no tokenizer; send the prompt as token ids", param="prompt")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                               param="prompt")
+                raise InvalidRequest(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                                     param="prompt")
         if not ids:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
+            raise InvalidRequest("prompt: must not be empty", param="prompt")
         return ids
 
     def logit_bias(self, req, plan: ToolPlan) -> dict[int, float]:
         bias = {t: -100.0 for t in plan.banned}
         for key, value in (req.logit_bias or {}).items():
             if not key.lstrip("-").isdigit() or not 0 <= int(key) < self.vocab_size:
-                raise APIError(400, f"logit_bias: key {key!r} is not a token id in [0, {self.vocab_size})",
-                               param="logit_bias")
+                raise InvalidRequest(f"logit_bias: key {key!r} is not a token id in [0, {self.vocab_size})",
+                                     param="logit_bias")
             bias[int(key)] = value
         return bias
 
     def params(self, req, chat: bool, n_prompt: int, plan: ToolPlan | None = None) -> SamplingParams:
-        if n_prompt >= self.max_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; the prompt has "
-                           f"{n_prompt}", param="messages" if chat else "prompt", code="context_length_exceeded")
+        check_context(n_prompt, self.max_len, prompt_param="messages" if chat else "prompt")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = min(1024, self.max_len - n_prompt) if chat else 16
@@ -114,24 +113,18 @@ class Inputs:
         plan = plan or ToolPlan()
         grammar = response_grammar(req.response_format)
         if grammar is not None and plan.grammar is not None:
-            raise APIError(400, "response_format: cannot be combined with a tool_choice that forces a call",
-                           param="response_format")
+            raise InvalidRequest("response_format: cannot be combined with a tool_choice that forces a call",
+                                 param="response_format")
         if not 1 <= req.n <= self.max_n:
-            raise APIError(400, f"n: must be in [1, {self.max_n}] (serve.max_n), got {req.n}", param="n")
-        try:
-            params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                    top_k=req.top_k, seed=req.seed, stop=req.stop or (), ignore_eos=req.ignore_eos,
-                                    logprobs=logprobs, min_p=req.min_p, presence_penalty=req.presence_penalty,
-                                    frequency_penalty=req.frequency_penalty,
-                                    repetition_penalty=req.repetition_penalty,
-                                    logit_bias=self.logit_bias(req, plan), stop_token_ids=req.stop_token_ids or (),
-                                    grammar=grammar or plan.grammar)
-        except InvalidRequest as exc:
-            raise APIError(400, str(exc), param=exc.param) from None
-        if n_prompt + params.max_tokens > self.max_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; you requested "
-                           f"{n_prompt + params.max_tokens} ({n_prompt} in the prompt, {params.max_tokens} to "
-                           f"generate)", param="max_tokens", code="context_length_exceeded")
+            raise InvalidRequest(f"n: must be in [1, {self.max_n}] (serve.max_n), got {req.n}", param="n")
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                top_k=req.top_k, seed=req.seed, stop=req.stop or (), ignore_eos=req.ignore_eos,
+                                logprobs=logprobs, min_p=req.min_p, presence_penalty=req.presence_penalty,
+                                frequency_penalty=req.frequency_penalty,
+                                repetition_penalty=req.repetition_penalty,
+                                logit_bias=self.logit_bias(req, plan), stop_token_ids=req.stop_token_ids or (),
+                                grammar=grammar or plan.grammar)
+        check_context(n_prompt, self.max_len, params.max_tokens)    # SamplingParams: InvalidRequest naming the param
         return params
 
     def logprobs(self, chat, tokens, lps, req):

@@ -1,7 +1,7 @@
 """OpenAI request bodies (pydantic) and error bodies; DeepSeek's usage names.
 
-Validation lives here, at the edge: a bad body becomes an `APIError` with the status,
-OpenAI's error type, the parameter and a message that names the value and the limit.
+Validation lives here, at the edge: a bad body becomes an InvalidRequest (epserve.errors) that
+names the parameter, with a message that names the value and the limit.
 """
 from __future__ import annotations
 
@@ -9,16 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+from epserve.errors import InvalidRequest
 
 
 # One rule for fields: a field OpenAI's API (or DeepSeek's, vLLM's extensions below) defines is either
@@ -156,14 +147,14 @@ def refuse_unsupported(data: dict) -> None:
         if key in data and data[key] is not None and data[key] not in _DEFAULTS_OK.get(key, ()):
             if key == "best_of" and data[key] == data.get("n", 1):
                 continue
-            raise APIError(400, f"{key}: {what} is not supported by this server", param=key,
-                           code="unsupported_parameter")
+            raise InvalidRequest(f"{key}: {what} is not supported by this server", param=key,
+                                 code="unsupported_parameter")
 
 
 def parse(model_cls, data: Any):
     """Validate a JSON body; the first problem becomes a 400 naming the parameter."""
     if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
+        raise InvalidRequest("request body must be a JSON object")
     refuse_unsupported(data)
     data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
     try:
@@ -175,4 +166,4 @@ def parse(model_cls, data: Any):
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = f"unrecognized request argument {loc[-1]!r} (this server refuses fields it does not know)"
-        raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
+        raise InvalidRequest(f"{param}: {msg}" if param else msg, param=param) from None

@@ -16,16 +16,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 
 import ray
 
+from epserve.config import kv_pages
+from epserve.errors import ClientClosed, EpserveError, KVCacheFull, Overloaded, TenantRateLimited, Unavailable
 from epserve.messages import RankRef, RankStats
 from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank, with_bookings
-from epserve.placement.prefill_balancer import NoRankAvailable, apply_prefill_choice, pick_prefill_rank
-from epserve.serve.openai_models import APIError
+from epserve.placement.prefill_balancer import apply_prefill_choice, pick_prefill_rank
 from epserve.serve.tenants import Tenant, TenantLimits
 
 log = logging.getLogger("epserve.router")
@@ -51,7 +51,7 @@ class Router:
     """units: {"prefill": [handles], "decode": [handles]} for a fixed fleet; or a CapacityController
     whose registry (unit ids, handles, draining flags) is re-read every `registry_s`."""
 
-    def __init__(self, units: dict | None, max_in_flight: int, page_tokens: int = 64, refresh_s: float = 0.05,
+    def __init__(self, units: dict | None, max_in_flight: int, page_tokens: int, refresh_s: float = 0.05,
                  controller=None, registry_s: float = 0.5):
         self.controller, self.registry_s, self.registry_read = controller, registry_s, 0.0
         self.handles = {role: dict(enumerate(units[role])) for role in ("prefill", "decode")} if units else {}
@@ -68,8 +68,7 @@ class Router:
     def handle(self, role: str, unit: int):
         h = self.handles[role].get(unit)
         if h is None:
-            raise APIError(503, f"{role} unit {unit} was removed; retry", "server_error", code="unavailable",
-                           headers={"Retry-After": "1"})
+            raise Unavailable(f"{role} unit {unit} was removed; retry", retry_after=1)
         return h
 
     async def _read_registry(self) -> None:
@@ -121,31 +120,27 @@ class Router:
     async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1,
                     tenant: Tenant | None = None) -> Route:
         """Choose (decode rank, prefill rank) for a request of n_seqs choices (all decode on one rank,
-        each in its own pages), or raise a 429/503 APIError. A tenant with limits takes one of its
-        slots here, last, so a refused request holds none; `release` gives it back."""
+        each in its own pages), or raise Overloaded / KVCacheFull / TenantRateLimited (429) or
+        NoRankAvailable (503). A tenant with limits takes one of its slots here, last, so a refused
+        request holds none; `release` gives it back."""
         async with self.lock:
             if len(self.in_flight) >= self.max_in_flight:
-                raise APIError(429, f"server is at capacity ({self.max_in_flight} requests in flight); retry later",
-                               "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
+                raise Overloaded(f"server is at capacity ({self.max_in_flight} requests in flight); retry later",
+                                 retry_after=1)
             await self.refresh()
-            pages = n_seqs * math.ceil((n_prompt + max_tokens) / self.page_tokens)
-            try:
-                dref = pick_decode_rank(self.decode_view, pages)
-                pref = pick_prefill_rank(self.prefill_stats, n_prompt - n_cached, n_cached)
-            except NoRankAvailable as exc:
-                raise APIError(503, str(exc), "server_error", code="unavailable",
-                               headers={"Retry-After": "5"}) from None
+            pages = n_seqs * kv_pages(n_prompt + max_tokens, self.page_tokens)
+            dref = pick_decode_rank(self.decode_view, pages)          # NoRankAvailable (503) when all are down
+            pref = pick_prefill_rank(self.prefill_stats, n_prompt - n_cached, n_cached)
             if dref is None:
-                raise APIError(429, f"no decode rank has {pages} free KV pages for this request now; retry later",
-                               "rate_limit_error", code="kv_cache_full", headers={"Retry-After": "1"})
+                raise KVCacheFull(f"no decode rank has {pages} free KV pages for this request now; retry later",
+                                  retry_after=1)
             if tenant is not None:
                 retry = self.limits.acquire(tenant, time.monotonic())
                 if retry is not None:
                     lim = tenant.limits
-                    raise APIError(429, f"tenant {tenant.name!r} is over its limit ({lim.max_requests_per_s:g} "
-                                        f"requests/s, {lim.max_concurrent} in flight; 0 = unlimited); retry after "
-                                        f"{retry} s", "rate_limit_error", code="tenant_rate_limited",
-                                   headers={"Retry-After": str(retry)})
+                    raise TenantRateLimited(f"tenant {tenant.name!r} is over its limit ({lim.max_requests_per_s:g} "
+                                            f"requests/s, {lim.max_concurrent} in flight; 0 = unlimited); retry after "
+                                            f"{retry} s", retry_after=retry)
             self.decode_view = apply_decode_choice(self.decode_view, dref, pages)
             self.prefill_stats = apply_prefill_choice(self.prefill_stats, pref, n_prompt - n_cached, n_cached)
             route = Route(pref, dref)
@@ -157,20 +152,6 @@ class Router:
         b = self.in_flight.pop(request_id, None)
         if b is not None and b.tenant is not None:
             self.limits.release(b.tenant)
-
-
-@dataclass
-class Refusal:
-    """An admission the router turned down, as plain fields (crosses the actor boundary)."""
-
-    status: int
-    message: str
-    type: str
-    code: str | None
-    headers: dict
-
-    def error(self) -> APIError:
-        return APIError(self.status, self.message, self.type, code=self.code, headers=self.headers)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1000)
@@ -185,8 +166,9 @@ class RouterActor:
     `release`, or, if it died first, by the reconciliation against the units' own requests.
     """
 
-    def __init__(self, units: dict | None, max_in_flight: int, controller=None, reconcile_s: float = 5.0):
-        self.router = Router(units, max_in_flight, controller=controller)
+    def __init__(self, units: dict | None, max_in_flight: int, page_tokens: int, controller=None,
+                 reconcile_s: float = 5.0):
+        self.router = Router(units, max_in_flight, page_tokens, controller=controller)
         self.admitted_at: dict[str, float] = {}
         self.reconcile_s = reconcile_s
         self.n_admitted = 0
@@ -198,24 +180,24 @@ class RouterActor:
     @ray.method(enable_task_events=False)
     async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1,
                     tenant: Tenant | None = None):
-        """-> (Route, prefill unit handle, decode unit handle) or a Refusal."""
+        """-> (Route, prefill unit handle, decode unit handle), or the refusal (an EpserveError) as a
+        value: a refusal is an answer, not this actor's failure (Ray would log it as one)."""
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._reconcile_loop())
         self.admitting.add(request_id)
         try:
             route = await self.router.admit(request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant)
             handles = (self.router.handle("prefill", route.prefill.unit), self.router.handle("decode", route.decode.unit))
-        except APIError as exc:
+        except EpserveError as exc:
             self.router.release(request_id)
-            return Refusal(exc.status, exc.message, exc.type, exc.code, exc.headers)
+            return exc
         finally:
             self.admitting.discard(request_id)
             gone = request_id in self.abandoned
             self.abandoned.discard(request_id)
         if gone:                             # its client left while it waited here: nothing may stay booked
             self.router.release(request_id)
-            return Refusal(499, "the client closed the request before it was admitted", "invalid_request_error",
-                           "client_closed", {})
+            return ClientClosed("the client closed the request before it was admitted")
         self.admitted_at[request_id] = time.monotonic()
         self.n_admitted += 1
         key = f"{route.decode.unit}/{route.decode.rank}"
@@ -275,8 +257,8 @@ class RouterClient:
     async def admit(self, request_id: str, n_prompt: int, n_cached: int, max_tokens: int, n_seqs: int = 1,
                     tenant: Tenant | None = None) -> Route:
         out = await self.actor.admit.remote(request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant)
-        if isinstance(out, Refusal):
-            raise out.error()
+        if isinstance(out, EpserveError):
+            raise out
         route, pre, dec = out
         self._unit_handles[("prefill", route.prefill.unit)] = pre
         self._unit_handles[("decode", route.decode.unit)] = dec

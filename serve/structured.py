@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from epserve.errors import InvalidRequest
 from epserve.model import chat_templates as ct
-from epserve.model.grammar import JSON_OPTIONS, GrammarCache, GrammarError, GrammarSpec
-from epserve.serve.openai_models import APIError
+from epserve.model.grammar import JSON_OPTIONS, GrammarCache, GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,11 @@ class ToolPlan:
 def _check_schema(schema, param: str) -> dict:
     import jsonschema
     if not isinstance(schema, dict):
-        raise APIError(400, f"{param}: must be a JSON schema object", param=param)
+        raise InvalidRequest(f"{param}: must be a JSON schema object", param=param)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        raise APIError(400, f"{param}: not a valid JSON schema: {exc.message}", param=param) from None
+        raise InvalidRequest(f"{param}: not a valid JSON schema: {exc.message}", param=param) from None
     return schema
 
 
@@ -53,12 +53,12 @@ def response_grammar(fmt: dict | None) -> GrammarSpec | None:
     if kind == "json_schema":
         js = fmt.get("json_schema")
         if not isinstance(js, dict) or "schema" not in js:
-            raise APIError(400, "response_format.json_schema: needs {name, schema[, strict]}",
-                           param="response_format.json_schema")
+            raise InvalidRequest("response_format.json_schema: needs {name, schema[, strict]}",
+                                 param="response_format.json_schema")
         schema = _check_schema(js["schema"], "response_format.json_schema.schema")
         return GrammarSpec("json_schema", json.dumps(schema, sort_keys=True), "response_format.json_schema.schema")
-    raise APIError(400, f"response_format.type: must be text, json_object or json_schema, got {kind!r}",
-                   param="response_format.type")
+    raise InvalidRequest(f"response_format.type: must be text, json_object or json_schema, got {kind!r}",
+                         param="response_format.type")
 
 
 def _call_rule(i: int, name: str, schema: dict, ids: dict[str, int]) -> str:
@@ -90,15 +90,15 @@ def plan_tools(req, tokenizer) -> ToolPlan:
         if "parameters" in t["function"]:
             _check_schema(t["function"]["parameters"], f"tools[{i}].function.parameters")
     if len({t["function"]["name"] for t in tools}) != len(tools):
-        raise APIError(400, "tools: function names must be unique", param="tools")
+        raise InvalidRequest("tools: function names must be unique", param="tools")
     if choice == "none":
         banned = tuple(i for i in [tokenizer.token_id(ct.CALLS_BEGIN)] if i is not None)
         return ToolPlan(banned=banned)
     if not tools:
-        raise APIError(400, f"tool_choice: {choice!r} needs `tools`", param="tool_choice")
+        raise InvalidRequest(f"tool_choice: {choice!r} needs `tools`", param="tool_choice")
     ids = {k: tokenizer.token_id(k) for k in (ct.CALLS_BEGIN, ct.CALLS_END, ct.CALL_BEGIN, ct.CALL_END, ct.TOOL_SEP)}
     if any(v is None for v in ids.values()):
-        raise APIError(400, "tools: this model's tokenizer has no DeepSeek tool-call tokens", param="tools")
+        raise InvalidRequest("tools: this model's tokenizer has no DeepSeek tool-call tokens", param="tools")
     many = bool(req.parallel_tool_calls)
     if choice == "auto":
         grammar = None if many else GrammarSpec("lark", tools_grammar(tools, ids, False, True), "tools")
@@ -108,11 +108,11 @@ def plan_tools(req, tokenizer) -> ToolPlan:
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) and \
         choice.get("type") == "function" else None
     if name is None:
-        raise APIError(400, "tool_choice: must be none, auto, required or {\"type\": \"function\", \"function\": "
-                       "{\"name\": ...}}", param="tool_choice")
+        raise InvalidRequest("tool_choice: must be none, auto, required or {\"type\": \"function\", \"function\": "
+                             "{\"name\": ...}}", param="tool_choice")
     named = [t for t in tools if t["function"]["name"] == name]
     if not named:
-        raise APIError(400, f"tool_choice: no tool is named {name!r}", param="tool_choice")
+        raise InvalidRequest(f"tool_choice: no tool is named {name!r}", param="tool_choice")
     return ToolPlan(tools, True, GrammarSpec("lark", tools_grammar(named, ids, False, False), "tool_choice"))
 
 
@@ -121,8 +121,5 @@ def check_grammar(cache: GrammarCache | None, spec: GrammarSpec | None) -> None:
     if spec is None:
         return
     if cache is None:
-        raise APIError(400, f"{spec.param}: this model has no tokenizer for constrained decoding", param=spec.param)
-    try:
-        cache.check(spec)
-    except GrammarError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
+        raise InvalidRequest(f"{spec.param}: this model has no tokenizer for constrained decoding", param=spec.param)
+    cache.check(spec)                 # GrammarError: an InvalidRequest naming spec.param

@@ -11,7 +11,8 @@ Unknown fields are refused as on every route (serve/openai_models.py's rule).
 from __future__ import annotations
 
 from epserve.serve.inputs import Inputs
-from epserve.serve.openai_models import APIError, ChatRequest, parse
+from epserve.errors import InvalidRequest, ModelNotFound
+from epserve.serve.openai_models import ChatRequest, parse
 
 _TOKENIZE_ONLY = ("add_special_tokens", "add_generation_prompt", "return_token_strs")
 
@@ -22,12 +23,12 @@ class TokenizeRoutes:
 
     def _check(self, data) -> dict:
         if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object")
+            raise InvalidRequest("request body must be a JSON object")
         if self.inputs.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer", param="model")
+            raise InvalidRequest("this model has no tokenizer", param="model")
         if data.get("model", self.model_name) != self.model_name:
-            raise APIError(404, f"model {data['model']!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+            raise ModelNotFound(f"model {data['model']!r} does not exist; this server serves {self.model_name!r}",
+                                param="model")
         return data
 
     def tokenize(self, data) -> dict:
@@ -48,13 +49,13 @@ class TokenizeRoutes:
             prompt, suffix = body["prompt"], body.get("suffix")
             extra = set(body) - {"model", "prompt", "suffix"}
             if extra:
-                raise APIError(400, f"{sorted(extra)[0]}: unrecognized request argument", param=sorted(extra)[0])
+                raise InvalidRequest(f"{sorted(extra)[0]}: unrecognized request argument", param=sorted(extra)[0])
             if not isinstance(prompt, str) or (suffix is not None and not isinstance(suffix, str)):
-                raise APIError(400, "prompt: must be a string (and suffix, if given)", param="prompt")
+                raise InvalidRequest("prompt: must be a string (and suffix, if given)", param="prompt")
             text = self.inputs.fim_text(prompt, suffix) if suffix is not None else prompt
             ids = tok.encode(text, add_special=bool(opts.get("add_special_tokens", True)))
         else:
-            raise APIError(400, "prompt or messages: one is required", param="prompt")
+            raise InvalidRequest("prompt or messages: one is required", param="prompt")
         out = {"tokens": ids, "count": len(ids), "max_model_len": self.max_len}
         if opts.get("return_token_strs"):
             out["token_strs"] = [tok.tok.id_to_token(i) for i in ids]
@@ -64,12 +65,12 @@ class TokenizeRoutes:
         data = self._check(data)
         extra = set(data) - {"model", "tokens"}
         if extra:
-            raise APIError(400, f"{sorted(extra)[0]}: unrecognized request argument", param=sorted(extra)[0])
+            raise InvalidRequest(f"{sorted(extra)[0]}: unrecognized request argument", param=sorted(extra)[0])
         ids = data.get("tokens")
         if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
-            raise APIError(400, "tokens: must be a list of token ids", param="tokens")
+            raise InvalidRequest("tokens: must be a list of token ids", param="tokens")
         bad = [t for t in ids if not 0 <= t < self.inputs.vocab_size]
         if bad:
-            raise APIError(400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {self.inputs.vocab_size})",
-                           param="tokens")
+            raise InvalidRequest(f"tokens: token id {bad[0]} is outside the vocabulary [0, {self.inputs.vocab_size})",
+                                 param="tokens")
         return {"prompt": self.inputs.tokenizer.decode(ids)}

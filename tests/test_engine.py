@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from conftest import prompts_of
-from epserve.config import ConfigError, load_config
-from epserve.model.checkpoint import CheckpointError, check_model_dir
-from epserve.model.deepseek_v3 import ConfigError as ModelConfigError
-from epserve.model.sampling import InvalidRequest, SamplingParams
-from epserve.pipelines.batcher import RequestTooLarge
+from epserve.config import load_config
+from epserve.errors import CheckpointError, ConfigError, ContextTooLong, InvalidRequest, RequestTooLarge
+from epserve.model.checkpoint import check_model_dir
+from epserve.model.sampling import SamplingParams
 from epserve.pipelines.local import make_local_engine
 from epserve.pipelines.sequence import Sequence
 
@@ -127,8 +126,9 @@ def test_bad_prompts_are_precise_errors_and_break_nothing(engine, tiny_dir):
         engine.add(Sequence("v", [1, 99999], greedy(2)))
     with pytest.raises(InvalidRequest, match="at least one token"):
         engine.add(Sequence("v", [], greedy(2)))
-    with pytest.raises(RequestTooLarge, match="exceeds the model's context of 2048 tokens"):
+    with pytest.raises(ContextTooLong, match=r"maximum context length is 2048 tokens; you requested 2050") as e:
         engine.add(Sequence("v", [5] * 2040, greedy(10)))
+    assert (e.value.param, e.value.code) == ("max_tokens", "context_length_exceeded")
     small = make_local_engine(tiny_dir, kv_pages=4)                # 4 pages x 64 tokens
     with pytest.raises(RequestTooLarge, match="300 tokens need 5 KV pages; this rank has 4"):
         small.add(Sequence("v", [5] * 290, greedy(10)))
@@ -154,7 +154,7 @@ def test_checkpoint_errors_name_the_problem(tiny_dir, tmp_path):
         check_model_dir(d2)
     cfg["rope_scaling"], cfg["n_group"] = None, 3
     (d2 / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelConfigError, match="n_routed_experts=16 is not divisible by n_group=3"):
+    with pytest.raises(ConfigError, match="n_routed_experts=16 is not divisible by n_group=3"):
         make_local_engine(str(d2))
     with pytest.raises(CheckpointError, match="no config.json"):
         check_model_dir(tmp_path)

@@ -11,6 +11,7 @@ import ray
 from conftest import prompts_of, single_rank_outputs, wait_unit_empty
 from epserve.actors.stream_sink import StreamSink
 from epserve.actors.unit import UnitSupervisor
+from epserve.errors import ContextTooLong, InvalidRequest, UnitFailed, UnitLost
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.runner import RankSpec
@@ -63,10 +64,11 @@ def test_sink_routes_send_each_sink_only_its_requests_in_numbered_pushes():
     routes.add(Sequence("driven", [1], greedy()))                 # no sink: pushed nowhere
     def tok(rid, t, fin=None):
         return TokenDelta(rid, t, None, fin)
+    too_long = ContextTooLong(2040, 10, 2048, "max_tokens")
     assert routes.push([tok("a1", 5), tok("b1", 6), tok("a2", 7, "length"), tok("driven", 8)],
-                       [("b1", "too long")]) == 2
+                       [("b1", too_long)]) == 2
     assert [d.deltas.request_ids for d in a.got] == [["a1", "a2"]] and a.got[0].rejected == []
-    assert [d.deltas.request_ids for d in b.got] == [["b1"]] and b.got[0].rejected == [("b1", "too long")]
+    assert [d.deltas.request_ids for d in b.got] == [["b1"]] and b.got[0].rejected == [("b1", too_long)]
     assert (a.got[0].unit, a.got[0].rank, a.got[0].generation, a.got[0].seq) == ("unit-key", 1, 3, 0)
     assert routes.push([tok("a1", 9), tok("a2", 1), tok("b1", 2)], []) == 1     # a2 finished, b1 rejected
     assert [d.seq for d in a.got] == [0, 1] and routes.n_sent == 3
@@ -174,7 +176,7 @@ def test_a_dead_supervisor_fails_its_requests_instead_of_hanging(ray_cluster, ti
     ray.kill(sup)                                      # its ranks die with it
     try:
         res = ray.get(ref, timeout=30)[0]
-        assert "supervisor is gone" in res["error"] and not res["rejected"]
+        assert isinstance(res["error"], UnitLost) and "supervisor is gone" in str(res["error"])
     finally:
         ray.kill(sink)
         # a killed supervisor cannot remove its unit's placement group: free the GPU for later tests
@@ -194,10 +196,28 @@ def test_a_poisoned_batch_fails_the_sinks_requests_and_the_unit_serves_on(unit, 
     deadline = time.time() + 60
     while not sum(s.n_running for s in ray.get(unit.stats.remote())) and time.time() < deadline:
         time.sleep(0.05)
-    ray.get(unit._restart.remote("test: a poisoned batch", "internal error after 3 attempts: test"), timeout=180)
+    ray.get(unit._restart.remote("test: a poisoned batch", UnitFailed("failed 3 times in a row: test")), timeout=180)
     res = ray.get(ref, timeout=30)[0]
-    assert res["error"].startswith("internal error after 3 attempts") and not res["rejected"]
+    assert type(res["error"]) is UnitFailed and str(res["error"]) == "failed 3 times in a row: test"
     after = ray.get(sink.generate.remote(unit, [(Sequence("after", prompts[0], greedy()), 1)]), timeout=120)
     assert after[0]["token_ids"] == want[0]
     assert ray.get(unit.status.remote())["in_flight"] == 0
     ray.kill(sink)
+
+
+def test_a_ranks_refusal_reaches_the_caller_as_its_own_class(unit, reference):
+    """A request the rank's batcher refuses comes back through the Delivery and the sink as the
+    error the rank raised (class and fields), not as text; the unit keeps serving."""
+    prompts, want = reference
+    sink = StreamSink.remote()
+    try:
+        bad = [(Sequence("too-long", [5] * 2040, greedy(10)), 0), (Sequence("bad-id", [1, 99999], greedy(2)), 1)]
+        long, bad_id = ray.get(sink.generate.remote(unit, bad), timeout=120)
+        assert type(long["error"]) is ContextTooLong
+        assert (long["error"].n_prompt, long["error"].max_tokens, long["error"].max_len) == (2040, 10, 2048)
+        assert long["error"].param == "max_tokens" and long["error"].status == 400
+        assert type(bad_id["error"]) is InvalidRequest and bad_id["error"].param == "prompt"
+        ok = ray.get(sink.generate.remote(unit, [(Sequence("fine", prompts[0], greedy()), 0)]), timeout=120)
+        assert ok[0]["token_ids"] == want[0]
+    finally:
+        ray.kill(sink)
