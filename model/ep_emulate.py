@@ -272,7 +272,7 @@ class EmulatedDispatcher(LocalDispatcher):
         end = rows.cumsum(0)
         i = torch.arange(n_peer, device=dev)
         peer_slot = torch.searchsorted(end, i, right=True)                   # candidate i's slot
-        own = torch.bincount(local, minlength=rows.numel())
+        own = torch.zeros_like(rows).scatter_add_(0, local, torch.ones_like(local))   # (bincount syncs on CUDA)
         keep = i - (end - rows)[peer_slot] >= own[peer_slot]
         peer_slot = torch.where(keep, peer_slot, -1)
         self._count(layer, torch.maximum(own, rows))

@@ -155,3 +155,27 @@ def test_config_allows_emulated_only_for_one_rank_units():
         load_config({"ep_emulate": {"groups": 3}})
     with pytest.raises(ValueError, match="ep_dispatch: emulated is one rank"):
         make_ep_dispatcher(None, None, None, 0, 2, 2, False, "cpu", "emulated")
+
+
+def test_rank_spec_carries_the_emulation_and_keeps_overlap():
+    from epserve.actors.launch import rank_spec
+    one = {"nodes_per_unit": 1, "gpus_per_node": 1}
+    cfg = load_config({"ep_dispatch": "emulated", "overlap": "on", "prefill": one, "decode": one,
+                       "ep_emulate": {"ranks": 32, "skew": "zipf"}})
+    spec = rank_spec(cfg, "m", cfg.decode)
+    assert spec.ep_dispatch == "emulated" and spec.overlap == "on"
+    assert spec.ep_emulate["ranks"] == 32 and spec.ep_emulate["skew"] == "zipf"
+    plain = load_config({"overlap": "on", "prefill": one, "decode": one})
+    assert rank_spec(plain, "m", plain.decode).overlap == "off" and rank_spec(plain, "m", plain.decode).ep_emulate is None
+
+
+def test_bench_step_headline_runs_the_overlapped_schedule_on_the_emulated_rank(tiny_dir):
+    from epserve.bench import step_ep
+    out = step_ep.run("decode", device="cpu", backend="reference", tokens=4, ranks=16, ctx=40, reps=1,
+                      model=tiny_dir)
+    assert out["headline"] == "overlapped" and out["ep_emulate"]["ranks"] == 16
+    for block in ("overlapped", "one_batch"):
+        assert set(out[block]["per_moe_layer_us"]) == {"exchange", "exposed", "hidden"}
+        assert out[block]["exchange_us_per_layer"]["dispatch"] > 0
+    rows = out["ep_emulate"]["received_rows_one_batch_first_moe_layer"]
+    assert sum(rows) == pytest.approx(4 * 8 * out["ep_emulate"]["busiest_rank_over_mean"], rel=0.5)
