@@ -179,3 +179,27 @@ def test_bench_step_headline_runs_the_overlapped_schedule_on_the_emulated_rank(t
         assert out[block]["exchange_us_per_layer"]["dispatch"] > 0
     rows = out["ep_emulate"]["received_rows_one_batch_first_moe_layer"]
     assert sum(rows) == pytest.approx(4 * 8 * out["ep_emulate"]["busiest_rank_over_mean"], rel=0.5)
+
+
+def test_a_ray_unit_on_the_emulated_rank_gives_the_single_rank_tokens(ray_cluster, tiny_dir):
+    """Through actors/launch.py and actors/rank.py: one-rank units with ep_dispatch: emulated and
+    overlap on (split steps on one rank) answer as the single-rank engine."""
+    import epserve
+    prompts = prompts_of([37, 5, 18, 9], seed=11)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    eng = make_local_engine(tiny_dir, dtype="float32", kv_pages=64)
+    seqs = [Sequence(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    for s in seqs:
+        eng.add(s)
+    while eng.has_work:
+        eng.step()
+    one = {"nodes_per_unit": 1, "gpus_per_node": 1, "kv_pages": 32}
+    cfg = {"dtype": "float32", "kernels": "reference", "overlap": "on", "ep_dispatch": "emulated",
+           "ep_emulate": {"ranks": 16, "skew": "zipf"}, "eplb": {"enabled": False}, "kv_store": {"enabled": False},
+           "prefill": one, "decode": one}
+    with epserve.LLM(model=tiny_dir, config=cfg) as llm:
+        outs = llm.generate(prompts, params)
+        import ray
+        kinds = {r["ep_dispatch"] for u in llm.units for r in ray.get(u.status.remote())["ranks"]}
+    assert kinds == {"EmulatedDispatcher"}
+    assert [o.token_ids for o in outs] == [s.output_ids for s in seqs]
