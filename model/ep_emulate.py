@@ -35,7 +35,12 @@ The published latency is that batch's bytes over the published bandwidth (dispat
 t = bytes / B(N), with bytes = max(rows sent, rows received) x row bytes (FP8 row + 1x128 fp32
 scales for dispatch, BF16 row for combine: the busier direction bounds the rank) and B(N) linear
 in log2 N between published sizes, clamped at the ends (EP144: 39 GB/s dispatch, 39.1 combine).
-Exchanges of <= 256 tokens use the low-latency figures (DeepEP's LL bound), larger ones the normal.
+Exchanges of <= 256 tokens use the low-latency figures (DeepEP's LL bound), larger ones the normal,
+which send a token once per destination node (at most 4: V3's node-limited routing), so their
+rows count min(4, nodes) / top_k. Worked: EP144 decode, 128 tokens, lognormal: the busiest rank
+receives 1,353 rows: dispatch 256 us, combine 495 us per layer (one batch); EP32 prefill, 16,384
+tokens: ~131.9K rows x 4/8: dispatch 8.4 ms, combine 16.6 ms per layer. The table has one point per
+EP size and no separate fixed latency, so two micro-batches' exchanges cost what one batch's does.
 How it holds: on CUDA, launch records an event on the compute stream; a side stream waits on it,
 spins `torch.cuda._sleep` (one thread block, cycles from the SM clock measured once) and records
 a done-event; the next half makes the compute stream wait on it. DeepEP's low-latency hook mode
@@ -66,6 +71,7 @@ NORMAL_DISPATCH_GBPS = (43, 58, 51)
 NORMAL_COMBINE_GBPS = (43, 57, 50)
 LL_MAX_TOKENS = 256            # DeepEP: num_max_dispatch_tokens_per_rank should stay below 256
 GPUS_PER_NODE = 8
+NODE_LIMIT = 4                 # V3 routes a token to experts on at most 4 nodes
 KEYS = {"ranks": 144, "top_k": 8, "experts": 256, "groups": 8, "skew": "lognormal", "seed": 0, "hold": True}
 
 
@@ -81,11 +87,16 @@ def gbps(kind: str, phase: str, n_ranks: int) -> float:
     return float(np.interp(math.log2(n_ranks), np.log2(sizes), table))
 
 
-def exchange_us(phase: str, n_ranks: int, dim: int, tokens: int, rows_sent: int, rows_received: int) -> float:
-    """Microseconds one dispatch or combine of `tokens` tokens holds on an EP rank of n_ranks."""
+def exchange_us(phase: str, n_ranks: int, dim: int, tokens: int, rows_sent: int, rows_received: int,
+                top_k: int = 8) -> float:
+    """Microseconds one dispatch or combine of `tokens` tokens holds on an EP rank of n_ranks.
+    rows_*: (token, expert) rows. Low-latency kernels send each row; normal kernels send a token once
+    per destination node (NVLink forwards it inside the node), at most NODE_LIMIT nodes (V3's
+    node-limited routing), so their rows scale by min(NODE_LIMIT, nodes) / top_k."""
     kind = "ll" if tokens <= LL_MAX_TOKENS else "normal"
     row_bytes = dim + dim // 128 * 4 if phase == "dispatch" else 2 * dim
-    return max(rows_sent, rows_received) * row_bytes / (gbps(kind, phase, n_ranks) * 1e3)
+    per_node = 1.0 if kind == "ll" else min(NODE_LIMIT, max(1, n_ranks // GPUS_PER_NODE)) / top_k
+    return max(rows_sent, rows_received) * per_node * row_bytes / (gbps(kind, phase, n_ranks) * 1e3)
 
 
 @dataclass(frozen=True)
@@ -216,7 +227,8 @@ class EmulatedDispatcher(LocalDispatcher):
 
     def _start_hold(self, phase: str, layer: int, tokens: int):
         recv = sum(self.rows_for(layer, tokens))
-        us = exchange_us(phase, self.share.ranks, self.dim, tokens, tokens * self.share.top_k, recv) * self.hold_scale
+        us = exchange_us(phase, self.share.ranks, self.dim, tokens, tokens * self.share.top_k, recv,
+                         self.share.top_k) * self.hold_scale
         self.held_us[phase == "combine"] += us
         return self.hold.start(us)
 

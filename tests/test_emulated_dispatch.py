@@ -129,7 +129,8 @@ def test_exchange_time_is_deepeps_published_latency_at_its_shapes():
     # more rows received than sent (the busiest rank) hold longer; > 256 tokens: the normal kernels
     assert exchange_us("dispatch", 144, 7168, 128, rows, 2 * rows) == pytest.approx(
         2 * exchange_us("dispatch", 144, 7168, 128, rows, rows))
-    assert exchange_us("dispatch", 32, 7168, 4096, 1, 1) == pytest.approx((7168 + 224) / 58e3)
+    # normal kernels: one row per destination node, EP32 = 4 nodes of 8: 4 of a token's 8 rows cross
+    assert exchange_us("dispatch", 32, 7168, 4096, 8, 8) == pytest.approx(4 * (7168 + 224) / 58e3)
 
 
 def test_bad_emulation_values_are_refused(local_engine):
