@@ -23,6 +23,7 @@ import torch
 
 from epserve.bench.kernels import time_ms
 from epserve.model.ep_emulate import KEYS
+from epserve.placement.loads import KINDS
 from epserve.model.sampling import SamplingParams
 from epserve.model.tiny import cache_root, make_tiny_model
 from epserve.pipelines.batcher import Step
@@ -69,6 +70,10 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
         graphs: bool = True, reps: int | None = None, ctx: int | None = None, **ep_emulate) -> dict:
     """The headline block for `phase` (see the module docstring); ep_emulate: other `ep_emulate`
     keys (experts, groups, top_k) for checkpoints other than the presets."""
+    if phase not in DEFAULT:
+        raise ValueError(f"phase must be one of {', '.join(DEFAULT)}, got {phase!r}")
+    if skew not in KINDS:                  # before minutes of checkpoint making and loading
+        raise ValueError(f"--skew: {skew!r} is not one of {', '.join(KINDS)}")
     p = {**DEFAULT[phase], **{k: v for k, v in (("tokens", tokens), ("ranks", ranks), ("ctx", ctx)) if v}}
     model_dir = model or preset_dir(PRESET[phase], device)
     emu = {**KEYS, **ep_emulate, "ranks": p["ranks"], "skew": skew, "seed": seed}
