@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", default="native,triton", help="kernels: backends side by side in one run")
     b.add_argument("--step-tokens", type=int, help="step: tokens (decode: requests) per GPU")
     b.add_argument("--eager", action="store_true", help="step: decode without CUDA graphs")
+    b.add_argument("--ep-ranks", "--ep-emulate", dest="ep_ranks", type=int, help="step: emulated EP size (default: decode 144, prefill 32); engine "
+                   "--device cuda: run the engine on the emulated EP rank of this size (ep_dispatch: emulated)")
+    b.add_argument("--skew", default="lognormal", help="step / engine --ep-ranks: emulated per-expert loads "
+                   "(zipf | lognormal | hot_expert | hot_group | equal | dead)")
+    b.add_argument("--no-ep", action="store_true", help="step: only the one-batch, no-exchange layer figures")
     b.add_argument("--mtp", action="store_true", help="engine: acceptance and tokens/s with and without MTP (a "
                    "trained checkpoint: --model DIR, default: trained once into the user cache); step: a 1 + 1 "
                    "verify step against a 1-token step and the projected tokens/s at 85 %% acceptance")

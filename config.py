@@ -57,6 +57,17 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
+class EPEmulateConfig:                # ep_dispatch: emulated (model/ep_emulate.py): one GPU as one rank of a bigger EP unit
+    ranks: int = 144                  # the emulated unit's EP size (DeepSeek: 144 decode, 32 prefill)
+    top_k: int = 8                    # experts per token of the emulated model (V3: 8)
+    experts: int = 256                # its logical routed experts (V3: 256); ranks x this rank's slots must hold them
+    groups: int = 8                   # its expert groups, for EPLB (must divide experts)
+    skew: str = "lognormal"           # per-expert load kind (placement/loads.py KINDS; equal: balanced)
+    seed: int = 0                     # seed of the drawn loads
+    hold: bool = True                 # hold each exchange for DeepEP's published time (false: the work only)
+
+
+@dataclass(frozen=True)
 class UnitConfig:
     units: int = 1
     nodes_per_unit: int = 1
@@ -160,7 +171,9 @@ class Config:
     overlap: str = "auto"             # auto | on | off (auto: each unit measures whether splitting pays)
     cuda_graphs: bool = True          # GPU decode steps replay as CUDA graphs (one per batch-size bucket)
     mtp: MTPConfig = field(default_factory=MTPConfig)
-    ep_dispatch: str = "auto"         # auto | deepep | all_to_all: multi-rank units' exchange (auto: DeepEP if it passes)
+    ep_dispatch: str = "auto"         # auto | deepep | all_to_all: multi-rank units' exchange (auto: DeepEP if it passes);
+                                      # emulated: every unit is one GPU standing in for one rank of ep_emulate's EP unit
+    ep_emulate: EPEmulateConfig = field(default_factory=EPEmulateConfig)
     kv_handoff: str = "auto"          # auto | collective | object: prefill -> decode KV (auto: pair group, else objects)
     transport: TransportConfig = field(default_factory=TransportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -177,7 +190,7 @@ class Config:
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("kernels", self.kernels, ("auto", "reference", "triton", "native"))
         _choice("overlap", self.overlap, ("auto", "on", "off"))
-        _choice("ep_dispatch", self.ep_dispatch, ("auto", "deepep", "all_to_all"))
+        _choice("ep_dispatch", self.ep_dispatch, ("auto", "deepep", "all_to_all", "emulated"))
         _choice("kv_handoff", self.kv_handoff, ("auto", "collective", "object"))
         _choice("eplb.policy", self.eplb.policy, ("auto", "baseline", "improved"))
         _choice("serve.reasoning", self.serve.reasoning, ("auto", "on", "off"))
@@ -206,9 +219,31 @@ class Config:
         if self.kv_page_tokens < 1:
             raise ConfigError(f"kv_page_tokens: must be >= 1, got {self.kv_page_tokens}")
         _check_serve(self.serve)
+        _check_ep_emulate(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+EP_EMULATE_SKEWS = ("zipf", "lognormal", "hot_expert", "hot_group", "equal", "dead")   # placement/loads.py KINDS
+
+
+def _check_ep_emulate(cfg: Config) -> None:
+    e = cfg.ep_emulate
+    if cfg.ep_dispatch == "emulated":
+        for role in ("prefill", "decode"):
+            n = getattr(cfg, role).ranks_per_unit
+            if n != 1:
+                raise ConfigError(f"ep_dispatch: emulated runs one-rank units (one GPU as one EP rank); "
+                                  f"{role} units have {n} ranks (set {role}.nodes_per_unit and gpus_per_node to 1)")
+    if e.ranks < 2:
+        raise ConfigError(f"ep_emulate.ranks: must be >= 2, got {e.ranks}")
+    for key in ("top_k", "experts", "groups"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"ep_emulate.{key}: must be >= 1, got {getattr(e, key)}")
+    if e.experts % e.groups:
+        raise ConfigError(f"ep_emulate.groups: {e.groups} must divide ep_emulate.experts={e.experts}")
+    _choice("ep_emulate.skew", e.skew, EP_EMULATE_SKEWS)
 
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")

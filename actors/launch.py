@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import ray
@@ -38,8 +39,9 @@ def kv_store_spec(cfg: Config) -> KVStoreSpec | None:
 
 def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> RankSpec:
     import torch
+    emulated = cfg.ep_dispatch == "emulated"     # one rank standing in for an EP unit: its exchanges can overlap
     return RankSpec(model_dir=model_dir, dtype=cfg.dtype, kernels=cfg.kernels, role=role,
-                    overlap=cfg.overlap if role_cfg.ranks_per_unit >= 2 else "off",
+                    overlap=cfg.overlap if role_cfg.ranks_per_unit >= 2 or emulated else "off",
                     latency_s=cfg.transport.latency_ms / 1e3,
                     bandwidth=cfg.transport.bandwidth_gbps * 1e9,
                     kv_store=kv_store_spec(cfg), block_tokens=cfg.kv_store.block_tokens,
@@ -48,7 +50,7 @@ def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> Rank
                     max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
                     max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations,
                     cuda_graphs=cfg.cuda_graphs, mtp_draft=cfg.mtp.n_draft, ep_dispatch=cfg.ep_dispatch,
-                    kv_handoff=cfg.kv_handoff)
+                    ep_emulate=dataclasses.asdict(cfg.ep_emulate) if emulated else None, kv_handoff=cfg.kv_handoff)
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ from epserve.actors.rank_messages import RankReport, StepInput, StepOutput, Unit
 from epserve.actors.sink_routes import SinkRoutes
 from epserve.errors import EpserveError, RequestRejected
 from epserve.messages import RankStats
-from epserve.model.ep_select import make_ep_dispatcher
-from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
+from epserve.model.ep_select import make_ep_dispatcher, make_one_rank_dispatcher
+from epserve.model.moe_dispatch import ExpertMap
 from epserve.pipelines.expert_migration import stage, switch
 from epserve.actors.kv_transfer import PairGroups, park_and_ticket, pull_latents
 from epserve.pipelines.kv_handoff import ParkedKv, split_blocks
@@ -140,8 +140,9 @@ class RankActor:
 
         def dispatcher(kb, args):
             em = ExpertMap(self.phy2log, args.n_routed_experts, lay.world, lay.gpus_per_node)
-            if lay.world == 1:          # every slot here: no exchange (and the CUDA-graph decode path)
-                return LocalDispatcher(kb, em, args.n_dense_layers)
+            if lay.world == 1:          # every slot here: no exchange (or an emulated one), the CUDA-graph decode path
+                return make_one_rank_dispatcher(kb, args, em, self.spec.ep_dispatch, self.spec.ep_emulate,
+                                                self.spec.device)
             return make_ep_dispatcher(kb, args, em, lay.rank, lay.world, lay.gpus_per_node, lay.fp8_dispatch,
                                       self.spec.device, self.spec.ep_dispatch, self.spec.max_batch_size,
                                       latency_s=self.spec.latency_s, bandwidth=self.spec.bandwidth)

@@ -10,7 +10,9 @@ delta_path  decode-heavy tokens/s through the front door (32 streams x 64 tokens
         on the delta path (rank -> stream sink -> ingress replica)
 eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production shapes
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
-step    per-GPU prefill or decode layer throughput at DeepSeek-V3 shapes on a GPU
+step    one EP rank's prefill or decode step on a GPU: headline, the overlapped schedule on the emulated EP
+        rank (--ep-ranks, --skew; exposed vs hidden exchange time per layer); secondary, one layer's one-batch
+        work with no exchange at DeepSeek-V3 shapes (--no-ep: that only)
 grammar grammar libraries (llguidance, xgrammar, outlines-core): compile ms per schema, mask us per token
 prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
 overlap step time with the overlapped schedules on/off/auto, prefill and decode, with and without injected latency;
@@ -53,7 +55,7 @@ def run(args) -> dict:
     mod = importlib.import_module(f"epserve.bench.{args.what}")
     if args.what == "engine" and args.device != "cpu":
         out = mod.run_gpu(model=args.model, batches=[int(b) for b in args.batches.split(",")], ctx=args.context,
-                          kernels=args.kernels)
+                          kernels=args.kernels, ep_emulate=args.ep_ranks, skew=args.skew)
     elif args.what == "engine" and args.mtp:
         out = mod.run_mtp(model=args.model, batch=int(args.batches.split(",")[-1]), n_tokens=args.tokens)
     elif args.what == "step" and args.mtp:
@@ -70,7 +72,8 @@ def run(args) -> dict:
         from epserve.bench import ep
         out = ep.run_step(args.gpus, backend=args.backend, phase=args.phase, tokens=args.step_tokens)
     elif args.what == "step":
-        out = mod.run(backend=args.backend, phase=args.phase, tokens=args.step_tokens, graphs=not args.eager)
+        out = mod.run_step(backend=args.backend, phase=args.phase, tokens=args.step_tokens, graphs=not args.eager,
+                           ep_ranks=args.ep_ranks, skew=args.skew, ep=not args.no_ep)
     elif args.what == "grammar":
         out = mod.run(device=getattr(args, "device", "cpu"))
     elif args.what == "deepep":

@@ -154,8 +154,12 @@ def _decode_window(unit, n_running: int, n_steps: int) -> dict:
 
 
 def run_gpu(model: str | None = None, batches=(1, 32, 128), ctx: int = 64, kernels: str = "auto",
-            prefill_tokens: int = 16384, decode_steps: int = 50, compare_layers: bool = True) -> dict:
+            prefill_tokens: int = 16384, decode_steps: int = 50, compare_layers: bool = True,
+            ep_emulate: int | None = None, skew: str = "lognormal") -> dict:
     """epserve.LLM through Ray rank actors, one unit on one GPU, with continuous batching.
+    ep_emulate N: the unit is the emulated rank of an EP unit of N GPUs (`ep_dispatch: emulated`,
+    model/ep_emulate.py: every MoE layer receives that rank's rows under `skew` loads, exchanges held
+    for DeepEP's published time) and runs the overlapped schedules (`overlap: on`).
 
     For each batch size B: B requests of `ctx` prompt tokens, decoding until the rank-side step
     time is measured over `decode_steps` steps with all B running (CUDA-graph replays). Then a
@@ -172,9 +176,13 @@ def run_gpu(model: str | None = None, batches=(1, 32, 128), ctx: int = 64, kerne
     cfg = {"dtype": "bfloat16", "kernels": kernels, "eplb": {"enabled": False}, "kv_store": {"enabled": False},
            "decode": {"units": 1, "nodes_per_unit": 1, "gpus_per_node": 1, "max_batch_size": max(batches),
                       "kv_pages": max(pages, 2 * prefill_tokens // 64 + 64), "max_batch_tokens": prefill_tokens}}
+    if ep_emulate:
+        cfg.update(ep_dispatch="emulated", overlap="on", ep_emulate={"ranks": ep_emulate, "skew": skew},
+                   prefill={"nodes_per_unit": 1, "gpus_per_node": 1})
     out = {"model": model_dir, "shape": {"dim": args.dim, "layers": args.n_layers, "dense": args.n_dense_layers,
                                          "experts": args.n_routed_experts, "topk": args.n_activated_experts},
-           "context": ctx, "decode": {}}
+           "context": ctx, "decode": {},
+           "ep_emulate": cfg.get("ep_emulate"), "overlap": cfg.get("overlap", "auto (a one-rank unit: off)")}
     g = torch.Generator().manual_seed(0)
     with epserve.LLM(model=model_dir, config=cfg) as llm:
         unit = llm.units[0]

@@ -18,43 +18,14 @@ import numpy as np
 import torch
 
 from epserve.placement import eplb, eplb_baseline
+from epserve.placement.loads import KINDS, synthetic_loads  # noqa: F401  (re-exported: the tests import them here)
 from epserve.placement.migration import plan_migration
 
 SHAPES = {
     "prefill": dict(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32),
     "decode": dict(num_replicas=288, num_groups=8, num_nodes=18, num_gpus=144),
 }
-KINDS = ("zipf", "lognormal", "hot_expert", "hot_group", "equal", "dead")
-N_LAYERS, N_EXPERTS, TOKENS = 58, 256, 65536  # tokens x top-8 routed per window
-
-
-def synthetic_loads(kind: str, rng: np.random.Generator, n_layers: int = N_LAYERS,
-                    n_experts: int = N_EXPERTS, num_groups: int = 8) -> torch.Tensor:
-    """[n_layers, n_experts] float64 routed-token counts of one kind (see KINDS)."""
-    shape = (n_layers, n_experts)
-    if kind == "zipf":        # popularity ~ 1 / rank, a different ranking per layer
-        w = 1.0 / np.arange(1, n_experts + 1) ** 1.0
-        w = np.stack([rng.permutation(w) for _ in range(n_layers)])
-    elif kind == "lognormal":
-        w = rng.lognormal(0.0, 1.0, shape)
-    elif kind == "hot_expert":  # one expert per layer with ~40x the typical load
-        w = rng.lognormal(0.0, 0.3, shape)
-        w[np.arange(n_layers), rng.integers(0, n_experts, n_layers)] *= 40
-    elif kind == "hot_group":   # one or two groups carry most of the load
-        w = rng.lognormal(0.0, 0.5, shape).reshape(n_layers, num_groups, -1)
-        for layer in range(n_layers):
-            w[layer, rng.choice(num_groups, rng.integers(1, 3), replace=False)] *= 12
-        w = w.reshape(shape)
-    elif kind == "equal":
-        w = np.ones(shape)
-    elif kind == "dead":        # a quarter of the experts never routed; layer 0 all idle
-        w = rng.lognormal(0.0, 1.0, shape)
-        w[rng.random(shape) < 0.25] = 0
-        w[0] = 0
-    else:
-        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    total = w.sum(1, keepdims=True)
-    return torch.from_numpy(np.round(w * TOKENS / np.where(total > 0, total, 1)))
+N_LAYERS, N_EXPERTS = 58, 256
 
 
 def shifted(weight: torch.Tensor, rng: np.random.Generator, sigma: float = 0.3) -> torch.Tensor:

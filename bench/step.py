@@ -1,4 +1,7 @@
-"""One layer's per-GPU work at DeepSeek-V3 shapes, timed; extrapolated to the 61-layer model.
+"""One EP rank's step at DeepSeek-V3 shapes, timed. Headline (`run_step`): the production schedule on
+the emulated EP rank (bench/step_ep.py: two micro-batches, the rank's received rows under skewed
+loads, exchanges held for DeepEP's published time, exposed vs hidden exchange time per layer).
+Secondary (`run`): one layer's one-batch work with no exchange, extrapolated to the 61-layer model.
 
 Owns: a V3-sized layer built from model/deepseek_v3.py's classes (MLA, Gate, MLP) and
 model/moe_dispatch.py's ExpertShard with random FP8 weights (128x128 scales, 1x128
@@ -314,6 +317,19 @@ def run_mtp(device: str = "cuda", backend: str = "triton", tokens: int | None = 
     }
 
 
+def run_step(backend: str = "native", phase: str = "decode", tokens: int | None = None, graphs: bool = True,
+             cached: float = 0.0, ep_ranks: int | None = None, skew: str = "lognormal", ep: bool = True) -> dict:
+    """{"emulated_ep_rank": the headline, "one_batch_no_exchange": run()'s layer figures}; ep False:
+    the secondary block only."""
+    from epserve.bench import step_ep
+    out = {"headline": "emulated_ep_rank" if ep else "one_batch_no_exchange"}
+    if ep:
+        out["emulated_ep_rank"] = step_ep.run(phase, backend=backend, tokens=tokens, ranks=ep_ranks, skew=skew,
+                                              graphs=graphs)
+    out["one_batch_no_exchange"] = run(backend=backend, phase=phase, tokens=tokens, graphs=graphs, cached=cached)
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="triton")
@@ -322,9 +338,16 @@ if __name__ == "__main__":
     ap.add_argument("--eager", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--cached", type=float, default=0.0,
                     help="prefill: fraction of each prompt already in the KV cache (the seed's day: 0.563)")
+    ap.add_argument("--ep-ranks", type=int, default=None, help="emulated EP size (default: decode 144, prefill 32)")
+    ap.add_argument("--skew", default="lognormal", help="emulated per-expert loads (placement/loads.py KINDS)")
+    ap.add_argument("--no-ep", action="store_true", help="only the one-batch, no-exchange layer figures")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
-    emit(run(backend=args.backend, phase=args.phase, tokens=args.tokens, graphs=not args.eager, cached=args.cached),
+    emit(run_step(backend=args.backend, phase=args.phase, tokens=args.tokens, graphs=not args.eager,
+                  cached=args.cached, ep_ranks=args.ep_ranks, skew=args.skew, ep=not args.no_ep),
          f"python -m epserve.bench.step --backend {args.backend} --phase {args.phase}"
+         + (f" --ep-ranks {args.ep_ranks}" if args.ep_ranks else "") + (f" --skew {args.skew}" if args.no_ep is False
+                                                                         and args.skew != "lognormal" else "")
+         + (" --no-ep" if args.no_ep else "")
          + (f" --tokens {args.tokens}" if args.tokens else "") + (" --eager" if args.eager else "")
          + (f" --cached {args.cached}" if args.cached else ""), args.out)

@@ -1,7 +1,8 @@
 """Which exchange a multi-rank unit uses: DeepEP (model/deepep_dispatch.py) or the all-to-all
 collectives (model/ep_dispatch.py), decided once at rank start-up, the same on every rank.
 
-`ep_dispatch` (config key): `all_to_all` always takes the collectives; `deepep` requires DeepEP
+`ep_dispatch` (config key): `emulated` is a one-rank unit standing in for one rank of a larger EP
+unit (model/ep_emulate.py, `make_one_rank_dispatcher`); `all_to_all` always takes the collectives; `deepep` requires DeepEP
 (start-up fails with the reason otherwise); `auto` takes DeepEP when the kernels backend is
 `native`, DeepEP imports, the unit's shape suits it and its self-test against the all-to-all path
 passes on every rank, else the collectives, with one log line giving the exact reason.
@@ -18,11 +19,12 @@ import torch.distributed as dist
 from epserve.errors import DeepEPUnavailable
 from epserve.kernels.reference import ExpertWeights
 from epserve.model.ep_dispatch import AllToAllDispatcher
-from epserve.model.moe_dispatch import ExpertMap, ExpertShard
+from epserve.model.ep_emulate import EmulatedDispatcher
+from epserve.model.moe_dispatch import ExpertMap, ExpertShard, LocalDispatcher
 
 log = logging.getLogger("epserve.ep_select")
 
-EP_DISPATCH = ("auto", "deepep", "all_to_all")
+EP_DISPATCH = ("auto", "deepep", "all_to_all")   # a multi-rank unit's choices; one-rank units: ONE_RANK
 
 
 def _agree(ok: bool, device: torch.device) -> bool:
@@ -32,10 +34,21 @@ def _agree(ok: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def make_one_rank_dispatcher(kb, args, em: ExpertMap, mode: str = "auto", ep_emulate: dict | None = None,
+                             device: str = "cpu"):
+    """A one-rank unit's dispatcher: every slot here, no exchange (LocalDispatcher), or with
+    mode `emulated` the EP rank that ep_emulate describes (model/ep_emulate.py)."""
+    if mode == "emulated":
+        return EmulatedDispatcher(kb, em, args.n_dense_layers, args.dim, ep_emulate or {}, torch.device(device))
+    return LocalDispatcher(kb, em, args.n_dense_layers)
+
+
 def make_ep_dispatcher(kb, args, em: ExpertMap, rank: int, world: int, gpus_per_node: int, fp8_dispatch: bool,
                        device: str, mode: str = "auto", max_batch: int = 128, latency_s: float = 0.0,
                        bandwidth: float = 0.0):
     """The unit's dispatcher for this rank (collective: every rank of the unit calls it at once)."""
+    if mode == "emulated":
+        raise ValueError(f"ep_dispatch: emulated is one rank standing in for an EP unit; this unit has {world} ranks")
     if mode not in EP_DISPATCH:
         raise ValueError(f"ep_dispatch: {mode!r} is not one of {', '.join(EP_DISPATCH)}")
     a2a = AllToAllDispatcher(kb, em, args.n_dense_layers, rank, world, gpus_per_node, fp8_dispatch,

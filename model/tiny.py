@@ -40,7 +40,9 @@ TINY_CONFIG = {
 # V3's own widths (hidden 7168, 128 heads, MLA 1536/512/64/128/128, experts of 2048) with 4 layers,
 # made to measure the engine on one GPU: "v3-4l" keeps all 256 experts (34 GB of FP8 experts);
 # "v3-ep144-rank" and "v3-ep32-rank" keep the experts one GPU of DeepSeek's decode (EP144: 2 routed
-# slots) and prefill (EP32: 9 slots) units holds, so one GPU runs that rank's per-layer work.
+# slots) and prefill (EP32: 9 slots) units holds, so one GPU runs that rank's per-layer work; run with
+# `ep_dispatch: emulated` (model/ep_emulate.py) their MoE layers also receive that rank's rows (EP144:
+# ~1,024 at 128 requests; EP32: ~131K at 16K tokens) and hold its exchanges for DeepEP's published time.
 # "v3-mini" is small but keeps the MLA and expert dims DeepGEMM and FlashMLA take (GPU tests).
 _V3 = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
        "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 128, "num_key_value_heads": 128,

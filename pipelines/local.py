@@ -5,19 +5,24 @@ times for one rank.
 """
 from __future__ import annotations
 
-from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
+from epserve.model.ep_select import make_one_rank_dispatcher
+from epserve.model.moe_dispatch import ExpertMap
 from epserve.placement.topology import initial_phy2log
 from epserve.pipelines.runner import RankEngine, RankSpec
 
 
-def local_dispatcher_factory(redundant_experts: int = 0):
+def local_dispatcher_factory(redundant_experts: int = 0, mode: str = "auto", ep_emulate: dict | None = None,
+                             device: str = "cpu"):
+    """mode `emulated`: the EP rank ep_emulate describes (model/ep_emulate.py); else LocalDispatcher."""
     def make(kb, args):
         n_slots = args.n_routed_experts + redundant_experts
         phy2log = initial_phy2log(args.n_ep_layers, args.n_routed_experts, n_slots)
-        return LocalDispatcher(kb, ExpertMap(phy2log, args.n_routed_experts, 1, 1), args.n_dense_layers)
+        return make_one_rank_dispatcher(kb, args, ExpertMap(phy2log, args.n_routed_experts, 1, 1), mode, ep_emulate,
+                                        device)
     return make
 
 
 def make_local_engine(model_dir: str, redundant_experts: int = 0, **spec) -> RankEngine:
     spec.setdefault("kernels", "reference")
-    return RankEngine(RankSpec(model_dir=str(model_dir), **spec), local_dispatcher_factory(redundant_experts))
+    rs = RankSpec(model_dir=str(model_dir), **spec)
+    return RankEngine(rs, local_dispatcher_factory(redundant_experts, rs.ep_dispatch, rs.ep_emulate, rs.device))

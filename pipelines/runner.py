@@ -61,7 +61,9 @@ class RankSpec:
                                 # agreeing to its n-th step and before running it, in the unit's first build
     cuda_graphs: bool = True    # replay decode steps as CUDA graphs where the backend and dispatcher allow
     mtp_draft: int = 0          # MTP drafts per sequence per step (0: off; the checkpoint must carry the module)
-    ep_dispatch: str = "auto"   # auto | deepep | all_to_all: a multi-rank unit's exchange (model/ep_select.py)
+    ep_dispatch: str = "auto"   # auto | deepep | all_to_all: a multi-rank unit's exchange (model/ep_select.py);
+                                # emulated: a one-rank unit as one rank of an EP unit (model/ep_emulate.py)
+    ep_emulate: dict | None = None   # emulated: the `ep_emulate:` section (ranks, top_k, experts, groups, skew, seed, hold)
     kv_handoff: str = "auto"    # auto | collective | object: prefill -> decode transport (pipelines/kv_handoff.py)
 
 

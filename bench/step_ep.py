@@ -1,0 +1,143 @@
+"""The step of one EP rank as the engine runs it, on the emulated EP rank (model/ep_emulate.py):
+the headline block of `bench step`.
+
+Owns: a V3-width checkpoint of one rank's experts (model/tiny.py presets: decode `v3-ep144-rank`,
+2 routed slots; prefill `v3-ep32-rank`, 9 slots; 4 layers: 1 dense + 3 MoE, or --model DIR) loaded by
+a RankEngine whose dispatcher is `ep_dispatch: emulated`, so every MoE layer receives the EP rank's
+rows (own + peers', skewed loads after EPLB, the busiest rank) and each dispatch and combine holds
+for DeepEP's published time at that EP size. Timed per step (CUDA events, median), LM head and
+greedy argmax included:
+  overlapped        the production schedule (pipelines/overlap.py: two micro-batches, the phase's
+                    figure), exchanges held; and the same with the holds at 0 (the work alone).
+                    exposed = held step - unheld step; hidden = exchange time queued - exposed.
+  one_batch         the plain forward, exchanges held (decode: the CUDA-graph replay the engine
+                    runs; every exchange exposed) and at 0.
+Per layer figures (us) divide by the MoE layers. On CPU nothing is held (timings are noise there). Split steps run eagerly, as the engine runs them today.
+`run()` returns a JSON-able dict. Not a test.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from epserve.bench.kernels import time_ms
+from epserve.model.ep_emulate import KEYS
+from epserve.placement.loads import KINDS
+from epserve.model.sampling import SamplingParams
+from epserve.model.tiny import cache_root, make_tiny_model
+from epserve.pipelines.batcher import Step
+from epserve.pipelines.local import make_local_engine
+from epserve.pipelines.overlap import forward_overlapped
+from epserve.pipelines.sequence import Sequence
+
+PRESET = {"decode": "v3-ep144-rank", "prefill": "v3-ep32-rank"}
+DEFAULT = {"decode": dict(ranks=144, tokens=128, ctx=5120), "prefill": dict(ranks=32, tokens=16384, prompt=4096)}
+
+
+def preset_dir(preset: str, device: str) -> str:
+    """The preset's random checkpoint in the user cache (made once; seconds on a GPU)."""
+    out = cache_root() / f"bench-{preset}"
+    if not (out / "config.json").exists():
+        make_tiny_model(out, preset=preset, device=device)
+    return str(out)
+
+
+def _seqs(engine, phase: str, p: dict, g: torch.Generator) -> tuple[list[Sequence], Step]:
+    """The step's sequences with pages allocated: decode B requests at context ~ctx (0.8-1.2x),
+    one new token each; prefill tokens // prompt prompts from position 0. KV content is whatever
+    the pages hold: attention costs the same."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    vocab = engine.args.vocab_size
+    if phase == "decode":
+        lens = ((torch.rand(p["tokens"], generator=g) * 0.4 + 0.8) * p["ctx"]).long().tolist()
+        n_new = [1] * len(lens)
+    else:
+        lens = [p["prompt"]] * max(1, p["tokens"] // p["prompt"])
+        n_new = list(lens)
+    seqs = []
+    for i, n in enumerate(lens):
+        total = n + 1 if phase == "decode" else n
+        s = Sequence(f"b{i}", torch.randint(4, vocab, (total,), generator=g).tolist(), params)
+        s.pages = engine.cache.allocate(engine.cache.pages_for(total + 1))
+        s.n_computed = n if phase == "decode" else 0
+        seqs.append(s)
+    return seqs, Step(seqs, n_new, phase == "prefill")
+
+
+def run(phase: str = "decode", device: str = "cuda", backend: str = "native", tokens: int | None = None,
+        ranks: int | None = None, skew: str = "lognormal", seed: int = 0, model: str | None = None,
+        graphs: bool = True, reps: int | None = None, ctx: int | None = None, **ep_emulate) -> dict:
+    """The headline block for `phase` (see the module docstring); ep_emulate: other `ep_emulate`
+    keys (experts, groups, top_k) for checkpoints other than the presets."""
+    if phase not in DEFAULT:
+        raise ValueError(f"phase must be one of {', '.join(DEFAULT)}, got {phase!r}")
+    if skew not in KINDS:                  # before minutes of checkpoint making and loading
+        raise ValueError(f"--skew: {skew!r} is not one of {', '.join(KINDS)}")
+    p = {**DEFAULT[phase], **{k: v for k, v in (("tokens", tokens), ("ranks", ranks), ("ctx", ctx)) if v}}
+    model_dir = model or preset_dir(PRESET[phase], device)
+    emu = {**KEYS, **ep_emulate, "ranks": p["ranks"], "skew": skew, "seed": seed}
+    if phase == "decode":
+        pages = p["tokens"] * (math.ceil(p["ctx"] * 1.2 / 64) + 2) + 64
+    else:
+        pages = p["tokens"] // 64 + 2 * max(1, p["tokens"] // p["prompt"]) + 64
+    cuda = device.startswith("cuda")
+    eng = make_local_engine(model_dir, kernels=backend, device=device, dtype="bfloat16" if cuda else "float32",
+                            fp8_activations=cuda, ep_dispatch="emulated", ep_emulate=emu, kv_pages=pages,
+                            max_batch_size=max(p["tokens"], 1) if phase == "decode" else 128,
+                            max_batch_tokens=max(p["tokens"], 16384), cuda_graphs=graphs)
+    d, a = eng.dispatcher, eng.args
+    g = torch.Generator().manual_seed(seed)
+    seqs, step = _seqs(eng, phase, p, g)
+    batch = eng.prepare(step)
+    n_moe = a.n_moe_layers
+    reps = reps or (20 if phase == "decode" else 5)
+
+    def overlapped():
+        return forward_overlapped(eng.model, batch, eng.cache.kv, phase).argmax(-1)
+
+    def one_batch():
+        if phase == "decode" and eng.graphs is not None:
+            return eng.decode(step).argmax(-1)
+        return eng.model.forward(batch, eng.cache.kv).argmax(-1)
+
+    def eager_hold_us(fn) -> dict:
+        """us of exchange holds one call queues per MoE layer (an eager call: a graph replay runs no host code)."""
+        d.take_held_us()
+        fn()
+        disp, comb = d.take_held_us()
+        return {"dispatch": round(disp / n_moe, 3), "combine": round(comb / n_moe, 3)}
+
+    out = {}
+    with torch.inference_mode():
+        for name, fn in (("overlapped", overlapped), ("one_batch", one_batch)):
+            row = {}
+            for held in (True, False):
+                d.hold_scale = 1.0 if held else 0.0
+                if eng.graphs is not None:
+                    eng.graphs.clear()              # a captured graph keeps the hold it was captured with
+                ms = time_ms(fn, warmup=3, reps=reps)
+                row["held" if held else "no_exchange_time"] = {"step_ms": round(ms, 3)}
+                if held:
+                    row["exchange_us_per_layer"] = eager_hold_us(
+                        overlapped if name == "overlapped" else lambda: eng.model.forward(batch, eng.cache.kv))
+            exposed = (row["held"]["step_ms"] - row["no_exchange_time"]["step_ms"]) / n_moe * 1e3
+            queued = sum(row["exchange_us_per_layer"].values())
+            row["per_moe_layer_us"] = {"exchange": round(queued, 3), "exposed": round(exposed, 3),
+                                       "hidden": round(queued - exposed, 3)}
+            out[name] = row
+    layer = a.n_dense_layers
+    rows = d.rows_for(layer, batch.n_tokens)
+    half = d.rows_for(layer, batch.n_tokens // 2)
+    return {
+        "headline": "overlapped", "phase": phase, "model": model_dir,
+        "shape": {"layers": a.n_layers, "moe_layers": n_moe, "dim": a.dim, "slots": d.map.slots_per_rank,
+                  "top_k_model": a.n_activated_experts},
+        "ep_emulate": {**emu, "busiest_rank_over_mean": round(float(d.share.imbalance.mean()), 4),
+                       "received_rows_one_batch_first_moe_layer": rows, "received_rows_per_micro_batch": half,
+                       "exchange_model": "bytes / DeepEP's published bandwidth at this EP size (model/ep_emulate.py)"},
+        "exchange_held_on": "a side CUDA stream (torch.cuda._sleep)" if cuda else "nothing (CPU: no-op)",
+        "tokens_per_step": batch.n_tokens, "cuda_graphs_one_batch": phase == "decode" and eng.graphs is not None,
+        **out,
+        "tokens_per_s": {k: round(batch.n_tokens / out[k]["held"]["step_ms"] * 1e3, 1) for k in out},
+    }
