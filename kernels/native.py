@@ -13,8 +13,8 @@ outputs, other page sizes, the tiny test models):
   Triton    (ours) 1x128 quantisation that writes scales in DeepGEMM's MN-major TMA-aligned
             layout, and SwiGLU fused with the quantisation between the two expert GEMMs.
 `self_test` runs kernels/selftest.py over the adapters declared in SELF_TEST at V3 shapes;
-kernels/__init__.py selects this backend only when it passes. Importing this module never fails: without the libraries or CUDA
-the self-test says why.
+kernels/__init__.py selects this backend only when it passes. Importing this module never
+fails: without the libraries or CUDA the self-test says why.
 Never: picks a backend or holds model state.
 """
 from __future__ import annotations

@@ -42,7 +42,7 @@ LINEAR_V3_CASES = tuple(((m,), k, n, ("fp8-act",), True) for m, k, n in
                         ((1, 7168, 1536), (129, 7168, 576), (256, 1536, 24576), (300, 16384, 7168), (64, 512, 4096)))
 GROUPED_CASES = ((300, 9, 7168, 2048), (64, 2, 2048, 7168), (37, 4, 320, 200))    # (M, groups, K, N)
 EXPERT_CASES = ((700, 9, 7168, 2048), (37, 3, 1024, 256))                          # (M, slots, dim, inter)
-MASKED_CASES = ((9, 7168, 2048, 128, 16), (3, 1024, 256, 128, 16))                 # (slots, dim, inter, max_m, expected_m)
+MASKED_CASES = ((9, 7168, 2048, 128, 16), (3, 1024, 256, 128, 16))       # (slots, dim, inter, max_m, expected_m)
 # (dtype, heads, latent, rope, seq lens (0: an empty sequence), query positions per sequence)
 MLA_DECODE_CASES = ((BF16, 128, 512, 64, (1, 64, 65, 700, 2000, 0), 1), (F32, 5, 32, 8, (3, 130, 17), 1))
 MLA_DECODE_V3_CASES = ((BF16, 128, 512, 64, (1, 64, 65, 700, 2000, 4097), 1), (BF16, 128, 512, 64, (130, 300), 2))
