@@ -13,7 +13,8 @@ requests between the same two rank processes:
 
 Every wait on the peer is bounded by `timeout_s`: a peer that died, a ticket that expired or a
 group that could not form raises HandoffFailed, and that pair group is dropped, never reused
-(a receive may still be posted on it). pipelines/kv_handoff.py has the protocol around it.
+(a receive may still be posted on it). pipelines/kv_handoff.py has the protocol around it;
+actors/kv_ends.py holds a rank's two ends that use this transport.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from epserve.errors import HandoffFailed
-from epserve.pipelines.kv_handoff import KvTicket, ParkedKv, join_blocks
+from epserve.pipelines.kv_handoff import KvTicket
 from epserve.placement.devices import data_backend
 
 log = logging.getLogger("epserve.kv_transfer")
@@ -135,26 +136,3 @@ class PairGroups:
         log.info("KV pair group %s formed (%s)", pair_id, data_backend(self.device))
         return pair_id, group
 
-
-def park_and_ticket(parked: ParkedKv, request_id: str, latents: torch.Tensor, me, me_id: str) -> KvTicket:
-    """Park a request's latents here and return the ticket that replaces them in its delta."""
-    parked.park(request_id, latents, time.time())
-    return KvTicket(request_id, tuple(latents.shape), str(latents.dtype).removeprefix("torch."), me, me_id)
-
-
-def pull_latents(pairs: PairGroups, got, mode: str, device: str) -> torch.Tensor:
-    """A decode rank's side: a ticket over the pair group (auto: else object refs from the same
-    prefill rank), or object refs straight from its store -> latents on `device`. Raises when they
-    cannot be had (the caller recomputes)."""
-    if isinstance(got, KvTicket):
-        try:
-            return pairs.receive(got)
-        except HandoffFailed as exc:
-            if mode == "collective":
-                raise
-            log.warning("%s; trying the object store", exc)
-            refs = ray.get(got.source.kv_objects.remote(got.request_id), timeout=60)
-            if refs is None:
-                raise HandoffFailed(f"the latents of {got.request_id} are gone from the prefill rank") from exc
-            got = refs
-    return join_blocks(ray.get(got, timeout=60)).to(device)

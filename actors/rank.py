@@ -18,16 +18,17 @@ supervisor says so (`abort_sink`).
 
 Nobody calls the rank once per step, so a step's control cost does not grow with the unit. An
 idle unit parks: each rank waits on its inbox; the first request to any rank wakes its peers.
-`step()` (one step per call) stays for benchmarks that drive ranks directly (bench units'
-baseline, bench overlap, --profile); it must not be used while the loop runs. Messages are in
-actors/rank_messages.py. About 510 lines: the loop, its inbox, its reports and the driven step
-share one engine lock and one set of counters, which splitting the class would scatter; the KV handoff's
-two ends (park and send on a prefill rank, pull on a decode rank) add their actor methods, their
-transport is actors/kv_transfer.py.
+
+Owns the loop, its inbox, its reports and the rank's counters. Elsewhere: the KV handoff's two
+ends (park and send on a prefill rank, pull on a decode rank) are actors/kv_ends.py, whose
+methods the peer rank calls through the thin `join_pair` / `send_kv` / `kv_objects` entries
+here; the benchmark-only driven step (`step`, `profiled_step`, `time_collective`: one call per
+step, never while the loop runs) is actors/driven_step.py. Messages are in actors/rank_messages.py.
+About 420 lines: the loop, plus the remote entries Ray needs on the one actor class (inbox posts,
+placement staging, observation, the peers' KV-handoff calls, the driven step), each a few lines.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -39,22 +40,25 @@ from datetime import timedelta
 import ray
 import torch
 
+from epserve.actors import driven_step
 from epserve.actors.agreement import max_all_reduce
-from epserve.actors.rank_messages import RankReport, StepInput, StepOutput, UnitLayout
+from epserve.actors.driven_step import StepInput, StepOutput
+from epserve.actors.inbox import Inbox
+from epserve.actors.kv_ends import KvEnds
+from epserve.actors.kv_transfer import PairGroups
+from epserve.actors.rank_messages import RankReport, UnitLayout
+from epserve.actors.rank_placement import PlacementVersions
 from epserve.actors.sink_routes import SinkRoutes
 from epserve.errors import EpserveError, RequestRejected
 from epserve.messages import RankStats
 from epserve.model.ep_select import make_ep_dispatcher, make_one_rank_dispatcher
 from epserve.model.moe_dispatch import ExpertMap
-from epserve.pipelines.expert_migration import stage, switch
-from epserve.actors.kv_transfer import PairGroups, park_and_ticket, pull_latents
-from epserve.pipelines.kv_handoff import ParkedKv, split_blocks
 from epserve.pipelines.lockstep import LoopState, Vote, agree
 from epserve.pipelines.overlap import OverlapTuner
+from epserve.pipelines.rank_stats import engine_stats
 from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.devices import DeviceAssignmentError, data_backend, local_device_index
-from epserve.placement.prefill_balancer import attn_work
 
 log = logging.getLogger("epserve.rank")
 
@@ -89,15 +93,11 @@ class RankActor:
             spec = dataclasses.replace(spec, device=f"cuda:{index}")
         self.spec, self.layout, self.phy2log = spec, layout, phy2log
         self.engine: RankEngine | None = None
-        self.map_version, self.n_steps, self.switched_at = 0, 0, {}
-        self.staging: concurrent.futures.Future | None = None
-        self.want_version = 0
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage")
+        self.n_steps = 0
+        self.versions = PlacementVersions(layout.gpus_per_node)     # expert placement: in use, staged, asked for
         self.engine_lock = threading.RLock()         # the loop holds it while it touches the engine
-        self.lock = threading.Lock()                 # inbox, parked
-        self.inbox: list[tuple[str, object]] = []
-        self.event = threading.Event()
-        self.parked = self.stopping = False
+        self.inbox = Inbox()                         # filled by the actor's other threads, drained by the loop
+        self.stopping = False
         self.peers: list = []
         self.ctrl = None
         self.schedule_steps = {"plain": 0, "prefill": 0, "decode": 0}
@@ -107,9 +107,7 @@ class RankActor:
         self.last_stats = self.pushed_stats = RankStats(layout.unit, layout.rank)
         self.streaming: set[str] = set()
         self.routes = SinkRoutes(rank=layout.rank)       # request -> its stream sink (loop thread only)
-        self.handoff_timing = {"n": 0, "seconds": 0.0, "bytes": 0, "by": {}}
-        self.parked_kv = ParkedKv()                     # prefill role, collective handoff: latents awaiting their pull
-        self.pairs: PairGroups | None = None
+        self.kv: KvEnds | None = None                   # the KV handoff's ends, made in setup
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -135,8 +133,10 @@ class RankActor:
             rank=lay.rank, world_size=lay.world, timeout=timedelta(seconds=timeout_s))
         if lay.world > 1:   # the per-step agreement runs on the host, beside the data collectives
             self.ctrl = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        self.pairs = PairGroups(f"u{lay.unit}r{lay.rank}-{os.getpid()}-{id(self):x}", self.spec.device,
-                                min(timeout_s, 30.0))
+        pairs = PairGroups(f"u{lay.unit}r{lay.rank}-{os.getpid()}-{id(self):x}", self.spec.device,
+                           min(timeout_s, 30.0))
+        self.kv = KvEnds(pairs, ray.get_runtime_context().current_actor, self.spec.kv_handoff, self.spec.device,
+                         self.spec.block_tokens)
 
         def dispatcher(kb, args):
             em = ExpertMap(self.phy2log, args.n_routed_experts, lay.world, lay.gpus_per_node)
@@ -151,7 +151,7 @@ class RankActor:
         d = self.engine.dispatcher
         experts = {layer: sorted({int(e) for e in d.map.phy2log[layer - d.first, list(d.slots_for(layer))]})
                    for layer in range(self.engine.args.n_kv_layers) if self.engine.args.is_moe_layer(layer)}
-        self.last_stats = self._stats()
+        self.last_stats = self.stats_now()
         log.info("unit %d rank %d/%d ready on node %s in %.1fs (%s)", lay.unit, lay.rank, lay.world,
                  ray.get_runtime_context().get_node_id()[:8], time.time() - t0, self.engine.load_stats)
         return {**self.info(), "load": self.engine.load_stats, "experts": experts,
@@ -161,11 +161,7 @@ class RankActor:
 
     # ---- the inbox (called on the actor's other threads while the loop runs) ----------------
     def _post(self, kind: str, payload) -> None:
-        with self.lock:
-            self.inbox.append((kind, payload))
-            self.event.set()
-            wake, self.parked = self.parked, False
-        if wake:
+        if self.inbox.post(kind, payload):       # it was parked: so are its peers
             self._wake_peers()
 
     @ray.method(enable_task_events=False)
@@ -185,31 +181,16 @@ class RankActor:
         self._post("switch", version)
 
     def wake(self) -> None:
-        self.event.set()
+        self.inbox.wake()
 
     def _wake_peers(self) -> None:
         for p in self.peers:
             p.wake.remote()
 
-    def _drain(self) -> list[tuple[str, object]]:
-        with self.lock:
-            msgs, self.inbox = self.inbox, []
-            self.event.clear()
-        return msgs
-
     def _park(self) -> None:
         """Nothing to do on any rank: wait for this rank's inbox (or a peer's wake)."""
-        with self.lock:
-            if self.inbox:          # work came in after the agreement: the peers parked on it
-                found = True
-            else:
-                found, self.parked = False, True
-        if found:
+        if self.inbox.park(PARK_POLL_S):        # work came in after the agreement: the peers parked on it
             self._wake_peers()
-            return
-        self.event.wait(PARK_POLL_S)
-        with self.lock:
-            self.parked = False
 
     # ---- the loop ---------------------------------------------------------------------------
     def run_loop(self, supervisor, peers: list, generation: int = 0, unit_key: str = "") -> dict:
@@ -219,7 +200,7 @@ class RankActor:
         self.generation, self.n_reports = generation, 0
         self.routes = SinkRoutes(unit_key, self.layout.rank, generation)
         every = report_every(self.layout.world)
-        state = LoopState(self.spec.overlap, self.map_version, self.tuner)
+        state = LoopState(self.spec.overlap, self.versions.version, self.tuner)
         prev_us = prev_tokens = 0
         last_push = last_report = 0.0
         dirty = False                          # stepped since the last report
@@ -228,13 +209,13 @@ class RankActor:
         self.streaming.clear()                 # requests whose first token the sink already has
         while True:
             t_iter, c_iter = time.perf_counter(), time.thread_time()
-            msgs = self._drain()
+            msgs = self.inbox.drain()
             self.timing["inbox"] += time.perf_counter() - t_iter
             rejected = self._apply(msgs)
             eng = self.engine
             with self.engine_lock:
                 vote = Vote(int(self.stopping), int(eng.has_work), int(eng.can_prefill()), len(eng.batcher.running),
-                            self._ready_version(), prev_us, prev_tokens)
+                            self.versions.ready_version(), prev_us, prev_tokens)
             t_agree, c_agree = time.perf_counter(), time.thread_time()
             plan = agree(self._all_reduce(vote), state)
             t_agree, c_agree = time.perf_counter() - t_agree, time.thread_time() - c_agree
@@ -243,13 +224,11 @@ class RankActor:
             switched = plan.switch_to is not None
             if switched:
                 with self.engine_lock:
-                    switch(eng, self.staging.result(), self.layout.gpus_per_node)
-                self.map_version = state.version = plan.switch_to
-                self.staging = None
-                self.switched_at[self.map_version] = self.n_steps
+                    self.switch_placement(plan.switch_to)
+                state.version = plan.switch_to
             if not plan.run:
                 state.last, prev_us, prev_tokens = None, 0, 0
-                self.last_stats = self._stats()
+                self.last_stats = self.stats_now()
                 if held or rejected:
                     self._push(held, rejected)
                     held, last_push = [], time.time()
@@ -260,20 +239,18 @@ class RankActor:
                 if plan.park:
                     self._park()
                 continue
-            if self.spec.exit_before_step is not None and generation == 0 and \
-                    self.spec.exit_before_step == (self.layout.rank, self.n_steps + 1):
-                log.warning("rank %d exits before step %d (exit_before_step)", self.layout.rank, self.n_steps + 1)
-                os._exit(1)         # the peers agreed to this step and enter its exchanges without us
+            if self.spec.exit_before_step is not None and generation == 0:
+                _test_exit_before_step(self.spec.exit_before_step, self.layout.rank, self.n_steps + 1)
             t_step, c_step = time.perf_counter(), time.thread_time()
             with self.engine_lock:
                 deltas = eng.step(plan.schedule, decode_only=plan.phase != "prefill")
-                self.last_stats = self._stats()
+                self.last_stats = self.stats_now()
             t_step, c_step = time.perf_counter() - t_step, time.thread_time() - c_step
             self.n_steps += 1
             self.schedule_steps[plan.schedule or "plain"] += 1
             prev_us, prev_tokens = int(t_step * 1e6), eng.last_step_tokens
             state.last = (plan.phase, plan.schedule is not None)
-            self._publish_kv(deltas)
+            self.kv.publish(deltas)
             held += deltas
             self.produced += len(deltas)
             dirty = True
@@ -305,23 +282,13 @@ class RankActor:
         max_all_reduce(t, self.ctrl, self.layout.rank, self.layout.world)
         return Vote.decode(t.tolist())
 
-    def time_collective(self, n: int = 200) -> float:
-        """Median ms of one agreement all-reduce (driven mode: every rank calls it at once)."""
-        v = Vote(has_work=1)
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            self._all_reduce(v)
-            times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[len(times) // 2]
-
     def _apply(self, msgs) -> list[tuple[str, str]]:
         """Inbox messages in arrival order; -> rejected (request_id, typed error)."""
         rejected = []
         with self.engine_lock:
             for kind, payload in msgs:
                 if kind == "add":
-                    rejected += self._add(payload)
+                    rejected += self.admit(payload)
                 elif kind == "abort":
                     for rid in payload:
                         self._abort_one(rid)
@@ -329,7 +296,7 @@ class RankActor:
                     for rid in self.routes.drop_sink(payload):
                         self._abort_one(rid)
                 elif kind == "switch":
-                    self.want_version = max(self.want_version, payload)
+                    self.versions.ask(payload)
                 elif kind == "stop":
                     self.stopping = True
         return rejected
@@ -339,13 +306,14 @@ class RankActor:
         self.streaming.discard(rid)
         self.routes.drop(rid)
 
-    def _add(self, seqs: list[Sequence]) -> list[tuple[str, EpserveError]]:
-        """Queue each sequence; one the engine refuses comes back as (request_id, the typed error)."""
+    def admit(self, seqs: list[Sequence]) -> list[tuple[str, EpserveError]]:
+        """New requests into the engine (the caller holds engine_lock), each with its handed-off
+        latents where it brought some; -> rejected (request_id, the typed error)."""
         rejected = []
         for seq in seqs:
             self.routes.add(seq)               # its deltas go to its sink
             try:
-                latents = self._receive_kv(seq)
+                latents = self.kv.receive(seq)
                 if latents is not None:
                     self.engine.add_prefilled(seq, latents)
                 else:
@@ -354,39 +322,22 @@ class RankActor:
                 rejected.append((seq.request_id, exc if isinstance(exc, EpserveError) else RequestRejected(str(exc))))
         return rejected
 
-    def _ready_version(self) -> int:
-        """The placement version this rank can switch to now: staged and asked for."""
-        st = self.staging
-        if st is not None and self.want_version > self.map_version and st.done() and st.exception() is None \
-                and st.version == self.want_version:
-            return self.want_version
-        return self.map_version
+    def switch_placement(self, version: int) -> None:
+        """Switch the engine to the staged placement `version` (the caller holds engine_lock)."""
+        self.versions.switch(self.engine, version, self.n_steps)
 
-    def _publish_kv(self, deltas: list[TokenDelta]) -> None:
-        """Prefill role: blocks go into the object store (refs travel); a device tensor is parked
-        here and a KvTicket travels (the decode rank pulls it over a pair group)."""
-        for d in deltas:
-            if isinstance(d.kv_blocks, list):
-                d.kv_blocks = [ray.put(b) for b in d.kv_blocks]
-            elif d.kv_blocks is not None:
-                me = ray.get_runtime_context().current_actor
-                d.kv_blocks = park_and_ticket(self.parked_kv, d.request_id, d.kv_blocks, me, self.pairs.me_id)
-
-    # ---- the collective handoff's sending end (called by the decode rank) --------------------
+    # ---- the KV handoff's sending end, called by the decode rank (actors/kv_ends.py) ---------
     def join_pair(self, pair_id: str, host: str, port: int) -> None:
-        self.pairs.join(pair_id, host, port)
+        self.kv.join(pair_id, host, port)
 
     def send_kv(self, pair_id: str, request_id: str) -> int:
-        return self.pairs.send(pair_id, self.parked_kv.take(request_id, time.time()))
+        return self.kv.send(pair_id, request_id)
 
     def kv_objects(self, request_id: str) -> list | None:
-        """The object-store fallback for a parked request: its latents as block refs (None: gone)."""
-        lat = self.parked_kv.take(request_id, time.time())
-        return None if lat is None else [ray.put(b) for b in split_blocks(lat.cpu(), self.spec.block_tokens)]
+        return self.kv.objects(request_id)
 
     def handoff_stats(self) -> dict:
-        return {**(self.pairs.stats if self.pairs else {}), "parked": len(self.parked_kv.items),
-                "parked_bytes": self.parked_kv.nbytes, "timing": dict(self.handoff_timing)}
+        return self.kv.stats() if self.kv is not None else {}
 
     def _push(self, deltas: list[TokenDelta], rejected) -> None:
         """The held deltas and rejections to their sinks: one Delivery per sink (actors/sink_routes.py)."""
@@ -398,8 +349,8 @@ class RankActor:
         """Stats and counters to the supervisor (admission reads them; EPLB switches wait on them)."""
         self.pushed_stats = self.last_stats
         self.supervisor.report.remote(RankReport(
-            self.layout.rank, self.generation, self.n_reports, self.last_stats, self.n_steps, self.map_version,
-            dict(self.switched_at), dict(self.schedule_steps), dict(self.tuner.best), dict(self.timing),
+            self.layout.rank, self.generation, self.n_reports, self.last_stats, self.n_steps, self.versions.version,
+            dict(self.versions.switched_at), dict(self.schedule_steps), dict(self.tuner.best), dict(self.timing),
             self.produced, self.routes.n_sent))
         self.n_reports += 1
         self.produced = 0
@@ -407,92 +358,31 @@ class RankActor:
     # ---- lifecycle, placement, observation --------------------------------------------------
     def stage_placement(self, phy2log: torch.Tensor, version: int) -> None:
         """Start loading this rank's weights for a new placement in the background."""
-        self.staging = self.pool.submit(stage, self.engine, phy2log)
-        self.staging.version = version
+        self.versions.stage(self.engine, phy2log, version)
 
     def staging_done(self) -> dict | None:
         """None while staging runs; then what was staged (raises if staging failed)."""
-        if self.staging is None or not self.staging.done():
-            return None
-        st = self.staging.result()
-        return {"version": self.staging.version, "loaded": st.n_loaded, "reused": st.n_reused}
+        return self.versions.staged()
 
     def placement(self) -> dict:
         with self.engine_lock:
-            return {"version": self.map_version, "phy2log": self.engine.dispatcher.map.phy2log.clone(),
-                    "switched_at": dict(self.switched_at)}
+            return {"version": self.versions.version, "phy2log": self.engine.dispatcher.map.phy2log.clone(),
+                    "switched_at": dict(self.versions.switched_at)}
 
+    # ---- the driven step (benchmarks only; never while run_loop runs: actors/driven_step.py) --
     def step(self, inp: StepInput) -> StepOutput:
-        """One driven step (benchmarks only; not while run_loop runs)."""
-        eng = self.engine
-        with self.engine_lock:
-            if inp.switch_map is not None:
-                switch(eng, self.staging.result(), self.layout.gpus_per_node)
-                self.map_version, self.staging = inp.switch_map, None
-                self.switched_at[self.map_version] = self.n_steps
-            self.n_steps += 1
-            for rid in inp.aborts:
-                eng.abort(rid)
-            rejected = self._add(inp.new)
-            deltas = eng.step(inp.schedule, inp.decode_only)
-            self._publish_kv(deltas)
-            return StepOutput(deltas, self._stats(), eng.has_work, rejected, self.map_version,
-                              eng.last_step_tokens, eng.can_prefill())
+        return driven_step.run_step(self, inp)
 
     def profiled_step(self, inp: StepInput, trace_path: str) -> tuple[StepOutput, dict]:
-        """One step under the PyTorch profiler; writes a Chrome trace (chrome://tracing, Perfetto)
-        and returns the step's output with the milliseconds spent in each schedule stage
-        (host time; on CUDA the launches are asynchronous, so the GPU time is given too)."""
-        from torch.profiler import ProfilerActivity, profile
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        with profile(activities=acts) as prof:
-            out = self.step(inp)
-        prof.export_chrome_trace(trace_path)
-        stages: dict[str, float] = {}          # host ms per stage; on CUDA also "<stage> gpu": kernel ms
-        for ev in prof.key_averages():
-            if "[" in ev.key and ev.key.split("[")[0].isupper():       # schedule ops: "MLP[0]@3"
-                name = ev.key.split("[")[0]
-                stages[name] = stages.get(name, 0.0) + ev.cpu_time_total / 1e3
-                if torch.cuda.is_available():
-                    stages[f"{name} gpu"] = stages.get(f"{name} gpu", 0.0) + ev.device_time_total / 1e3
-        return out, stages
+        return driven_step.profiled(lambda: driven_step.run_step(self, inp), trace_path)
 
-    def _receive_kv(self, seq: Sequence):
-        """The handed-off latents: a ticket is pulled over the pair group with its prefill rank (auto:
-        else as object refs from it), refs straight from its object store; None -> recompute."""
-        got, seq.kv_blocks = seq.kv_blocks, None
-        if not got:
-            return None
-        t0 = time.perf_counter()
-        try:
-            lat = pull_latents(self.pairs, got, self.spec.kv_handoff, self.spec.device)
-        except Exception as exc:           # the prefill rank died, the objects or the ticket were lost
-            log.warning("KV handoff for %s lost (%r); recomputing its prompt here", seq.request_id, exc)
-            seq.reset_for_recompute()
-            return None
-        ht = self.handoff_timing           # both transports, measured alike (bench handoff reads it)
-        ht["n"] += 1
-        ht["seconds"] += time.perf_counter() - t0
-        ht["bytes"] += lat.numel() * lat.element_size()
-        ht["by"][type(got).__name__] = ht["by"].get(type(got).__name__, 0) + 1
-        return lat
+    def time_collective(self, n: int = 200) -> float:
+        """Median ms of one agreement all-reduce (every rank calls it at once)."""
+        return driven_step.time_agreement(self._all_reduce, Vote(has_work=1), n)
 
-    def _stats(self) -> RankStats:
-        b, cache = self.engine.batcher, self.engine.cache
-        pending = list(b.waiting) + [s for s, _ in self.engine.loading]
-        return RankStats(
-            unit=self.layout.unit, rank=self.layout.rank, n_running=len(b.running), n_waiting=len(pending),
-            pending_prefill_tokens=sum(s.n_tokens - s.n_computed for s in pending),
-            pending_attn_work=float(sum(attn_work(s.n_tokens - s.n_computed, s.n_computed) for s in pending)),
-            kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages, **self._mtp_stats())
-
-    def _mtp_stats(self) -> dict:
-        d = self.engine.drafter
-        if d is None:
-            return {}
-        c = d.counters
-        return {"mtp_proposed": c.proposed, "mtp_accepted": c.accepted, "mtp_sequence_steps": c.sequence_steps,
-                "mtp_emitted": c.emitted}
+    def stats_now(self) -> RankStats:
+        """This rank's stats as of now (the caller holds engine_lock); `stats` is the last sent."""
+        return engine_stats(self.engine, self.layout.unit, self.layout.rank)
 
     def stats(self) -> RankStats:
         return self.last_stats
@@ -500,7 +390,7 @@ class RankActor:
     def loop_counters(self) -> dict:
         """The loop's counters now (a report may be up to report_every old): a step is counted
         before its deltas are pushed, so a caller that has its tokens sees their steps here."""
-        return {"steps": self.n_steps, "schedules": dict(self.schedule_steps), "map_version": self.map_version}
+        return {"steps": self.n_steps, "schedules": dict(self.schedule_steps), "map_version": self.versions.version}
 
     def expert_counters(self, reset: bool = True) -> dict:
         """Tokens per logical expert per MoE layer [n_moe, E] and dispatch pair totals."""
@@ -526,3 +416,11 @@ class RankActor:
             close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _test_exit_before_step(when: tuple[int, int], rank: int, step: int) -> None:
+    """Test hook (RankSpec.exit_before_step = (rank, step), first build only): that rank's process
+    exits after the unit agreed to run `step`, so its peers enter the step's exchanges without it."""
+    if when == (rank, step):
+        log.warning("rank %d exits before step %d (exit_before_step)", rank, step)
+        os._exit(1)

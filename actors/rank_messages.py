@@ -2,8 +2,8 @@
 
 UnitLayout says where a rank sits in its unit; Delivery is a rank's push to one stream sink
 (the token deltas of that sink's requests, as columns); RankReport is a rank's state for its
-supervisor (stats and counters, at a bounded rate); StepInput / StepOutput are the driven step
-that benchmarks use.
+supervisor (stats and counters, at a bounded rate). The benchmarks' driven step has its own
+messages (actors/driven_step.py).
 """
 from __future__ import annotations
 
@@ -11,29 +11,6 @@ from dataclasses import dataclass, field
 
 from epserve.messages import RankStats
 from epserve.pipelines.runner import TokenDelta
-from epserve.pipelines.sequence import Sequence
-
-
-@dataclass
-class StepInput:
-    """A driven step (benchmarks): what the caller tells every rank before it."""
-
-    new: list[Sequence] = field(default_factory=list)
-    aborts: list[str] = field(default_factory=list)
-    switch_map: int | None = None
-    schedule: str | None = None
-    decode_only: bool = False          # no rank prefills in this step (DeepEP: low-latency kernels)
-
-
-@dataclass
-class StepOutput:
-    deltas: list[TokenDelta]
-    stats: RankStats
-    has_work: bool
-    rejected: list[tuple[str, Exception]] = field(default_factory=list)   # (request_id, its typed error)
-    map_version: int = 0
-    n_tokens: int = 0
-    prefill_next: bool = False
 
 
 @dataclass

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from epserve.actors.cluster import ensure_ray
-from epserve.actors.rank_messages import StepInput
+from epserve.actors.driven_step import StepInput
 from epserve.actors.unit import UnitSupervisor
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams

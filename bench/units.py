@@ -17,7 +17,7 @@ import time
 import ray
 
 from epserve.actors.cluster import ensure_ray
-from epserve.actors.rank_messages import StepInput
+from epserve.actors.driven_step import StepInput
 from epserve.actors.unit import UnitSupervisor
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams

@@ -30,8 +30,8 @@ Several processes (and nodes) may share a root. Each evicts on its own view, whi
 it refreshes by a rescan before evicting and at least every `rescan_interval_s`;
 files vanishing under it (another evictor) are fine.
 
-About 400 lines, over the 300 guideline: it is one noun (a directory of blocks and this
-process's index of it); reads, writes, eviction and faults share the index and its lock.
+This process's view of the directory and the LRU eviction over it are fleet/kv_block_index.py;
+this file decides when to rescan and evict.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ from epserve.fleet.kv_block_format import (KEY_RE, MAX_META_BYTES, SUFFIX, Block
                                            BlockSpec, block_keys, decode_block, encode_block,
                                            file_bytes, header_bytes, header_digest,
                                            payload_digest, write_atomic)
+from epserve.fleet.kv_block_index import BlockIndex, evict_lru, scan
 
 __all__ = ["KVStore", "KVStoreStats", "block_keys"]
 
@@ -122,10 +123,8 @@ class KVStore:
         self.touch_interval_s = touch_interval_s
         self.write_retry_s = write_retry_s
         self.stats = KVStoreStats()
-        self._lock = threading.RLock()
-        self._index: dict[str, tuple[int, float]] = {}  # key -> (file bytes, last use as mtime)
-        self._total = 0
-        self._last_scan = 0.0
+        self._index = BlockIndex()                     # key -> (file bytes, last use as mtime)
+        self._lock = self._index.lock                  # the counters change with the view
         self._warned: set[str] = set()
         self._writes_enabled = True
         self._writes_paused_until = 0.0                 # a full or unwritable disk: no write before this
@@ -164,7 +163,7 @@ class KVStore:
     @property
     def total_bytes(self) -> int:
         """Bytes of blocks in this process's view of the store."""
-        return self._total
+        return self._index.total
 
     @property
     def n_blocks(self) -> int:
@@ -200,7 +199,7 @@ class KVStore:
                 os.close(fd)
             kv = decode_block(buf if n_read == size else buf[:n_read], self.spec, key)
         except (FileNotFoundError, NotADirectoryError):  # absent (or no store dir at all)
-            self._forget(key)
+            self._index.forget(key)
             self.stats.misses += 1
             return None
         except BlockFormatError as e:
@@ -219,7 +218,7 @@ class KVStore:
         with self._lock:
             self.stats.hits += 1
             self.stats.bytes_read += size
-            self._add(key, size, last_use)
+            self._index.add(key, size, last_use)
         return kv
 
     def load_prefix(self, keys: Sequence[str]) -> list[torch.Tensor]:
@@ -257,8 +256,7 @@ class KVStore:
                 out[i].copy_(kv)
                 n_ok += 1
                 continue
-            seen = self._index.get(key)                # recency from this process's view: no stat per hit
-            last_use = seen[1] if seen else 0.0
+            last_use = self._index.last_use(key)       # recency from this process's view: no stat per hit
             if now - last_use >= self.touch_interval_s:
                 with contextlib.suppress(OSError):
                     os.utime(path, (now, now))
@@ -269,7 +267,7 @@ class KVStore:
             for key, size, last_use in hits:
                 self.stats.hits += 1
                 self.stats.bytes_read += size
-                self._add(key, size, last_use)
+                self._index.add(key, size, last_use)
         return list(out[:n_ok].unbind(0))
 
     # ---- writes ---------------------------------------------------------------------
@@ -298,7 +296,7 @@ class KVStore:
         with self._lock:
             self.stats.blocks_written += 1
             self.stats.bytes_written += n
-            self._add(key, n, time.time())
+            self._index.add(key, n, time.time())
         self._maybe_evict()
         return True
 
@@ -311,27 +309,9 @@ class KVStore:
     # ---- index and eviction ---------------------------------------------------------
     def rescan(self) -> None:
         """Rebuild the view (key -> size, mtime) from disk; sweep stale temp files."""
-        index: dict[str, tuple[int, float]] = {}
-        now = time.time()
-        try:
-            subdirs = [d for d in os.scandir(self.root) if len(d.name) == 2 and d.is_dir()]
-        except OSError:
-            subdirs = []  # missing or unreadable root: an empty store
-        for sub in subdirs:
-            with contextlib.suppress(OSError):
-                for entry in os.scandir(sub.path):
-                    with contextlib.suppress(OSError):  # vanished mid-scan
-                        name = entry.name
-                        if name.endswith(SUFFIX) and KEY_RE.fullmatch(name[:-len(SUFFIX)]):
-                            st = entry.stat()
-                            index[name[:-len(SUFFIX)]] = (st.st_size, st.st_mtime)
-                        elif (name.endswith(".tmp")
-                              and now - entry.stat().st_mtime > self.stale_tmp_s):
-                            os.unlink(entry.path)  # left by a crashed writer
+        entries = scan(self.root, self.stale_tmp_s)
         with self._lock:
-            self._index = index
-            self._total = sum(size for size, _ in index.values())
-            self._last_scan = time.monotonic()
+            self._index.replace(entries)
             self.stats.rescans += 1
 
     def _maybe_evict(self) -> None:
@@ -340,41 +320,19 @@ class KVStore:
         if not self._writes_enabled:
             return
         with self._lock:
-            is_stale = time.monotonic() - self._last_scan > self.rescan_interval_s
-            if self._total <= self.capacity_bytes and not is_stale:
+            is_stale = time.monotonic() - self._index.last_scan > self.rescan_interval_s
+            if self._index.total <= self.capacity_bytes and not is_stale:
                 return
             self.rescan()
-            if self._total <= self.capacity_bytes:
+            if self._index.total <= self.capacity_bytes:
                 return
-            target = self.low_watermark * self.capacity_bytes
-            for key, (size, mtime) in sorted(self._index.items(), key=lambda kv: kv[1][1]):
-                if self._total <= target:
-                    break
-                path = self.path_for(key)
-                try:
-                    if os.stat(path).st_mtime > mtime:  # another process used it since the scan
-                        continue
-                    os.unlink(path)
-                    self.stats.evictions += 1
-                    self.stats.evicted_bytes += size
-                except FileNotFoundError:
-                    pass  # another process evicted it first
-                except OSError as e:
-                    self._warn_once(f"evict:{e.errno}", f"kv_store: cannot evict {path}: {e}")
-                    continue
-                self._forget(key)
+            for _, size in evict_lru(self._index, self.low_watermark * self.capacity_bytes, self.path_for,
+                                     self._evict_failed):
+                self.stats.evictions += 1
+                self.stats.evicted_bytes += size
 
-    def _add(self, key: str, size: int, last_use: float) -> None:
-        with self._lock:
-            old = self._index.get(key)
-            self._total += size - (old[0] if old else 0)
-            self._index[key] = (size, last_use)
-
-    def _forget(self, key: str) -> None:
-        with self._lock:
-            old = self._index.pop(key, None)
-            if old:
-                self._total -= old[0]
+    def _evict_failed(self, path: Path, e: OSError) -> None:
+        self._warn_once(f"evict:{e.errno}", f"kv_store: cannot evict {path}: {e}")
 
     # ---- faults ---------------------------------------------------------------------
     def _drop_corrupt(self, path: Path, key: str, err: BlockFormatError) -> None:
@@ -382,7 +340,7 @@ class KVStore:
         # that costs one future miss, never a wrong block.
         with contextlib.suppress(OSError):
             os.unlink(path)
-        self._forget(key)
+        self._index.forget(key)
         self.stats.misses += 1
         self.stats.corrupt += 1
         self._warn_once(f"corrupt:{err.reason}",

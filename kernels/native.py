@@ -12,21 +12,23 @@ outputs, other page sizes, the tiny test models):
             start-up (cuDNN, or flash with V padded to 192);
   Triton    (ours) 1x128 quantisation that writes scales in DeepGEMM's MN-major TMA-aligned
             layout, and SwiGLU fused with the quantisation between the two expert GEMMs.
-`self_test` checks every op against reference.py at V3 shapes; kernels/__init__.py selects this
-backend only when it passes. Importing this module never fails: without the libraries or CUDA
-the self-test says why.
+`self_test` runs kernels/selftest.py over the adapters declared in SELF_TEST at V3 shapes;
+kernels/__init__.py selects this backend only when it passes. Importing this module never
+fails: without the libraries or CUDA the self-test says why.
 Never: picks a backend or holds model state.
 """
 from __future__ import annotations
 
+import functools
 import logging
-import math
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from epserve.kernels import reference
+from epserve.kernels import reference, selftest
 from epserve.kernels import triton as kt
 from epserve.kernels.layouts import contiguous_layout, empty_mn_major_scales
 from epserve.kernels.reference import FP8, ExpertWeights, Weight, dequant_block, per_block_quant_fp8
@@ -248,72 +250,16 @@ def _time(fn, reps: int = 5) -> float:
     return (time.perf_counter() - t) / reps
 
 
-def _check_gemm(dev, g) -> str:
-    worst = 0.0
-    for m, k, n in ((1, 7168, 1536), (129, 7168, 576), (256, 1536, 24576), (300, 16384, 7168), (64, 512, 4096)):
-        a = torch.randn(m, k, generator=g, device=dev).bfloat16()
-        w = Weight(*per_block_quant_fp8(torch.randn(n, k, generator=g, device=dev) / k ** 0.5), act_quant=True)
-        got, want = linear(a, w), reference.linear(a.float(), w).bfloat16()
-        d = kt.calc_diff(got, want)
-        worst = max(worst, d)
-        assert d <= 1e-5, f"fp8_gemm_nt {m}x{k}x{n}: calc_diff {d:.2e} > 1e-5"
-    return f"gemm calc_diff {worst:.1e}"
-
-
-def _check_experts(dev, g) -> str:
-    worst = 0.0
-    for m, n_slots, dim, inter in ((700, 9, 7168, 2048), (37, 3, 1024, 256)):
-        ex = ExpertWeights.random_fp8(n_slots, inter, dim, dev, g)
-        x = torch.randn(m, dim, generator=g, device=dev).bfloat16()
-        ids = torch.randint(-1, n_slots, (m,), generator=g, device=dev)
-        ids[ids == 1] = 0                                                # one slot empty
-        got, want = expert_ffn(x, ex, ids), reference.expert_ffn(x, ex, ids)       # both with bf16 intermediates
-        d = kt.calc_diff(got, want)
-        worst = max(worst, d)
-        assert d <= 1e-4 and bool((got[ids < 0] == 0).all()), f"expert_ffn {m}x{dim} G={n_slots}: calc_diff {d:.2e}"
-        max_m = 128
-        xm = torch.randn(n_slots, max_m, dim, generator=g, device=dev).bfloat16()
-        counts = torch.randint(0, max_m + 1, (n_slots,), generator=g, device=dev).int()
-        got = expert_ffn_masked(xm, ex, counts, 16)
-        want = reference.expert_ffn_masked(xm, ex, counts)
-        live = torch.arange(max_m, device=dev)[None, :] < counts[:, None]
-        d = kt.calc_diff(got[live], want[live])
-        worst = max(worst, d)
-        assert d <= 1e-4, f"expert_ffn_masked G={n_slots} dim={dim}: calc_diff {d:.2e}"
-    return f"experts calc_diff {worst:.1e}"
-
-
-def _check_mla(dev, g) -> str:
-    worst_o = worst_l = 0.0
-    for lens, s_q in (([1, 64, 65, 700, 2000, 4097], 1), ([130, 300], 2)):
-        b, page, h = len(lens), 64, 128
-        width = max(math.ceil(n / page) for n in lens) + 1
-        cache = torch.randn(b * width, page, 576, generator=g, device=dev).bfloat16()
-        table = torch.argsort(torch.rand(b * width, generator=g, device=dev)).view(b, width).int()
-        seq_lens = torch.tensor(lens, device=dev, dtype=torch.int32)
-        q = torch.randn(b, s_q, h, 576, generator=g, device=dev).bfloat16()
-        out, lse = mla_decode(q if s_q > 1 else q[:, 0], cache, table, seq_lens, 0.1352, 512, plan_mla_decode())
-        if s_q == 1:
-            out, lse = out[:, None], lse[:, None]
-        for i in range(s_q):      # query i sees the cache up to len - s_q + i + 1
-            r_out, r_lse = reference.mla_decode(q[:, i], cache, table, seq_lens - (s_q - 1 - i), 0.1352, 512)
-            rel = float((out[:, i].float() - r_out.float()).norm() / r_out.float().norm())
-            dl = float((lse[:, i] - r_lse).abs().max())
-            worst_o, worst_l = max(worst_o, rel), max(worst_l, dl)
-            assert rel <= 5e-3 and dl <= 1e-3, f"mla_decode s_q={s_q} pos {i}: out rel {rel:.2e}, lse abs {dl:.2e}"
-    return f"mla_decode out rel {worst_o:.1e} lse abs {worst_l:.1e}"
-
-
-def _choose_prefill(dev, g) -> str:
-    """Correctness of each SDPA route against reference, then keep the fastest at a V3 shape."""
+def _choose_prefill(dev) -> str:
+    """Correctness of each SDPA route against reference (the self-test's mla_prefill check), then
+    keep the fastest at a V3 shape."""
     timings = {}
+    g = torch.Generator(device=dev).manual_seed(0)
     for backend in ("cudnn", "flash-padded"):
         try:
-            for tq, tk in ((300, 300), (40, 333)):
-                q, k = (torch.randn(t, 16, 192, generator=g, device=dev).bfloat16() for t in (tq, tk))
-                v = torch.randn(tk, 16, 128, generator=g, device=dev).bfloat16()
-                d = kt.calc_diff(_prefill_sdpa(backend, q, k, v, 0.1352), reference.mla_prefill(q, k, v, 0.1352))
-                assert d <= 1e-4, f"calc_diff {d:.2e}"
+            route = SimpleNamespace(mla_prefill=functools.partial(_prefill_sdpa, backend))
+            ok, why = selftest.run(route, dev, {"mla_prefill": selftest.Op()})
+            assert ok, why
             q, k = (torch.randn(4096, 128, 192, generator=g, device=dev).bfloat16() for _ in range(2))
             v = torch.randn(4096, 128, 128, generator=g, device=dev).bfloat16()
             timings[backend] = _time(lambda: _prefill_sdpa(backend, q, k, v, 0.1352))
@@ -326,9 +272,15 @@ def _choose_prefill(dev, g) -> str:
     return f"prefill {PREFILL_ATTENTION['backend']} ({', '.join(f'{k} {v * 1e3:.2f} ms' for k, v in timings.items())})"
 
 
+# The adapters, at DeepSeek-V3's shapes (what DeepGEMM and FlashMLA take); the rest is triton's, checked there.
+SELF_TEST = {"linear": selftest.Op(cases=selftest.LINEAR_V3_CASES), "expert_ffn": selftest.Op(),
+             "expert_ffn_masked": selftest.Op(), "mla_decode": selftest.Op(cases=selftest.MLA_DECODE_V3_CASES)}
+
+
 def self_test(device) -> tuple[bool, str]:
-    """Every adapter once on seeded inputs at V3 shapes against reference.py (this also JIT-compiles
-    DeepGEMM's kernels for those shapes). Never raises."""
+    """The triton fallbacks' self-test, then every adapter in SELF_TEST on seeded inputs against
+    reference.py (this also JIT-compiles DeepGEMM's kernels for those shapes), then the prefill
+    route's measurement. Never raises."""
     try:
         missing = {k: v for k, v in _IMPORT_ERRORS.items()}
         if missing:
@@ -342,7 +294,9 @@ def self_test(device) -> tuple[bool, str]:
         ok, why = kt.self_test(dev)
         if not ok:
             return False, f"triton fallbacks: {why}"
-        g = torch.Generator(device=dev).manual_seed(0)
-        return True, "; ".join(check(dev, g) for check in (_check_gemm, _check_experts, _check_mla, _choose_prefill))
+        ok, why = selftest.run(sys.modules[__name__], dev, SELF_TEST)
+        if not ok:
+            return False, why
+        return True, f"{why}; {_choose_prefill(dev)}"
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"

@@ -8,7 +8,7 @@ import torch
 
 from epserve import kernels
 from epserve.kernels import reference as ref
-from epserve.kernels.triton import calc_diff
+from epserve.kernels.selftest import calc_diff
 
 
 def test_fp8_gemm_close_to_float_and_equal_to_dequantized_promotion():

@@ -1,0 +1,253 @@
+"""The one start-up self-test every kernel backend passes before kernels/__init__.py selects it.
+
+A backend declares the ops it provides with its own kernels as `SELF_TEST = {op: Op(...)}`;
+`run(backend, device, SELF_TEST)` runs each op on seeded inputs against reference.py, from the
+op's case table below, within the op's tolerance (TOLERANCE; an Op may override an entry or name
+another case table). Inputs are identical quantised tensors on both sides, so a tolerance bounds
+the kernel's own arithmetic: fp32 accumulation order, bf16 outputs, split-KV merges.
+Ops a backend borrows unchanged (native's grouped_linear is triton's) are checked by the
+backend that owns them. Runs on any device (CPU tests run it on reference itself); never raises,
+never picks a backend.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from epserve.kernels import reference
+from epserve.kernels.reference import ExpertWeights, Weight, per_block_quant_fp8
+
+BF16, F32 = torch.bfloat16, torch.float32
+TOLERANCE = {
+    "per_token_group_quant_fp8": {"scale_rel": 1e-6, "codes_differ": 1e-3},   # codes: a fraction of all
+    "fp8_gemm_nt": {"calc_diff": 1e-5},
+    "linear": {"calc_diff": 1e-5},
+    "grouped_linear": {"calc_diff": 1e-5},
+    "expert_ffn": {"calc_diff": 1e-4},            # bf16 intermediates on both sides
+    "expert_ffn_masked": {"calc_diff": 1e-4},
+    "mla_decode": {"out_rel": 5e-3, "lse_abs": 1e-3},
+    "mla_prefill": {"calc_diff": 1e-4},
+    "combine_rows": {"max_rel": 2 ** -6},         # one bf16 rounding of the values apart
+    "route_topk": {"weight_abs": 1e-5},           # and the same experts for every token
+}
+
+# case tables: small and ragged shapes, and DeepSeek-V3's (7168 hidden, 2048 expert inter, 576-wide latents)
+QUANT_CASES = ((7, 7168), (33, 200))                                               # (M, K)
+GEMM_CASES = ((1, 7168, 2048), (200, 7168, 4096), (333, 1536, 576), (40, 320, 200))  # (M, K, N), bf16 and fp32 out
+# (leading dims, K, N, weight kinds, reference computed in fp32 then cast)
+LINEAR_CASES = (((3, 50), 7168, 2048, ("fp8-act", "fp8", "dense"), False),)
+LINEAR_V3_CASES = tuple(((m,), k, n, ("fp8-act",), True) for m, k, n in
+                        ((1, 7168, 1536), (129, 7168, 576), (256, 1536, 24576), (300, 16384, 7168), (64, 512, 4096)))
+GROUPED_CASES = ((300, 9, 7168, 2048), (64, 2, 2048, 7168), (37, 4, 320, 200))    # (M, groups, K, N)
+EXPERT_CASES = ((700, 9, 7168, 2048), (37, 3, 1024, 256))                          # (M, slots, dim, inter)
+MASKED_CASES = ((9, 7168, 2048, 128, 16), (3, 1024, 256, 128, 16))       # (slots, dim, inter, max_m, expected_m)
+# (dtype, heads, latent, rope, seq lens (0: an empty sequence), query positions per sequence)
+MLA_DECODE_CASES = ((BF16, 128, 512, 64, (1, 64, 65, 700, 2000, 0), 1), (F32, 5, 32, 8, (3, 130, 17), 1))
+MLA_DECODE_V3_CASES = ((BF16, 128, 512, 64, (1, 64, 65, 700, 2000, 4097), 1), (BF16, 128, 512, 64, (130, 300), 2))
+PREFILL_CASES = ((300, 300), (40, 333))                                            # (Tq, Tk); 16 heads, 192 / 128
+COMBINE_CASES = ((5, 8, 7168), (33, 2, 200))                                       # (tokens, K, D)
+ROUTE_CASES = ((300, 256, 8, 4, 8), (7, 16, 4, 2, 4), (5, 2, 1, 1, 2))             # (tokens, E, groups, top groups, K)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One declared op: `tol` overrides entries of TOLERANCE[op]; `cases` replaces its default table."""
+
+    tol: dict = field(default_factory=dict)
+    cases: tuple | None = None
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - 2 sum(xy) / sum(x^2 + y^2) in float64 (DeepGEMM's measure; 0 = equal)."""
+    x, y = x.double(), y.double()
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum().clamp(min=1e-300))
+
+
+def run(kb, device, ops: dict[str, Op]) -> tuple[bool, str]:
+    """Check backend `kb` (a module-like object) op by op on `device`: (True, a summary of the worst
+    differences) or (False, the first failure, naming the op, the case and the limit). Never raises."""
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    done = []
+    try:
+        for name, op in ops.items():
+            check, default = CHECKS[name]
+            done.append(check(kb, dev, g, {**TOLERANCE[name], **op.tol}, op.cases or default))
+    except Exception as exc:  # a failed check or a kernel error both mean: do not use this backend
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, "; ".join(done)
+
+
+def _check_quant(kb, dev, g, tol, cases) -> str:
+    for m, k in cases:
+        x = torch.randn(m, k, generator=g, device=dev).bfloat16() * 3
+        x[0, :128] = 0  # a zero group exercises the amax floor
+        q, s = kb.per_token_group_quant_fp8(x)
+        rq, rs = reference.per_token_group_quant_fp8(x)
+        bad = int((q.view(torch.uint8) != rq.view(torch.uint8)).sum())
+        ds = float(((s - rs).abs() / rs).max())
+        assert ds <= tol["scale_rel"] and bad <= q.numel() * tol["codes_differ"], \
+            f"quant {m}x{k}: {bad} codes differ, scale rel {ds:.1e}"
+    return f"quant ok ({bad} codes differ)"
+
+
+def _check_gemm(kb, dev, g, tol, cases) -> str:
+    worst = 0.0
+    for m, k, n in cases:
+        a = torch.randn(m, k, generator=g, device=dev)
+        aq, as_ = kb.per_token_group_quant_fp8(a)
+        bq, bs = per_block_quant_fp8(torch.randn(n, k, generator=g, device=dev) / k ** 0.5)
+        a_deq = aq.double() * as_.double().repeat_interleave(128, 1)[:, :k]
+        want = a_deq @ reference.dequant_block(bq, bs).double().t()
+        for dt in (BF16, F32):
+            d = calc_diff(kb.fp8_gemm_nt(aq, as_, bq, bs, dt), want)
+            worst = max(worst, d)
+            assert d <= tol["calc_diff"], f"fp8_gemm_nt {m}x{k}x{n} {dt}: calc_diff {d:.2e} > {tol['calc_diff']}"
+    return f"gemm calc_diff {worst:.1e}"
+
+
+def _weights(kind: str, w: torch.Tensor) -> Weight:
+    if kind == "dense":
+        return Weight(w.bfloat16())
+    wq, ws = per_block_quant_fp8(w)
+    return Weight(wq, ws, act_quant=kind == "fp8-act")
+
+
+def _check_linear(kb, dev, g, tol, cases) -> str:
+    worst = 0.0
+    for lead, k, n, kinds, ref_fp32 in cases:
+        x = torch.randn(*lead, k, generator=g, device=dev).bfloat16()
+        w = torch.randn(n, k, generator=g, device=dev) / k ** 0.5
+        for kind in kinds:
+            weight = _weights(kind, w)
+            want = reference.linear(x.float(), weight).to(x.dtype) if ref_fp32 else reference.linear(x, weight)
+            d = calc_diff(kb.linear(x, weight), want)
+            worst = max(worst, d)
+            assert d <= tol["calc_diff"], f"linear {lead}x{k}x{n} ({kind}): calc_diff {d:.2e}"
+    return f"linear calc_diff {worst:.1e}"
+
+
+def _check_grouped(kb, dev, g, tol, cases) -> str:
+    worst = 0.0
+    for m, n_groups, k, n in cases:
+        x = torch.randn(m, k, generator=g, device=dev).bfloat16()
+        ids = torch.randint(-1, n_groups, (m,), generator=g, device=dev)
+        ids[ids == n_groups - 1] = 0  # one group empty
+        ws = [per_block_quant_fp8(torch.randn(n, k, generator=g, device=dev) / k ** 0.5) for _ in range(n_groups)]
+        for weights in ([Weight(q, s, act_quant=True) for q, s in ws],
+                        [Weight(reference.dequant_block(q, s).bfloat16()) for q, s in ws]):
+            got, want = kb.grouped_linear(x, weights, ids), reference.grouped_linear(x, weights, ids)
+            d = calc_diff(got, want)
+            worst = max(worst, d)
+            assert d <= tol["calc_diff"] and bool((got[ids < 0] == 0).all()), \
+                f"grouped_linear {m}x{k}x{n} G={n_groups} fp8={weights[0].is_fp8}: calc_diff {d:.2e}"
+    return f"grouped calc_diff {worst:.1e}"
+
+
+def _check_experts(kb, dev, g, tol, cases) -> str:
+    worst = 0.0
+    for m, n_slots, dim, inter in cases:
+        ex = ExpertWeights.random_fp8(n_slots, inter, dim, dev, g)
+        x = torch.randn(m, dim, generator=g, device=dev).bfloat16()
+        ids = torch.randint(-1, n_slots, (m,), generator=g, device=dev)
+        ids[ids == 1] = 0                                                # one slot empty
+        got, want = kb.expert_ffn(x, ex, ids), reference.expert_ffn(x, ex, ids)
+        d = calc_diff(got, want)
+        worst = max(worst, d)
+        assert d <= tol["calc_diff"] and bool((got[ids < 0] == 0).all()), \
+            f"expert_ffn {m}x{dim} G={n_slots}: calc_diff {d:.2e}"
+    return f"experts calc_diff {worst:.1e}"
+
+
+def _check_masked(kb, dev, g, tol, cases) -> str:
+    worst = 0.0
+    for n_slots, dim, inter, max_m, expected_m in cases:
+        ex = ExpertWeights.random_fp8(n_slots, inter, dim, dev, g)
+        xm = torch.randn(n_slots, max_m, dim, generator=g, device=dev).bfloat16()
+        counts = torch.randint(0, max_m + 1, (n_slots,), generator=g, device=dev).int()
+        got, want = kb.expert_ffn_masked(xm, ex, counts, expected_m), reference.expert_ffn_masked(xm, ex, counts)
+        live = torch.arange(max_m, device=dev)[None, :] < counts[:, None]    # rows past a count are undefined
+        d = calc_diff(got[live], want[live])
+        worst = max(worst, d)
+        assert d <= tol["calc_diff"], f"expert_ffn_masked G={n_slots} dim={dim}: calc_diff {d:.2e}"
+    return f"masked experts calc_diff {worst:.1e}"
+
+
+def _check_mla_decode(kb, dev, g, tol, cases) -> str:
+    worst_o = worst_l = 0.0
+    for dt, h, lat, r, lens, s_q in cases:
+        b, page = len(lens), 64
+        width = max(math.ceil(n / page) for n in lens) + 2
+        cache = torch.randn(b * width, page, lat + r, generator=g, device=dev).to(dt)
+        table = torch.argsort(torch.rand(b * width, generator=g, device=dev)).view(b, width)  # scattered pages
+        seq_lens = torch.tensor(lens, device=dev)
+        q = torch.randn(b, s_q, h, lat + r, generator=g, device=dev).to(dt)
+        out, lse = kb.mla_decode(q if s_q > 1 else q[:, 0], cache, table, seq_lens, 0.1352, lat, kb.plan_mla_decode())
+        if s_q == 1:
+            out, lse = out[:, None], lse[:, None]
+        live = seq_lens > 0
+        for i in range(s_q):      # query i sees the cache up to len - s_q + i + 1
+            r_out, r_lse = reference.mla_decode(q[:, i], cache, table, seq_lens - (s_q - 1 - i), 0.1352, lat)
+            rel = float((out[:, i].float() - r_out.float()).norm() / r_out.float().norm())
+            dl = float((lse[live, i] - r_lse[live]).abs().max())
+            worst_o, worst_l = max(worst_o, rel), max(worst_l, dl)
+            assert rel <= tol["out_rel"] and dl <= tol["lse_abs"], \
+                f"mla_decode H={h} {dt} s_q={s_q} pos {i}: out rel {rel:.2e}, lse abs {dl:.2e}"
+        assert bool((lse[~live] == float("-inf")).all()) and bool((out[~live] == 0).all()), "empty sequence"
+    return f"mla_decode out rel {worst_o:.1e} lse abs {worst_l:.1e}"
+
+
+def _check_mla_prefill(kb, dev, g, tol, cases) -> str:
+    worst = 0.0
+    for tq, tk in cases:
+        q, k = (torch.randn(t, 16, 192, generator=g, device=dev).bfloat16() for t in (tq, tk))
+        v = torch.randn(tk, 16, 128, generator=g, device=dev).bfloat16()
+        d = calc_diff(kb.mla_prefill(q, k, v, 0.1352), reference.mla_prefill(q, k, v, 0.1352))
+        worst = max(worst, d)
+        assert d <= tol["calc_diff"], f"mla_prefill Tq={tq} Tk={tk}: calc_diff {d:.2e}"
+    return f"prefill calc_diff {worst:.1e}"
+
+
+def _check_combine(kb, dev, g, tol, cases) -> str:
+    for t, k, d in cases:
+        y = torch.randn(t * k + 3, d, generator=g, device=dev).bfloat16()
+        w = torch.rand(t, k, generator=g, device=dev)
+        rows = torch.randperm(t * k + 3, generator=g, device=dev)[: t * k]
+        rows[::3] = -1
+        rows[rows == t * k + 2] = -1
+        y[t * k + 2] = float("nan")               # garbage no live pair points at, and no dropped one reads
+        for r in (rows, None):
+            got, want = kb.combine_rows(y, w, r), reference.combine_rows(y, w, r)
+            d_ = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+            assert d_ <= tol["max_rel"] and not got.isnan().any(), \
+                f"combine_rows {t}x{k}x{d}: max diff {d_:.2e} (relative)"
+    return "combine ok"
+
+
+def _check_route(kb, dev, g, tol, cases) -> str:
+    for t, e, groups, top_groups, k in cases:
+        logits = torch.randn(t, e, generator=g, device=dev)
+        bias = torch.randn(e, generator=g, device=dev) * 0.1
+        w, idx = kb.route_topk(logits, bias, k, groups, top_groups, scale=2.5)
+        rw, ridx = reference.route_topk(logits, bias, k, groups, top_groups, scale=2.5)
+        same = idx.sort(1)[0] == ridx.sort(1)[0]
+        assert same.all(), f"route_topk {t}x{e}: {int((~same.all(1)).sum())} tokens chose other experts"
+        dw = float((w.sort(1)[0] - rw.sort(1)[0]).abs().max())
+        assert dw <= tol["weight_abs"], f"route_topk {t}x{e}: weights differ by {dw:.1e}"
+    return "route ok"
+
+
+CHECKS = {  # op -> (check, default case table)
+    "per_token_group_quant_fp8": (_check_quant, QUANT_CASES),
+    "fp8_gemm_nt": (_check_gemm, GEMM_CASES),
+    "linear": (_check_linear, LINEAR_CASES),
+    "grouped_linear": (_check_grouped, GROUPED_CASES),
+    "expert_ffn": (_check_experts, EXPERT_CASES),
+    "expert_ffn_masked": (_check_masked, MASKED_CASES),
+    "mla_decode": (_check_mla_decode, MLA_DECODE_CASES),
+    "mla_prefill": (_check_mla_prefill, PREFILL_CASES),
+    "combine_rows": (_check_combine, COMBINE_CASES),
+    "route_topk": (_check_route, ROUTE_CASES),
+}
