@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from epserve.kernels import reference
 from epserve.kernels.layouts import empty_mn_major_scales
+from epserve.kernels.triton_norm import rms_norm
 from epserve.kernels.reference import (AMAX_FLOOR, FP8, FP8_MAX, ExpertWeights, Weight, dequant_block,
                                       multi_query_decode, expert_ffn_masked_with, expert_ffn_with, per_block_quant_fp8,
                                       plan_mla_decode)
@@ -45,7 +46,7 @@ except ImportError:  # no triton: keep the module importable, fail on first kern
 __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", "fp8_gemm_nt", "Weight",
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "silu_mul_quant_fp8",
            "mla_prefill", "plan_mla_decode", "mla_decode", "combine_rows", "route_topk", "self_test", "plan_kv_splits",
-           "plan_group_tiles"]
+           "plan_group_tiles", "rms_norm"]
 
 BLOCK = 128       # quantisation block: 1x128 activations, 128x128 weights
 LOG2E = 1.4426950408889634
