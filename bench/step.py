@@ -31,7 +31,7 @@ import torch
 from epserve import kernels
 from epserve.bench.kernels import emit, env_info, rand_experts, rand_fp8_weight, time_ms
 from epserve.kernels.layouts import masked_layout
-from epserve.model.deepseek_v3 import MLA, MLP, Batch, DecodeBatch, Gate, ModelArgs, rms_norm, rope_inv_freq
+from epserve.model.deepseek_v3 import MLA, MLP, Batch, DecodeBatch, Gate, ModelArgs, rope_inv_freq
 from epserve.model.moe_dispatch import ExpertShard
 
 V3 = ModelArgs(rope_type="yarn", rope_factor=40.0, mscale=1.0, mscale_all_dim=1.0)
@@ -204,10 +204,10 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
 
     def attention():
         b = dataclasses.replace(batch, plan=plan)
-        return hidden + mla.forward(rms_norm(hidden, attn_norm, a.rms_norm_eps), b, rope, cache)
+        return hidden + mla.forward(kb.rms_norm(hidden, attn_norm, a.rms_norm_eps), b, rope, cache)
 
     def moe_ffn():
-        x = rms_norm(hidden, ffn_norm, a.rms_norm_eps)
+        x = kb.rms_norm(hidden, ffn_norm, a.rms_norm_eps)
         gate.forward(x)  # routing decides the dispatch (its communication is not timed)
         if phase == "decode":
             y = kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, per_slot).view(-1, a.dim)[flat]
@@ -217,10 +217,10 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
         return hidden + combined + shared.forward(x)
 
     def dense_ffn():
-        return hidden + dense.forward(rms_norm(hidden, ffn_norm, a.rms_norm_eps))
+        return hidden + dense.forward(kb.rms_norm(hidden, ffn_norm, a.rms_norm_eps))
 
     # the pieces, each timed on its own, so the JSON says which one holds the layer back
-    xn = rms_norm(hidden, ffn_norm, a.rms_norm_eps)
+    xn = kb.rms_norm(hidden, ffn_norm, a.rms_norm_eps)
     q_lat = torch.randn(t, a.n_heads, a.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
 
     if phase == "prefill":     # core attention of each prompt alone: its new tokens over its whole context

@@ -49,10 +49,11 @@ except Exception as exc:
 
 __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", "fp8_gemm_nt", "Weight",
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "mla_prefill",
-           "plan_mla_decode", "mla_decode", "self_test", "versions"]
+           "plan_mla_decode", "mla_decode", "swiglu_linear", "rms_norm", "self_test", "versions"]
 
 grouped_linear = kt.grouped_linear            # the list-of-weights form stays Triton's
 combine_rows = kt.combine_rows                # the MoE combine's reduction: one Triton pass
+rms_norm = kt.rms_norm                        # one Triton kernel per norm (kernels/triton_norm.py)
 route_topk = kt.route_topk                    # the gate's routing: one Triton kernel per token
 TAKES_FP8_ROWS = True                          # expert_ffn takes dispatched FP8 rows (q, s) without a dequantise
 PREFILL_ATTENTION = {"backend": "flash-padded"}   # set by self_test from a measurement
@@ -93,6 +94,23 @@ def fp8_gemm_nt(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: to
 
 
 linear = reference.linear_with(per_token_group_quant_fp8, fp8_gemm_nt)
+
+
+_swiglu_unfused = reference.swiglu_linear_with(linear)
+
+
+def swiglu_linear(h13: torch.Tensor, w2: Weight) -> torch.Tensor:
+    """h13 [T, 2I] bf16 (gate | up) -> silu(gate) * up @ W2^T [T, D]: the SwiGLU and its 1x128
+    quantisation in one Triton pass (kt.silu_mul_quant_fp8, bf16 rounding as the unfused ops),
+    straight into DeepGEMM; two kernels where silu, multiply, quantise and GEMM were four."""
+    i = h13.shape[-1] // 2
+    if not (w2.is_fp8 and w2.act_quant and h13.dim() == 2 and h13.dtype == torch.bfloat16
+            and _gemm_ok(h13.shape[0], w2.shape[0], i, torch.bfloat16) and w2.shape[1] == i):
+        return _swiglu_unfused(h13, w2)
+    q, s = kt.silu_mul_quant_fp8(h13, mn_major=True)
+    d = torch.empty(h13.shape[0], w2.shape[0], dtype=torch.bfloat16, device=h13.device)
+    deep_gemm.fp8_gemm_nt((q, s), (w2.w, w2.scale.float()), d)
+    return d
 
 
 # ---------------------------------------------------------------- routed experts
@@ -274,7 +292,7 @@ def _choose_prefill(dev) -> str:
 
 # The adapters, at DeepSeek-V3's shapes (what DeepGEMM and FlashMLA take); the rest is triton's, checked there.
 SELF_TEST = {"linear": selftest.Op(cases=selftest.LINEAR_V3_CASES), "expert_ffn": selftest.Op(),
-             "expert_ffn_masked": selftest.Op(), "mla_decode": selftest.Op(cases=selftest.MLA_DECODE_V3_CASES)}
+             "expert_ffn_masked": selftest.Op(), "swiglu_linear": selftest.Op(), "mla_decode": selftest.Op(cases=selftest.MLA_DECODE_V3_CASES)}
 
 
 def self_test(device) -> tuple[bool, str]:

@@ -18,6 +18,12 @@ FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4  # DeepGEMM per_token_cast_to_fp8 / DeepEP kFP8Margin
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] / rms(x) * weight: normalised in fp32, rounded to x's dtype, then weighted."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def per_token_group_quant_fp8(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q fp8 [..., K], s fp32 [..., ceil(K/group)]), x ~= q * s per group."""
     k = x.shape[-1]
@@ -89,6 +95,28 @@ class Weight:
         return n + (self.scale.numel() * 4 if self.is_fp8 else 0)
 
 
+def stack_rows(*weights: Weight) -> tuple[Weight, tuple[Weight, ...]] | None:
+    """Weights that read the same input, stacked along N so one GEMM (one activation quantisation,
+    one launch) computes them all: -> (stacked [sum N, K], each part as a view of it), or None when
+    they cannot share one GEMM (different K, kinds or dtypes; an FP8 part other than the last whose N
+    is not a whole number of 128-row scale blocks). Splitting the stacked output gives each part's
+    output: rows are independent, and FP8 parts keep their own 128x128 scale blocks."""
+    first = weights[0]
+    same = all(w.shape[1] == first.shape[1] and w.is_fp8 == first.is_fp8 and w.act_quant == first.act_quant
+               and w.w.dtype == first.w.dtype and w.w.device == first.w.device for w in weights)
+    if not same or (first.is_fp8 and any(w.shape[0] % 128 for w in weights[:-1])):
+        return None
+    stacked = Weight(torch.cat([w.w for w in weights]),
+                     torch.cat([w.scale for w in weights]) if first.is_fp8 else None, first.act_quant)
+    parts, row, blk = [], 0, 0
+    for w in weights:
+        n = w.shape[0]
+        scale = stacked.scale[blk: blk + math.ceil(n / 128)] if first.is_fp8 else None
+        parts.append(Weight(stacked.w[row: row + n], scale, first.act_quant))
+        row, blk = row + n, blk + (math.ceil(n / 128) if first.is_fp8 else 0)
+    return stacked, tuple(parts)
+
+
 def linear_with(quant, gemm):
     """A backend's `linear` from its 1x128 quantiser and FP8 GEMM (the three cases are the same everywhere)."""
     def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
@@ -103,6 +131,18 @@ def linear_with(quant, gemm):
 
 
 linear = linear_with(per_token_group_quant_fp8, fp8_gemm_nt)
+
+
+def swiglu_linear_with(linear_fn):
+    """A backend's `swiglu_linear` from its `linear`: the MLP's second half, unfused."""
+    def swiglu_linear(h13: torch.Tensor, w2: Weight) -> torch.Tensor:
+        """h13 [..., 2I] (gate | up) -> (silu(gate) * up) @ W2^T [..., D] in h13's dtype."""
+        gate, up = h13.chunk(2, -1)
+        return linear_fn(F.silu(gate) * up, w2)
+    return swiglu_linear
+
+
+swiglu_linear = swiglu_linear_with(linear)
 
 
 class ExpertWeights:

@@ -31,6 +31,8 @@ TOLERANCE = {
     "mla_prefill": {"calc_diff": 1e-4},
     "combine_rows": {"max_rel": 2 ** -6},         # one bf16 rounding of the values apart
     "route_topk": {"weight_abs": 1e-5},           # and the same experts for every token
+    "rms_norm": {"max_abs_ulp": 1.0},             # at most one bf16 rounding of the output apart
+    "swiglu_linear": {"calc_diff": 1e-5},         # fused SwiGLU + quantise + GEMM against its unfused ops
 }
 
 # case tables: small and ragged shapes, and DeepSeek-V3's (7168 hidden, 2048 expert inter, 576-wide latents)
@@ -49,6 +51,8 @@ MLA_DECODE_V3_CASES = ((BF16, 128, 512, 64, (1, 64, 65, 700, 2000, 4097), 1), (B
 PREFILL_CASES = ((300, 300), (40, 333))                                            # (Tq, Tk); 16 heads, 192 / 128
 COMBINE_CASES = ((5, 8, 7168), (33, 2, 200))                                       # (tokens, K, D)
 ROUTE_CASES = ((300, 256, 8, 4, 8), (7, 16, 4, 2, 4), (5, 2, 1, 1, 2))             # (tokens, E, groups, top groups, K)
+NORM_CASES = ((64, 7168, 7168), (5, 1536, 2112), (3, 512, 576), (0, 7168, 7168))   # (rows, D, row stride: a split view)
+SWIGLU_CASES = ((64, 2048, 7168), (128, 18432, 7168), (3, 256, 200))               # (tokens, inter, D)
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,29 @@ def _check_route(kb, dev, g, tol, cases) -> str:
     return "route ok"
 
 
+def _check_norm(kb, dev, g, tol, cases) -> str:
+    for t, d, stride in cases:
+        x = torch.randn(t, stride, generator=g, device=dev).bfloat16()[:, :d]
+        w = (torch.rand(d, generator=g, device=dev) + 0.5).bfloat16()
+        got, want = kb.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6)
+        ulp = (want.float().abs() * 2 ** -7).clamp(min=2 ** -126)       # one bf16 rounding at that value
+        worst = float(((got.float() - want.float()).abs() / ulp).max()) if t else 0.0
+        assert got.shape == want.shape and worst <= tol["max_abs_ulp"], f"rms_norm {t}x{d}: {worst:.2f} bf16 ulps apart"
+    return "rms_norm ok"
+
+
+def _check_swiglu(kb, dev, g, tol, cases) -> str:
+    for t, i, d in cases:
+        h13 = torch.randn(t, 2 * i, generator=g, device=dev).bfloat16()
+        q, s = per_block_quant_fp8(torch.randn(d, i, generator=g, device=dev) / i ** 0.5)
+        w2 = Weight(q, s, act_quant=True)
+        gate, up = h13.chunk(2, -1)
+        got, want = kb.swiglu_linear(h13, w2), reference.linear(torch.nn.functional.silu(gate) * up, w2).float()
+        diff = calc_diff(got.float(), want)
+        assert diff <= tol["calc_diff"], f"swiglu_linear {t}x{i}x{d}: calc_diff {diff:.2e}"
+    return "swiglu ok"
+
+
 CHECKS = {  # op -> (check, default case table)
     "per_token_group_quant_fp8": (_check_quant, QUANT_CASES),
     "fp8_gemm_nt": (_check_gemm, GEMM_CASES),
@@ -250,4 +277,6 @@ CHECKS = {  # op -> (check, default case table)
     "mla_prefill": (_check_mla_prefill, PREFILL_CASES),
     "combine_rows": (_check_combine, COMBINE_CASES),
     "route_topk": (_check_route, ROUTE_CASES),
+    "rms_norm": (_check_norm, NORM_CASES),
+    "swiglu_linear": (_check_swiglu, SWIGLU_CASES),
 }

@@ -153,6 +153,7 @@ def fp8_gemm_nt(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: to
 
 
 linear = reference.linear_with(per_token_group_quant_fp8, fp8_gemm_nt)   # reference.linear's three cases
+swiglu_linear = reference.swiglu_linear_with(linear)
 
 
 @_jit

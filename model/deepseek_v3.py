@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from epserve.errors import ConfigError
-from epserve.kernels.reference import Weight, route_topk
+from epserve.kernels.reference import Weight, rms_norm, route_topk, stack_rows
 
 
 @dataclass(frozen=True)
@@ -233,11 +233,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 @dataclass
 class Batch:
     """One forward step on one rank: B sequences, T = sum of their new tokens.
@@ -348,6 +343,7 @@ class MLA:
     wkv_b: Weight = None
     wo: Weight = None
     _absorb: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _down: Weight | bool | None = field(default=None, repr=False)   # wq(_a) and wkv_a stacked (False: cannot)
 
     def absorbed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, P, L], W_UV [H, V, L]) from wkv_b, cached after first use."""
@@ -370,17 +366,15 @@ class MLA:
                 cache_layer: torch.Tensor) -> "Queries":
         a, kb = self.args, self.kb
         t = x.shape[0]
-        if self.wq is not None:
-            q = kb.linear(x, self.wq)
-        else:
-            q = kb.linear(rms_norm(kb.linear(x, self.wq_a), self.q_norm, a.rms_norm_eps), self.wq_b)
+        q, kv = self.down(x)
+        if self.wq is None:
+            q = kb.linear(kb.rms_norm(q, self.q_norm, a.rms_norm_eps), self.wq_b)
         q = q.view(t, a.n_heads, a.qk_head_dim)
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)
         cos, sin = rope
         q_pe = apply_rope(q_pe, cos, sin, a.rope_interleave)
-        kv = kb.linear(x, self.wkv_a)
         c_kv, k_pe = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
-        latent = torch.cat([rms_norm(c_kv, self.kv_norm, a.rms_norm_eps),
+        latent = torch.cat([kb.rms_norm(c_kv, self.kv_norm, a.rms_norm_eps),
                             apply_rope(k_pe, cos, sin, a.rope_interleave)], -1)
         flat_cache = cache_layer.view(-1, a.kv_dim)
         flat_cache[batch.slot_mapping] = latent.to(cache_layer.dtype)
@@ -391,6 +385,20 @@ class MLA:
             tok = batch.decode_index[0]
             q_lat = torch.cat([torch.einsum("bhp,hpl->bhl", q_nope[tok], self.absorbed(x.dtype)[0]), q_pe[tok]], -1)
         return Queries(q_nope, q_pe, q_lat)
+
+    def down(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (x @ wq(_a)^T, x @ wkv_a^T): one GEMM over the stacked rows (one quantisation,
+        one launch), built on first use; the two weights become views of it."""
+        first = "wq" if self.wq is not None else "wq_a"
+        if self._down is None:
+            st = stack_rows(getattr(self, first), self.wkv_a)
+            self._down = False if st is None else st[0]
+            if st is not None:
+                setattr(self, first, st[1][0])
+                self.wkv_a = st[1][1]
+        if self._down is False:
+            return self.kb.linear(x, getattr(self, first)), self.kb.linear(x, self.wkv_a)
+        return self.kb.linear(x, self._down).split([getattr(self, first).shape[0], self.wkv_a.shape[0]], -1)
 
     def _latent_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, H, L + R]: q_nope @ W_UK written by the batched GEMM straight into the first L columns,
@@ -458,9 +466,19 @@ class MLP:
     w2: Weight = None
     w3: Weight = None
 
+    _w13: Weight | bool | None = field(default=None, repr=False)   # w1 and w3 stacked (False: cannot)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D]: w1 and w3 as one stacked GEMM, then the backend's fused SwiGLU + W2."""
         kb = self.kb
-        return kb.linear(F.silu(kb.linear(x, self.w1)) * kb.linear(x, self.w3), self.w2)
+        if self._w13 is None:
+            st = stack_rows(self.w1, self.w3)
+            self._w13 = False if st is None else st[0]
+            if st is not None:
+                self.w1, self.w3 = st[1]
+        if self._w13 is False:
+            return kb.linear(F.silu(kb.linear(x, self.w1)) * kb.linear(x, self.w3), self.w2)
+        return kb.swiglu_linear(kb.linear(x, self._w13), self.w2)
 
 
 @dataclass
@@ -558,8 +576,8 @@ class Transformer:
     def run_block(self, blk: Block, layer: int, h: torch.Tensor, batch, rope, kv_cache: torch.Tensor,
                   valid: torch.Tensor | None) -> torch.Tensor:
         a = self.args
-        h = h + blk.attn.forward(rms_norm(h, blk.attn_norm, a.rms_norm_eps), batch, rope, kv_cache[layer])
-        x = rms_norm(h, blk.ffn_norm, a.rms_norm_eps)
+        h = h + blk.attn.forward(self.kb.rms_norm(h, blk.attn_norm, a.rms_norm_eps), batch, rope, kv_cache[layer])
+        x = self.kb.rms_norm(h, blk.ffn_norm, a.rms_norm_eps)
         return h + (blk.ffn.forward(x, valid) if isinstance(blk.ffn, MoE) else blk.ffn.forward(x))
 
     @torch.inference_mode()
@@ -577,7 +595,7 @@ class Transformer:
         valid = batch.valid if batch.is_decode_only else None
         for i, blk in enumerate(self.layers):
             h = self.run_block(blk, i, h, batch, rope, kv_cache, valid)
-        hn = rms_norm(h, self.norm, self.args.rms_norm_eps)
+        hn = self.kb.rms_norm(h, self.norm, self.args.rms_norm_eps)
         last = all_logits or batch.is_decode_only
         logits = self.head_logits(hn if last else (hn[batch.last_token_index] if batch.seq_new else hn[:0]))
         return (logits, hn) if with_hidden else logits
@@ -587,7 +605,7 @@ class Transformer:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: hidden [N, D] -> fp32 [N, vocab]."""
-        return self.head_logits(rms_norm(h, self.norm, self.args.rms_norm_eps))
+        return self.head_logits(self.kb.rms_norm(h, self.norm, self.args.rms_norm_eps))
 
     def head_logits(self, hn: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         """LM head of normed hidden [N, D] -> fp32 [N, vocab]."""

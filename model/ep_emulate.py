@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from epserve.errors import ConfigError
 from epserve.kernels.layouts import masked_layout
 from epserve.model.moe_dispatch import MASKED_ROWS_ALIGN, ExpertMap, ExpertShard, LocalDispatcher
 from epserve.placement import eplb
@@ -75,7 +76,7 @@ NODE_LIMIT = 4                 # V3 routes a token to experts on at most 4 nodes
 KEYS = {"ranks": 144, "top_k": 8, "experts": 256, "groups": 8, "skew": "lognormal", "seed": 0, "hold": True}
 
 
-class EmulationError(ValueError):
+class EmulationError(ConfigError):
     """An `ep_emulate` value this checkpoint or EPLB cannot take (the message names it)."""
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from epserve.model.deepseek_v3 import Batch, MoE, Queries, rms_norm
+from epserve.model.deepseek_v3 import Batch, MoE, Queries
 
 SCHEDULES = ("prefill", "decode")
 
@@ -243,11 +243,11 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
         blk = blocks[op.layer] if op.layer >= 0 else None
         with torch.profiler.record_function(str(op)):
             if op.stage == "ATTN-0":
-                m.q = blk.attn.project(rms_norm(m.h, blk.attn_norm, a.rms_norm_eps), m.batch, m.rope,
+                m.q = blk.attn.project(model.kb.rms_norm(m.h, blk.attn_norm, a.rms_norm_eps), m.batch, m.rope,
                                        kv_cache[op.layer])
             elif op.stage == "ATTN-1":
                 m.h = m.h + blk.attn.attend(m.q, m.batch, kv_cache[op.layer])
-                m.x, m.q = rms_norm(m.h, blk.ffn_norm, a.rms_norm_eps), None
+                m.x, m.q = model.kb.rms_norm(m.h, blk.ffn_norm, a.rms_norm_eps), None
                 if isinstance(blk.ffn, MoE):
                     m.routing = blk.ffn.gate.forward(m.x)
             elif op.stage == "FFN":
@@ -287,7 +287,7 @@ def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor, schedule: st
             hn = torch.empty(batch.n_tokens, a.dim, dtype=model.dtype, device=model.device)
             for m, r in zip(mbs, rows):
                 if len(r):
-                    hn[r] = rms_norm(m.h, model.norm, a.rms_norm_eps)
+                    hn[r] = model.kb.rms_norm(m.h, model.norm, a.rms_norm_eps)
             return hn
         logits = torch.empty(len(batch.seq_new), a.vocab_size, dtype=torch.float32, device=model.device)
         for m in mbs:

@@ -24,6 +24,8 @@ SMALL = {   # CPU-sized case tables, in each table's format (selftest.py's comme
     "mla_prefill": ((8, 8), (4, 12)),
     "combine_rows": ((5, 8, 64),),
     "route_topk": ((7, 16, 4, 2, 4),),
+    "rms_norm": ((4, 64, 80), (0, 64, 64)),
+    "swiglu_linear": ((3, 128, 128),),
 }
 
 
