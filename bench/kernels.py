@@ -43,6 +43,20 @@ def peaks(name: str) -> dict:
                       + ("; H200 HBM3e 4.8 TB/s" if hbm > 4e12 else "")}
 
 
+def graphed(fn):
+    """fn captured as a CUDA graph (after two warm-up runs on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
     """Median of reps CUDA-event timings of fn() after warm-up (wall-clock timings without CUDA)."""
     for _ in range(warmup):

@@ -29,7 +29,7 @@ import math
 import torch
 
 from epserve import kernels
-from epserve.bench.kernels import emit, env_info, rand_experts, rand_fp8_weight, time_ms
+from epserve.bench.kernels import emit, env_info, graphed, rand_experts, rand_fp8_weight, time_ms
 from epserve.kernels.layouts import masked_layout
 from epserve.model.deepseek_v3 import MLA, MLP, Batch, DecodeBatch, Gate, ModelArgs, rope_inv_freq
 from epserve.model.moe_dispatch import ExpertShard
@@ -145,20 +145,6 @@ def run(device: str = "cuda", backend: str = "triton", phase: str = "prefill", t
     }
 
 
-def _graphed(fn):
-    """fn captured as a CUDA graph; returns its replay (what the engine's decode does)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def layer_ms(a: ModelArgs, phase: str, tokens: int, ctx: int, slots: int, backend: str = "native",
              graphs: bool = True, device: str = "cuda") -> dict:
     """ms of attention, MoE FFN and dense FFN of one layer of `a` (a checkpoint's shape) on one GPU:
@@ -257,7 +243,7 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
     out = {}
     with torch.inference_mode():
         for name, fn in parts:
-            out[name] = time_ms(_graphed(fn) if use_graphs else fn, warmup=warm, reps=reps)
+            out[name] = time_ms(graphed(fn) if use_graphs else fn, warmup=warm, reps=reps)
     main = {k: out.pop(k) for k in ("attention", "moe_ffn", "dense_ffn")}
     if "planned_core" in out:    # once per step, not per layer
         main["mla_plan_per_step"] = max(0.0, out.pop("planned_core") - out["attention.core"])

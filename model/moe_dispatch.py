@@ -145,11 +145,14 @@ class LocalDispatcher:
         return contextlib.nullcontext()
 
     # launch / compute / finish: the split interface of model/ep_dispatch.py (here nothing is in flight)
-    def launch(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
-        return (layer, x, idx, weights)
+    def launch(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+               valid: torch.Tensor | None = None):
+        return (layer, x, idx, weights, valid)
 
     def compute(self, ex, shard: ExpertShard) -> torch.Tensor:
-        return self.run(*ex, shard)
+        layer, x, idx, weights, valid = ex
+        return self.run(layer, x, idx, weights, shard) if valid is None else \
+            self.run_static(layer, x, idx, weights, shard, valid)
 
     def finish(self, ex) -> torch.Tensor:
         return ex

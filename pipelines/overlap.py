@@ -226,9 +226,13 @@ class MicroBatch:
     q: Queries | None = None              # ATTN-0 -> ATTN-1
     x: torch.Tensor | None = None         # FFN input of the current layer (dense or MoE)
     ex: object = None                     # the exchange in flight (dispatch, then combine)
+    valid: torch.Tensor | None = None     # static: bool [T] rows to route (the dispatcher's fixed-shape path)
     shared: torch.Tensor | None = None    # shared-expert output waiting for the combine
     routing: tuple | None = None          # (weights, expert ids) from the gate
     ends: list = field(default_factory=list)   # (row, sequence) of pieces that end a sequence
+    h0: torch.Tensor | None = None        # the embedded input the residual stream starts from (a replay restarts here)
+    head_rows: torch.Tensor | None = None  # device int64: rows of h whose logits HEAD computes (from `ends`)
+    out_seqs: torch.Tensor | None = None   # device int64: the step's sequence of each of those logits
     logits: torch.Tensor | None = None    # HEAD: fp32 [len(ends), vocab]
 
 
@@ -254,7 +258,8 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
                 m.h = m.h + blk.ffn.forward(m.x)
             elif op.stage == "DISPATCH":
                 w, idx = m.routing
-                m.ex = blk.ffn.dispatcher.launch(op.layer, m.x, idx, w)
+                m.ex = blk.ffn.dispatcher.launch(op.layer, m.x, idx, w) if m.valid is None else \
+                    blk.ffn.dispatcher.launch(op.layer, m.x, idx, w, m.valid)
             elif op.stage == "SHARED":
                 m.shared = blk.ffn.shared.forward(m.x) if blk.ffn.shared is not None else None
             elif op.stage == "MLP":
@@ -266,31 +271,63 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
             elif op.stage == "HEAD":
                 if not m.ends:
                     continue
-                m.logits = model.logits(m.h[m.batch.last_token_index[[r for r, _ in m.ends]]])
+                m.logits = model.logits(m.h[m.head_rows])
             else:
                 raise ValueError(f"unknown stage {op.stage!r}")
 
 
-def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor, schedule: str = "prefill",
-                       trace: list[str] | None = None, all_tokens: bool = False) -> torch.Tensor:
-    """model.forward's logits computed as two micro-batches in `schedule`'s order: the same math
-    per token, up to the rounding of GEMMs over other row counts (~1e-6 in float32; the greedy
-    tokens are the same, tested). -> logits fp32 [B, vocab]; all_tokens: the final-normed hidden
-    of every token instead [T, D] (what MTP verifies and drafts from)."""
+def prepare_overlapped(model, batch: Batch, all_tokens: bool = False, static: bool = False) -> tuple[list, list]:
+    """The host side of an overlapped step: the two micro-batches with their RoPE, embedded inputs,
+    index tensors and (decode) FlashMLA plans, all made before the layers run, so `run_overlapped`
+    launches device work only (a CUDA graph can capture it and replay it). static: the MoE layers
+    take the dispatcher's fixed-shape path (masked layout, no host sync; a dispatcher whose launch
+    takes `valid`: local, emulated, DeepEP). -> (micro-batches, each one's token rows in `batch`)."""
+    dev = model.device
+    batches, ends, rows = sub_batches(batch, attention_weight(model.args), with_rows=True)
+    mbs = []
+    for b, e in zip(batches, ends):
+        if b.n_tokens and b.is_decode_only and hasattr(model.kb, "plan_mla_decode"):
+            b.plan = model.kb.plan_mla_decode()      # one plan per micro-batch per step, as one batch has one
+        e = [] if all_tokens else e
+        m = MicroBatch(b, model.rope(b.positions), model.embed_tokens(b.input_ids), ends=e,
+                       valid=torch.ones(b.n_tokens, dtype=torch.bool, device=dev) if static else None)
+        m.h0 = m.h
+        if e:
+            m.head_rows = b.last_token_index[[r for r, _ in e]].to(dev)
+            m.out_seqs = torch.tensor([s_ for _, s_ in e], dtype=torch.long, device=dev)
+        mbs.append(m)
+    return mbs, rows
+
+
+def run_overlapped(model, mbs: list, rows: list, kv_cache: torch.Tensor, n_seqs: int, schedule: str = "prefill",
+                   trace: list[str] | None = None, all_tokens: bool = False) -> torch.Tensor:
+    """The device side of an overlapped step over prepared micro-batches (restarting from their
+    embedded inputs, so it can be replayed) -> logits fp32 [n_seqs, vocab], or all_tokens: the
+    final-normed hidden of every token [T, D]."""
     a = model.args
-    batches, ends, rows = sub_batches(batch, attention_weight(a), with_rows=True)
     with torch.inference_mode():
-        mbs = [MicroBatch(b, model.rope(b.positions), model.embed_tokens(b.input_ids), ends=[] if all_tokens else e)
-               for b, e in zip(batches, ends)]
+        for m in mbs:
+            m.h = m.h0
         run_schedule(model, mbs, schedule_ops(schedule, a.n_layers, a.n_dense_layers), kv_cache, trace)
         if all_tokens:
-            hn = torch.empty(batch.n_tokens, a.dim, dtype=model.dtype, device=model.device)
+            hn = torch.empty(sum(len(r) for r in rows), a.dim, dtype=model.dtype, device=model.device)
             for m, r in zip(mbs, rows):
                 if len(r):
                     hn[r] = model.kb.rms_norm(m.h, model.norm, a.rms_norm_eps)
             return hn
-        logits = torch.empty(len(batch.seq_new), a.vocab_size, dtype=torch.float32, device=model.device)
+        logits = torch.empty(n_seqs, a.vocab_size, dtype=torch.float32, device=model.device)
         for m in mbs:
             if m.ends:
-                logits[[s for _, s in m.ends]] = m.logits
+                logits[m.out_seqs] = m.logits
     return logits
+
+
+def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor, schedule: str = "prefill",
+                       trace: list[str] | None = None, all_tokens: bool = False, static: bool = False) -> torch.Tensor:
+    """model.forward's logits computed as two micro-batches in `schedule`'s order: the same math
+    per token, up to the rounding of GEMMs over other row counts (~1e-6 in float32; the greedy
+    tokens are the same, tested). -> logits fp32 [B, vocab]; all_tokens: the final-normed hidden
+    of every token instead [T, D] (what MTP verifies and drafts from). static: see prepare_overlapped."""
+    with torch.inference_mode():
+        mbs, rows = prepare_overlapped(model, batch, all_tokens, static)
+    return run_overlapped(model, mbs, rows, kv_cache, len(batch.seq_new), schedule, trace, all_tokens)
