@@ -42,7 +42,7 @@ import torch
 from epserve.actors.agreement import max_all_reduce
 from epserve.actors.rank_messages import RankReport, StepInput, StepOutput, UnitLayout
 from epserve.actors.sink_routes import SinkRoutes
-from epserve.messages import RankStats
+from epserve.messages import RankSpec, RankStats, TokenDelta
 from epserve.model.ep_select import make_ep_dispatcher
 from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
 from epserve.pipelines.expert_migration import stage, switch
@@ -50,7 +50,7 @@ from epserve.actors.kv_transfer import PairGroups, park_and_ticket, pull_latents
 from epserve.pipelines.kv_handoff import ParkedKv, split_blocks
 from epserve.pipelines.lockstep import LoopState, Vote, agree
 from epserve.pipelines.overlap import OverlapTuner
-from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
+from epserve.pipelines.runner import RankEngine
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.devices import DeviceAssignmentError, data_backend, local_device_index
 from epserve.placement.prefill_balancer import attn_work

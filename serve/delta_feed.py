@@ -16,6 +16,7 @@ import logging
 import uuid
 
 from epserve.actors.stream_sink import StreamSink
+from epserve.messages import RequestResult
 
 log = logging.getLogger("epserve.feed")
 
@@ -50,7 +51,7 @@ class DeltaFeed:
             for q in self.queues.values():
                 q.put_nowait(RuntimeError(f"stream sink lost: {type(exc).__name__}"))
 
-    async def prefill(self, unit, seq, rank: int) -> dict:
+    async def prefill(self, unit, seq, rank: int) -> RequestResult:
         """The prefill role's whole answer (first token, KV block refs) in one call."""
         return await self.sink.prefill.remote(unit, seq, rank)
 
