@@ -15,6 +15,7 @@ from epserve.messages import RankSpec, TokenDelta
 from epserve.model.checkpoint import LoadOptions, TensorIndex, load_weights, read_config
 from epserve.model.deepseek_v3 import Batch, DecodeBatch, ModelArgs, Transformer
 from epserve.model.kv_cache import PagedKVCache
+from epserve.model.mtp import build_mtp
 from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
 from epserve.pipelines.block_table import BlockTable
@@ -44,7 +45,8 @@ class RankEngine:
         self.kb = kernels.get_backend(spec.kernels, self.device)
         self.dtype = DTYPES[spec.dtype]
         self.dispatcher = dispatcher_factory(self.kb, self.args)
-        self.model = Transformer(self.args, self.kb, self.dispatcher, self.dtype, self.device)
+        mtp = build_mtp(self.args, self.kb, self.dispatcher) if self.args.n_mtp_layers else None
+        self.model = Transformer(self.args, self.kb, self.dispatcher, self.dtype, self.device, mtp)
         self.load_stats = load_weights(self.model, spec.model_dir, LoadOptions(self.dtype, spec.fp8_activations),
                                        index)
         self.cache = PagedKVCache(self.args.n_kv_layers, spec.kv_pages, spec.page_size, self.args.kv_dim,
