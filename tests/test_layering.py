@@ -39,9 +39,10 @@ SERVE_MAY_IMPORT_FROM_ACTORS = {
     "epserve.actors.launch": "app.py starts the configured units (orders, start_units)",
     "epserve.actors.ledger": "app.py starts the LedgerActor",
     "epserve.actors.capacity_controller": "app.py starts the CapacityController when autoscale is on",
-    "epserve.actors.stream_sink": "each ingress replica owns one StreamSink actor (delta_feed.py)",
+    "epserve.actors.stream_sink": "each ingress replica owns one StreamSink actor (delta_feed.py); "
+                                  "generation.py reads the rejection it raises",
 }
-ENGINE_FILE = "epserve.pipelines.runner"   # the rank engine: nothing above actors/ reaches into it
+ENGINE_FILE = "epserve.pipelines.runner"   # the rank engine: serve/ never reaches into it (its types are in messages.py)
 RAY_ALLOWED = ("epserve.serve", "epserve.actors", "epserve.placement.groups", "epserve.llm", "epserve.cli",
                "epserve.bench")
 
