@@ -3,11 +3,15 @@
 Every key has a default, and the defaults are the embedded default (a tiny model made
 on first use, one prefill and one decode unit of 1 node x 2 fake GPUs, local Ray,
 127.0.0.1). Errors name the key, the value and what is allowed. Values measured at
-start-up live in runtime state, never back in here.
+start-up live in runtime state, never back in here. The paths the config derives (the user
+cache, the KV store's spec, the ledger's folder) are here too, so every room reads them from
+one place; that puts the file a little over 300 lines, all of it the one noun.
+Never: imports anything of epserve but messages.py (the ground floor).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -17,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from epserve.errors import ConfigError, ContextTooLong
+from epserve.messages import KVStoreSpec
 
 __all__ = ["Config", "ConfigError", "check_context", "context_len", "kv_pages", "load_config"]
 
@@ -372,3 +377,23 @@ def builtin_config(name: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"no built-in config named {name!r}")
     return path
+
+
+# ---- paths the config derives (one place, so the ingress, the ranks and the ledger agree) ----
+def cache_root() -> Path:
+    """epserve's user cache ($EPSERVE_CACHE, default ~/.cache/epserve): default model, KV store, ledger."""
+    return Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
+
+
+def kv_store_spec(cfg: Config) -> KVStoreSpec | None:
+    """The KV store every rank and the ingress open (None: kv_store.enabled is false); path null: <cache>/kv."""
+    k = cfg.kv_store
+    if not k.enabled:
+        return None
+    return KVStoreSpec(k.path or str(cache_root() / "kv"), int(k.capacity_gb * (1 << 30)), k.block_tokens,
+                       k.shared_namespace)
+
+
+def ledger_root(cfg: Config) -> str:
+    """The ledger's folder: ledger.path, or <cache>/ledger."""
+    return cfg.ledger.path or str(cache_root() / "ledger")

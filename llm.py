@@ -16,7 +16,7 @@ import uuid
 
 from epserve.config import Config, check_context, context_len, kv_pages, load_config
 from epserve.errors import InvalidRequest
-from epserve.messages import RequestOutput, Usage
+from epserve.messages import RequestOutput, RequestResult, Usage
 from epserve.model.checkpoint import check_model_dir
 from epserve.model.sampling import SamplingParams
 from epserve.model.tiny import default_model_dir
@@ -98,20 +98,20 @@ class LLM:
         outs = []
         for (unit, i), ids, p in zip(order, encoded, params):
             res = results[unit][i]
-            if "error" in res:
-                raise res["error"]          # typed (epserve.errors), as the rank or the unit raised it
+            if res.error is not None:
+                raise res.error             # typed (epserve.errors), as the rank or the unit raised it
             outs.append(self._output(res, ids, p))
         return outs[0] if single else outs
 
-    def _output(self, res: dict, prompt_ids: list[int], p: SamplingParams) -> RequestOutput:
-        tokens, reason = list(res["token_ids"]), res["finish_reason"]
+    def _output(self, res: RequestResult, prompt_ids: list[int], p: SamplingParams) -> RequestOutput:
+        tokens, reason = list(res.token_ids), res.finish_reason
         text = self.tokenizer.decode(tokens) if self.tokenizer else None
         if text is not None and p.stop:
             tokens, text, hit = truncate_at_stop(self.tokenizer, tokens, p.stop)
             reason = "stop" if hit else reason
-        logprobs = res["logprobs"][: len(tokens)] if res["logprobs"] else None
-        return RequestOutput(res["request_id"], prompt_ids, tokens, text, logprobs, reason,
-                             Usage(len(prompt_ids), len(tokens), res["n_cached"]))
+        logprobs = res.logprobs[: len(tokens)] if res.logprobs else None
+        return RequestOutput(res.request_id, prompt_ids, tokens, text, logprobs, reason,
+                             Usage(len(prompt_ids), len(tokens), res.n_cached))
 
     def shutdown(self) -> None:
         import ray

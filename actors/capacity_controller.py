@@ -30,7 +30,8 @@ import time
 import ray
 
 from epserve.actors.launch import UnitOrder, start_all
-from epserve.actors.ledger import append_durably, ledger_root
+from epserve.actors.ledger import append_durably
+from epserve.config import ledger_root
 from epserve.fleet.ledger import CapacityRow
 from epserve.placement.capacity import CapacityPolicy, CapacityState, FleetLoad, desired_units, parse_schedule
 

@@ -18,23 +18,15 @@ from dataclasses import dataclass
 import ray
 
 from epserve.actors.cluster import control_options
-from epserve.config import Config
+from epserve.config import Config, kv_store_spec
 from epserve.errors import UnitStartFailed
+from epserve.messages import RankSpec
 from epserve.model.mtp import with_mtp
-from epserve.model.tiny import cache_root
-from epserve.pipelines.prefix_cache import KVStoreSpec
-from epserve.pipelines.runner import RankSpec
 from epserve.placement.topology import UnitShape
 
 log = logging.getLogger("epserve.launch")
 
 
-def kv_store_spec(cfg: Config) -> KVStoreSpec | None:
-    k = cfg.kv_store
-    if not k.enabled:
-        return None
-    root = k.path or str(cache_root() / "kv")
-    return KVStoreSpec(root, int(k.capacity_gb * (1 << 30)), k.block_tokens, k.shared_namespace)
 
 
 def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> RankSpec:

@@ -16,15 +16,9 @@ import logging
 
 import ray
 
-from epserve.config import Config
 from epserve.fleet.ledger import LedgerWriter
-from epserve.model.tiny import cache_root
 
 log = logging.getLogger("epserve.ledger")
-
-
-def ledger_root(cfg: Config) -> str:
-    return cfg.ledger.path or str(cache_root() / "ledger")
 
 
 async def append_durably(ledger, root: str, rows: list, timeout_s: float = 30.0) -> None:

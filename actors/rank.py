@@ -50,13 +50,13 @@ from epserve.actors.rank_messages import RankReport, UnitLayout
 from epserve.actors.rank_placement import PlacementVersions
 from epserve.actors.sink_routes import SinkRoutes
 from epserve.errors import EpserveError, RequestRejected
-from epserve.messages import RankStats
+from epserve.messages import RankSpec, RankStats, TokenDelta
 from epserve.model.ep_select import make_ep_dispatcher, make_one_rank_dispatcher
 from epserve.model.moe_dispatch import ExpertMap
 from epserve.pipelines.lockstep import LoopState, Vote, agree
 from epserve.pipelines.overlap import OverlapTuner
 from epserve.pipelines.rank_stats import engine_stats
-from epserve.pipelines.runner import RankEngine, RankSpec, TokenDelta
+from epserve.pipelines.runner import RankEngine
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.devices import DeviceAssignmentError, data_backend, local_device_index
 

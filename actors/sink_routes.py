@@ -9,8 +9,7 @@ supervisor's RankReport is the rank's), or sends anything to the supervisor.
 """
 from __future__ import annotations
 
-from epserve.actors.rank_messages import Deltas, Delivery
-from epserve.pipelines.runner import TokenDelta
+from epserve.messages import Deltas, Delivery, TokenDelta
 from epserve.pipelines.sequence import Sequence
 
 

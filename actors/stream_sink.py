@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 
 import ray
 
-from epserve.actors.rank_messages import Delivery
 from epserve.errors import EpserveError, UnitFailed, UnitLost
-from epserve.pipelines.runner import TokenDelta
+from epserve.messages import Delivery, RequestResult, TokenDelta
 from epserve.pipelines.sequence import Sequence
 
 
@@ -262,7 +261,7 @@ class StreamSink:
             tr.seq.sink = None                # our copy keeps no handle (it was pickled with the call)
         return trs
 
-    async def _finish(self, tr: Tracked) -> dict:
+    async def _finish(self, tr: Tracked) -> RequestResult:
         key = (tr.unit, tr.seq.request_id)
         while tr.finish_reason is None:
             item = await tr.queue.get()
@@ -273,26 +272,27 @@ class StreamSink:
         return self._result(tr)
 
     @staticmethod
-    def _result(tr: Tracked) -> dict:
-        return {"request_id": tr.seq.request_id, "token_ids": tr.output_ids, "logprobs": tr.logprobs or None,
-                "finish_reason": tr.finish_reason, "n_cached": tr.seq.n_cached, "kv_blocks": tr.kv_blocks,
-                "draft": tr.draft,
-                "ttft_s": (tr.t_first or time.time()) - tr.t_submit, "decode_s": time.time() - (tr.t_first or 0)}
+    def _result(tr: Tracked) -> RequestResult:
+        return RequestResult(tr.seq.request_id, tr.output_ids, tr.logprobs or None, tr.finish_reason, tr.seq.n_cached,
+                             tr.kv_blocks, tr.draft, ttft_s=(tr.t_first or time.time()) - tr.t_submit,
+                             decode_s=time.time() - (tr.t_first or 0))
 
-    async def generate(self, unit, items: list[tuple[Sequence, int]]) -> list[dict | str]:
-        """Run sequences to completion on the given ranks of `unit` (a supervisor handle).
+    async def generate(self, unit, items: list[tuple[Sequence, int]]) -> list[RequestResult]:
+        """Run sequences to completion on the given ranks of `unit` (a supervisor handle), one
+        RequestResult per item, in order.
 
-        A request that fails comes back as {"error": the typed error (epserve.errors)}: a
+        A request that fails comes back with `error` set to the typed error (epserve.errors): a
         RequestError when the request itself was bad (too long, bad token ids), a UnitFailure or
         Unavailable when the unit failed it.
         """
         trs = self._submit(await self._view(unit), items)
         results = await asyncio.gather(*[self._finish(tr) for tr in trs], return_exceptions=True)
-        return [{"error": r if isinstance(r, EpserveError) else UnitFailed(f"{type(r).__name__}: {r}")}
-                if isinstance(r, Exception) else r for r in results]
+        return [RequestResult(tr.seq.request_id, error=r if isinstance(r, EpserveError)
+                              else UnitFailed(f"{type(r).__name__}: {r}"))
+                if isinstance(r, Exception) else r for tr, r in zip(trs, results)]
 
     @ray.method(enable_task_events=False)
-    async def prefill(self, unit, seq: Sequence, rank: int) -> dict:
+    async def prefill(self, unit, seq: Sequence, rank: int) -> RequestResult:
         """Prefill role: run the prompt, return the first token and the KV blocks' object refs."""
         return (await self.generate(unit, [(seq, rank)]))[0]
 

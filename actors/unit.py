@@ -33,8 +33,7 @@ from epserve.actors.rank import RankActor
 from epserve.actors.rank_messages import RankReport, UnitLayout
 from epserve.actors.stream_sink import StreamSink
 from epserve.errors import UnitFailed
-from epserve.messages import RankStats
-from epserve.pipelines.runner import RankSpec
+from epserve.messages import RankSpec, RankStats, RequestResult
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.devices import NOSET_ENV, check_distinct_gpus
 from epserve.placement.groups import create_unit_placement, remove_unit_placement
@@ -256,13 +255,13 @@ class UnitSupervisor:
         return self.default_sink
 
     # ---- requests: forwarded to the default sink (the supervisor relays no delta) -------------
-    async def generate(self, items: list[tuple[Sequence, int]]) -> list[dict | str]:
+    async def generate(self, items: list[tuple[Sequence, int]]) -> list[RequestResult]:
         """Run sequences to completion on the given ranks (StreamSink.generate)."""
         me = ray.get_runtime_context().current_actor
         return await (await self._sink()).generate.remote(me, items)
 
     @ray.method(enable_task_events=False)
-    async def prefill(self, seq: Sequence, rank: int) -> dict:
+    async def prefill(self, seq: Sequence, rank: int) -> RequestResult:
         """Prefill role: run the prompt, return the first token and the KV blocks' object refs."""
         return (await self.generate([(seq, rank)]))[0]
 

@@ -63,7 +63,7 @@ def run(model: str | None = None, batches=(1, 8, 32), n_tokens: int = 32, with_t
 
 def trained_model_dir():
     """The train-tiny checkpoint in the user cache, trained on first use (~3 min on 2 cores)."""
-    from epserve.model.tiny import cache_root
+    from epserve.config import cache_root
     from epserve.model.train_tiny import train
     out = cache_root() / "trained-tiny-v1"
     if not (out / "config.json").exists():

@@ -20,9 +20,9 @@ import torch
 
 from epserve.actors.cluster import ensure_ray
 from epserve.actors.unit import UnitSupervisor
+from epserve.messages import RankSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
-from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape
 
@@ -47,16 +47,16 @@ def _one(pre, dec, dec_rank, prompt: list[int], rid: str) -> dict:
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     before = ray.get(dec_rank.handoff_stats.remote())["timing"]
     first = ray.get(pre.prefill.remote(Sequence(rid, prompt, params), 0), timeout=600)
-    if "error" in first:
-        raise RuntimeError(f"prefill failed: {first['error']}")
-    out = ray.get(dec.generate.remote([(Sequence(rid, prompt, params, output_ids=list(first["token_ids"]),
-                                                 kv_blocks=first["kv_blocks"]), 0)]), timeout=600)[0]
-    if "error" in out:
-        raise RuntimeError(f"decode failed: {out['error']}")
+    if first.error is not None:
+        raise RuntimeError(f"prefill failed: {first.error}")
+    out = ray.get(dec.generate.remote([(Sequence(rid, prompt, params, output_ids=list(first.token_ids),
+                                                 kv_blocks=first.kv_blocks), 0)]), timeout=600)[0]
+    if out.error is not None:
+        raise RuntimeError(f"decode failed: {out.error}")
     after = ray.get(dec_rank.handoff_stats.remote())["timing"]
     if after["n"] != before["n"] + 1:
         raise RuntimeError("the decode rank recomputed instead of taking the handoff")
-    return {"ttft_ms": first["ttft_s"] * 1e3, "handoff_ms": (after["seconds"] - before["seconds"]) * 1e3,
+    return {"ttft_ms": first.ttft_s * 1e3, "handoff_ms": (after["seconds"] - before["seconds"]) * 1e3,
             "bytes": after["bytes"] - before["bytes"], "via": sorted(set(after["by"]) - set(before["by"]) or
                                                                      set(after["by"]))}
 

@@ -23,11 +23,12 @@ import torch
 from epserve.actors.cluster import ensure_ray
 from epserve.actors.driven_step import StepInput
 from epserve.actors.unit import UnitSupervisor
+from epserve.config import cache_root
+from epserve.messages import RankSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
-from epserve.model.tiny import cache_root, make_tiny_model
+from epserve.model.tiny import make_tiny_model
 from epserve.pipelines.overlap import OverlapTuner, choose_schedule, tuner_record
-from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape
 

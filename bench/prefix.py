@@ -9,10 +9,10 @@ import time
 
 import torch
 
+from epserve.messages import KVStoreSpec
 from epserve.model.sampling import SamplingParams
 from epserve.model.tiny import default_model_dir
 from epserve.pipelines.local import make_local_engine
-from epserve.pipelines.prefix_cache import KVStoreSpec
 from epserve.pipelines.sequence import Sequence
 
 

@@ -19,10 +19,10 @@ import ray
 from epserve.actors.cluster import ensure_ray
 from epserve.actors.driven_step import StepInput
 from epserve.actors.unit import UnitSupervisor
+from epserve.messages import RankSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
 from epserve.model.tiny import default_model_dir
-from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape
 

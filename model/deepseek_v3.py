@@ -543,10 +543,11 @@ class Block:
 
 
 class Transformer:
-    """The whole stack on one rank. Built empty; model/checkpoint.py fills the weights."""
+    """The whole stack on one rank. Built empty; model/checkpoint.py fills the weights. `mtp`: the MTP
+    module (model/mtp.py build_mtp, layer n_layers), built by the caller when args.n_mtp_layers."""
 
     def __init__(self, args: ModelArgs, kb: ModuleType, dispatcher, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", mtp=None):
         self.args, self.kb, self.dtype, self.device = args, kb, dtype, torch.device(device)
         self.dispatcher = dispatcher
         self.embed: torch.Tensor = None
@@ -560,8 +561,8 @@ class Transformer:
             else:
                 ffn = MLP(kb)
             self.layers.append(Block(MLA(args, kb), ffn))
-        from epserve.model.mtp import build_mtp      # the MTP layer, index n_layers (model/mtp.py)
-        self.mtp = build_mtp(args, kb, dispatcher) if args.n_mtp_layers else None
+        assert (mtp is not None) == bool(args.n_mtp_layers), f"n_mtp_layers={args.n_mtp_layers} but mtp={mtp!r}"
+        self.mtp = mtp
         inv_freq, self.rope_factor = rope_inv_freq(args)
         self.inv_freq = inv_freq.to(self.device)
 

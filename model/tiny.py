@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from epserve.config import cache_root
 from epserve.kernels.reference import per_block_quant_fp8
 
 from epserve.model.chat_templates import BOS, EOS, PLAIN_TOKENS, USER, ASSISTANT, template_for
@@ -219,11 +220,6 @@ def make_tiny_model(out_dir: str | os.PathLike, *, fp8: bool = False, seed: int 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def cache_root() -> Path:
-    """epserve's user cache ($EPSERVE_CACHE, default ~/.cache/epserve): default model, KV store, ledger."""
-    return Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
 
 
 def default_model_dir() -> Path:

@@ -11,25 +11,15 @@ A block that fails to load is a miss (fleet/kv_store.py checks and removes it).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from epserve.fleet.kv_store import KVStore
+from epserve.messages import KVStoreSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.kv_cache import PagedKVCache
 from epserve.pipelines.sequence import Sequence
-
-
-@dataclass(frozen=True)
-class KVStoreSpec:
-    """What a rank needs to open the shared store; crosses the actor boundary."""
-
-    root: str
-    capacity_bytes: int
-    block_tokens: int = 64
-    shared_namespace: str | None = None
 
 
 def model_fingerprint(model_dir: str) -> str:
@@ -57,7 +47,7 @@ def store_model_id(model_dir: str, fp8_activations: bool, mtp: bool = False) -> 
     return f"{fingerprint}+act-{'fp8' if fp8_activations else 'dtype'}"
 
 
-def open_store(spec: KVStoreSpec, model_dir: str, n_layers: int, kv_dim: int, dtype: torch.dtype, *,
+def open_store(spec: KVStoreSpec, model_dir: str, n_layers: int, kv_dim: int, dtype: torch.dtype | str, *,
                fp8_activations: bool, mtp: bool = False) -> KVStore:
     """The store as a rank (or the ingress) computing with `dtype` and `fp8_activations` sees it;
     n_layers counts the MTP layer when mtp."""

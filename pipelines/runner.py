@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from epserve import kernels
 from epserve.config import context_len
+from epserve.messages import RankSpec, TokenDelta
 from epserve.model.checkpoint import LoadOptions, TensorIndex, load_weights, read_config
 from epserve.model.deepseek_v3 import Batch, DecodeBatch, ModelArgs, Transformer
 from epserve.model.kv_cache import PagedKVCache
+from epserve.model.mtp import build_mtp
 from epserve.model.sampling import InvalidRequest, sample
 from epserve.pipelines.batcher import Batcher, Step
 from epserve.pipelines.block_table import BlockTable
@@ -24,7 +25,7 @@ from epserve.pipelines.cuda_graphs import DecodeGraphs, VerifyGraphs
 from epserve.pipelines.kv_handoff import export_blocks, export_latents
 from epserve.pipelines.mtp_decode import MTPDrafter, can_draft
 from epserve.pipelines.overlap import forward_overlapped
-from epserve.pipelines.prefix_cache import KVStoreSpec, PrefixCache, open_store
+from epserve.pipelines.prefix_cache import PrefixCache, open_store
 from epserve.pipelines.sampler_state import SamplerState
 from epserve.pipelines.sequence import Sequence
 
@@ -34,51 +35,8 @@ log = logging.getLogger("epserve.runner")
 def reference_name() -> str:
     return kernels.reference.__name__
 
+# the config's dtype names -> the torch dtypes a rank computes in
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """Everything a rank needs to build itself; crosses the actor boundary."""
-
-    model_dir: str
-    dtype: str = "float32"
-    kernels: str = "auto"
-    device: str = "cpu"
-    kv_pages: int = 256
-    page_size: int = 64
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 128
-    max_model_len: int | None = None
-    fp8_activations: bool = False
-    role: str = "both"          # both | prefill (hand the KV off after the first token) | decode
-    block_tokens: int = 64
-    kv_store: KVStoreSpec | None = None   # on-disk context cache shared by all ranks (None: off)
-    overlap: str = "off"        # on | off | auto (measured): the unit's two-micro-batch schedules
-    latency_s: float = 0.0      # injected per-exchange latency (to measure overlap on loopback)
-    bandwidth: float = 0.0      # injected exchange bandwidth, bytes/s (0: unlimited)
-    exit_before_step: tuple[int, int] | None = None   # tests: (rank, n): that rank's process exits after
-                                # agreeing to its n-th step and before running it, in the unit's first build
-    cuda_graphs: bool = True    # replay decode steps as CUDA graphs where the backend and dispatcher allow
-    mtp_draft: int = 0          # MTP drafts per sequence per step (0: off; the checkpoint must carry the module)
-    ep_dispatch: str = "auto"   # auto | deepep | all_to_all: a multi-rank unit's exchange (model/ep_select.py);
-                                # emulated: a one-rank unit as one rank of an EP unit (model/ep_emulate.py)
-    ep_emulate: dict | None = None   # emulated: the `ep_emulate:` section (ranks, top_k, experts, groups, skew, seed, hold)
-    kv_handoff: str = "auto"    # auto | collective | object: prefill -> decode transport (pipelines/kv_handoff.py)
-
-
-@dataclass
-class TokenDelta:
-    """One sampled token of one request, sent back toward the caller."""
-
-    request_id: str
-    token_id: int
-    logprob: dict | None
-    finish_reason: str | None
-    n_cached: int = 0
-    kv_blocks: object = None        # prefill role: the prompt's latents for the decode rank: CPU blocks (object
-                                    # handoff) or one device tensor (collective), then refs or a ticket
-    draft: list | None = None       # prefill role with MTP: the first drafts, handed over with the KV
 
 
 class RankEngine:
@@ -89,7 +47,8 @@ class RankEngine:
         self.kb = kernels.get_backend(spec.kernels, self.device)
         self.dtype = DTYPES[spec.dtype]
         self.dispatcher = dispatcher_factory(self.kb, self.args)
-        self.model = Transformer(self.args, self.kb, self.dispatcher, self.dtype, self.device)
+        mtp = build_mtp(self.args, self.kb, self.dispatcher) if self.args.n_mtp_layers else None
+        self.model = Transformer(self.args, self.kb, self.dispatcher, self.dtype, self.device, mtp)
         self.load_stats = load_weights(self.model, spec.model_dir, LoadOptions(self.dtype, spec.fp8_activations),
                                        index)
         self.cache = PagedKVCache(self.args.n_kv_layers, spec.kv_pages, spec.page_size, self.args.kv_dim,

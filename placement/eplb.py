@@ -11,7 +11,8 @@ GPU g on node g // (G / N). Cost model: expert e's load splits evenly over its
 logcnt[e] replicas; a GPU's load is the sum over its slots; objective: the
 largest GPU load of each layer.
 
-Per layer, candidate policies are built and the best kept (see /work/shared/EPLB.md):
+Per layer, candidate policies are built and the best kept (the reference's own steps are in
+`placement/eplb_baseline.py`, after DeepSeek's deepseek-ai/EPLB:eplb.py):
   - hierarchical: whole groups on one node, every replica on its group's node;
   - hybrid: the first replica of each expert on its group's node, spares anywhere;
   - global: every replica anywhere;

@@ -1,10 +1,10 @@
-"""DeepSeek's EPLB (github deepseek-ai/EPLB, 2025-03), re-implemented as the yardstick.
+"""DeepSeek's EPLB (deepseek-ai/EPLB:eplb.py, 2025-03), re-implemented as the yardstick.
 
 Owns: the reference placement algorithm, unchanged in substance, so that
 `placement/eplb.py` can be measured against it on the same inputs. It must never
 grow improvements; fixes belong in `placement/eplb.py`.
 
-Algorithm (see /work/shared/EPLB.md):
+Algorithm (as deepseek-ai/EPLB:eplb.py does it):
   - balanced packing: items by weight descending, each to the lightest pack that
     still has room; every pack takes the same number of items;
   - replication: each spare slot goes to the expert with the highest weight / count;

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-from epserve.config import Config, load_config
+from epserve.config import Config, ledger_root, load_config
 from epserve.model.checkpoint import check_model_dir
 from epserve.model.tiny import default_model_dir
 
@@ -75,7 +75,7 @@ def capacity_rows(cfg: Config, unit_ids: dict[str, list[int]], event: str) -> li
 def start_ledger(cfg: Config):
     import ray
 
-    from epserve.actors.ledger import LedgerActor, ledger_root
+    from epserve.actors.ledger import LedgerActor
     from epserve.actors.cluster import control_options
     ledger = LedgerActor.options(**control_options()).remote(ledger_root(cfg), cfg.ledger.flush_rows, cfg.ledger.flush_interval_s)
     ray.get(ledger.start.remote())

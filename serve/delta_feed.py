@@ -17,6 +17,7 @@ import uuid
 
 from epserve.actors.stream_sink import StreamSink
 from epserve.errors import UnitLost
+from epserve.messages import RequestResult
 
 log = logging.getLogger("epserve.feed")
 
@@ -51,7 +52,7 @@ class DeltaFeed:
             for q in self.queues.values():
                 q.put_nowait(UnitLost(f"the stream sink carrying this request is gone ({type(exc).__name__}); retry"))
 
-    async def prefill(self, unit, seq, rank: int) -> dict:
+    async def prefill(self, unit, seq, rank: int) -> RequestResult:
         """The prefill role's whole answer (first token, KV block refs) in one call."""
         return await self.sink.prefill.remote(unit, seq, rank)
 

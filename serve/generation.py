@@ -23,6 +23,7 @@ import dataclasses
 import ray
 
 from epserve.errors import unwrap
+from epserve.messages import RequestResult
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.sequence import Sequence
 from epserve.serve.accounting import Live
@@ -42,13 +43,13 @@ class Choices:
     def stop(self, i: int) -> None:
         self.stopped.add(i)
 
-    async def _prefill(self) -> dict:
+    async def _prefill(self) -> RequestResult:
         live, route = self.live, self.live.route
         seq = Sequence(live.rid, self.ids, self.params, tenant=self.tenant, share_kv=self.n > 1)
         pre = await self.feed.prefill(self.router.handle("prefill", route.prefill.unit), seq, route.prefill.rank)
-        if "error" in pre:
-            raise pre["error"]                  # typed (epserve.errors): the ingress renders it
-        live.n_cached = pre["n_cached"]
+        if pre.error is not None:
+            raise pre.error                     # typed (epserve.errors): the ingress renders it
+        live.n_cached = pre.n_cached
         return pre
 
     async def _choice(self, i: int):
@@ -62,18 +63,18 @@ class Choices:
             output: list[int] = []
             if i == 0:
                 live.n_out += 1
-                first = pre["token_ids"][0]
-                lp = pre["logprobs"][0] if pre["logprobs"] else None
-                if pre["finish_reason"] != "handoff":
+                first = pre.token_ids[0]
+                lp = pre.logprobs[0] if pre.logprobs else None
+                if pre.finish_reason != "handoff":
                     finished = True
-                    yield first, lp, pre["finish_reason"]
+                    yield first, lp, pre.finish_reason
                     return
                 yield first, lp, None
                 output = [first]
             seq = Sequence(rid, self.ids, choice_params(self.params, i), output_ids=output,
-                           kv_blocks=pre["kv_blocks"], tenant=self.tenant, n_cached=pre["n_cached"],
+                           kv_blocks=pre.kv_blocks, tenant=self.tenant, n_cached=pre.n_cached,
                            kv_group=live.rid if self.n > 1 else None,
-                           draft=list(pre.get("draft") or []) if self.n == 1 else [])   # MTP: the prefill's drafts
+                           draft=list(pre.draft or []) if self.n == 1 else [])   # MTP: the prefill's drafts
             async for d in self.feed.stream(decode_unit, seq, route.decode.rank):
                 live.n_out += 1
                 finished = d.finish_reason is not None

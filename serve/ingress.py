@@ -24,8 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from epserve.actors.ledger import ledger_root
-from epserve.config import Config, context_len
+from epserve.config import Config, context_len, kv_store_spec, ledger_root
 from epserve.errors import (AuthenticationError, EpserveError, InvalidRequest, ModelNotFound, Unavailable, http_error,
                             unwrap)
 from epserve.messages import Usage
@@ -33,9 +32,7 @@ from epserve.model.checkpoint import read_config
 from epserve.model import chat_templates as ct
 from epserve.model.grammar import GrammarCache, load_lltokenizer
 from epserve.model.tokenizer import IncrementalText, load_tokenizer
-from epserve.actors.launch import kv_store_spec
 from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
-from epserve.pipelines.runner import DTYPES
 from epserve.serve.accounting import Accounting, Live
 from epserve.serve.delta_feed import DeltaFeed
 from epserve.serve.generation import Choices
@@ -119,7 +116,7 @@ class Ingress:
         spec = kv_store_spec(cfg)
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
         mtp = cfg.mtp.n_draft > 0
-        self.kv_store = open_store(spec, model_dir, self.args.n_layers + mtp, self.args.kv_dim, DTYPES[cfg.dtype],
+        self.kv_store = open_store(spec, model_dir, self.args.n_layers + mtp, self.args.kv_dim, cfg.dtype,
                                    fp8_activations=cfg.fp8_activations, mtp=mtp) if spec else None
         # a request's row ends when it does (finished, failed, or its client gone): its routing
         # booking and tenant slot go with it, even before its generator is closed

@@ -46,7 +46,7 @@ def test_unit_ranks_hold_distinct_gpus(ray_cluster, tiny_dir):
     """A 2-node x 2-GPU unit on the simulated cluster: every rank got its own GPU id of its node."""
     from epserve.actors.unit import UnitSupervisor
     from epserve.model.checkpoint import read_config
-    from epserve.pipelines.runner import RankSpec
+    from epserve.messages import RankSpec
     from epserve.placement.topology import UnitShape
     args = read_config(tiny_dir)
     sup = UnitSupervisor.remote(31, "decode", RankSpec(tiny_dir, kernels="reference", kv_pages=16),
@@ -74,7 +74,7 @@ def test_two_gpu_nccl_unit_equals_single_rank(ray_cluster, tiny_dir):
     from epserve.model.checkpoint import read_config
     from epserve.model.sampling import SamplingParams
     from epserve.pipelines.local import make_local_engine
-    from epserve.pipelines.runner import RankSpec
+    from epserve.messages import RankSpec
     from epserve.pipelines.sequence import Sequence
     from epserve.placement.topology import UnitShape
     args = read_config(tiny_dir)
@@ -94,7 +94,7 @@ def test_two_gpu_nccl_unit_equals_single_rank(ray_cluster, tiny_dir):
         assert len({i["device"] for i in info}) == 2, info           # two distinct CUDA devices
         items = [(Sequence(f"g{i}", p, greedy), i % 2) for i, p in enumerate(prompts)]
         got = ray.get(sup.generate.remote(items), timeout=300)
-        assert [g["token_ids"] for g in got] == [s.output_ids for s in seqs]
+        assert [g.token_ids for g in got] == [s.output_ids for s in seqs]
     finally:
         ray.get(sup.shutdown.remote(), timeout=60)
         ray.kill(sup)

@@ -46,7 +46,7 @@ def units(ray_cluster, tiny_dir):
     """One 1-rank prefill unit and one 1-rank decode unit per transport (collective, object)."""
     from epserve.actors.unit import UnitSupervisor
     from epserve.model.checkpoint import read_config
-    from epserve.pipelines.runner import RankSpec
+    from epserve.messages import RankSpec
     from epserve.placement.topology import UnitShape
     args = read_config(tiny_dir)
     shape = UnitShape(1, 1, args.n_routed_experts)
@@ -82,11 +82,11 @@ def _handoff(pre, dec, prompts, tag):
     """Prefill each prompt, then decode it from the handed-off KV (as serve/generation.py does)."""
     firsts = ray.get([pre.prefill.remote(Sequence(f"{tag}{i}", p, _greedy()), 0) for i, p in enumerate(prompts)],
                      timeout=120)
-    assert all("error" not in f for f in firsts), firsts
-    items = [(Sequence(f"{tag}{i}", p, _greedy(), output_ids=list(f["token_ids"]), kv_blocks=f["kv_blocks"]), 0)
+    assert all(f.error is None for f in firsts), firsts
+    items = [(Sequence(f"{tag}{i}", p, _greedy(), output_ids=list(f.token_ids), kv_blocks=f.kv_blocks), 0)
              for i, (p, f) in enumerate(zip(prompts, firsts))]
     got = ray.get(dec.generate.remote(items), timeout=120)
-    assert all("error" not in g for g in got), got
+    assert all(g.error is None for g in got), got
     return firsts, got
 
 
@@ -95,10 +95,10 @@ def test_collective_and_object_handoff_give_the_single_rank_tokens(units, tiny_d
     want = _single_rank(tiny_dir, prompts)
     for mode, (pre, dec) in units.items():
         firsts, got = _handoff(pre, dec, prompts, f"h-{mode}-")
-        assert all(f["finish_reason"] == "handoff" for f in firsts)
-        kinds = {type(f["kv_blocks"]).__name__ for f in firsts}
+        assert all(f.finish_reason == "handoff" for f in firsts)
+        kinds = {type(f.kv_blocks).__name__ for f in firsts}
         assert kinds == ({"KvTicket"} if mode == "collective" else {"list"})
-        assert [g["token_ids"] for g in got] == want, mode
+        assert [g.token_ids for g in got] == want, mode
     dec_rank = ray.get(units["collective"][1].rank_handles.remote())[0]
     st = ray.get(dec_rank.handoff_stats.remote())
     assert st["pairs"] == 1 and st["received"] == len(prompts) and st["failed"] == 0   # one pair, reused
@@ -111,12 +111,12 @@ def test_dead_prefill_rank_falls_back_to_recompute_without_hanging(units, tiny_d
     prompts = prompts_of([40], seed=5)
     want = _single_rank(tiny_dir, prompts)
     first = ray.get(pre.prefill.remote(Sequence("dead0", prompts[0], _greedy()), 0), timeout=120)
-    assert isinstance(first["kv_blocks"], KvTicket)
+    assert isinstance(first.kv_blocks, KvTicket)
     ray.kill(ray.get(pre.rank_handles.remote())[0], no_restart=True)     # the latents die with their rank
     t0 = time.time()
-    got = ray.get(dec.generate.remote([(Sequence("dead0", prompts[0], _greedy(), output_ids=list(first["token_ids"]),
-                                                 kv_blocks=first["kv_blocks"]), 0)]), timeout=120)
-    assert got[0]["token_ids"] == want[0]                  # recomputed on the decode rank, same tokens
+    got = ray.get(dec.generate.remote([(Sequence("dead0", prompts[0], _greedy(), output_ids=list(first.token_ids),
+                                                 kv_blocks=first.kv_blocks), 0)]), timeout=120)
+    assert got[0].token_ids == want[0]                  # recomputed on the decode rank, same tokens
     assert time.time() - t0 < 60
     st = ray.get(ray.get(dec.rank_handles.remote())[0].handoff_stats.remote())
     assert st["failed"] >= 1

@@ -29,7 +29,7 @@ def test_units_start_together_and_a_failed_one_leaves_nothing_behind(ray_cluster
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         for i, (_, unit) in enumerate(ok):                           # both started units serve
             out = ray.get(unit.generate.remote([(Sequence(f"l{i}", [5, 6, 7, 8], params), 1)]), timeout=60)
-            assert len(out[0]["token_ids"]) == 3
+            assert len(out[0].token_ids) == 3
     finally:
         for _, unit in ok:
             ray.get(unit.shutdown.remote(), timeout=60)

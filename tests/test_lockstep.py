@@ -9,11 +9,11 @@ import ray
 
 from conftest import prompts_of, wait_unit_empty
 from epserve.actors.unit import UnitSupervisor
+from epserve.messages import RankSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.lockstep import LoopState, Vote, agree, combine
 from epserve.pipelines.overlap import OverlapTuner
-from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape
 
@@ -76,7 +76,7 @@ def unit2(ray_cluster, tiny_dir):
 def test_every_rank_runs_the_same_steps_and_schedules_under_uneven_load(unit2):
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     items = [(Sequence(f"un{i}", p, params), 0) for i, p in enumerate(prompts_of([5, 40, 17], seed=3))]
-    assert all("error" not in r for r in ray.get(unit2.generate.remote(items), timeout=120))   # rank 1: nothing
+    assert all(r.error is None for r in ray.get(unit2.generate.remote(items), timeout=120))   # rank 1: nothing
     counters = ray.get([rk.loop_counters.remote() for rk in ray.get(unit2.rank_handles.remote())])
     assert counters[0] == counters[1] and counters[0]["steps"] > 0
     assert counters[0]["schedules"]["prefill"] >= 1 and counters[0]["schedules"]["decode"] >= 1
@@ -90,7 +90,7 @@ def test_idle_unit_parks_and_the_first_request_wakes_it(unit2):
     out = ray.get(unit2.generate.remote([(Sequence("wake", [5, 6, 7], SamplingParams(max_tokens=2,
                                                                                       temperature=0.0)), 1)]),
                   timeout=60)
-    assert out[0]["token_ids"] and time.time() - t < 1.0           # the peer parked too, and woke at once
+    assert out[0].token_ids and time.time() - t < 1.0           # the peer parked too, and woke at once
 
 
 def test_abort_arriving_mid_step_frees_the_request_and_others_finish(unit2):
@@ -103,8 +103,8 @@ def test_abort_arriving_mid_step_frees_the_request_and_others_finish(unit2):
     while ray.get(unit2.status.remote())["steps"] < steps0 + 5 and time.time() < deadline:
         time.sleep(0.01)
     assert ray.get(unit2.abort.remote("ab-long"))
-    assert len(ray.get(other, timeout=60)[0]["token_ids"]) == 8
+    assert len(ray.get(other, timeout=60)[0].token_ids) == 8
     stats = wait_unit_empty(unit2, 30.0)
     assert sum(s.n_running + s.kv_blocks_used for s in stats) == 0
     res = ray.get(victim, timeout=10)[0]
-    assert res["finish_reason"] == "abort" and 0 < len(res["token_ids"]) < 400
+    assert res.finish_reason == "abort" and 0 < len(res.token_ids) < 400

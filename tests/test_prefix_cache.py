@@ -19,7 +19,7 @@ def config(kv_dir, capacity_gb=1.0, units=2):
 
 def on(llm, unit, rank, prompt, rid):
     res = ray.get(llm.units[unit].generate.remote([(Sequence(rid, prompt, GREEDY, tenant="offline"), rank)]))[0]
-    return res["token_ids"], res["n_cached"]
+    return res.token_ids, res.n_cached
 
 
 def test_hits_across_ranks_units_and_restarts_and_corruption_is_a_miss(ray_cluster, tiny_dir, tmp_path):
@@ -66,7 +66,7 @@ def test_a_slow_kv_store_read_does_not_stall_running_requests(tiny_dir, tmp_path
     import threading
 
     from epserve.pipelines.local import make_local_engine
-    from epserve.pipelines.prefix_cache import KVStoreSpec
+    from epserve.messages import KVStoreSpec
     engine = make_local_engine(tiny_dir, kv_pages=64, kv_store=KVStoreSpec(str(tmp_path / "kv"), 1 << 30))
     prompt, other = prompts_of([200, 12], seed=4)
 

@@ -12,9 +12,9 @@ import itertools
 import pytest
 
 from conftest import prompts_of
+from epserve.messages import KVStoreSpec
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.local import make_local_engine
-from epserve.pipelines.prefix_cache import KVStoreSpec
 from epserve.pipelines.sequence import Sequence
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)

@@ -12,9 +12,9 @@ from conftest import prompts_of, single_rank_outputs, wait_unit_empty
 from epserve.actors.stream_sink import StreamSink
 from epserve.actors.unit import UnitSupervisor
 from epserve.errors import ContextTooLong, InvalidRequest, UnitFailed, UnitLost
+from epserve.messages import RankSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
-from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape
 
@@ -54,7 +54,7 @@ class _Recorder:
 
 def test_sink_routes_send_each_sink_only_its_requests_in_numbered_pushes():
     from epserve.actors.sink_routes import SinkRoutes
-    from epserve.pipelines.runner import TokenDelta
+    from epserve.messages import TokenDelta
     a, b = _Recorder("a"), _Recorder("b")
     routes = SinkRoutes("unit-key", rank=1, generation=3)
     for rid, sink in (("a1", a), ("a2", a), ("b1", b)):
@@ -100,7 +100,7 @@ def test_two_sinks_each_get_only_their_requests_deltas(unit, reference):
     ray.get([b.open_stream.remote(unit, Sequence(f"b{i}", prompts[i], greedy()), i % 2) for i in range(3, 6)])
     b_got = _drain_feed(b, b_rids)
     a_got = ray.get(a_ref, timeout=120)
-    assert [g["token_ids"] for g in a_got] == want[:3]
+    assert [g.token_ids for g in a_got] == want[:3]
     assert [b_got[f"b{i}"] for i in range(3, 6)] == want[3:]
     sa, sb = ray.get([a.stats.remote(), b.stats.remote()])
     assert sa["deltas"] == sb["deltas"] == 3 * N_NEW              # each its own tokens, none of the other's
@@ -126,8 +126,8 @@ def test_a_rank_killed_mid_stream_resumes_the_sinks_requests(unit, reference):
     ray.kill(ray.get(unit.rank_handles.remote())[1], no_restart=True)
     late = sink.generate.remote(unit, [(Sequence("late", prompts[4], long), 1)])   # during the rebuild: once
     got = ray.get(ref, timeout=300)
-    assert [g["token_ids"] for g in got] == want[:4]
-    assert ray.get(late, timeout=120)[0]["token_ids"] == want[4]
+    assert [g.token_ids for g in got] == want[:4]
+    assert ray.get(late, timeout=120)[0].token_ids == want[4]
     assert ray.get(unit.status.remote())["restarts"] == restarts + 1
     ray.kill(sink)
 
@@ -176,7 +176,7 @@ def test_a_dead_supervisor_fails_its_requests_instead_of_hanging(ray_cluster, ti
     ray.kill(sup)                                      # its ranks die with it
     try:
         res = ray.get(ref, timeout=30)[0]
-        assert isinstance(res["error"], UnitLost) and "supervisor is gone" in str(res["error"])
+        assert isinstance(res.error, UnitLost) and "supervisor is gone" in str(res.error)
     finally:
         ray.kill(sink)
         # a killed supervisor cannot remove its unit's placement group: free the GPU for later tests
@@ -198,9 +198,9 @@ def test_a_poisoned_batch_fails_the_sinks_requests_and_the_unit_serves_on(unit, 
         time.sleep(0.05)
     ray.get(unit._restart.remote("test: a poisoned batch", UnitFailed("failed 3 times in a row: test")), timeout=180)
     res = ray.get(ref, timeout=30)[0]
-    assert type(res["error"]) is UnitFailed and str(res["error"]) == "failed 3 times in a row: test"
+    assert type(res.error) is UnitFailed and str(res.error) == "failed 3 times in a row: test"
     after = ray.get(sink.generate.remote(unit, [(Sequence("after", prompts[0], greedy()), 1)]), timeout=120)
-    assert after[0]["token_ids"] == want[0]
+    assert after[0].token_ids == want[0]
     assert ray.get(unit.status.remote())["in_flight"] == 0
     ray.kill(sink)
 

@@ -10,10 +10,10 @@ import torch
 
 from conftest import hf_greedy, hf_model, prompts_of, single_rank_outputs
 from epserve.actors.unit import UnitSupervisor
+from epserve.messages import RankSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.local import make_local_engine
-from epserve.pipelines.runner import RankSpec
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape, initial_phy2log
 
@@ -62,7 +62,7 @@ def test_uneven_batches_equal_single_rank_and_transformers(unit, reference_outpu
     ranks = [0, 0, 2, 0, 2]                     # ranks 1 and 3 get nothing: they run empty batches
     items = [(Sequence(f"u{i}", p, greedy()), r) for i, (p, r) in enumerate(zip(prompts, ranks))]
     got = ray.get(sup.generate.remote(items), timeout=300)
-    assert [g["token_ids"] for g in got] == want
+    assert [g.token_ids for g in got] == want
     hf = hf_model(tiny_dir)
     for p, w in list(zip(prompts, want))[:2]:
         assert w == hf_greedy(hf, p, N_NEW)[0]
@@ -96,9 +96,9 @@ def test_overlapped_schedule_gives_identical_outputs(ray_cluster, tiny_dir, refe
         ray.get(sup.start.remote(), timeout=180)
         prompts, want = reference_outputs
         items = [(Sequence(f"o{i}", p, greedy()), r) for i, (p, r) in enumerate(zip(prompts, [0, 0, 2, 0, 2]))]
-        assert [g["token_ids"] for g in ray.get(sup.generate.remote(items), timeout=300)] == want
+        assert [g.token_ids for g in ray.get(sup.generate.remote(items), timeout=300)] == want
         alone = ray.get(sup.generate.remote([(Sequence("solo", prompts[3], greedy()), 3)]), timeout=300)
-        assert alone[0]["token_ids"] == want[3]
+        assert alone[0].token_ids == want[3]
         # the ranks' own counters (status() reads their reports, which may lag the last steps by 50 ms)
         ran = ray.get(ray.get(sup.rank_handles.remote())[0].loop_counters.remote())["schedules"]
         assert ran["prefill"] >= 2 and ran["decode"] >= N_NEW - 1   # both overlapped schedules ran
@@ -127,7 +127,7 @@ def test_eplb_rebalances_live_mid_generation_without_changing_outputs(unit, tiny
         time.sleep(0.02)
     report = ray.get(ctrl.rebalance.remote(force=True), timeout=120)
     got = ray.get(running, timeout=300)
-    assert [g["token_ids"] for g in got] == [s_.output_ids for s_ in ref]       # no request failed or changed
+    assert [g.token_ids for g in got] == [s_.output_ids for s_ in ref]       # no request failed or changed
     assert report["applied"] and report["weights_moved"] > 0
     assert report["balancedness_after"] < report["balancedness_before"]
     status = ray.get(sup.status.remote())
@@ -137,7 +137,7 @@ def test_eplb_rebalances_live_mid_generation_without_changing_outputs(unit, tiny
     assert {p["switched_at"][1] for p in placements} == {report["switch_step"]}   # one agreed step
     assert all(torch.equal(p["phy2log"], new_map) for p in placements)
     hf_want = hf_greedy(hf_model(tiny_dir), prompts[0], n)[0]
-    assert got[0]["token_ids"] == hf_want
+    assert got[0].token_ids == hf_want
     ray.kill(ctrl)
 
 
@@ -155,7 +155,7 @@ def test_killing_a_rank_rebuilds_the_unit_and_completes_every_request(unit, refe
     victim = ray.get(sup.rank_handles.remote())[1]
     ray.kill(victim, no_restart=True)
     got = ray.get(ref, timeout=300)
-    assert [g["token_ids"] for g in got] == want
+    assert [g.token_ids for g in got] == want
     status = ray.get(sup.status.remote())
     assert status["restarts"] == 1 and len(status["ranks"]) == 4
     new_pids = [i["pid"] for i in status["ranks"]]
@@ -179,7 +179,7 @@ def test_a_rank_dying_between_the_agreement_and_the_step_rebuilds_and_resumes(ra
         prompts, want = reference_outputs
         items = [(Sequence(f"x{i}", p, greedy()), i % 2) for i, p in enumerate(prompts)]
         got = ray.get(sup.generate.remote(items), timeout=300)
-        assert [g["token_ids"] for g in got] == want
+        assert [g.token_ids for g in got] == want
         assert ray.get(sup.status.remote())["restarts"] == 1
     finally:
         ray.get(sup.shutdown.remote(), timeout=60)
