@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from epserve.messages import RankStats
-from epserve.pipelines.runner import TokenDelta
+from epserve.messages import TokenDelta
 from epserve.pipelines.sequence import Sequence
 
 

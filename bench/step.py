@@ -31,7 +31,8 @@ import torch
 from epserve import kernels
 from epserve.bench.kernels import emit, env_info, graphed, rand_experts, rand_fp8_weight, time_ms
 from epserve.kernels.layouts import masked_layout
-from epserve.model.deepseek_v3 import MLA, MLP, Batch, DecodeBatch, Gate, ModelArgs, rope_inv_freq
+from epserve.model.deepseek_v3 import MLA, MLP, Batch, DecodeBatch, Gate, ModelArgs
+from epserve.model.rope import rope_inv_freq
 from epserve.model.moe_dispatch import ExpertShard
 
 V3 = ModelArgs(rope_type="yarn", rope_factor=40.0, mscale=1.0, mscale_all_dim=1.0)

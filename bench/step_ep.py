@@ -27,7 +27,8 @@ from epserve.bench.kernels import graphed, time_ms
 from epserve.model.ep_emulate import KEYS
 from epserve.placement.loads import KINDS
 from epserve.model.sampling import SamplingParams
-from epserve.model.tiny import cache_root, make_tiny_model
+from epserve.config import cache_root
+from epserve.model.tiny import make_tiny_model
 from epserve.pipelines.batcher import Step
 from epserve.pipelines.local import make_local_engine
 from epserve.pipelines.overlap import prepare_overlapped, run_overlapped

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from epserve.errors import ConfigError
 from epserve.kernels.reference import Weight, rms_norm, route_topk, stack_rows
+from epserve.model.rope import apply_rope, rope_inv_freq, yarn_mscale
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class ModelArgs:
         """192^-0.5 x mscale^2 under yarn (mscale from mscale_all_dim, as vLLM/SGLang/transformers)."""
         scale = self.qk_head_dim ** -0.5
         if self.rope_type == "yarn" and self.mscale_all_dim:
-            m = _yarn_mscale(self.rope_factor, self.mscale_all_dim)
+            m = yarn_mscale(self.rope_factor, self.mscale_all_dim)
             scale *= m * m
         return scale
 
@@ -191,46 +192,6 @@ class ModelArgs:
             raise ConfigError(f"config.json: q_lora_rank={self.q_lora_rank} must be null or > 0")
         if self.rope_type == "yarn" and self.rope_factor < 1:
             raise ConfigError(f"config.json: rope_scaling.factor={self.rope_factor} must be >= 1 for yarn")
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [R/2] and the cos/sin attention factor (YaRN when configured)."""
-    dim, base = args.qk_rope_head_dim, args.rope_theta
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if args.rope_type != "yarn":
-        return freqs, 1.0
-
-    def corr_dim(n_rot: float) -> float:
-        return dim * math.log(args.original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(base))
-
-    low = max(math.floor(corr_dim(args.beta_fast)), 0)
-    high = min(math.ceil(corr_dim(args.beta_slow)), dim - 1)
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
-    extrapolate = 1 - ramp
-    freqs = freqs / args.rope_factor * (1 - extrapolate) + freqs * extrapolate
-    if args.mscale and args.mscale_all_dim:
-        factor = _yarn_mscale(args.rope_factor, args.mscale) / _yarn_mscale(args.rope_factor, args.mscale_all_dim)
-    else:
-        factor = _yarn_mscale(args.rope_factor)
-    return freqs, factor
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """x [T, ..., R] rotated by per-token angles; cos/sin [T, R/2] broadcast over the middle dims.
-
-    Interleaved (DeepSeek's layout): pairs (x0, x1), (x2, x3) ... share one frequency.
-    """
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
-    x1, x2 = x.chunk(2, -1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
 @dataclass

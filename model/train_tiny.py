@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from epserve.model.deepseek_v3 import Gate, ModelArgs, apply_rope, rms_norm, rope_inv_freq
+from epserve.model.deepseek_v3 import Gate, ModelArgs, rms_norm
+from epserve.model.rope import apply_rope, rope_inv_freq
 from epserve.model.tiny import TINY_CONFIG, write_tokenizer
 
 # The trained shape: 3 layers (1 dense, 2 MoE) + the MTP layer, 8 experts in 2 groups, top-2 of 1 group.

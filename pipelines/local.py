@@ -8,7 +8,8 @@ from __future__ import annotations
 from epserve.model.ep_select import make_one_rank_dispatcher
 from epserve.model.moe_dispatch import ExpertMap
 from epserve.placement.topology import initial_phy2log
-from epserve.pipelines.runner import RankEngine, RankSpec
+from epserve.messages import RankSpec
+from epserve.pipelines.runner import RankEngine
 
 
 def local_dispatcher_factory(redundant_experts: int = 0, mode: str = "auto", ep_emulate: dict | None = None,
