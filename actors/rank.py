@@ -97,6 +97,7 @@ class RankActor:
         self.inbox: list[tuple[str, object]] = []
         self.event = threading.Event()
         self.parked = self.stopping = False
+        self.n_woken = 0                             # wakes from peers (a parked rank wakes at once, not on its poll)
         self.peers: list = []
         self.ctrl = None
         self.schedule_steps = {"plain": 0, "prefill": 0, "decode": 0}
@@ -183,6 +184,8 @@ class RankActor:
         self._post("switch", version)
 
     def wake(self) -> None:
+        with self.lock:
+            self.n_woken += 1
         self.event.set()
 
     def _wake_peers(self) -> None:
@@ -497,7 +500,8 @@ class RankActor:
     def loop_counters(self) -> dict:
         """The loop's counters now (a report may be up to report_every old): a step is counted
         before its deltas are pushed, so a caller that has its tokens sees their steps here."""
-        return {"steps": self.n_steps, "schedules": dict(self.schedule_steps), "map_version": self.map_version}
+        return {"steps": self.n_steps, "schedules": dict(self.schedule_steps), "map_version": self.map_version,
+                "woken": self.n_woken}
 
     def expert_counters(self, reset: bool = True) -> dict:
         """Tokens per logical expert per MoE layer [n_moe, E] and dispatch pair totals."""
