@@ -90,9 +90,10 @@ def test_decode_forward_never_syncs_the_host(backend, tiny_dir, v3_mini_dir):
     try:
         batch = DecodeBatch.from_rows(t[0], t[1], t[2], eng.table.tables, eng.cache.page_size, eng.table.scratch_row,
                                       eng.kb.plan_mla_decode())
-        eng.model.forward(batch, eng.cache.kv)
+        logits = eng.model.forward(batch, eng.cache.kv)          # a host sync in here raises
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert logits.shape[0] == len(step.seqs) and bool(torch.isfinite(logits).all())
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ on the same units (same weights, the R1 chat template), on route prefix /r1.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import jsonschema
