@@ -4,7 +4,6 @@ paths and the single-rank engine; a pair whose prefill rank died falls back to r
 bounded time. Plus the parking rules (pure)."""
 from __future__ import annotations
 
-
 import pytest
 import ray
 import torch
