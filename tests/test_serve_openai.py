@@ -359,7 +359,7 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     try:
         deadline = time.time() + 120
-        ok = False
+        ok, last = False, "no answer yet"
         while time.time() < deadline and proc.poll() is None:
             try:
                 r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
@@ -368,10 +368,11 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
                     ok = r.json()["usage"]["completion_tokens"] == 3
                     rid = r.json()["id"]
                     break
-            except httpx.HTTPError:
-                pass
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+            except httpx.HTTPError as exc:    # not listening yet
+                last = f"{type(exc).__name__}: {exc}"
             time.sleep(1)
-        assert ok, (proc.poll(), "".join(lines)[-2000:])
+        assert ok, (proc.poll(), last, "".join(lines)[-2000:])
         while not any("serving on" in line for line in lines) and time.time() < deadline:
             time.sleep(0.2)
         tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
