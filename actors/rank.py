@@ -98,6 +98,7 @@ class RankActor:
         self.engine_lock = threading.RLock()         # the loop holds it while it touches the engine
         self.inbox = Inbox()                         # filled by the actor's other threads, drained by the loop
         self.stopping = False
+        self.n_woken = 0                             # wakes from peers (a parked rank wakes at once, not on its poll)
         self.peers: list = []
         self.ctrl = None
         self.schedule_steps = {"plain": 0, "prefill": 0, "decode": 0}
@@ -181,6 +182,7 @@ class RankActor:
         self._post("switch", version)
 
     def wake(self) -> None:
+        self.n_woken += 1                            # lost updates only undercount; readers compare before/after
         self.inbox.wake()
 
     def _wake_peers(self) -> None:
@@ -390,7 +392,8 @@ class RankActor:
     def loop_counters(self) -> dict:
         """The loop's counters now (a report may be up to report_every old): a step is counted
         before its deltas are pushed, so a caller that has its tokens sees their steps here."""
-        return {"steps": self.n_steps, "schedules": dict(self.schedule_steps), "map_version": self.versions.version}
+        return {"steps": self.n_steps, "schedules": dict(self.schedule_steps), "map_version": self.versions.version,
+                "woken": self.n_woken}
 
     def expert_counters(self, reset: bool = True) -> dict:
         """Tokens per logical expert per MoE layer [n_moe, E] and dispatch pair totals."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
@@ -93,6 +94,9 @@ class Ingress:
     def __init__(self, cfg: Config, model_dir: str, prefill_units: list, decode_units: list, ledger=None,
                  capacity=None, router=None):
         self.cfg, self.model_name = cfg, cfg.serve.model_name
+        # Serve's id for this replica, sent as x-epserve-replica on every generation answer: which of
+        # several ingress replicas served a request is otherwise invisible from outside
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.args = read_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_len = context_len(cfg.max_model_len, self.args.max_position_embeddings)
@@ -162,11 +166,17 @@ class Ingress:
     # ---- generation routes ------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._handle(request, CompletionRequest, chat=False)
+        return self._tagged(await self._handle(request, CompletionRequest, chat=False))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._handle(request, ChatRequest, chat=True)
+        return self._tagged(await self._handle(request, ChatRequest, chat=True))
+
+    def _tagged(self, out) -> Response:
+        """The answer (a body dict or a response, errors and streams included) naming this replica."""
+        response = out if isinstance(out, Response) else JSONResponse(jsonable_encoder(out))   # as FastAPI would
+        response.headers["x-epserve-replica"] = self.replica
+        return response
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request):

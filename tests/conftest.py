@@ -94,19 +94,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base: str, timeout_s: float = 60.0) -> None:
-    """Until the server at `base` answers /health with 200 (it needs no API key)."""
+def wait_healthy(base: str, timeout_s: float = 90.0, poll_s: float = 0.5) -> dict:
+    """Poll `base` + "/health" (it needs no API key) until it answers 200; -> its JSON body.
+
+    Raises TimeoutError after timeout_s naming the last status and body, or the last connection
+    error, so a server that never came up fails its fixture loudly instead of its first test."""
     import time
 
     import httpx
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
+    deadline = time.monotonic() + timeout_s
+    while True:
         try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+            r = httpx.get(base + "/health", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+            last = f"HTTP {r.status_code}: {r.text[:300]}"
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base}/health did not answer 200 within {timeout_s:g} s; last: {last}")
+        time.sleep(poll_s)
 
 
 def read_json(path):

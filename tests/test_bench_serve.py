@@ -93,19 +93,19 @@ def test_closed_loop_sweep(fake_url):
 
 
 def test_poisson_arrivals(fake_url):
-    t = time.perf_counter()
+    # At 100 requests/s the 6 arrivals span ~60 ms; a rate misread by 1000x (s for ms) spreads them over
+    # ~60 s and the level deadline cuts most of them: every request must have been answered (none cut).
     rows = run(fake_url, concurrency=(2,), n_requests=6, rate=100.0, output_len=(8, 16), api_key=KEY, timeout_s=10)
-    assert rows[0]["rate"] == 100.0 and rows[0]["ok"] + rows[0]["n_429"] == 6, rows
+    assert rows[0]["rate"] == 100.0 and rows[0]["ok"] + rows[0]["n_429"] == 6 and rows[0]["failed"] == 0, rows
     check_row(rows[0], 6)
-    assert time.perf_counter() - t < 5
 
 
 def test_auth_failure_and_deadline(fake_url):
     row = run(fake_url, concurrency=(2,), n_requests=3, output_len=(8, 16), timeout_s=5)[0]
     assert (row["ok"], row["failed"]) == (0, 3) and "HTTP 401" in row["errors"][0], row
-    t = time.perf_counter()
+    # The fake's first token of these comes after 1 s: a level that stopped at its 0.5 s deadline has the two
+    # in flight cut (failed, 'deadline') and two never sent; one that waited would count them ok.
     row = run(fake_url, concurrency=(2,), n_requests=4, output_len=(1000, 1000), api_key=KEY, timeout_s=0.5)[0]
-    assert time.perf_counter() - t < 3, "a level must stop at its deadline"
     assert (row["ok"], row["failed"], row["unsent"]) == (0, 2, 2), row
     assert "deadline" in row["errors"][0] and row["ttft_ms_p50"] is None, row
 

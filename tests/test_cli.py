@@ -43,18 +43,44 @@ def test_plan_prints_production_placement():
     assert plan["roles"]["decode"]["ranks"][143]["node"] == 17
 
 
+def _balance_by_hand(load, phy2log, n_gpus: int) -> list[float]:
+    """Per layer: max / mean GPU load, where a logical expert's tokens split evenly over its replicas
+    and GPU g holds the slots [g * R / n_gpus, (g + 1) * R / n_gpus)."""
+    out = []
+    for w, slots in zip(load.tolist(), phy2log.tolist()):
+        per_slot = [w[e] / slots.count(e) for e in slots]
+        k = len(slots) // n_gpus
+        gpus = [sum(per_slot[g * k:(g + 1) * k]) for g in range(n_gpus)]
+        out.append(max(gpus) / (sum(gpus) / n_gpus))
+    return out
+
+
 def test_eplb_offline_table_from_a_saved_load_matrix(tmp_path):
+    """`epserve eplb --stats` prints, for the production prefill shape (288 slots on 4 nodes x 8 GPUs),
+    each layer's balancedness under the reference EPLB and the default one: the numbers the two
+    algorithms' placements give when the loads are summed per GPU by hand."""
     import torch
+
+    from epserve.placement import eplb, eplb_baseline
     g = torch.Generator().manual_seed(0)
     load = (torch.rand(4, 256, generator=g) ** 4 * 1000).round()
     torch.save(load, tmp_path / "load.pt")
     r = run("eplb", "--stats", str(tmp_path / "load.pt"), "--json")
     assert r.returncode == 0, r.stderr
     table = json.loads(r.stdout)
-    text = json.dumps(table)
-    assert "baseline" in text and "improved" in text
+    assert table["shape"] == {"layers": 4, "experts": 256, "num_replicas": 288, "num_groups": 8, "num_nodes": 4,
+                              "num_gpus": 32}
+    assert set(table["per_layer"]) == {"baseline", "improved"}      # spare slots: no identity placement
+    for name, algo in (("baseline", eplb_baseline), ("improved", eplb)):
+        want = _balance_by_hand(load.double(), algo.rebalance_experts(load.double(), 288, 8, 4, 32)[0], 32)
+        assert table["per_layer"][name] == pytest.approx(want, abs=1e-4), name
+        assert table["summary"][name]["mean"] == pytest.approx(sum(want) / 4, abs=1e-4)
+        assert table["summary"][name]["max"] == pytest.approx(max(want), abs=1e-4)
+        assert all(1.0 <= b < 1.5 for b in want)                    # both spread this skewed load
+    text = run("eplb", "--stats", str(tmp_path / "load.pt"))
+    assert text.returncode == 0 and "4 layers x 256 experts -> 288 slots on 32 GPUs" in text.stdout
     bad = run("eplb", "--stats", str(tmp_path / "missing.npy"))
-    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "does not exist" in bad.stderr
 
 
 def test_report_from_a_ledger_prints_the_seed_table_json_and_png(tmp_path):

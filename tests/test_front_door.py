@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import openai
 import pytest
@@ -28,51 +29,73 @@ def two_doors(ray_cluster, tiny_dir, tmp_path_factory):
     dep.shutdown()
 
 
-def _ingress_replicas() -> list:
-    return [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if "Ingress" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+def _ingress_replicas() -> dict[str, dict]:
+    """The live ingress replicas' named actors, by Serve's replica id (the x-epserve-replica header)."""
+    return {a["name"].rsplit("#", 1)[-1]: a for a in ray.util.list_named_actors(all_namespaces=True)
+            if "Ingress" in a["name"] and a["name"].startswith("SERVE_REPLICA")}
 
 
-async def _burst(base: str, n: int, max_tokens: int = 4) -> list[str]:
+async def _burst(base: str, n: int, max_tokens: int = 4) -> list[tuple[str, str]]:
+    """n concurrent completions; -> (text, the replica that served it) each. Any failure raises."""
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-    outs = await asyncio.gather(*[client.completions.create(model="tiny", prompt=f"the sea {i}", max_tokens=max_tokens,
-                                                            temperature=0.0, extra_body={"ignore_eos": True})
-                                  for i in range(n)])
-    return [o.choices[0].text for o in outs]
+
+    async def one(i):
+        raw = await client.completions.with_raw_response.create(
+            model="tiny", prompt=f"the sea {i}", max_tokens=max_tokens, temperature=0.0,
+            extra_body={"ignore_eos": True})
+        return raw.parse().choices[0].text, raw.headers["x-epserve-replica"]
+    return await asyncio.gather(*[one(i) for i in range(n)])
+
+
+def _wait_dead(actor, timeout_s: float = 60.0) -> None:
+    """Until calls to the actor fail because it died (Serve replicas have max_restarts=0);
+    TimeoutError when it still answers after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the killed replica still answers {timeout_s:g} s after ray.kill")
+        time.sleep(0.2)
 
 
 def test_two_ingress_replicas_admit_through_one_router(two_doors):
     base, dep = two_doors
-    assert len(_ingress_replicas()) == 2
+    replicas = _ingress_replicas()
+    assert len(replicas) == 2
     before = ray.get(dep.router.snapshot.remote())["admitted"]
-    texts = asyncio.run(_burst(base, 12))
-    assert len(texts) == 12 and all(isinstance(t, str) for t in texts)
+    answers = asyncio.run(_burst(base, 16))       # Serve spreads concurrent requests over both replicas
+    served = Counter(rep for _, rep in answers)
+    assert set(served) == set(replicas), served    # both replicas admitted requests ...
     snap = ray.get(dep.router.snapshot.remote(True))
-    assert snap["admitted"] - before == 12                 # every admission, from both replicas, in one place
-    deadline = time.time() + 10
-    while snap["in_flight"] and time.time() < deadline:    # released as each response ends
+    assert snap["admitted"] - before == 16         # ... and every admission, from both, went through one router
+    assert all(len(text) > 0 for text, _ in answers)
+    deadline = time.monotonic() + 10
+    while snap["in_flight"] and time.monotonic() < deadline:    # released as each response ends
         time.sleep(0.1)
         snap = ray.get(dep.router.snapshot.remote())
     assert snap["in_flight"] == 0
     assert all(s.kv_blocks_used <= s.kv_blocks_total for s in snap["decode"])
 
 
-def test_a_restarted_ingress_replica_loses_no_routing_state(two_doors):
+def test_a_killed_ingress_replica_leaves_the_other_serving_and_the_routing_state(two_doors):
+    """Once a replica's process is dead, every request is served, by the survivor (Serve's router
+    retries a dead replica's slot reservation on another one before the request is sent), and the
+    shared router's counts carry on."""
     base, dep = two_doors
     asyncio.run(_burst(base, 4))
+    replicas = _ingress_replicas()
+    victim_id, survivor_id = sorted(replicas)
     admitted = ray.get(dep.router.snapshot.remote())["admitted"]
-    victim = _ingress_replicas()[0]
-    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
-    texts = []
-    deadline = time.time() + 60
-    while len(texts) < 6 and time.time() < deadline:      # Serve replaces the replica; the other keeps serving
-        try:
-            texts += asyncio.run(_burst(base, 2))
-        except (openai.APIConnectionError, openai.InternalServerError):
-            time.sleep(0.5)
-    assert len(texts) >= 6
-    snap = ray.get(dep.router.snapshot.remote())
-    assert snap["admitted"] >= admitted + 6                 # the router's counts carried on
+    victim = ray.get_actor(replicas[victim_id]["name"], namespace=replicas[victim_id]["namespace"])
+    ray.kill(victim, no_restart=False)
+    _wait_dead(victim)
+    answers = asyncio.run(_burst(base, 8))            # no retry here: any failed request fails the test
+    served = Counter(rep for _, rep in answers)
+    assert victim_id not in served and served[survivor_id] >= 1, (victim_id, survivor_id, served)
+    assert ray.get(dep.router.snapshot.remote())["admitted"] == admitted + 8    # the router's counts carried on
 
 
 def test_router_releases_what_no_unit_knows_after_a_dead_replica(two_doors):

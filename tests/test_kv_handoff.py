@@ -4,8 +4,6 @@ paths and the single-rank engine; a pair whose prefill rank died falls back to r
 bounded time. Plus the parking rules (pure)."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import ray
 import torch
@@ -113,10 +111,9 @@ def test_dead_prefill_rank_falls_back_to_recompute_without_hanging(units, tiny_d
     first = ray.get(pre.prefill.remote(Sequence("dead0", prompts[0], _greedy()), 0), timeout=120)
     assert isinstance(first.kv_blocks, KvTicket)
     ray.kill(ray.get(pre.rank_handles.remote())[0], no_restart=True)     # the latents die with their rank
-    t0 = time.time()
+    # without hanging: a hung handoff raises GetTimeoutError here (its own waits are bounded by 30 s)
     got = ray.get(dec.generate.remote([(Sequence("dead0", prompts[0], _greedy(), output_ids=list(first.token_ids),
                                                  kv_blocks=first.kv_blocks), 0)]), timeout=120)
     assert got[0].token_ids == want[0]                  # recomputed on the decode rank, same tokens
-    assert time.time() - t0 < 60
     st = ray.get(ray.get(dec.rank_handles.remote())[0].handoff_stats.remote())
     assert st["failed"] >= 1

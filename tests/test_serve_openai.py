@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ import openai
 import pytest
 import ray
 
+from conftest import free_port, wait_healthy
 from epserve.config import load_config
 
 N = 8
 AUTH = {"Authorization": "Bearer none"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +52,7 @@ def server(ray_cluster, tiny_dir, llm_answers, tmp_path_factory):
                                              {"name": "solo", "api_keys": ["solo-key"], "max_concurrent": 1}]}})
     dep = start_deployment(cfg)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:     # health needs no API key
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    wait_healthy(base)
     yield base, dep
     dep.shutdown()
 
@@ -158,11 +146,11 @@ def test_logprobs_stop_and_seed(client, llm_answers):
     assert len(lp.token_logprobs) == 4 and all(v <= 0 for v in lp.token_logprobs)
     assert all(1 <= len(t) <= 2 for t in lp.top_logprobs)   # keys are token strings; byte tokens may collide
     stop = texts[0][2:5]
-    if stop:
-        s = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=N, temperature=0.0, stop=[stop],
-                                      extra_body={"ignore_eos": True})
-        assert s.choices[0].finish_reason == "stop" and stop not in s.choices[0].text
-        assert texts[0].startswith(s.choices[0].text)
+    assert len(stop) == 3, texts[0]          # the greedy answer is fixed by the seed; it must be long enough
+    s = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=N, temperature=0.0, stop=[stop],
+                                  extra_body={"ignore_eos": True})
+    assert s.choices[0].finish_reason == "stop"
+    assert s.choices[0].text == texts[0][:texts[0].index(stop)]     # cut right before the first occurrence
     a, b = (client.completions.create(model="tiny", prompt=prompts[1], max_tokens=N, temperature=1.0, top_p=0.9,
                                       seed=5, extra_body={"ignore_eos": True}).choices[0].text for _ in range(2))
     assert a == b
@@ -245,14 +233,35 @@ def test_over_capacity_is_429_with_retry_after_and_loses_nothing(server):
             assert body["usage"]["completion_tokens"] == 60
 
 
+def _scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """/metrics (scrapes need no API key) as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(base + "/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
 def test_models_and_metrics(server, client):
+    """/metrics counts exactly the requests and tokens served between two scrapes, and shows every rank."""
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    text = httpx.get(server[0] + "/metrics", timeout=30).text      # scrapes need no API key
-    for name in ("epserve_ttft_seconds_bucket", "epserve_time_per_output_token_seconds_bucket",
-                 "epserve_rank_kv_used_ratio{", "epserve_rank_waiting_requests{", "epserve_in_flight_requests",
-                 "epserve_output_tokens_per_second", 'epserve_requests_total{endpoint="completions",status="200"}',
-                 'epserve_unit_schedule_steps{role="decode",schedule="plain",unit="0"}'):
-        assert name in text
+    before = _scrape(server[0])
+    usages = [client.completions.create(model="tiny", prompt=p, max_tokens=3, temperature=0.0,
+                                        extra_body={"ignore_eos": True}).usage for p in ("Hi there", "The sea")]
+    after = _scrape(server[0])
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+    assert delta("epserve_requests_total", endpoint="completions", status="200") == 2
+    assert delta("epserve_completion_tokens_total") == sum(u.completion_tokens for u in usages) == 6
+    assert delta("epserve_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert delta("epserve_ttft_seconds_count") == 2
+    assert delta("epserve_time_per_output_token_seconds_count") == 2    # both had more than one token
+    assert after[("epserve_in_flight_requests", ())] == 0
+    ranks = {dict(k)["role"] + dict(k)["rank"]: v for (name, k), v in after.items()
+             if name == "epserve_rank_kv_used_ratio"}
+    assert sorted(ranks) == ["decode0", "decode1", "prefill0", "prefill1"] and all(0 <= v <= 1 for v in ranks.values())
+    assert after[("epserve_unit_schedule_steps", (("role", "decode"), ("schedule", "plain"), ("unit", "0")))] > 0
 
 
 def ledger_rows(dep, ids=None):
@@ -350,7 +359,7 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     try:
         deadline = time.time() + 120
-        ok = False
+        ok, last = False, "no answer yet"
         while time.time() < deadline and proc.poll() is None:
             try:
                 r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
@@ -359,10 +368,11 @@ def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path, tiny_dir):
                     ok = r.json()["usage"]["completion_tokens"] == 3
                     rid = r.json()["id"]
                     break
-            except httpx.HTTPError:
-                pass
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+            except httpx.HTTPError as exc:    # not listening yet
+                last = f"{type(exc).__name__}: {exc}"
             time.sleep(1)
-        assert ok, (proc.poll(), "".join(lines)[-2000:])
+        assert ok, (proc.poll(), last, "".join(lines)[-2000:])
         while not any("serving on" in line for line in lines) and time.time() < deadline:
             time.sleep(0.2)
         tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
