@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import math
 
 import torch
@@ -309,10 +310,18 @@ def run_step(backend: str = "native", phase: str = "decode", tokens: int | None 
     """{"emulated_ep_rank": the headline, "one_batch_no_exchange": run()'s layer figures}; ep False:
     the secondary block only."""
     from epserve.bench import step_ep
-    out = {"headline": "emulated_ep_rank" if ep else "one_batch_no_exchange"}
+    out = {"headline": "emulated_ep_rank_61_layers" if ep and torch.cuda.is_available() else
+           "emulated_ep_rank" if ep else "one_batch_no_exchange"}
     if ep:
-        out["emulated_ep_rank"] = step_ep.run(phase, backend=backend, tokens=tokens, ranks=ep_ranks, skew=skew,
-                                              graphs=graphs)
+        kw = dict(backend=backend, tokens=tokens, ranks=ep_ranks, skew=skew, graphs=graphs)
+        shallow = step_ep.run(phase, **kw)
+        out["emulated_ep_rank"] = shallow
+        if torch.cuda.is_available():      # the 61-layer figure from a second, deeper checkpoint
+            gc.collect()                   # the first engine's KV pool and graphs go before the second's
+            torch.cuda.empty_cache()
+            deep = step_ep.run(phase, layers=shallow["shape"]["layers"] + 4, **kw)
+            out["emulated_ep_rank_deep"] = deep
+            out["emulated_ep_rank_61_layers"] = step_ep.at_61_layers(shallow, deep)
     out["one_batch_no_exchange"] = run(backend=backend, phase=phase, tokens=tokens, graphs=graphs, cached=cached)
     return out
 

@@ -38,12 +38,40 @@ PRESET = {"decode": "v3-ep144-rank", "prefill": "v3-ep32-rank"}
 DEFAULT = {"decode": dict(ranks=144, tokens=128, ctx=5120), "prefill": dict(ranks=32, tokens=16384, prompt=4096)}
 
 
-def preset_dir(preset: str, device: str) -> str:
-    """The preset's random checkpoint in the user cache (made once; seconds on a GPU)."""
-    out = cache_root() / f"bench-{preset}"
+def preset_dir(preset: str, device: str, layers: int | None = None) -> str:
+    """The preset's random checkpoint in the user cache (made once; seconds on a GPU); layers: at
+    that depth (the preset's dense layers, the rest MoE) instead of the preset's 4."""
+    out = cache_root() / (f"bench-{preset}" + (f"-{layers}l" if layers else ""))
     if not (out / "config.json").exists():
-        make_tiny_model(out, preset=preset, device=device)
+        make_tiny_model(out, preset=preset, device=device,
+                        config_overrides={"num_hidden_layers": layers} if layers else None)
     return str(out)
+
+
+def at_61_layers(shallow: dict, deep: dict, n_layers: int = 61) -> dict:
+    """Two runs of the same schedule on checkpoints that differ only in their number of MoE layers
+    -> per MoE layer ms (the difference over the extra layers: fixed per-step costs such as the LM
+    head, sampling and the graph launch cancel) and the step at V3's 61 layers: the deep step plus
+    its missing layers, each counted as a MoE layer (V3's two further dense layers cost less than
+    that: an upper bound on the step)."""
+    extra = deep["shape"]["moe_layers"] - shallow["shape"]["moe_layers"]
+    assert extra > 0, "the deep run needs more MoE layers than the shallow one"
+    missing = n_layers - deep["shape"]["layers"]
+    out = {}
+    for name in ("overlapped", "one_batch"):
+        row = {}
+        for held in ("held", "no_exchange_time"):
+            per_layer = (deep[name][held]["step_ms"] - shallow[name][held]["step_ms"]) / extra
+            step = deep[name][held]["step_ms"] + missing * per_layer
+            row[held] = {"moe_layer_ms": round(per_layer, 4), "step_ms": round(step, 3),
+                         "tokens_per_s_per_gpu": round(deep["tokens_per_step"] / step * 1e3, 1)}
+        row["exposed_exchange_share"] = round(1 - row["no_exchange_time"]["step_ms"] / row["held"]["step_ms"], 4)
+        out[name] = row
+    split = out["overlapped"]["no_exchange_time"]["moe_layer_ms"] / out["one_batch"]["no_exchange_time"]["moe_layer_ms"]
+    return {"layers": n_layers, "from_depths": [shallow["shape"]["layers"], deep["shape"]["layers"]], **out,
+            "two_micro_batch_compute_tax": round(split - 1, 4),
+            "note": "per MoE layer = (deep - shallow step) / extra MoE layers; 61-layer step = deep step + "
+                    f"{missing} more layers at that cost (the 2 further dense layers counted as MoE: an upper bound)"}
 
 
 def _seqs(engine, phase: str, p: dict, g: torch.Generator) -> tuple[list[Sequence], Step]:
@@ -70,7 +98,8 @@ def _seqs(engine, phase: str, p: dict, g: torch.Generator) -> tuple[list[Sequenc
 
 def run(phase: str = "decode", device: str = "cuda", backend: str = "native", tokens: int | None = None,
         ranks: int | None = None, skew: str = "lognormal", seed: int = 0, model: str | None = None,
-        graphs: bool = True, reps: int | None = None, ctx: int | None = None, **ep_emulate) -> dict:
+        graphs: bool = True, reps: int | None = None, ctx: int | None = None, layers: int | None = None,
+        **ep_emulate) -> dict:
     """The headline block for `phase` (see the module docstring); ep_emulate: other `ep_emulate`
     keys (experts, groups, top_k) for checkpoints other than the presets."""
     if phase not in DEFAULT:
@@ -78,7 +107,7 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
     if skew not in KINDS:                  # before minutes of checkpoint making and loading
         raise ValueError(f"--skew: {skew!r} is not one of {', '.join(KINDS)}")
     p = {**DEFAULT[phase], **{k: v for k, v in (("tokens", tokens), ("ranks", ranks), ("ctx", ctx)) if v}}
-    model_dir = model or preset_dir(PRESET[phase], device)
+    model_dir = model or preset_dir(PRESET[phase], device, layers)
     emu = {**KEYS, **ep_emulate, "ranks": p["ranks"], "skew": skew, "seed": seed}
     if phase == "decode":
         pages = p["tokens"] * (math.ceil(p["ctx"] * 1.2 / 64) + 2) + 64
@@ -118,7 +147,7 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
         disp, comb = d.take_held_us()
         return {"dispatch": round(disp / n_moe, 3), "combine": round(comb / n_moe, 3)}
 
-    out = {}
+    out, capture_failed = {}, None
     with torch.inference_mode():
         for name, fn in (("overlapped", overlapped), ("one_batch", one_batch)):
             row = {}
@@ -126,7 +155,13 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
                 d.hold_scale = 1.0 if held else 0.0
                 if eng.graphs is not None:
                     eng.graphs.clear()              # a captured graph keeps the hold it was captured with
-                timed = graphed(fn) if name == "overlapped" and cuda_graph_overlap else fn
+                timed = fn
+                if name == "overlapped" and cuda_graph_overlap:
+                    try:
+                        timed = graphed(fn)
+                    except RuntimeError as exc:     # reported, and timed eagerly instead
+                        capture_failed = f"{type(exc).__name__}: {exc}"[:300]
+                        torch.cuda.synchronize()
                 ms = time_ms(timed, warmup=3, reps=reps)
                 row["held" if held else "no_exchange_time"] = {"step_ms": round(ms, 3)}
                 if held:
@@ -149,7 +184,8 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
                        "exchange_model": "bytes / DeepEP's published bandwidth at this EP size (model/ep_emulate.py)"},
         "exchange_held_on": "a side CUDA stream (torch.cuda._sleep)" if cuda else "nothing (CPU: no-op)",
         "tokens_per_step": batch.n_tokens, "cuda_graphs_one_batch": phase == "decode" and eng.graphs is not None,
-        "cuda_graphs_overlapped": cuda_graph_overlap,
+        "cuda_graphs_overlapped": cuda_graph_overlap and capture_failed is None,
+        "overlapped_capture_failed": capture_failed,
         **out,
         "tokens_per_s": {k: round(batch.n_tokens / out[k]["held"]["step_ms"] * 1e3, 1) for k in out},
     }

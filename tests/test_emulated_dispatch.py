@@ -204,3 +204,27 @@ def test_a_ray_unit_on_the_emulated_rank_gives_the_single_rank_tokens(ray_cluste
         kinds = {r["ep_dispatch"] for u in llm.units for r in ray.get(u.status.remote())["ranks"]}
     assert kinds == {"EmulatedDispatcher"}
     assert [o.token_ids for o in outs] == [s.output_ids for s in seqs]
+
+
+@pytest.mark.parametrize("ep_dispatch", ["local", "emulated"])
+def test_the_prepared_static_overlapped_step_replays_the_plain_forward(tiny_dir, ep_dispatch):
+    """What bench step captures as one CUDA graph: the micro-batches prepared once, the MoE layers on
+    the fixed-shape path; run twice from the same preparation (a replay), it gives the plain
+    forward's logits both times."""
+    from epserve.pipelines.batcher import Step
+    from epserve.pipelines.overlap import prepare_overlapped, run_overlapped
+    kw = {"ep_dispatch": "emulated", "ep_emulate": {"ranks": 16, "experts": 8, "groups": 1}} \
+        if ep_dispatch == "emulated" else {}
+    eng = make_local_engine(tiny_dir, **kw)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    seqs = [Sequence(f"s{i}", p, params) for i, p in enumerate(prompts_of([9, 14, 5, 11], seed=3))]
+    for s in seqs:
+        s.pages = eng.cache.allocate(eng.cache.pages_for(len(s.prompt_ids) + 1))
+        s.n_computed = len(s.prompt_ids) - 1                # one new token each: a decode step
+    batch = eng.prepare(Step(seqs, [1] * len(seqs), False))
+    want = eng.model.forward(batch, eng.cache.kv.clone())
+    mbs, rows = prepare_overlapped(eng.model, batch, static=True)
+    assert all(m.valid is not None for m in mbs)
+    for _ in range(2):
+        got = run_overlapped(eng.model, mbs, rows, eng.cache.kv.clone(), len(seqs), "decode")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
