@@ -354,7 +354,7 @@ class Ingress:
             sent = set()
             async for st, delta in stream:
                 live.t_first = live.t_first or time.time()
-                lp = self.inputs.logprobs(chat, st.tokens[-1:], st.lps[-1:], req) \
+                lp = self.inputs.logprobs(chat, st.tokens[-1:], st.lps[-1:], req, st.tokens[:-1]) \
                     if st.lps and len(st.lps) == len(st.tokens) else None
                 c = st.chunk(delta, lp, first=not chat and st.index not in sent)
                 sent.add(st.index)
