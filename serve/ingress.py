@@ -152,13 +152,7 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self):
-        try:
-            await self.router.refresh()
-            for role, units in self.router.handles.items():
-                for status in await asyncio.gather(*[u.status.remote() for u in units.values()]):
-                    self.metrics.observe_unit(role, status)
-        except Exception:
-            pass
+        await self.metrics.collect(self.router)       # a failing source is logged and counted, the rest served
         body = self.metrics.render(self.router.prefill_stats, self.router.decode_stats, len(self.router.in_flight))
         return Response(body, media_type="text/plain; version=0.0.4")
 
