@@ -20,7 +20,11 @@ has the ranks abort its requests). It never steps, builds or restarts anything.
 
 `feed()` is the batched path to an ingress replica: one long-lived streaming call that yields
 lists of (request_id, item) for every request submitted with `open_stream`, instead of one
-generator yield per token per request (`stream`).
+generator yield per token per request (`stream`). `generate` given the model dir ends each request
+at its first stop string (it reads the text with the checkpoint's tokenizer and aborts the request
+on its rank), as the ingress does for its streams.
+Over 300 lines: the rebuild protocol and the three ways out (generate, stream, feed) share one
+table of tracked requests.
 """
 from __future__ import annotations
 
