@@ -26,6 +26,7 @@ def _render(m: ServeMetrics, router: Router) -> str:
 def test_a_dead_supervisor_is_logged_and_counted_and_the_other_units_still_served(ray_cluster, tiny_dir, caplog):
     shape = UnitShape(1, 1, TINY_CONFIG["n_routed_experts"])
     live, doomed = (UnitSupervisor.remote(u, "decode", RankSpec(model_dir=tiny_dir), shape) for u in (0, 1))
+    ray.get([live.status.remote(), doomed.status.remote()])   # started (a scrape's wait is bounded; a start is not)
     router = Router({"prefill": [], "decode": [live, doomed]}, max_in_flight=4, page_tokens=64)
     m = ServeMetrics()
     asyncio.run(m.collect(router))
