@@ -23,6 +23,7 @@ from epserve.model.tiny import default_model_dir
 from epserve.model.tokenizer import load_tokenizer
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.decode_balancer import apply_decode_choice, pick_decode_rank
+from epserve.serve.generation import choice_params
 
 log = logging.getLogger("epserve.llm")
 
@@ -71,46 +72,57 @@ class LLM:
 
     # ---- generate -------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for a prompt (text or token ids) or a list of them; outputs in input order."""
+                 use_tqdm: bool = False) -> list:
+        """Generate for a prompt (text or token ids) or a list of them; outputs in input order.
+
+        Each prompt gives one RequestOutput, or, when its params have n > 1, a list of n (choice i
+        is seeded seed + i when seeded, as HTTP's choices are; each choice prefills the prompt
+        itself: offline units hand no KV between choices). A request with stop strings ends at the
+        first one, on its rank: the text is cut before the string, finish_reason is "stop", and
+        token_ids / usage count what was produced up to the token that completed it (vLLM's)."""
         import ray
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequest(f"sampling_params: {len(params)} given for {len(prompts)} prompts", "sampling_params")
+        if self.tokenizer is None and any(p.stop for p in params):
+            raise InvalidRequest("stop: this checkpoint has no tokenizer files to read stop strings with; "
+                                 "use stop_token_ids", "stop")
         encoded = [self._encode(p) for p in prompts]
         max_len = context_len(self.config.max_model_len, self.args.max_position_embeddings)
         for ids, p in zip(encoded, params):
             check_context(len(ids), max_len, p.max_tokens)
         stats = [s for u in self.units for s in ray.get(u.stats.remote())]
         per_unit: dict[int, list] = {}
-        order = []
+        order = []                           # per prompt: where each of its choices went
+        tenant = "offline" if self.config.kv_store.enabled else None
         for ids, p in zip(encoded, params):
             need = kv_pages(len(ids) + p.max_tokens, self.config.kv_page_tokens)
-            ref = pick_decode_rank(stats, need) or min(stats, key=lambda s: s.n_requests).ref
-            stats = apply_decode_choice(stats, ref, need)
-            rid = f"gen-{uuid.uuid4().hex[:8]}-{next(self._ids)}"
-            tenant = "offline" if self.config.kv_store.enabled else None
-            per_unit.setdefault(ref.unit, []).append((Sequence(rid, ids, p, tenant=tenant), ref.rank))
-            order.append((ref.unit, len(per_unit[ref.unit]) - 1))
+            order.append([])
+            for i in range(p.n):
+                ref = pick_decode_rank(stats, need) or min(stats, key=lambda s: s.n_requests).ref
+                stats = apply_decode_choice(stats, ref, need)
+                rid = f"gen-{uuid.uuid4().hex[:8]}-{next(self._ids)}"
+                per_unit.setdefault(ref.unit, []).append((Sequence(rid, ids, choice_params(p, i), tenant=tenant),
+                                                          ref.rank))
+                order[-1].append((ref.unit, len(per_unit[ref.unit]) - 1))
         results = dict(zip(per_unit, ray.get([self.units[u].generate.remote(items) for u, items in per_unit.items()])))
         outs = []
-        for (unit, i), ids, p in zip(order, encoded, params):
-            res = results[unit][i]
-            if res.error is not None:
-                raise res.error             # typed (epserve.errors), as the rank or the unit raised it
-            outs.append(self._output(res, ids, p))
+        for where, ids, p in zip(order, encoded, params):
+            choices = []
+            for unit, i in where:
+                res = results[unit][i]
+                if res.error is not None:
+                    raise res.error      # typed (epserve.errors), as the rank or the unit raised it
+                choices.append(self._output(res, ids))
+            outs.append(choices if p.n > 1 else choices[0])
         return outs[0] if single else outs
 
-    def _output(self, res: RequestResult, prompt_ids: list[int], p: SamplingParams) -> RequestOutput:
-        tokens, reason = list(res.token_ids), res.finish_reason
-        text = self.tokenizer.decode(tokens) if self.tokenizer else None
-        if text is not None and p.stop:
-            tokens, text, hit = truncate_at_stop(self.tokenizer, tokens, p.stop)
-            reason = "stop" if hit else reason
-        logprobs = res.logprobs[: len(tokens)] if res.logprobs else None
-        return RequestOutput(res.request_id, prompt_ids, tokens, text, logprobs, reason,
+    def _output(self, res: RequestResult, prompt_ids: list[int]) -> RequestOutput:
+        tokens = list(res.token_ids)
+        text = res.text if res.text is not None else (self.tokenizer.decode(tokens) if self.tokenizer else None)
+        return RequestOutput(res.request_id, prompt_ids, tokens, text, res.logprobs, res.finish_reason,
                              Usage(len(prompt_ids), len(tokens), res.n_cached))
 
     def shutdown(self) -> None:
@@ -131,15 +143,3 @@ class LLM:
     def __exit__(self, *exc):
         self.shutdown()
 
-
-def truncate_at_stop(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> tuple[list[int], str, bool]:
-    """Cut the output before the first stop string (OpenAI semantics); keep the tokens that make the text."""
-    text = tokenizer.decode(tokens)
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    if cut < 0:
-        return tokens, text, False
-    text = text[:cut]
-    keep = len(tokens)
-    while keep > 0 and len(tokenizer.decode(tokens[:keep])) > cut:
-        keep -= 1
-    return tokens[:keep], text, True

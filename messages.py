@@ -130,6 +130,7 @@ class RequestResult:
     ttft_s: float = 0.0
     decode_s: float = 0.0
     error: Exception | None = None
+    text: str | None = None            # generate with a tokenizer: the text, cut before the stop string that ended it
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,11 @@ has the ranks abort its requests). It never steps, builds or restarts anything.
 
 `feed()` is the batched path to an ingress replica: one long-lived streaming call that yields
 lists of (request_id, item) for every request submitted with `open_stream`, instead of one
-generator yield per token per request (`stream`).
+generator yield per token per request (`stream`). `generate` given the model dir ends each request
+at its first stop string (it reads the text with the checkpoint's tokenizer and aborts the request
+on its rank), as the ingress does for its streams.
+Over 300 lines: the rebuild protocol and the three ways out (generate, stream, feed) share one
+table of tracked requests.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import ray
 
 from epserve.errors import EpserveError, UnitFailed, UnitLost
 from epserve.messages import Delivery, RequestResult, TokenDelta
+from epserve.model.tokenizer import StopText, load_tokenizer
 from epserve.pipelines.sequence import Sequence
 
 
@@ -52,6 +57,7 @@ class Tracked:
     kv_blocks: list | None = None      # prefill units: object refs of the handed-off KV blocks
     draft: list | None = None          # prefill units with MTP: the first drafts, handed over with the KV
     generation: int | None = None      # the unit build it was submitted to; None: held (not submitted yet)
+    stop: StopText | None = None       # `generate` with a tokenizer: the text, ended at a stop string
 
 
 @dataclass
@@ -84,6 +90,7 @@ class StreamSink:
         self.me = ray.get_runtime_context().current_actor
         self.outbox: list[tuple[str, object]] = []             # fed requests' items for `feed`
         self.out_ready = asyncio.Event()
+        self.tokenizers: dict[str, object] = {}                # model dir -> its tokenizer (stop strings)
         self.counters = {"deliveries": 0, "deltas": 0, "untracked": 0, "feed_yields": 0, "stream_yields": 0}
 
     # ---- units --------------------------------------------------------------------------
@@ -217,7 +224,16 @@ class StreamSink:
         tr.kv_blocks = d.kv_blocks
         tr.draft = d.draft
         tr.seq.n_cached = max(tr.seq.n_cached, d.n_cached)   # billed as hits, as the rank loaded them
+        if tr.stop is not None and tr.stop.push(d.token_id):
+            if tr.finish_reason is None:     # the text has its stop string: the rank decodes no further
+                self._abort_on_rank(key, tr)
+            tr.finish_reason = "stop"
         self._put(tr, d)
+
+    def _abort_on_rank(self, key: str, tr: Tracked) -> None:
+        v = self.units.get(key)
+        if v is not None and v.is_up and tr.generation == v.generation:   # else it is simply not resubmitted
+            v.ranks[tr.rank].abort.remote([tr.seq.request_id])
 
     def _fail(self, key: str, rid: str, why: EpserveError) -> None:
         tr = self.requests.get((key, rid))
@@ -275,21 +291,38 @@ class StreamSink:
     def _result(tr: Tracked) -> RequestResult:
         return RequestResult(tr.seq.request_id, tr.output_ids, tr.logprobs or None, tr.finish_reason, tr.seq.n_cached,
                              tr.kv_blocks, tr.draft, ttft_s=(tr.t_first or time.time()) - tr.t_submit,
-                             decode_s=time.time() - (tr.t_first or 0))
+                             decode_s=time.time() - (tr.t_first or 0),
+                             text=tr.stop.text if tr.stop is not None else None)
 
-    async def generate(self, unit, items: list[tuple[Sequence, int]]) -> list[RequestResult]:
+    async def generate(self, unit, items: list[tuple[Sequence, int]], model_dir: str | None = None) -> list[RequestResult]:
         """Run sequences to completion on the given ranks of `unit` (a supervisor handle), one
         RequestResult per item, in order.
 
+        model_dir: with a tokenizer there, a sequence with stop strings ends at the first one, as an
+        HTTP stream does: once its text contains one, its rank is told to abort it (it decodes no
+        further) and it comes back with finish_reason "stop", `text` cut before the stop string and
+        `token_ids` everything produced up to the token that completed it (a step already in flight
+        when the abort lands is dropped here). Without it, `text` is None and stop strings are the
+        caller's.
         A request that fails comes back with `error` set to the typed error (epserve.errors): a
         RequestError when the request itself was bad (too long, bad token ids), a UnitFailure or
         Unavailable when the unit failed it.
         """
-        trs = self._submit(await self._view(unit), items)
+        v = await self._view(unit)
+        tok = self._tokenizer(model_dir) if model_dir and any(seq.params.stop for seq, _ in items) else None
+        trs = self._submit(v, items)
+        for tr in trs:                       # before any await: no delivery has been applied yet
+            if tok is not None and tr.seq.params.stop:
+                tr.stop = StopText(tok, tr.seq.params.stop)
         results = await asyncio.gather(*[self._finish(tr) for tr in trs], return_exceptions=True)
         return [RequestResult(tr.seq.request_id, error=r if isinstance(r, EpserveError)
                               else UnitFailed(f"{type(r).__name__}: {r}"))
                 if isinstance(r, Exception) else r for tr, r in zip(trs, results)]
+
+    def _tokenizer(self, model_dir: str):
+        if model_dir not in self.tokenizers:
+            self.tokenizers[model_dir] = load_tokenizer(model_dir)
+        return self.tokenizers[model_dir]
 
     @ray.method(enable_task_events=False)
     async def prefill(self, unit, seq: Sequence, rank: int) -> RequestResult:
@@ -343,9 +376,7 @@ class StreamSink:
         tr = self.requests.pop((key, request_id), None)
         if tr is None:
             return False
-        v = self.units.get(key)
-        if v is not None and v.is_up and tr.generation == v.generation:   # else it is simply not resubmitted
-            v.ranks[tr.rank].abort.remote([request_id])
+        self._abort_on_rank(key, tr)
         if tr.finish_reason is None:
             tr.finish_reason = "abort"
             if tr.queue is not None:

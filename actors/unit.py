@@ -256,14 +256,16 @@ class UnitSupervisor:
 
     # ---- requests: forwarded to the default sink (the supervisor relays no delta) -------------
     async def generate(self, items: list[tuple[Sequence, int]]) -> list[RequestResult]:
-        """Run sequences to completion on the given ranks (StreamSink.generate)."""
+        """Run sequences to completion on the given ranks (StreamSink.generate), each ending at its
+        first stop string (the checkpoint's tokenizer reads the text)."""
         me = ray.get_runtime_context().current_actor
-        return await (await self._sink()).generate.remote(me, items)
+        return await (await self._sink()).generate.remote(me, items, self.spec.model_dir)
 
     @ray.method(enable_task_events=False)
     async def prefill(self, seq: Sequence, rank: int) -> RequestResult:
         """Prefill role: run the prompt, return the first token and the KV blocks' object refs."""
-        return (await self.generate([(seq, rank)]))[0]
+        me = ray.get_runtime_context().current_actor
+        return (await (await self._sink()).generate.remote(me, [(seq, rank)]))[0]
 
     @ray.method(enable_task_events=False)
     async def stream(self, seq: Sequence, rank: int):

@@ -33,12 +33,15 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]) added to the logits
     grammar: GrammarSpec | None = None               # constrained decoding: only tokens the grammar allows
     grammar_after: int | None = None  # the grammar starts after this token (a reasoning model's </think>, as in vLLM)
+    n: int = 1                       # LLM.generate: choices per prompt, as vLLM's (HTTP takes the request's `n`)
 
     def __post_init__(self):
         def bad(param, msg):
             raise InvalidRequest(f"{param}: {msg}", param)
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            bad("n", f"must be an integer >= 1, got {self.n!r}")
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
             bad("temperature", f"must be in [0, 100], got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:

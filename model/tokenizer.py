@@ -95,3 +95,25 @@ class IncrementalText:
         """The whole text at the end, including any incomplete trailing bytes (as U+FFFD)."""
         self.text = self.tokenizer.decode(self.ids)
         return self.text
+
+
+class StopText:
+    """A growing token list's text, cut before the first of its stop strings (OpenAI's semantics:
+    the stop string is not returned). `push` says when the text first contains one; from then on
+    `text` is everything before it and further tokens change nothing."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
+        self.tokenizer, self.stops, self.ids, self.text, self.is_hit = tokenizer, stops, [], "", False
+        self._longest = max(len(s) for s in stops)
+
+    def push(self, token_id: int) -> bool:
+        """Take one token -> True if the text now contains a stop string (this token completed it)."""
+        if self.is_hit:
+            return True
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids)
+        start = max(0, len(self.text) - self._longest)     # a new match ends in the new text
+        cut = min((i for i in (full.find(s, start) for s in self.stops) if i >= 0), default=-1)
+        self.is_hit = cut >= 0
+        self.text = full[:cut] if self.is_hit else full
+        return self.is_hit

@@ -153,13 +153,7 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self):
-        try:
-            await self.router.refresh()
-            for role, units in self.router.handles.items():
-                for status in await asyncio.gather(*[u.status.remote() for u in units.values()]):
-                    self.metrics.observe_unit(role, status)
-        except Exception:
-            pass
+        await self.metrics.collect(self.router)       # a failing source is logged and counted, the rest served
         body = self.metrics.render(self.router.prefill_stats, self.router.decode_stats, len(self.router.in_flight))
         return Response(body, media_type="text/plain; version=0.0.4")
 
@@ -361,7 +355,7 @@ class Ingress:
             sent = set()
             async for st, delta in stream:
                 live.t_first = live.t_first or time.time()
-                lp = self.inputs.logprobs(chat, st.tokens[-1:], st.lps[-1:], req) \
+                lp = self.inputs.logprobs(chat, st.tokens[-1:], st.lps[-1:], req, st.tokens[:-1]) \
                     if st.lps and len(st.lps) == len(st.tokens) else None
                 c = st.chunk(delta, lp, first=not chat and st.index not in sent)
                 sent.add(st.index)

@@ -52,11 +52,19 @@ class Inputs:
 
     @staticmethod
     def _message(m) -> dict:
+        """One message as the chat template reads it: role, content, and whatever else OpenAI sends
+        that a template may render: `name` (any role), each earlier tool call's `id`, a tool turn's
+        `tool_call_id`. DeepSeek's own V3/R1 templates (model/chat_templates.py) render none of the
+        three: they have no place for a speaker name or a call id (a call is matched to its output
+        by order), so for them these fields change nothing; a checkpoint whose template does use
+        them gets them."""
         out = {"role": m.role if m.role != "developer" else "system", "content": m.text()}
+        if m.name is not None:
+            out["name"] = m.name
         if m.role == "assistant" and m.tool_calls:
             out["content"] = m.text() or None
-            out["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
-                                                                   "arguments": c.function.arguments}}
+            out["tool_calls"] = [{"type": "function", **({"id": c.id} if c.id is not None else {}),
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
                                  for c in m.tool_calls]
         if m.role == "tool" and m.tool_call_id is not None:
             out["tool_call_id"] = m.tool_call_id
@@ -127,7 +135,11 @@ class Inputs:
         check_context(n_prompt, self.max_len, params.max_tokens)    # SamplingParams: InvalidRequest naming the param
         return params
 
-    def logprobs(self, chat, tokens, lps, req):
+    def logprobs(self, chat, tokens, lps, req, before: list[int] | tuple = ()):
+        """OpenAI's logprobs of `tokens` (their `lps`), which follow the choice's tokens `before`
+        (a stream sends one token's at a time). Completions' `text_offset[k]` is the character
+        offset in the completion's text where token k's text starts: the length of the text the
+        tokens before it decode to (echo and logprobs do not go together, so no prompt precedes)."""
         if not lps:
             return None
         dec = (lambda t: self.tokenizer.decode([t])) if self.tokenizer else str
@@ -137,5 +149,14 @@ class Inputs:
                                  "top_logprobs": [{"token": dec(t), "logprob": v, "bytes": list(dec(t).encode())}
                                                   for t, v in lp["top"]]} for lp in lps]}
         return {"tokens": [dec(lp["token_id"]) for lp in lps], "token_logprobs": [lp["logprob"] for lp in lps],
-                "top_logprobs": [{dec(t): v for t, v in lp["top"]} for lp in lps], "text_offset": []}
+                "top_logprobs": [{dec(t): v for t, v in lp["top"]} for lp in lps],
+                "text_offset": self.text_offsets(list(before), [lp["token_id"] for lp in lps])}
 
+    def text_offsets(self, before: list[int], tokens: list[int]) -> list[int]:
+        """Where each of `tokens` starts in the text of before + tokens (characters). Decoding the
+        prefix, not adding up single-token texts: a token that ends half a UTF-8 character, or a
+        tokenizer that merges spaces, decodes differently alone."""
+        if self.tokenizer is None:                    # token ids only: each "text" is str(id)
+            start = sum(len(str(t)) for t in before)
+            return [start + sum(len(str(t)) for t in tokens[:k]) for k in range(len(tokens))]
+        return [len(self.tokenizer.decode(before + tokens[:k])) for k in range(len(tokens))]

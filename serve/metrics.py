@@ -2,14 +2,24 @@
 
 Queue lengths, per-rank KV use and request counts (from the router's live RankStats),
 tokens/s over a sliding window, and TTFT / time-per-output-token histograms.
+
+A scrape collects from the router and from every unit supervisor (`collect`). A source that fails
+(the router's refresh, a dead or stuck supervisor) is logged and counted in
+`epserve_metrics_errors_total{source}`, and the scrape still answers 200 with everything else
+current: one dead unit must not blind the dashboards to the rest of the fleet. Per-unit and
+per-rank gauges show only what reported in this scrape (a dead unit's vanish, never stay at old
+values); a router that cannot refresh leaves its last rank stats, and the counter says so.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+log = logging.getLogger("epserve.metrics")
 _LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -45,6 +55,11 @@ class ServeMetrics:
                                     "on an overlap schedule", ["role", "unit", "schedule"], registry=r)
         self.split_pays = Gauge("epserve_overlap_split_pays", "overlap: auto's current choice per phase "
                                 "(1: split steps measured faster)", ["role", "unit", "phase"], registry=r)
+        self.errors = Counter("epserve_metrics_errors", "Scrapes where a source failed to report (router, "
+                              "prefill_unit, decode_unit)", ["source"], registry=r)
+        self._unit_gauges = (self.eplb_before, self.eplb_after, self.eplb_moved, self.eplb_seconds,
+                             self.schedule_steps, self.split_pays)
+        self._rank_gauges = (self.queue, self.running, self.kv_used)
         self.window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -53,6 +68,33 @@ class ServeMetrics:
         self.mtp_tokens_per_step = Gauge("epserve_mtp_tokens_per_step", "Tokens a sequence gets per MTP verify step "
                                          "(1 + accepted drafts), since the rank started", ["role", "unit", "rank"],
                                          registry=r)
+
+    async def collect(self, router, timeout_s: float = 10.0) -> None:
+        """Refresh the router's stats and observe every unit's status(); a failing source is logged
+        and counted (see the module docstring), never raised and never silent."""
+        try:
+            await asyncio.wait_for(router.refresh(force=True), timeout_s)   # a scrape reads now, not 50 ms ago
+        except Exception as exc:
+            self._failed("router", None, exc)
+        await self.observe_units(router.handles, timeout_s)
+
+    async def observe_units(self, handles: dict, timeout_s: float = 10.0) -> None:
+        """handles: {role: {unit id: supervisor handle}}. Each unit is asked on its own: a dead one
+        costs its own gauges (they are dropped, not left at their last values), not the others'."""
+        asked = [(role, uid, asyncio.wait_for(_ask_status(h), timeout_s))
+                 for role, units in handles.items() for uid, h in units.items()]
+        got = await asyncio.gather(*[a for _, _, a in asked], return_exceptions=True)
+        for g in self._unit_gauges:          # refilled below, with no await in between (one scrape's view)
+            g.clear()
+        for (role, uid, _), status in zip(asked, got):
+            if isinstance(status, Exception):
+                self._failed(f"{role}_unit", uid, status)
+            else:
+                self.observe_unit(role, status)
+
+    def _failed(self, source: str, unit, exc: BaseException) -> None:
+        self.errors.labels(source).inc()
+        log.error("/metrics: %s%s failed to report: %r", source, "" if unit is None else f" {unit}", exc)
 
     def observe_tokens(self, n: int) -> None:
         now = time.monotonic()
@@ -82,6 +124,8 @@ class ServeMetrics:
             self._recent.popleft()
         self.tokens_per_s.set(sum(n for _, n in self._recent) / self.window_s)
         self.in_flight.set(in_flight)
+        for g in (*self._rank_gauges, self.mtp_acceptance, self.mtp_tokens_per_step):
+            g.clear()                        # a rank that did not report this time shows nothing, not old values
         for role, stats in (("prefill", prefill_stats), ("decode", decode_stats)):
             for s in stats:
                 labels = (role, str(s.unit), str(s.rank))
@@ -92,3 +136,7 @@ class ServeMetrics:
                     self.mtp_acceptance.labels(*labels).set(s.mtp_accepted / max(1, s.mtp_proposed))
                     self.mtp_tokens_per_step.labels(*labels).set(s.mtp_emitted / s.mtp_sequence_steps)
         return generate_latest(self.registry)
+
+
+async def _ask_status(unit) -> dict:
+    return await unit.status.remote()

@@ -63,6 +63,17 @@ class _Common(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
+    def refuse_combinations(self) -> None:
+        """400 for fields that are each valid but mean nothing together (OpenAI and vLLM refuse
+        them too), instead of silently dropping one."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options: only allowed with stream: true", param="stream_options")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise InvalidRequest(f"max_completion_tokens: {self.max_completion_tokens} differs from max_tokens "
+                                 f"{self.max_tokens}; send one of them (or the same value)",
+                                 param="max_completion_tokens")
+
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -140,6 +151,11 @@ class ChatRequest(_Common):
             raise ValueError("messages must be a non-empty list")
         return v
 
+    def refuse_combinations(self) -> None:
+        super().refuse_combinations()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest(f"top_logprobs: {self.top_logprobs} needs logprobs: true", param="top_logprobs")
+
 
 def refuse_unsupported(data: dict) -> None:
     """400 naming the first known-but-unsupported field that asks for something (see UNSUPPORTED)."""
@@ -152,13 +168,14 @@ def refuse_unsupported(data: dict) -> None:
 
 
 def parse(model_cls, data: Any):
-    """Validate a JSON body; the first problem becomes a 400 naming the parameter."""
+    """Validate a JSON body; the first problem (a field, or fields that do not go together) becomes a
+    400 naming the parameter."""
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
     refuse_unsupported(data)
     data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
     try:
-        return model_cls.model_validate(data)
+        req = model_cls.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [p for p in err.get("loc", ()) if not (isinstance(p, str) and p[:1].isupper())]   # union tags
@@ -167,3 +184,5 @@ def parse(model_cls, data: Any):
         if err.get("type") == "extra_forbidden":
             msg = f"unrecognized request argument {loc[-1]!r} (this server refuses fields it does not know)"
         raise InvalidRequest(f"{param}: {msg}" if param else msg, param=param) from None
+    req.refuse_combinations()
+    return req

@@ -278,3 +278,43 @@ def test_stop_token_ids_end_the_answer_at_that_token(client):
     c = r.model_dump()["choices"][0]
     assert c["token_ids"] == ids[:ids.index(ids[2]) + 1] and c["finish_reason"] == "stop"
 
+
+
+@pytest.mark.parametrize("kind,kwargs,param", [
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"logprobs": False, "top_logprobs": 0}, "top_logprobs"),
+    ("chat", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("completions", {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat", {"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens"),
+    ("completions", {"max_tokens": 4, "extra_body": {"max_completion_tokens": 5}}, "max_completion_tokens"),
+])
+def test_each_api_combination_openai_refuses_answers_400_naming_it(client, kind, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        if kind == "chat":
+            client.chat.completions.create(model="tiny", messages=ASK, **kwargs)
+        else:
+            client.completions.create(model="tiny", prompt="Hello", **kwargs)
+    assert e.value.status_code == 400 and e.value.body["param"] == param
+
+
+def test_completion_text_offset_is_where_each_token_starts(client, tok):
+    kw = dict(model="tiny", prompt="The sea is wide", max_tokens=8, temperature=0.0, logprobs=0,
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw)
+    c, ids = r.choices[0], r.model_dump()["choices"][0]["token_ids"]
+    offsets = c.logprobs.text_offset
+    assert offsets == [len(tok.decode(ids[:k])) for k in range(len(ids))] and offsets[0] == 0
+    for off, piece in zip(offsets, c.logprobs.tokens):
+        if "\ufffd" not in piece:                 # a token ending half a character has no text alone
+            assert c.text[off:off + len(piece)] == piece
+    streamed = [o for chunk in client.completions.create(stream=True, **kw) for ch in chunk.choices
+                if ch.logprobs for o in ch.logprobs.text_offset]
+    assert streamed == offsets
+
+
+def test_a_message_name_is_accepted_and_deepseeks_template_renders_no_place_for_it(server, client):
+    named = [{"role": "user", "content": "What is the weather in Paris?", "name": "alice"}]
+    r = client.chat.completions.create(model="tiny", messages=named, max_tokens=2, temperature=0.0)
+    ids = [httpx.post(server + "/tokenize", json={"model": "tiny", "messages": m}, headers=AUTH,
+                      timeout=30).json()["tokens"] for m in (named, ASK)]
+    assert ids[0] == ids[1] and r.usage.prompt_tokens == len(ids[0])
