@@ -213,11 +213,11 @@ def test_a_ranks_refusal_reaches_the_caller_as_its_own_class(unit, reference):
     try:
         bad = [(Sequence("too-long", [5] * 2040, greedy(10)), 0), (Sequence("bad-id", [1, 99999], greedy(2)), 1)]
         long, bad_id = ray.get(sink.generate.remote(unit, bad), timeout=120)
-        assert type(long["error"]) is ContextTooLong
-        assert (long["error"].n_prompt, long["error"].max_tokens, long["error"].max_len) == (2040, 10, 2048)
-        assert long["error"].param == "max_tokens" and long["error"].status == 400
-        assert type(bad_id["error"]) is InvalidRequest and bad_id["error"].param == "prompt"
+        assert type(long.error) is ContextTooLong
+        assert (long.error.n_prompt, long.error.max_tokens, long.error.max_len) == (2040, 10, 2048)
+        assert long.error.param == "max_tokens" and long.error.status == 400
+        assert type(bad_id.error) is InvalidRequest and bad_id.error.param == "prompt"
         ok = ray.get(sink.generate.remote(unit, [(Sequence("fine", prompts[0], greedy()), 0)]), timeout=120)
-        assert ok[0]["token_ids"] == want[0]
+        assert ok[0].token_ids == want[0]
     finally:
         ray.kill(sink)
