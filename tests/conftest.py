@@ -87,6 +87,32 @@ def wait_unit_empty(unit, timeout_s: float = 30.0, poll_s: float = 0.05) -> list
         time.sleep(poll_s)
 
 
+
+def decode_forward_without_sync(eng) -> tuple[torch.Tensor, int]:
+    """Two warm-up steps of two sequences on `eng` (a CUDA engine), then one decode forward under
+    torch's sync debug mode "error" (a host sync in it raises) -> (its logits, sequences in the step)."""
+    from epserve.model.deepseek_v3 import DecodeBatch
+    from epserve.model.sampling import SamplingParams
+    from epserve.pipelines.sequence import Sequence
+    seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(prompts_of([20, 65], vocab=500, seed=1))]
+    for s in seqs:
+        eng.add(s)
+    eng.step()
+    eng.step()                                                # JIT, device tables and caches warm
+    step = eng.batcher.schedule()
+    rows = eng.table.rows_for(step.seqs)
+    t = torch.tensor([[s.last_token for s in step.seqs], [s.n_computed for s in step.seqs], rows], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = DecodeBatch.from_rows(t[0], t[1], t[2], eng.table.tables, eng.cache.page_size, eng.table.scratch_row,
+                                      eng.kb.plan_mla_decode())
+        logits = eng.model.forward(batch, eng.cache.kv)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return logits, len(step.seqs)
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

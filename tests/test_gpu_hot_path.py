@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backend_agreement import agreement_along_reference, generate, greedy_logits
-from conftest import prompts_of
+from conftest import decode_forward_without_sync, prompts_of
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.local import make_local_engine
 from epserve.pipelines.sequence import Sequence
@@ -64,25 +64,8 @@ def test_decode_forward_never_syncs_the_host(backend, tiny_dir, v3_mini_dir):
         pytest.skip("native libraries not installed")
     eng = make_local_engine(v3_mini_dir if backend == "native" else tiny_dir, kernels=backend, device="cuda",
                             dtype="bfloat16", cuda_graphs=False, fp8_activations=True)
-    seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-            for i, p in enumerate(prompts_of([20, 65], vocab=500, seed=1))]
-    for s in seqs:
-        eng.add(s)
-    eng.step()
-    eng.step()                                                # JIT and table caches warm
-    step = eng.batcher.schedule()
-    rows = eng.table.rows_for(step.seqs)
-    t = torch.tensor([[s.last_token for s in step.seqs], [s.n_computed for s in step.seqs], rows], device="cuda")
-    from epserve.model.deepseek_v3 import DecodeBatch
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        batch = DecodeBatch.from_rows(t[0], t[1], t[2], eng.table.tables, eng.cache.page_size, eng.table.scratch_row,
-                                      eng.kb.plan_mla_decode())
-        logits = eng.model.forward(batch, eng.cache.kv)          # a host sync in here raises
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert logits.shape[0] == len(step.seqs) and bool(torch.isfinite(logits).all())
+    logits, n = decode_forward_without_sync(eng)            # a host sync in the forward raises
+    assert logits.shape[0] == n and bool(torch.isfinite(logits).all())
 
 
 @pytest.fixture(scope="module")
