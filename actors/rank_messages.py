@@ -7,7 +7,7 @@ messages (actors/driven_step.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from epserve.messages import RankStats
 

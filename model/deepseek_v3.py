@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from epserve.errors import ConfigError
-from epserve.kernels.reference import Weight, rms_norm, route_topk, stack_rows
+from epserve.kernels.reference import Weight, route_topk, stack_rows
 from epserve.model.rope import apply_rope, rope_inv_freq, yarn_mscale
 
 

@@ -19,8 +19,8 @@ from types import ModuleType
 import torch
 
 from epserve.errors import ConfigError
-from epserve.kernels.reference import Weight
-from epserve.model.deepseek_v3 import MLA, MLP, Block, Gate, ModelArgs, MoE, rms_norm
+from epserve.kernels.reference import Weight, rms_norm
+from epserve.model.deepseek_v3 import MLA, MLP, Block, Gate, ModelArgs, MoE
 
 
 def with_mtp(args: ModelArgs, n_draft: int) -> ModelArgs:

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from epserve.model.deepseek_v3 import Gate, ModelArgs, rms_norm
+from epserve.kernels.reference import rms_norm
+from epserve.model.deepseek_v3 import Gate, ModelArgs
 from epserve.model.rope import apply_rope, rope_inv_freq
 from epserve.model.tiny import TINY_CONFIG, write_tokenizer
 

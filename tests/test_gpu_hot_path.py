@@ -8,9 +8,7 @@ import torch
 
 from backend_agreement import agreement_along_reference, generate, greedy_logits
 from conftest import decode_forward_without_sync, prompts_of
-from epserve.model.sampling import SamplingParams
 from epserve.pipelines.local import make_local_engine
-from epserve.pipelines.sequence import Sequence
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
