@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 
+from epserve.bench.args import add_parser as add_bench_parser
 from epserve.errors import EpserveError, InvalidRequest, cli_error
 
 EXIT_ERROR = 1
@@ -86,54 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--plot", help="write a PNG of node count and tokens/s")
     sm.add_argument("--step-s", type=float, default=60.0)
 
-    b = sub.add_parser("bench", help="benchmarks; print JSON (not tests)")
-    b.add_argument("what", nargs="?", default="engine",
-                   choices=["engine", "units", "eplb", "kernels", "step", "serve", "prefix", "overlap", "starts",
-                            "admission", "grammar", "handoff", "deepep", "chaos", "soak", "delta_path"])
-    b.add_argument("--config", help="serve: config of the server to start (default: the embedded default)")
-    b.add_argument("--url", help="serve: measure this running server instead of starting one")
-    b.add_argument("--api-key", help="serve --url: bearer key for the server (its model name is read from /v1/models)")
-    b.add_argument("--concurrency", default="1,4,16")
-    b.add_argument("--requests", type=int, default=32)
-    b.add_argument("--constrained", action="store_true",
-                   help="serve: decode TPOT of a 32-request batch with half JSON-constrained vs none, and grammar "
-                        "compile time per schema")
-    b.add_argument("--rate", type=float, help="serve: Poisson arrival rate, requests/s (default: closed loop)")
-    b.add_argument("--model")
-    b.add_argument("--faults", help="chaos: comma-separated faults (default: all of them)")
-    b.add_argument("--streams", type=int, default=32, help="chaos: concurrent streams during each fault")
-    b.add_argument("--workdir", help="chaos/soak: folder for the server's config, KV store, ledger and logs")
-    b.add_argument("--duration-s", type=float, default=600.0, help="soak: seconds at capacity")
-    b.add_argument("--batches", default="1,8,32")
-    b.add_argument("--tokens", type=int, default=32, help="output tokens per request")
-    b.add_argument("--no-transformers", action="store_true")
-    b.add_argument("--phase", choices=["prefill", "decode"], default="decode")
-    b.add_argument("--backend", default="triton", help="step: kernel backend (native | triton | reference)")
-    b.add_argument("--backends", default="native,triton", help="kernels: backends side by side in one run")
-    b.add_argument("--step-tokens", type=int, help="step: tokens (decode: requests) per GPU")
-    b.add_argument("--eager", action="store_true", help="step: decode without CUDA graphs")
-    b.add_argument("--ep-ranks", "--ep-emulate", dest="ep_ranks", type=int, help="step: emulated EP size (default: decode 144, prefill 32); engine "
-                   "--device cuda: run the engine on the emulated EP rank of this size (ep_dispatch: emulated)")
-    b.add_argument("--skew", default="lognormal", help="step / engine --ep-ranks: emulated per-expert loads "
-                   "(zipf | lognormal | hot_expert | hot_group | equal | dead)")
-    b.add_argument("--no-ep", action="store_true", help="step: only the one-batch, no-exchange layer figures")
-    b.add_argument("--mtp", action="store_true", help="engine: acceptance and tokens/s with and without MTP (a "
-                   "trained checkpoint: --model DIR, default: trained once into the user cache); step: a 1 + 1 "
-                   "verify step against a 1-token step and the projected tokens/s at 85 %% acceptance")
-    b.add_argument("--small", action="store_true", help="step --mtp: small shapes (runs on CPU)")
-    b.add_argument("--device", default="cpu", help="engine: cpu (one rank in-process, vs transformers) or cuda "
-                   "(epserve.LLM through Ray rank actors, one unit on one GPU); grammar: also time the masks' cost "
-                   "inside sample() on this device")
-    b.add_argument("--kernels", default="auto", help="engine --device cuda: kernel backend")
-    b.add_argument("--context", type=int, default=64, help="engine --device cuda: prompt tokens per request")
-    b.add_argument("--gpus", type=int, default=None,
-                   help="step/overlap/deepep: GPUs of this host, one rank each (step: real EP, dispatch and combine "
-                        "timed; deepep: default 8; overlap: default 2 when CUDA is there); fewer here: one-line error")
-    b.add_argument("--latency-ms", type=float,
-                   help="overlap/--profile: injected per-exchange latency (overlap default: comparable to compute)")
-    b.add_argument("--profile", metavar="DIR",
-                   help="write PyTorch profiler traces of an overlapped prefill and decode step of a 2-rank unit "
-                        "to DIR (one Chrome trace per step and rank) instead of running a benchmark")
+    add_bench_parser(sub)
     return p
 
 
@@ -269,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EpserveError, ValueError, RuntimeError, OSError) as exc:   # the family, and builtins a command raised
         if args.verbose:
             raise
-        line, code = cli_error(exc, args.cmd)
+        line, code = cli_error(exc, f"bench {args.what}" if args.cmd == "bench" else args.cmd)
         print(line, file=sys.stderr)
         return code
 

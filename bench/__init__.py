@@ -35,6 +35,8 @@ from __future__ import annotations
 import importlib
 import platform
 
+from epserve.errors import InvalidRequest
+
 
 def environment() -> dict:
     import torch
@@ -44,63 +46,90 @@ def environment() -> dict:
 
 
 def run(args) -> dict:
-    if getattr(args, "profile", None) and args.what == "engine" and getattr(args, "device", "cpu") != "cpu":
+    """Runs the benchmark `args.what` (parsed by bench/args.py) -> {"bench", "env", "results"}.
+    Refuses, before any work, flags this mode of the benchmark would ignore and GPU runs on a host
+    without CUDA (args.check)."""
+    from epserve.bench.args import check
+    check(args)
+    what = args.what
+    if what == "engine" and args.profile:
         from epserve.bench import engine
         return {"bench": "profile-decode", "env": environment(),
-                "results": engine.profile_decode(args.profile, model=args.model, kernels=args.kernels)}
-    if getattr(args, "profile", None):
+                "results": engine.profile_decode(args.profile, model=args.model, kernels=args.kernels or "auto")}
+    if what == "overlap" and args.profile:
         from epserve.bench import overlap
         out = overlap.profile(args.profile, model=args.model, latency_ms=args.latency_ms or 0.0)
         return {"bench": "profile", "env": environment(), "results": out}
-    mod = importlib.import_module(f"epserve.bench.{args.what}")
-    if args.what == "engine" and args.device != "cpu":
-        out = mod.run_gpu(model=args.model, batches=[int(b) for b in args.batches.split(",")], ctx=args.context,
-                          kernels=args.kernels, ep_emulate=args.ep_ranks, skew=args.skew)
-    elif args.what == "engine" and args.mtp:
-        out = mod.run_mtp(model=args.model, batch=int(args.batches.split(",")[-1]), n_tokens=args.tokens)
-    elif args.what == "step" and args.mtp:
-        out = mod.run_mtp(backend=args.backend, tokens=args.step_tokens, graphs=not args.eager, small=args.small,
-                          device=args.device if args.small else "cuda")
-    elif args.what == "engine":
-        out = mod.run(model=args.model, batches=[int(b) for b in args.batches.split(",")], n_tokens=args.tokens,
-                      with_transformers=not args.no_transformers)
-    elif args.what == "overlap":
+    mod = importlib.import_module(f"epserve.bench.{what}")
+    if what == "engine":
+        out = _bench_engine(mod, args)
+    elif what == "step":
+        out = _bench_step(mod, args)
+    elif what == "overlap":
         out = mod.run(model=args.model, latency_ms=args.latency_ms, gpus=args.gpus)
-    elif args.what in ("units", "prefix", "starts", "admission", "handoff", "delta_path"):
+    elif what in ("units", "prefix", "starts", "admission", "handoff", "delta_path"):
         out = mod.run(model=args.model)
-    elif args.what == "step" and args.gpus:
-        from epserve.bench import ep
-        out = ep.run_step(args.gpus, backend=args.backend, phase=args.phase, tokens=args.step_tokens)
-    elif args.what == "step":
-        out = mod.run_step(backend=args.backend, phase=args.phase, tokens=args.step_tokens, graphs=not args.eager,
-                           ep_ranks=args.ep_ranks, skew=args.skew, ep=not args.no_ep)
-    elif args.what == "grammar":
-        out = mod.run(device=getattr(args, "device", "cpu"))
-    elif args.what == "deepep":
-        out = mod.run(args.gpus or 8)
-    elif args.what == "kernels":
+    elif what == "grammar":
+        out = mod.run(device=args.device)
+    elif what == "deepep":
+        out = mod.run(args.gpus)
+    elif what == "kernels":
         out = mod.run(backends=tuple(args.backends.split(",")))
-    elif args.what == "serve":
+    elif what == "serve":
         out = _bench_serve(mod, args)
-    elif args.what == "chaos":
+    elif what == "chaos":
         faults = tuple(args.faults.split(",")) if args.faults else mod.FAULTS
         out = mod.run(faults=faults, n_streams=args.streams, model=args.model, workdir=args.workdir)
-    elif args.what == "soak":
+    elif what == "soak":
         out = mod.run(duration_s=args.duration_s, model=args.model, workdir=args.workdir)
     else:
         out = mod.run()
-    return {"bench": args.what, "env": environment(), "results": out}
+    return {"bench": what, "env": environment(), "results": out}
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise InvalidRequest(f"--batches {text!r} is not a comma-separated list of sizes",
+                             "--batches") from None
+
+
+def _bench_engine(mod, args):
+    if args.device == "cuda":
+        return mod.run_gpu(model=args.model, batches=_batches(args.batches or "1,32,128"), ctx=args.context or 64,
+                           kernels=args.kernels or "auto", ep_emulate=args.ep_ranks, skew=args.skew or "lognormal")
+    if args.mtp:
+        return mod.run_mtp(model=args.model, batch=_batches(args.batches or "32")[-1], n_tokens=args.tokens or 64)
+    return mod.run(model=args.model, batches=_batches(args.batches or "1,8,32"), n_tokens=args.tokens or 32,
+                   with_transformers=not args.no_transformers)
+
+
+def _bench_step(mod, args):
+    if args.gpus:
+        from epserve.bench import ep
+        return ep.run_step(args.gpus, backend=args.backend, phase=args.phase or "decode", tokens=args.step_tokens)
+    if args.mtp:
+        return mod.run_mtp(backend=args.backend, tokens=args.step_tokens, graphs=not args.eager, small=args.small,
+                           device=(args.device or "cpu") if args.small else "cuda")
+    return mod.run_step(backend=args.backend, phase=args.phase or "decode", tokens=args.step_tokens,
+                        graphs=not args.eager, cached=args.cached or 0.0, ep_ranks=args.ep_ranks,
+                        skew=args.skew or "lognormal", ep=not args.no_ep)
 
 
 def _bench_serve(mod, args) -> list | dict:
-    levels = tuple(int(c) for c in args.concurrency.split(","))
+    try:
+        levels = tuple(int(c) for c in (args.concurrency or "1,4,16").split(","))
+    except ValueError:
+        raise InvalidRequest(f"--concurrency {args.concurrency!r} is not a comma-separated list of "
+                             "levels", "--concurrency") from None
 
     def run(url, model, key, model_dir=None):
-        if getattr(args, "constrained", False):
+        if args.constrained:
             from epserve.bench import serve_constrained
             return serve_constrained.run(url, model, key, model_dir=model_dir)
-        return mod.run(base_url=url, model=model, concurrency=levels, n_requests=args.requests, rate=args.rate,
-                       api_key=key)
+        return mod.run(base_url=url, model=model, concurrency=levels, n_requests=args.requests or 32,
+                       rate=args.rate, api_key=key)
     if args.url:
         return run(args.url, mod.served_model(args.url, args.api_key), args.api_key)
     import socket
