@@ -1,4 +1,5 @@
-"""`epserve bench WHAT`: benchmarks that measure and print JSON. They are not tests.
+"""`epserve bench BENCHMARK`: benchmarks that measure and print JSON. They are not tests. Each is its own
+subcommand with only the flags it reads (bench/args.py; `epserve bench BENCHMARK --help`).
 
 engine  offline tokens/s of one rank at several batch sizes, next to transformers' generate; with
         --device cuda: epserve.LLM through Ray on one GPU, rank-side decode step time per batch size,
@@ -21,8 +22,8 @@ handoff prefill -> decode KV handoff, pair group (collective) vs object store: G
 step --gpus N  real EP across N GPUs of this host: a V3 MoE layer's dispatch, experts and combine timed
 deepep  DeepEP dispatch/combine bandwidth and latency at V3 shapes (7168, top-8, FP8 dispatch), normal and
         low-latency, against NVLink's rate (--gpus N, default 8)
---profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit;
-        with `engine --device cuda`: a trace of one rank's decode steps (graph replays vs launches)
+overlap --profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit;
+engine --device cuda --profile DIR  a trace of one rank's decode steps (graph replays vs launches)
 chaos   one fault at a time (kill -9 of ranks, ledger, controllers, ingress, a node; full KV disk, corrupt
         blocks, a truncated ledger part, the whole server killed and restarted) under 32 streams: a table + JSON
 soak    the server at its measured capacity for --duration-s: RSS of every process, failures, 429s above it

@@ -3,10 +3,10 @@ its run reads, and the checks of flags that are valid only together or only apar
 
 Contract: a flag a benchmark does not read is an argparse error; a flag valid only in one mode of a
 benchmark (step's --phase against --mtp) is refused by `check()` with one line naming both flags; a
-GPU benchmark on a machine without CUDA is refused by `check()` before it imports its kernels. Every
-refusal here is one line on stderr (cli.py names the benchmark: `epserve bench step: error: ...`) and a non-zero exit, never a traceback. Flags whose meaning
-depends on the mode default to None here, so "given" can be told from "defaulted"; `run()` in
-bench/__init__.py fills the real defaults.
+GPU benchmark on a machine without CUDA is refused by `check()` before it imports its kernels.
+Every refusal here is one line on stderr (cli.py names the benchmark: `epserve bench step: error:
+...`) and a non-zero exit, never a traceback. Flags whose meaning depends on the mode default to
+None here, so "given" can be told from "defaulted"; `run()` in bench/__init__.py fills the real defaults.
 """
 from __future__ import annotations
 
@@ -163,6 +163,8 @@ def check(a) -> None:
     if a.what == "engine":
         if a.device == "cuda":
             _refuse(a, "--device cuda", ("--tokens", "--no-transformers", "--mtp"))
+            if a.profile:         # profile_decode traces batch 64 of the checkpoint's own shape
+                _refuse(a, "--profile", ("--batches", "--context", "--ep-ranks", "--skew"))
         else:
             for f in ("--kernels", "--context", "--ep-ranks", "--skew", "--profile"):
                 _need(a, f, "--device cuda")

@@ -30,6 +30,7 @@ def one_line(argv, capsys) -> tuple[int, str]:
     (["engine", "--device", "cuda", "--tokens", "8"], ["--tokens", "--device cuda"]),
     (["engine", "--device", "cuda", "--mtp"], ["--mtp", "--device cuda"]),
     (["engine", "--kernels", "native"], ["--kernels", "--device cuda"]),
+    (["engine", "--device", "cuda", "--profile", "/tmp/p", "--batches", "8"], ["--batches", "--profile"]),
     (["step", "--gpus", "2", "--eager"], ["--eager", "--gpus"]),
     (["step", "--mtp", "--phase", "prefill"], ["--phase", "--mtp"]),
     (["step", "--device", "cpu"], ["--device", "--small"]),
