@@ -41,7 +41,7 @@ step "step_ep_prefill_$tag" "$py" -m epserve bench step --gpus "$n" --backend na
 v3=$(mktemp -d)/v3-ep144-rank
 "$py" -m epserve make-tiny-model "$v3" --preset v3-ep144-rank --device cuda >&2
 step "overlap_2x$dev" "$py" -m epserve bench overlap --gpus 2 --model "$v3"
-step "profile_2x$dev" "$py" -m epserve bench --profile "$out/traces_2x$dev" --model "$v3"
+step "profile_2x$dev" "$py" -m epserve bench overlap --profile "$out/traces_2x$dev" --model "$v3"
 step "handoff_2x$dev" "$py" -m epserve bench handoff
 echo "$failed step(s) failed" >&2
 exit $failed
