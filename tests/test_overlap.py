@@ -205,7 +205,7 @@ def test_overlapped_logits_equal_the_plain_forward(engine):
 
 
 def test_profile_writes_a_browser_trace_of_each_overlapped_step(ray_cluster, tiny_dir, tmp_path):
-    """`epserve bench --profile DIR`: Chrome traces of a prefill and a decode step on every rank,
+    """`epserve bench overlap --profile DIR`: Chrome traces of a prefill and a decode step on every rank,
     with each schedule stage as a named range."""
     import json
 
