@@ -154,6 +154,23 @@ class Router:
             self.limits.release(b.tenant)
 
 
+RELEASE_FIRST_KEEP_S = 60.0     # an admit overtaken by its release starts well within this
+
+
+def note_release_first(seen: dict[str, float], request_id: str, now: float) -> None:
+    """Remember a release that came before its admit (pruning entries older than RELEASE_FIRST_KEEP_S:
+    a release of a request that had already ended, or was never admitted, is forgotten in time)."""
+    for rid in [r for r, t in seen.items() if now - t > RELEASE_FIRST_KEEP_S]:
+        del seen[rid]
+    seen[request_id] = now
+
+
+def took_release_first(seen: dict[str, float], request_id: str, now: float) -> bool:
+    """Whether this admit's release already came (then the admit must book nothing)."""
+    t = seen.pop(request_id, None)
+    return t is not None and now - t <= RELEASE_FIRST_KEEP_S
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1000)
 class RouterActor:
     """The one router of a deployment, shared by every ingress replica.
@@ -175,6 +192,7 @@ class RouterActor:
         self.per_decode_rank: dict[str, int] = {}       # "unit/rank" -> requests admitted there
         self.admitting: set[str] = set()                # admissions under way
         self.abandoned: set[str] = set()                # ... whose caller released them before they ended
+        self.released_first: dict[str, float] = {}      # released before their admit started -> when
         self.task = None
 
     @ray.method(enable_task_events=False)
@@ -184,6 +202,8 @@ class RouterActor:
         value: a refusal is an answer, not this actor's failure (Ray would log it as one)."""
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        if took_release_first(self.released_first, request_id, time.monotonic()):
+            return ClientClosed("the client closed the request before it was admitted")
         self.admitting.add(request_id)
         try:
             route = await self.router.admit(request_id, n_prompt, n_cached, max_tokens, n_seqs, tenant)
@@ -210,6 +230,10 @@ class RouterActor:
         (a client that left mid-admission): that admission is undone when it ends."""
         if request_id in self.admitting:
             self.abandoned.add(request_id)
+        elif request_id not in self.router.in_flight and request_id not in self.admitted_at:
+            # an async actor may start calls out of their submission order: a client's release can
+            # run before its admit has started; that admit is then refused, never booked
+            note_release_first(self.released_first, request_id, time.monotonic())
         self.router.release(request_id)
         self.admitted_at.pop(request_id, None)
 

@@ -145,3 +145,23 @@ def test_a_tenants_limits_hold_across_replicas(two_doors):
     assert not hasattr(ray.get(dep.router.admit.remote("solo-5", 4, 0, 4, 1, solo)), "status")
     for rid in ("solo-4", "solo-5"):
         ray.get(dep.router.release.remote(rid))
+
+
+def test_a_release_that_overtakes_its_admit_leaves_nothing_booked(ray_cluster):
+    """An async actor may start calls out of submission order: an ingress whose client left mid-admit
+    sends release after admit, and the release can run first. The admit then books nothing (before
+    this, it took the tenant's slot for good: test_serve_openai's slot test caught it in full runs)."""
+    from epserve.errors import ClientClosed
+    from epserve.serve.router import RouterActor, note_release_first, took_release_first
+    actor = RouterActor.remote(None, 8, 64)
+    try:
+        ray.get(actor.release.remote("left-early"), timeout=60)
+        out = ray.get(actor.admit.remote("left-early", 10, 0, 5), timeout=60)
+        assert isinstance(out, ClientClosed)
+    finally:
+        ray.kill(actor)
+    seen: dict[str, float] = {}
+    note_release_first(seen, "a", 0.0)
+    note_release_first(seen, "b", 100.0)                       # "a" is older than the keep window: pruned
+    assert set(seen) == {"b"} and not took_release_first(seen, "a", 100.0)
+    assert took_release_first(seen, "b", 101.0) and not took_release_first(seen, "b", 101.0)
