@@ -40,9 +40,29 @@ from epserve.errors import InvalidRequest
 
 
 def environment() -> dict:
+    """What a result JSON must name: the card, the library versions, the commit and the command
+    (benchmarks/results/ rule). The commit is git's, or EPSERVE_COMMIT where the tree was copied
+    without its .git (the device runs)."""
+    import os
+    import subprocess
+    import sys
+
     import torch
-    return {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": __import__("os").cpu_count(),
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "deep_gemm", "flash_mla", "deep_ep", "ray", "transformers"):
+        try:
+            versions[mod] = getattr(importlib.import_module(mod), "__version__", "installed")
+        except Exception:        # absent or unimportable here: say so, never guess
+            versions[mod] = None
+    commit = os.environ.get("EPSERVE_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"machine": platform.machine(), "python": platform.python_version(), **versions,
+            "cpus": os.cpu_count(), "commit": commit, "command": " ".join(["epserve", *sys.argv[1:]]),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
