@@ -316,7 +316,7 @@ def run_step(backend: str = "native", phase: str = "decode", tokens: int | None 
            "emulated_ep_rank" if ep else "one_batch_no_exchange"}
     if ep:
         kw = dict(backend=backend, tokens=tokens, ranks=ep_ranks, skew=skew, graphs=graphs, mtp=mtp,
-                  acceptance=acceptance)
+                  acceptance=acceptance, cached=cached)
         shallow = step_ep.run(phase, **kw)
         out["emulated_ep_rank"] = shallow
         if torch.cuda.is_available():      # the 61-layer figure from a second, deeper checkpoint

@@ -13,6 +13,11 @@ greedy argmax included:
   one_batch         the plain forward, exchanges held (decode: the CUDA-graph replay the engine
                     runs; every exchange exposed) and at 0.
 Per layer figures (us) divide by the MoE layers. On CPU nothing is held (timings are noise there).
+--mtp (decode): also the MTP k = 1 verify step, one batch and overlapped, at a forced acceptance
+(bench/step_mtp_ep.py); tokens per step B x (1 + acceptance). --cached F (prefill): prompts whose
+leading F (whole blocks) is a KV-store hit, as many as make the step's computed tokens; the store's
+load of those blocks is timed on this host's disk (bench/kv_load.py) and counted as the engine
+overlaps it: input tok/s = input tokens / (compute + exposed load).
 Decode's overlapped step is one CUDA graph of both micro-batches (their embedding, RoPE and index
 tensors prepared before it, untimed); the engine's own split steps still run eagerly.
 `run()` returns a JSON-able dict. Not a test.
@@ -34,6 +39,7 @@ from epserve.pipelines.batcher import Step
 from epserve.pipelines.local import make_local_engine
 from epserve.pipelines.overlap import prepare_overlapped, run_overlapped
 from epserve.pipelines.sequence import Sequence
+from epserve.bench.kv_load import V3_KV_LAYERS, input_rate, time_prefix_loads
 from epserve.bench.step_mtp_ep import check_acceptance, verify_steps
 
 PRESET = {"decode": "v3-ep144-rank", "prefill": "v3-ep32-rank"}
@@ -72,6 +78,10 @@ def at_61_layers(shallow: dict, deep: dict, n_layers: int = 61) -> dict:
         row["exposed_exchange_share"] = round(1 - row["no_exchange_time"]["step_ms"] / row["held"]["step_ms"], 4)
         out[name] = row
     split = out["overlapped"]["no_exchange_time"]["moe_layer_ms"] / out["one_batch"]["no_exchange_time"]["moe_layer_ms"]
+    cp = deep.get("cached_prefix")
+    if cp:                     # the same load against the 61-layer step's compute
+        out["cached_prefix"] = {k: input_rate(cp["input_tokens_per_step"], out[k]["held"]["step_ms"],
+                                              cp["kv_store_load"]) for k in ("overlapped", "one_batch")}
     if "overlapped_mtp" in out:
         out["mtp_speedup_overlapped"] = round(out["overlapped_mtp"]["held"]["tokens_per_s_per_gpu"]
                                               / out["overlapped"]["held"]["tokens_per_s_per_gpu"], 4)
@@ -83,22 +93,23 @@ def at_61_layers(shallow: dict, deep: dict, n_layers: int = 61) -> dict:
 
 def _seqs(engine, phase: str, p: dict, g: torch.Generator) -> tuple[list[Sequence], Step]:
     """The step's sequences with pages allocated: decode B requests at context ~ctx (0.8-1.2x),
-    one new token each; prefill tokens // prompt prompts from position 0. KV content is whatever
-    the pages hold: attention costs the same."""
+    one new token each; prefill prompts of p["prompt"] tokens whose first p["cached"] tokens are in
+    the pages (a KV-store hit), as many as make p["tokens"] computed tokens (at least one). KV content
+    is whatever the pages hold: attention costs the same."""
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     vocab = engine.args.vocab_size
     if phase == "decode":
         lens = ((torch.rand(p["tokens"], generator=g) * 0.4 + 0.8) * p["ctx"]).long().tolist()
         n_new = [1] * len(lens)
     else:
-        lens = [p["prompt"]] * max(1, p["tokens"] // p["prompt"])
-        n_new = list(lens)
+        lens = [p["prompt"]] * max(1, p["tokens"] // (p["prompt"] - p["cached"]))
+        n_new = [n - p["cached"] for n in lens]
     seqs = []
     for i, n in enumerate(lens):
         total = n + 2 if phase == "decode" else n     # decode: the last token and (MTP) one draft
         s = Sequence(f"b{i}", torch.randint(4, vocab, (total,), generator=g).tolist(), params)
         s.pages = engine.cache.allocate(engine.cache.pages_for(total + 1))
-        s.n_computed = n if phase == "decode" else 0
+        s.n_computed = n if phase == "decode" else p["cached"]
         seqs.append(s)
     return seqs, Step(seqs, n_new, phase == "prefill")
 
@@ -106,10 +117,14 @@ def _seqs(engine, phase: str, p: dict, g: torch.Generator) -> tuple[list[Sequenc
 def run(phase: str = "decode", device: str = "cuda", backend: str = "native", tokens: int | None = None,
         ranks: int | None = None, skew: str = "lognormal", seed: int = 0, model: str | None = None,
         graphs: bool = True, reps: int | None = None, ctx: int | None = None, layers: int | None = None,
-        mtp: bool = False, acceptance: float = 0.85, **ep_emulate) -> dict:
+        mtp: bool = False, acceptance: float = 0.85, cached: float = 0.0, prompt: int | None = None,
+        kv_root: str | None = None, store_layers: int | None = None, **ep_emulate) -> dict:
     """The headline block for `phase` (see the module docstring); mtp (decode): also the MTP k = 1
-    verify step at a forced `acceptance` (bench/step_mtp_ep.py); ep_emulate: other `ep_emulate`
-    keys (experts, groups, top_k) for checkpoints other than the presets."""
+    verify step at a forced `acceptance` (bench/step_mtp_ep.py); cached (prefill): that fraction of
+    each prompt (whole 64-token blocks) is a KV-store hit whose load is timed on this host's disk
+    (bench/kv_load.py: blocks of store_layers layers, default V3's 61 for the presets, under kv_root)
+    and counted as the engine overlaps it; ep_emulate: other `ep_emulate` keys (experts, groups,
+    top_k) for checkpoints other than the presets."""
     if phase not in DEFAULT:
         raise ValueError(f"phase must be one of {', '.join(DEFAULT)}, got {phase!r}")
     if mtp and phase != "decode":
@@ -117,13 +132,18 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
     check_acceptance(acceptance)
     if skew not in KINDS:                  # before minutes of checkpoint making and loading
         raise ValueError(f"--skew: {skew!r} is not one of {', '.join(KINDS)}")
-    p = {**DEFAULT[phase], **{k: v for k, v in (("tokens", tokens), ("ranks", ranks), ("ctx", ctx)) if v}}
+    if cached and (phase != "prefill" or not 0 <= cached < 1):
+        raise ValueError(f"cached: a prefill prefix-hit fraction in [0, 1), got {cached!r} for {phase}")
+    p = {**DEFAULT[phase], **{k: v for k, v in (("tokens", tokens), ("ranks", ranks), ("ctx", ctx),
+                                                ("prompt", prompt)) if v}}
+    p["cached"] = int(p.get("prompt", 0) * cached) // 64 * 64      # whole blocks of the store
     model_dir = model or preset_dir(PRESET[phase], device, layers, mtp)
     emu = {**KEYS, **ep_emulate, "ranks": p["ranks"], "skew": skew, "seed": seed}
     if phase == "decode":
         pages = p["tokens"] * (math.ceil(p["ctx"] * 1.2 / 64) + 2) + 64
     else:
-        pages = p["tokens"] // 64 + 2 * max(1, p["tokens"] // p["prompt"]) + 64
+        n_seq = max(1, p["tokens"] // (p["prompt"] - p["cached"]))
+        pages = n_seq * (math.ceil(p["prompt"] / 64) + 1) + 64
     cuda = device.startswith("cuda")
     eng = make_local_engine(model_dir, kernels=backend, device=device, dtype="bfloat16" if cuda else "float32",
                             fp8_activations=cuda, ep_dispatch="emulated", ep_emulate=emu, kv_pages=pages,
@@ -202,6 +222,15 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
             row["per_moe_layer_us"] = {"exchange": round(queued, 3), "exposed": round(exposed, 3),
                                        "hidden": round(queued - exposed, 3)}
             out[name] = row
+    prefix = None
+    if p["cached"]:            # the store's load of the step's cached blocks, on this host's disk
+        n_layers = store_layers or (V3_KV_LAYERS if model is None else a.n_kv_layers)
+        load = time_prefix_loads(len(seqs), p["cached"] // 64, n_layers, a.kv_dim, eng.dtype, eng.device,
+                                 root=kv_root)
+        n_input = len(seqs) * p["prompt"]
+        prefix = {"cached_fraction_asked": cached, "cached_tokens_per_prompt": p["cached"], "prompt_tokens": p["prompt"],
+                  "prompts": len(seqs), "input_tokens_per_step": n_input, "computed_tokens_per_step": batch.n_tokens,
+                  "kv_store_load": load, **{k: input_rate(n_input, out[k]["held"]["step_ms"], load) for k in out}}
     layer = a.n_dense_layers
     rows = d.rows_for(layer, batch.n_tokens)
     half = d.rows_for(layer, batch.n_tokens // 2)
@@ -219,4 +248,5 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
         "capture_failed": capture_failed or None,
         **out,
         "tokens_per_s": {k: round(tokens_of[k] / out[k]["held"]["step_ms"] * 1e3, 1) for k in out},
+        "cached_prefix": prefix,
     }
