@@ -44,7 +44,7 @@ def test_cached_prefill_headline_counts_the_store_load(tiny_dir, tmp_path):
     for k in ("overlapped", "one_batch"):
         step = out[k]["held"]["step_ms"]
         want = 512 / (step + exposed_load_ms(step, load["read_ms"], load["to_device_ms"])) * 1e3
-        assert cp[k]["input_tokens_per_s_per_gpu"] == pytest.approx(want, rel=1e-2)
+        assert cp[k]["input_tokens_per_s_per_gpu"] == pytest.approx(want, rel=1e-2, abs=0.06)   # rounded to 0.1
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="cached: a prefill prefix-hit fraction"):
         step_ep.run("decode", device="cpu", model=tiny_dir, cached=0.5)
