@@ -66,7 +66,7 @@ def test_bench_step_headline_reports_mtp_at_the_forced_rate(tiny_mtp_dir):
     out = step_ep.run("decode", device="cpu", backend="reference", tokens=4, ranks=16, ctx=40, reps=1,
                       model=tiny_mtp_dir, mtp=True, acceptance=0.75, experts=8, groups=1)
     assert out["mtp"]["acceptance"] == 0.75 and out["mtp"]["acceptance_forced"] is True
-    assert out["tokens_per_step_of"] == {"overlapped": 4, "one_batch": 4, "overlapped_mtp": 7.0,
+    assert out["tokens_per_step_of"] == {"overlapped": 4, "sbo": 4, "one_batch": 4, "overlapped_mtp": 7.0,
                                          "one_batch_mtp": 7.0}
     for block in ("overlapped_mtp", "one_batch_mtp"):
         assert set(out[block]["per_moe_layer_us"]) == {"exchange", "exposed", "hidden"}
