@@ -414,6 +414,8 @@ class RankActor:
         self._wake_peers()
 
     def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.close()          # the KV-store writes still queued land before the process goes
         close = getattr(self.engine.dispatcher, "close", None) if self.engine is not None else None
         if close is not None:            # DeepEP's buffer is destroyed explicitly, before its group
             close()

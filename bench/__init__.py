@@ -13,7 +13,8 @@ eplb    EPLB runtime and balance, improved vs DeepSeek's baseline, at production
 kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    one EP rank's prefill or decode step on a GPU: headline, the overlapped schedule on the emulated EP
         rank (--ep-ranks, --skew; exposed vs hidden exchange time per layer); secondary, one layer's one-batch
-        work with no exchange at DeepSeek-V3 shapes (--no-ep: that only)
+        work with no exchange at DeepSeek-V3 shapes (--no-ep: that only); --mtp: decode also with MTP k = 1 at
+        a forced --acceptance (default 0.85), with and without it side by side
 grammar grammar libraries (llguidance, xgrammar, outlines-core): compile ms per schema, mask us per token
 prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
 overlap step time with the overlapped schedules on/off/auto, prefill and decode, with and without injected latency;
@@ -130,12 +131,13 @@ def _bench_step(mod, args):
     if args.gpus:
         from epserve.bench import ep
         return ep.run_step(args.gpus, backend=args.backend, phase=args.phase or "decode", tokens=args.step_tokens)
-    if args.mtp:
+    acceptance = 0.85 if args.acceptance is None else args.acceptance
+    if args.mtp and (args.small or args.no_ep):
         return mod.run_mtp(backend=args.backend, tokens=args.step_tokens, graphs=not args.eager, small=args.small,
-                           device=(args.device or "cpu") if args.small else "cuda")
+                           device=(args.device or "cpu") if args.small else "cuda", acceptance=acceptance)
     return mod.run_step(backend=args.backend, phase=args.phase or "decode", tokens=args.step_tokens,
                         graphs=not args.eager, cached=args.cached or 0.0, ep_ranks=args.ep_ranks,
-                        skew=args.skew or "lognormal", ep=not args.no_ep)
+                        skew=args.skew or "lognormal", ep=not args.no_ep, mtp=args.mtp, acceptance=acceptance)
 
 
 def _bench_serve(mod, args) -> list | dict:

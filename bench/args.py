@@ -80,7 +80,7 @@ def add_parser(sub) -> None:
     s = _leaf(bs, "step", "one EP rank's prefill or decode step on a CUDA GPU (emulated EP rank, then one layer "
               "with no exchange); --mtp: a 1 + 1 verify step; --gpus N: real EP across N GPUs of this host")
     s.add_argument("--backend", default="triton", help="kernel backend (native | triton | reference)")
-    s.add_argument("--phase", choices=["prefill", "decode"], help="default decode; not with --mtp")
+    s.add_argument("--phase", choices=["prefill", "decode"], help="default decode; --mtp: decode only")
     s.add_argument("--step-tokens", type=int, help="tokens (decode: requests) per GPU")
     s.add_argument("--eager", action="store_true", help="decode without CUDA graphs; not with --gpus")
     s.add_argument("--ep-ranks", "--ep-emulate", dest="ep_ranks", type=int,
@@ -89,8 +89,9 @@ def add_parser(sub) -> None:
     s.add_argument("--no-ep", action="store_true", help="only the one-batch, no-exchange layer figures")
     s.add_argument("--cached", type=float, help="--phase prefill: fraction of each prompt already in the KV "
                    "cache, in [0, 1) (the seed's day: 0.563)")
-    s.add_argument("--mtp", action="store_true", help="a 1 + 1 verify step against a 1-token step, projected "
-                   "tokens/s at 85 %% acceptance")
+    s.add_argument("--mtp", action="store_true", help="decode with the MTP layer: the emulated rank's 1 + 1 verify "
+                   "step at a forced acceptance beside the plain step (--no-ep / --small: the layer-level projection)")
+    s.add_argument("--acceptance", type=float, help="--mtp: the forced draft acceptance in [0, 1] (default 0.85)")
     s.add_argument("--small", action="store_true", help="--mtp: small shapes (runs on CPU)")
     s.add_argument("--device", choices=["cpu", "cuda"], help="--mtp --small: where it runs (default cpu)")
     s.add_argument("--gpus", type=int, help="real EP across N GPUs of this host, dispatch and combine timed")
@@ -177,11 +178,18 @@ def check(a) -> None:
             _refuse(a, "--gpus (real EP)", ("--eager", "--ep-ranks", "--skew", "--no-ep", "--cached", "--mtp",
                                             "--small", "--device"))
         elif a.mtp:
-            _refuse(a, "--mtp", ("--phase", "--ep-ranks", "--skew", "--no-ep", "--cached"))
+            if a.phase == "prefill":
+                raise InvalidRequest("--phase prefill does not apply with --mtp (drafts are decode tokens)", "--phase")
+            _refuse(a, "--mtp", ("--cached",))
+            if a.small or a.no_ep:
+                _refuse(a, "--small / --no-ep (the layer-level projection)", ("--ep-ranks", "--skew"))
             if not a.small:
                 _need(a, "--device", "--mtp --small (without --small, --mtp runs on cuda)")
+            if a.acceptance is not None and not 0 <= a.acceptance <= 1:
+                raise InvalidRequest(f"--acceptance must be in [0, 1], got {a.acceptance}", "--acceptance")
         else:
             _need(a, "--small", "--mtp")
+            _need(a, "--acceptance", "--mtp")
             _need(a, "--device", "--mtp --small")
             if a.no_ep:
                 _refuse(a, "--no-ep", ("--ep-ranks", "--skew"))

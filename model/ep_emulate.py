@@ -48,6 +48,13 @@ holds no SM while data flies, so one spinning block takes at most what it takes;
 fails to hide shows up as exposed step time. Exchanges in flight together queue on the one side
 stream (one NIC). Events and streams are captured by CUDA graphs as fork / join. On CPU the hold
 is a no-op (tests check tokens, not time).
+SBO (`compute_sbo`, pipelines/overlap.py's single-batch schedule): on the fixed-shape path the
+slots run in up to SBO_CHUNKS chunks, and each chunk's share of the combine (its rows over all rows)
+is held as soon as its GEMMs are queued, so chunk i's combine flies under chunk i + 1's GEMMs, as
+SGLang overlaps DeepEP's combine with the down GEMM through its per-block signals; the receiver's
+reduction runs once, after the last chunk, so the answer is compute()'s exactly. The contiguous
+path (prefill, eager) runs as one chunk. Over 300 lines: one noun (the emulated rank) with its
+seam's four entry points; the pure exchange model above it is 80 lines of figures and citations.
 Never: exchanges data, or counts synthetic rows as expert load.
 """
 from __future__ import annotations
@@ -73,6 +80,7 @@ NORMAL_COMBINE_GBPS = (43, 57, 50)
 LL_MAX_TOKENS = 256            # DeepEP: num_max_dispatch_tokens_per_rank should stay below 256
 GPUS_PER_NODE = 8
 NODE_LIMIT = 4                 # V3 routes a token to experts on at most 4 nodes
+SBO_CHUNKS = 4                 # chunks of slots in compute_sbo (EP144 decode: 2 slots -> 2 chunks)
 KEYS = {"ranks": 144, "top_k": 8, "experts": 256, "groups": 8, "skew": "lognormal", "seed": 0, "hold": True}
 
 
@@ -221,15 +229,17 @@ class EmulatedDispatcher(LocalDispatcher):
         self.received = torch.zeros(n_moe, expert_map.slots_per_rank, dtype=torch.long)
         self.held_us = [0.0, 0.0]                       # (dispatch, combine) us queued since the last reset
         self._frac: dict = {}                           # device -> share.frac there
+        self._slot_views: dict = {}                     # (id(experts), first, end) -> ExpertWeights view
 
     def rows_for(self, layer: int, tokens: int) -> list[int]:
         """R_j: rows slot j receives in `layer` for an exchange of `tokens` tokens per rank."""
         return self.share.rows(layer - self.first, tokens)
 
-    def _start_hold(self, phase: str, layer: int, tokens: int):
+    def _start_hold(self, phase: str, layer: int, tokens: int, part: float = 1.0):
+        """part: the share of the exchange's rows this hold carries (an SBO chunk's)."""
         recv = sum(self.rows_for(layer, tokens))
         us = exchange_us(phase, self.share.ranks, self.dim, tokens, tokens * self.share.top_k, recv,
-                         self.share.top_k) * self.hold_scale
+                         self.share.top_k) * self.hold_scale * part
         self.held_us[phase == "combine"] += us
         return self.hold.start(us)
 
@@ -246,6 +256,15 @@ class EmulatedDispatcher(LocalDispatcher):
         else:
             ex.out = self._masked(ex.layer, ex.x, ex.idx, ex.weights, shard, ex.valid)
         ex.done = self._start_hold("combine", ex.layer, ex.x.shape[0])
+        return ex
+
+    def compute_sbo(self, ex: EmulatedExchange, shard: ExpertShard) -> EmulatedExchange:
+        """compute() with each chunk's combine launched after its GEMMs (module docstring, SBO);
+        ex.done is the last chunk's hold (the holds queue on one side stream)."""
+        if ex.valid is None:
+            return self.compute(ex, shard)
+        Hold.wait(ex.done)
+        ex.out = self._masked(ex.layer, ex.x, ex.idx, ex.weights, shard, ex.valid, sbo=ex)
         return ex
 
     def finish(self, ex: EmulatedExchange) -> torch.Tensor:
@@ -293,9 +312,10 @@ class EmulatedDispatcher(LocalDispatcher):
         y = shard.compute(self.kb, x[src], torch.cat([local, peer_slot]))
         return self.kb.combine_rows(y[:t * k], weights)
 
-    def _masked(self, layer, x, idx, weights, shard, valid) -> torch.Tensor:
+    def _masked(self, layer, x, idx, weights, shard, valid, sbo: EmulatedExchange | None = None) -> torch.Tensor:
         """LocalDispatcher.run_static with each slot's row count raised to R_j (rows past a slot's
-        own ones read token 0 and are computed, never read back). -> [T, D]."""
+        own ones read token 0 and are computed, never read back). -> [T, D]. sbo: run the slots in
+        chunks, starting each chunk's combine hold into sbo.done after its GEMMs."""
         t, k = idx.shape
         d = x.shape[1]
         rows_j = self.rows_for(layer, t)
@@ -309,8 +329,26 @@ class EmulatedDispatcher(LocalDispatcher):
         buf = x[src].view(shard.n_slots, per_group, d)
         masked_m = torch.maximum(lay.masked_m, self._rows_dev(layer, t, x.device).to(lay.masked_m.dtype))
         self._count(layer, masked_m)
-        y = self.kb.expert_ffn_masked(buf, shard.experts, masked_m, max(1, sum(rows_j) // max(1, shard.n_slots)))
+        expected = max(1, sum(rows_j) // max(1, shard.n_slots))
+        if sbo is None:
+            y = self.kb.expert_ffn_masked(buf, shard.experts, masked_m, expected)
+        else:
+            parts, n = [], shard.n_slots
+            bounds = [n * c // min(n, SBO_CHUNKS) for c in range(min(n, SBO_CHUNKS) + 1)]
+            for lo, hi in zip(bounds, bounds[1:]):
+                parts.append(self.kb.expert_ffn_masked(buf[lo:hi], self._slots(shard.experts, lo, hi),
+                                                       masked_m[lo:hi], expected))
+                sbo.done = self._start_hold("combine", layer, t, sum(rows_j[lo:hi]) / max(1, sum(rows_j)))
+            y = torch.cat(parts)
         return self.kb.combine_rows(y.view(-1, d), weights, torch.where(lay.keep, flat, -1))
+
+    def _slots(self, ex, lo: int, hi: int):
+        """Slots [lo, hi) of ExpertWeights ex as one (views: live EPLB's in-place copies show)."""
+        key = (id(ex), lo, hi)
+        if key not in self._slot_views:
+            cut = lambda w: None if w is None else w[lo:hi]       # noqa: E731
+            self._slot_views[key] = type(ex)(ex.w13[lo:hi], ex.w2[lo:hi], cut(ex.s13), cut(ex.s2), ex.act_quant)
+        return self._slot_views[key]
 
     def take_held_us(self) -> tuple[float, float]:
         """(dispatch, combine) microseconds of holds queued since the last call; resets."""

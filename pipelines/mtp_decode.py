@@ -182,15 +182,27 @@ class MTPDrafter:
         """Steps 2-4 on the device, no host sync (for greedy batches, what a CUDA graph captures):
         ids / pos / valid [B*S], rows / n_draft [B] -> (target logits [B*S, V], emitted tokens [B, S],
         accepted [B], next drafts [B, k], their q [B, k, V] or None)."""
-        e, k = self.e, self.k
-        s_q, b = k + 1, rows.shape[0]
-        dev = ids.device
         batch = self.verify_batch(ids, pos, valid, rows)
         logits, hn = self._target(batch, schedule, ctx)
-        drafts_in = ids.view(b, s_q)[:, 1:]
+        return self.accept_and_draft(batch, rows, logits, hn, n_draft, srows, qs)
+
+    def accept_and_draft(self, batch: DecodeBatch, rows: torch.Tensor, logits: torch.Tensor, hn: torch.Tensor,
+                         n_draft: torch.Tensor, srows: SamplingRows | None = None, qs=None,
+                         forced: torch.Tensor | None = None):
+        """Steps 3-4 after the target forward (logits [B*S, V], final-normed hidden hn [B*S, D]; rows
+        [B] the sequences' table rows) -> as verify_device. forced: benchmarks only
+        (bench/step_mtp_ep.py), bool [B, k] acceptance decided by the caller in place of the rule,
+        greedy rows only: random weights never accept a draft, so the benchmark forces a stated rate
+        to time the step a trained model would run."""
+        e, k = self.e, self.k
+        s_q, b = k + 1, n_draft.shape[0]
+        dev = logits.device
+        drafts_in = batch.input_ids.view(b, s_q)[:, 1:]
         if srows is None:
             target = logits.argmax(-1).view(b, s_q)
             n_acc, tokens = greedy_accept(target, drafts_in, n_draft), target
+            if forced is not None:
+                n_acc = (forced & (torch.arange(k, device=dev)[None, :] < n_draft[:, None])).int().cumprod(1).sum(1)
         else:
             p = target_probs(logits, srows.repeat(s_q)).view(b, s_q, -1)
             onehot = torch.zeros(b, k, p.shape[-1], device=dev).scatter_(2, drafts_in[..., None], 1.0)
@@ -219,11 +231,15 @@ class MTPDrafter:
         if schedule is None:
             return e.model.forward(batch, e.cache.kv, with_hidden=True)
         from epserve.pipelines.overlap import forward_overlapped
-        s_q = batch.n_q
-        flat = Batch(batch.input_ids, batch.positions, [s_q] * len(ctx), ctx, batch.block_tables.long(),
-                     batch.slot_mapping, plan=e.kb.plan_mla_decode(), max_decode_new=s_q)
-        hn = forward_overlapped(e.model, flat, e.cache.kv, schedule, all_tokens=True)
+        hn = forward_overlapped(e.model, self.flat_batch(batch, ctx), e.cache.kv, schedule, all_tokens=True)
         return e.model.head_logits(hn), hn
+
+    def flat_batch(self, batch: DecodeBatch, ctx: list[int]) -> Batch:
+        """The verify step as a Batch of S new tokens per sequence after ctx[i] cached ones (what the
+        overlap schedules split into micro-batches), attending in the absorbed form."""
+        s_q = batch.n_q
+        return Batch(batch.input_ids, batch.positions, [s_q] * len(ctx), ctx, batch.block_tables.long(),
+                     batch.slot_mapping, plan=self.e.kb.plan_mla_decode(), max_decode_new=s_q)
 
     def rollback(self, undo, used: list[int]) -> None:
         """Put back the bytes of every draft slot past each sequence's `used` tokens (the rejected

@@ -1,4 +1,5 @@
-"""Communication-computation overlap (issue 7): two micro-batches, two schedules.
+"""Communication-computation overlap (issue 7): two micro-batches, two schedules; and SGLang's
+single-batch overlap (issue 24), a third.
 
 `split_two` cuts a step's batch into two micro-batches (state in, plan out). A schedule is
 a plain list of stage operations over both micro-batches, the orders of DeepSeek's two
@@ -13,6 +14,13 @@ profiler range. The two schedules issue collectives in different orders, so a un
 one per step for all its ranks (`choose_schedule`, called by the supervisor); with
 `overlap: auto` an `OverlapTuner` measures whether splitting pays on this machine.
 
+`sbo` keeps the batch whole (SGLang's single-batch overlap): per MoE layer
+  ATTN-0 ATTN-1 | DISPATCH | SHARED | MLP-SBO | COMBINE
+the dispatch flies under the shared expert, and MLP-SBO runs the routed experts in chunks of slots,
+launching each chunk's combine as soon as its down GEMM is done, so chunk i's combine flies under
+chunk i + 1's GEMMs (DeepEP signals each finished block in the real thing; a dispatcher with
+`compute_sbo`, model/ep_emulate.py, holds per chunk; any other runs MLP-SBO as MLP).
+
 A piece is (sequence index, first new token, end): a long prompt may be split across the
 two micro-batches, its head in micro-batch 0, because both schedules run micro-batch 0's
 ATTN-0 of a layer before micro-batch 1's ATTN-1 of it (the tail attends to the head).
@@ -24,8 +32,11 @@ from dataclasses import dataclass, field
 import torch
 
 from epserve.model.deepseek_v3 import Batch, MoE, Queries
+# the split policy lives in its own file; re-exported because callers know it by this module
+from epserve.pipelines.overlap_tuner import (OverlapTuner, choose_schedule, step_phase, tuner_choice,  # noqa: F401
+                                             tuner_record)
 
-SCHEDULES = ("prefill", "decode")
+SCHEDULES = ("prefill", "decode", "sbo")
 
 @dataclass(frozen=True)
 class Piece:
@@ -117,66 +128,13 @@ def sub_batches(batch: Batch, attn_weight: float = 1e-3, with_rows: bool = False
     return (out, ends, all_rows) if with_rows else (out, ends)
 
 
-def step_phase(any_prefill: bool, max_running: int) -> str | None:
-    """Which schedule a split step would use: prefill work on any rank -> prefill; else decode,
-    if some rank has two sequences for the two micro-batches (None: nothing to split)."""
-    if any_prefill:
-        return "prefill"
-    return "decode" if max_running >= 2 else None
-
-
-@dataclass
-class OverlapTuner:
-    """`overlap: auto`: whether the split pays depends on the machine (exchange cost against the
-    split's extra kernel launches and weight reads), so measure it. Each `period` steps of a
-    phase start with `probes` alternating split / plain steps; the rest of the round uses the
-    one with the lower median cost (the supervisor records ms per token of the busiest rank, so
-    steps of different sizes compare). State only; `tuner_choice` and `tuner_record` decide and learn."""
-
-    probes: int = 6
-    period: int = 500
-    steps: dict = field(default_factory=dict)      # phase -> steps seen
-    times: dict = field(default_factory=dict)      # (phase, split?) -> this round's probe ms
-    best: dict = field(default_factory=dict)       # phase -> split? (after a round's probes)
-
-
-def tuner_choice(t: OverlapTuner, phase: str) -> bool:
-    n = t.steps.get(phase, 0) % t.period
-    if n < 2 * t.probes:
-        return n % 2 == 0
-    return t.best.get(phase, False)
-
-
-def tuner_record(t: OverlapTuner, phase: str, split: bool, cost: float) -> None:
-    n = t.steps.get(phase, 0) % t.period
-    t.steps[phase] = t.steps.get(phase, 0) + 1
-    if n >= 2 * t.probes:
-        return
-    if n == 0:
-        t.times[(phase, True)], t.times[(phase, False)] = [], []
-    t.times[(phase, split)].append(cost)
-    if n == 2 * t.probes - 1:
-        on, off = (sorted(t.times[(phase, v)])[len(t.times[(phase, v)]) // 2] for v in (True, False))
-        t.best[phase] = on < off
-
-
-def choose_schedule(mode: str, phase: str | None, tuner: OverlapTuner | None = None) -> str | None:
-    """The unit's schedule for the next step (None: one batch): `on` splits every splittable
-    step, `off` none, `auto` what the tuner measured to be faster for this phase."""
-    if phase is None or mode == "off":
-        return None
-    if mode == "on" or tuner is None:
-        return phase
-    return phase if tuner_choice(tuner, phase) else None
-
-
 @dataclass(frozen=True)
 class Op:
     """One stage of one micro-batch in one layer, named as in DeepSeek's figures. DISPATCH
     launches the exchange; MLP waits for it, runs the routed experts and launches the combine;
     COMBINE waits for that and adds into the residual; FFN is a dense layer's MLP; HEAD the logits."""
 
-    stage: str      # ATTN-0 ATTN-1 FFN DISPATCH SHARED MLP COMBINE HEAD
+    stage: str      # ATTN-0 ATTN-1 FFN DISPATCH SHARED MLP MLP-SBO COMBINE HEAD
     mb: int
     layer: int = -1
 
@@ -188,8 +146,13 @@ def schedule_ops(kind: str, n_layers: int, n_dense: int) -> list[Op]:
     """The whole step's operations, in execution order (pure; the tests read it)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule {kind!r}: expected one of {SCHEDULES}")
-    ops = [Op(s, j, i) for i in range(n_dense) for j in (0, 1) for s in ("ATTN-0", "ATTN-1", "FFN")]
+    mbs = (0,) if kind == "sbo" else (0, 1)
+    ops = [Op(s, j, i) for i in range(n_dense) for j in mbs for s in ("ATTN-0", "ATTN-1", "FFN")]
     moe = list(range(n_dense, n_layers))
+    if kind == "sbo":
+        for i in moe:
+            ops += [Op(s, 0, i) for s in ("ATTN-0", "ATTN-1", "DISPATCH", "SHARED", "MLP-SBO", "COMBINE")]
+        return ops + [Op("HEAD", 0)]
     if kind == "prefill":
         for i in moe:
             prev = i > n_dense
@@ -264,6 +227,9 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
                 m.shared = blk.ffn.shared.forward(m.x) if blk.ffn.shared is not None else None
             elif op.stage == "MLP":
                 m.ex = blk.ffn.dispatcher.compute(m.ex, blk.ffn.experts)
+            elif op.stage == "MLP-SBO":             # each chunk's combine launched after its GEMMs
+                d = blk.ffn.dispatcher
+                m.ex = getattr(d, "compute_sbo", d.compute)(m.ex, blk.ffn.experts)
             elif op.stage == "COMBINE":              # the same sums as MoE.forward
                 y = blk.ffn.dispatcher.finish(m.ex)
                 m.h = m.h + (y + m.shared if m.shared is not None else y)
@@ -276,14 +242,20 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
                 raise ValueError(f"unknown stage {op.stage!r}")
 
 
-def prepare_overlapped(model, batch: Batch, all_tokens: bool = False, static: bool = False) -> tuple[list, list]:
-    """The host side of an overlapped step: the two micro-batches with their RoPE, embedded inputs,
-    index tensors and (decode) FlashMLA plans, all made before the layers run, so `run_overlapped`
-    launches device work only (a CUDA graph can capture it and replay it). static: the MoE layers
-    take the dispatcher's fixed-shape path (masked layout, no host sync; a dispatcher whose launch
-    takes `valid`: local, emulated, DeepEP). -> (micro-batches, each one's token rows in `batch`)."""
+def prepare_overlapped(model, batch: Batch, all_tokens: bool = False, static: bool = False,
+                       schedule: str = "prefill") -> tuple[list, list]:
+    """The host side of an overlapped step: the two micro-batches (`sbo`: one, the whole batch)
+    with their RoPE, embedded inputs, index tensors and (decode) FlashMLA plans, all made before the
+    layers run, so `run_overlapped` launches device work only (a CUDA graph can capture it and
+    replay it). static: the MoE layers take the dispatcher's fixed-shape path (masked layout, no
+    host sync; a dispatcher whose launch takes `valid`: local, emulated, DeepEP).
+    -> (micro-batches, each one's token rows in `batch`)."""
     dev = model.device
-    batches, ends, rows = sub_batches(batch, attention_weight(model.args), with_rows=True)
+    if schedule == "sbo":
+        batches, rows = [batch], [torch.arange(batch.n_tokens, device=dev)]
+        ends = [[(i, i) for i, n in enumerate(batch.seq_new) if n]]
+    else:
+        batches, ends, rows = sub_batches(batch, attention_weight(model.args), with_rows=True)
     mbs = []
     for b, e in zip(batches, ends):
         if b.n_tokens and b.is_decode_only and hasattr(model.kb, "plan_mla_decode"):
@@ -329,5 +301,5 @@ def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor, schedule: st
     tokens are the same, tested). -> logits fp32 [B, vocab]; all_tokens: the final-normed hidden
     of every token instead [T, D] (what MTP verifies and drafts from). static: see prepare_overlapped."""
     with torch.inference_mode():
-        mbs, rows = prepare_overlapped(model, batch, all_tokens, static)
+        mbs, rows = prepare_overlapped(model, batch, all_tokens, static, schedule)
     return run_overlapped(model, mbs, rows, kv_cache, len(batch.seq_new), schedule, trace, all_tokens)

@@ -6,6 +6,9 @@ computes only the uncached suffix. After the first token, the prompt's new full 
 are written. Decode: when a sequence ends, the full blocks of prompt + output are
 written, so the next turn of a chat hits. At least one prompt token is always
 computed (its logits give the first output token).
+Writes leave the step that produced them (pipelines/kv_writer.py): the step copies the blocks off
+its buffers and queues them; a background thread writes them, and a load on this rank waits for
+queued writes of its keys first, so a later request here hits what an earlier one wrote.
 A block that fails to load is a miss (fleet/kv_store.py checks and removes it).
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from epserve.fleet.kv_store import KVStore
 from epserve.messages import KVStoreSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.kv_cache import PagedKVCache
+from epserve.pipelines.kv_writer import BlockWriter, copy_off_device
 from epserve.pipelines.sequence import Sequence
 
 
@@ -61,9 +65,16 @@ def cacheable_blocks(n_prompt: int, n_hit_blocks: int, block_tokens: int) -> int
 
 
 class PrefixCache:
-    def __init__(self, store: KVStore):
-        self.store = store
+    """writer: where saves go (a BlockWriter: in the background; None: written on the caller's thread)."""
+
+    def __init__(self, store: KVStore, writer: BlockWriter | None = None):
+        self.store, self.writer = store, writer
         self.bt = store.block_tokens
+
+    def close(self) -> None:
+        """Write what is queued (rank shutdown)."""
+        if self.writer is not None:
+            self.writer.close()
 
     def may_hit(self, seq: Sequence) -> bool:
         """Whether seq could use a cached block at all (a tenant, a fresh prompt, > 1 block)."""
@@ -76,15 +87,18 @@ class PrefixCache:
             return None
         keys = self.store.block_keys(seq.prompt_ids, seq.tenant)
         usable = cacheable_blocks(len(seq.prompt_ids), len(keys), self.bt)
+        if usable and self.writer is not None:
+            self.writer.wait_for(keys[:usable])          # this rank's own queued writes land first
         blocks = self.store.load_prefix(keys[:usable]) if usable else []
         return torch.cat(blocks, dim=1) if blocks else None
 
     def save(self, seq: Sequence, cache: PagedKVCache, n_tokens: int, skip_blocks: int = 0,
              blocks: list[torch.Tensor] | None = None) -> int:
-        """Write the full blocks among seq's first n_tokens computed tokens; returns blocks written.
+        """Write the full blocks among seq's first n_tokens computed tokens; returns blocks written
+        (with a writer: queued; the thread writes them, skipping keys already on disk).
 
         blocks: the same tokens already exported in block_tokens-sized pieces from block 0
-        (the KV handoff's); otherwise they are read from the paged cache.
+        (the KV handoff's, host tensors); otherwise they are read from the paged cache.
         """
         if seq.tenant is None or not self.store.writes_enabled:
             return 0
@@ -93,7 +107,12 @@ class PrefixCache:
             return 0
         keys = self.store.block_keys(seq.all_ids[: n_full * self.bt], seq.tenant)
         todo = list(range(skip_blocks, n_full))          # save() skips keys already on disk
-        if blocks is None:
-            lat = cache.read_tokens(seq.pages, skip_blocks * self.bt, n_full * self.bt).cpu()
+        done = None
+        if blocks is None:         # read_tokens gathers into a new tensor: later steps may reuse the pages
+            lat = cache.read_tokens(seq.pages, skip_blocks * self.bt, n_full * self.bt)
+            lat, done = copy_off_device(lat) if self.writer is not None else (lat.cpu(), None)
             blocks = [None] * skip_blocks + [lat[:, j * self.bt:(j + 1) * self.bt] for j in range(len(todo))]
-        return self.store.save_many([keys[i] for i in todo], [blocks[i] for i in todo])
+        keys, blocks = [keys[i] for i in todo], [blocks[i] for i in todo]
+        if self.writer is None:
+            return self.store.save_many(keys, blocks)
+        return len(keys) if self.writer.submit(keys, blocks, done) else 0

@@ -25,6 +25,7 @@ from epserve.pipelines.cuda_graphs import DecodeGraphs, VerifyGraphs
 from epserve.pipelines.kv_handoff import export_blocks, export_latents
 from epserve.pipelines.mtp_decode import MTPDrafter, can_draft
 from epserve.pipelines.overlap import forward_overlapped
+from epserve.pipelines.kv_writer import BlockWriter
 from epserve.pipelines.prefix_cache import PrefixCache, open_store
 from epserve.pipelines.sampler_state import SamplerState
 from epserve.pipelines.sequence import Sequence
@@ -65,15 +66,21 @@ class RankEngine:
         if self.drafter is not None and self.graphs_supported():
             self.drafter.graphs = VerifyGraphs(self.drafter, self.cache.kv, spec.max_batch_size)
         self.last_step_tokens = 0
-        self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_kv_layers,
-                                                   self.args.kv_dim, self.dtype, fp8_activations=spec.fp8_activations,
-                                                   mtp=bool(spec.mtp_draft))) if spec.kv_store else None
+        store = open_store(spec.kv_store, spec.model_dir, self.args.n_kv_layers, self.args.kv_dim, self.dtype,
+                           fp8_activations=spec.fp8_activations, mtp=bool(spec.mtp_draft)) if spec.kv_store else None
+        # new blocks are written by a background thread, off the step that produced them
+        self.prefix_cache = PrefixCache(store, BlockWriter(store)) if store else None
         # Cached prefixes are read and verified off the step loop, so a long one does not stall
         # the unit's lockstep; the sequence joins the batcher when its load is done.
         self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-load") \
             if self.prefix_cache else None
         self.loading: list[tuple[Sequence, concurrent.futures.Future]] = []
         self.sampler_state = SamplerState(spec.model_dir, self.args.vocab_size, self.args.eos_token_ids, self.device)
+
+    def close(self) -> None:
+        """Shutdown: the KV-store writes still queued are written."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
     def graphs_supported(self) -> bool:
         """CUDA graphs need CUDA, a backend that never syncs the host (not reference), and a
