@@ -8,7 +8,7 @@ capacity controller, and tears them down when Serve stops it) and the `Ingress` 
 bound to it. So `serve deploy`, `serve status` and `serve shutdown` start, report and end the whole
 thing, and nothing of it outlives the application.
 
-Args: `config` (a YAML file, as `epserve serve --config`), `model` (a checkpoint folder, as
+Args: `config` (a YAML file, as `epserve serve --config`, or a name in configs/), `model` (a checkpoint folder, as
 `--model`), and any config key in dotted form (`decode.units=2`, `dtype=float32`; values are read as
 YAML). Where HTTP listens is Serve's (`http_options`), and which Ray is Serve's, so `serve.host`,
 `serve.port` and `ray.*` are refused here. In place, without restarting the units: the Ingress's
@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import yaml
 
-from epserve.config import Config, load_config
+from epserve.config import Config, builtin_config, load_config
 from epserve.errors import ConfigError
 from epserve.model.checkpoint import check_model_dir
 from epserve.model.tiny import default_model_dir
@@ -40,6 +42,21 @@ APP_NAME = "epserve"
 FILE_ARGS = ("config", "model")
 NOT_APP_KEYS = {"serve.host": "Serve's http_options.host", "serve.port": "Serve's http_options.port",
                 "ray": "the Ray that runs Serve"}      # under Serve these belong to Serve, not the application
+
+
+def config_source(config) -> str | None:
+    """A config file path, or the name of one shipped in configs/ (`default`, `test`,
+    `deepseek_v3_prod`) when no such file exists: a builder on a cluster runs in a worker whose
+    working directory the operator does not choose."""
+    if config is None or Path(str(config)).is_file():
+        return config
+    if re.fullmatch(r"\w+", str(config)):
+        try:
+            return str(builtin_config(str(config)))
+        except ConfigError:
+            pass
+    raise ConfigError(f"application arg 'config': {str(config)!r} is neither a file nor a config in configs/ "
+                      f"(default, test, deepseek_v3_prod)")
 
 
 def config_from_args(args: dict) -> Config:
@@ -54,7 +71,12 @@ def config_from_args(args: dict) -> Config:
         for refused, owner in NOT_APP_KEYS.items():
             if key == refused or key.startswith(refused + "."):
                 raise ConfigError(f"application arg {key!r}: set by {owner} under Serve, not by the application")
-    data = load_config(args.get("config")).to_dict()
+    known = set(FILE_ARGS) | {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(k for k in args if k.split(".")[0] not in known)
+    if unknown:
+        raise ConfigError(f"unknown application arg{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                          f"(known: {', '.join(FILE_ARGS)}, or a config key: {', '.join(sorted(known - set(FILE_ARGS)))})")
+    data = load_config(config_source(args.get("config"))).to_dict()
     if args.get("model") is not None:
         data["model"] = str(args["model"])
     for key, value in args.items():

@@ -13,7 +13,8 @@ are owned by their supervisor and go with it). Placement groups are not fate-sha
 way: a group made by a non-detached actor lives until that actor is dead AND its job has
 ended, and the job here is the Serve controller's, which outlives any one application.
 So the replica's `__del__`, which Serve calls when it stops the replica (`serve shutdown`,
-`serve delete`, a redeploy with new code or args), tears down in order: capacity
+`serve delete`, a redeploy with new code or args), first waits (bounded) for the
+application's Ingress replicas to stop, then tears down in order: capacity
 controller (it owns the units it started), the ledger's stop rows and last flush, the
 router, then every unit supervisor, whose `shutdown` removes its placement group and
 ends its ranks. `graceful_shutdown_timeout_s` gives that time; Serve kills the replica
@@ -38,7 +39,8 @@ from epserve.model.checkpoint import check_model_dir
 
 log = logging.getLogger("epserve.units")
 
-TEARDOWN_S = 180.0     # the graceful budget Serve gives __del__: a unit's ranks stop their loops, then go
+FRONT_DOOR_S = 40.0    # the Ingress's own graceful stop (Serve's default 20 s) and some
+TEARDOWN_S = 240.0     # the graceful budget Serve gives __del__: the front door, then every unit in parallel
 
 
 def capacity_rows(cfg: Config, unit_ids: dict[str, list[int]], event: str) -> list:
@@ -100,7 +102,27 @@ class Units:
         return {"prefill": list(range(len(self.prefill))), "decode": list(range(len(self.decode)))}
 
     async def __del__(self):
+        await self._front_door_closed()
         await self.teardown()
+
+    async def _front_door_closed(self) -> None:
+        """Wait, at most FRONT_DOOR_S, until this application has no Ingress replica left. Serve stops
+        an application's deployments all at once; waiting lets requests in flight finish on live units
+        and their ledger rows land before the ledger closes (as `epserve serve` always did: the front
+        door first). A controller that cannot be asked ends the wait: teardown must still run."""
+        app = serve.get_replica_context().app_name
+        deadline = time.monotonic() + FRONT_DOOR_S
+        while time.monotonic() < deadline:
+            try:
+                status = (await asyncio.to_thread(serve.status)).applications.get(app)
+            except Exception as exc:
+                log.warning("cannot read Serve's status (%r); tearing down now", exc)
+                return
+            door = status.deployments.get("Ingress") if status is not None else None
+            if door is None or not sum(door.replica_states.values()):
+                return
+            await asyncio.sleep(0.5)
+        log.warning("Ingress replicas still up after %g s; tearing the units down under them", FRONT_DOOR_S)
 
     async def teardown(self) -> None:
         """Stop everything this replica started, in dependency order; idempotent. Each step that fails
