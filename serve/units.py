@@ -31,11 +31,14 @@ import time
 import ray
 from ray import serve
 
+from epserve.actors.capacity_controller import CapacityController
 from epserve.actors.cluster import control_options
 from epserve.actors.launch import orders, start_all
+from epserve.actors.ledger import LedgerActor
 from epserve.config import Config, ledger_root
 from epserve.errors import UnitStartFailed
 from epserve.model.checkpoint import check_model_dir
+from epserve.serve.router import RouterActor
 
 log = logging.getLogger("epserve.units")
 
@@ -61,8 +64,6 @@ class Units:
     fails leaves nothing started (Serve then marks the application failed with its message)."""
 
     async def __init__(self, cfg: Config, model_dir: str):
-        from epserve.actors.ledger import LedgerActor
-        from epserve.serve.router import RouterActor
         self.cfg, self.ledger, self.capacity, self.router = cfg, None, None, None
         self.prefill, self.decode = [], []
         args = check_model_dir(model_dir)
@@ -81,7 +82,6 @@ class Units:
             await self.ledger.start.remote()
             await self.ledger.append.remote(capacity_rows(cfg, self._unit_ids(), "start"))
             if cfg.autoscale.enabled:
-                from epserve.actors.capacity_controller import CapacityController
                 self.capacity = CapacityController.options(**ctl).remote(
                     cfg, model_dir, args, {"prefill": self.prefill, "decode": self.decode}, self.ledger)
                 await self.capacity.start.remote()

@@ -8,6 +8,7 @@ this process never joins it: the CLI and the state API speak to the dashboard ov
 application's replicas import epserve through the PYTHONPATH the cluster inherited."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -59,7 +60,8 @@ def app_config(tmp_path_factory) -> str:
 
 def serve_cli(*args: str, timeout: float = 420) -> str:
     """Run Ray's `serve` CLI; its stdout, or AssertionError with both streams when it exits non-zero."""
-    proc = subprocess.run([str(SERVE_CLI), *args], capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}     # every call names its cluster
+    proc = subprocess.run([str(SERVE_CLI), *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"serve {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-3000:]}"
     return proc.stdout
@@ -88,6 +90,11 @@ def wait_status(dash: str, want: str, ingress_running: int | None = None, timeou
 def alive(dash: str, class_name: str | None = None) -> list[dict]:
     filters = [("state", "=", "ALIVE")] + ([("class_name", "=", class_name)] if class_name else [])
     return [a for a in list_actors(address=dash, filters=filters, limit=10000, raise_on_missing_output=False)]
+
+
+def ingress_replicas(dash: str) -> list[str]:
+    """Actor ids of the live Ingress replicas (Serve names their class ServeReplica:<app>:Ingress)."""
+    return sorted(a["actor_id"] for a in alive(dash) if a["class_name"].endswith(":Ingress"))
 
 
 def leftovers(dash: str) -> tuple[list, list]:
@@ -168,12 +175,20 @@ def test_serve_deploy_updates_in_place_then_shutdown_leaves_nothing(cluster, app
     assert complete(base) == first                                  # no limit yet: greedy, twice
     ranks = sorted(a["actor_id"] for a in alive(dash, "RankActor"))
     assert len(ranks) == 2
+    (door,) = ingress_replicas(dash)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="k-acme", max_retries=0, timeout=300)
+    stream = client.completions.create(model="epserve", prompt="A stream across the update", max_tokens=24,
+                                       temperature=0.0, stream=True, stream_options={"include_usage": True})
+    chunks = [next(stream)]                                         # open before the update, read after it
 
     # the same args, a new tenant limit (one request, then 1000 s to the next) and a second ingress replica
     limited = {"user_config": {"tenants": [{"name": "acme", "api_keys": ["k-acme"], "max_requests_per_s": 0.001}]},
                "num_replicas": 2}
     serve_cli("deploy", deploy_file(tmp_path, port, args, limited), "--address", dash)
     wait_status(dash, "RUNNING", ingress_running=2)
+    chunks += list(stream)
+    assert chunks[-1].usage.completion_tokens == 24                 # the stream was not cut
+    assert door in ingress_replicas(dash)                           # its replica was reconfigured, not replaced
     assert complete(base) == first
     with pytest.raises(openai.RateLimitError):
         complete(base)
