@@ -44,7 +44,7 @@ from epserve.serve.responses import ChoiceState, Shape
 from epserve.serve.router import Router, RouterClient
 from epserve.serve.structured import check_grammar
 from epserve.serve.tokenize import TokenizeRoutes
-from epserve.serve.tenants import Tenant, TenantTable
+from epserve.serve.tenants import Tenant, TenantTable, live_serve_config
 
 log = logging.getLogger("epserve.ingress")
 app = FastAPI(title="epserve", docs_url=None, redoc_url=None)
@@ -91,8 +91,12 @@ class _Stream(StreamingResponse):
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, cfg: Config, model_dir: str, prefill_units: list, decode_units: list, ledger=None,
-                 capacity=None, router=None):
+    async def __init__(self, cfg: Config, model_dir: str, prefill_units: list = (), decode_units: list = (),
+                       ledger=None, capacity=None, router=None, units=None):
+        if units is not None:        # bound to what serve/units.py's deployment owns, not to units given
+            parts = await units.parts.remote()
+            prefill_units, decode_units = parts["prefill"], parts["decode"]
+            ledger, capacity, router = parts["ledger"], parts["capacity"], parts["router"]
         self.cfg, self.model_name = cfg, cfg.serve.model_name
         # Serve's id for this replica, sent as x-epserve-replica on every generation answer: which of
         # several ingress replicas served a request is otherwise invisible from outside
@@ -133,6 +137,12 @@ class Ingress:
         acct = getattr(self, "acct", None)
         if acct is not None:
             await acct.drain()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's in-place update (this deployment's `user_config`): API keys and tenant limits for the
+        next request, units untouched. Limits travel with each admission to the shared router, so a new
+        one holds at once; a bad user_config raises ConfigError naming the key."""
+        self.tenants = TenantTable(live_serve_config(self.cfg.serve, user_config))
 
     # ---- plain routes -----------------------------------------------------------------
     @app.get("/health")

@@ -17,9 +17,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from epserve.config import ServeConfig, TenantConfig
+from epserve.config import ServeConfig, TenantConfig, load_config
+from epserve.errors import ConfigError
+
+LIVE_KEYS = ("api_keys", "tenants")     # what a Serve user_config may change on running ingress replicas
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,20 @@ class TenantTable:
         if tenant is None:
             return Tenant(header_hash(authorization), header_hash(authorization))
         return Tenant(tenant.name, f"tenant:{tenant.name}", tenant)
+
+
+def live_serve_config(base: ServeConfig, user_config: dict | None) -> ServeConfig:
+    """`base` with the keys and tenant limits of a Serve `user_config` ({api_keys: [...], tenants:
+    [{name, api_keys, max_requests_per_s, max_concurrent}]}, the config file's serve.* shapes), checked
+    as the config file is; any other key raises ConfigError naming it (it cannot change in place)."""
+    user_config = user_config or {}
+    if not isinstance(user_config, dict):
+        raise ConfigError(f"user_config: expected a mapping with {' and/or '.join(LIVE_KEYS)}, got {user_config!r}")
+    unknown = sorted(set(user_config) - set(LIVE_KEYS))
+    if unknown:
+        raise ConfigError(f"user_config.{unknown[0]}: cannot change in place (in place: {', '.join(LIVE_KEYS)}; "
+                          f"other keys belong in the application's args)")
+    return load_config({"serve": {**asdict(base), **user_config}}).serve
 
 
 @dataclass

@@ -1,0 +1,196 @@
+"""epserve.serve.app:build_app through Ray Serve's own CLI: `serve run`, `serve deploy`, `serve status`,
+an in-place update and `serve shutdown`, against a loopback cluster with the dashboard (its REST API
+is what `serve deploy` / `status` / `shutdown` speak to); the official openai client answers in
+between, and shutdown leaves no actor and no placement group.
+
+The cluster is this module's own (the session's shared one has no dashboard), one for the file;
+this process never joins it: the CLI and the state API speak to the dashboard over HTTP, and the
+application's replicas import epserve through the PYTHONPATH the cluster inherited."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+from ray.util.state import list_actors, list_placement_groups
+
+from conftest import free_port, wait_healthy
+from test_batch_job import wait_job_server
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE_CLI = Path(sys.executable).parent / "serve"      # Ray's own CLI, from the venv that runs the tests
+EXAMPLE = REPO / "examples" / "serve_config.yaml"
+# Two one-rank units on 2 fake GPUs, exact float32 math; a tenant whose limits the update changes.
+APP_CONFIG = {"dtype": "float32", "kernels": "reference", "kv_store": {"enabled": False}, "eplb": {"enabled": False},
+              "prefill": {"gpus_per_node": 1, "kv_pages": 32}, "decode": {"gpus_per_node": 1, "kv_pages": 32},
+              "serve": {"tenants": [{"name": "acme", "api_keys": ["k-acme"]}]}}
+OURS = {"RankActor", "UnitSupervisor", "LedgerActor", "RouterActor", "CapacityController", "EplbController",
+        "StreamSink"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node cluster on 127.0.0.1 with the dashboard, 2 fake GPUs and the control-plane resource
+    -> (GCS address, dashboard URL)."""
+    from ray.cluster_utils import Cluster
+    port = free_port()
+    c = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
+        num_cpus=4, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        node_ip_address="127.0.0.1", object_store_memory=100 << 20, resources={"epserve_control": 10000}))
+    try:
+        dash = f"http://127.0.0.1:{port}"
+        wait_job_server(dash)
+        yield c.address, dash
+    finally:
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app_config(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("app") / "epserve.yaml"
+    cfg = dict(APP_CONFIG, ledger={"path": str(path.parent / "ledger")})
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def serve_cli(*args: str, timeout: float = 420) -> str:
+    """Run Ray's `serve` CLI; its stdout, or AssertionError with both streams when it exits non-zero."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}     # every call names its cluster
+    proc = subprocess.run([str(SERVE_CLI), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"serve {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n" \
+                                 f"{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def app_status(dash: str) -> dict:
+    """`serve status`'s entry for the epserve application ({} when there is none)."""
+    return (yaml.safe_load(serve_cli("status", "--address", dash, timeout=60)) or {}).get(
+        "applications", {}).get("epserve", {})
+
+
+def wait_status(dash: str, want: str, ingress_running: int | None = None, timeout_s: float = 420) -> dict:
+    """Poll `serve status` until the application is `want` (and, if given, the Ingress has that many
+    RUNNING replicas); TimeoutError naming the last status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = app_status(dash)
+        ingress = st.get("deployments", {}).get("Ingress", {}).get("replica_states", {})
+        if st.get("status") == want and (ingress_running is None or ingress == {"RUNNING": ingress_running}):
+            return st
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application not {want} within {timeout_s:g} s; last status: {st}")
+        time.sleep(2)
+
+
+def alive(dash: str, class_name: str | None = None) -> list[dict]:
+    filters = [("state", "=", "ALIVE")] + ([("class_name", "=", class_name)] if class_name else [])
+    return [a for a in list_actors(address=dash, filters=filters, limit=10000, raise_on_missing_output=False)]
+
+
+def ingress_replicas(dash: str) -> list[str]:
+    """Actor ids of the live Ingress replicas (Serve names their class ServeReplica:<app>:Ingress)."""
+    return sorted(a["actor_id"] for a in alive(dash) if a["class_name"].endswith(":Ingress"))
+
+
+def leftovers(dash: str) -> tuple[list, list]:
+    """(every live actor, every placement group not removed) on the cluster, as (class, id) / (name, state)."""
+    actors = [(a["class_name"], a["actor_id"]) for a in alive(dash)]
+    groups = [(g["name"], g["state"]) for g in list_placement_groups(address=dash, limit=10000,
+                                                                     raise_on_missing_output=False)
+              if g["state"] != "REMOVED"]
+    return actors, groups
+
+
+def shutdown_leaves_nothing(dash: str, timeout_s: float = 300) -> None:
+    """`serve shutdown -y`, then wait until the cluster holds no actor and no placement group (Serve's
+    shutdown returns before its replicas' graceful teardown has run); fail naming what is left."""
+    serve_cli("shutdown", "-y", "--address", dash)
+    deadline = time.monotonic() + timeout_s
+    while (left := leftovers(dash)) != ([], []):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left behind {timeout_s:g} s after serve shutdown: {left}")
+        time.sleep(2)
+    assert leftovers(dash) == ([], [])
+
+
+def complete(base: str, api_key: str = "k-acme") -> str:
+    client = openai.OpenAI(base_url=base + "/v1", api_key=api_key, max_retries=0, timeout=120)
+    out = client.completions.create(model="epserve", prompt="The sea is", max_tokens=4, temperature=0.0)
+    assert out.usage.completion_tokens == 4
+    return out.choices[0].text
+
+
+def deploy_file(tmp_path: Path, port: int, args: dict, ingress: dict | None = None) -> str:
+    """examples/serve_config.yaml with this test's args, HTTP port and Ingress settings, written to tmp_path."""
+    conf = yaml.safe_load(EXAMPLE.read_text())
+    conf["http_options"]["port"] = port
+    app = conf["applications"][0]
+    app["args"] = args
+    for d in app["deployments"]:
+        if d["name"] == "Ingress" and ingress:
+            d.update(ingress)
+    path = tmp_path / f"serve_{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return str(path)
+
+
+def test_bad_arg_fails_the_deploy_with_a_message_naming_it(cluster, app_config, tiny_dir, tmp_path):
+    _, dash = cluster
+    serve_cli("deploy", deploy_file(tmp_path, free_port(), {"config": app_config, "model": tiny_dir, "bogus": "1"}),
+              "--address", dash)
+    st = wait_status(dash, "DEPLOY_FAILED")
+    assert "unknown application arg 'bogus'" in st["message"]
+    shutdown_leaves_nothing(dash)
+
+
+def test_serve_run_builder_answers_then_shutdown_leaves_nothing(cluster, app_config, tiny_dir):
+    gcs, dash = cluster
+    port = free_port()
+    serve_cli("start", "--address", gcs, "--http-host", "127.0.0.1", "--http-port", str(port))
+    serve_cli("run", "--address", gcs, "--non-blocking", "--name", "epserve", "epserve.serve.app:build_app",
+              f"config={app_config}", f"model={tiny_dir}", "serve.max_queue=32")
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base)
+    assert complete(base)
+    assert app_status(dash)["status"] == "RUNNING"
+    assert len(alive(dash, "RankActor")) == 2                                 # one prefill, one decode rank
+    assert [g for g in leftovers(dash)[1] if g[1] == "CREATED"], "the units hold no placement group"
+    shutdown_leaves_nothing(dash)
+
+
+def test_serve_deploy_updates_in_place_then_shutdown_leaves_nothing(cluster, app_config, tiny_dir, tmp_path):
+    _, dash = cluster
+    port = free_port()
+    args = {"config": app_config, "model": tiny_dir}
+    serve_cli("deploy", deploy_file(tmp_path, port, args), "--address", dash)
+    wait_status(dash, "RUNNING", ingress_running=1)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base)
+    first = complete(base)
+    assert complete(base) == first                                  # no limit yet: greedy, twice
+    ranks = sorted(a["actor_id"] for a in alive(dash, "RankActor"))
+    assert len(ranks) == 2
+    (door,) = ingress_replicas(dash)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="k-acme", max_retries=0, timeout=300)
+    stream = client.completions.create(model="epserve", prompt="A stream across the update", max_tokens=24,
+                                       temperature=0.0, stream=True, stream_options={"include_usage": True})
+    chunks = [next(stream)]                                         # open before the update, read after it
+
+    # the same args, a new tenant limit (one request, then 1000 s to the next) and a second ingress replica
+    limited = {"user_config": {"tenants": [{"name": "acme", "api_keys": ["k-acme"], "max_requests_per_s": 0.001}]},
+               "num_replicas": 2}
+    serve_cli("deploy", deploy_file(tmp_path, port, args, limited), "--address", dash)
+    wait_status(dash, "RUNNING", ingress_running=2)
+    chunks += list(stream)
+    assert chunks[-1].usage.completion_tokens == 24                 # the stream was not cut
+    assert door in ingress_replicas(dash)                           # its replica was reconfigured, not replaced
+    assert complete(base) == first
+    with pytest.raises(openai.RateLimitError):
+        complete(base)
+    assert sorted(a["actor_id"] for a in alive(dash, "RankActor")) == ranks     # the units never restarted
+    shutdown_leaves_nothing(dash)
