@@ -10,7 +10,8 @@
 - every repository path the docs name (examples/, configs/, benchmarks/ ...) exists, and every relative
   markdown link resolves, anchors included;
 - every metric /metrics exports is in docs/operations.md.
-Each check is a function of the text, and the `*_would_be_caught` tests plant a defect in it.
+Each check is a function of the text, and the `*_would_be_caught` tests plant a defect in it (five
+checks and their five planted defects: a little over 300 lines, one noun, the guide's truth).
 """
 from __future__ import annotations
 
@@ -247,7 +248,8 @@ def api_problems(md: str) -> list[str]:
     fields = {("completions", p) for p in request_fields(om.CompletionRequest)}
     fields |= {("chat", p) for p in request_fields(om.ChatRequest)}
     refused = {(ep, k) for ep in ("completions", "chat") for k in om.UNSUPPORTED}
-    bad += [f"{p} ({ep}): a request field missing from docs/api.md" for ep, p in sorted((fields | refused) - set(table))]
+    missing = sorted((fields | refused) - set(table))
+    bad += [f"{p} ({ep}): a request field missing from docs/api.md" for ep, p in missing]
     bad += [f"{p} ({ep}): in docs/api.md but not a request field" for ep, p in sorted(set(table) - fields - refused)]
     for (ep, p), status in sorted(table.items()):
         if status not in ("applied", "refused", "accepted"):
