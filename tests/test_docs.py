@@ -129,9 +129,9 @@ def test_every_epserve_command_in_the_docs_parses():
 
 
 def test_a_wrong_command_would_be_caught():
-    md = "```bash\nepserve serve --port 8000 && epserve bench step --phase decode --mtp\n```\nand `epserve reprot`"
+    md = "```bash\nepserve serve --port 8000 && epserve bench step --phase prefill --mtp\n```\nand `epserve reprot`"
     cmds = [argv for s in shell_snippets(md) for argv in epserve_commands(s)]
-    assert cmds == [["serve", "--port", "8000"], ["bench", "step", "--phase", "decode", "--mtp"], ["reprot"]]
+    assert cmds == [["serve", "--port", "8000"], ["bench", "step", "--phase", "prefill", "--mtp"], ["reprot"]]
     assert command_problem(cmds[0]) is None
     assert "--phase" in command_problem(cmds[1]) and "no command" in command_problem(cmds[2])
     assert "--tokens" in command_problem(["bench", "kernels", "--tokens", "5"])
