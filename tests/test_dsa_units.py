@@ -24,11 +24,11 @@ def v32_dir(tmp_path_factory):
     return str(make_tiny_model(tmp_path_factory.mktemp("v32u") / "m", preset="v32-tiny", seed=11))
 
 
-def test_2x2_ep_unit_gives_the_single_rank_tokens(ray_cluster, v32_dir):
+def test_2x2_ep_unit_with_overlap_gives_the_single_rank_tokens(ray_cluster, v32_dir):
     import epserve
     prompts = prompts_of([9, 30, 4, 75, 40], seed=7)      # most longer than index_topk = 16: the selection prunes
     want = single_rank_outputs(v32_dir, prompts, greedy())
-    cfg = {"dtype": "float32", "kernels": "reference",
+    cfg = {"dtype": "float32", "kernels": "reference", "overlap": "on",     # two micro-batches: ATTN-0/1 split
            "decode": {"units": 1, "nodes_per_unit": 2, "gpus_per_node": 2, "redundant_experts": 4, "kv_pages": 32}}
     with epserve.LLM(model=v32_dir, config=cfg) as llm:
         assert llm.args.is_dsa
