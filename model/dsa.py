@@ -3,9 +3,9 @@ tokens it picks.
 
 Owns: the Indexer of one layer (wq_b, wk, k_norm, weights_proj), which writes each token's index key
 into the paged cache beside its MLA latent (one row per token, [latent L+R | index key Di], so one
-page table serves both and every path that moves a row moves both); `select` (the top-k choice) and
-`sparse_attend` (absorbed MLA over the chosen latents), for mixed prefill/decode `Batch`es and
-fixed-shape `DecodeBatch`es (no host sync: CUDA-graph safe) alike.
+page table serves both and every path that moves a row moves both); and `sparse_attend`: the top-k
+choice and absorbed MLA over the chosen latents (kernels/reference_dsa.py, or the backend's), for
+mixed prefill/decode `Batch`es and fixed-shape `DecodeBatch`es (no host sync: CUDA-graph safe) alike.
 Never: allocates pages, decides the batch, or talks to other ranks. model/deepseek_v3.py's MLA calls
 in here when `args.is_dsa`; this module reads the MLA duck-typed (no import of it: no cycle).
 
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from epserve.errors import ConfigError
+from epserve.kernels import reference_dsa
 from epserve.kernels.reference import Weight, per_token_group_quant_fp8
 from epserve.model.rope import apply_rope
 
@@ -90,54 +91,35 @@ class Indexer:
         return torch.cat([apply_rope(v[..., :r], rope[0], rope[1], False), v[..., r:]], -1)
 
 
-def select(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, lens: torch.Tensor,
-           topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The indexer's choice: q [T, Hi, Di], w fp32 [T, Hi], keys [T, N, Di] (each query's sequence's
-    index keys by position), lens int [T] (query t sees positions < lens[t]) -> (idx int64 [T, K]
-    positions, ok bool [T, K]: chosen and visible; False where fewer than K positions are visible)."""
-    n = keys.shape[1]
-    # I[t, s] = sum_h w[t, h] relu(q[t, h] . k[t, s] / sqrt(Di))
-    s = torch.einsum("thd,tnd->thn", q.float(), keys.float()).mul_(q.shape[-1] ** -0.5).relu_()
-    score = torch.einsum("th,thn->tn", w, s)
-    visible = torch.arange(n, device=q.device)[None, :] < lens.to(q.device)[:, None]
-    idx = score.masked_fill(~visible, float("-inf")).topk(min(topk, n), -1).indices
-    return idx, visible.gather(1, idx)
-
-
-def attend_rows(mla, q_lat: torch.Tensor, q: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
-                lens: torch.Tensor) -> torch.Tensor:
-    """q_lat [T, H, L+R] absorbed queries, (q, w) the indexer's, rows [T, N, C] each query's sequence's
-    cache rows by position, lens int [T] -> [T, H, V]: MLA over the K rows the indexer picks."""
-    a = mla.args
-    idx, ok = select(q, w, rows[..., a.kv_dim:], lens, a.index_topk)
-    lat = rows.gather(1, idx[..., None].expand(-1, -1, rows.shape[-1]))[..., : a.kv_dim].float()   # [T, K, L+R]
-    scores = torch.einsum("thc,tkc->thk", q_lat.float(), lat) * a.softmax_scale
-    probs = torch.nan_to_num(scores.masked_fill(~ok[:, None], float("-inf")).softmax(-1))  # padding rows: 0
-    o_lat = torch.einsum("thk,tkl->thl", probs, lat[..., : a.kv_lora_rank]).to(q_lat.dtype)
-    return torch.einsum("thl,hvl->thv", o_lat, mla.absorbed(q_lat.dtype)[1])
-
-
 def sparse_attend(mla, q, batch, cache_layer: torch.Tensor) -> torch.Tensor:
     """ATTN-1's core under DSA: q (MLA's Queries, q.index = the indexer's (q, w)), cache_layer
     [pages, page, C] -> [T, H, V] (before wo). Every token attends in the absorbed form, prefill too
-    (as FlashMLA's sparse prefill does): K chosen latents, not the whole context."""
-    a, page = mla.args, cache_layer.shape[1]
+    (as FlashMLA's sparse prefill does): K chosen latents, not the whole context. The backend's
+    dsa_index_select / sparse_mla run when it has them (kernels/native_dsa.py), else the reference's."""
+    a, kb, page = mla.args, mla.kb, cache_layer.shape[1]
+    select = getattr(kb, "dsa_index_select", reference_dsa.dsa_index_select)
+    attend = getattr(kb, "sparse_mla", reference_dsa.sparse_mla)
+    flat = cache_layer.view(-1, cache_layer.shape[-1])
     iq, iw = q.index
+    w_uk, w_uv = mla.absorbed(q.q_nope.dtype)
     if batch.is_decode_only:     # B rows of S = n_q queries; query j of row b sees seq_lens[b] - S + j + 1
         s_q, dev = batch.n_q, cache_layer.device
         slots = (batch.block_tables.long()[:, :, None] * page + torch.arange(page, device=dev)).flatten(1)
-        rows = cache_layer.view(-1, cache_layer.shape[-1])[slots].repeat_interleave(s_q, 0)   # [B*S, N, C]
+        slots = slots.repeat_interleave(s_q, 0)                                          # [B*S, N]
         lens = (batch.seq_lens.long()[:, None] - s_q + 1 + torch.arange(s_q, device=dev)).flatten()
-        return attend_rows(mla, q.q_lat, iq, iw, rows, lens)
-    w_uk = mla.absorbed(q.q_nope.dtype)[0]
+        idx, ok = select(iq, iw, flat[slots][..., a.kv_dim:], lens, a.index_topk)
+        o_lat = attend(q.q_lat, flat, torch.where(ok, slots.gather(1, idx), -1), a.softmax_scale, a.kv_lora_rank)
+        return torch.einsum("thl,hvl->thv", o_lat, w_uv)
     out = q.q_nope.new_zeros(q.q_nope.shape[0], a.n_heads, a.v_head_dim)
     for i, (n, c) in enumerate(zip(batch.seq_new, batch.seq_ctx)):
         if n == 0:
             continue
         total, s = c + n, slice(batch.starts[i], batch.starts[i] + n)
-        pages = batch.block_tables[i, : math.ceil(total / page)]
-        rows = cache_layer[pages].reshape(-1, cache_layer.shape[-1])[:total]
+        pages = batch.block_tables[i, : math.ceil(total / page)].long()
+        slots = (pages[:, None] * page + torch.arange(page, device=pages.device)).flatten()[:total]   # [N]
+        lens = torch.arange(c + 1, total + 1, device=slots.device)
+        idx, ok = select(iq[s], iw[s], flat[slots][None, :, a.kv_dim:], lens, a.index_topk)
         q_lat = torch.cat([torch.einsum("thp,hpl->thl", q.q_nope[s], w_uk), q.q_pe[s]], -1)
-        lens = torch.arange(c + 1, total + 1, device=rows.device)
-        out[s] = attend_rows(mla, q_lat, iq[s], iw[s], rows.expand(n, -1, -1), lens)
+        o_lat = attend(q_lat, flat, torch.where(ok, slots[idx], -1), a.softmax_scale, a.kv_lora_rank)
+        out[s] = torch.einsum("thl,hvl->thv", o_lat, w_uv)
     return out

@@ -11,8 +11,11 @@ import torch
 
 from conftest import prompts_of
 from epserve.errors import ConfigError
+from epserve.kernels import reference
+from epserve.kernels.reference_dsa import dsa_index_select as select
+from epserve.kernels.reference_dsa import sparse_mla
 from epserve.model.deepseek_v3 import ModelArgs
-from epserve.model.dsa import hadamard, select
+from epserve.model.dsa import hadamard
 from epserve.model.tiny import PRESETS, TINY_CONFIG, make_tiny_model
 from epserve.pipelines.local import make_local_engine
 from test_model_vs_transformers import _dequantized_copy, engine_prompt_logits, run_engine
@@ -85,8 +88,22 @@ def test_select_keeps_index_topk_of_the_visible_positions_by_relu_weighted_score
     for t, n in enumerate([2, 6, 10]):
         score = (w[t, :, None] * (q[t] @ keys[t, :n].T * 8 ** -0.5).relu()).sum(0)
         assert set(idx[t][ok[t]].tolist()) == set(score.topk(min(5, n)).indices.tolist())
+    shared, _ = select(q[:1], w[:1], keys[:1], torch.tensor([10]), topk=5)      # [1, N, Di]: one sequence's keys
+    assert torch.equal(shared, select(q[:1], w[:1], keys[:1].expand(1, -1, -1), torch.tensor([10]), 5)[0])
     h = hadamard(32, "cpu")
     assert torch.allclose(h @ h.T, torch.eye(32), atol=1e-6)
+
+
+def test_sparse_mla_over_every_visible_row_is_dense_mla_decode():
+    """With all of a sequence's rows chosen (in any order), sparse MLA is the paged decode it replaces."""
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(6, 4, 24, generator=g)                     # 6 pages of 4 rows, 24 = 20 latent + 4 extra
+    table, lens = torch.tensor([[3, 0, 5], [1, 4, 2]]), torch.tensor([9, 5])
+    q = torch.randn(2, 3, 20, generator=g)
+    want, _ = reference.mla_decode(q, cache[..., :20], table, lens, 0.3, 16)
+    rows = (table[:, :, None] * 4 + torch.arange(4)).flatten(1)    # [B, 12] cache row of each position
+    slots = torch.where(torch.arange(12)[None] < lens[:, None], rows, -1).flip(1)
+    assert torch.allclose(sparse_mla(q, cache.view(-1, 24), slots, 0.3, 16), want, atol=1e-5)
 
 
 def test_fp8_checkpoint_matches_transformers_and_fp8_index_keys_stay_close(tmp_path):
