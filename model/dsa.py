@@ -107,7 +107,7 @@ def sparse_attend(mla, q, batch, cache_layer: torch.Tensor) -> torch.Tensor:
         slots = (batch.block_tables.long()[:, :, None] * page + torch.arange(page, device=dev)).flatten(1)
         slots = slots.repeat_interleave(s_q, 0)                                          # [B*S, N]
         lens = (batch.seq_lens.long()[:, None] - s_q + 1 + torch.arange(s_q, device=dev)).flatten()
-        idx, ok = select(iq, iw, flat[slots][..., a.kv_dim:], lens, a.index_topk)
+        idx, ok = select(iq, iw, flat[:, a.kv_dim:][slots], lens, a.index_topk)   # keys only: [B*S, N, Di]
         o_lat = attend(q.q_lat, flat, torch.where(ok, slots.gather(1, idx), -1), a.softmax_scale, a.kv_lora_rank)
         return torch.einsum("thl,hvl->thv", o_lat, w_uv)
     out = q.q_nope.new_zeros(q.q_nope.shape[0], a.n_heads, a.v_head_dim)
@@ -118,7 +118,7 @@ def sparse_attend(mla, q, batch, cache_layer: torch.Tensor) -> torch.Tensor:
         pages = batch.block_tables[i, : math.ceil(total / page)].long()
         slots = (pages[:, None] * page + torch.arange(page, device=pages.device)).flatten()[:total]   # [N]
         lens = torch.arange(c + 1, total + 1, device=slots.device)
-        idx, ok = select(iq[s], iw[s], flat[slots][None, :, a.kv_dim:], lens, a.index_topk)
+        idx, ok = select(iq[s], iw[s], flat[:, a.kv_dim:][slots][None], lens, a.index_topk)
         q_lat = torch.cat([torch.einsum("thp,hpl->thl", q.q_nope[s], w_uk), q.q_pe[s]], -1)
         o_lat = attend(q_lat, flat, torch.where(ok, slots[idx], -1), a.softmax_scale, a.kv_lora_rank)
         out[s] = torch.einsum("thl,hvl->thv", o_lat, w_uv)

@@ -106,6 +106,22 @@ def test_sparse_mla_over_every_visible_row_is_dense_mla_decode():
     assert torch.allclose(sparse_mla(q, cache.view(-1, 24), slots, 0.3, 16), want, atol=1e-5)
 
 
+def test_native_dsa_imports_without_cuda_and_runs_the_reference_off_its_shapes():
+    """kernels/native_dsa.py on this CPU box: importable, its self-test declines, its adapters give the
+    reference's answers (what they run when a shape or device is outside the kernels' reach)."""
+    from epserve.kernels import native_dsa
+    ok, why = native_dsa.self_test("cpu")
+    assert not ok and "CUDA" in why
+    g = torch.Generator().manual_seed(2)
+    q, rows = torch.randn(3, 4, 20, generator=g), torch.randn(30, 24, generator=g)
+    slots = torch.tensor([[0, 5, -1], [29, 3, 7], [-1, -1, -1]])
+    assert torch.equal(native_dsa.sparse_mla(q, rows, slots, 0.2, 16), sparse_mla(q, rows, slots, 0.2, 16))
+    iq, keys, w = torch.randn(3, 4, 8, generator=g), torch.randn(1, 10, 8, generator=g), torch.randn(3, 4, generator=g)
+    lens = torch.tensor([3, 10, 7])
+    assert all(torch.equal(a, b) for a, b in zip(native_dsa.dsa_index_select(iq, w, keys, lens, 4),
+                                                 select(iq, w, keys, lens, 4)))
+
+
 def test_fp8_checkpoint_matches_transformers_and_fp8_index_keys_stay_close(tmp_path):
     fp8_dir = str(make_tiny_model(tmp_path / "fp8", preset="v32-tiny", fp8=True, seed=7))
     hf = hf_v32(_dequantized_copy(fp8_dir, tmp_path / "deq"))
