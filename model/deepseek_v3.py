@@ -3,7 +3,8 @@
 Owns: ModelArgs (parsed and validated from a checkpoint's config.json, in the
 original release format or transformers' rope_parameters format), MLA (naive
 form for prefill, weight-absorbed form for decode over the paged latent cache),
-the group-limited sigmoid Gate, dense MLP, MoE and the Transformer.
+the group-limited sigmoid Gate, dense MLP, MoE and the Transformer. V3.2 (index_* set): MLA
+hands its tokens to model/dsa.py's indexer and sparse attention.
 Never: talks to other ranks itself. The MoE hands (tokens, experts) to the
 `experts` seam (model/moe_dispatch.py), which is local on one rank and an
 all-to-all across a unit's ranks; everything else here is per-rank work.
