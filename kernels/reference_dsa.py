@@ -21,7 +21,7 @@ def dsa_index_select(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, lens:
 
     I[t, s] = sum_h w[t, h] * relu(q[t, h] . keys[s] / sqrt(Di)); the top-k visible s by I. While
     fewer than topk positions are visible, every visible one is chosen (ok marks the rest False)."""
-    t, n = q.shape[0], keys.shape[1]
+    n = keys.shape[1]
     qf, kf = q.float(), keys.float()
     s = torch.einsum("thd,nd->thn", qf, kf[0]) if keys.shape[0] == 1 else torch.einsum("thd,tnd->thn", qf, kf)
     score = torch.einsum("th,thn->tn", w.float(), s.mul_(q.shape[-1] ** -0.5).relu_())

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from epserve.errors import CheckpointError, ConfigError
 from epserve.kernels.reference import FP8, Weight
 from epserve.model.deepseek_v3 import ModelArgs, Transformer
+from epserve.model.dsa import hadamard
 from epserve.model.moe_dispatch import ExpertShard
 
 log = logging.getLogger("epserve.checkpoint")
@@ -261,8 +262,8 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
                 dtype = torch.float32 if attr in _FP32_ATTRS else model.dtype
                 want = {"ffn.gate.weight": (a.n_routed_experts, a.dim), "ffn.gate.bias": (a.n_routed_experts,),
                         "attn.q_norm": (a.q_lora_rank,), "attn.kv_norm": (a.kv_lora_rank,),
-                        "attn.indexer.k_norm": (a.index_head_dim,),
-                        "attn.indexer.k_norm_bias": (a.index_head_dim,)}.get(attr, (a.dim,))
+                        "attn.indexer.k_norm": (a.index_head_dim,), "attn.indexer.k_norm_bias": (a.index_head_dim,),
+                        }.get(attr, (a.dim,))
                 if tuple(value.shape) != want:
                     raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {want}")
                 value = value.to(device=dev, dtype=dtype)
@@ -270,8 +271,11 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
         bar.update(1)
     if a.tie_word_embeddings:
         model.head = model.embed
-    for i in range(a.n_kv_layers if a.is_dsa else 0):   # FP8 index keys with the seed's FP8 activations
-        model.block(i).attn.indexer.fp8 = opts.fp8_activations and a.fp8_block is not None
+    index_fp8 = a.is_dsa and opts.fp8_activations and a.fp8_block is not None
+    if index_fp8:                                       # FP8 index keys with the seed's FP8 activations:
+        hadamard(a.index_head_dim, "cpu")               # a width they cannot rotate fails here, not mid-step
+    for i in range(a.n_kv_layers if a.is_dsa else 0):
+        model.block(i).attn.indexer.fp8 = index_fp8
     bar.close()
     for i in range(a.n_kv_layers):
         if not a.is_moe_layer(i):

@@ -141,6 +141,9 @@ def test_fp8_checkpoint_matches_transformers_and_fp8_index_keys_stay_close(tmp_p
         # the calc_diff bound test_model_vs_transformers holds V3's FP8 to. (Longer prompts drift further:
         # FP8 noise flips some of the indexer's top-k choices, ~0.055 at 57 tokens on this random model.)
         assert diff < 0.05, diff
+    odd = make_tiny_model(tmp_path / "odd", preset="v32-tiny", fp8=True, config_overrides={"index_head_dim": 48})
+    with pytest.raises(ConfigError, match="index_head_dim=48 must be a power of two"):
+        make_local_engine(str(odd), fp8_activations=True)         # refused at load, not mid-step
 
 
 def test_transformers_saved_checkpoint_loads_the_same_model(v32_dirs, tmp_path):
