@@ -65,11 +65,10 @@ class RankEngine:
         if self.drafter is not None and self.graphs_supported():
             self.drafter.graphs = VerifyGraphs(self.drafter, self.cache.kv, spec.max_batch_size)
         self.last_step_tokens = 0
-        self.prefix_cache = PrefixCache(open_store(spec.kv_store, spec.model_dir, self.args.n_kv_layers,
-                                                   self.args.cache_dim, self.dtype,
-                                                   fp8_activations=spec.fp8_activations,
-                                                   mtp=bool(spec.mtp_draft), index_dim=self.args.index_head_dim)
-                                        ) if spec.kv_store else None
+        store = open_store(spec.kv_store, spec.model_dir, self.args.n_kv_layers, self.args.cache_dim, self.dtype,
+                           fp8_activations=spec.fp8_activations, mtp=bool(spec.mtp_draft),
+                           index_dim=self.args.index_head_dim) if spec.kv_store else None
+        self.prefix_cache = PrefixCache(store) if store is not None else None
         # Cached prefixes are read and verified off the step loop, so a long one does not stall
         # the unit's lockstep; the sequence joins the batcher when its load is done.
         self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-load") \
