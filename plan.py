@@ -44,7 +44,7 @@ def rank_memory(a: ModelArgs, dtype: str, slots_per_rank: int, kv_pages: int) ->
     return {"dense_gib": round(dense * bpp / GiB, 2),
             "embed_head_gib": round(2 * a.vocab_size * a.dim * act_bytes / GiB, 2),
             "experts_gib": round(a.n_ep_layers * slots_per_rank * expert * bpp / GiB, 2),
-            "kv_cache_gib": round(a.n_kv_layers * kv_pages * 64 * a.kv_dim * act_bytes / GiB, 2)}
+            "kv_cache_gib": round(a.n_kv_layers * kv_pages * 64 * a.cache_dim * act_bytes / GiB, 2)}
 
 
 def plan_units(cfg: Config) -> dict:

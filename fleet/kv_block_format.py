@@ -20,9 +20,12 @@ Layout (integers little-endian):
     12      meta_len    JSON meta, utf-8, space-padded so the payload starts on a
                         64-byte boundary (aligned torch.frombuffer views):
                         {"model_id", "dtype", "shape", "byteorder", "key",
-                         "payload_bytes", "xxh3_128"}
-    12+meta_len         payload: the tensor [n_layers, block_tokens, kv_dim] in C
-                        order, raw bytes of `dtype` in the host's byte order
+                         "payload_bytes", "xxh3_128", "index_dim"}
+    12+meta_len         payload: the tensor [n_layers, block_tokens, row] in C
+                        order, raw bytes of `dtype` in the host's byte order; a row is
+                        one token's cache row: its MLA latent (kv_lora_rank +
+                        qk_rope_head_dim), then for DeepSeek-V3.2 its indexer key
+                        (the last index_dim values; 0 for V3)
 
 The file size must be exactly 12 + meta_len + payload_bytes, so truncation or a
 trailing append is caught before hashing.
@@ -32,8 +35,10 @@ must be; the payload checksum only has to catch torn writes and bit rot, not an
 adversary, so it is XXH3-128 (xxhash), ~27 GB/s on one core against sha256's
 ~1.9 GB/s: verifying no longer costs most of a load (a 4.5 MB block verifies in
 ~0.2 ms). Version 1 files (a "sha256" payload digest) are still read and verified
-with sha256, so a store written by an older epserve keeps its hits; new blocks are
-always version 2. The meta is JSON rather than packed
+with sha256, so a store written by an older epserve keeps its hits. Version 3 adds
+"index_dim" (V3.2's sparse attention keeps its indexer keys in the row): a version 1
+or 2 block holds latents only, so it still serves a V3 store (index_dim 0) and is a
+miss, `no_index_keys`, for a V3.2 one. New blocks are always version 3. The meta is JSON rather than packed
 fields because it is tiny next to the payload (a DeepSeek-V3 bf16 block is
 61 x 64 x 576 x 2 B = 4.5 MB) and `head -c 400 FILE` should tell a person what a
 block is.
@@ -60,9 +65,10 @@ import xxhash
 from epserve.errors import EpserveError
 
 MAGIC = b"EPKV"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # version -> (meta field of the payload digest, digest of a payload buffer as lowercase hex)
-CHECKSUMS = {1: ("sha256", lambda b: hashlib.sha256(b).hexdigest()), 2: ("xxh3_128", xxhash.xxh3_128_hexdigest)}
+CHECKSUMS = {1: ("sha256", lambda b: hashlib.sha256(b).hexdigest()), 2: ("xxh3_128", xxhash.xxh3_128_hexdigest),
+             3: ("xxh3_128", xxhash.xxh3_128_hexdigest)}
 PAYLOAD_ALIGN = 64
 MAX_META_BYTES = 64 * 1024  # a bigger header is garbage, not a block
 _PREFIX = struct.Struct("<4sHHI")  # magic, version, reserved, meta_len
@@ -86,11 +92,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """What every block of one store holds: [n_layers, block_tokens, kv_dim] of `dtype`."""
+    """What every block of one store holds: [n_layers, block_tokens, row] of `dtype`, the last
+    index_dim values of each row being V3.2's indexer key (0: a V3 row, latent only)."""
 
     model_id: str
     dtype: torch.dtype
     shape: tuple[int, int, int]
+    index_dim: int = 0
 
     @functools.cached_property        # read on every hit: computed once
     def numel(self) -> int:
@@ -111,6 +119,7 @@ def _header(spec: BlockSpec, key: str, payload_bytes: int, digest: str) -> bytes
         "key": key,
         "payload_bytes": payload_bytes,
         CHECKSUMS[FORMAT_VERSION][0]: digest,
+        "index_dim": spec.index_dim,
     }
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
     meta_bytes += b" " * (-(_PREFIX.size + len(meta_bytes)) % PAYLOAD_ALIGN)
@@ -165,7 +174,8 @@ def decode_block(buf: bytearray, spec: BlockSpec, key: str) -> torch.Tensor:
 
     Raises BlockFormatError with reason: truncated, bad_magic, bad_version,
     bad_meta, foreign_model, foreign_dtype, foreign_shape, foreign_byteorder,
-    wrong_key, bad_size, checksum.
+    wrong_key, bad_size, checksum, no_index_keys (a version 1-2 block for a V3.2
+    store), foreign_index_dim.
     """
     start = len(buf) - spec.payload_bytes
     digest = header_digest(bytes(buf[:start]), spec, key) if start > 0 else None
@@ -187,16 +197,21 @@ def decode_block(buf: bytearray, spec: BlockSpec, key: str) -> torch.Tensor:
     try:
         meta = json.loads(bytes(buf[_PREFIX.size:start]))
         got = (meta["model_id"], meta["dtype"], tuple(meta["shape"]), meta["byteorder"],
-               meta["key"], int(meta["payload_bytes"]), str(meta[digest_field]))
+               meta["key"], int(meta["payload_bytes"]), str(meta[digest_field]),
+               int(meta["index_dim"]) if version >= 3 else None)
     except (ValueError, KeyError, TypeError) as e:  # incl. JSONDecodeError, UnicodeDecodeError
         raise BlockFormatError("bad_meta", str(e)) from None
-    model_id, dtype, shape, byteorder, file_key, payload_bytes, digest = got
+    model_id, dtype, shape, byteorder, file_key, payload_bytes, digest, index_dim = got
+    if index_dim is None and spec.index_dim:
+        raise BlockFormatError("no_index_keys", f"a version {version} block holds latents only; this store's rows "
+                                                f"end in {spec.index_dim} indexer-key values")
     checks = (("foreign_model", model_id, spec.model_id),
               ("foreign_dtype", dtype, dtype_name(spec.dtype)),
               ("foreign_shape", shape, spec.shape),
               ("foreign_byteorder", byteorder, sys.byteorder),
               ("wrong_key", file_key, key),
-              ("bad_size", payload_bytes, spec.payload_bytes))
+              ("bad_size", payload_bytes, spec.payload_bytes),
+              ("foreign_index_dim", spec.index_dim if index_dim is None else index_dim, spec.index_dim))
     for reason, have, want in checks:
         if have != want:
             raise BlockFormatError(reason, f"{have!r} != {want!r}")

@@ -87,7 +87,8 @@ class KVStoreStats:
 class KVStore:
     """Blocks [n_layers, block_tokens, kv_dim] of `dtype` under `root`, at most ~capacity_bytes.
 
-    block_shape: (n_layers, block_tokens, kv_dim), kv_dim = kv_lora_rank + qk_rope_head_dim.
+    block_shape: (n_layers, block_tokens, row), row = kv_lora_rank + qk_rope_head_dim + index_dim.
+    index_dim: the trailing values of each row that are DeepSeek-V3.2's indexer key (0 for V3).
     shared_namespace: when set, every tenant uses it (blocks shared across tenants).
     fsync: fsync each block and its directory before counting it written.
     low_watermark: eviction goes down to this fraction of capacity_bytes.
@@ -99,7 +100,8 @@ class KVStore:
                  block_shape: tuple[int, int, int], capacity_bytes: int,
                  shared_namespace: str | None = None, *, fsync: bool = False,
                  low_watermark: float = 0.9, rescan_interval_s: float = 60.0,
-                 stale_tmp_s: float = 3600.0, touch_interval_s: float = 60.0, write_retry_s: float = 10.0):
+                 stale_tmp_s: float = 3600.0, touch_interval_s: float = 60.0, write_retry_s: float = 10.0,
+                 index_dim: int = 0):
         if isinstance(dtype, str):
             if not isinstance(getattr(torch, dtype, None), torch.dtype):
                 raise ValueError(f"kv_store dtype={dtype!r} is not a torch dtype")
@@ -111,7 +113,7 @@ class KVStore:
             raise ValueError(f"kv_store low_watermark={low_watermark}: want in (0, 1]")
         self.root = Path(root)
         self._root_str = str(self.root)
-        self.spec = BlockSpec(model_id, dtype, tuple(int(d) for d in block_shape))
+        self.spec = BlockSpec(model_id, dtype, tuple(int(d) for d in block_shape), int(index_dim))
         self.block_tokens = self.spec.shape[1]
         self.block_file_bytes = file_bytes(self.spec)
         self.capacity_bytes = int(capacity_bytes)

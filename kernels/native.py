@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from epserve.kernels import reference, selftest
+from epserve.kernels import native_dsa, reference, reference_dsa, selftest
 from epserve.kernels import triton as kt
 from epserve.kernels.layouts import contiguous_layout, empty_mn_major_scales
 from epserve.kernels.reference import FP8, ExpertWeights, Weight, dequant_block, per_block_quant_fp8
@@ -49,7 +49,8 @@ except Exception as exc:
 
 __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", "fp8_gemm_nt", "Weight",
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "mla_prefill",
-           "plan_mla_decode", "mla_decode", "swiglu_linear", "rms_norm", "self_test", "versions"]
+           "plan_mla_decode", "mla_decode", "swiglu_linear", "rms_norm", "self_test", "versions",
+           "dsa_index_select", "sparse_mla"]
 
 grouped_linear = kt.grouped_linear            # the list-of-weights form stays Triton's
 combine_rows = kt.combine_rows                # the MoE combine's reduction: one Triton pass
@@ -57,6 +58,17 @@ rms_norm = kt.rms_norm                        # one Triton kernel per norm (kern
 route_topk = kt.route_topk                    # the gate's routing: one Triton kernel per token
 TAKES_FP8_ROWS = True                          # expert_ffn takes dispatched FP8 rows (q, s) without a dequantise
 PREFILL_ATTENTION = {"backend": "flash-padded"}   # set by self_test from a measurement
+DSA = {"native": False}   # set by self_test: V3.2's adapters passed their own check (else the reference runs)
+
+
+def dsa_index_select(q, w, keys, lens, topk):
+    """V3.2's indexer choice (kernels/reference_dsa.py's contract): DeepGEMM's MQA logits once checked."""
+    return (native_dsa if DSA["native"] else reference_dsa).dsa_index_select(q, w, keys, lens, topk)
+
+
+def sparse_mla(q_lat, kv_rows, slots, scale, v_dim):
+    """V3.2's sparse MLA (kernels/reference_dsa.py's contract): FlashMLA's sparse kernel once checked."""
+    return (native_dsa if DSA["native"] else reference_dsa).sparse_mla(q_lat, kv_rows, slots, scale, v_dim)
 
 
 def versions() -> dict:
@@ -315,6 +327,9 @@ def self_test(device) -> tuple[bool, str]:
         ok, why = selftest.run(sys.modules[__name__], dev, SELF_TEST)
         if not ok:
             return False, why
-        return True, f"{why}; {_choose_prefill(dev)}"
+        # V3.2's sparse-attention adapters gate only themselves: V3 keeps native if they fail
+        DSA["native"], why_dsa = native_dsa.self_test(dev)
+        log.info("kernels: native DSA %s (%s)", "on" if DSA["native"] else "off, reference runs", why_dsa)
+        return True, f"{why}; {_choose_prefill(dev)}; {why_dsa}"
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"

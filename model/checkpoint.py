@@ -23,6 +23,7 @@ from tqdm import tqdm
 from epserve.errors import CheckpointError, ConfigError
 from epserve.kernels.reference import FP8, Weight
 from epserve.model.deepseek_v3 import ModelArgs, Transformer
+from epserve.model.dsa import hadamard
 from epserve.model.moe_dispatch import ExpertShard
 
 log = logging.getLogger("epserve.checkpoint")
@@ -40,6 +41,11 @@ _LAYER_TABLE = {
     "self_attn.kv_a_layernorm.weight": ("attn.kv_norm", False),
     "self_attn.kv_b_proj.weight": ("attn.wkv_b", True),
     "self_attn.o_proj.weight": ("attn.wo", True),
+    "self_attn.indexer.wq_b.weight": ("attn.indexer.wq_b", True),          # V3.2's indexer (model/dsa.py)
+    "self_attn.indexer.wk.weight": ("attn.indexer.wk", True),
+    "self_attn.indexer.k_norm.weight": ("attn.indexer.k_norm", False),
+    "self_attn.indexer.k_norm.bias": ("attn.indexer.k_norm_bias", False),
+    "self_attn.indexer.weights_proj.weight": ("attn.indexer.weights_proj", True),
     "mlp.gate_proj.weight": ("ffn.w1", True),
     "mlp.up_proj.weight": ("ffn.w3", True),
     "mlp.down_proj.weight": ("ffn.w2", True),
@@ -141,6 +147,8 @@ def _linear_shapes(a: ModelArgs) -> dict[str, tuple[int, int]]:
         "attn.wq_b": (h * a.qk_head_dim, a.q_lora_rank or 0), "attn.wkv_a": (a.kv_dim, a.dim),
         "attn.wkv_b": (h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank),
         "attn.wo": (a.dim, h * a.v_head_dim),
+        "attn.indexer.wq_b": (a.index_n_heads * a.index_head_dim, a.q_lora_rank or 0),
+        "attn.indexer.wk": (a.index_head_dim, a.dim), "attn.indexer.weights_proj": (a.index_n_heads, a.dim),
         "ffn.w1": (a.inter_dim, a.dim), "ffn.w3": (a.inter_dim, a.dim), "ffn.w2": (a.dim, a.inter_dim),
         "ffn.shared.w1": (a.moe_inter_dim * a.n_shared_experts, a.dim),
         "ffn.shared.w3": (a.moe_inter_dim * a.n_shared_experts, a.dim),
@@ -154,6 +162,8 @@ def _wanted(a: ModelArgs, layer: int) -> list[str]:
              "self_attn.kv_a_layernorm.weight", "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight"]
     names += (["self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight", "self_attn.q_b_proj.weight"]
               if a.q_lora_rank else ["self_attn.q_proj.weight"])
+    if a.is_dsa:
+        names += [n for n in _LAYER_TABLE if ".indexer." in n]
     if a.is_moe_layer(layer):
         names += ["mlp.gate.weight"]
         if a.topk_method == "noaux_tc":
@@ -251,7 +261,9 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
                 value = index.get(name)
                 dtype = torch.float32 if attr in _FP32_ATTRS else model.dtype
                 want = {"ffn.gate.weight": (a.n_routed_experts, a.dim), "ffn.gate.bias": (a.n_routed_experts,),
-                        "attn.q_norm": (a.q_lora_rank,), "attn.kv_norm": (a.kv_lora_rank,)}.get(attr, (a.dim,))
+                        "attn.q_norm": (a.q_lora_rank,), "attn.kv_norm": (a.kv_lora_rank,),
+                        "attn.indexer.k_norm": (a.index_head_dim,), "attn.indexer.k_norm_bias": (a.index_head_dim,),
+                        }.get(attr, (a.dim,))
                 if tuple(value.shape) != want:
                     raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {want}")
                 value = value.to(device=dev, dtype=dtype)
@@ -259,6 +271,11 @@ def load_weights(model: Transformer, model_dir: str | os.PathLike, opts: LoadOpt
         bar.update(1)
     if a.tie_word_embeddings:
         model.head = model.embed
+    index_fp8 = a.is_dsa and opts.fp8_activations and a.fp8_block is not None
+    if index_fp8:                                       # FP8 index keys with the seed's FP8 activations:
+        hadamard(a.index_head_dim, "cpu")               # a width they cannot rotate fails here, not mid-step
+    for i in range(a.n_kv_layers if a.is_dsa else 0):
+        model.block(i).attn.indexer.fp8 = index_fp8
     bar.close()
     for i in range(a.n_kv_layers):
         if not a.is_moe_layer(i):

@@ -3,7 +3,8 @@
 Owns: ModelArgs (parsed and validated from a checkpoint's config.json, in the
 original release format or transformers' rope_parameters format), MLA (naive
 form for prefill, weight-absorbed form for decode over the paged latent cache),
-the group-limited sigmoid Gate, dense MLP, MoE and the Transformer.
+the group-limited sigmoid Gate, dense MLP, MoE and the Transformer. V3.2 (index_* set): MLA
+hands its tokens to model/dsa.py's indexer and sparse attention.
 Never: talks to other ranks itself. The MoE hands (tokens, experts) to the
 `experts` seam (model/moe_dispatch.py), which is local on one rank and an
 all-to-all across a unit's ranks; everything else here is per-rank work.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from epserve.errors import ConfigError
 from epserve.kernels.reference import Weight, route_topk, stack_rows
+from epserve.model.dsa import Indexer, sparse_attend
 from epserve.model.rope import apply_rope, rope_inv_freq, yarn_mscale
 
 
@@ -67,6 +69,9 @@ class ModelArgs:
     fp8_block: tuple[int, int] | None = None  # (128, 128) when the checkpoint is FP8
     n_nextn_layers: int = 0      # MTP modules the checkpoint carries (num_nextn_predict_layers)
     n_mtp_layers: int = 0        # MTP modules served (built, loaded, placed): model/mtp.py `with_mtp`
+    index_n_heads: int = 0       # V3.2's sparse attention (model/dsa.py): indexer heads; 0 = dense MLA (V3)
+    index_head_dim: int = 0
+    index_topk: int = 0          # tokens each query attends to
 
     @property
     def qk_head_dim(self) -> int:
@@ -76,6 +81,8 @@ class ModelArgs:
     def kv_dim(self) -> int:
         """Width of one latent cache entry: kv_norm(c_kv) | rope(k_pe)."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+    is_dsa = property(lambda self: self.index_n_heads > 0)
+    cache_dim = property(lambda self: self.kv_dim + self.index_head_dim)   # a cache row: latent | V3.2 index key
 
     @property
     def n_moe_layers(self) -> int:
@@ -106,8 +113,9 @@ class ModelArgs:
             return cfg[key]
 
         arch = cfg.get("model_type", "deepseek_v3")
-        if arch not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
+        if arch not in ("deepseek_v3", "deepseek_v2", "kimi_k2", "deepseek_v32"):
             raise ConfigError(f"config.json: model_type {arch!r} is not supported; expected 'deepseek_v3'")
+        dsa = {k: need(k) for k in ("index_n_heads", "index_head_dim", "index_topk")} if arch == "deepseek_v32" else {}
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in ("default", "yarn"):
@@ -157,7 +165,7 @@ class ModelArgs:
             mscale=float(rope.get("mscale", 1.0) or 0.0), mscale_all_dim=float(rope.get("mscale_all_dim", 0) or 0),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
-            fp8_block=fp8_block, n_nextn_layers=int(cfg.get("num_nextn_predict_layers", 0) or 0),
+            fp8_block=fp8_block, n_nextn_layers=int(cfg.get("num_nextn_predict_layers", 0) or 0), **dsa,
         )
         args.validate()
         return args
@@ -190,6 +198,9 @@ class ModelArgs:
             raise ConfigError("config.json: noaux_tc routing needs at least 2 experts per group")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ConfigError(f"config.json: q_lora_rank={self.q_lora_rank} must be null or > 0")
+        if self.is_dsa and (self.index_topk < 1 or not self.q_lora_rank or self.index_head_dim < self.qk_rope_head_dim):
+            raise ConfigError(f"config.json: DSA needs index_topk={self.index_topk} >= 1, q_lora_rank="
+                              f"{self.q_lora_rank} set, and index_head_dim={self.index_head_dim} >= qk_rope_head_dim")
         if self.rope_type == "yarn" and self.rope_factor < 1:
             raise ConfigError(f"config.json: rope_scaling.factor={self.rope_factor} must be >= 1 for yarn")
 
@@ -303,8 +314,13 @@ class MLA:
     kv_norm: torch.Tensor = None
     wkv_b: Weight = None
     wo: Weight = None
+    indexer: Indexer | None = None      # V3.2 (args.is_dsa): model/dsa.py picks the tokens each query attends to
     _absorb: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _down: Weight | bool | None = field(default=None, repr=False)   # wq(_a) and wkv_a stacked (False: cannot)
+
+    def __post_init__(self):
+        if self.args.is_dsa and self.indexer is None:
+            self.indexer = Indexer(self.args, self.kb)
 
     def absorbed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, P, L], W_UV [H, V, L]) from wkv_b, cached after first use."""
@@ -317,7 +333,8 @@ class MLA:
 
     def forward(self, x: torch.Tensor, batch: Batch, rope: tuple[torch.Tensor, torch.Tensor],
                 cache_layer: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> [T, D]; writes the new tokens' latents into cache_layer [pages, page, L+R]."""
+        """x [T, D] -> [T, D]; writes the new tokens' latents into cache_layer [pages, page, cache_dim]
+        (cache_dim = L+R, and for V3.2 the indexer's key after it)."""
         return self.attend(self.project(x, batch, rope, cache_layer), batch, cache_layer)
 
     # The two halves DeepSeek's decode pipeline schedules apart (pipelines/overlap.py):
@@ -328,8 +345,10 @@ class MLA:
         a, kb = self.args, self.kb
         t = x.shape[0]
         q, kv = self.down(x)
+        qr = None
         if self.wq is None:
-            q = kb.linear(kb.rms_norm(q, self.q_norm, a.rms_norm_eps), self.wq_b)
+            qr = kb.rms_norm(q, self.q_norm, a.rms_norm_eps)
+            q = kb.linear(qr, self.wq_b)
         q = q.view(t, a.n_heads, a.qk_head_dim)
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)
         cos, sin = rope
@@ -337,15 +356,16 @@ class MLA:
         c_kv, k_pe = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
         latent = torch.cat([kb.rms_norm(c_kv, self.kv_norm, a.rms_norm_eps),
                             apply_rope(k_pe, cos, sin, a.rope_interleave)], -1)
-        flat_cache = cache_layer.view(-1, a.kv_dim)
-        flat_cache[batch.slot_mapping] = latent.to(cache_layer.dtype)
+        flat_cache = cache_layer.view(-1, cache_layer.shape[-1])
+        flat_cache[:, : a.kv_dim][batch.slot_mapping] = latent.to(cache_layer.dtype)
+        index = None if self.indexer is None else self.indexer.project(x, qr, rope, flat_cache, batch.slot_mapping)
         q_lat = None
         if batch.is_decode_only:   # absorbed form: q_nope [B, H, P] -> latent query [B, H, L]
             q_lat = self._latent_query(q_nope, q_pe, x.dtype)
         elif batch.decode_rows:
             tok = batch.decode_index[0]
             q_lat = torch.cat([torch.einsum("bhp,hpl->bhl", q_nope[tok], self.absorbed(x.dtype)[0]), q_pe[tok]], -1)
-        return Queries(q_nope, q_pe, q_lat)
+        return Queries(q_nope, q_pe, q_lat, index)
 
     def down(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (x @ wq(_a)^T, x @ wkv_a^T): one GEMM over the stacked rows (one quantisation,
@@ -375,6 +395,8 @@ class MLA:
         a, kb = self.args, self.kb
         dtype = q.q_nope.dtype
         w_uk, w_uv = self.absorbed(dtype)
+        if self.indexer is not None:
+            return kb.linear(sparse_attend(self, q, batch, cache_layer).flatten(1), self.wo)
         if batch.is_decode_only:     # n_q > 1: [B, S, H, L+R] queries, causal among the S (FlashMLA's s_q)
             q_lat = q.q_lat if batch.n_q == 1 else q.q_lat.view(-1, batch.n_q, *q.q_lat.shape[1:])
             o_lat, _ = kb.mla_decode(q_lat, cache_layer, batch.block_tables, batch.seq_lens, a.softmax_scale,
@@ -416,6 +438,7 @@ class Queries:
     q_nope: torch.Tensor               # [T, H, P]
     q_pe: torch.Tensor                 # [T, H, R], rotated
     q_lat: torch.Tensor | None         # [len(batch.decode_rows), H, L+R] absorbed queries
+    index: tuple | None = None         # V3.2: the indexer's (q [T, Hi, Di], w fp32 [T, Hi])
 
 
 @dataclass

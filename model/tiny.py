@@ -61,6 +61,9 @@ PRESETS = {
     # the engine's fixed per-step costs are weighed against 61 layers of work, as in production
     "v3-ep144-rank-61l": {**_V3, "n_routed_experts": 2, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
                           "num_hidden_layers": 61, "first_k_dense_replace": 3},
+    # V3.2 (DeepSeek Sparse Attention, model/dsa.py) at the tiny shape: each query attends to at most 16 tokens
+    "v32-tiny": {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "index_n_heads": 16,
+                 "index_head_dim": 32, "index_topk": 16},
     "v3-mini": {"vocab_size": 512, "hidden_size": 1024, "intermediate_size": 1024, "moe_intermediate_size": 256,
                 "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 16,
                 "num_key_value_heads": 16, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4,
@@ -162,6 +165,13 @@ def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15, fp8: bool = F
         put(p + "self_attn.kv_a_layernorm.weight", kvl, s=0.1, center=1.0)
         put(p + "self_attn.kv_b_proj.weight", h * (nope + v), kvl, linear=True)
         put(p + "self_attn.o_proj.weight", d, h * v, linear=True)
+        if cfg.get("index_n_heads"):          # V3.2's indexer (weights_proj stays unquantised, as released)
+            hi, di = cfg["index_n_heads"], cfg["index_head_dim"]
+            put(p + "self_attn.indexer.wq_b.weight", hi * di, ql, linear=True)
+            put(p + "self_attn.indexer.wk.weight", di, d, linear=True)
+            put(p + "self_attn.indexer.k_norm.weight", di, s=0.1, center=1.0)
+            put(p + "self_attn.indexer.k_norm.bias", di, s=0.1)
+            put(p + "self_attn.indexer.weights_proj.weight", hi, d, s=std * (8.0 / d ** 0.5 if wide else 1.0))
         if i < cfg["first_k_dense_replace"]:
             for n, shape in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
                 put(p + f"mlp.{n}.weight", *shape, linear=True)

@@ -52,11 +52,13 @@ def store_model_id(model_dir: str, fp8_activations: bool, mtp: bool = False) -> 
 
 
 def open_store(spec: KVStoreSpec, model_dir: str, n_layers: int, kv_dim: int, dtype: torch.dtype | str, *,
-               fp8_activations: bool, mtp: bool = False) -> KVStore:
+               fp8_activations: bool, mtp: bool = False, index_dim: int = 0) -> KVStore:
     """The store as a rank (or the ingress) computing with `dtype` and `fp8_activations` sees it;
-    n_layers counts the MTP layer when mtp."""
+    n_layers counts the MTP layer when mtp; kv_dim is the whole cache row, whose last index_dim
+    values are V3.2's indexer key."""
     return KVStore(spec.root, store_model_id(model_dir, fp8_activations, mtp), dtype,
-                   (n_layers, spec.block_tokens, kv_dim), spec.capacity_bytes, spec.shared_namespace)
+                   (n_layers, spec.block_tokens, kv_dim), spec.capacity_bytes, spec.shared_namespace,
+                   index_dim=index_dim)
 
 
 def cacheable_blocks(n_prompt: int, n_hit_blocks: int, block_tokens: int) -> int:

@@ -52,7 +52,7 @@ class RankEngine:
         self.model = Transformer(self.args, self.kb, self.dispatcher, self.dtype, self.device, mtp)
         self.load_stats = load_weights(self.model, spec.model_dir, LoadOptions(self.dtype, spec.fp8_activations),
                                        index)
-        self.cache = PagedKVCache(self.args.n_kv_layers, spec.kv_pages, spec.page_size, self.args.kv_dim,
+        self.cache = PagedKVCache(self.args.n_kv_layers, spec.kv_pages, spec.page_size, self.args.cache_dim,
                                   self.dtype, self.device)
         max_len = context_len(spec.max_model_len, self.args.max_position_embeddings)
         extra = 2 * spec.mtp_draft - 1 if spec.mtp_draft else 0
@@ -66,10 +66,11 @@ class RankEngine:
         if self.drafter is not None and self.graphs_supported():
             self.drafter.graphs = VerifyGraphs(self.drafter, self.cache.kv, spec.max_batch_size)
         self.last_step_tokens = 0
-        store = open_store(spec.kv_store, spec.model_dir, self.args.n_kv_layers, self.args.kv_dim, self.dtype,
-                           fp8_activations=spec.fp8_activations, mtp=bool(spec.mtp_draft)) if spec.kv_store else None
+        store = open_store(spec.kv_store, spec.model_dir, self.args.n_kv_layers, self.args.cache_dim, self.dtype,
+                           fp8_activations=spec.fp8_activations, mtp=bool(spec.mtp_draft),
+                           index_dim=self.args.index_head_dim) if spec.kv_store else None
         # new blocks are written by a background thread, off the step that produced them
-        self.prefix_cache = PrefixCache(store, BlockWriter(store)) if store else None
+        self.prefix_cache = PrefixCache(store, BlockWriter(store)) if store is not None else None
         # Cached prefixes are read and verified off the step loop, so a long one does not stall
         # the unit's lockstep; the sequence joins the batcher when its load is done.
         self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-load") \
@@ -152,7 +153,7 @@ class RankEngine:
             latents = latents[:, :-1]
         if latents.shape[1] != seq.n_tokens - 1 or latents.shape[0] != self.args.n_kv_layers:
             raise ValueError(f"handed-off KV has shape {tuple(latents.shape)}; expected "
-                             f"[{self.args.n_kv_layers}, {seq.n_tokens - 1}, {self.args.kv_dim}]")
+                             f"[{self.args.n_kv_layers}, {seq.n_tokens - 1}, {self.args.cache_dim}]")
         return self.batcher.add_prefilled(seq, latents.to(self.device))
 
     def abort(self, request_id: str) -> bool:

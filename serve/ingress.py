@@ -124,8 +124,9 @@ class Ingress:
         spec = kv_store_spec(cfg)
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
         mtp = cfg.mtp.n_draft > 0
-        self.kv_store = open_store(spec, model_dir, self.args.n_layers + mtp, self.args.kv_dim, cfg.dtype,
-                                   fp8_activations=cfg.fp8_activations, mtp=mtp) if spec else None
+        self.kv_store = open_store(spec, model_dir, self.args.n_layers + mtp, self.args.cache_dim, cfg.dtype,
+                                   fp8_activations=cfg.fp8_activations, mtp=mtp,
+                                   index_dim=self.args.index_head_dim) if spec else None
         # a request's row ends when it does (finished, failed, or its client gone): its routing
         # booking and tenant slot go with it, even before its generator is closed
         self.acct = Accounting(ledger, ledger_root(cfg), self.model_name,

@@ -194,7 +194,7 @@ def test_new_blocks_carry_an_xxh3_checksum_not_sha256(tmp_path):
     (key,) = keys_for(store, 1)
     store.save(key, block(0))
     head = store.path_for(key).read_bytes()[:400]
-    assert head[4:6] == (2).to_bytes(2, "little") and b'"xxh3_128":"' in head and b"sha256" not in head
+    assert head[4:6] == (3).to_bytes(2, "little") and b'"xxh3_128":"' in head and b"sha256" not in head
 
 
 def test_a_version_1_block_is_still_verified_with_sha256(tmp_path):
@@ -338,3 +338,20 @@ def test_disk_full_turns_writes_off_once_and_reads_continue(tmp_path, monkeypatc
     monkeypatch.undo()                                   # the disk has room again: writes resume on their own
     time.sleep(0.35)
     assert store.writes_enabled and store.save(keys[1], block(1)) and store.lookup(keys) == 2
+
+
+def test_v32_rows_carry_index_dim_and_latent_only_blocks_are_a_miss_for_them(tmp_path):
+    """Format 3 names the indexer-key part of each row: a V3.2 store reads its own blocks, refuses a
+    version 1 block (latents only) as `no_index_keys`, and a V3 store of the same row width refuses its."""
+    from epserve.fleet.kv_block_format import BlockFormatError, decode_block
+    v32 = make_store(tmp_path / "a", index_dim=4)
+    keys = keys_for(v32, 2)
+    v32.save(keys[0], block(0))
+    assert torch.equal(v32.load(keys[0]), block(0)) and b'"index_dim":4' in v32.path_for(keys[0]).read_bytes()[:400]
+    old = _write_v1(v32, keys[1], block(1))
+    with pytest.raises(BlockFormatError, match="no_index_keys"):
+        decode_block(bytearray(old.read_bytes()), v32.spec, keys[1])
+    assert v32.load(keys[1]) is None and v32.stats.corrupt == 1
+    v3 = make_store(tmp_path / "a")
+    with pytest.raises(BlockFormatError, match="foreign_index_dim"):
+        decode_block(bytearray(v32.path_for(keys[0]).read_bytes()), v3.spec, keys[0])

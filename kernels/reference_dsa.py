@@ -1,0 +1,44 @@
+"""Reference kernels of DeepSeek-V3.2's sparse attention (DSA) in plain torch: the semantics the
+native ones (kernels/native_dsa.py: DeepGEMM's MQA logits, FlashMLA's sparse attention) must match.
+
+Owns: `dsa_index_select` (the lightning indexer's ReLU-weighted scores and top-k choice) and
+`sparse_mla` (absorbed MLA over an explicit list of cache rows per query). Any device; float32 inside.
+Never: holds state, reads the model, or picks a backend (model/dsa.py asks the backend `kb` for these
+names and falls back to these).
+Shape legend: T queries, Hi indexer heads, Di index_head_dim, N key positions, K chosen per query,
+H heads, S cache rows (pages x page_size, flattened), C row width (>= the latent's L+R).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def dsa_index_select(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, lens: torch.Tensor,
+                     topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hi, Di], w fp32 [T, Hi], keys [T, N, Di] (each query's own) or [1, N, Di] (shared: one
+    sequence's prefill), lens int [T] (query t sees positions < lens[t])
+    -> (idx int64 [T, min(topk, N)] positions, ok bool [same]: chosen and visible).
+
+    I[t, s] = sum_h w[t, h] * relu(q[t, h] . keys[s] / sqrt(Di)); the top-k visible s by I. While
+    fewer than topk positions are visible, every visible one is chosen (ok marks the rest False)."""
+    n = keys.shape[1]
+    qf, kf = q.float(), keys.float()
+    s = torch.einsum("thd,nd->thn", qf, kf[0]) if keys.shape[0] == 1 else torch.einsum("thd,tnd->thn", qf, kf)
+    score = torch.einsum("th,thn->tn", w.float(), s.mul_(q.shape[-1] ** -0.5).relu_())
+    visible = torch.arange(n, device=q.device)[None, :] < lens.to(q.device)[:, None]
+    idx = score.masked_fill(~visible, float("-inf")).topk(min(topk, n), -1).indices
+    return idx, visible.gather(1, idx)
+
+
+def sparse_mla(q_lat: torch.Tensor, kv_rows: torch.Tensor, slots: torch.Tensor, scale: float,
+               v_dim: int) -> torch.Tensor:
+    """Absorbed MLA over chosen rows (FlashMLA's sparse semantics): q_lat [T, H, Dqk], kv_rows [S, C]
+    (the flat paged cache of one layer; the first Dqk values of a row are its key, the first v_dim its
+    value), slots int [T, K] (row of each chosen token; < 0: none) -> [T, H, v_dim] in q_lat's dtype,
+    softmax(q k^T * scale) over each query's valid rows; a query with none gives zeros."""
+    d = q_lat.shape[-1]
+    ok = slots >= 0
+    kv = kv_rows[slots.clamp_min(0).long()][..., :d].float()                  # [T, K, Dqk]
+    scores = torch.einsum("thd,tkd->thk", q_lat.float(), kv) * scale
+    probs = torch.nan_to_num(scores.masked_fill(~ok[:, None], float("-inf")).softmax(-1))
+    return torch.einsum("thk,tkv->thv", probs, kv[..., :v_dim]).to(q_lat.dtype)
