@@ -123,7 +123,8 @@ def _bench_step(mod, args):
                            device=(args.device or "cpu") if args.small else "cuda", acceptance=acceptance)
     return mod.run_step(backend=args.backend, phase=args.phase or "decode", tokens=args.step_tokens,
                         graphs=not args.eager, cached=args.cached or 0.0, ep_ranks=args.ep_ranks,
-                        skew=args.skew or "lognormal", ep=not args.no_ep, mtp=args.mtp, acceptance=acceptance)
+                        skew=args.skew or "lognormal", ep=not args.no_ep, mtp=args.mtp, acceptance=acceptance,
+                        ctx=args.context)
 
 
 def _bench_serve(mod, args) -> list | dict:

@@ -85,6 +85,8 @@ def add_parser(sub) -> None:
     s.add_argument("--backend", default="triton", help="kernel backend (native | triton | reference)")
     s.add_argument("--phase", choices=["prefill", "decode"], help="default decode; --mtp: decode only")
     s.add_argument("--step-tokens", type=int, help="tokens (decode: requests) per GPU")
+    s.add_argument("--context", type=int, help="decode, emulated rank: mean context per request (default 5120; "
+                   "DeepSeek's MTP profile: 4096)")
     s.add_argument("--eager", action="store_true", help="decode without CUDA graphs; not with --gpus")
     s.add_argument("--ep-ranks", "--ep-emulate", dest="ep_ranks", type=int,
                    help="emulated EP size (default: decode 144, prefill 32)")
@@ -181,13 +183,13 @@ def check(a) -> None:
     elif a.what == "step":
         if a.gpus:
             _refuse(a, "--gpus (real EP)", ("--eager", "--ep-ranks", "--skew", "--no-ep", "--cached", "--mtp",
-                                            "--small", "--device"))
+                                            "--context", "--small", "--device"))
         elif a.mtp:
             if a.phase == "prefill":
                 raise InvalidRequest("--phase prefill does not apply with --mtp (drafts are decode tokens)", "--phase")
             _refuse(a, "--mtp", ("--cached",))
             if a.small or a.no_ep:
-                _refuse(a, "--small / --no-ep (the layer-level projection)", ("--ep-ranks", "--skew"))
+                _refuse(a, "--small / --no-ep (the layer-level projection)", ("--ep-ranks", "--skew", "--context"))
             if not a.small:
                 _need(a, "--device", "--mtp --small (without --small, --mtp runs on cuda)")
             if a.acceptance is not None and not 0 <= a.acceptance <= 1:
@@ -197,7 +199,9 @@ def check(a) -> None:
             _need(a, "--acceptance", "--mtp")
             _need(a, "--device", "--mtp --small")
             if a.no_ep:
-                _refuse(a, "--no-ep", ("--ep-ranks", "--skew"))
+                _refuse(a, "--no-ep", ("--ep-ranks", "--skew", "--context"))
+            if a.context is not None and a.phase == "prefill":
+                raise InvalidRequest("--context is a decode request's context (prefill: 4K prompts)", "--context")
             if a.cached is not None and a.phase != "prefill":
                 raise InvalidRequest(f"--cached needs --phase prefill (got --phase {a.phase or 'decode'})",
                                      "--cached")

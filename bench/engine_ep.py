@@ -87,7 +87,8 @@ def run(batches=(64, 128, 256), ctx: int = 4096, kernels: str = "auto", skew: st
     args = read_config(model_dir)
     per_step = max(1, prefill_tokens // prompt)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    cfg = ep_engine_config(ranks, skew, kernels, kv_pages=2 * prefill_tokens // 64 + 64, max_batch_tokens=prefill_tokens)
+    cfg = ep_engine_config(ranks, skew, kernels, kv_pages=2 * prefill_tokens // 64 + 64,
+                           max_batch_tokens=prefill_tokens)
     with epserve.LLM(model=model_dir, config=cfg) as llm:
         unit = llm.units[0]
         for rnd in ("warm", "timed"):
