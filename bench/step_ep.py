@@ -243,7 +243,8 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
         load = time_prefix_loads(len(seqs), p["cached"] // 64, n_layers, a.kv_dim, eng.dtype, eng.device,
                                  root=kv_root)
         n_input = len(seqs) * p["prompt"]
-        prefix = {"cached_fraction_asked": cached, "cached_tokens_per_prompt": p["cached"],
+        prefix = {"cached_fraction_asked": cached, "cached_fraction": round(p["cached"] / p["prompt"], 4),
+                  "cached_tokens_per_prompt": p["cached"],
                   "prompt_tokens": p["prompt"], "prompts": len(seqs), "input_tokens_per_step": n_input, "computed_tokens_per_step": batch.n_tokens,
                   "kv_store_load": load, **{k: input_rate(n_input, out[k]["held"]["step_ms"], load) for k in out}}
     layer = a.n_dense_layers
