@@ -145,7 +145,9 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
     p = {**DEFAULT[phase], **{k: v for k, v in (("tokens", tokens), ("ranks", ranks), ("ctx", ctx),
                                                 ("prompt", prompt)) if v}}
     p["cached"] = int(p.get("prompt", 0) * cached) // 64 * 64      # whole blocks of the store
-    model_dir = model or preset_dir(PRESET[phase], device, layers, mtp)
+    # decode's presets always carry the MTP layer (served only with mtp), so the runs with and without
+    # MTP share one checkpoint per depth: a fresh GPU host's disk holds every preset a session makes
+    model_dir = model or preset_dir(PRESET[phase], device, layers, phase == "decode")
     emu = {**KEYS, **ep_emulate, "ranks": p["ranks"], "skew": skew, "seed": seed}
     if phase == "decode":
         pages = p["tokens"] * (math.ceil(p["ctx"] * 1.2 / 64) + 2) + 64
