@@ -3,7 +3,9 @@ subcommand with only the flags it reads (bench/args.py; `epserve bench BENCHMARK
 
 engine  offline tokens/s of one rank at several batch sizes, next to transformers' generate; with
         --device cuda: epserve.LLM through Ray on one GPU, rank-side decode step time per batch size,
-        prefill tokens/s, and (V3-width checkpoints) the engine against layers x the layer benchmark
+        prefill tokens/s, and (V3-width checkpoints) the engine against layers x the layer benchmark;
+        --ep-presets: decode on the EP144 rank, prefill on the EP32 rank (emulated, overlapped), each
+        against bench step's step on the same rank and schedule
 units   the lockstep's control cost, old central loop against the rank-driven loop, 1/2/4/8 ranks
 starts  one unit's start time against four units started at once
 admission  requests/s the front door admits at max_tokens=1 with 1 and 2 ingress replicas
@@ -118,6 +120,10 @@ def _batches(text: str) -> list[int]:
 
 
 def _bench_engine(mod, args):
+    if args.device == "cuda" and args.ep_presets:
+        from epserve.bench import engine_ep
+        return engine_ep.run(batches=_batches(args.batches or "64,128,256"), ctx=args.context or 4096,
+                             kernels=args.kernels or "auto", skew=args.skew or "lognormal")
     if args.device == "cuda":
         return mod.run_gpu(model=args.model, batches=_batches(args.batches or "1,32,128"), ctx=args.context or 64,
                            kernels=args.kernels or "auto", ep_emulate=args.ep_ranks, skew=args.skew or "lognormal")
@@ -137,7 +143,8 @@ def _bench_step(mod, args):
                            device=(args.device or "cpu") if args.small else "cuda", acceptance=acceptance)
     return mod.run_step(backend=args.backend, phase=args.phase or "decode", tokens=args.step_tokens,
                         graphs=not args.eager, cached=args.cached or 0.0, ep_ranks=args.ep_ranks,
-                        skew=args.skew or "lognormal", ep=not args.no_ep, mtp=args.mtp, acceptance=acceptance)
+                        skew=args.skew or "lognormal", ep=not args.no_ep, mtp=args.mtp, acceptance=acceptance,
+                        ctx=args.context)
 
 
 def _bench_serve(mod, args) -> list | dict:

@@ -61,7 +61,10 @@ def add_parser(sub) -> None:
     e.add_argument("--context", type=int, help="--device cuda: prompt tokens per request (default 64)")
     e.add_argument("--ep-ranks", "--ep-emulate", dest="ep_ranks", type=int,
                    help="--device cuda: run the engine on the emulated EP rank of this size")
-    e.add_argument("--skew", help=f"--device cuda --ep-ranks: emulated per-expert loads ({SKEWS})")
+    e.add_argument("--ep-presets", action="store_true", help="--device cuda: decode on the EP144 rank preset "
+                   "(ranks 144) and prefill on the EP32 one (ranks 32), overlapped, against bench step's step on "
+                   "the same rank and schedule")
+    e.add_argument("--skew", help=f"--device cuda --ep-ranks / --ep-presets: emulated per-expert loads ({SKEWS})")
     e.add_argument("--profile", metavar="DIR", help="--device cuda: a PyTorch profiler trace of one rank's "
                    "decode steps (graph replays vs launches) to DIR instead of the benchmark")
 
@@ -82,6 +85,8 @@ def add_parser(sub) -> None:
     s.add_argument("--backend", default="triton", help="kernel backend (native | triton | reference)")
     s.add_argument("--phase", choices=["prefill", "decode"], help="default decode; --mtp: decode only")
     s.add_argument("--step-tokens", type=int, help="tokens (decode: requests) per GPU")
+    s.add_argument("--context", type=int, help="decode, emulated rank: mean context per request (default 5120; "
+                   "DeepSeek's MTP profile: 4096)")
     s.add_argument("--eager", action="store_true", help="decode without CUDA graphs; not with --gpus")
     s.add_argument("--ep-ranks", "--ep-emulate", dest="ep_ranks", type=int,
                    help="emulated EP size (default: decode 144, prefill 32)")
@@ -165,24 +170,26 @@ def check(a) -> None:
         if a.device == "cuda":
             _refuse(a, "--device cuda", ("--tokens", "--no-transformers", "--mtp"))
             if a.profile:         # profile_decode traces batch 64 of the checkpoint's own shape
-                _refuse(a, "--profile", ("--batches", "--context", "--ep-ranks", "--skew"))
+                _refuse(a, "--profile", ("--batches", "--context", "--ep-ranks", "--skew", "--ep-presets"))
+            if a.ep_presets:      # the presets name their checkpoints and EP sizes
+                _refuse(a, "--ep-presets", ("--model", "--ep-ranks"))
         else:
-            for f in ("--kernels", "--context", "--ep-ranks", "--skew", "--profile"):
+            for f in ("--kernels", "--context", "--ep-ranks", "--skew", "--profile", "--ep-presets"):
                 _need(a, f, "--device cuda")
             if a.mtp:
                 _refuse(a, "--mtp", ("--no-transformers",))
-        if a.skew is not None and a.ep_ranks is None:
-            _need(a, "--skew", "--ep-ranks")
+        if a.skew is not None and a.ep_ranks is None and not a.ep_presets:
+            _need(a, "--skew", "--ep-ranks or --ep-presets")
     elif a.what == "step":
         if a.gpus:
             _refuse(a, "--gpus (real EP)", ("--eager", "--ep-ranks", "--skew", "--no-ep", "--cached", "--mtp",
-                                            "--small", "--device"))
+                                            "--context", "--small", "--device"))
         elif a.mtp:
             if a.phase == "prefill":
                 raise InvalidRequest("--phase prefill does not apply with --mtp (drafts are decode tokens)", "--phase")
             _refuse(a, "--mtp", ("--cached",))
             if a.small or a.no_ep:
-                _refuse(a, "--small / --no-ep (the layer-level projection)", ("--ep-ranks", "--skew"))
+                _refuse(a, "--small / --no-ep (the layer-level projection)", ("--ep-ranks", "--skew", "--context"))
             if not a.small:
                 _need(a, "--device", "--mtp --small (without --small, --mtp runs on cuda)")
             if a.acceptance is not None and not 0 <= a.acceptance <= 1:
@@ -192,7 +199,9 @@ def check(a) -> None:
             _need(a, "--acceptance", "--mtp")
             _need(a, "--device", "--mtp --small")
             if a.no_ep:
-                _refuse(a, "--no-ep", ("--ep-ranks", "--skew"))
+                _refuse(a, "--no-ep", ("--ep-ranks", "--skew", "--context"))
+            if a.context is not None and a.phase == "prefill":
+                raise InvalidRequest("--context is a decode request's context (prefill: 4K prompts)", "--context")
             if a.cached is not None and a.phase != "prefill":
                 raise InvalidRequest(f"--cached needs --phase prefill (got --phase {a.phase or 'decode'})",
                                      "--cached")

@@ -45,6 +45,7 @@ def run(model: str | None = None, prompt_len: int = 1536, repeats: int = 3) -> d
                 times.append(dt)
             rows.append({"prefix_hit": frac, "hit_tokens": hits, "ttft_ms": round(sorted(times)[len(times) // 2] * 1e3, 1)})
         store = engine.prefix_cache.store
+        engine.close()                     # the writes still queued by the kv-write thread land first
         files = sorted(p for p in store.root.rglob("*.kvb"))
         keys = [p.stem for p in files]
         os.sync() if hasattr(os, "sync") else None

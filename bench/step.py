@@ -307,7 +307,7 @@ def run_mtp(device: str = "cuda", backend: str = "triton", tokens: int | None = 
 
 def run_step(backend: str = "native", phase: str = "decode", tokens: int | None = None, graphs: bool = True,
              cached: float = 0.0, ep_ranks: int | None = None, skew: str = "lognormal", ep: bool = True,
-             mtp: bool = False, acceptance: float = 0.85) -> dict:
+             mtp: bool = False, acceptance: float = 0.85, ctx: int | None = None) -> dict:
     """{"emulated_ep_rank": the headline, "one_batch_no_exchange": run()'s layer figures}; ep False:
     the secondary block only. mtp: the headline also times decode with MTP k = 1 at a forced
     `acceptance` (bench/step_mtp_ep.py), beside the plain step."""
@@ -316,7 +316,7 @@ def run_step(backend: str = "native", phase: str = "decode", tokens: int | None 
            "emulated_ep_rank" if ep else "one_batch_no_exchange"}
     if ep:
         kw = dict(backend=backend, tokens=tokens, ranks=ep_ranks, skew=skew, graphs=graphs, mtp=mtp,
-                  acceptance=acceptance, cached=cached)
+                  acceptance=acceptance, cached=cached, ctx=ctx)
         shallow = step_ep.run(phase, **kw)
         out["emulated_ep_rank"] = shallow
         if torch.cuda.is_available():      # the 61-layer figure from a second, deeper checkpoint

@@ -145,7 +145,9 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
     p = {**DEFAULT[phase], **{k: v for k, v in (("tokens", tokens), ("ranks", ranks), ("ctx", ctx),
                                                 ("prompt", prompt)) if v}}
     p["cached"] = int(p.get("prompt", 0) * cached) // 64 * 64      # whole blocks of the store
-    model_dir = model or preset_dir(PRESET[phase], device, layers, mtp)
+    # decode's presets always carry the MTP layer (served only with mtp), so the runs with and without
+    # MTP share one checkpoint per depth: a fresh GPU host's disk holds every preset a session makes
+    model_dir = model or preset_dir(PRESET[phase], device, layers, phase == "decode")
     emu = {**KEYS, **ep_emulate, "ranks": p["ranks"], "skew": skew, "seed": seed}
     if phase == "decode":
         pages = p["tokens"] * (math.ceil(p["ctx"] * 1.2 / 64) + 2) + 64
@@ -243,8 +245,9 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
         load = time_prefix_loads(len(seqs), p["cached"] // 64, n_layers, a.kv_dim, eng.dtype, eng.device,
                                  root=kv_root)
         n_input = len(seqs) * p["prompt"]
-        prefix = {"cached_fraction_asked": cached, "cached_tokens_per_prompt": p["cached"], "prompt_tokens": p["prompt"],
-                  "prompts": len(seqs), "input_tokens_per_step": n_input, "computed_tokens_per_step": batch.n_tokens,
+        prefix = {"cached_fraction_asked": cached, "cached_fraction": round(p["cached"] / p["prompt"], 4),
+                  "cached_tokens_per_prompt": p["cached"],
+                  "prompt_tokens": p["prompt"], "prompts": len(seqs), "input_tokens_per_step": n_input, "computed_tokens_per_step": batch.n_tokens,
                   "kv_store_load": load, **{k: input_rate(n_input, out[k]["held"]["step_ms"], load) for k in out}}
     layer = a.n_dense_layers
     rows = d.rows_for(layer, batch.n_tokens)

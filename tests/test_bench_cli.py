@@ -41,6 +41,8 @@ def one_line(argv, capsys) -> tuple[int, str]:
     (["step", "--acceptance", "0.9"], ["--acceptance", "--mtp"]),
     (["step", "--mtp", "--acceptance", "1.5"], ["--acceptance must be in [0, 1], got 1.5"]),
     (["step", "--mtp", "--small", "--skew", "zipf"], ["--skew", "--small"]),
+    (["step", "--phase", "prefill", "--context", "4096"], ["--context", "prefill"]),
+    (["step", "--no-ep", "--context", "4096"], ["--context", "--no-ep"]),
     (["overlap", "--gpus", "2", "--latency-ms", "1"], ["--latency-ms", "--gpus"]),
     (["serve", "--url", "http://127.0.0.1:1", "--model", "m"], ["--model", "--url"]),
     (["serve", "--api-key", "k"], ["--api-key", "--url"]),

@@ -32,16 +32,18 @@ def _engine_and_seqs(model_dir, n=4):
 @pytest.mark.parametrize("acceptance", [0.0, 1.0])
 def test_forced_acceptance_sets_the_accepted_drafts_and_overlap_keeps_the_drafts(tiny_mtp_dir, acceptance):
     eng, seqs = _engine_and_seqs(tiny_mtp_dir)
-    fns, info = verify_steps(eng, seqs, acceptance, seed=0, static=False)
-    assert info["acceptance_forced"] and info["acceptance_realised_by_the_mask"] == acceptance
-    assert info["output_tokens_per_step"] == len(seqs) * (1 + acceptance)
-    with torch.inference_mode():
-        kv = eng.cache.kv.clone()
-        one = fns["one_batch_mtp"]()
-        eng.cache.kv.copy_(kv)
-        over = fns["overlapped_mtp"]()
-    assert one.shape == (len(seqs), 1)
-    assert one.tolist() == over.tolist()
+    for static in (False, True):     # True: the fixed-shape MoE path bench step captures in a CUDA graph
+        fns, info = verify_steps(eng, seqs, acceptance, seed=0, static=static)
+        assert info["acceptance_forced"] and info["acceptance_realised_by_the_mask"] == acceptance
+        assert info["output_tokens_per_step"] == len(seqs) * (1 + acceptance)
+        with torch.inference_mode():
+            kv = eng.cache.kv.clone()
+            one = fns["one_batch_mtp"]()
+            eng.cache.kv.copy_(kv)
+            over = fns["overlapped_mtp"]()
+            eng.cache.kv.copy_(kv)
+        assert one.shape == (len(seqs), 1)
+        assert one.tolist() == over.tolist(), static
     # the same step through accept_and_draft directly: the forced mask is what n_accept reports
     dr, b = eng.drafter, len(seqs)
     rows = torch.tensor(eng.table.rows_for(seqs))
