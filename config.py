@@ -82,6 +82,11 @@ class UnitConfig:
     max_batch_size: int = 128
     kv_pages: int = 256               # latent pages per rank, kv_page_tokens tokens each
     cpus_per_rank: float = 0.1        # Ray CPU reservation per rank actor (logical)
+    elastic: bool = False             # a dead rank does not stop the unit: survivors re-form without it, EPLB
+                                      # re-places its experts, its requests resume on them, a replacement joins
+                                      # (actors/unit_elastic.py); needs the all-to-all exchange and enough
+                                      # redundant slots that survivors hold every expert, else the unit rebuilds
+                                      # as with false (the default: any death rebuilds the whole unit)
 
     @property
     def ranks_per_unit(self) -> int:

@@ -29,6 +29,7 @@ import time
 import ray
 import torch
 
+from epserve.actors import unit_elastic
 from epserve.actors.rank import RankActor
 from epserve.actors.rank_messages import RankReport, UnitLayout
 from epserve.actors.stream_sink import StreamSink
@@ -69,6 +70,10 @@ class UnitSupervisor:
         self.closing = False
         self.drive = True
         self.is_up = False         # built and its loops running: sinks may submit
+        self.bundle_of: list[int] = []     # rank -> its bundle (elastic: survivors keep theirs)
+        self.elastic_events: list[dict] = []   # membership changes (actors/unit_elastic.py)
+        self.grow_back = True              # elastic: start a replacement for a dead rank
+        self.growing: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self, attempts: int = 3, drive: bool = True) -> list[dict]:
@@ -98,7 +103,8 @@ class UnitSupervisor:
         self.ranks = []
         # On CUDA every rank sees all GPUs of its node and drives its own by index (peers reachable
         # over NVLink for NCCL P2P and DeepEP's IPC buffers); placement/devices.py has the cases.
-        extra = {"runtime_env": {"env_vars": {NOSET_ENV: "1"}}} if self.spec.device.startswith("cuda") else {}
+        extra = self.rank_options()
+        self.bundle_of = [self.placement.rank_bundle[r] for r in range(s.n_ranks)]
         for r in range(s.n_ranks):
             strategy = PlacementGroupSchedulingStrategy(self.placement.pg, placement_group_bundle_index=
                                                         self.placement.rank_bundle[r])
@@ -114,13 +120,22 @@ class UnitSupervisor:
                             for r, info in enumerate(self.rank_info)]
         self.last = [None] * s.n_ranks
         if self.drive:
-            me = ray.get_runtime_context().current_actor
-            self.loops = [rk.run_loop.remote(me, [p for p in self.ranks if p is not rk], self.n_restarts, self.key)
-                          for rk in self.ranks]
-            self.monitor = asyncio.get_running_loop().create_task(self._watch(self.loops, self.n_restarts))
-            self.is_up = True
+            self._start_loops()
         log.info("%s unit %d up: %d ranks on %d node(s), rendezvous %s:%d", self.role, self.unit_id, s.n_ranks,
                  s.nodes_per_unit, *master)
+
+    def rank_options(self) -> dict:
+        """Ray options of every rank actor beside its bundle: on CUDA every rank sees all GPUs of
+        its node and drives its own by index (placement/devices.py)."""
+        return {"runtime_env": {"env_vars": {NOSET_ENV: "1"}}} if self.spec.device.startswith("cuda") else {}
+
+    def _start_loops(self) -> None:
+        """Every rank's loop under the current generation, and a watch on them; the unit is up."""
+        me = ray.get_runtime_context().current_actor
+        self.loops = [rk.run_loop.remote(me, [p for p in self.ranks if p is not rk], self.n_restarts, self.key)
+                      for rk in self.ranks]
+        self.monitor = asyncio.get_running_loop().create_task(self._watch(self.loops, self.n_restarts))
+        self.is_up = True
 
     async def _watch(self, loops: list, generation: int) -> None:
         """A rank's loop ends only at shutdown; anything else (a dead rank, a failed step) rebuilds.
@@ -128,6 +143,8 @@ class UnitSupervisor:
         done, _ = await asyncio.wait([asyncio.ensure_future(ref) for ref in loops], return_when=asyncio.FIRST_COMPLETED)
         if self.closing or generation != self.n_restarts:
             return
+        if self.spec.elastic and await unit_elastic.survive(self, loops, generation):
+            return                  # the survivors went on without the dead rank(s)
         why = "a rank's loop ended"
         for fut in done:
             exc = fut.exception()
@@ -186,6 +203,8 @@ class UnitSupervisor:
         self.closing = True
         if self.monitor:
             self.monitor.cancel()
+        if self.growing:
+            self.growing.cancel()
         for t in list(self.sink_watches.values()):
             t.cancel()
         if getattr(self, "controller", None) is not None:
@@ -305,7 +324,8 @@ class UnitSupervisor:
         timing = [x.timing for x in self.last if x is not None]
         steps = head.n_steps if head else 0
         return {"unit": self.unit_id, "role": self.role, "steps": steps,
-                "restarts": self.n_restarts, "ranks": self.rank_info,
+                "restarts": self.n_restarts, "ranks": self.rank_info, "n_ranks": len(self.ranks),
+                "elastic": list(self.elastic_events),
                 "in_flight": len(await self._sink_requests()), "sinks": len(self.sinks),
                 "map_version": self.map_version, "eplb": self.eplb_report,
                 "schedule_steps": dict(head.schedule_steps) if head else {"plain": 0, "prefill": 0, "decode": 0},
@@ -332,6 +352,9 @@ class UnitSupervisor:
     async def apply_placement(self, phy2log: torch.Tensor, report: dict | None = None) -> dict:
         """Live migration: every rank stages its new slots in the background while requests keep
         running; then all switch before one step they agree on (pipelines/lockstep.py)."""
+        if len(self.ranks) != self.shape.n_ranks:
+            raise RuntimeError(f"the unit runs on {len(self.ranks)} of its {self.shape.n_ranks} ranks (a rank died); "
+                               "a placement for the whole unit waits for the replacement")
         t0 = time.time()
         version = self.map_version + 1
         await asyncio.gather(*[rk.stage_placement.remote(phy2log, version) for rk in self.ranks])

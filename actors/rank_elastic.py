@@ -1,0 +1,136 @@
+"""A rank's side of elastic expert parallelism: its standalone groups, leaving a broken step, and
+re-forming with the unit's new membership.
+
+An elastic rank (RankSpec.elastic) never uses torch.distributed's default group: a default group
+cannot be replaced while the process lives, and after a death the survivors need a fresh one.
+Its data group (the MoE all-to-all: gloo on CPU, NCCL on CUDA) and its control group (the
+per-step agreement, gloo) are standalone backends on a TCPStore that the unit's new rank 0
+hosts at a new port for every membership; the broken ones are abandoned, not destroyed (a
+gloo backend's teardown waits on work a dead peer never finishes).
+
+The sequence, for every survivor (`RankActor` entries call these; `rank` is the actor instance):
+  1. its step or agreement raises (a closed connection, or a peer's POISON: actors/agreement.py);
+     `leave` tells every peer, and its loop returns {"lost": why} instead of raising;
+  2. the supervisor (actors/unit_elastic.py) sees which rank died and calls `reform` on each
+     survivor with its new index, the new world size, the new rank 0's address and the new
+     phy2log (placement/elastic.py): the rank drops its requests (their sinks resubmit them from
+     prompt + produced tokens, here or on another survivor), loads the experts its slots newly
+     hold from the checkpoint, forms the new groups and swaps the dispatcher's map;
+  3. the supervisor starts its loop again under a new generation.
+A joining rank (a replacement) builds its engine first (`setup` without an address) and then
+forms the same groups as the survivors in step 2. Owns no decision: who survives and where
+experts go are the supervisor's, from placement/elastic.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from epserve.actors.agreement import PeerLost, spread_loss
+from epserve.model.moe_dispatch import ExpertMap
+from epserve.pipelines.expert_migration import stage
+from epserve.pipelines.lockstep import N_FIELDS
+
+log = logging.getLogger("epserve.rank")
+
+
+@dataclasses.dataclass
+class Groups:
+    """One membership's groups; the store must outlive them (rank 0 hosts it)."""
+
+    store: object
+    data: object
+    ctrl: object | None
+
+
+def form_groups(master: tuple[str, int], rank: int, world: int, device: str, timeout_s: float) -> Groups:
+    """Standalone data + control groups of `world` ranks on a TCPStore at `master` (new rank 0
+    hosts it); blocks until every member has joined (or raises after timeout_s)."""
+    host, port = master
+    if host.startswith("127."):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        data = dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, world, opts)
+    else:
+        data = dist.ProcessGroupGloo(dist.PrefixStore("data", store), rank, world, timeout)
+    ctrl = dist.ProcessGroupGloo(dist.PrefixStore("ctrl", store), rank, world, timeout) if world > 1 else None
+    return Groups(store, data, ctrl)
+
+
+def leave(rank, exc: BaseException) -> dict:
+    """The loop failed (a peer died, or said so): tell every peer so none waits on this rank,
+    and say why. The broken groups stay as they are (abandoned)."""
+    if rank.ctrl is not None:
+        rank.abandoned.append(spread_loss(rank.ctrl, rank.layout.rank, rank.layout.world, N_FIELDS))
+    why = f"{type(exc).__name__}: {str(exc)[-300:]}"
+    if not isinstance(exc, PeerLost):
+        log.warning("unit %d rank %d left its loop: %s", rank.layout.unit, rank.layout.rank, why)
+    return {"lost": why, "steps": rank.n_steps}
+
+
+def drop_requests(rank) -> int:
+    """Abort every request on this rank (the caller holds engine_lock) -> how many: their sinks
+    resubmit them from prompt + produced tokens once the unit is up again."""
+    eng = rank.engine
+    rids = [s.request_id for s in list(eng.batcher.waiting) + list(eng.batcher.running)]
+    rids += [s.request_id for s, _ in eng.loading]
+    for rid in rids:
+        rank._abort_one(rid)
+    rank.streaming.clear()
+    return len(rids)
+
+
+def load_slots(rank, new_rank: int, phy2log: torch.Tensor) -> int:
+    """Put into this rank's local slots the experts they hold as new rank `new_rank` under
+    `phy2log` [n_moe, world * spr] (the caller holds engine_lock) -> experts read from disk.
+    Staging compares old slot j with new slot j of this rank (pipelines/expert_migration.py)."""
+    d = rank.engine.dispatcher
+    spr = d.map.slots_per_rank
+    old = d.map.local_slots(d.rank)
+    target = d.map.phy2log.clone()
+    target[:, old.start:old.stop] = phy2log[:, new_rank * spr:(new_rank + 1) * spr]
+    staged = stage(rank.engine, target)
+    for layer, changes in staged.slots.items():
+        experts = rank.engine.model.block(layer).ffn.experts.experts
+        for j, w in changes.items():
+            experts.set_slot(j, w["w1"], w["w3"], w["w2"])
+    return staged.n_loaded
+
+
+def join(rank, groups: Groups, new_rank: int, world: int, phy2log: torch.Tensor, map_version: int) -> None:
+    """Route with `phy2log` as rank `new_rank` of `world` over `groups` from the next step on
+    (the caller holds engine_lock and has loaded the slots)."""
+    d = rank.engine.dispatcher
+    lay = rank.layout
+    d.map = ExpertMap(phy2log, d.map.n_experts, world, lay.gpus_per_node)
+    d.rank, d.world, d.node, d.group = new_rank, world, new_rank // lay.gpus_per_node, groups.data
+    rank.engine.on_placement_switched()
+    rank.groups, rank.ctrl, rank.phy2log = groups, groups.ctrl, phy2log
+    rank.layout = dataclasses.replace(lay, rank=new_rank, world=world)
+    v = rank.versions
+    v.version = v.wanted = map_version            # a switch staged for the old membership is void
+    v._staging = None
+    rank.stopping = False
+
+
+def reform(rank, master: tuple[str, int], new_rank: int, world: int, phy2log: torch.Tensor, map_version: int,
+           timeout_s: float) -> dict:
+    """Step 2 above, on a survivor -> {"dropped": requests aborted, "loaded": experts read}."""
+    with rank.engine_lock:
+        dropped = drop_requests(rank)
+        loaded = load_slots(rank, new_rank, phy2log)
+    groups = form_groups(master, new_rank, world, rank.spec.device, timeout_s)
+    with rank.engine_lock:
+        join(rank, groups, new_rank, world, phy2log, map_version)
+    log.info("unit %d: rank now %d/%d (%d request(s) handed back, %d expert(s) loaded)", rank.layout.unit,
+             new_rank, world, dropped, loaded)
+    return {"dropped": dropped, "loaded": loaded}
