@@ -219,17 +219,13 @@ class RankActor:
                 raise
             return rank_elastic.leave(self, exc)
 
-    def reform(self, master: tuple[str, int], new_rank: int, world: int, phy2log: torch.Tensor, map_version: int,
-               timeout_s: float) -> dict:
-        """Elastic: go on as rank `new_rank` of the survivors (actors/rank_elastic.py `reform`)."""
+    def reform(self, master: tuple[str, int] | None, new_rank: int, world: int, phy2log: torch.Tensor,
+               map_version: int = 0, timeout_s: float = 60.0) -> dict | None:
+        """Elastic membership change (actors/rank_elastic.py): master None prepares (requests
+        dropped, new slots loaded); then, with the new rank 0's address, forms groups and joins."""
+        if master is None:
+            return rank_elastic.prepare(self, new_rank, phy2log)
         return rank_elastic.reform(self, master, new_rank, world, phy2log, map_version, timeout_s)
-
-    def join_unit(self, master: tuple[str, int], new_rank: int, world: int, phy2log: torch.Tensor,
-                  map_version: int, timeout_s: float) -> None:
-        """Elastic, a replacement set up without groups: form them with the unit and route with phy2log."""
-        groups = rank_elastic.form_groups(master, new_rank, world, self.spec.device, timeout_s)
-        with self.engine_lock:
-            rank_elastic.join(self, groups, new_rank, world, phy2log, map_version)
 
     def _loop(self, supervisor, peers: list, generation: int, unit_key: str) -> dict:
         self.supervisor, self.peers, self.unit_key = supervisor, list(peers), unit_key

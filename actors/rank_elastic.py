@@ -48,14 +48,19 @@ class Groups:
     ctrl: object | None
 
 
+JOIN_TIMEOUT_S = 20.0     # every member reaches the new store within this, else forming fails (a member died)
+
+
 def form_groups(master: tuple[str, int], rank: int, world: int, device: str, timeout_s: float) -> Groups:
     """Standalone data + control groups of `world` ranks on a TCPStore at `master` (new rank 0
-    hosts it); blocks until every member has joined (or raises after timeout_s)."""
+    hosts it); blocks until every member has joined (raises after JOIN_TIMEOUT_S: a member that
+    died meanwhile must not hold the others for a whole step timeout). timeout_s bounds each
+    collective afterwards."""
     host, port = master
     if host.startswith("127."):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout)
+    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
     if device.startswith("cuda") and torch.cuda.is_available():
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
@@ -103,6 +108,9 @@ def load_slots(rank, new_rank: int, phy2log: torch.Tensor) -> int:
         experts = rank.engine.model.block(layer).ffn.experts.experts
         for j, w in changes.items():
             experts.set_slot(j, w["w1"], w["w3"], w["w2"])
+    # the map's column of this rank now says what its slots hold, so a re-form that is retried
+    # (a member died during this one) stages against the truth; `join` rebuilds the whole map
+    d.map.phy2log[:, old.start:old.stop] = target[:, old.start:old.stop]
     return staged.n_loaded
 
 
@@ -122,15 +130,24 @@ def join(rank, groups: Groups, new_rank: int, world: int, phy2log: torch.Tensor,
     rank.stopping = False
 
 
-def reform(rank, master: tuple[str, int], new_rank: int, world: int, phy2log: torch.Tensor, map_version: int,
-           timeout_s: float) -> dict:
-    """Step 2 above, on a survivor -> {"dropped": requests aborted, "loaded": experts read}."""
+def prepare(rank, new_rank: int, phy2log: torch.Tensor) -> dict:
+    """Step 2's first half, on a survivor: its requests dropped, the experts it will hold as
+    `new_rank` loaded -> {"dropped": requests, "loaded": experts read from disk}. Every member
+    prepares before any forms groups, so the groups' join waits only on the calls' skew."""
     with rank.engine_lock:
         dropped = drop_requests(rank)
         loaded = load_slots(rank, new_rank, phy2log)
+    return {"dropped": dropped, "loaded": loaded}
+
+
+def reform(rank, master: tuple[str, int], new_rank: int, world: int, phy2log: torch.Tensor, map_version: int,
+           timeout_s: float) -> None:
+    """Step 2's second half, on every member (a survivor that prepared, or a joiner that loaded
+    its slots in setup): the new groups, then routing with `phy2log` as `new_rank` of `world`."""
+    if rank.spec.exit_in_reform == rank.layout.rank and getattr(rank, "generation", None) == 0:
+        log.warning("rank %d exits while re-forming (exit_in_reform)", rank.layout.rank)
+        os._exit(1)
     groups = form_groups(master, new_rank, world, rank.spec.device, timeout_s)
     with rank.engine_lock:
         join(rank, groups, new_rank, world, phy2log, map_version)
-    log.info("unit %d: rank now %d/%d (%d request(s) handed back, %d expert(s) loaded)", rank.layout.unit,
-             new_rank, world, dropped, loaded)
-    return {"dropped": dropped, "loaded": loaded}
+    log.info("unit %d: rank now %d/%d", rank.layout.unit, new_rank, world)

@@ -74,6 +74,7 @@ class UnitSupervisor:
         self.elastic_events: list[dict] = []   # membership changes (actors/unit_elastic.py)
         self.grow_back = True              # elastic: start a replacement for a dead rank
         self.growing: asyncio.Task | None = None
+        self.freed_bundles: list[int] = []    # elastic: bundles of dead ranks waiting for a replacement
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self, attempts: int = 3, drive: bool = True) -> list[dict]:
@@ -186,6 +187,7 @@ class UnitSupervisor:
         return [g for g in got if not isinstance(g, BaseException)]
 
     async def _rebuild(self) -> None:
+        self.freed_bundles = []            # the rebuild fills every bundle
         await self._teardown()
         while not self.closing:
             try:

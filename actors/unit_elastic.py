@@ -37,11 +37,65 @@ from epserve.placement.elastic import grow_phy2log, shrink_membership, shrink_ph
 log = logging.getLogger("epserve.unit")
 
 ELASTIC_WAIT_S = 15.0      # survivors leave their loops within this of the first loop's end, else rebuild
+MAX_REFORMS = 3            # a membership change retried this often when members die during it
+
+
+class ReformFailed(RuntimeError):
+    """A member's part of the membership change failed (it died meanwhile, or timed out)."""
 
 
 async def survive(sup, loops: list, generation: int) -> bool:
     """Steps 1-5 after a rank's loop ended -> True when the unit goes on without its dead ranks."""
     t0 = time.time()
+    dead = await _dead_after_loss(sup, loops)
+    if not dead:
+        return False
+    n_running = [s.n_requests for s in sup.stats_cache]
+    sup.n_restarts += 1
+    sup.is_up = False
+    await sup._tell_sinks(lambda sk: sk.unit_down.remote(sup.key, sup.n_restarts, None))
+    loaded, dropped = 0, 0
+    for _ in range(MAX_REFORMS):
+        mem = shrink_membership(len(sup.ranks), dead)
+        phy2log = shrink_phy2log(sup.phy2log, mem.survivors, sup.shape.slots_per_rank,
+                                 sup.shape.n_routed_experts) if mem.survivors else None
+        if phy2log is None:
+            log.warning("unit %d: %d survivor(s) cannot hold all %d experts; rebuilding", sup.unit_id, mem.n_ranks,
+                        sup.shape.n_routed_experts)
+            return False
+        try:
+            got = await _reform(sup, [sup.ranks[i] for i in mem.survivors], phy2log)
+            loaded += sum(g["loaded"] for g in got)
+            dropped += sum(g["dropped"] for g in got)
+            break
+        except ReformFailed as exc:      # a survivor died during the change: again without it
+            more = await _dead_among(sup, mem.survivors)
+            log.warning("unit %d: re-forming failed (%s); dead now: %s", sup.unit_id, exc, more)
+            if not more:
+                return False
+            dead = sorted(set(dead) | set(more))
+    else:
+        return False
+    freed = [sup.bundle_of[i] for i in mem.dead]
+    survivors = [sup.ranks[i] for i in mem.survivors]
+    sup.bundle_of = [sup.bundle_of[i] for i in mem.survivors]
+    sup.rank_info = [sup.rank_info[i] for i in mem.survivors]
+    moved = {old: [new] for new, old in enumerate(mem.survivors)}
+    targets = spread_targets(mem.n_ranks, [n_running[old] for old in mem.survivors])
+    moved.update({d: targets for d in mem.dead})
+    await _go(sup, survivors, phy2log, moved)
+    event = {"kind": "shrink", "dead": list(mem.dead), "n_ranks": mem.n_ranks, "s": round(time.time() - t0, 3),
+             "dropped": dropped, "experts_loaded": loaded}
+    sup.elastic_events.append(event)
+    log.warning("%s unit %d went on without rank(s) %s in %.2fs: %d rank(s), %d expert(s) reloaded", sup.role,
+                sup.unit_id, list(mem.dead), event["s"], mem.n_ranks, loaded)
+    want_growth(sup, freed)
+    return True
+
+
+async def _dead_after_loss(sup, loops: list) -> list[int] | None:
+    """Wait for every loop to end (survivors leave with {"lost": ...}; parked ones are woken)
+    -> the ranks whose process died, or None when this is not a death the survivors can absorb."""
     for rk in sup.ranks:            # a parked survivor votes at once (and fails on the dead peer)
         rk.wake.remote()
     futs = [asyncio.ensure_future(ref) for ref in loops]
@@ -50,53 +104,40 @@ async def survive(sup, loops: list, generation: int) -> bool:
     for i, f in enumerate(futs):
         if not f.done():
             log.warning("unit %d: rank %d did not leave its loop in %.0fs; rebuilding", sup.unit_id, i, ELASTIC_WAIT_S)
-            return False
+            return None
         exc = f.exception()
         if isinstance(exc, ray.exceptions.RayActorError):
             dead.append(i)
         elif exc is not None or not isinstance(f.result(), dict) or "lost" not in f.result():
-            return False
-    if not dead:
-        return False
-    mem = shrink_membership(len(sup.ranks), dead)
-    phy2log = shrink_phy2log(sup.phy2log, mem.survivors, sup.shape.slots_per_rank, sup.shape.n_routed_experts) \
-        if mem.survivors else None
-    if phy2log is None:
-        log.warning("unit %d: %d survivor(s) cannot hold all %d experts; rebuilding", sup.unit_id, mem.n_ranks,
-                    sup.shape.n_routed_experts)
-        return False
-    n_running = [sup.stats_cache[old].n_requests for old in mem.survivors]
-    survivors = [sup.ranks[i] for i in mem.survivors]
-    freed = [sup.bundle_of[i] for i in mem.dead]
-    sup.n_restarts += 1
-    sup.is_up = False
-    await sup._tell_sinks(lambda sk: sk.unit_down.remote(sup.key, sup.n_restarts, None))
-    try:
-        got = await _reform(sup, survivors, phy2log)
-    except Exception as exc:           # a survivor failed to re-form: the rebuild is the fallback
-        log.warning("unit %d: re-forming without rank(s) %s failed (%r); rebuilding", sup.unit_id, dead, exc)
-        return False
-    sup.bundle_of = [sup.bundle_of[i] for i in mem.survivors]
-    sup.rank_info = [sup.rank_info[i] for i in mem.survivors]
-    moved = {old: [new] for new, old in enumerate(mem.survivors)}
-    targets = spread_targets(mem.n_ranks, n_running)
-    moved.update({d: targets for d in mem.dead})
-    await _go(sup, survivors, phy2log, moved)
-    event = {"kind": "shrink", "dead": list(mem.dead), "n_ranks": mem.n_ranks, "s": round(time.time() - t0, 3),
-             "dropped": sum(g["dropped"] for g in got), "experts_loaded": sum(g["loaded"] for g in got)}
-    sup.elastic_events.append(event)
-    log.warning("%s unit %d went on without rank(s) %s in %.2fs: %d rank(s), %d expert(s) reloaded", sup.role,
-                sup.unit_id, list(mem.dead), event["s"], mem.n_ranks, event["experts_loaded"])
-    if sup.grow_back:
-        sup.growing = asyncio.get_running_loop().create_task(_grow_all(sup, freed))
-    return True
+            return None
+    return dead or None
 
 
-async def _reform(sup, ranks: list, phy2log) -> list[dict]:
-    master = await ranks[0].rendezvous_address.remote()
-    timeout = min(sup.step_timeout_s, 600.0)
-    calls = [rk.reform.remote(master, i, len(ranks), phy2log, sup.map_version, timeout) for i, rk in enumerate(ranks)]
-    return await asyncio.wait_for(asyncio.gather(*calls), timeout + 30)
+async def _dead_among(sup, members: tuple[int, ...]) -> list[int]:
+    """Which of these ranks' processes are gone (a call to a dead actor fails at once)."""
+    got = await asyncio.gather(*[asyncio.wait_for(asyncio.ensure_future(sup.ranks[i].info.remote()), 30)
+                                 for i in members], return_exceptions=True)
+    return [i for i, g in zip(members, got) if isinstance(g, ray.exceptions.RayActorError)]
+
+
+async def _reform(sup, ranks: list, phy2log, joiner=None) -> list[dict]:
+    """Prepare every survivor, then form the new groups with all members (survivors in order,
+    then the joiner) -> the survivors' prepare results; ReformFailed once every call has ended
+    if any failed (none is left blocked in a half-formed group)."""
+    world = len(ranks) + (joiner is not None)
+    got = await asyncio.gather(*[rk.reform.remote(None, i, world, phy2log) for i, rk in enumerate(ranks)],
+                               return_exceptions=True)
+    bad = [g for g in got if isinstance(g, BaseException)]
+    if not bad:
+        master = await ranks[0].rendezvous_address.remote()
+        timeout = min(sup.step_timeout_s, 600.0)
+        members = ranks + ([joiner] if joiner is not None else [])
+        bad = [g for g in await asyncio.gather(
+            *[rk.reform.remote(master, i, world, phy2log, sup.map_version, timeout) for i, rk in enumerate(members)],
+            return_exceptions=True) if isinstance(g, BaseException)]
+    if bad:
+        raise ReformFailed(f"{type(bad[0]).__name__}: {str(bad[0])[-200:]}")
+    return got
 
 
 async def _go(sup, ranks: list, phy2log, moved: dict[int, list[int]]) -> None:
@@ -113,17 +154,28 @@ async def _go(sup, ranks: list, phy2log, moved: dict[int, list[int]]) -> None:
     await sup._tell_sinks(lambda sk: sk.unit_up.remote(sup.key, sup.n_restarts, list(sup.ranks), moved))
 
 
-async def _grow_all(sup, bundles: list[int]) -> None:
-    for b in bundles:
-        try:
-            await grow(sup, b)
-        except Exception as exc:              # the unit keeps running with fewer ranks
-            log.warning("unit %d: a replacement in bundle %d did not join: %r", sup.unit_id, b, exc)
-            return
+def want_growth(sup, bundles: list[int]) -> None:
+    """Queue freed bundles for replacements; one task grows them one at a time."""
+    sup.freed_bundles += bundles
+    if sup.grow_back and (sup.growing is None or sup.growing.done()):
+        sup.growing = asyncio.get_running_loop().create_task(_grow_all(sup))
+
+
+async def _grow_all(sup) -> None:
+    tries = 0
+    while sup.freed_bundles and not sup.closing and tries < MAX_REFORMS:
+        if await grow(sup, sup.freed_bundles[0]):
+            sup.freed_bundles.pop(0)
+            tries = 0
+        else:
+            tries += 1
+            await asyncio.sleep(1.0)
 
 
 async def grow(sup, bundle: int) -> bool:
-    """Step 5 for one freed bundle -> True once the replacement decodes as the unit's last rank."""
+    """Step 5 for one freed bundle -> True once the replacement decodes as the unit's last rank;
+    False when the unit changed meanwhile (the caller tries again) or the change failed (then
+    the unit is rebuilt whole)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     t0, generation = time.time(), sup.n_restarts
     world = len(sup.ranks) + 1
@@ -132,25 +184,31 @@ async def grow(sup, bundle: int) -> bool:
     layout = UnitLayout(sup.unit_id, world - 1, world, sup.shape.gpus_per_node, sup.fp8_dispatch)
     new = RankActor.options(num_gpus=1, num_cpus=sup.cpus_per_rank, scheduling_strategy=strategy,
                             **sup.rank_options()).remote(sup.spec, layout, phy2log)
-    info = await new.setup.remote(None, min(sup.step_timeout_s, 600.0))      # weights load; the unit runs on
+    try:
+        info = await new.setup.remote(None, min(sup.step_timeout_s, 600.0))      # weights load; the unit runs on
+    except Exception as exc:
+        log.warning("unit %d: a replacement failed to start: %r", sup.unit_id, exc)
+        ray.kill(new, no_restart=True)
+        return False
     if sup.closing or generation != sup.n_restarts or not sup.is_up:         # it changed meanwhile: start over
         ray.kill(new, no_restart=True)
         return False
     sup.n_restarts += 1
     sup.is_up = False
-    await sup._tell_sinks(lambda sk: sk.unit_down.remote(sup.key, sup.n_restarts, None))
-    await asyncio.gather(*[rk.stop_loop.remote() for rk in sup.ranks])     # they leave at one agreed step
-    await asyncio.wait([asyncio.ensure_future(ref) for ref in sup.loops], timeout=ELASTIC_WAIT_S)
-    master = await sup.ranks[0].rendezvous_address.remote()
-    timeout = min(sup.step_timeout_s, 600.0)
-    got = await asyncio.wait_for(asyncio.gather(
-        *[rk.reform.remote(master, i, world, phy2log, sup.map_version, timeout) for i, rk in enumerate(sup.ranks)],
-        new.join_unit.remote(master, world - 1, world, phy2log, sup.map_version, timeout)), timeout + 30)
+    try:
+        await sup._tell_sinks(lambda sk: sk.unit_down.remote(sup.key, sup.n_restarts, None))
+        await asyncio.gather(*[rk.stop_loop.remote() for rk in sup.ranks])     # they leave at one agreed step
+        await asyncio.wait([asyncio.ensure_future(ref) for ref in sup.loops], timeout=ELASTIC_WAIT_S)
+        got = await _reform(sup, sup.ranks, phy2log, joiner=new)
+    except Exception as exc:           # a member died meanwhile: the rebuild puts the unit right
+        ray.kill(new, no_restart=True)
+        await sup._restart(f"a member was lost while a replacement joined ({exc!r})")
+        return False
     sup.bundle_of.append(bundle)
     sup.rank_info.append(info)
     await _go(sup, sup.ranks + [new], phy2log, {r: [r] for r in range(world - 1)})
     event = {"kind": "grow", "n_ranks": world, "s": round(time.time() - t0, 3),
-             "dropped": sum(g["dropped"] for g in got[:-1])}
+             "dropped": sum(g["dropped"] for g in got)}
     sup.elastic_events.append(event)
     log.warning("%s unit %d: a replacement joined as rank %d after %.2fs", sup.role, sup.unit_id, world - 1, event["s"])
     return True
