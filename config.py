@@ -216,6 +216,9 @@ class Config:
                     raise ConfigError(f"{role}.{key}: must be >= 1, got {getattr(u, key)}")
             if u.redundant_experts < 0:
                 raise ConfigError(f"{role}.redundant_experts: must be >= 0, got {u.redundant_experts}")
+            if u.elastic and self.ep_dispatch == "deepep":
+                raise ConfigError(f"{role}.elastic: true needs the all-to-all exchange (its groups re-form without a "
+                                  "dead rank); ep_dispatch is deepep (use auto or all_to_all)")
         if self.kv_store.block_tokens < 1 or self.kv_store.capacity_gb <= 0:
             raise ConfigError("kv_store: block_tokens must be >= 1 and capacity_gb > 0")
         if self.ray.spare_nodes < 0:

@@ -35,12 +35,11 @@ import os
 import socket
 import threading
 import time
-from datetime import timedelta
 
 import ray
 import torch
 
-from epserve.actors import driven_step, rank_elastic
+from epserve.actors import driven_step, rank_elastic, rank_groups
 from epserve.actors.agreement import max_all_reduce
 from epserve.actors.driven_step import StepInput, StepOutput
 from epserve.actors.inbox import Inbox
@@ -58,7 +57,7 @@ from epserve.pipelines.overlap import OverlapTuner
 from epserve.pipelines.rank_stats import engine_stats
 from epserve.pipelines.runner import RankEngine
 from epserve.pipelines.sequence import Sequence
-from epserve.placement.devices import DeviceAssignmentError, data_backend, local_device_index
+from epserve.placement.devices import DeviceAssignmentError, local_device_index
 
 log = logging.getLogger("epserve.rank")
 
@@ -126,23 +125,13 @@ class RankActor:
     def setup(self, master: tuple[str, int] | None, timeout_s: float = 60.0) -> dict:
         """Join the unit's process groups and load this rank's weights; returns what was loaded.
         timeout_s bounds every collective: a rank whose peer died raises instead of hanging.
-        Elastic ranks form standalone groups (actors/rank_elastic.py); master None: a joining
-        rank that loads first and forms its groups in `join_unit`."""
+        master None (elastic only): a joining rank that loads first and forms its groups in `reform`."""
         lay = self.layout
         t0 = time.time()
-        if self.spec.elastic:
-            if master is not None:
-                self.groups = rank_elastic.form_groups(master, lay.rank, lay.world, self.spec.device, timeout_s)
-                self.ctrl = self.groups.ctrl
-        else:
-            backend = data_backend(self.spec.device) if torch.cuda.is_available() else "gloo"
-            if master[0].startswith("127."):
-                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            torch.distributed.init_process_group(
-                backend, init_method=f"tcp://{master[0]}:{master[1]}",
-                rank=lay.rank, world_size=lay.world, timeout=timedelta(seconds=timeout_s))
-            if lay.world > 1:   # the per-step agreement runs on the host, beside the data collectives
-                self.ctrl = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        if master is not None:           # actors/rank_groups.py: the default group, or re-formable ones (elastic)
+            form = rank_groups.form_groups if self.spec.elastic else rank_groups.init_default_groups
+            self.groups = form(master, lay.rank, lay.world, self.spec.device, timeout_s)
+            self.ctrl = self.groups.ctrl
         pairs = PairGroups(f"u{lay.unit}r{lay.rank}-{os.getpid()}-{id(self):x}", self.spec.device,
                            min(timeout_s, 30.0))
         self.kv = KvEnds(pairs, ray.get_runtime_context().current_actor, self.spec.kv_handoff, self.spec.device,
@@ -160,7 +149,7 @@ class RankActor:
 
         self.engine = RankEngine(self.spec, dispatcher)
         d = self.engine.dispatcher
-        if self.groups is not None:
+        if self.groups is not None and self.groups.data is not None:
             d.group = self.groups.data
         experts = {layer: sorted({int(e) for e in d.map.phy2log[layer - d.first, list(d.slots_for(layer))]})
                    for layer in range(self.engine.args.n_kv_layers) if self.engine.args.is_moe_layer(layer)}

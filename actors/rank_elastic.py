@@ -26,49 +26,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 from epserve.actors.agreement import PeerLost, spread_loss
+from epserve.actors.rank_groups import Groups, form_groups
 from epserve.model.moe_dispatch import ExpertMap
 from epserve.pipelines.expert_migration import stage
 from epserve.pipelines.lockstep import N_FIELDS
+from epserve.pipelines.overlap import OverlapTuner
 
 log = logging.getLogger("epserve.rank")
-
-
-@dataclasses.dataclass
-class Groups:
-    """One membership's groups; the store must outlive them (rank 0 hosts it)."""
-
-    store: object
-    data: object
-    ctrl: object | None
-
-
-JOIN_TIMEOUT_S = 20.0     # every member reaches the new store within this, else forming fails (a member died)
-
-
-def form_groups(master: tuple[str, int], rank: int, world: int, device: str, timeout_s: float) -> Groups:
-    """Standalone data + control groups of `world` ranks on a TCPStore at `master` (new rank 0
-    hosts it); blocks until every member has joined (raises after JOIN_TIMEOUT_S: a member that
-    died meanwhile must not hold the others for a whole step timeout). timeout_s bounds each
-    collective afterwards."""
-    host, port = master
-    if host.startswith("127."):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
-    if device.startswith("cuda") and torch.cuda.is_available():
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        data = dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, world, opts)
-    else:
-        data = dist.ProcessGroupGloo(dist.PrefixStore("data", store), rank, world, timeout)
-    ctrl = dist.ProcessGroupGloo(dist.PrefixStore("ctrl", store), rank, world, timeout) if world > 1 else None
-    return Groups(store, data, ctrl)
 
 
 def leave(rank, exc: BaseException) -> dict:
@@ -128,6 +96,10 @@ def join(rank, groups: Groups, new_rank: int, world: int, phy2log: torch.Tensor,
     v.version = v.wanted = map_version            # a switch staged for the old membership is void
     v._staging = None
     rank.stopping = False
+    # the loop state must be identical on every member (pipelines/lockstep.py): a survivor's overlap
+    # tuner has measurements a joiner lacks, and the two would pick different schedules (a different
+    # number of exchanges per step), so every member starts measuring afresh
+    rank.tuner = OverlapTuner()
 
 
 def prepare(rank, new_rank: int, phy2log: torch.Tensor) -> dict:

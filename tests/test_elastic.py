@@ -41,7 +41,8 @@ def make_unit(ray_cluster, tiny_dir):
 
     def make(**spec_kw):
         shape = UnitShape(2, 2, args.n_routed_experts, redundant_experts=16)
-        spec = RankSpec(tiny_dir, kernels="reference", kv_pages=64, elastic=True, **spec_kw)
+        # overlap auto (the served default): every member's schedule choice must stay unanimous across joins
+        spec = RankSpec(tiny_dir, kernels="reference", kv_pages=64, elastic=True, overlap="auto", **spec_kw)
         sup = UnitSupervisor.remote(0, "decode", spec, shape, n_moe_layers=args.n_moe_layers, step_timeout_s=60)
         ray.get(sup.start.remote(), timeout=180)
         made.append(sup)

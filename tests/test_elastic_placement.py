@@ -79,3 +79,14 @@ def test_spread_targets_fewest_requests_first():
     assert spread_targets(3, [4, 1, 1]) == [1, 2, 0]
     with pytest.raises(ValueError):
         spread_targets(2, [1])
+
+
+def test_config_unit_elastic_defaults_off_and_reaches_the_rank_spec():
+    from epserve.actors.launch import rank_spec
+    from epserve.config import ConfigError, load_config
+    assert load_config().decode.elastic is False
+    cfg = load_config({"decode": {"elastic": True}})
+    assert cfg.decode.elastic and not cfg.prefill.elastic
+    assert rank_spec(cfg, "/m", cfg.decode, "decode").elastic is True
+    with pytest.raises(ConfigError, match="decode.elastic: true needs the all-to-all exchange"):
+        load_config({"decode": {"elastic": True}, "ep_dispatch": "deepep"})
