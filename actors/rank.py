@@ -110,6 +110,7 @@ class RankActor:
         self.kv: KvEnds | None = None                   # the KV handoff's ends, made in setup
         self.groups = None                              # elastic: this membership's groups (actors/rank_elastic.py)
         self.abandoned: list = []                       # elastic: sends to a broken group's peers, kept alive
+        self.kept: dict[str, Sequence] = {}             # elastic: requests kept through a membership change
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -307,6 +308,8 @@ class RankActor:
         """Inbox messages in arrival order; -> rejected (request_id, typed error)."""
         rejected = []
         with self.engine_lock:
+            if self.kept:                       # elastic: kept requests their sinks did not claim back
+                rank_elastic.expire_kept(self)
             for kind, payload in msgs:
                 if kind == "add":
                     rejected += self.admit(payload)
@@ -333,6 +336,8 @@ class RankActor:
         rejected = []
         for seq in seqs:
             self.routes.add(seq)               # its deltas go to its sink
+            if self.kept and rank_elastic.resume(self, seq):    # elastic: still here, KV and all
+                continue
             try:
                 latents = self.kv.receive(seq)
                 if latents is not None:

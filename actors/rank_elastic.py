@@ -13,10 +13,16 @@ The sequence, for every survivor (`RankActor` entries call these; `rank` is the 
      `leave` tells every peer, and its loop returns {"lost": why} instead of raising;
   2. the supervisor (actors/unit_elastic.py) sees which rank died and calls `reform` on each
      survivor with its new index, the new world size, the new rank 0's address and the new
-     phy2log (placement/elastic.py): the rank drops its requests (their sinks resubmit them from
-     prompt + produced tokens, here or on another survivor), loads the experts its slots newly
-     hold from the checkpoint, forms the new groups and swaps the dispatcher's map;
-  3. the supervisor starts its loop again under a new generation.
+     phy2log (placement/elastic.py): the rank keeps its decoding requests aside with their KV
+     (`park`), loads the experts its slots newly hold from the checkpoint, forms the new groups
+     and swaps the dispatcher's map;
+  3. the supervisor starts its loop again under a new generation, and every sink resubmits its
+     unfinished requests from prompt + the tokens it has (the sink is the truth: tokens the rank
+     made but never delivered, held or in flight when the peer died, are not in it). A kept
+     request that comes back to its rank is `resume`d: its tokens past the sink's are dropped
+     (recomputed next: greedy and seeded sampling give them again) and it decodes on from its KV,
+     no re-prefill; any other (the dead rank's, a waiting one, a mismatch) is prefilled anew.
+     Kept requests no sink claims within KEEP_S are released (`expire_kept`).
 A joining rank (a replacement) builds its engine first (`setup` without an address) and then
 forms the same groups as the survivors in step 2. Owns no decision: who survives and where
 experts go are the supervisor's, from placement/elastic.py.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import torch
 
@@ -35,6 +42,7 @@ from epserve.model.moe_dispatch import ExpertMap
 from epserve.pipelines.expert_migration import stage
 from epserve.pipelines.lockstep import N_FIELDS
 from epserve.pipelines.overlap import OverlapTuner
+from epserve.pipelines.sequence import Sequence
 
 log = logging.getLogger("epserve.rank")
 
@@ -48,6 +56,58 @@ def leave(rank, exc: BaseException) -> dict:
     if not isinstance(exc, PeerLost):
         log.warning("unit %d rank %d left its loop: %s", rank.layout.unit, rank.layout.rank, why)
     return {"lost": why, "steps": rank.n_steps}
+
+
+KEEP_S = 30.0     # a kept request no sink resubmitted within this is released (its sink died or it ended)
+
+
+def park(rank) -> int:
+    """Keep this rank's decoding requests aside, KV pages and all, for `resume` (the caller holds
+    engine_lock) -> how many. Only plain decoding ones (fully prefilled, no shared-prefix group,
+    no MTP drafts); `drop_requests` drops the rest."""
+    b = rank.engine.batcher
+    if rank.spec.mtp_draft:
+        return 0
+    for seq in list(b.running):
+        if seq.kv_group is None and seq.output_ids and seq.n_computed == seq.n_tokens - 1 and not seq.is_finished:
+            b.running.remove(seq)
+            rank.kept[seq.request_id] = seq
+    rank.kept_until = time.monotonic() + KEEP_S
+    return len(rank.kept)
+
+
+def resume(rank, seq: Sequence) -> bool:
+    """A resubmitted request this rank kept: back into the batch from its KV, cut back to the
+    tokens its sink has (`seq`) -> True; False (and the kept copy released) when it cannot be:
+    the caller adds `seq` as a new request."""
+    kept = rank.kept.pop(seq.request_id) if seq.request_id in rank.kept else None
+    if kept is None:
+        return False
+    n = len(seq.output_ids)
+    eng = rank.engine
+    if not n or kept.prompt_ids != seq.prompt_ids or kept.output_ids[:n] != seq.output_ids:
+        eng.batcher.release(kept)
+        eng.sampler_state.release(kept.request_id)
+        return False
+    extra = len(kept.output_ids) - n
+    if extra:                 # made here, never delivered: recomputed from position n on
+        del kept.output_ids[n:]
+        del kept.logprobs[max(0, len(kept.logprobs) - extra):]
+        kept.n_computed = kept.n_tokens - 1
+        eng.sampler_state.release(kept.request_id)      # rebuilt from the token ids at the next step
+    kept.n_cached = max(kept.n_cached, seq.n_cached)
+    eng.batcher.running.append(kept)
+    return True
+
+
+def expire_kept(rank) -> None:
+    """Release the kept requests no sink claimed back in time (the caller holds engine_lock)."""
+    if time.monotonic() < rank.kept_until:
+        return
+    for seq in rank.kept.values():
+        rank.engine.batcher.release(seq)
+        rank.engine.sampler_state.release(seq.request_id)
+    rank.kept.clear()
 
 
 def drop_requests(rank) -> int:
@@ -103,13 +163,15 @@ def join(rank, groups: Groups, new_rank: int, world: int, phy2log: torch.Tensor,
 
 
 def prepare(rank, new_rank: int, phy2log: torch.Tensor) -> dict:
-    """Step 2's first half, on a survivor: its requests dropped, the experts it will hold as
-    `new_rank` loaded -> {"dropped": requests, "loaded": experts read from disk}. Every member
-    prepares before any forms groups, so the groups' join waits only on the calls' skew."""
+    """Step 2's first half, on a survivor: its decoding requests kept aside, the rest dropped, the
+    experts it will hold as `new_rank` loaded -> {"kept", "dropped": requests, "loaded": experts
+    read from disk}. Every member prepares before any forms groups, so the groups' join waits
+    only on the calls' skew."""
     with rank.engine_lock:
+        kept = park(rank)
         dropped = drop_requests(rank)
         loaded = load_slots(rank, new_rank, phy2log)
-    return {"dropped": dropped, "loaded": loaded}
+    return {"kept": kept, "dropped": dropped, "loaded": loaded}
 
 
 def reform(rank, master: tuple[str, int], new_rank: int, world: int, phy2log: torch.Tensor, map_version: int,

@@ -46,7 +46,8 @@ log = logging.getLogger("epserve.unit")
 @ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=0)
 class UnitSupervisor:
     def __init__(self, unit_id: int, role: str, spec: RankSpec, shape: UnitShape, cpus_per_rank: float = 0.1,
-                 fp8_dispatch: bool = False, step_timeout_s: float = 300.0, n_moe_layers: int = 0):
+                 fp8_dispatch: bool = False, step_timeout_s: float = 300.0, n_moe_layers: int = 0,
+                 grow_back: bool = True):
         self.unit_id, self.role, self.spec, self.shape = unit_id, role, spec, shape
         self.cpus_per_rank, self.fp8_dispatch, self.step_timeout_s = cpus_per_rank, fp8_dispatch, step_timeout_s
         self.phy2log = initial_phy2log(n_moe_layers, shape.n_routed_experts, shape.n_slots)
@@ -72,7 +73,7 @@ class UnitSupervisor:
         self.is_up = False         # built and its loops running: sinks may submit
         self.bundle_of: list[int] = []     # rank -> its bundle (elastic: survivors keep theirs)
         self.elastic_events: list[dict] = []   # membership changes (actors/unit_elastic.py)
-        self.grow_back = True              # elastic: start a replacement for a dead rank
+        self.grow_back = grow_back         # elastic: start a replacement for a dead rank (False: stay shrunk)
         self.growing: asyncio.Task | None = None
         self.freed_bundles: list[int] = []    # elastic: bundles of dead ranks waiting for a replacement
 

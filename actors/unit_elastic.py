@@ -8,12 +8,14 @@ UnitSupervisor (actors/unit.py) calls `survive` when a rank's loop ends and its 
      a survivor that does not leave within ELASTIC_WAIT_S) -> False: the caller rebuilds.
   2. placement/elastic.py decides: the survivors in old order, and a phy2log over their slots that
      keeps every logical expert (None: they cannot hold every expert -> False, rebuild).
-  3. sinks hear `unit_down` (new generation); survivors `reform` (drop their requests, load the
-     experts their slots newly hold, form fresh groups at the new rank 0's new port).
+  3. sinks hear `unit_down` (new generation); survivors `reform` (keep their decoding requests
+     with their KV, load the experts their slots newly hold, form fresh groups at the new rank 0's
+     new port: actors/rank_elastic.py).
   4. loops restart under the new generation; sinks hear `unit_up` with where each old rank's
      requests go now (a survivor's to itself, a dead rank's dealt over the survivors, fewest
-     requests first), and resubmit each unfinished request once from prompt + produced tokens
-     (the KV store supplies its prefix where it holds it). The router sees fewer ranks in
+     requests first), and resubmit each unfinished request once from prompt + produced tokens:
+     a survivor's own come back to it and decode on from their KV; the dead rank's are prefilled
+     on a survivor (the KV store supplies their prefix where it holds it). The router sees fewer ranks in
      `stats()` and places nothing on the dead one.
   5. `grow` starts a replacement in the dead rank's bundle (Ray places it when the bundle is
      free); it loads its weights while the survivors run, then the unit changes membership
@@ -54,7 +56,7 @@ async def survive(sup, loops: list, generation: int) -> bool:
     sup.n_restarts += 1
     sup.is_up = False
     await sup._tell_sinks(lambda sk: sk.unit_down.remote(sup.key, sup.n_restarts, None))
-    loaded, dropped = 0, 0
+    loaded, dropped, kept = 0, 0, 0
     for _ in range(MAX_REFORMS):
         mem = shrink_membership(len(sup.ranks), dead)
         phy2log = shrink_phy2log(sup.phy2log, mem.survivors, sup.shape.slots_per_rank,
@@ -67,6 +69,7 @@ async def survive(sup, loops: list, generation: int) -> bool:
             got = await _reform(sup, [sup.ranks[i] for i in mem.survivors], phy2log)
             loaded += sum(g["loaded"] for g in got)
             dropped += sum(g["dropped"] for g in got)
+            kept += sum(g["kept"] for g in got)
             break
         except ReformFailed as exc:      # a survivor died during the change: again without it
             more = await _dead_among(sup, mem.survivors)
@@ -85,7 +88,7 @@ async def survive(sup, loops: list, generation: int) -> bool:
     moved.update({d: targets for d in mem.dead})
     await _go(sup, survivors, phy2log, moved)
     event = {"kind": "shrink", "dead": list(mem.dead), "n_ranks": mem.n_ranks, "s": round(time.time() - t0, 3),
-             "dropped": dropped, "experts_loaded": loaded}
+             "kept": kept, "dropped": dropped, "experts_loaded": loaded}
     sup.elastic_events.append(event)
     log.warning("%s unit %d went on without rank(s) %s in %.2fs: %d rank(s), %d expert(s) reloaded", sup.role,
                 sup.unit_id, list(mem.dead), event["s"], mem.n_ranks, loaded)
@@ -208,7 +211,7 @@ async def grow(sup, bundle: int) -> bool:
     sup.rank_info.append(info)
     await _go(sup, sup.ranks + [new], phy2log, {r: [r] for r in range(world - 1)})
     event = {"kind": "grow", "n_ranks": world, "s": round(time.time() - t0, 3),
-             "dropped": sum(g["dropped"] for g in got)}
+             "kept": sum(g["kept"] for g in got), "dropped": sum(g["dropped"] for g in got)}
     sup.elastic_events.append(event)
     log.warning("%s unit %d: a replacement joined as rank %d after %.2fs", sup.role, sup.unit_id, world - 1, event["s"])
     return True

@@ -7,6 +7,8 @@ rank, then a prefill rank, each killed with kill -9 once half the streams have 4
   max_gap_s       the longest wait between two chunks of any stream (an upper bound for the
                   streams that were on survivors: the dead rank's streams are in it too)
   error / wrong   failed streams; streams whose text differs from the unfaulted greedy run
+  usage_wrong     completed streams whose usage.completion_tokens is not max_tokens (they ignore EOS:
+                  a resumed request must bill each token once); ledger_lost as in chaos.py
   tok_s_before    tokens/s of the whole load before any fault
   tok_s_shrunk    tokens/s over the fault's run from when every stream has resumed (the fault time
                   plus max_gap_s) to its end, or until the replacement joined if that came first
@@ -42,7 +44,8 @@ def elastic_config(model_dir: str) -> dict:
 
 
 def tokens_per_s(streams, t0: float | None = None, t1: float | None = None) -> float | None:
-    """Chunks per second of all streams together within [t0, t1] (default: their whole span)."""
+    """Chunks per second of all streams together within [t0, t1] (default: their whole span); a
+    chunk is one token unless the ingress merged some, the same way before and after a fault."""
     times = sorted(t for s in streams for t in s.times)
     if len(times) < 2:
         return None
@@ -93,6 +96,9 @@ def run(faults: tuple[str, ...] = FAULTS, n_streams: int = 16, max_tokens: int =
             chaos.say(f"elastic fault {name}")
             row = asyncio.run(chaos.run_fault(name))
             t_kill = row["t_fault"]
+            # each token billed once: ignore_eos streams bill exactly max_tokens, resumed or not
+            row["usage_wrong"] = sum(s.outcome == "completed" and (s.usage or {}).get("completion_tokens") != max_tokens
+                                     for s in chaos.last_streams)
             row["rejoin_s"] = _wait_whole(srv, t_kill)
             end = max((t for s in chaos.last_streams for t in s.times), default=t_kill)
             until = min(end, t_kill + row["rejoin_s"]) if row["rejoin_s"] is not None else end
@@ -111,11 +117,12 @@ def run(faults: tuple[str, ...] = FAULTS, n_streams: int = 16, max_tokens: int =
 
 
 def elastic_table(out: dict) -> str:
-    head = ["fault", "max gap s", "failed", "wrong", "tok/s before", "tok/s shrunk", "rejoin s", "tok/s rejoined"]
+    head = ["fault", "max gap s", "failed", "wrong", "usage wrong", "tok/s before", "tok/s shrunk", "rejoin s",
+            "tok/s rejoined"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in out["faults"]:
         lines.append(" | ".join(str(x) for x in (r["fault"], r["max_gap_s"], r["error"] + r["cut"] + r["hung"],
-                                                 r["wrong"], out["tok_s_before"], r["tok_s_shrunk"], r["rejoin_s"],
+                                                 r["wrong"], r["usage_wrong"], out["tok_s_before"], r["tok_s_shrunk"], r["rejoin_s"],
                                                  r["tok_s_rejoined"])))
     return "\n".join(lines)
 

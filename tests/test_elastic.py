@@ -39,11 +39,12 @@ def make_unit(ray_cluster, tiny_dir):
     args = read_config(tiny_dir)
     made = []
 
-    def make(**spec_kw):
+    def make(grow_back: bool = True, **spec_kw):
         shape = UnitShape(2, 2, args.n_routed_experts, redundant_experts=16)
         # overlap auto (the served default): every member's schedule choice must stay unanimous across joins
         spec = RankSpec(tiny_dir, kernels="reference", kv_pages=64, elastic=True, overlap="auto", **spec_kw)
-        sup = UnitSupervisor.remote(0, "decode", spec, shape, n_moe_layers=args.n_moe_layers, step_timeout_s=60)
+        sup = UnitSupervisor.remote(0, "decode", spec, shape, n_moe_layers=args.n_moe_layers, step_timeout_s=60,
+                                    grow_back=grow_back)
         ray.get(sup.start.remote(), timeout=180)
         made.append(sup)
         return sup
@@ -91,6 +92,7 @@ def test_death_mid_decode_survivors_go_on_and_a_replacement_joins(unit, referenc
     st = wait_for(unit, lambda s: any(e["kind"] == "grow" for e in s["elastic"]))
     shrink = [e for e in st["elastic"] if e["kind"] == "shrink"]
     assert shrink and shrink[0]["dead"] == [1] and shrink[0]["n_ranks"] == 3, st["elastic"]
+    assert shrink[0]["kept"] > 0, shrink          # survivors decoded on from their KV, no re-prefill
     assert st["n_ranks"] == 4 and any(e["kind"] == "grow" for e in st["elastic"]), st["elastic"]
     now = pids(unit)
     assert now[:3] == [before[0], before[2], before[3]]      # the survivors kept their processes
@@ -125,7 +127,11 @@ def test_death_during_an_eplb_switch_voids_the_switch_not_a_request(unit, refere
     assert all(g.token_ids == want[1] for g in again)
 
 
-def test_two_ranks_in_a_row(unit, reference):
+def test_two_ranks_in_a_row(make_unit, reference):
+    """Ranks 0 and 3 die one after the other (no replacement: grow_back off): the unit goes on with
+    ranks 1 and 2 renumbered 0 and 1; admission sees two ranks, and a request aimed at an old
+    index beyond them is taken by a survivor."""
+    unit = make_unit(grow_back=False)
     prompts, want = reference
     before = pids(unit)
     ref = start_and_wait_steps(unit, prompts)
@@ -135,7 +141,11 @@ def test_two_ranks_in_a_row(unit, reference):
     got = ray.get(ref, timeout=300)
     assert [g.token_ids for g in got] == want
     st = wait_for(unit, lambda s: sum(e["kind"] == "shrink" for e in s["elastic"]) >= 2)
-    assert sum(e["kind"] == "shrink" for e in st["elastic"]) >= 2, st["elastic"]
+    assert [e["dead"] for e in st["elastic"]] == [[0], [2]], st["elastic"]     # old rank 3 was rank 2 by then
+    assert st["n_ranks"] == 2 and pids(unit) == [before[1], before[2]]
+    assert [s.rank for s in ray.get(unit.stats.remote())] == [0, 1]            # the balancer's view: two ranks
+    late = ray.get(unit.generate.remote([(Sequence("late", prompts[2], greedy()), 3)]), timeout=120)
+    assert late[0].token_ids == want[2]
 
 
 def test_death_during_the_membership_change(make_unit, reference):
