@@ -24,8 +24,11 @@ ends (park and send on a prefill rank, pull on a decode rank) are actors/kv_ends
 methods the peer rank calls through the thin `join_pair` / `send_kv` / `kv_objects` entries
 here; the benchmark-only driven step (`step`, `profiled_step`, `time_collective`: one call per
 step, never while the loop runs) is actors/driven_step.py. Messages are in actors/rank_messages.py.
-About 420 lines: the loop, plus the remote entries Ray needs on the one actor class (inbox posts,
-placement staging, observation, the peers' KV-handoff calls, the driven step), each a few lines.
+Elastic units (RankSpec.elastic): the groups are re-formable (actors/rank_groups.py) and a failed
+loop hands over to actors/rank_elastic.py (`run_loop` returns {"lost": ...}; `reform`; kept
+requests `resume` in `admit`). About 450 lines: the loop, plus the remote entries Ray needs on the
+one actor class (inbox posts, placement staging, observation, the peers' KV-handoff calls, the
+driven step, the elastic hand-overs), each a few lines; their logic lives in those modules.
 """
 from __future__ import annotations
 

@@ -17,9 +17,10 @@ what moves. Terms (seconds, each on the unit's critical path; parallel work coun
                 slots from local disk at `nvme_gb_s`, spread over the survivors that take one
     graphs      the new map's routing tables are new tensors: the decode bucket in use is captured
                 again on its first step (pipelines/cuda_graphs.py captures lazily)
-    resume      requests re-prefilled: as built, every survivor re-runs its own requests too (they
-                are dropped and resubmitted: `survivors_keep_kv` False); kept KV, only the dead
-                rank's requests, spread over the survivors. Uncached tokens are the produced ones
+    resume      requests re-prefilled: as built, only the dead rank's, spread over the survivors
+                (survivors keep theirs with their KV: actors/rank_elastic.py `park` / `resume`);
+                `survivors_keep_kv` False: every survivor re-runs its own too (units with MTP
+                drafts, whose drafter state is not kept). Uncached tokens are the produced ones
                 (the KV store holds the prompts' full blocks) at `prefill_tok_s` per GPU
   rebuild (today: actors/unit.py), per death:
     detect, then every rank: process + CUDA context start (`actor_start_s`), its weights from disk
@@ -63,7 +64,7 @@ def _gb_s_per_gpu(a: RecoveryAssumptions) -> float:
 
 
 def recovery_times(a: RecoveryAssumptions = RecoveryAssumptions(), deepep_mask: bool = False,
-                   survivors_keep_kv: bool = False) -> dict:
+                   survivors_keep_kv: bool = True) -> dict:
     """-> {"elastic": {term: s, ..., "total": s}, "rebuild": {...}, "ratio": rebuild / elastic,
     "gpu_s_lost": {...}: GPU-seconds with no token out (stalled ranks x stall)}."""
     n, s = a.n_ranks, a.n_ranks - 1
@@ -107,6 +108,7 @@ def recovery_times(a: RecoveryAssumptions = RecoveryAssumptions(), deepep_mask: 
 
 
 def recovery_table(a: RecoveryAssumptions = RecoveryAssumptions()) -> list[dict]:
-    """The four elastic variants (as built or keeping KV; NCCL re-form or DeepEP mask) vs rebuild."""
-    return [{"variant": f"{'keep KV' if keep else 'as built'}, {'DeepEP mask' if mask else 'new groups'}",
-             **recovery_times(a, mask, keep)} for keep in (False, True) for mask in (False, True)]
+    """The four elastic variants (survivors keep KV, as built, or re-prefill theirs too; new NCCL
+    groups, as built, or DeepEP's rank mask) vs rebuild."""
+    return [{"variant": f"{'keep KV' if keep else 're-prefill all'}, {'DeepEP mask' if mask else 'new groups'}",
+             **recovery_times(a, mask, keep)} for keep in (True, False) for mask in (False, True)]

@@ -16,9 +16,9 @@ def test_terms_add_up_and_elastic_beats_the_rebuild():
 
 def test_deepep_mask_removes_the_regroup_and_kept_kv_the_own_reprefill():
     built, masked = recovery_times(), recovery_times(deepep_mask=True)
-    kept = recovery_times(survivors_keep_kv=True)
+    dropped = recovery_times(survivors_keep_kv=False)
     assert masked["elastic"]["regroup"] == 0 and built["elastic"]["regroup"] > 0
-    assert kept["elastic"]["resume"] < built["elastic"]["resume"]
+    assert built["elastic"]["resume"] < dropped["elastic"]["resume"]
     assert len(recovery_table()) == 4
 
 
