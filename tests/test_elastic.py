@@ -114,8 +114,8 @@ def test_death_during_an_eplb_switch_voids_the_switch_not_a_request(unit, refere
     assert [g.token_ids for g in got] == want
     try:
         ray.get(switch, timeout=120)
-    except ray.exceptions.RayTaskError as exc:           # voided by the membership change, said so
-        assert "rank" in str(exc) or "restarted" in str(exc), exc
+    except ray.exceptions.RayTaskError:     # voided (a member died mid-switch, or the unit changed): fine,
+        pass                                # as long as every member agrees on one map (below)
     st = wait_for(unit, lambda s: any(e["kind"] == "grow" for e in s["elastic"]))
     assert any(e["kind"] == "shrink" and e["dead"] == [2] for e in st["elastic"]), st["elastic"]
     # whatever happened to the switch, every member routes with the supervisor's one map
