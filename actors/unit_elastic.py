@@ -7,7 +7,8 @@ UnitSupervisor (actors/unit.py) calls `survive` when a rank's loop ends and its 
      Ray's RayActorError (its process is gone). Anything else (no dead rank: a poisoned batch;
      a survivor that does not leave within ELASTIC_WAIT_S) -> False: the caller rebuilds.
   2. placement/elastic.py decides: the survivors in old order, and a phy2log over their slots that
-     keeps every logical expert (None: they cannot hold every expert -> False, rebuild).
+     keeps every logical expert, the heaviest first by the survivors' own expert counters (None:
+     they cannot hold every expert -> False, rebuild).
   3. sinks hear `unit_down` (new generation); survivors `reform` (keep their decoding requests
      with their KV, load the experts their slots newly hold, form fresh groups at the new rank 0's
      new port: actors/rank_elastic.py).
@@ -59,8 +60,9 @@ async def survive(sup, loops: list, generation: int) -> bool:
     loaded, dropped, kept = 0, 0, 0
     for _ in range(MAX_REFORMS):
         mem = shrink_membership(len(sup.ranks), dead)
+        load = await _survivor_load(sup, mem.survivors)
         phy2log = shrink_phy2log(sup.phy2log, mem.survivors, sup.shape.slots_per_rank,
-                                 sup.shape.n_routed_experts) if mem.survivors else None
+                                 sup.shape.n_routed_experts, load) if mem.survivors else None
         if phy2log is None:
             log.warning("unit %d: %d survivor(s) cannot hold all %d experts; rebuilding", sup.unit_id, mem.n_ranks,
                         sup.shape.n_routed_experts)
@@ -114,6 +116,17 @@ async def _dead_after_loss(sup, loops: list) -> list[int] | None:
         elif exc is not None or not isinstance(f.result(), dict) or "lost" not in f.result():
             return None
     return dead or None
+
+
+async def _survivor_load(sup, members: tuple[int, ...]):
+    """Tokens per logical expert per MoE layer [n_moe, E] the survivors routed since EPLB last read
+    them (each rank counts its own tokens' choices), the load shrink_phy2log weighs; None if any
+    survivor cannot say (then every expert weighs the same)."""
+    got = await asyncio.gather(*[asyncio.wait_for(asyncio.ensure_future(sup.ranks[i].expert_counters.remote(False)),
+                                                  30) for i in members], return_exceptions=True)
+    if not got or any(isinstance(g, BaseException) for g in got):
+        return None
+    return sum(g["counts"] for g in got)
 
 
 async def _dead_among(sup, members: tuple[int, ...]) -> list[int]:
