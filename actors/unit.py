@@ -16,6 +16,10 @@ sink hears `unit_down` (it holds new submissions) and then `unit_up`, and re-run
 unfinished request on the same rank index from its prompt plus the tokens it already produced:
 callers see complete, correct outputs (greedy and seeded sampling are deterministic per token
 index). A sink that dies (its ingress replica died) has its requests aborted on the ranks.
+An elastic unit (config `elastic: true`) goes on without a dead rank instead: its survivors
+re-form, keep their requests, take the dead rank's, and a replacement joins
+(actors/unit_elastic.py); the rebuild above stays the fallback. Over 300 lines: the lifecycle
+above and the remote entries sinks, controllers and benches call, each a few lines.
 
 `generate` / `prefill` / `stream` / `abort` stay for direct callers (llm.py, tests, benches):
 they forward to the supervisor's own default sink, created on first use.
