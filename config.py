@@ -82,6 +82,11 @@ class UnitConfig:
     max_batch_size: int = 128
     kv_pages: int = 256               # latent pages per rank, kv_page_tokens tokens each
     cpus_per_rank: float = 0.1        # Ray CPU reservation per rank actor (logical)
+    elastic: bool = False             # a dead rank does not stop the unit: survivors re-form without it, EPLB
+                                      # re-places its experts, its requests resume on them, a replacement joins
+                                      # (actors/unit_elastic.py); needs the all-to-all exchange and enough
+                                      # redundant slots that survivors hold every expert, else the unit rebuilds
+                                      # as with false (the default: any death rebuilds the whole unit)
 
     @property
     def ranks_per_unit(self) -> int:
@@ -211,6 +216,9 @@ class Config:
                     raise ConfigError(f"{role}.{key}: must be >= 1, got {getattr(u, key)}")
             if u.redundant_experts < 0:
                 raise ConfigError(f"{role}.redundant_experts: must be >= 0, got {u.redundant_experts}")
+            if u.elastic and self.ep_dispatch == "deepep":
+                raise ConfigError(f"{role}.elastic: true needs the all-to-all exchange (its groups re-form without a "
+                                  "dead rank); ep_dispatch is deepep (use auto or all_to_all)")
         if self.kv_store.block_tokens < 1 or self.kv_store.capacity_gb <= 0:
             raise ConfigError("kv_store: block_tokens must be >= 1 and capacity_gb > 0")
         if self.ray.spare_nodes < 0:

@@ -51,6 +51,10 @@ class RankSpec:
                                 # emulated: a one-rank unit as one rank of an EP unit (model/ep_emulate.py)
     ep_emulate: dict | None = None   # emulated: the `ep_emulate:` section (ranks, top_k, experts, groups, skew, seed, hold)
     kv_handoff: str = "auto"    # auto | collective | object: prefill -> decode transport (pipelines/kv_handoff.py)
+    exit_in_reform: int | None = None   # tests: the rank of this index exits inside its first re-forming
+                                # (elastic: a death during the membership change itself)
+    elastic: bool = False       # the unit goes on without a dead rank (config `elastic`, actors/unit_elastic.py):
+                                # the rank's groups are standalone backends it can re-form
 
 
 @dataclass

@@ -42,7 +42,8 @@ def rank_spec(cfg: Config, model_dir: str, role_cfg, role: str = "both") -> Rank
                     max_batch_tokens=role_cfg.max_batch_tokens, max_batch_size=role_cfg.max_batch_size,
                     max_model_len=cfg.max_model_len, fp8_activations=cfg.fp8_activations,
                     cuda_graphs=cfg.cuda_graphs, mtp_draft=cfg.mtp.n_draft, ep_dispatch=cfg.ep_dispatch,
-                    ep_emulate=dataclasses.asdict(cfg.ep_emulate) if emulated else None, kv_handoff=cfg.kv_handoff)
+                    ep_emulate=dataclasses.asdict(cfg.ep_emulate) if emulated else None, kv_handoff=cfg.kv_handoff,
+                    elastic=role_cfg.elastic)
 
 
 @dataclass(frozen=True)

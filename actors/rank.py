@@ -24,8 +24,11 @@ ends (park and send on a prefill rank, pull on a decode rank) are actors/kv_ends
 methods the peer rank calls through the thin `join_pair` / `send_kv` / `kv_objects` entries
 here; the benchmark-only driven step (`step`, `profiled_step`, `time_collective`: one call per
 step, never while the loop runs) is actors/driven_step.py. Messages are in actors/rank_messages.py.
-About 420 lines: the loop, plus the remote entries Ray needs on the one actor class (inbox posts,
-placement staging, observation, the peers' KV-handoff calls, the driven step), each a few lines.
+Elastic units (RankSpec.elastic): the groups are re-formable (actors/rank_groups.py) and a failed
+loop hands over to actors/rank_elastic.py (`run_loop` returns {"lost": ...}; `reform`; kept
+requests `resume` in `admit`). About 450 lines: the loop, plus the remote entries Ray needs on the
+one actor class (inbox posts, placement staging, observation, the peers' KV-handoff calls, the
+driven step, the elastic hand-overs), each a few lines; their logic lives in those modules.
 """
 from __future__ import annotations
 
@@ -35,12 +38,11 @@ import os
 import socket
 import threading
 import time
-from datetime import timedelta
 
 import ray
 import torch
 
-from epserve.actors import driven_step
+from epserve.actors import driven_step, rank_elastic, rank_groups
 from epserve.actors.agreement import max_all_reduce
 from epserve.actors.driven_step import StepInput, StepOutput
 from epserve.actors.inbox import Inbox
@@ -58,7 +60,7 @@ from epserve.pipelines.overlap import OverlapTuner
 from epserve.pipelines.rank_stats import engine_stats
 from epserve.pipelines.runner import RankEngine
 from epserve.pipelines.sequence import Sequence
-from epserve.placement.devices import DeviceAssignmentError, data_backend, local_device_index
+from epserve.placement.devices import DeviceAssignmentError, local_device_index
 
 log = logging.getLogger("epserve.rank")
 
@@ -109,6 +111,9 @@ class RankActor:
         self.streaming: set[str] = set()
         self.routes = SinkRoutes(rank=layout.rank)       # request -> its stream sink (loop thread only)
         self.kv: KvEnds | None = None                   # the KV handoff's ends, made in setup
+        self.groups = None                              # elastic: this membership's groups (actors/rank_elastic.py)
+        self.abandoned: list = []                       # elastic: sends to a broken group's peers, kept alive
+        self.kept: dict[str, Sequence] = {}             # elastic: requests kept through a membership change
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -121,19 +126,16 @@ class RankActor:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
 
-    def setup(self, master: tuple[str, int], timeout_s: float = 60.0) -> dict:
+    def setup(self, master: tuple[str, int] | None, timeout_s: float = 60.0) -> dict:
         """Join the unit's process groups and load this rank's weights; returns what was loaded.
-        timeout_s bounds every collective: a rank whose peer died raises instead of hanging."""
+        timeout_s bounds every collective: a rank whose peer died raises instead of hanging.
+        master None (elastic only): a joining rank that loads first and forms its groups in `reform`."""
         lay = self.layout
-        backend = data_backend(self.spec.device) if torch.cuda.is_available() else "gloo"
-        if master[0].startswith("127."):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         t0 = time.time()
-        torch.distributed.init_process_group(
-            backend, init_method=f"tcp://{master[0]}:{master[1]}",
-            rank=lay.rank, world_size=lay.world, timeout=timedelta(seconds=timeout_s))
-        if lay.world > 1:   # the per-step agreement runs on the host, beside the data collectives
-            self.ctrl = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        if master is not None:           # actors/rank_groups.py: the default group, or re-formable ones (elastic)
+            form = rank_groups.form_groups if self.spec.elastic else rank_groups.init_default_groups
+            self.groups = form(master, lay.rank, lay.world, self.spec.device, timeout_s)
+            self.ctrl = self.groups.ctrl
         pairs = PairGroups(f"u{lay.unit}r{lay.rank}-{os.getpid()}-{id(self):x}", self.spec.device,
                            min(timeout_s, 30.0))
         self.kv = KvEnds(pairs, ray.get_runtime_context().current_actor, self.spec.kv_handoff, self.spec.device,
@@ -144,12 +146,15 @@ class RankActor:
             if lay.world == 1:          # every slot here: no exchange (or an emulated one), the CUDA-graph decode path
                 return make_one_rank_dispatcher(kb, args, em, self.spec.ep_dispatch, self.spec.ep_emulate,
                                                 self.spec.device)
+            mode = "all_to_all" if self.spec.elastic else self.spec.ep_dispatch   # re-formable groups only
             return make_ep_dispatcher(kb, args, em, lay.rank, lay.world, lay.gpus_per_node, lay.fp8_dispatch,
-                                      self.spec.device, self.spec.ep_dispatch, self.spec.max_batch_size,
+                                      self.spec.device, mode, self.spec.max_batch_size,
                                       latency_s=self.spec.latency_s, bandwidth=self.spec.bandwidth)
 
         self.engine = RankEngine(self.spec, dispatcher)
         d = self.engine.dispatcher
+        if self.groups is not None and self.groups.data is not None:
+            d.group = self.groups.data
         experts = {layer: sorted({int(e) for e in d.map.phy2log[layer - d.first, list(d.slots_for(layer))]})
                    for layer in range(self.engine.args.n_kv_layers) if self.engine.args.is_moe_layer(layer)}
         self.last_stats = self.stats_now()
@@ -197,7 +202,25 @@ class RankActor:
     # ---- the loop ---------------------------------------------------------------------------
     def run_loop(self, supervisor, peers: list, generation: int = 0, unit_key: str = "") -> dict:
         """Drive this rank's steps until shutdown; returns its counters. Raises if a step fails
-        (the supervisor rebuilds the unit). Deltas go to each request's sink; reports to `supervisor`."""
+        (the supervisor rebuilds the unit); an elastic rank returns {"lost": why} instead, having
+        told its peers (the supervisor re-forms the unit without a dead rank: actors/unit_elastic.py).
+        Deltas go to each request's sink; reports to `supervisor`."""
+        try:
+            return self._loop(supervisor, peers, generation, unit_key)
+        except Exception as exc:
+            if not self.spec.elastic:
+                raise
+            return rank_elastic.leave(self, exc)
+
+    def reform(self, master: tuple[str, int] | None, new_rank: int, world: int, phy2log: torch.Tensor,
+               map_version: int = 0, timeout_s: float = 60.0) -> dict | None:
+        """Elastic membership change (actors/rank_elastic.py): master None prepares (requests
+        dropped, new slots loaded); then, with the new rank 0's address, forms groups and joins."""
+        if master is None:
+            return rank_elastic.prepare(self, new_rank, phy2log)
+        return rank_elastic.reform(self, master, new_rank, world, phy2log, map_version, timeout_s)
+
+    def _loop(self, supervisor, peers: list, generation: int, unit_key: str) -> dict:
         self.supervisor, self.peers, self.unit_key = supervisor, list(peers), unit_key
         self.generation, self.n_reports = generation, 0
         self.routes = SinkRoutes(unit_key, self.layout.rank, generation)
@@ -288,6 +311,8 @@ class RankActor:
         """Inbox messages in arrival order; -> rejected (request_id, typed error)."""
         rejected = []
         with self.engine_lock:
+            if self.kept:                       # elastic: kept requests their sinks did not claim back
+                rank_elastic.expire_kept(self)
             for kind, payload in msgs:
                 if kind == "add":
                     rejected += self.admit(payload)
@@ -314,6 +339,8 @@ class RankActor:
         rejected = []
         for seq in seqs:
             self.routes.add(seq)               # its deltas go to its sink
+            if self.kept and rank_elastic.resume(self, seq):    # elastic: still here, KV and all
+                continue
             try:
                 latents = self.kv.receive(seq)
                 if latents is not None:

@@ -70,6 +70,7 @@ class UnitView:
     is_up: bool = False
     ranks: list = field(default_factory=list)
     n_ranks: int = 0
+    max_ranks: int = 0             # the most ranks it had (an elastic unit runs on fewer after a death)
     pushes: dict = field(default_factory=dict)      # (rank, generation) -> {seq: Delivery}
     next_push: dict = field(default_factory=dict)   # (rank, generation) -> next seq to apply
     ready: asyncio.Future | None = None
@@ -110,7 +111,7 @@ class StreamSink:
 
     async def _attach(self, v: UnitView) -> None:
         generation, ranks, is_up = await v.handle.attach_sink.remote(self.me)
-        v.n_ranks = len(ranks)
+        v.n_ranks = v.max_ranks = len(ranks)
         if v.newer(generation, is_up):       # a rebuild notice may have overtaken this answer
             v.generation, v.is_up, v.ranks = generation, is_up, list(ranks)
         asyncio.get_running_loop().create_task(self._watch_unit(v))
@@ -142,13 +143,17 @@ class StreamSink:
                     self._fail(k, rid, fail)
 
     @ray.method(enable_task_events=False)
-    async def unit_up(self, key: str, generation: int, ranks: list) -> int:
+    async def unit_up(self, key: str, generation: int, ranks: list, moved: dict[int, list[int]] | None = None) -> int:
         """The unit's build `generation` runs: resubmit every unfinished request of this unit that
-        went to an older build (or was held), from prompt + produced tokens; -> how many."""
+        went to an older build (or was held), from prompt + produced tokens; -> how many.
+        moved (an elastic unit's membership change, actors/unit_elastic.py): old rank -> the new
+        ranks its requests go to, dealt round-robin (a survivor: itself, renumbered)."""
         v = self.units.get(key)
         if v is None or not v.newer(generation, True):
             return 0
         v.generation, v.is_up, v.ranks, v.n_ranks = generation, True, list(ranks), len(ranks)
+        v.max_ranks = max(v.max_ranks, len(ranks))
+        dealt: dict[int, int] = {}
         v.pushes = {k: p for k, p in v.pushes.items() if k[1] >= generation}
         v.next_push = {k: n for k, n in v.next_push.items() if k[1] >= generation}
         per_rank: dict[int, list[Sequence]] = {}
@@ -165,6 +170,13 @@ class StreamSink:
                                tenant=s.tenant, share_kv=s.share_kv, kv_group=s.kv_group)
             seq.sink = self.me
             tr.generation = generation
+            if moved is not None:
+                old = tr.rank
+                to = moved.get(old) or list(range(v.n_ranks))
+                tr.rank = to[dealt.get(old, 0) % len(to)]
+                dealt[old] = dealt.get(old, 0) + 1
+            elif tr.rank >= v.n_ranks:               # held for a rank the unit no longer has
+                tr.rank %= v.n_ranks
             per_rank.setdefault(tr.rank, []).append(seq)
         for r, seqs in per_rank.items():
             v.ranks[r].submit.remote(seqs)
@@ -254,8 +266,10 @@ class StreamSink:
     def _submit(self, v: UnitView, items: list[tuple[Sequence, int]], fed: bool = False) -> list[Tracked]:
         """Track every request first, then one inbox call per rank (a rank may answer at once).
         While the unit is rebuilding a request is only tracked: `unit_up` submits it."""
-        for seq, rank in items:
-            if not 0 <= rank < v.n_ranks:
+        for i, (seq, rank) in enumerate(items):
+            if v.n_ranks <= rank < v.max_ranks:     # an elastic unit lost that rank: its peers take it
+                items[i] = (seq, rank % v.n_ranks)
+            elif not 0 <= rank < v.n_ranks:
                 raise ValueError(f"rank {rank} is not in this unit (0..{v.n_ranks - 1})")
             if (v.key, seq.request_id) in self.requests:
                 raise ValueError(f"request id {seq.request_id!r} is already running on this unit")

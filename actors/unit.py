@@ -16,6 +16,10 @@ sink hears `unit_down` (it holds new submissions) and then `unit_up`, and re-run
 unfinished request on the same rank index from its prompt plus the tokens it already produced:
 callers see complete, correct outputs (greedy and seeded sampling are deterministic per token
 index). A sink that dies (its ingress replica died) has its requests aborted on the ranks.
+An elastic unit (config `elastic: true`) goes on without a dead rank instead: its survivors
+re-form, keep their requests, take the dead rank's, and a replacement joins
+(actors/unit_elastic.py); the rebuild above stays the fallback. Over 300 lines: the lifecycle
+above and the remote entries sinks, controllers and benches call, each a few lines.
 
 `generate` / `prefill` / `stream` / `abort` stay for direct callers (llm.py, tests, benches):
 they forward to the supervisor's own default sink, created on first use.
@@ -29,6 +33,7 @@ import time
 import ray
 import torch
 
+from epserve.actors import unit_elastic
 from epserve.actors.rank import RankActor
 from epserve.actors.rank_messages import RankReport, UnitLayout
 from epserve.actors.stream_sink import StreamSink
@@ -45,7 +50,8 @@ log = logging.getLogger("epserve.unit")
 @ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=0)
 class UnitSupervisor:
     def __init__(self, unit_id: int, role: str, spec: RankSpec, shape: UnitShape, cpus_per_rank: float = 0.1,
-                 fp8_dispatch: bool = False, step_timeout_s: float = 300.0, n_moe_layers: int = 0):
+                 fp8_dispatch: bool = False, step_timeout_s: float = 300.0, n_moe_layers: int = 0,
+                 grow_back: bool = True):
         self.unit_id, self.role, self.spec, self.shape = unit_id, role, spec, shape
         self.cpus_per_rank, self.fp8_dispatch, self.step_timeout_s = cpus_per_rank, fp8_dispatch, step_timeout_s
         self.phy2log = initial_phy2log(n_moe_layers, shape.n_routed_experts, shape.n_slots)
@@ -69,6 +75,11 @@ class UnitSupervisor:
         self.closing = False
         self.drive = True
         self.is_up = False         # built and its loops running: sinks may submit
+        self.bundle_of: list[int] = []     # rank -> its bundle (elastic: survivors keep theirs)
+        self.elastic_events: list[dict] = []   # membership changes (actors/unit_elastic.py)
+        self.grow_back = grow_back         # elastic: start a replacement for a dead rank (False: stay shrunk)
+        self.growing: asyncio.Task | None = None
+        self.freed_bundles: list[int] = []    # elastic: bundles of dead ranks waiting for a replacement
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self, attempts: int = 3, drive: bool = True) -> list[dict]:
@@ -98,7 +109,8 @@ class UnitSupervisor:
         self.ranks = []
         # On CUDA every rank sees all GPUs of its node and drives its own by index (peers reachable
         # over NVLink for NCCL P2P and DeepEP's IPC buffers); placement/devices.py has the cases.
-        extra = {"runtime_env": {"env_vars": {NOSET_ENV: "1"}}} if self.spec.device.startswith("cuda") else {}
+        extra = self.rank_options()
+        self.bundle_of = [self.placement.rank_bundle[r] for r in range(s.n_ranks)]
         for r in range(s.n_ranks):
             strategy = PlacementGroupSchedulingStrategy(self.placement.pg, placement_group_bundle_index=
                                                         self.placement.rank_bundle[r])
@@ -114,13 +126,22 @@ class UnitSupervisor:
                             for r, info in enumerate(self.rank_info)]
         self.last = [None] * s.n_ranks
         if self.drive:
-            me = ray.get_runtime_context().current_actor
-            self.loops = [rk.run_loop.remote(me, [p for p in self.ranks if p is not rk], self.n_restarts, self.key)
-                          for rk in self.ranks]
-            self.monitor = asyncio.get_running_loop().create_task(self._watch(self.loops, self.n_restarts))
-            self.is_up = True
+            self._start_loops()
         log.info("%s unit %d up: %d ranks on %d node(s), rendezvous %s:%d", self.role, self.unit_id, s.n_ranks,
                  s.nodes_per_unit, *master)
+
+    def rank_options(self) -> dict:
+        """Ray options of every rank actor beside its bundle: on CUDA every rank sees all GPUs of
+        its node and drives its own by index (placement/devices.py)."""
+        return {"runtime_env": {"env_vars": {NOSET_ENV: "1"}}} if self.spec.device.startswith("cuda") else {}
+
+    def _start_loops(self) -> None:
+        """Every rank's loop under the current generation, and a watch on them; the unit is up."""
+        me = ray.get_runtime_context().current_actor
+        self.loops = [rk.run_loop.remote(me, [p for p in self.ranks if p is not rk], self.n_restarts, self.key)
+                      for rk in self.ranks]
+        self.monitor = asyncio.get_running_loop().create_task(self._watch(self.loops, self.n_restarts))
+        self.is_up = True
 
     async def _watch(self, loops: list, generation: int) -> None:
         """A rank's loop ends only at shutdown; anything else (a dead rank, a failed step) rebuilds.
@@ -128,6 +149,8 @@ class UnitSupervisor:
         done, _ = await asyncio.wait([asyncio.ensure_future(ref) for ref in loops], return_when=asyncio.FIRST_COMPLETED)
         if self.closing or generation != self.n_restarts:
             return
+        if self.spec.elastic and await unit_elastic.survive(self, loops, generation):
+            return                  # the survivors went on without the dead rank(s)
         why = "a rank's loop ended"
         for fut in done:
             exc = fut.exception()
@@ -169,6 +192,7 @@ class UnitSupervisor:
         return [g for g in got if not isinstance(g, BaseException)]
 
     async def _rebuild(self) -> None:
+        self.freed_bundles = []            # the rebuild fills every bundle
         await self._teardown()
         while not self.closing:
             try:
@@ -186,6 +210,8 @@ class UnitSupervisor:
         self.closing = True
         if self.monitor:
             self.monitor.cancel()
+        if self.growing:
+            self.growing.cancel()
         for t in list(self.sink_watches.values()):
             t.cancel()
         if getattr(self, "controller", None) is not None:
@@ -305,7 +331,8 @@ class UnitSupervisor:
         timing = [x.timing for x in self.last if x is not None]
         steps = head.n_steps if head else 0
         return {"unit": self.unit_id, "role": self.role, "steps": steps,
-                "restarts": self.n_restarts, "ranks": self.rank_info,
+                "restarts": self.n_restarts, "ranks": self.rank_info, "n_ranks": len(self.ranks),
+                "elastic": list(self.elastic_events),
                 "in_flight": len(await self._sink_requests()), "sinks": len(self.sinks),
                 "map_version": self.map_version, "eplb": self.eplb_report,
                 "schedule_steps": dict(head.schedule_steps) if head else {"plain": 0, "prefill": 0, "decode": 0},
@@ -332,6 +359,9 @@ class UnitSupervisor:
     async def apply_placement(self, phy2log: torch.Tensor, report: dict | None = None) -> dict:
         """Live migration: every rank stages its new slots in the background while requests keep
         running; then all switch before one step they agree on (pipelines/lockstep.py)."""
+        if len(self.ranks) != self.shape.n_ranks:
+            raise RuntimeError(f"the unit runs on {len(self.ranks)} of its {self.shape.n_ranks} ranks (a rank died); "
+                               "a placement for the whole unit waits for the replacement")
         t0 = time.time()
         version = self.map_version + 1
         await asyncio.gather(*[rk.stage_placement.remote(phy2log, version) for rk in self.ranks])

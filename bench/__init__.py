@@ -28,7 +28,9 @@ deepep  DeepEP dispatch/combine bandwidth and latency at V3 shapes (7168, top-8,
 overlap --profile DIR  PyTorch profiler traces of an overlapped prefill and decode step, every rank of a unit;
 engine --device cuda --profile DIR  a trace of one rank's decode steps (graph replays vs launches)
 chaos   one fault at a time (kill -9 of ranks, ledger, controllers, ingress, a node; full KV disk, corrupt
-        blocks, a truncated ledger part, the whole server killed and restarted) under 32 streams: a table + JSON
+        blocks, a truncated ledger part, the whole server killed and restarted) under 32 streams: a table + JSON;
+        --elastic: elastic units, a decode and a prefill rank killed: longest token gap, failures, equality,
+        tokens/s before / shrunk / rejoined, and the EP144 recovery-time model (fleet/recovery_model.py)
 soak    the server at its measured capacity for --duration-s: RSS of every process, failures, 429s above it
 serve   HTTP load generator (Poisson arrivals, concurrency sweep) against a running server; --constrained:
         decode TPOT with half of a 32-request batch JSON-constrained vs none, grammar compile ms per schema
@@ -102,8 +104,11 @@ def run(args) -> dict:
     elif what == "serve":
         out = _bench_serve(mod, args)
     elif what == "chaos":
+        if args.elastic:
+            from epserve.bench import chaos_elastic as mod
         faults = tuple(args.faults.split(",")) if args.faults else mod.FAULTS
-        out = mod.run(faults=faults, n_streams=args.streams, model=args.model, workdir=args.workdir)
+        out = mod.run(faults=faults, n_streams=args.streams or (16 if args.elastic else 32), model=args.model,
+                      workdir=args.workdir)
     elif what == "soak":
         out = mod.run(duration_s=args.duration_s, model=args.model, workdir=args.workdir)
     else:

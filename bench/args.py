@@ -117,7 +117,10 @@ def add_parser(sub) -> None:
 
     c = _leaf(bs, "chaos", "one fault at a time under 32 streams against a live server: a table + JSON")
     c.add_argument("--faults", help="comma-separated faults (default: all of them)")
-    c.add_argument("--streams", type=int, default=32, help="concurrent streams during each fault")
+    c.add_argument("--streams", type=int, default=None, help="concurrent streams during each fault (default 32; "
+                   "--elastic: 16)")
+    c.add_argument("--elastic", action="store_true", help="elastic units (bench/chaos_elastic.py): a decode and a "
+                   "prefill rank killed; longest token gap, tokens/s shrunk and rejoined; the EP144 recovery model")
     so = _leaf(bs, "soak", "the server at its measured capacity for --duration-s: RSS, failures, 429s")
     so.add_argument("--duration-s", type=float, default=600.0, help="seconds at capacity")
     for p in (c, so):

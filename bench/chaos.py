@@ -73,6 +73,7 @@ class Chaos:
         self.reference: list[str] | None = None
         self.probe_prompt = [7, 8, 9, 10, 11, 12]
         self.probe_want: str | None = None
+        self.last_streams: list = []          # the last fault's streams (bench/chaos_elastic.py reads their times)
 
     def say(self, msg: str) -> None:
         print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", file=self.log, flush=True)
@@ -110,7 +111,7 @@ class Chaos:
             t_fault = await fault(load, info)
             probes = asyncio.ensure_future(self._recovery(client, t_fault, info))
             watch = asyncio.ensure_future(info.pop("watch")) if "watch" in info else None
-            streams = await run
+            streams = self.last_streams = await run
             if watch is not None:
                 await watch
             recover_s, probe_ids = await probes
@@ -126,7 +127,8 @@ class Chaos:
                "lost_ids": lost[:5], "error_statuses": errors,
                "errors_retriable": all(st in RETRIABLE for st in errors),
                "error_bodies": sorted({json.dumps(s.error)[:240] for s in streams if s.error})[:3],
-               "recover_s": recover_s, **info,
+               "recover_s": recover_s, "max_gap_s": round(max((s.max_gap for s in streams), default=0.0), 3),
+               "t_fault": t_fault, **info,
                "streams": [s.brief() for s in streams if s.outcome != "completed" or s.wrong]}
         self.say(f"{name}: " + ", ".join(f"{k}={row[k]}" for k in ("completed", "error", "refused", "cut", "hung",
                                                                     "wrong", "ledger_lost", "recover_s")))

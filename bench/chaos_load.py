@@ -49,6 +49,12 @@ class Stream:
     request_id: str | None = None
     usage: dict | None = None
     wrong: bool = False
+    times: list[float] = field(default_factory=list)    # arrival of every chunk with text (gaps, tokens/s)
+
+    @property
+    def max_gap(self) -> float:
+        """Longest wait between two of its chunks (0 with fewer than two)."""
+        return max((b - a for a, b in zip(self.times, self.times[1:])), default=0.0)
 
     def brief(self) -> dict:
         return {"i": self.index, "outcome": self.outcome, "status": self.status, "error": self.error,
@@ -96,6 +102,7 @@ async def one_stream(client: httpx.AsyncClient, base: str, model: str, prompt: l
                     st.usage = ev["usage"]
                 for c in ev.get("choices", []):
                     st.t_first = st.t_first or time.time()
+                    st.times.append(time.time())
                     st.text += c.get("text", "")
                     st.n_chunks += 1
             st.outcome = "cut"

@@ -10,6 +10,8 @@ Per MoE layer on every rank (ranks with no tokens still take part):
      production, float32 in exact tests); the sender weights them and sums over K.
 One row per (token, expert) pair, so rows received over all ranks = tokens x top_k.
 Payloads travel as raw bytes (uint8 [rows, bytes]) so any dtype crosses gloo or NCCL.
+`group` is a registered process group (None: the default one) or, in an elastic unit, a
+standalone backend its survivors re-formed (actors/rank_elastic.py); `_all_to_all` calls either.
 """
 from __future__ import annotations
 
@@ -38,6 +40,23 @@ def _from_bytes(data: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tens
     return data.contiguous().view(dtype).view(data.shape[0], cols)
 
 
+# the standalone backends an elastic unit forms (not registered with torch.distributed)
+STANDALONE = tuple(c for c in (getattr(dist, "ProcessGroupGloo", None), getattr(dist, "ProcessGroupNCCL", None)) if c)
+
+
+def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
+                async_op: bool = False):
+    """dist.all_to_all_single on a registered group, or the same exchange on a standalone backend
+    (its alltoall_base; empty splits: equal parts) -> the Work when async_op, else None."""
+    if isinstance(group, STANDALONE):
+        work = group.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions())
+        if async_op:
+            return work
+        work.wait()
+        return None
+    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
+
+
 class AllToAllDispatcher(LocalDispatcher):
     run_static = None      # counts cross ranks on the host; a fixed-shape exchange is DeepEP's low-latency mode
     def __init__(self, kb: ModuleType, expert_map: ExpertMap, first_moe_layer: int, rank: int, world: int,
@@ -54,7 +73,7 @@ class AllToAllDispatcher(LocalDispatcher):
 
     def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         out = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
-        dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
+        _all_to_all(out, send.contiguous(), recv_counts, send_counts, self.group)
         return out
 
     def _pack(self, rows: torch.Tensor) -> torch.Tensor:
@@ -88,14 +107,14 @@ class AllToAllDispatcher(LocalDispatcher):
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=self.world)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)   # small, synchronous
+        _all_to_all(recv_counts, send_counts, [], [], self.group)         # small, synchronous
         sc, rc = send_counts.tolist(), recv_counts.tolist()
         rows = x[order // k]                                            # pair j is token j // k
         slot_ids = (slots % spr)[order].to(torch.int32)[:, None]
         payload = torch.cat([self._pack(rows), _as_bytes(slot_ids)], 1)      # one message per row
         ex = Exchange(layer, t, k, d, x.dtype, order, sc, rc, weights)
         ex.bufs = [payload.new_empty((sum(rc), payload.shape[1]))]
-        ex.works = [dist.all_to_all_single(ex.bufs[0], payload, rc, sc, group=self.group, async_op=True)]
+        ex.works = [_all_to_all(ex.bufs[0], payload, rc, sc, self.group, async_op=True)]
         ex.ready_at = self._ready_at(payload.numel())
         return ex
 
@@ -105,7 +124,7 @@ class AllToAllDispatcher(LocalDispatcher):
         y = shard.compute(self.kb, self._unpack(data, ex.d, ex.dtype), slot_ids)            # [sum(rc), D]
         send = _as_bytes(y.to(ex.dtype))
         ex.bufs = [send.new_empty((sum(ex.sc), send.shape[1]))]
-        ex.works = [dist.all_to_all_single(ex.bufs[0], send, ex.sc, ex.rc, group=self.group, async_op=True)]
+        ex.works = [_all_to_all(ex.bufs[0], send, ex.sc, ex.rc, self.group, async_op=True)]
         ex.ready_at = self._ready_at(send.numel())
         return ex
 
