@@ -56,7 +56,7 @@ from epserve.messages import RankSpec, RankStats, TokenDelta
 from epserve.model.ep_select import make_ep_dispatcher, make_one_rank_dispatcher
 from epserve.model.moe_dispatch import ExpertMap
 from epserve.pipelines.lockstep import LoopState, Vote, agree
-from epserve.pipelines.overlap import OverlapTuner
+from epserve.pipelines.overlap_tuner import OverlapTuner
 from epserve.pipelines.rank_stats import engine_stats
 from epserve.pipelines.runner import RankEngine
 from epserve.pipelines.sequence import Sequence

@@ -41,7 +41,7 @@ from epserve.actors.rank_groups import Groups, form_groups
 from epserve.model.moe_dispatch import ExpertMap
 from epserve.pipelines.expert_migration import stage
 from epserve.pipelines.lockstep import N_FIELDS
-from epserve.pipelines.overlap import OverlapTuner
+from epserve.pipelines.overlap_tuner import OverlapTuner
 from epserve.pipelines.sequence import Sequence
 
 log = logging.getLogger("epserve.rank")

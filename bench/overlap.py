@@ -28,7 +28,7 @@ from epserve.messages import RankSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
 from epserve.model.tiny import make_tiny_model
-from epserve.pipelines.overlap import OverlapTuner, choose_schedule, tuner_record
+from epserve.pipelines.overlap_tuner import OverlapTuner, choose_schedule, tuner_record
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape
 

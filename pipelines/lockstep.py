@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from epserve.pipelines.overlap import OverlapTuner, choose_schedule, step_phase, tuner_record
+from epserve.pipelines.overlap_tuner import OverlapTuner, choose_schedule, step_phase, tuner_record
 
 
 @dataclass(frozen=True)

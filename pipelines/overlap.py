@@ -11,7 +11,7 @@ COMBINE (wait, add into the residual) placed so each exchange flies while the ot
 micro-batch computes. `run_schedule` executes a list on the dispatcher's launch / compute /
 finish halves (model/ep_dispatch.py, non-blocking collectives); every stage is a named
 profiler range. The two schedules issue collectives in different orders, so a unit picks
-one per step for all its ranks (`choose_schedule`, called by the supervisor); with
+one per step for all its ranks (`choose_schedule` in pipelines/overlap_tuner.py, called by the supervisor); with
 `overlap: auto` an `OverlapTuner` measures whether splitting pays on this machine.
 
 `sbo` keeps the batch whole (SGLang's single-batch overlap): per MoE layer
@@ -32,9 +32,6 @@ from dataclasses import dataclass, field
 import torch
 
 from epserve.model.deepseek_v3 import Batch, MoE, Queries
-# the split policy lives in its own file; re-exported because callers know it by this module
-from epserve.pipelines.overlap_tuner import (OverlapTuner, choose_schedule, step_phase, tuner_choice,  # noqa: F401
-                                             tuner_record)
 
 SCHEDULES = ("prefill", "decode", "sbo")
 

@@ -12,7 +12,7 @@ from epserve.model.ep_emulate import EmulatedDispatcher, EmulationError, ep_shar
 from epserve.model.ep_select import make_ep_dispatcher
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.local import make_local_engine
-from epserve.pipelines.overlap import step_phase
+from epserve.pipelines.overlap_tuner import step_phase
 from epserve.pipelines.sequence import Sequence
 
 EMU = {"ranks": 4, "top_k": 8, "experts": 64, "groups": 8, "skew": "lognormal", "seed": 3}

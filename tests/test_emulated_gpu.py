@@ -10,7 +10,7 @@ import torch
 from conftest import decode_forward_without_sync, prompts_of
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.local import make_local_engine
-from epserve.pipelines.overlap import step_phase
+from epserve.pipelines.overlap_tuner import step_phase
 from epserve.pipelines.sequence import Sequence
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

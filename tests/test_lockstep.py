@@ -13,7 +13,7 @@ from epserve.messages import RankSpec
 from epserve.model.checkpoint import read_config
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.lockstep import LoopState, Vote, agree, combine
-from epserve.pipelines.overlap import OverlapTuner
+from epserve.pipelines.overlap_tuner import OverlapTuner
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.topology import UnitShape
 

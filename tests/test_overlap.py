@@ -8,8 +8,8 @@ from conftest import prompts_of
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.batcher import Step
 from epserve.pipelines.local import make_local_engine
-from epserve.pipelines.overlap import (OverlapTuner, choose_schedule, forward_overlapped, piece_cost, schedule_ops,
-                                       split_two, step_phase, tuner_record)
+from epserve.pipelines.overlap import forward_overlapped, piece_cost, schedule_ops, split_two
+from epserve.pipelines.overlap_tuner import OverlapTuner, choose_schedule, step_phase, tuner_record
 from epserve.pipelines.sequence import Sequence
 
 COMPUTE = {"ATTN-0", "ATTN-1", "FFN", "SHARED", "MLP", "HEAD"}
