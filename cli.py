@@ -44,10 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights with 128x128 weight_scale_inv")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shards", type=int, default=1)
-    m.add_argument("--chat-template", default="v3", choices=["v3", "r1"],
-                   help="DeepSeek-V3's chat template (tool calls) or the R1 variant that opens <think>")
-    m.add_argument("--preset", default="tiny", help="tiny (default) | v3-4l | v3-ep144-rank | v3-ep144-rank-61l | v3-ep32-rank "
-                   "| v3-mini "
+    m.add_argument("--chat-template", default="v3", choices=["v3", "r1", "v3.1", "r1-0528"],
+                   help="DeepSeek-V3's chat template (tool calls), the R1 variant that opens <think>, V3.1's "
+                        "(thinking switch) or R1-0528's; a family preset brings its own")
+    m.add_argument("--preset", default="tiny", help="tiny (default) | v31-tiny | r1-0528-tiny | kimi-k2-tiny "
+                   "| v3-4l | v3-ep144-rank | v3-ep144-rank-61l | v3-ep32-rank | v3-mini "
                    "(V3-width ones are FP8, ~5-40 GB; make them on a GPU with --device cuda)")
     m.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is much faster)")
 
@@ -95,7 +96,8 @@ def _cmd_make_tiny_model(a) -> int:
     from epserve.model.tiny import make_tiny_model
     out = make_tiny_model(a.dir, fp8=a.fp8, seed=a.seed, shards=a.shards, preset=a.preset, device=a.device,
                           chat_template=a.chat_template)
-    print(f"wrote {'FP8 ' if a.fp8 or a.preset.startswith('v3-') else ''}{a.preset} DeepSeek-V3 checkpoint to {out}")
+    print(f"wrote {'FP8 ' if a.fp8 or a.preset.startswith('v3-') else ''}{a.preset} DeepSeek-V3-layout checkpoint "
+          f"to {out}")
     return 0
 
 
