@@ -5,7 +5,8 @@ grammar writer (serve/structured.py) read every syntax from these fields:
 
   <section_begin> <call_begin> HEAD <args_begin> ARGS <args_end> <call_end> [joiner <call> ...] <section_end>
 
-  deepseek-v3   HEAD = function<｜tool▁sep｜>NAME   args wrapped in "\\n```json\\n" ... "\\n```", calls joined by "\\n"
+  deepseek-v3   HEAD = function<｜tool▁sep｜>NAME   args wrapped in "\\n```json\\n" ... "\\n```",
+                                                   calls joined by "\\n"
   deepseek-v3.1 HEAD = NAME                        args after <｜tool▁sep｜>, calls back to back
   kimi-k2       HEAD = functions.NAME:INDEX        args after <|tool_call_argument_begin|>; the head is the
                                                    call's id (its template renders the id back)
@@ -42,6 +43,7 @@ class ToolSyntax:
     args_end: str = ""
     joiner: str = ""
     head_is_id: bool = False   # the head doubles as the call's id (its template renders ids)
+    head_tokens: tuple[str, ...] = ()    # single tokens inside the head (V3: <｜tool▁sep｜>)
 
     def call_text(self, name: str, arguments: str, index: int = 0) -> str:
         return (self.call_begin + self.head.format(name=name, index=index) + self.args_begin + arguments
@@ -62,11 +64,12 @@ class ToolSyntax:
     def markers(self) -> tuple[str, ...]:
         """The single tokens this syntax is written with (they must decode to their text)."""
         return tuple(m for m in (self.section_begin, self.section_end, self.call_begin, self.call_end,
-                                 self.args_begin) if m and not m.startswith("\n"))
+                                 self.args_begin, *self.head_tokens) if m and not m.startswith("\n"))
 
 
 DEEPSEEK_V3 = ToolSyntax("deepseek-v3", ct.CALLS_BEGIN, ct.CALLS_END, ct.CALL_BEGIN, ct.CALL_END,
-                         "function" + ct.TOOL_SEP + "{name}", "\n```json\n", "\n```", "\n")
+                         "function" + ct.TOOL_SEP + "{name}", "\n```json\n", "\n```", "\n",
+                         head_tokens=(ct.TOOL_SEP,))
 DEEPSEEK_V31 = ToolSyntax("deepseek-v3.1", ct.CALLS_BEGIN, ct.CALLS_END, ct.CALL_BEGIN, ct.CALL_END,
                           "{name}", ct.TOOL_SEP)
 KIMI_K2 = ToolSyntax("kimi-k2", ct.K2_CALLS_BEGIN, ct.K2_CALLS_END, ct.K2_CALL_BEGIN, ct.K2_CALL_END,
