@@ -56,7 +56,7 @@ def _parse_calls(section: str, final: bool, syn: ToolSyntax) -> list[list[str]]:
         if syn.args_end and syn.args_end in args:
             args = args[:args.index(syn.args_end)]
         else:
-            args = _held(args, final or done, syn.args_end)
+            args = _held(args, final or done, syn.args_end or syn.call_end)
         calls.append([syn.name_of(head) or head.strip(), args, head.strip()])
     return calls
 
