@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print a config's unit placement without the hardware")
     pl.add_argument("config", help="YAML config (e.g. configs/deepseek_v3_prod.yaml)")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--shape", default=None, help="the model's dimensions when the config's `model` folder is not "
+                    "here: deepseek-v3 (default) | kimi-k2")
 
     e = sub.add_parser("eplb", help="run EPLB offline on a saved load matrix [layers, experts]")
     e.add_argument("--stats", required=True, help=".npy, .pt or .csv load matrix")
@@ -139,7 +141,7 @@ def _cmd_plan(a) -> int:
     from epserve.config import load_config
     from epserve.plan import format_plan, plan_units
     cfg = load_config(a.config)
-    plan = plan_units(cfg)
+    plan = plan_units(cfg, a.shape)
     print(json.dumps(plan, indent=1) if a.json else format_plan(plan))
     return 0
 

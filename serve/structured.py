@@ -71,8 +71,9 @@ def _lark(text: str, ids: dict[str, int]) -> str:
 
 def _call_rule(i: int, name: str, schema: dict, ids: dict[str, int], syn: ToolSyntax) -> str:
     schema = {**schema, "x-guidance": JSON_OPTIONS}
-    # the head; a call index (Kimi K2's functions.NAME:0) is any number
-    head = " /[0-9]+/ ".join(_lark(part.format(name=name), ids) for part in syn.head.split("{index}"))
+    # the head; a call index (Kimi K2's functions.NAME:0, counted over the conversation) is a number of at
+    # most 3 digits, so an undertrained model cannot spin in it
+    head = " /[0-9]{1,3}/ ".join(_lark(part.format(name=name), ids) for part in syn.head.split("{index}"))
     end = (_lark(syn.args_end, ids) + " " if syn.args_end else "") + f"<[{ids[syn.call_end]}]>"
     return (f"f{i}: {head} {_lark(syn.args_begin, ids)} a{i} {end}\n"
             f"a{i}: %json {json.dumps(schema, sort_keys=True)}\n")

@@ -225,3 +225,16 @@ def test_make_tiny_model_cli_writes_each_members_files(tmp_path):
 def test_kimi_k2_reads_im_end_as_end_of_turn(family):
     from epserve.model.checkpoint import read_config
     assert read_config(family["kimi-k2-tiny"]).eos_token_ids == (385, 386)
+
+
+def test_kimi_k2_prod_plans_with_more_than_two_slots_per_gpu():
+    from epserve.config import load_config
+    from epserve.plan import plan_units
+    plan = plan_units(load_config("configs/kimi_k2_prod.yaml"), "kimi-k2")
+    for role, slots in (("prefill", 13), ("decode", 5)):
+        r = plan["roles"][role]
+        assert r["routed_slots_per_rank"] == slots and r["slots_per_layer"] == 384 + r["redundant_experts"]
+        assert sorted({e for rk in r["ranks"] for e in rk["experts_layer0"]}) == list(range(384))
+        assert r["memory_per_rank_total_gib"] < 78          # fits an H100
+    with pytest.raises(ValueError, match="kimi-k3"):
+        plan_units(load_config("configs/kimi_k2_prod.yaml"), "kimi-k3")
