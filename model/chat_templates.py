@@ -60,16 +60,12 @@ _TOOLS_PREAMBLE = (
     "{%- endfor -%}{%- endif -%}")
 
 
-def _template(generation_prompt: str, strip_reasoning: bool, call: str = _CALL, joiner: str = "\\n",
-              preamble: str = _TOOLS_PREAMBLE, reply_open: str = ASSISTANT, head: str = "") -> str:
-    """DeepSeek's template, parametrised by what differs between V3, R1, R1-0528 and V3.1.
-    generation_prompt: a Jinja expression; call: a Jinja expression writing `tool`'s call; joiner:
-    between two calls; reply_open: what an answer to a user turn starts with; head: set-up code."""
+def _template(generation_prompt: str, strip_reasoning: bool) -> str:
+    """DeepSeek-V3's template and its R1 / R1-0528 variants; generation_prompt: a Jinja expression."""
     content = ("{%- set content = message['content'] or '' -%}"
                + ("{%- if '" + END_THINK + "' in content -%}{%- set content = content.split('" + END_THINK
                   + "')[-1] -%}{%- endif -%}" if strip_reasoning else ""))
     return (
-        head +
         "{%- set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', "
         "is_first_sp=true) -%}"
         "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
@@ -77,20 +73,20 @@ def _template(generation_prompt: str, strip_reasoning: bool, call: str = _CALL, 
         "{%- set ns.is_first_sp = false -%}"
         "{%- else -%}{%- set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] -%}{%- endif -%}"
         "{%- endif -%}{%- endfor -%}"
-        + preamble +
+        + _TOOLS_PREAMBLE +
         "{{ bos_token }}{{ ns.system_prompt }}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}{%- set ns.is_tool = false -%}{{ '" + USER + "' + message['content'] }}"
         "{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}{%- set ns.is_tool = false -%}"
         "{%- set ns.is_first = false -%}" + content +
         "{%- for tool in message['tool_calls'] -%}"
-        "{%- if not ns.is_first -%}{{ '" + reply_open + "' + content + '" + CALLS_BEGIN + "' + " + call + " }}"
+        "{%- if not ns.is_first -%}{{ '" + ASSISTANT + "' + content + '" + CALLS_BEGIN + "' + " + _CALL + " }}"
         "{%- set ns.is_first = true -%}"
-        "{%- else -%}{{ '" + joiner + "' + " + call + " }}{%- endif -%}"
+        "{%- else -%}{{ '\\n' + " + _CALL + " }}{%- endif -%}"
         "{%- endfor -%}{{ '" + CALLS_END + EOS + "' }}"
         "{%- elif message['role'] == 'assistant' -%}" + content +
         "{%- if ns.is_tool -%}{{ '" + OUTPUTS_END + "' + content + '" + EOS + "' }}{%- set ns.is_tool = false -%}"
-        "{%- else -%}{{ '" + reply_open + "' + content + '" + EOS + "' }}{%- endif -%}"
+        "{%- else -%}{{ '" + ASSISTANT + "' + content + '" + EOS + "' }}{%- endif -%}"
         "{%- elif message['role'] == 'tool' -%}{%- set ns.is_tool = true -%}"
         "{%- if ns.is_output_first -%}{{ '" + OUTPUTS_BEGIN + OUTPUT_BEGIN + "' + message['content'] + '"
         + OUTPUT_END + "' }}{%- set ns.is_output_first = false -%}"
@@ -122,11 +118,36 @@ _V31_PREAMBLE = (
     + "{{additional_tool_calls}}" + CALLS_END + "\\n\\nWhere `tool_call_name` is one of the tools above, "
     "`tool_call_arguments` is JSON following its Parameters, and several calls follow each other with nothing "
     "between them.' -%}{%- endif -%}")
-V31_TEMPLATE = _template("'" + ASSISTANT + "' + ('" + THINK + "' if thinking else '" + END_THINK + "')",
-                         strip_reasoning=True, call=_V31_CALL, joiner="", preamble=_V31_PREAMBLE,
-                         reply_open=ASSISTANT + END_THINK,
-                         head="{%- if thinking is not defined -%}{%- set thinking = enable_thinking is defined "
-                              "and enable_thinking -%}{%- endif -%}")
+# V3.1: an answer to a user opens with <｜Assistant｜> and, in the history, </think> (reasoning is not kept);
+# tool outputs are bare <｜tool▁output▁begin｜>...<｜tool▁output▁end｜> pieces the model answers after
+# directly, so no generation prompt follows them; calls are NAME<｜tool▁sep｜>ARGS back to back
+V31_TEMPLATE = (
+    "{%- if thinking is not defined -%}{%- set thinking = enable_thinking is defined and enable_thinking -%}"
+    "{%- endif -%}"
+    "{%- set ns = namespace(system_prompt='', is_first_sp=true, is_last_user=false, is_tool=false) -%}"
+    "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
+    "{%- set ns.system_prompt = ns.system_prompt + ('' if ns.is_first_sp else '\\n\\n') + message['content'] -%}"
+    "{%- set ns.is_first_sp = false -%}{%- endif -%}{%- endfor -%}"
+    + _V31_PREAMBLE +
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set ns.is_tool = false -%}{%- set ns.is_last_user = true -%}"
+    "{{ '" + USER + "' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if ns.is_last_user -%}{{ '" + ASSISTANT + END_THINK + "' }}{%- endif -%}"
+    "{%- set ns.is_last_user = false -%}"
+    "{%- if message.get('tool_calls') -%}{{ (message['content'] or '') + '" + CALLS_BEGIN + "' }}"
+    "{%- for tool in message['tool_calls'] -%}{{ " + _V31_CALL + " }}{%- endfor -%}"
+    "{{ '" + CALLS_END + EOS + "' }}"
+    "{%- elif ns.is_tool -%}{{ message['content'] + '" + EOS + "' }}"
+    "{%- else -%}{{ (message['content'] or '').split('" + END_THINK + "')[-1] + '" + EOS + "' }}{%- endif -%}"
+    "{%- set ns.is_tool = false -%}"
+    "{%- elif message['role'] == 'tool' -%}{%- set ns.is_last_user = false -%}{%- set ns.is_tool = true -%}"
+    "{{ '" + OUTPUT_BEGIN + "' + message['content'] + '" + OUTPUT_END + "' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt and ns.is_last_user -%}"
+    "{{ '" + ASSISTANT + "' + ('" + THINK + "' if thinking else '" + END_THINK + "') }}{%- endif -%}")
 
 
 def _k2_turn(role_token: str, role: str) -> str:
