@@ -115,7 +115,7 @@ class Ingress:
         self.grammars = GrammarCache(load_lltokenizer(tokenizer_json(model_dir),
                                                       self.args.vocab_size, self.args.eos_token_ids)) \
             if self.tokenizer is not None else None
-        self.tokenize_routes = TokenizeRoutes(self.inputs, self.model_name, self.max_len)
+        self.tokenize_routes = TokenizeRoutes(self.inputs, self.modes, self.max_len)
         spec = kv_store_spec(cfg)
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
         mtp = cfg.mtp.n_draft > 0

@@ -145,3 +145,11 @@ def test_a_mode_name_contradicted_by_kwargs_is_a_400_naming_it(client):
     assert exc.value.body["param"] == "chat_template_kwargs.thinking"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="deepseek-v4", messages=ASK, max_tokens=2)
+
+
+@pytest.mark.parametrize("model,thinking", [("deepseek-reasoner", True), ("deepseek-chat", False), ("v31", False)])
+def test_tokenize_renders_the_mode_the_name_selects(server, tok, model, thinking):
+    import httpx
+    r = httpx.post(server + "/tokenize", json={"model": model, "messages": ASK}, headers={"Authorization": "Bearer k"})
+    assert r.status_code == 200
+    assert r.json()["tokens"] == tok.encode(tok.apply_chat_template(ASK, thinking=thinking), add_special=False)
