@@ -1,7 +1,8 @@
 """Kimi K2 by configuration on the simulated cluster: a random kimi-k2-tiny checkpoint (12 routed
 experts in one group, its tiktoken tokenizer and chat format) served by 2-rank prefill and decode
 units with 7 and 8 expert slots per rank, over HTTP with the official openai client: greedy tokens
-equal transformers', chat prompts are K2's template, and K2 tool calls come back parsed.
+equal transformers', chat prompts are K2's template, and K2 tool calls come back parsed; and live
+EPLB over K2's one expert group on a 2-rank unit with 7 slots per rank.
 """
 from __future__ import annotations
 
@@ -28,6 +29,47 @@ ASK = [{"role": "user", "content": "What is 2 + 3?"}]
 def k2_dir(tmp_path_factory):
     from epserve.model.tiny import make_tiny_model
     return str(make_tiny_model(tmp_path_factory.mktemp("ckpt") / "k2", preset="kimi-k2-tiny", seed=7))
+
+
+def test_eplb_rebalances_k2s_one_group_live_over_seven_slots_per_rank(ray_cluster, k2_dir):
+    """A 2-rank unit holding 12 experts + 2 redundant (7 slots per rank): EPLB over K2's single
+    group moves weights at one agreed step mid-generation and no token changes."""
+    import time
+
+    import ray
+
+    from epserve.actors.eplb_controller import EplbController
+    from epserve.actors.unit import UnitSupervisor
+    from epserve.messages import RankSpec
+    from epserve.model.checkpoint import read_config
+    from epserve.model.sampling import SamplingParams
+    from epserve.pipelines.sequence import Sequence
+    from epserve.placement.topology import UnitShape
+    args = read_config(k2_dir)
+    assert (args.n_routed_experts, args.n_expert_groups, args.n_limited_groups) == (12, 1, 1)
+    shape = UnitShape(1, 2, args.n_routed_experts, redundant_experts=2)
+    assert shape.slots_per_rank == 7
+    sup = UnitSupervisor.remote(0, "decode", RankSpec(k2_dir, kernels="reference", kv_pages=32), shape,
+                                n_moe_layers=args.n_moe_layers, step_timeout_s=60)
+    try:
+        ray.get(sup.start.remote(), timeout=180)
+        prompts, n = [[7] * 20, [11] * 20, [7, 11] * 10], 60         # repetitive: a skewed expert load
+        hf = hf_model(k2_dir)
+        want = [hf_greedy(hf, p, n)[0] for p in prompts]
+        ctrl = EplbController.remote(sup, shape, args.n_expert_groups, interval_s=3600, window_steps=10 ** 9)
+        steps0 = ray.get(sup.status.remote())["steps"]
+        greedy = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        running = sup.generate.remote([(Sequence(f"k{i}", p, greedy), i % 2) for i, p in enumerate(prompts)])
+        while ray.get(sup.status.remote())["steps"] < steps0 + 5:
+            time.sleep(0.02)
+        report = ray.get(ctrl.rebalance.remote(force=True), timeout=120)
+        got = ray.get(running, timeout=300)
+        assert [g.token_ids for g in got] == want
+        assert report["applied"] and report["weights_moved"] > 0
+        assert steps0 + 5 <= report["switch_step"] < ray.get(sup.status.remote())["steps"]
+        ray.kill(ctrl)
+    finally:
+        ray.get(sup.shutdown.remote(), timeout=60)
 
 
 @pytest.fixture(scope="module")
