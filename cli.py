@@ -44,10 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights with 128x128 weight_scale_inv")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shards", type=int, default=1)
-    m.add_argument("--chat-template", default="v3", choices=["v3", "r1"],
-                   help="DeepSeek-V3's chat template (tool calls) or the R1 variant that opens <think>")
-    m.add_argument("--preset", default="tiny", help="tiny (default) | v3-4l | v3-ep144-rank | v3-ep144-rank-61l | v3-ep32-rank "
-                   "| v3-mini | v32-tiny (DeepSeek-V3.2: sparse attention) "
+    m.add_argument("--chat-template", default="v3", choices=["v3", "r1", "v3.1", "r1-0528"],
+                   help="DeepSeek-V3's chat template (tool calls), the R1 variant that opens <think>, V3.1's "
+                        "(thinking switch) or R1-0528's; a family preset brings its own")
+    m.add_argument("--preset", default="tiny", help="tiny (default) | v31-tiny | r1-0528-tiny | kimi-k2-tiny "
+                   "| v32-tiny (DeepSeek-V3.2: sparse attention) "
+                   "| v3-4l | v3-ep144-rank | v3-ep144-rank-61l | v3-ep32-rank | v3-mini "
                    "(V3-width ones are FP8, ~5-40 GB; make them on a GPU with --device cuda)")
     m.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is much faster)")
 
@@ -61,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print a config's unit placement without the hardware")
     pl.add_argument("config", help="YAML config (e.g. configs/deepseek_v3_prod.yaml)")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--shape", default=None, help="the model's dimensions when the config's `model` folder is not "
+                    "here: deepseek-v3 (default) | kimi-k2")
 
     e = sub.add_parser("eplb", help="run EPLB offline on a saved load matrix [layers, experts]")
     e.add_argument("--stats", required=True, help=".npy, .pt or .csv load matrix")
@@ -95,7 +99,8 @@ def _cmd_make_tiny_model(a) -> int:
     from epserve.model.tiny import make_tiny_model
     out = make_tiny_model(a.dir, fp8=a.fp8, seed=a.seed, shards=a.shards, preset=a.preset, device=a.device,
                           chat_template=a.chat_template)
-    print(f"wrote {'FP8 ' if a.fp8 or a.preset.startswith('v3-') else ''}{a.preset} DeepSeek-V3 checkpoint to {out}")
+    print(f"wrote {'FP8 ' if a.fp8 or a.preset.startswith('v3-') else ''}{a.preset} DeepSeek-V3-layout checkpoint "
+          f"to {out}")
     return 0
 
 
@@ -137,7 +142,7 @@ def _cmd_plan(a) -> int:
     from epserve.config import load_config
     from epserve.plan import format_plan, plan_units
     cfg = load_config(a.config)
-    plan = plan_units(cfg)
+    plan = plan_units(cfg, a.shape)
     print(json.dumps(plan, indent=1) if a.json else format_plan(plan))
     return 0
 

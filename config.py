@@ -166,7 +166,9 @@ class ServeConfig:
     ingress_replicas: int = 1         # front-door replicas; they admit through one shared router
     max_body_bytes: int = 1 << 20     # request bodies over this: 413
     max_messages: int = 256           # chat messages in one request over this: 413
-    reasoning: str = "auto"           # auto (the chat template opens <think>) | on | off: split reasoning_content
+    reasoning: str = "auto"           # auto (the template's thinking: R1 opens <think>, V3.1 per request) | on | off
+    chat_model_name: str = "deepseek-chat"          # with a thinking-switch template (V3.1): this name, thinking off
+    reasoner_model_name: str = "deepseek-reasoner"  # ... and this name, thinking on ("": not served)
     max_n: int = 16                   # most choices (`n`) one request may ask for
 
 

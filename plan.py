@@ -1,7 +1,8 @@
 """`epserve plan`: where every rank and expert slot of a config's units would live, without hardware.
 
 Pure: config in, plan out. The model shape comes from the checkpoint's config.json when
-the folder exists, else DeepSeek-V3's own dimensions (the production shapes need no weights).
+the folder exists, else a named release's dimensions (model/family.py SHAPES: kimi-k2), else
+DeepSeek-V3's own (the production shapes need no weights).
 """
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ from epserve.placement.topology import UnitShape, initial_phy2log
 GiB = 1 << 30
 
 
-def _model_args(cfg: Config) -> tuple[ModelArgs, str]:
+def _model_args(cfg: Config, shape: str | None = None) -> tuple[ModelArgs, str]:
     """The served shape: with mtp on, its MTP layer's routed experts are placed with the main layers'."""
     from epserve.model.mtp import with_mtp
     if cfg.model and (Path(cfg.model) / "config.json").is_file():
         from epserve.model.checkpoint import read_config
         return read_config(cfg.model, cfg.mtp.n_draft), cfg.model
+    if shape not in (None, "deepseek-v3"):
+        from epserve.model.family import SHAPES
+        if shape not in SHAPES:
+            raise ValueError(f"--shape {shape!r} is not one of deepseek-v3, {', '.join(SHAPES)}")
+        return with_mtp(ModelArgs.from_hf_config(SHAPES[shape]), cfg.mtp.n_draft), \
+            f"{shape} dimensions (no checkpoint read)"
     return with_mtp(ModelArgs(fp8_block=(128, 128), n_nextn_layers=1), cfg.mtp.n_draft), \
         "DeepSeek-V3 dimensions (no checkpoint read)"
 
@@ -47,8 +54,8 @@ def rank_memory(a: ModelArgs, dtype: str, slots_per_rank: int, kv_pages: int) ->
             "kv_cache_gib": round(a.n_kv_layers * kv_pages * 64 * a.cache_dim * act_bytes / GiB, 2)}
 
 
-def plan_units(cfg: Config) -> dict:
-    a, source = _model_args(cfg)
+def plan_units(cfg: Config, shape: str | None = None) -> dict:
+    a, source = _model_args(cfg, shape)
     out = {"model": source, "roles": {}}
     for role in ("prefill", "decode"):
         u = getattr(cfg, role)

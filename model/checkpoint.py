@@ -68,6 +68,15 @@ def read_config(model_dir: str | os.PathLike, n_draft: int = 0) -> ModelArgs:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():      # a chat model may end its turns with another token (Kimi K2: <|im_end|>)
+        try:
+            extra = json.loads(gen.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{gen}: not valid JSON ({exc})") from None
+        ids = [e for v in (cfg.get("eos_token_id"), extra) for e in (v if isinstance(v, list) else [v])
+               if e is not None]
+        cfg["eos_token_id"] = list(dict.fromkeys(ids))
     from epserve.model.mtp import with_mtp
     return with_mtp(ModelArgs.from_hf_config(cfg), n_draft)
 

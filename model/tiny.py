@@ -22,6 +22,7 @@ from epserve.config import cache_root
 from epserve.kernels.reference import per_block_quant_fp8
 
 from epserve.model.chat_templates import BOS, EOS, PLAIN_TOKENS, USER, ASSISTANT, template_for
+from epserve.model.family import MEMBERS, write_k2_tokenizer
 
 # The default tiny shape: 3 layers (1 dense, 2 MoE), 16 experts in 4 groups, top-4 of 2 groups.
 TINY_CONFIG = {
@@ -69,6 +70,8 @@ PRESETS = {
                 "num_key_value_heads": 16, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4,
                 "topk_group": 2, "q_lora_rank": 256, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
                 "qk_rope_head_dim": 64, "v_head_dim": 128},
+    # the V3 family (model/family.py): V3.1, R1-0528 and Kimi K2 at the tiny widths
+    **{name: member.config for name, member in MEMBERS.items()},
 }
 
 _CORPUS = """\
@@ -192,7 +195,8 @@ def make_tiny_model(out_dir: str | os.PathLike, *, fp8: bool = False, seed: int 
                     config_overrides: dict | None = None, preset: str = "tiny", device: str = "cpu",
                     chat_template: str = "v3") -> Path:
     """Write the checkpoint atomically (temp dir + rename); returns the folder. `preset` picks a
-    shape from PRESETS (the V3-width ones are FP8 and sharded like the release)."""
+    shape from PRESETS (the V3-width ones are FP8 and sharded like the release); a family member's
+    preset also picks its chat template and tokenizer (model/family.py), over `chat_template`."""
     out = Path(out_dir)
     if (out / "config.json").exists():
         raise FileExistsError(f"{out} already holds a checkpoint (config.json exists)")
@@ -203,8 +207,14 @@ def make_tiny_model(out_dir: str | os.PathLike, *, fp8: bool = False, seed: int 
         fp8, shards = True, max(shards, 8)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    member = MEMBERS.get(preset)
     try:
-        vocab = write_tokenizer(tmp, cfg["vocab_size"], chat_template)
+        if member is not None and member.tokenizer == "tiktoken":
+            vocab = write_k2_tokenizer(tmp, cfg["vocab_size"] - 256, [_CORPUS] * 4, cfg["max_position_embeddings"])
+        else:
+            vocab = write_tokenizer(tmp, cfg["vocab_size"], member.chat if member else chat_template)
+        if member is not None and member.generation_config:
+            (tmp / "generation_config.json").write_text(json.dumps(member.generation_config))
         if vocab > cfg["vocab_size"]:
             raise ValueError(f"tokenizer has {vocab} tokens, more than vocab_size={cfg['vocab_size']}")
         sd = random_state_dict(cfg, seed, fp8=fp8, device=device)

@@ -1,7 +1,9 @@
 """Text <-> token ids with the checkpoint's own tokenizer files and chat template.
 
-A checkpoint without tokenizer files still serves token-id prompts: `load_tokenizer`
-returns None and callers refuse text prompts with a clear error.
+A checkpoint brings tokenizer.json, or (Kimi K2) tiktoken.model with its special tokens in
+tokenizer_config.json (model/tiktoken_bpe.py turns those into the same kind of tokenizer). A
+checkpoint without either still serves token-id prompts: `load_tokenizer` returns None and callers
+refuse text prompts with a clear error.
 """
 from __future__ import annotations
 
@@ -11,14 +13,18 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from epserve.model.chat_formats import TOOL_SYNTAXES
 from epserve.model.chat_templates import END_THINK, THINK
+from epserve.model.tiktoken_bpe import load_tiktoken_dir
+
+# added tokens that decode to their text: the markers the reasoning and tool-call parsers read
+PLAIN = {THINK, END_THINK, *(m for s in TOOL_SYNTAXES.values() for m in s.markers)}
 
 
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
-        from tokenizers import Tokenizer as HFTokenizer
         d = Path(model_dir)
-        self.tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+        self.tok = hf_tokenizer(d)
         cfg_path = d / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
 
@@ -57,7 +63,8 @@ class Tokenizer:
         return prompt.rstrip().endswith(THINK)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, **kwargs) -> str:
+        """kwargs: the template's own arguments (V3.1's `thinking`), as chat_template_kwargs sends them."""
         if not self.chat_template:
             raise ValueError("this checkpoint's tokenizer_config.json has no chat_template")
         if self._template is None:
@@ -67,14 +74,35 @@ class Tokenizer:
             env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
             self._template = env.from_string(self.chat_template)
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return self._template.render(**kwargs, messages=messages, add_generation_prompt=add_generation_prompt,
+                                         tools=tools, bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as exc:        # a message the template cannot render: the request's fault
             raise ValueError(f"the chat template cannot render these messages: {exc}") from None
 
 
+def hf_tokenizer(model_dir: str | Path):
+    """The checkpoint's `tokenizers.Tokenizer`: tokenizer.json, else tiktoken.model converted."""
+    from tokenizers import Tokenizer as HFTokenizer
+    d = Path(model_dir)
+    if (d / "tokenizer.json").is_file():
+        return HFTokenizer.from_file(str(d / "tokenizer.json"))
+    return load_tiktoken_dir(d, PLAIN)
+
+
+def has_tokenizer(model_dir: str | Path) -> bool:
+    d = Path(model_dir)
+    return (d / "tokenizer.json").is_file() or ((d / "tiktoken.model").is_file()
+                                                and (d / "tokenizer_config.json").is_file())
+
+
+def tokenizer_json(model_dir: str | Path) -> str:
+    """The tokenizer as tokenizer.json text (what llguidance reads), converted when it is tiktoken's."""
+    d = Path(model_dir)
+    return (d / "tokenizer.json").read_text() if (d / "tokenizer.json").is_file() else hf_tokenizer(d).to_str()
+
+
 def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
-    return Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
+    return Tokenizer(model_dir) if has_tokenizer(model_dir) else None
 
 
 class IncrementalText:

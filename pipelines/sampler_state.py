@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from pathlib import Path
 
 import torch
 
 from epserve.model.grammar import GrammarCache, load_lltokenizer
 from epserve.model.logit_adjust import LogitAdjust
+from epserve.model.tokenizer import tokenizer_json
 from epserve.pipelines.sequence import Sequence
 
 log = logging.getLogger("epserve.sampler_state")
@@ -69,7 +69,7 @@ class SamplerState:
     @property
     def grammars(self) -> GrammarCache:
         if self._grammars is None:
-            text = (Path(self.model_dir) / "tokenizer.json").read_text()
+            text = tokenizer_json(self.model_dir)
             self._grammars = GrammarCache(load_lltokenizer(text, self.n_vocab, self.eos_ids))
         return self._grammars
 

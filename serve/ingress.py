@@ -17,7 +17,6 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Request
@@ -26,15 +25,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from epserve.config import Config, context_len, kv_store_spec, ledger_root
-from epserve.errors import (AuthenticationError, EpserveError, InvalidRequest, ModelNotFound, Unavailable, http_error,
+from epserve.errors import (AuthenticationError, EpserveError, InvalidRequest, Unavailable, http_error,
                             unwrap)
 from epserve.messages import Usage
 from epserve.model.checkpoint import read_config
 from epserve.model import chat_templates as ct
 from epserve.model.grammar import GrammarCache, load_lltokenizer
-from epserve.model.tokenizer import IncrementalText, load_tokenizer
+from epserve.model.tokenizer import IncrementalText, load_tokenizer, tokenizer_json
 from epserve.pipelines.prefix_cache import cacheable_blocks, open_store
 from epserve.serve.accounting import Accounting, Live
+from epserve.serve.chat_mode import ChatMode, ChatModes
 from epserve.serve.delta_feed import DeltaFeed
 from epserve.serve.generation import Choices
 from epserve.serve.inputs import Inputs, too_large
@@ -113,14 +113,13 @@ class Ingress:
         self.tenants = TenantTable(cfg.serve)          # who asks; their limits are kept by the router
         self.inputs = Inputs(self.tokenizer, self.args.vocab_size, self.max_len, cfg.serve.max_messages,
                              cfg.serve.max_n)
-        mode = cfg.serve.reasoning
-        self.reasoning = mode == "on" or (mode == "auto" and self.tokenizer is not None and
-                                          self.tokenizer.opens_reasoning)
+        # the checkpoint's tool-call syntax and thinking, the served names and what each selects
+        self.modes = ChatModes(cfg.serve, self.tokenizer)
         # the edge compiles every grammar once (cached per spec) so a bad one is a 400 here
-        self.grammars = GrammarCache(load_lltokenizer((Path(model_dir) / "tokenizer.json").read_text(),
+        self.grammars = GrammarCache(load_lltokenizer(tokenizer_json(model_dir),
                                                       self.args.vocab_size, self.args.eos_token_ids)) \
             if self.tokenizer is not None else None
-        self.tokenize_routes = TokenizeRoutes(self.inputs, self.model_name, self.max_len)
+        self.tokenize_routes = TokenizeRoutes(self.inputs, self.modes, self.max_len)
         spec = kv_store_spec(cfg)
         # the ingress only asks the store how long a prompt's cached prefix is (before balancing)
         mtp = cfg.mtp.n_draft > 0
@@ -159,8 +158,9 @@ class Ingress:
     async def models(self, request: Request):
         if (err := self._auth(request)[1]) is not None:
             return err
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "epserve", "max_model_len": self.max_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                            "owned_by": "epserve", "max_model_len": self.max_len}
+                                           for name in self.modes.names]}
 
     @app.get("/metrics")
     async def metrics(self):
@@ -238,24 +238,23 @@ class Ingress:
                 raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
             self.inputs.check_counts(data, chat)
             req = parse(model_cls, data)
-            if req.model != self.model_name:
-                raise ModelNotFound(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                                    param="model")
-            plan = self.inputs.tool_plan(req, chat)
-            ids = self.inputs.prompt_ids(req, chat, plan)
+            mode = self.modes.resolve(req.model, req.chat_template_kwargs) if chat else ChatMode(False)
+            if not chat:
+                self.modes.check_name(req.model)
+            plan = self.inputs.tool_plan(req, chat, self.modes.syn)
+            ids = self.inputs.prompt_ids(req, chat, plan, mode.template_kwargs)
             params = self.inputs.params(req, chat, len(ids), plan)
             check_grammar(self.grammars, params.grammar)
             end_think = self.tokenizer.token_id(ct.END_THINK) if self.tokenizer else None
-            if (self.reasoning and chat and params.grammar is not None and end_think is not None
+            if (mode.reasoning and params.grammar is not None and end_think is not None
                     and end_think not in ids):    # (a prefix-completed answer may be past its reasoning)
                 # the reasoning stays free text; the answer after </think> follows the grammar
                 params = dataclasses.replace(params, grammar_after=end_think)
             if not chat and req.echo and req.logprobs is not None:
                 raise InvalidRequest("echo: cannot be combined with logprobs (prompt logprobs are not computed)",
                                      param="echo")
-            shape = Shape(chat, self.reasoning and chat, plan.parse,
-                          end_think,
-                          self._echo(req, ids) if not chat and req.echo else None)
+            shape = Shape(chat, mode.reasoning, plan.parse, end_think,
+                          self._echo(req, ids) if not chat and req.echo else None, self.modes.syn)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             cached = await asyncio.to_thread(self._cached_tokens, ids, tenant.namespace)   # file checks: off the loop
             try:
@@ -313,7 +312,7 @@ class Ingress:
     def _usage(self, live: Live, states: list[ChoiceState], chat: bool) -> tuple[int, Usage]:
         n_tokens = sum(len(st.tokens) for st in states)
         usage = Usage(live.n_prompt, n_tokens, live.n_cached)
-        if chat and self.reasoning:
+        if chat and states and states[0].shape.reasoning:
             usage.reasoning_tokens = sum(st.n_reasoning for st in states)
         return n_tokens, usage
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from epserve.model import chat_templates as ct
+from epserve.model.chat_formats import DEEPSEEK_V3, ToolSyntax
 from epserve.config import check_context
 from epserve.errors import InvalidRequest, PayloadTooLarge
 from epserve.model.sampling import SamplingParams
@@ -29,12 +30,13 @@ class Inputs:
             raise too_large("the number of messages", len(data["messages"]), self.max_messages, "max_messages",
                             "messages")
 
-    def tool_plan(self, req, chat: bool) -> ToolPlan:
-        return plan_tools(req, self.tokenizer) if chat and self.tokenizer is not None else ToolPlan()
+    def tool_plan(self, req, chat: bool, syn: ToolSyntax = DEEPSEEK_V3) -> ToolPlan:
+        return plan_tools(req, self.tokenizer, syn) if chat and self.tokenizer is not None else ToolPlan()
 
-    def chat_text(self, req, plan: ToolPlan) -> str:
-        """The rendered chat: the checkpoint's template over the messages and tools. A last assistant
-        message with prefix: true is continued (DeepSeek's chat prefix completion)."""
+    def chat_text(self, req, plan: ToolPlan, template_kwargs: dict | None = None) -> str:
+        """The rendered chat: the checkpoint's template over the messages and tools, with the
+        request's template arguments (serve/chat_mode.py). A last assistant message with prefix:
+        true is continued (DeepSeek's chat prefix completion)."""
         if self.tokenizer is None or not self.tokenizer.chat_template:
             raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
         msgs = req.messages
@@ -45,7 +47,7 @@ class Inputs:
         prefix = msgs[-1].text() if msgs[-1].prefix else None
         try:
             rendered = [self._message(m) for m in (msgs[:-1] if prefix is not None else msgs)]
-            text = self.tokenizer.apply_chat_template(rendered, tools=plan.render)
+            text = self.tokenizer.apply_chat_template(rendered, tools=plan.render, **(template_kwargs or {}))
         except ValueError as exc:
             raise InvalidRequest(f"messages: {exc}", param="messages") from None
         return text + (prefix or "")
@@ -78,9 +80,10 @@ class Inputs:
             raise InvalidRequest("suffix: needs a text prompt", param="suffix")
         return ct.FIM_BEGIN + prompt + ct.FIM_HOLE + suffix + ct.FIM_END
 
-    def prompt_ids(self, req, chat: bool, plan: ToolPlan | None = None) -> list[int]:
+    def prompt_ids(self, req, chat: bool, plan: ToolPlan | None = None,
+                   template_kwargs: dict | None = None) -> list[int]:
         if chat:
-            return self.tokenizer.encode(self.chat_text(req, plan or ToolPlan()), add_special=False)
+            return self.tokenizer.encode(self.chat_text(req, plan or ToolPlan(), template_kwargs), add_special=False)
         prompt = req.prompt
         if req.suffix is not None:
             prompt = self.fim_text(prompt, req.suffix)

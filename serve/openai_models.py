@@ -143,6 +143,7 @@ class ChatRequest(_Common):
     tools: list[Tool] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None     # the template's arguments (V3.1: thinking)
 
     @field_validator("messages")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from epserve.model.chat_formats import DEEPSEEK_V3, ToolSyntax
 from epserve.model.tokenizer import IncrementalText
 from epserve.serve import chat_output
 
@@ -17,10 +18,11 @@ from epserve.serve import chat_output
 @dataclass(frozen=True)
 class Shape:
     chat: bool
-    reasoning: bool = False          # split reasoning_content (an R1-style template)
+    reasoning: bool = False          # split reasoning_content (R1's template, V3.1 thinking: serve/chat_mode.py)
     tools: bool = False              # parse tool calls
     end_think_id: int | None = None
     echo: str | None = None          # completions with echo: the prompt text, before the answer
+    syn: ToolSyntax = DEEPSEEK_V3    # how the model writes tool calls (model/chat_formats.py)
 
 
 @dataclass
@@ -37,7 +39,7 @@ class ChoiceState:
 
     def __post_init__(self):
         if self.shape.chat:
-            self.stream = chat_output.ChatStream(self.shape.reasoning, self.shape.tools)
+            self.stream = chat_output.ChatStream(self.shape.reasoning, self.shape.tools, self.shape.syn)
 
     def push(self, tok: int, lp: dict | None, reason: str | None) -> str:
         """Take one token; returns the text it releases. Sets `reason` when the choice ends here
@@ -64,7 +66,7 @@ class ChoiceState:
     @property
     def finish_reason(self) -> str | None:
         if self.reason == "stop" and self.stream is not None and self.shape.tools and \
-                chat_output.parse(self.text, self.shape.reasoning, True).calls:
+                chat_output.parse(self.text, self.shape.reasoning, True, syn=self.shape.syn).calls:
             return "tool_calls"
         return self.reason
 
@@ -77,7 +79,7 @@ class ChoiceState:
         """The choice of a non-streaming response."""
         out = {"index": self.index, "finish_reason": self.finish_reason, "logprobs": logprobs}
         if self.shape.chat:
-            out["message"] = chat_output.message(self.text, self.shape.reasoning, self.shape.tools)
+            out["message"] = chat_output.message(self.text, self.shape.reasoning, self.shape.tools, self.shape.syn)
         else:
             out["text"] = (self.shape.echo or "") + self.text
             out["token_ids"] = self.tokens

@@ -4,50 +4,54 @@
 `tools`, `tool_choice`; a last assistant message with `prefix: true`), renders it exactly as the
 generation routes do, and answers {"tokens", "count", "max_model_len"} (with "token_strs" when
 `return_token_strs` is true). `add_special_tokens` (completions; default true) adds BOS, and
-`add_generation_prompt` (chat; default true) is the template's.
+`add_generation_prompt` (chat; default true) is the template's. The model name and
+`chat_template_kwargs` pick the chat mode as on /v1/chat/completions (serve/chat_mode.py).
 /detokenize takes {"model", "tokens"} and answers {"prompt": text}.
 Unknown fields are refused as on every route (serve/openai_models.py's rule).
 """
 from __future__ import annotations
 
 from epserve.serve.inputs import Inputs
-from epserve.errors import InvalidRequest, ModelNotFound
+from epserve.errors import InvalidRequest
+from epserve.serve.chat_mode import ChatModes
 from epserve.serve.openai_models import ChatRequest, parse
 
 _TOKENIZE_ONLY = ("add_special_tokens", "add_generation_prompt", "return_token_strs")
 
 
 class TokenizeRoutes:
-    def __init__(self, inputs: Inputs, model_name: str, max_len: int):
-        self.inputs, self.model_name, self.max_len = inputs, model_name, max_len
+    def __init__(self, inputs: Inputs, modes: ChatModes, max_len: int):
+        self.inputs, self.modes, self.max_len = inputs, modes, max_len
+        self.model_name = modes.names[0]              # serve.model_name: what a body without `model` means
 
     def _check(self, data) -> dict:
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object")
         if self.inputs.tokenizer is None:
             raise InvalidRequest("this model has no tokenizer", param="model")
-        if data.get("model", self.model_name) != self.model_name:
-            raise ModelNotFound(f"model {data['model']!r} does not exist; this server serves {self.model_name!r}",
-                                param="model")
+        self.modes.check_name(data.get("model", self.model_name))
         return data
 
     def tokenize(self, data) -> dict:
         data = self._check(data)
         opts = {k: data[k] for k in _TOKENIZE_ONLY if k in data}
         body = {"model": self.model_name, **{k: v for k, v in data.items() if k not in _TOKENIZE_ONLY}}
+        if "messages" not in body:
+            body.pop("model")
         tok = self.inputs.tokenizer
         if "messages" in body:
             req = parse(ChatRequest, body)
-            plan = self.inputs.tool_plan(req, True)
+            mode = self.modes.resolve(req.model, req.chat_template_kwargs)
+            plan = self.inputs.tool_plan(req, True, self.modes.syn)
             if opts.get("add_generation_prompt", True):
-                ids = tok.encode(self.inputs.chat_text(req, plan), add_special=False)
+                ids = tok.encode(self.inputs.chat_text(req, plan, mode.template_kwargs), add_special=False)
             else:
                 text = tok.apply_chat_template([self.inputs._message(m) for m in req.messages],
-                                               add_generation_prompt=False, tools=plan.render)
+                                               add_generation_prompt=False, tools=plan.render, **mode.template_kwargs)
                 ids = tok.encode(text, add_special=False)
         elif "prompt" in body:
             prompt, suffix = body["prompt"], body.get("suffix")
-            extra = set(body) - {"model", "prompt", "suffix"}
+            extra = set(body) - {"prompt", "suffix"}
             if extra:
                 raise InvalidRequest(f"{sorted(extra)[0]}: unrecognized request argument", param=sorted(extra)[0])
             if not isinstance(prompt, str) or (suffix is not None and not isinstance(suffix, str)):
