@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import hf_greedy, hf_model, prompts_of
 from epserve.config import ServeConfig
