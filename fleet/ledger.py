@@ -42,10 +42,8 @@ REQUESTS_SCHEMA = pa.schema([
     ("decode_unit", pa.int32()), ("decode_rank", pa.int32()),
     ("finish_reason", pa.string()), ("user", pa.string()),
 ])
-# Columns added after the first ledgers were written: a part without one reads as nulls there
-# (fleet/ledger_read.py), and a null in one is a value ("not given"), not a damaged row.
-OPTIONAL_COLUMNS = ("user",)
-MAX_USER_CHARS = 256     # the request field `user` (serve/openai_models.py refuses longer)
+OPTIONAL_COLUMNS = ("user",)   # added later: null in older parts (ledger_read.py), and a null is not damage
+MAX_USER_CHARS = 256           # the request field `user` (serve/openai_models.py refuses longer)
 CAPACITY_SCHEMA = pa.schema([
     ("ts", TS), ("unit", pa.string()), ("role", pa.string()), ("event", pa.string()), ("gpus", pa.int32()),
 ])
@@ -68,8 +66,7 @@ def to_utc(ts: datetime | float, name: str = "ts") -> datetime:
 class RequestRow:
     """One finished request. ts: finish time (aware datetime or POSIX seconds; kept as a UTC
     datetime). *_s: seconds. Units/ranks: -1 when the request never reached that phase.
-    user: the request's OpenAI `user` field (the caller's end-user id, at most 256 characters), or
-    None when it sent none; recorded for abuse monitoring, never used for billing (that is `tenant`)."""
+    user: the request's `user` field (an end-user id, for abuse monitoring) or None; billing follows tenant."""
 
     ts: datetime | float
     request_id: str
@@ -90,7 +87,7 @@ class RequestRow:
     def __post_init__(self):
         object.__setattr__(self, "ts", to_utc(self.ts))
         if self.user is not None and not (isinstance(self.user, str) and len(self.user) <= MAX_USER_CHARS):
-            raise ValueError(f"user={self.user!r:.60} must be a string of at most {MAX_USER_CHARS} characters "
+            raise ValueError(f"user={self.user!r:.40} must be a str of <= {MAX_USER_CHARS} chars "
                              f"(request {self.request_id})")
         for name in ("prompt_tokens", "cache_hit_tokens", "output_tokens"):
             if getattr(self, name) < 0:
@@ -300,7 +297,5 @@ class LedgerWriter:
         self.close()
 
 
-__all__ = [
-    "CAPACITY_SCHEMA", "MAX_USER_CHARS", "OPTIONAL_COLUMNS", "REQUESTS_SCHEMA", "CapacityRow", "LedgerWriter",
-    "RequestRow", "row_id", "rows_to_table", "to_utc",
-]
+__all__ = ["CAPACITY_SCHEMA", "MAX_USER_CHARS", "OPTIONAL_COLUMNS", "REQUESTS_SCHEMA", "CapacityRow", "LedgerWriter",
+           "RequestRow", "row_id", "rows_to_table", "to_utc"]
