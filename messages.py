@@ -145,6 +145,12 @@ class RankRef:
     rank: int
 
 
+# What became of the KV-store blocks a rank handed to its background writer (pipelines/kv_writer.py):
+# written (a new file), skipped (the block was on disk already, or the store had paused writes after a
+# disk error), dropped (the writer's queue was full or closed), failed (the write raised).
+KV_WRITE_OUTCOMES = ("written", "skipped", "dropped", "failed")
+
+
 @dataclass(frozen=True)
 class RankStats:
     """Live load of one DP rank, as reported by the rank and read by the balancers.
@@ -169,6 +175,8 @@ class RankStats:
     mtp_accepted: int = 0
     mtp_sequence_steps: int = 0    # (sequence, verify step) pairs; emitted / this = tokens per step
     mtp_emitted: int = 0
+    kv_store_write_blocks: tuple[int, ...] = ()   # per KV_WRITE_OUTCOMES, since the rank started; () no writer
+    kv_store_write_bytes: tuple[int, ...] = ()    # the same in latent bytes (a block: n_layers x 64 x kv_dim)
 
     @property
     def ref(self) -> RankRef:

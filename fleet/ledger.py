@@ -40,8 +40,10 @@ REQUESTS_SCHEMA = pa.schema([
     ("ttft_s", pa.float64()), ("decode_s", pa.float64()),
     ("prefill_unit", pa.int32()), ("prefill_rank", pa.int32()),
     ("decode_unit", pa.int32()), ("decode_rank", pa.int32()),
-    ("finish_reason", pa.string()),
+    ("finish_reason", pa.string()), ("user", pa.string()),
 ])
+OPTIONAL_COLUMNS = ("user",)   # added later: null in older parts (ledger_read.py), and a null is not damage
+MAX_USER_CHARS = 256           # the request field `user` (serve/openai_models.py refuses longer)
 CAPACITY_SCHEMA = pa.schema([
     ("ts", TS), ("unit", pa.string()), ("role", pa.string()), ("event", pa.string()), ("gpus", pa.int32()),
 ])
@@ -63,7 +65,8 @@ def to_utc(ts: datetime | float, name: str = "ts") -> datetime:
 @dataclass(frozen=True, kw_only=True)
 class RequestRow:
     """One finished request. ts: finish time (aware datetime or POSIX seconds; kept as a UTC
-    datetime). *_s: seconds. Units/ranks: -1 when the request never reached that phase."""
+    datetime). *_s: seconds. Units/ranks: -1 when the request never reached that phase.
+    user: the request's `user` field (an end-user id, for abuse monitoring) or None; billing follows tenant."""
 
     ts: datetime | float
     request_id: str
@@ -79,9 +82,13 @@ class RequestRow:
     decode_unit: int = -1
     decode_rank: int = -1
     finish_reason: str
+    user: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "ts", to_utc(self.ts))
+        if self.user is not None and not (isinstance(self.user, str) and len(self.user) <= MAX_USER_CHARS):
+            raise ValueError(f"user={self.user!r:.40} must be a str of <= {MAX_USER_CHARS} chars "
+                             f"(request {self.request_id})")
         for name in ("prompt_tokens", "cache_hit_tokens", "output_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (request {self.request_id})")
@@ -290,7 +297,5 @@ class LedgerWriter:
         self.close()
 
 
-__all__ = [
-    "CAPACITY_SCHEMA", "REQUESTS_SCHEMA", "CapacityRow", "LedgerWriter", "RequestRow", "row_id",
-    "rows_to_table", "to_utc",
-]
+__all__ = ["CAPACITY_SCHEMA", "MAX_USER_CHARS", "OPTIONAL_COLUMNS", "REQUESTS_SCHEMA", "CapacityRow", "LedgerWriter",
+           "RequestRow", "row_id", "rows_to_table", "to_utc"]

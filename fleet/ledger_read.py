@@ -2,7 +2,8 @@
 
 A report must never drop data silently. A part that cannot be read (torn, foreign, a
 column of another type) is named with its reason and the rows its footer declares (None
-when even the footer is gone); rows with a null in a column are counted and left out; a
+when even the footer is gone); rows with a null in a column are counted and left out (a column
+added later, OPTIONAL_COLUMNS, is null in older parts: that is "not recorded", and the row stays); a
 row whose identity was already read (a retried append) is counted once and the repeat
 is counted as a duplicate. An unreadable part whose batch log was kept
 (fleet/ledger_wal.py: `wal/flushed/<token>-<seq>.jsonl`) is read from that copy instead:
@@ -23,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from epserve.fleet.ledger import _ROW_TYPES, CAPACITY_SCHEMA, REQUESTS_SCHEMA, TS, rows_to_table, to_utc
+from epserve.fleet.ledger import (_ROW_TYPES, CAPACITY_SCHEMA, OPTIONAL_COLUMNS, REQUESTS_SCHEMA, TS, rows_to_table,
+                                  to_utc)
 from epserve.fleet.ledger_wal import flushed_rows
 
 
@@ -112,12 +114,21 @@ def _from_copy(root: Path, path: Path, schema: pa.Schema) -> pa.Table | None:
     return None if rows is None else rows_to_table(rows, schema)
 
 
+def _read_part(path: Path, schema: pa.Schema) -> pa.Table:
+    """One part in `schema`; a column of OPTIONAL_COLUMNS that the part predates reads as nulls."""
+    table = pq.read_table(path)
+    for name in OPTIONAL_COLUMNS:
+        if name in schema.names and name not in table.column_names:
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(schema.names).cast(schema)
+
+
 def _read_folder(folder: Path, schema: pa.Schema) -> _Folder:
     parts, bad, n_null = [], [], 0
     paths = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
     for path in paths:
         try:
-            table = pq.read_table(path).select(schema.names).cast(schema)
+            table = _read_part(path, schema)
         except Exception as exc:      # torn, foreign, a column of another type: named, never hidden
             table = _from_copy(folder.parent, path, schema)
             bad.append(BadPart(str(path), _reason(exc), _declared_rows(path),
@@ -125,7 +136,8 @@ def _read_folder(folder: Path, schema: pa.Schema) -> _Folder:
             if table is None:
                 continue
         if table.num_rows:
-            has_null = functools.reduce(pc.or_, [pc.is_null(table[c]) for c in schema.names])
+            has_null = functools.reduce(pc.or_, [pc.is_null(table[c]) for c in schema.names
+                                                 if c not in OPTIONAL_COLUMNS])
             n = pc.sum(has_null).as_py() or 0
             if n:
                 n_null += n

@@ -25,6 +25,8 @@ import threading
 
 import torch
 
+from epserve.messages import KV_WRITE_OUTCOMES
+
 log = logging.getLogger(__name__)
 
 
@@ -41,11 +43,17 @@ def copy_off_device(latents: torch.Tensor) -> tuple[torch.Tensor, object]:
 
 
 class BlockWriter:
-    """Writes queued blocks into `store` on one background thread; counters in `stats`."""
+    """Writes queued blocks into `store` on one background thread.
+
+    Counters in `stats`: saves `submitted`, `dropped` and `errors` (a save is one submit's blocks), and
+    `blocks_<outcome>` / `bytes_<outcome>` per messages.KV_WRITE_OUTCOMES (`outcomes()` reads them);
+    every block submitted ends in exactly one outcome once written or dropped. A save that raised
+    counts all its blocks failed, even any the store wrote before the error."""
 
     def __init__(self, store, max_bytes: int = 1 << 30):
         self.store, self.max_bytes = store, max_bytes
-        self.stats = {"submitted": 0, "blocks_written": 0, "dropped": 0, "errors": 0}
+        self.stats = {"submitted": 0, "dropped": 0, "errors": 0,
+                      **{f"{unit}_{o}": 0 for o in KV_WRITE_OUTCOMES for unit in ("blocks", "bytes")}}
         self._queue: collections.deque = collections.deque()
         self._pending: collections.Counter = collections.Counter()      # key -> saves queued or in flight
         self._bytes = 0
@@ -62,6 +70,7 @@ class BlockWriter:
         with self._cv:
             if self._closed or (self._bytes and self._bytes + n_bytes > self.max_bytes):
                 self.stats["dropped"] += 1
+                self._count("dropped", len(keys), n_bytes)
                 if self.stats["dropped"] in (1, 10, 100) or self.stats["dropped"] % 1000 == 0:
                     log.warning("KV-store write of %d blocks dropped (%s; %d dropped so far): they will be misses",
                                 len(keys), "writer closed" if self._closed else
@@ -87,10 +96,13 @@ class BlockWriter:
                     done.synchronize()
                 written = self.store.save_many(keys, blocks)
                 with self._cv:
-                    self.stats["blocks_written"] += written
+                    per_block = n_bytes // max(1, len(keys))
+                    self._count("written", written, written * per_block)
+                    self._count("skipped", len(keys) - written, n_bytes - written * per_block)
             except Exception as exc:                         # never reaches the request that made the blocks
                 with self._cv:
                     self.stats["errors"] += 1
+                    self._count("failed", len(keys), n_bytes)
                 log.warning("KV-store write of %d blocks failed (%r); they will be misses", len(keys), exc)
             finally:
                 with self._cv:
@@ -99,6 +111,17 @@ class BlockWriter:
                     self._bytes -= n_bytes
                     self._busy -= 1
                     self._cv.notify_all()
+
+    def _count(self, outcome: str, n_blocks: int, n_bytes: int) -> None:
+        """(caller holds the lock)"""
+        self.stats[f"blocks_{outcome}"] += n_blocks
+        self.stats[f"bytes_{outcome}"] += n_bytes
+
+    def outcomes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(blocks, bytes), each per messages.KV_WRITE_OUTCOMES, as of now (any thread)."""
+        with self._cv:
+            return (tuple(self.stats[f"blocks_{o}"] for o in KV_WRITE_OUTCOMES),
+                    tuple(self.stats[f"bytes_{o}"] for o in KV_WRITE_OUTCOMES))
 
     def wait_for(self, keys: list[str], timeout: float | None = None) -> bool:
         """Block until none of `keys` is queued or being written (False: timed out)."""

@@ -1,7 +1,7 @@
 """What one rank's engine tells admission: its RankStats now (messages.py has the fields' meaning).
 
-Pure: reads the engine's batcher, paged cache, KV-store loads in flight and MTP drafter; no Ray,
-no clock. actors/rank.py calls it after every step and sends the result in its reports.
+Pure: reads the engine's batcher, paged cache, KV-store loads in flight, KV-store writer counters and
+MTP drafter; no Ray, no clock. actors/rank.py calls it after every step and sends the result in its reports.
 """
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ def engine_stats(engine, unit: int, rank: int) -> RankStats:
         unit=unit, rank=rank, n_running=len(b.running), n_waiting=len(pending),
         pending_prefill_tokens=sum(s.n_tokens - s.n_computed for s in pending),
         pending_attn_work=float(sum(attn_work(s.n_tokens - s.n_computed, s.n_computed) for s in pending)),
-        kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages, **_mtp_stats(engine.drafter))
+        kv_blocks_used=cache.n_used, kv_blocks_total=cache.n_pages, **_mtp_stats(engine.drafter),
+        **_kv_write_stats(engine.prefix_cache))
+
+
+def _kv_write_stats(prefix_cache) -> dict:
+    if prefix_cache is None or prefix_cache.writer is None:
+        return {}
+    blocks, n_bytes = prefix_cache.writer.outcomes()
+    return {"kv_store_write_blocks": blocks, "kv_store_write_bytes": n_bytes}
 
 
 def _mtp_stats(drafter) -> dict:

@@ -42,6 +42,7 @@ class Live:
     n_cached: int = 0                   # prompt tokens loaded from the KV store
     n_out: int = 0                      # output tokens the units produced for it
     namespace: str = ""                 # its tenant's KV-store namespace
+    user: str | None = None             # the request's `user` field (the caller's end-user id), for its row
 
 
 class Accounting:
@@ -66,7 +67,7 @@ class Accounting:
                           output_tokens=live.n_out, ttft_s=first - live.t0, decode_s=now - first,
                           prefill_unit=r.prefill.unit if r else -1, prefill_rank=r.prefill.rank if r else -1,
                           decode_unit=r.decode.unit if r else -1, decode_rank=r.decode.rank if r else -1,
-                          finish_reason=reason)
+                          finish_reason=reason, user=live.user)
 
     async def finish(self, rid: str, reason: str, n_out: int | None = None) -> Live | None:
         """Write rid's row and wait until the ledger has it. Once per request: later calls do nothing.

@@ -268,7 +268,7 @@ class Ingress:
         except EpserveError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error_response(exc)
-        live = self.acct.admit(Live(rid, tenant.name, len(ids), route, namespace=tenant.namespace))
+        live = self.acct.admit(Live(rid, tenant.name, len(ids), route, namespace=tenant.namespace, user=req.user))
         choices = Choices(self.router, self.feed, live, ids, params, req.n,
                           tenant.namespace if self.kv_store else None)
         states = [ChoiceState(i, shape, IncrementalText(self.tokenizer) if self.tokenizer else None, params.stop)

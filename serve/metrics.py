@@ -1,7 +1,8 @@
 """Prometheus metrics of the serving path (one registry per ingress replica).
 
 Queue lengths, per-rank KV use and request counts (from the router's live RankStats),
-tokens/s over a sliding window, and TTFT / time-per-output-token histograms.
+tokens/s over a sliding window, TTFT / time-per-output-token histograms, and each rank's KV-store
+writes by outcome (counters kept on the rank, carried in its RankStats, exported as they stand).
 
 A scrape collects from the router and from every unit supervisor (`collect`). A source that fails
 (the router's refresh, a dead or stuck supervisor) is logged and counted in
@@ -18,6 +19,9 @@ import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from epserve.messages import KV_WRITE_OUTCOMES
 
 log = logging.getLogger("epserve.metrics")
 _LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -68,6 +72,8 @@ class ServeMetrics:
         self.mtp_tokens_per_step = Gauge("epserve_mtp_tokens_per_step", "Tokens a sequence gets per MTP verify step "
                                          "(1 + accepted drafts), since the rank started", ["role", "unit", "rank"],
                                          registry=r)
+        self.kv_writes = _KvWrites()
+        r.register(self.kv_writes)
 
     async def collect(self, router, timeout_s: float = 10.0) -> None:
         """Refresh the router's stats and observe every unit's status(); a failing source is logged
@@ -126,6 +132,8 @@ class ServeMetrics:
         self.in_flight.set(in_flight)
         for g in (*self._rank_gauges, self.mtp_acceptance, self.mtp_tokens_per_step):
             g.clear()                        # a rank that did not report this time shows nothing, not old values
+        self.kv_writes.ranks = [(role, s) for role, stats in (("prefill", prefill_stats), ("decode", decode_stats))
+                                for s in stats if s.kv_store_write_blocks]
         for role, stats in (("prefill", prefill_stats), ("decode", decode_stats)):
             for s in stats:
                 labels = (role, str(s.unit), str(s.rank))
@@ -136,6 +144,28 @@ class ServeMetrics:
                     self.mtp_acceptance.labels(*labels).set(s.mtp_accepted / max(1, s.mtp_proposed))
                     self.mtp_tokens_per_step.labels(*labels).set(s.mtp_emitted / s.mtp_sequence_steps)
         return generate_latest(self.registry)
+
+
+class _KvWrites:
+    """Each rank's KV-store writer counters as Prometheus counters: the rank keeps the totals since
+    it started (pipelines/kv_writer.py), so they are exported as they stand, not incremented here; a
+    restarted rank starts again at 0, which Prometheus' rate() reads as a counter reset."""
+
+    def __init__(self):
+        self.ranks: list = []           # (role, RankStats) of the ranks with a writer, set by render()
+
+    def collect(self):
+        blocks = CounterMetricFamily("epserve_kv_store_writes", "KV-store blocks a rank handed to its writer, by "
+                                     "outcome", labels=["role", "unit", "rank", "outcome"])
+        n_bytes = CounterMetricFamily("epserve_kv_store_write_bytes", "Latent bytes of those blocks, by outcome",
+                                      labels=["role", "unit", "rank", "outcome"])
+        for role, s in self.ranks:
+            for outcome, b, n in zip(KV_WRITE_OUTCOMES, s.kv_store_write_blocks, s.kv_store_write_bytes):
+                labels = [role, str(s.unit), str(s.rank), outcome]
+                blocks.add_metric(labels, b)
+                n_bytes.add_metric(labels, n)
+        yield blocks
+        yield n_bytes
 
 
 async def _ask_status(unit) -> dict:

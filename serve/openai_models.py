@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from epserve.errors import InvalidRequest
+from epserve.fleet.ledger import MAX_USER_CHARS
 
 
 # One rule for fields: a field OpenAI's API (or DeepSeek's, vLLM's extensions below) defines is either
@@ -22,6 +23,15 @@ UNSUPPORTED = {
     "verbosity": "verbosity", "metadata": "stored-completion metadata", "store": "stored completions",
     "service_tier": "service tiers", "prompt_cache_key": "prompt_cache_key (the KV store keys prompts itself)",
     "safety_identifier": "safety_identifier", "best_of": "best_of (send `n`)",
+}
+# Fields of a message that the model parses but refuses when set (not null), with why; checked in
+# ChatRequest.refuse_combinations, and docs/api.md lists them as refused (tests/test_docs.py).
+# DeepSeek's API answers 400 for reasoning_content in input messages to deepseek-reasoner: earlier
+# turns' reasoning is never part of the prompt (the R1 template drops it), so a client must strip it
+# rather than believe the model sees it.
+REFUSED_IN_MESSAGES = {
+    "reasoning_content": "an earlier turn's reasoning is not part of the prompt (DeepSeek's R1 template drops it); "
+                         "send the assistant turn's content without reasoning_content",
 }
 _DEFAULTS_OK = {"modalities": (["text"],), "store": (False,), "service_tier": ("auto", "default")}
 
@@ -49,7 +59,7 @@ class _Common(_Strict):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0       # vLLM/SGLang extension
     logit_bias: dict[str, float] | None = None
-    user: str | None = None               # accepted; the ledger bills by API key, not by `user`
+    user: str | None = None               # the caller's end-user id: recorded in the ledger row, billed by key
     response_format: dict | None = None
 
     @field_validator("stream_options")
@@ -57,6 +67,13 @@ class _Common(_Strict):
     def _stream_options(cls, v):
         if v is not None and set(v) - {"include_usage"}:
             raise ValueError(f"unsupported keys {sorted(set(v) - {'include_usage'})}; only include_usage")
+        return v
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v):
+        if v is not None and len(v) > MAX_USER_CHARS:
+            raise ValueError(f"{len(v)} characters; at most {MAX_USER_CHARS}")
         return v
 
     @property
@@ -109,7 +126,7 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCall] | None = None      # assistant turns that called tools
     tool_call_id: str | None = None               # tool turns: the call they answer
     prefix: bool = False                          # DeepSeek's chat prefix completion (last assistant turn)
-    reasoning_content: str | None = None          # R1 turns may send it back; the template drops it
+    reasoning_content: str | None = None          # refused unless null (ChatRequest.refuse_combinations)
 
     def text(self) -> str:
         if self.content is None:
@@ -156,6 +173,10 @@ class ChatRequest(_Common):
         super().refuse_combinations()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest(f"top_logprobs: {self.top_logprobs} needs logprobs: true", param="top_logprobs")
+        for i, m in enumerate(self.messages):       # a null is the field left unset, and passes
+            for key, why in REFUSED_IN_MESSAGES.items():
+                if getattr(m, key) is not None:
+                    raise InvalidRequest(f"messages[{i}].{key}: {why}", param=f"messages[{i}].{key}")
 
 
 def refuse_unsupported(data: dict) -> None:

@@ -248,14 +248,16 @@ def api_problems(md: str) -> list[str]:
     fields = {("completions", p) for p in request_fields(om.CompletionRequest)}
     fields |= {("chat", p) for p in request_fields(om.ChatRequest)}
     refused = {(ep, k) for ep in ("completions", "chat") for k in om.UNSUPPORTED}
+    refused |= {("chat", f"messages[].{k}") for k in om.REFUSED_IN_MESSAGES}
     missing = sorted((fields | refused) - set(table))
     bad += [f"{p} ({ep}): a request field missing from docs/api.md" for ep, p in missing]
     bad += [f"{p} ({ep}): in docs/api.md but not a request field" for ep, p in sorted(set(table) - fields - refused)]
     for (ep, p), status in sorted(table.items()):
-        if status not in ("applied", "refused", "accepted"):
-            bad.append(f"{p} ({ep}): status {status!r} (applied, refused or accepted; nothing is ignored)")
+        if status not in ("applied", "refused"):
+            bad.append(f"{p} ({ep}): status {status!r} (applied or refused; nothing is accepted and ignored)")
         elif ((ep, p) in refused) != (status == "refused"):
-            bad.append(f"{p} ({ep}): status {status!r}, but UNSUPPORTED {'has' if (ep, p) in refused else 'lacks'} it")
+            bad.append(f"{p} ({ep}): status {status!r}, but UNSUPPORTED / REFUSED_IN_MESSAGES "
+                       f"{'has' if (ep, p) in refused else 'lacks'} it")
     return bad
 
 
@@ -270,6 +272,8 @@ def test_a_wrong_api_table_would_be_caught():
                                                        for ep in ("chat", "completions")]
     assert any("colour (chat)" in p for p in api_problems(md.replace(row, row + "\n| `colour` | chat | applied | x |")))
     assert any("ignored" in p for p in api_problems(md.replace(row, row.replace("| applied |", "| ignored |"))))
+    assert any("seed (chat): status 'accepted'" in p         # issue 26: no field is accepted and left unused
+               for p in api_problems(md.replace(row, row.replace("| applied |", "| accepted |"))))
 
 
 # ---- paths and links -----------------------------------------------------------------------------
