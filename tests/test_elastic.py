@@ -171,3 +171,42 @@ def test_death_during_the_membership_change(make_unit, reference):
     shrink = [e for e in st["elastic"] if e["kind"] == "shrink"]
     assert shrink and shrink[0]["dead"] == [1, 2] and shrink[0]["n_ranks"] == 2, st["elastic"]
     assert pids(unit)[:2] == [before[0], before[3]]
+
+
+def test_eplb_rebalances_a_unit_short_of_a_rank(make_unit, tiny_dir):
+    """Rank 1 dies and no replacement comes (grow_back off): the EPLB controller places over the
+    three survivors' 24 slots and the unit switches to it live, mid-generation, every survivor
+    on the new map at one agreed step; tokens equal the unfaulted run."""
+    from epserve.actors.eplb_controller import EplbController
+    unit = make_unit(grow_back=False)
+    args = read_config(tiny_dir)
+    before = pids(unit)
+    os.kill(before[1], signal.SIGKILL)
+    unit.generate.remote([(Sequence("wake", [5] * 8, greedy(2)), 0)])       # a step finds the dead peer
+    st = wait_for(unit, lambda s: s["n_ranks"] == 3 and s["steps"] > 0 and
+                  any(e["kind"] == "shrink" for e in s["elastic"]))
+    assert st["n_ranks"] == 3, st["elastic"]
+    n = 150
+    prompts = [[7] * 30, [7] * 29 + [9], [11] * 30]          # repetitive: a skewed expert load
+    want = single_rank_outputs(tiny_dir, prompts, greedy(n))
+    shape = UnitShape(2, 2, args.n_routed_experts, redundant_experts=16)
+    ctrl = EplbController.remote(unit, shape, args.n_expert_groups, interval_s=3600, window_steps=10 ** 9)
+    ray.get(unit.expert_counters.remote(reset=True))
+    steps0 = ray.get(unit.status.remote())["steps"]
+    running = unit.generate.remote([(Sequence(f"m{i}", p, greedy(n)), i) for i, p in enumerate(prompts)])
+    wait_for(unit, lambda s: s["steps"] >= steps0 + 8)
+    report = ray.get(ctrl.rebalance.remote(force=True), timeout=180)
+    got = ray.get(running, timeout=300)
+    assert [g.token_ids for g in got] == want
+    assert report["applied"] and report["n_ranks"] == 3 and report["weights_moved"] > 0, report
+    assert report["balancedness_after"] <= report["balancedness_before"], report
+    st = ray.get(unit.status.remote())
+    assert st["n_ranks"] == 3 and st["map_version"] == 1
+    placements = ray.get(unit.rank_placements.remote())
+    new_map = ray.get(unit.phy2log_now.remote())
+    assert new_map.shape[1] == 3 * 8 and len(placements) == 3
+    assert {q["switched_at"][1] for q in placements} == {report["switch_step"]}      # one agreed step
+    assert all(torch.equal(q["phy2log"], new_map) for q in placements)
+    for layer in new_map:                               # every logical expert keeps a live replica
+        assert set(layer.tolist()) == set(range(args.n_routed_experts))
+    ray.kill(ctrl)
