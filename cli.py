@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--json", action="store_true")
     sm.add_argument("--plot", help="write a PNG of node count and tokens/s")
     sm.add_argument("--step-s", type=float, default=60.0)
+    sm.add_argument("--rank-failures", type=int, default=0,
+                    help="decode-rank deaths over the run: elastic EP's stall against today's rebuild")
 
     add_bench_parser(sub)
     return p
@@ -200,8 +202,10 @@ def _cmd_simulate(a) -> int:
     from epserve.fleet.simulate_cli import run_simulate
     if a.scenario and a.trace:
         raise InvalidRequest("give --scenario or --trace, not both", "--scenario")
+    if a.rank_failures < 0:
+        raise InvalidRequest(f"--rank-failures must be >= 0, got {a.rank_failures}", "--rank-failures")
     print(run_simulate(a.scenario or (None if a.trace else "deepseek-day"), a.trace, a.json, a.plot,
-                       step_s=a.step_s))
+                       step_s=a.step_s, rank_failures=a.rank_failures))
     return 0
 
 

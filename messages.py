@@ -53,6 +53,8 @@ class RankSpec:
     kv_handoff: str = "auto"    # auto | collective | object: prefill -> decode transport (pipelines/kv_handoff.py)
     exit_in_reform: int | None = None   # tests: the rank of this index exits inside its first re-forming
                                 # (elastic: a death during the membership change itself)
+    exit_in_switch: int | None = None   # tests: the rank of this index exits at its first agreed placement
+                                # switch, staged and not yet switched (elastic: a death during an EPLB switch)
     elastic: bool = False       # the unit goes on without a dead rank (config `elastic`, actors/unit_elastic.py):
                                 # the rank's groups are standalone backends it can re-form
 

@@ -5,6 +5,8 @@ window of the last `window_steps` steps, runs placement/eplb.py (migration-aware
 same balance, fewest weight copies from the current placement), and, when the new
 placement is better, has the unit stage and switch to it (actors/unit.py). Reports
 per-layer balancedness (max/mean GPU load) before and after, weights moved and time.
+It places over the ranks the unit runs on now (placement/elastic.py `member_shape`: the width of
+the current map), so an elastic unit short of a dead rank rebalances over its survivors' slots.
 
 A killed controller is restarted by Ray and carries on: its loop is a thread started in
 `__init__`, which Ray re-runs on restart (an asyncio task started by a method call would not
@@ -22,6 +24,7 @@ import torch
 
 from epserve.placement.eplb import balancedness, rebalance_experts
 from epserve.placement.eplb_baseline import rebalance_experts as rebalance_baseline
+from epserve.placement.elastic import member_shape
 from epserve.placement.migration import plan_migration
 from epserve.placement.topology import UnitShape
 
@@ -71,12 +74,13 @@ class EplbController:
         weight = self._pull().float()
         current = ray.get(self.unit.phy2log_now.remote())
         s = self.shape
+        m = member_shape(current.shape[1], s.slots_per_rank, s.gpus_per_node)
         algo = rebalance_baseline if self.policy == "baseline" else rebalance_experts
         kwargs = {} if self.policy == "baseline" else {"current_phy2log": current}
-        new, _, _ = algo(weight, s.n_slots, self.n_groups, s.nodes_per_unit, s.n_ranks, **kwargs)
-        before, after = balancedness(weight, current, s.n_ranks), balancedness(weight, new, s.n_ranks)
-        plan = plan_migration(current, new, s.n_ranks, s.gpus_per_node)
-        report = {"tokens": int(weight.sum()), "balancedness_before": round(float(before.mean()), 4),
+        new, _, _ = algo(weight, m.n_slots, self.n_groups, m.n_nodes, m.n_ranks, **kwargs)
+        before, after = balancedness(weight, current, m.n_ranks), balancedness(weight, new, m.n_ranks)
+        plan = plan_migration(current, new, m.n_ranks, m.gpus_per_node)
+        report = {"tokens": int(weight.sum()), "n_ranks": m.n_ranks, "balancedness_before": round(float(before.mean()), 4),
                   "balancedness_after": round(float(after.mean()), 4),
                   "per_layer_before": [round(float(x), 4) for x in before],
                   "per_layer_after": [round(float(x), 4) for x in after],

@@ -248,6 +248,7 @@ class RankActor:
                 break
             switched = plan.switch_to is not None
             if switched:
+                rank_elastic.exit_if_testing_switch(self, generation)
                 with self.engine_lock:
                     self.switch_placement(plan.switch_to)
                 state.version = plan.switch_to

@@ -174,6 +174,15 @@ def prepare(rank, new_rank: int, phy2log: torch.Tensor) -> dict:
     return {"kept": kept, "dropped": dropped, "loaded": loaded}
 
 
+def exit_if_testing_switch(rank, generation: int) -> None:
+    """The `exit_in_switch` test hook: in the unit's first build, the rank of that index ends its
+    process (a real exit, as a crash would) after every member agreed to switch to a staged
+    placement and before it switches: the others switch and find it gone at their next exchange."""
+    if rank.spec.exit_in_switch == rank.layout.rank and generation == 0:
+        log.warning("rank %d exits at a placement switch (exit_in_switch)", rank.layout.rank)
+        os._exit(1)
+
+
 def reform(rank, master: tuple[str, int], new_rank: int, world: int, phy2log: torch.Tensor, map_version: int,
            timeout_s: float) -> None:
     """Step 2's second half, on every member (a survivor that prepared, or a joiner that loaded

@@ -359,14 +359,18 @@ class UnitSupervisor:
     async def apply_placement(self, phy2log: torch.Tensor, report: dict | None = None) -> dict:
         """Live migration: every rank stages its new slots in the background while requests keep
         running; then all switch before one step they agree on (pipelines/lockstep.py)."""
-        if len(self.ranks) != self.shape.n_ranks:
-            raise RuntimeError(f"the unit runs on {len(self.ranks)} of its {self.shape.n_ranks} ranks (a rank died); "
-                               "a placement for the whole unit waits for the replacement")
-        t0 = time.time()
+        n_slots = len(self.ranks) * self.shape.slots_per_rank     # elastic: the members' slots only
+        if phy2log.shape[1] != n_slots:
+            raise ValueError(f"the placement has {phy2log.shape[1]} slots; the unit runs on {len(self.ranks)} ranks "
+                             f"({n_slots} slots): a rank died or joined since it was made")
+        t0, generation = time.time(), self.n_restarts
         version = self.map_version + 1
-        await asyncio.gather(*[rk.stage_placement.remote(phy2log, version) for rk in self.ranks])
+        ranks = list(self.ranks)
+        await asyncio.gather(*[rk.stage_placement.remote(phy2log, version) for rk in ranks])
         while True:
-            done = await asyncio.gather(*[rk.staging_done.remote() for rk in self.ranks])
+            if generation != self.n_restarts:       # the members changed (or rebuilt): their staging is gone
+                raise RuntimeError(f"placement v{version} was not applied: the unit changed while it was staged")
+            done = await asyncio.gather(*[rk.staging_done.remote() for rk in ranks])
             if all(d is not None for d in done):
                 break
             await asyncio.sleep(0.02)

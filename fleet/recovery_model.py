@@ -64,9 +64,11 @@ def _gb_s_per_gpu(a: RecoveryAssumptions) -> float:
 
 
 def recovery_times(a: RecoveryAssumptions = RecoveryAssumptions(), deepep_mask: bool = False,
-                   survivors_keep_kv: bool = True) -> dict:
+                   survivors_keep_kv: bool = True, max_reload_per_rank: float | None = None) -> dict:
     """-> {"elastic": {term: s, ..., "total": s}, "rebuild": {...}, "ratio": rebuild / elastic,
-    "gpu_s_lost": {...}: GPU-seconds with no token out (stalled ranks x stall)}."""
+    "gpu_s_lost": {...}: GPU-seconds with no token out (stalled ranks x stall)}.
+    max_reload_per_rank: the experts the busiest survivor reads, where a decision counted them
+    (fleet/rank_failures.py: placement/elastic.py's shrunk map); None: the average estimate below."""
     n, s = a.n_ranks, a.n_ranks - 1
     slots_per_rank = (a.n_experts + a.n_redundant) / n
     # per layer the dead rank held ~slots_per_rank experts; each lost its only replica unless it was
@@ -74,7 +76,8 @@ def recovery_times(a: RecoveryAssumptions = RecoveryAssumptions(), deepep_mask: 
     lost_per_layer = slots_per_rank * (1 - a.n_redundant / a.n_experts)
     n_reload = lost_per_layer * a.n_moe_layers
     takers = min(s, max(1, a.n_redundant))            # survivors with a spare slot in a layer, spread over layers
-    reload_s = math.ceil(n_reload / takers) * a.expert_gb / a.nvme_gb_s
+    busiest = math.ceil(n_reload / takers) if max_reload_per_rank is None else max_reload_per_rank
+    reload_s = busiest * a.expert_gb / a.nvme_gb_s
     per_req_s = a.produced_tokens / a.prefill_tok_s
     resume_own = a.requests_per_rank * per_req_s       # a rank re-prefills its own batch
     resume_moved = math.ceil(a.requests_per_rank / s) * per_req_s

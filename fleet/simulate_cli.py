@@ -7,6 +7,7 @@ the seed's day. Writes only the PNG it is asked for; `cli.py` prints the returne
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import timedelta
 
@@ -29,10 +30,11 @@ _BILLIONS = {"input_tokens", "output_tokens"}
 
 
 def run_simulate(scenario: str | None, trace: str | None, as_json: bool, plot: str | None = None, *,
-                 step_s: float = 60.0, seed: int = 0) -> str:
+                 step_s: float = 60.0, seed: int = 0, rank_failures: int = 0) -> str:
     """Simulate a named scenario (default 'deepseek-day', under simulator.seed_policy) or a trace file
     (under simulator.load_policy), with CostModel.from_seed() and the seed's prices; return the text
-    or JSON to print. plot: also write fleet.report's PNG there. ValueError for a bad choice or trace.
+    or JSON to print. plot: also write fleet.report's PNG there. rank_failures: decode-rank deaths
+    over the run, elastic EP against rebuild (fleet/rank_failures.py). ValueError for a bad choice or trace.
     """
     if scenario and trace:
         raise ValueError(f"give a scenario ({scenario!r}) or a trace ({trace!r}), not both")
@@ -44,6 +46,7 @@ def run_simulate(scenario: str | None, trace: str | None, as_json: bool, plot: s
             raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
         build, make_policy = SCENARIOS[name]
         sc, policy = build(), make_policy()
+    sc = dataclasses.replace(sc, rank_failures=rank_failures)
     pricing = Pricing()
     result = simulate(sc, policy, CostModel.from_seed(), pricing, step_s=step_s, seed=seed)
     if plot:
@@ -72,6 +75,8 @@ def format_result(result: SimResult, start, plot: str | None = None) -> str:
             e = r.eplb[role]
             lines.append(f"  {role} unit ({e['gpus']} GPUs): {e['without_eplb']:.2f} static layout, "
                          f"{e['with_eplb']:.2f} with EPLB on the previous window's loads")
+    if r.rank_failures:
+        lines += _failures(r.rank_failures)
     lines += ["", "compared with the seed's day (SEED.md)",
               f"  {'figure':<30}{'simulated':>16}{'seed':>16}{'off':>9}"]
     for key, (sim, seed, rel) in r.vs_seed.items():
@@ -93,3 +98,17 @@ def _latency(lat: dict) -> str:
     return (f"{head}\n  TTFT  p50 {ttft['p50']:.2f} s   p99 {ttft['p99']:.2f} s\n"
             f"  TPOT  p50 {1e3 * tpot['p50']:.1f} ms  p99 {1e3 * tpot['p99']:.1f} ms "
             f"({1 / tpot['p50']:.1f} tokens/s per request at p50)")
+
+
+def _failures(f: dict) -> list[str]:
+    tot = f["totals"]
+    lines = [f"decode rank deaths ({tot['n_events']}, {f['unit_ranks']}-rank units; fleet/recovery_model.py's "
+             f"assumptions): elastic EP {tot['elastic_stall_s']:,.1f} s of unit stall, "
+             f"{tot['elastic_gpu_s_lost']:,.0f} GPU-s lost; today's rebuild {tot['rebuild_stall_s']:,.1f} s, "
+             f"{tot['rebuild_gpu_s_lost']:,.0f} GPU-s ({tot['n_rebuilds']} of them rebuilt under elastic too)"]
+    for e in f["events"]:
+        lines.append(f"  t {e['t_s']:>8,.0f} s  unit {e['unit']:>2} rank {e['dead_rank']:>3}: {e['decision']} to "
+                     f"{e['n_ranks']} ranks, {e['experts_reloaded']:,.0f} experts reloaded (busiest rank "
+                     f"{e['max_reload_per_rank']:,.0f}); stall {e['elastic_stall_s']:.1f} s vs rebuild "
+                     f"{e['rebuild_stall_s']:.1f} s")
+    return lines

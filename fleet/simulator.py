@@ -2,7 +2,8 @@
 
 Owns the replay loop. Calls, unchanged and through their modules (so a test can wrap them), the
 pure functions the live system calls: placement.capacity.desired_units every step,
-placement.{prefill,decode}_balancer for sampled requests, placement.eplb once per EPLB interval.
+placement.{prefill,decode}_balancer for sampled requests, placement.eplb once per EPLB interval,
+placement.elastic for each decode-rank death asked for (fleet/rank_failures.py, after the replay).
 Emits ledger tables so fleet.report.build_report gives the seed's table. Never imports Ray, an
 actor or a Serve deployment; reads no file but a trace (fleet/traffic.py, which owns the traffic).
 
@@ -20,7 +21,7 @@ One step of step_s seconds (deterministic for a seed):
     them, and the output speed from the probes; the request count and KV length per output token
     are recomputed from the cohorts (an aggregate row cannot carry them) and replaced in the Report.
 
-About 400 lines: the replay loop with the probes it samples each step; they are the next noun to
+About 410 lines: the replay loop with the probes it samples each step; they are the next noun to
 split out (_prefill_probes, _decode_probes, _probe_rows) if this file grows.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import pyarrow as pa
 
 from epserve.fleet.cost_model import SEED, SEED_MIX, CostModel
 from epserve.fleet.ledger import CAPACITY_SCHEMA, REQUESTS_SCHEMA, CapacityRow, RequestRow, rows_to_table
+from epserve.fleet.rank_failures import failure_events
 from epserve.fleet.report import Pricing, Report, build_report
 from epserve.fleet.traffic import (DEEPSEEK_PROFILE, SEED_START, DiurnalTraffic, RequestMix, TraceTraffic, cohort_sums,
                                    read_trace)
@@ -51,7 +53,8 @@ SEED_SCHEDULE = ((0.0, 23, 7), (1.25, 20, 6), (2.0, 17, 5), (2.75, 14, 4), (3.0,
 class Scenario:
     """What to replay. start: aware datetime; the capacity schedule reads hours in its UTC offset.
     Units are nodes x gpus_per_node ranks. n_probes: requests followed one by one (expected).
-    eplb_interval_s: how often EPLB reruns on the synthetic expert loads (None: skip it)."""
+    eplb_interval_s: how often EPLB reruns on the synthetic expert loads (None: skip it).
+    rank_failures: decode-rank deaths over the run, elastic EP against rebuild (fleet/rank_failures.py)."""
 
     name: str
     traffic: DiurnalTraffic | TraceTraffic
@@ -66,6 +69,7 @@ class Scenario:
     n_experts: int = 256
     n_redundant_experts: int = 32
     n_expert_groups: int = 8
+    rank_failures: int = 0
 
     def __post_init__(self):
         if self.start.tzinfo is None:
@@ -75,6 +79,8 @@ class Scenario:
         for name in ("prefill_nodes_per_unit", "decode_nodes_per_unit", "gpus_per_node", "eplb_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Scenario.{name}={getattr(self, name)} must be >= 1")
+        if self.rank_failures < 0:
+            raise ValueError(f"Scenario.rank_failures={self.rank_failures} must be >= 0")
         if self.n_probes < 0 or (self.eplb_interval_s is not None and not self.eplb_interval_s > 0):
             raise ValueError(f"Scenario: n_probes={self.n_probes} must be >= 0 and "
                              f"eplb_interval_s={self.eplb_interval_s} > 0 or None")
@@ -97,6 +103,7 @@ class SimResult:
     cost_source: str
     requests: pa.Table
     capacity: pa.Table
+    rank_failures: dict | None = None
 
     @property
     def trough_nodes(self) -> int:
@@ -110,7 +117,7 @@ class SimResult:
             "staircase": [{"t_s": t, "time": (start + timedelta(seconds=t)).isoformat(), "prefill_units": p,
                            "decode_units": d, "nodes": n} for t, p, d, n in self.staircase],
             "report": self.report.to_dict(), "latency": self.latency, "utilization": self.utilization,
-            "eplb": self.eplb, "why": self.why,
+            "eplb": self.eplb, "rank_failures": self.rank_failures, "why": self.why,
             "vs_seed": {k: {"simulated": s, "seed": e, "rel_error": r} for k, (s, e, r) in self.vs_seed.items()},
         }
 
@@ -385,8 +392,11 @@ def simulate(scenario: Scenario, policy: capacity.CapacityPolicy, cost: CostMode
         f"speed: {len(latency['tpot'])} probes; every decode step waits for its unit's slowest rank (uneven KV), "
         f"while the cost model's speed is an average rank's",
     ])
+    failures = None if not sc.rank_failures else failure_events(
+        sc, lambda t: [s[2] for s in stairs if s[0] <= t][-1], sc.rank_failures, np.random.default_rng([seed, 2]))
     return SimResult(sc.name, step_s, tuple(stairs), report, lat, util, eplb,
-                     compare_with_seed(report, min(s[3] for s in stairs)), why, cost.source, requests, cap_table)
+                     compare_with_seed(report, min(s[3] for s in stairs)), why, cost.source, requests, cap_table,
+                     failures)
 
 
 def compare_with_seed(report: Report, trough_nodes: float) -> dict[str, tuple[float, float, float]]:

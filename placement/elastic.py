@@ -18,6 +18,9 @@ placement (None) and the unit falls back to the rebuild.
 Grow (a replacement joined as the last rank): its spr new slots take replicas of the experts
 with the most load per replica, as EPLB's replication step does, so the unit is back to full
 speed without moving any survivor's slot; the EPLB controller rebalances later as usual.
+
+EPLB on a shrunk unit (no replacement yet, or none coming): `member_shape` is the shape EPLB
+places over, the members' slots only, so a long-lived shrunk unit still rebalances.
 Never: decides when a rank is dead (the supervisor sees the process gone), or moves weights.
 """
 from __future__ import annotations
@@ -107,6 +110,32 @@ def grow_phy2log(phy2log: torch.Tensor, slots_per_rank: int, n_experts: int,
             cnt[e] += 1
             here.add(e)
     return torch.cat([phy2log, new], 1)
+
+
+@dataclass(frozen=True)
+class MemberShape:
+    """EPLB's shape for the ranks a unit runs on now (rebalance_experts' num_replicas, num_nodes,
+    num_gpus). After a change the members are renumbered 0..k-1 and rank r routes as node
+    r // gpus_per_node, so k ranks are whole nodes only when gpus_per_node divides k; otherwise
+    node-local placement has no whole node to keep experts in, and EPLB places over one node."""
+
+    n_slots: int
+    n_nodes: int
+    n_ranks: int
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.n_ranks // self.n_nodes
+
+
+def member_shape(n_slots: int, slots_per_rank: int, gpus_per_node: int) -> MemberShape:
+    """The shape of a placement over `n_slots` live slots (the width of the unit's current phy2log:
+    its members' slots, spr each). Worked example: 2 nodes x 2 GPUs, spr 8, one rank dead ->
+    24 slots -> MemberShape(24, 1, 3); two dead -> MemberShape(16, 1, 2)."""
+    if slots_per_rank < 1 or gpus_per_node < 1 or n_slots < slots_per_rank or n_slots % slots_per_rank:
+        raise ValueError(f"{n_slots} slots are not a whole number (>= 1) of ranks of {slots_per_rank} slots")
+    n_ranks = n_slots // slots_per_rank
+    return MemberShape(n_slots, n_ranks // gpus_per_node if n_ranks % gpus_per_node == 0 else 1, n_ranks)
 
 
 def spread_targets(n_ranks: int, n_requests: list[int]) -> list[int]:

@@ -101,30 +101,38 @@ def test_death_mid_decode_survivors_go_on_and_a_replacement_joins(unit, referenc
     assert again[0].token_ids == want[0]                      # the replacement decodes correctly
 
 
-def test_death_during_an_eplb_switch_voids_the_switch_not_a_request(unit, reference):
-    prompts, want = reference
+def test_death_during_an_eplb_switch_voids_the_switch_not_a_request(make_unit, tiny_dir):
+    """Rank 2 exits at the step every member agreed to switch to a staged placement, before it
+    switches (the exit_in_switch hook, a real process exit): the survivors had switched, the switch
+    is void, and the unit goes on with every survivor on the supervisor's one map; every stream's
+    greedy tokens equal the unfaulted run. Long streams, so the switch lands while they decode."""
+    unit = make_unit(grow_back=False, exit_in_switch=2)
+    n = 300
+    prompts = prompts_of([9, 30, 4, 40], seed=5)
+    want = single_rank_outputs(tiny_dir, prompts, greedy(n))
     before = pids(unit)
-    ref = start_and_wait_steps(unit, prompts)
+    items = [(Sequence(f"s{i}", p, greedy(n)), i) for i, p in enumerate(prompts)]
+    ref = unit.generate.remote(items)
+    wait_for(unit, lambda s: s["steps"] >= 3)
     p = ray.get(unit.phy2log_now.remote())
-    new = torch.roll(p, 8, dims=1)                         # every slot moves: staging takes a while
-    switch = unit.apply_placement.remote(new)
-    time.sleep(0.05)
-    os.kill(before[2], signal.SIGKILL)
+    switch = unit.apply_placement.remote(torch.roll(p, 8, dims=1))      # every slot moves
+    with pytest.raises(ray.exceptions.RayTaskError, match="was not applied"):
+        ray.get(switch, timeout=300)
     got = ray.get(ref, timeout=300)
     assert [g.token_ids for g in got] == want
-    try:
-        ray.get(switch, timeout=120)
-    except ray.exceptions.RayTaskError:     # voided (a member died mid-switch, or the unit changed): fine,
-        pass                                # as long as every member agrees on one map (below)
-    st = wait_for(unit, lambda s: any(e["kind"] == "grow" for e in s["elastic"]))
-    assert any(e["kind"] == "shrink" and e["dead"] == [2] for e in st["elastic"]), st["elastic"]
-    # whatever happened to the switch, every member routes with the supervisor's one map
+    st = ray.get(unit.status.remote())
+    shrink = [e for e in st["elastic"] if e["kind"] == "shrink"]
+    assert len(shrink) == 1 and shrink[0]["dead"] == [2] and shrink[0]["n_ranks"] == 3, st["elastic"]
+    assert shrink[0]["kept"] > 0, shrink            # streams were decoding on the survivors at the death
+    assert pids(unit) == [before[0], before[1], before[3]] and st["map_version"] == 0
+    # the survivors had switched to the void map; each now routes with the supervisor's one map
     placements = ray.get(unit.rank_placements.remote())
     current = ray.get(unit.phy2log_now.remote())
-    assert len(placements) == 4 and all(torch.equal(p["phy2log"], current) for p in placements)
-    again = ray.get(unit.generate.remote([(Sequence(f"after{r}", prompts[1], greedy()), r) for r in range(4)]),
+    assert current.shape[1] == 3 * 8 and len(placements) == 3
+    assert all(torch.equal(q["phy2log"], current) for q in placements)
+    again = ray.get(unit.generate.remote([(Sequence(f"after{r}", prompts[1], greedy(N_NEW)), r) for r in range(3)]),
                     timeout=120)
-    assert all(g.token_ids == want[1] for g in again)
+    assert all(g.token_ids == want[1][:N_NEW] for g in again)
 
 
 def test_two_ranks_in_a_row(make_unit, reference):
@@ -163,3 +171,42 @@ def test_death_during_the_membership_change(make_unit, reference):
     shrink = [e for e in st["elastic"] if e["kind"] == "shrink"]
     assert shrink and shrink[0]["dead"] == [1, 2] and shrink[0]["n_ranks"] == 2, st["elastic"]
     assert pids(unit)[:2] == [before[0], before[3]]
+
+
+def test_eplb_rebalances_a_unit_short_of_a_rank(make_unit, tiny_dir):
+    """Rank 1 dies and no replacement comes (grow_back off): the EPLB controller places over the
+    three survivors' 24 slots and the unit switches to it live, mid-generation, every survivor
+    on the new map at one agreed step; tokens equal the unfaulted run."""
+    from epserve.actors.eplb_controller import EplbController
+    unit = make_unit(grow_back=False)
+    args = read_config(tiny_dir)
+    before = pids(unit)
+    os.kill(before[1], signal.SIGKILL)
+    unit.generate.remote([(Sequence("wake", [5] * 8, greedy(2)), 0)])       # a step finds the dead peer
+    st = wait_for(unit, lambda s: s["n_ranks"] == 3 and s["steps"] > 0 and
+                  any(e["kind"] == "shrink" for e in s["elastic"]))
+    assert st["n_ranks"] == 3, st["elastic"]
+    n = 150
+    prompts = [[7] * 30, [7] * 29 + [9], [11] * 30]          # repetitive: a skewed expert load
+    want = single_rank_outputs(tiny_dir, prompts, greedy(n))
+    shape = UnitShape(2, 2, args.n_routed_experts, redundant_experts=16)
+    ctrl = EplbController.remote(unit, shape, args.n_expert_groups, interval_s=3600, window_steps=10 ** 9)
+    ray.get(unit.expert_counters.remote(reset=True))
+    steps0 = ray.get(unit.status.remote())["steps"]
+    running = unit.generate.remote([(Sequence(f"m{i}", p, greedy(n)), i) for i, p in enumerate(prompts)])
+    wait_for(unit, lambda s: s["steps"] >= steps0 + 8)
+    report = ray.get(ctrl.rebalance.remote(force=True), timeout=180)
+    got = ray.get(running, timeout=300)
+    assert [g.token_ids for g in got] == want
+    assert report["applied"] and report["n_ranks"] == 3 and report["weights_moved"] > 0, report
+    assert report["balancedness_after"] <= report["balancedness_before"], report
+    st = ray.get(unit.status.remote())
+    assert st["n_ranks"] == 3 and st["map_version"] == 1
+    placements = ray.get(unit.rank_placements.remote())
+    new_map = ray.get(unit.phy2log_now.remote())
+    assert new_map.shape[1] == 3 * 8 and len(placements) == 3
+    assert {q["switched_at"][1] for q in placements} == {report["switch_step"]}      # one agreed step
+    assert all(torch.equal(q["phy2log"], new_map) for q in placements)
+    for layer in new_map:                               # every logical expert keeps a live replica
+        assert set(layer.tolist()) == set(range(args.n_routed_experts))
+    ray.kill(ctrl)

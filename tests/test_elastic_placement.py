@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epserve.placement.elastic import (grow_phy2log, shrink_membership, shrink_phy2log, spread_targets)
+from epserve.placement.elastic import (MemberShape, grow_phy2log, member_shape, shrink_membership, shrink_phy2log,
+                                       spread_targets)
 
 
 def test_membership_keeps_survivors_in_old_order():
@@ -90,3 +91,19 @@ def test_config_unit_elastic_defaults_off_and_reaches_the_rank_spec():
     assert rank_spec(cfg, "/m", cfg.decode, "decode").elastic is True
     with pytest.raises(ConfigError, match="decode.elastic: true needs the all-to-all exchange"):
         load_config({"decode": {"elastic": True}, "ep_dispatch": "deepep"})
+
+
+@pytest.mark.parametrize("n_slots,spr,gpn,want", [(32, 8, 2, MemberShape(32, 2, 4)),    # whole: 2 nodes x 2
+                                                  (24, 8, 2, MemberShape(24, 1, 3)),    # one dead: a partial node
+                                                  (16, 8, 2, MemberShape(16, 1, 2)),    # two dead: one whole node
+                                                  (48, 4, 4, MemberShape(48, 3, 12)),
+                                                  (8, 8, 8, MemberShape(8, 1, 1))])
+def test_member_shape_places_over_the_live_slots(n_slots, spr, gpn, want):
+    got = member_shape(n_slots, spr, gpn)
+    assert got == want and got.n_nodes * got.gpus_per_node == got.n_ranks
+
+
+@pytest.mark.parametrize("n_slots,spr", [(20, 8), (0, 8), (8, 0)])
+def test_member_shape_rejects_a_map_that_is_not_whole_ranks(n_slots, spr):
+    with pytest.raises(ValueError, match=f"{n_slots} slots are not a whole number"):
+        member_shape(n_slots, spr, 2)
