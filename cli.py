@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--chat-template", default="v3", choices=["v3", "r1"],
                    help="DeepSeek-V3's chat template (tool calls) or the R1 variant that opens <think>")
     m.add_argument("--preset", default="tiny", help="tiny (default) | v3-4l | v3-ep144-rank | v3-ep144-rank-61l | v3-ep32-rank "
-                   "| v3-mini | v32-tiny (DeepSeek-V3.2: sparse attention) "
+                   "| v3-mini | v32-tiny (DeepSeek-V3.2: sparse attention) | v32-ep144-rank | v32-ep32-rank "
                    "(V3-width ones are FP8, ~5-40 GB; make them on a GPU with --device cuda)")
     m.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is much faster)")
 
