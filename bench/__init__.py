@@ -149,7 +149,8 @@ def _bench_step(mod, args):
         return step_long.run(backend=args.backend, device=(args.device or "cpu") if args.small else "cuda",
                              small=args.small, contexts=args.context,
                              requests=(args.step_tokens,) if args.step_tokens else None,
-                             phases=(args.phase,) if args.phase else ("decode", "prefill"), graphs=not args.eager)
+                             phases=(args.phase,) if args.phase else ("decode", "prefill"), graphs=not args.eager,
+                             ep_ranks=args.ep_ranks, skew=args.skew or "lognormal")
     acceptance = 0.85 if args.acceptance is None else args.acceptance
     if args.mtp and (args.small or args.no_ep):
         return mod.run_mtp(backend=args.backend, tokens=args.step_tokens, graphs=not args.eager, small=args.small,

@@ -89,7 +89,8 @@ def add_parser(sub) -> None:
                    "5120, DeepSeek's MTP profile 4096; --arch v32: a list, default 4096,32768,65536,131072)")
     s.add_argument("--arch", choices=["v3", "v32"], help="v32: one layer's one-batch figure of DeepSeek-V3.2 "
                    "against V3 at long context (decode at 64 and 128 requests per GPU, or --step-tokens; prefill "
-                   "of one 32K prompt), the indexer and sparse MLA timed as their own stages; --small on CPU")
+                   "of one 32K prompt), the indexer and sparse MLA timed as their own stages; --small on CPU; "
+                   "--ep-ranks N: also each decode point on the emulated EP rank of both archs' presets")
     s.add_argument("--eager", action="store_true", help="decode without CUDA graphs; not with --gpus")
     s.add_argument("--ep-ranks", "--ep-emulate", dest="ep_ranks", type=int,
                    help="emulated EP size (default: decode 144, prefill 32)")
@@ -199,7 +200,12 @@ def check(a) -> None:
             _need(a, "--skew", "--ep-ranks or --ep-presets")
     elif a.what == "step" and a.arch == "v32":
         _refuse(a, "--arch v32 (one layer's one-batch figure, V3.2 against V3)",
-                ("--gpus", "--ep-ranks", "--skew", "--no-ep", "--cached", "--mtp", "--acceptance"))
+                ("--gpus", "--no-ep", "--cached", "--mtp", "--acceptance"))
+        if a.small or a.phase == "prefill":
+            _refuse(a, "--arch v32 --small / --phase prefill (the emulated EP rank: decode on the V3-width "
+                    "presets)", ("--ep-ranks", "--skew"))
+        if a.skew is not None and a.ep_ranks is None:
+            _need(a, "--skew", "--ep-ranks")
         if a.phase == "prefill":
             _refuse(a, "--arch v32 --phase prefill (one 32K prompt)", ("--context", "--step-tokens"))
         if not a.small:

@@ -69,6 +69,23 @@ def point_bytes(a: ModelArgs, phase: str, n: int, ctx: int, backend: str) -> dic
     return {"kv_cache": kv, "working_set": work, "total": kv + work}
 
 
+def ep_rank_bytes(a: ModelArgs, n: int, ctx: int, slots: int = 2, layers: int = 5) -> dict:
+    """Bytes bench/step_ep.py's engine holds for a decode point on a preset (`v3-ep144-rank` /
+    `v32-ep144-rank`: 1 dense + 3 MoE layers + the MTP layer, FP8 weights, bf16 embedding and head)
+    -> {"kv_cache": its KV pool (step_ep's page count x `layers` x 64 rows of a.cache_dim bf16),
+    "weights", "working_set": one layer's (point_bytes), "total"}."""
+    kv = (n * (math.ceil(ctx * 1.2 / 64) + 2) + 64) * 64 * a.cache_dim * 2 * layers
+    h = a.n_heads
+    mla = (a.q_lora_rank * a.dim + h * a.qk_head_dim * a.q_lora_rank + a.kv_dim * a.dim
+           + h * (a.qk_nope_head_dim + a.v_head_dim) * a.kv_lora_rank + a.dim * h * a.v_head_dim
+           + a.index_n_heads * a.index_head_dim * (a.q_lora_rank or 0) + a.index_head_dim * a.dim
+           + a.index_n_heads * a.dim * 4)
+    weights = (layers * mla + 3 * a.dim * a.inter_dim + (layers - 1) * (slots + 1) * 3 * a.dim * a.moe_inter_dim
+               + 2 * a.vocab_size * a.dim * 2)
+    work = point_bytes(a, "decode", n, ctx, "native")["working_set"]
+    return {"kv_cache": kv, "weights": weights, "working_set": work, "total": kv + weights + work}
+
+
 def _free_bytes(dev: torch.device) -> int:
     """What a point may use: 90 % of the GPU's free memory, or half the host's available memory."""
     if dev.type == "cuda":
@@ -87,10 +104,16 @@ def _figures(a: ModelArgs, ms: dict, stages: dict, n: int, need: dict) -> dict:
 
 
 def run(backend: str = "native", device: str = "cuda", small: bool = False, contexts=None, requests=None,
-        phases=("decode", "prefill"), graphs: bool = True, memory_budget: int | None = None) -> dict:
+        phases=("decode", "prefill"), graphs: bool = True, memory_budget: int | None = None,
+        ep_ranks: int | None = None, skew: str = "lognormal") -> dict:
     """V3 and V3.2, one layer each, at every point -> {"decode": [...], "prefill": [...]}; a point is
     {"context", "requests" | "prompt_tokens", "v3": figures | {"skipped"}, "v32": ..., "v32_speedup"}.
-    memory_budget: bytes a point may use (default: what _free_bytes finds before each point)."""
+    memory_budget: bytes a point may use (default: what _free_bytes finds before each point).
+    ep_ranks (CUDA, not small): each decode point also runs bench/step_ep.py's emulated EP rank of that
+    size (`skew` loads) on each arch's EP144 preset, where the preset engine's KV pool fits (ep_rank_bytes), under
+    the point's "emulated_ep_rank"."""
+    if ep_ranks and small:
+        raise ValueError("ep_ranks: the emulated EP rank runs the V3-width presets, not small shapes")
     shape = SMALL if small else FULL
     for c in (*(contexts or ()), *(requests or ())):
         if c < 1:
@@ -128,7 +151,26 @@ def run(backend: str = "native", device: str = "cuda", small: bool = False, cont
                 res[(ctx, n)][name] = _figures(a, ms, stages, n, need)
             del layer
         out[phase] = [_point(phase, ctx, n, r) for (ctx, n), r in res.items()]
+    if ep_ranks and "decode" in phases:
+        for pt in out["decode"]:
+            pt["emulated_ep_rank"] = _ep_rank(shape["archs"], backend, pt["context"], pt["requests"], ep_ranks,
+                                              skew, graphs, memory_budget)
     return out
+
+
+def _ep_rank(archs: dict, backend: str, ctx: int, n: int, ranks: int, skew: str, graphs: bool,
+             memory_budget) -> dict:
+    from epserve.bench import step_ep
+    res = {}
+    for name, a in archs.items():
+        need, budget = ep_rank_bytes(a, n, ctx), memory_budget or _free_bytes(torch.device("cuda"))
+        if need["total"] > budget:
+            res[name] = {"skipped": f"the {step_ep.PRESETS[name]['decode']} engine needs {need['total'] / GB:.2f} GB "
+                                    f"(KV pool {need['kv_cache'] / GB:.2f} GB) > {budget / GB:.2f} GB free", "bytes": need}
+            continue
+        res[name] = step_ep.run("decode", backend=backend, tokens=n, ctx=ctx, ranks=ranks, skew=skew, graphs=graphs,
+                                 arch=name)
+    return res
 
 
 def _point(phase: str, ctx: int, n: int, r: dict) -> dict:
