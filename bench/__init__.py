@@ -5,7 +5,8 @@ engine  offline tokens/s of one rank at several batch sizes, next to transformer
         --device cuda: epserve.LLM through Ray on one GPU, rank-side decode step time per batch size,
         prefill tokens/s, and (V3-width checkpoints) the engine against layers x the layer benchmark;
         --ep-presets: decode on the EP144 rank, prefill on the EP32 rank (emulated, overlapped), each
-        against bench step's step on the same rank and schedule
+        against bench step's step on the same rank and schedule; --arch v32: DeepSeek-V3.2 against V3 on their
+        EP144-rank presets at one long --context, the --batches that fit in memory
 units   the lockstep's control cost, old central loop against the rank-driven loop, 1/2/4/8 ranks
 starts  one unit's start time against four units started at once
 admission  requests/s the front door admits at max_tokens=1 with 1 and 2 ingress replicas
@@ -127,6 +128,12 @@ def _batches(text: str) -> list[int]:
 
 
 def _bench_engine(mod, args):
+    if args.arch == "v32" and (args.device == "cuda" or args.small):
+        from epserve.bench import engine_long
+        small = args.small
+        return engine_long.run(batches=_batches(args.batches or ("2,4" if small else "64,128")),
+                               ctx=args.context or (64 if small else 65536), small=small,
+                               kernels=args.kernels or ("reference" if small else "auto"))
     if args.device == "cuda" and args.ep_presets:
         from epserve.bench import engine_ep
         return engine_ep.run(batches=_batches(args.batches or "64,128,256"), ctx=args.context or 4096,

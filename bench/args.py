@@ -64,6 +64,11 @@ def add_parser(sub) -> None:
     e.add_argument("--ep-presets", action="store_true", help="--device cuda: decode on the EP144 rank preset "
                    "(ranks 144) and prefill on the EP32 one (ranks 32), overlapped, against bench step's step on "
                    "the same rank and schedule")
+    e.add_argument("--arch", choices=["v3", "v32"], help="--device cuda: v32: DeepSeek-V3.2 against V3, each on "
+                   "its EP144-rank preset (v32-ep144-rank, v3-ep144-rank) at one long --context (default 65536), "
+                   "--batches (default 64,128) that fit in memory")
+    e.add_argument("--small", action="store_true", help="--arch v32: the tiny and v32-tiny checkpoints through Ray "
+                   "on CPU (default --context 64, --batches 2,4)")
     e.add_argument("--skew", help=f"--device cuda --ep-ranks / --ep-presets: emulated per-expert loads ({SKEWS})")
     e.add_argument("--profile", metavar="DIR", help="--device cuda: a PyTorch profiler trace of one rank's "
                    "decode steps (graph replays vs launches) to DIR instead of the benchmark")
@@ -184,15 +189,22 @@ def needs_cuda(a) -> bool:
 
 def check(a) -> None:
     """Refuses flag combinations that one mode would silently ignore, and GPU runs without a GPU."""
-    if a.what == "engine":
+    if a.what == "engine" and a.small:
+        if a.arch != "v32" or a.device == "cuda":
+            raise InvalidRequest("--small needs --arch v32 and runs on CPU (not --device cuda)", "--small")
+        _refuse(a, "--arch v32 --small (its tiny checkpoints)", ("--model", "--ep-ranks", "--ep-presets", "--profile",
+                                                                 "--skew", "--tokens", "--no-transformers", "--mtp"))
+    elif a.what == "engine":
         if a.device == "cuda":
             _refuse(a, "--device cuda", ("--tokens", "--no-transformers", "--mtp"))
             if a.profile:         # profile_decode traces batch 64 of the checkpoint's own shape
                 _refuse(a, "--profile", ("--batches", "--context", "--ep-ranks", "--skew", "--ep-presets"))
             if a.ep_presets:      # the presets name their checkpoints and EP sizes
                 _refuse(a, "--ep-presets", ("--model", "--ep-ranks"))
+            if a.arch == "v32":   # the two presets are the checkpoints
+                _refuse(a, "--arch v32", ("--model", "--ep-ranks", "--ep-presets", "--profile", "--skew"))
         else:
-            for f in ("--kernels", "--context", "--ep-ranks", "--skew", "--profile", "--ep-presets"):
+            for f in ("--kernels", "--context", "--ep-ranks", "--skew", "--profile", "--ep-presets", "--arch"):
                 _need(a, f, "--device cuda")
             if a.mtp:
                 _refuse(a, "--mtp", ("--no-transformers",))

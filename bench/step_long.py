@@ -75,10 +75,10 @@ def ep_rank_bytes(a: ModelArgs, n: int, ctx: int, slots: int = 2, layers: int = 
     -> {"kv_cache": its KV pool (step_ep's page count x `layers` x 64 rows of a.cache_dim bf16),
     "weights", "working_set": one layer's (point_bytes), "total"}."""
     kv = (n * (math.ceil(ctx * 1.2 / 64) + 2) + 64) * 64 * a.cache_dim * 2 * layers
-    h = a.n_heads
-    mla = (a.q_lora_rank * a.dim + h * a.qk_head_dim * a.q_lora_rank + a.kv_dim * a.dim
+    h, ql = a.n_heads, a.q_lora_rank or 0
+    mla = (ql * a.dim + h * a.qk_head_dim * (ql or a.dim) + a.kv_dim * a.dim
            + h * (a.qk_nope_head_dim + a.v_head_dim) * a.kv_lora_rank + a.dim * h * a.v_head_dim
-           + a.index_n_heads * a.index_head_dim * (a.q_lora_rank or 0) + a.index_head_dim * a.dim
+           + a.index_n_heads * a.index_head_dim * ql + a.index_head_dim * a.dim
            + a.index_n_heads * a.dim * 4)
     weights = (layers * mla + 3 * a.dim * a.inter_dim + (layers - 1) * (slots + 1) * 3 * a.dim * a.moe_inter_dim
                + 2 * a.vocab_size * a.dim * 2)
@@ -86,7 +86,7 @@ def ep_rank_bytes(a: ModelArgs, n: int, ctx: int, slots: int = 2, layers: int = 
     return {"kv_cache": kv, "weights": weights, "working_set": work, "total": kv + weights + work}
 
 
-def _free_bytes(dev: torch.device) -> int:
+def free_bytes(dev: torch.device) -> int:
     """What a point may use: 90 % of the GPU's free memory, or half the host's available memory."""
     if dev.type == "cuda":
         gc.collect()
@@ -108,7 +108,7 @@ def run(backend: str = "native", device: str = "cuda", small: bool = False, cont
         ep_ranks: int | None = None, skew: str = "lognormal") -> dict:
     """V3 and V3.2, one layer each, at every point -> {"decode": [...], "prefill": [...]}; a point is
     {"context", "requests" | "prompt_tokens", "v3": figures | {"skipped"}, "v32": ..., "v32_speedup"}.
-    memory_budget: bytes a point may use (default: what _free_bytes finds before each point).
+    memory_budget: bytes a point may use (default: what free_bytes finds before each point).
     ep_ranks (CUDA, not small): each decode point also runs bench/step_ep.py's emulated EP rank of that
     size (`skew` loads) on each arch's EP144 preset, where the preset engine's KV pool fits (ep_rank_bytes), under
     the point's "emulated_ep_rank"."""
@@ -139,7 +139,7 @@ def run(backend: str = "native", device: str = "cuda", small: bool = False, cont
             g = torch.Generator(device=dev).manual_seed(0)
             layer = step.build_layer(a, kb, dev, g, shape["slots"][phase])
             for ctx, n in points:
-                need, budget = point_bytes(a, phase, n, ctx, backend), memory_budget or _free_bytes(dev)
+                need, budget = point_bytes(a, phase, n, ctx, backend), memory_budget or free_bytes(dev)
                 if need["total"] > budget:
                     res[(ctx, n)][name] = {"skipped": f"needs {need['total'] / GB:.2f} GB (KV cache "
                                            f"{need['kv_cache'] / GB:.2f} GB + working set {need['working_set'] / GB:.2f}"
@@ -163,7 +163,7 @@ def _ep_rank(archs: dict, backend: str, ctx: int, n: int, ranks: int, skew: str,
     from epserve.bench import step_ep
     res = {}
     for name, a in archs.items():
-        need, budget = ep_rank_bytes(a, n, ctx), memory_budget or _free_bytes(torch.device("cuda"))
+        need, budget = ep_rank_bytes(a, n, ctx), memory_budget or free_bytes(torch.device("cuda"))
         if need["total"] > budget:
             res[name] = {"skipped": f"the {step_ep.PRESETS[name]['decode']} engine needs {need['total'] / GB:.2f} GB "
                                     f"(KV pool {need['kv_cache'] / GB:.2f} GB) > {budget / GB:.2f} GB free", "bytes": need}
