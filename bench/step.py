@@ -3,7 +3,9 @@ the emulated EP rank (bench/step_ep.py: two micro-batches, the rank's received r
 loads, exchanges held for DeepEP's published time, exposed vs hidden exchange time per layer).
 Secondary (`run`): one layer's one-batch work with no exchange, extrapolated to the 61-layer model.
 
-Owns: a V3-sized layer built from model/deepseek_v3.py's classes (MLA, Gate, MLP) and
+Owns: a V3-sized layer (or V3.2's, `a.is_dsa`: MLA with its lightning indexer, whose stages
+bench/step_dsa.py times; bench/step_long.py sweeps it against V3 at long context) built from
+model/deepseek_v3.py's classes (MLA, Gate, MLP) and
 model/moe_dispatch.py's ExpertShard with random FP8 weights (128x128 scales, 1x128
 activation quantisation), run eagerly through one kernel backend. `run()` returns a
 JSON-able dict; `python -m epserve.bench.step --phase prefill|decode [--out FILE]`.

@@ -49,8 +49,9 @@ def point_bytes(a: ModelArgs, phase: str, n: int, ctx: int, backend: str) -> dic
                    DeepGEMM, i.e. prefill: kernels/native_dsa.py), and the int64 row lists
       prefill V3   the core's q/k/v and MLA's naive expansion of the latent (k [N, H, P+R], v [N, H, V]),
                    plus [H, n, N] fp32 scores unless the backend has a fused attention (native)
-      prefill V3.2 the index logits ([n, N] fp32 on DeepGEMM, [n, Hi, N] in the reference) and, without
-                   FlashMLA's sparse kernel, the chosen latents gathered in fp32 [n, K, L+R]
+      prefill V3.2 the index logits ([n, N] fp32 on DeepGEMM, [n, Hi, N] in the reference), the absorbed
+                   queries [n, H, L+R] (twice) and, without FlashMLA's sparse kernel, the chosen
+                   latents gathered in fp32 [n, K, L+R]
       both         the received expert rows (n x top-k x D bf16: rows, their expert output, a copy)."""
     row, fused = a.cache_dim * 2, backend == "native"
     n_keys = (math.ceil(1.2 * ctx / 64) if phase == "decode" else math.ceil(ctx / 64)) * 64
@@ -62,6 +63,7 @@ def point_bytes(a: ModelArgs, phase: str, n: int, ctx: int, backend: str) -> dic
         k = min(a.index_topk, ctx)
         work = n * n_keys * 4 * (2 if fused else a.index_n_heads + 2) + n * k * 8 * 3
         work += 0 if fused else n * k * (a.kv_dim * 4 * 2 + a.n_heads * 4)
+        work += 2 * n * a.n_heads * a.kv_dim * 2          # absorbed queries: sparse_attend's and the stage's
     else:
         work = n_keys * a.n_heads * (3 * a.qk_head_dim + a.qk_nope_head_dim + 3 * a.v_head_dim) * 2
         work += 0 if fused else 2 * a.n_heads * n * n_keys * 4
