@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="DeepSeek-V3's chat template (tool calls), the R1 variant that opens <think>, V3.1's "
                         "(thinking switch) or R1-0528's; a family preset brings its own")
     m.add_argument("--preset", default="tiny", help="tiny (default) | v31-tiny | r1-0528-tiny | kimi-k2-tiny "
-                   "| v32-tiny (DeepSeek-V3.2: sparse attention) "
+                   "| v32-tiny (DeepSeek-V3.2: sparse attention) | v32-ep144-rank | v32-ep32-rank "
                    "| v3-4l | v3-ep144-rank | v3-ep144-rank-61l | v3-ep32-rank | v3-mini "
                    "(V3-width ones are FP8, ~5-40 GB; make them on a GPU with --device cuda)")
     m.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is much faster)")

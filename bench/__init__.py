@@ -5,7 +5,8 @@ engine  offline tokens/s of one rank at several batch sizes, next to transformer
         --device cuda: epserve.LLM through Ray on one GPU, rank-side decode step time per batch size,
         prefill tokens/s, and (V3-width checkpoints) the engine against layers x the layer benchmark;
         --ep-presets: decode on the EP144 rank, prefill on the EP32 rank (emulated, overlapped), each
-        against bench step's step on the same rank and schedule
+        against bench step's step on the same rank and schedule; --arch v32: DeepSeek-V3.2 against V3 on their
+        EP144-rank presets at one long --context, the --batches that fit in memory
 units   the lockstep's control cost, old central loop against the rank-driven loop, 1/2/4/8 ranks
 starts  one unit's start time against four units started at once
 admission  requests/s the front door admits at max_tokens=1 with 1 and 2 ingress replicas
@@ -16,7 +17,9 @@ kernels FP8 GEMM TFLOPS / MLA decode GB/s on a GPU
 step    one EP rank's prefill or decode step on a GPU: headline, the overlapped schedule on the emulated EP
         rank (--ep-ranks, --skew; exposed vs hidden exchange time per layer); secondary, one layer's one-batch
         work with no exchange at DeepSeek-V3 shapes (--no-ep: that only); --mtp: decode also with MTP k = 1 at
-        a forced --acceptance (default 0.85), with and without it side by side
+        a forced --acceptance (default 0.85), with and without it side by side; --arch v32: one layer of
+        DeepSeek-V3.2 against V3 at long context (--context list, decode at 64 and 128 requests, prefill at
+        32K), the indexer and sparse MLA timed as their own stages (--small: on CPU)
 grammar grammar libraries (llguidance, xgrammar, outlines-core): compile ms per schema, mask us per token
 prefix  TTFT at 0/50/90 % prefix hits from the on-disk KV store; KV-load vs raw read throughput
 overlap step time with the overlapped schedules on/off/auto, prefill and decode, with and without injected latency;
@@ -125,6 +128,12 @@ def _batches(text: str) -> list[int]:
 
 
 def _bench_engine(mod, args):
+    if args.arch == "v32" and (args.device == "cuda" or args.small):
+        from epserve.bench import engine_long
+        small = args.small
+        return engine_long.run(batches=_batches(args.batches or ("2,4" if small else "64,128")),
+                               ctx=args.context or (64 if small else 65536), small=small,
+                               kernels=args.kernels or ("reference" if small else "auto"))
     if args.device == "cuda" and args.ep_presets:
         from epserve.bench import engine_ep
         return engine_ep.run(batches=_batches(args.batches or "64,128,256"), ctx=args.context or 4096,
@@ -142,6 +151,13 @@ def _bench_step(mod, args):
     if args.gpus:
         from epserve.bench import ep
         return ep.run_step(args.gpus, backend=args.backend, phase=args.phase or "decode", tokens=args.step_tokens)
+    if args.arch == "v32":
+        from epserve.bench import step_long
+        return step_long.run(backend=args.backend, device=(args.device or "cpu") if args.small else "cuda",
+                             small=args.small, contexts=args.context,
+                             requests=(args.step_tokens,) if args.step_tokens else None,
+                             phases=(args.phase,) if args.phase else ("decode", "prefill"), graphs=not args.eager,
+                             ep_ranks=args.ep_ranks, skew=args.skew or "lognormal")
     acceptance = 0.85 if args.acceptance is None else args.acceptance
     if args.mtp and (args.small or args.no_ep):
         return mod.run_mtp(backend=args.backend, tokens=args.step_tokens, graphs=not args.eager, small=args.small,
@@ -149,7 +165,7 @@ def _bench_step(mod, args):
     return mod.run_step(backend=args.backend, phase=args.phase or "decode", tokens=args.step_tokens,
                         graphs=not args.eager, cached=args.cached or 0.0, ep_ranks=args.ep_ranks,
                         skew=args.skew or "lognormal", ep=not args.no_ep, mtp=args.mtp, acceptance=acceptance,
-                        ctx=args.context)
+                        ctx=args.context[0] if args.context else None)
 
 
 def _bench_serve(mod, args) -> list | dict:

@@ -64,6 +64,11 @@ def add_parser(sub) -> None:
     e.add_argument("--ep-presets", action="store_true", help="--device cuda: decode on the EP144 rank preset "
                    "(ranks 144) and prefill on the EP32 one (ranks 32), overlapped, against bench step's step on "
                    "the same rank and schedule")
+    e.add_argument("--arch", choices=["v3", "v32"], help="--device cuda: v32: DeepSeek-V3.2 against V3, each on "
+                   "its EP144-rank preset (v32-ep144-rank, v3-ep144-rank) at one long --context (default 65536), "
+                   "--batches (default 64,128) that fit in memory")
+    e.add_argument("--small", action="store_true", help="--arch v32: the tiny and v32-tiny checkpoints through Ray "
+                   "on CPU (default --context 64, --batches 2,4)")
     e.add_argument("--skew", help=f"--device cuda --ep-ranks / --ep-presets: emulated per-expert loads ({SKEWS})")
     e.add_argument("--profile", metavar="DIR", help="--device cuda: a PyTorch profiler trace of one rank's "
                    "decode steps (graph replays vs launches) to DIR instead of the benchmark")
@@ -85,8 +90,12 @@ def add_parser(sub) -> None:
     s.add_argument("--backend", default="triton", help="kernel backend (native | triton | reference)")
     s.add_argument("--phase", choices=["prefill", "decode"], help="default decode; --mtp: decode only")
     s.add_argument("--step-tokens", type=int, help="tokens (decode: requests) per GPU")
-    s.add_argument("--context", type=int, help="decode, emulated rank: mean context per request (default 5120; "
-                   "DeepSeek's MTP profile: 4096)")
+    s.add_argument("--context", type=_ints, help="decode: mean context per request (emulated rank: one, default "
+                   "5120, DeepSeek's MTP profile 4096; --arch v32: a list, default 4096,32768,65536,131072)")
+    s.add_argument("--arch", choices=["v3", "v32"], help="v32: one layer's one-batch figure of DeepSeek-V3.2 "
+                   "against V3 at long context (decode at 64 and 128 requests per GPU, or --step-tokens; prefill "
+                   "of one 32K prompt), the indexer and sparse MLA timed as their own stages; --small on CPU; "
+                   "--ep-ranks N: also each decode point on the emulated EP rank of both archs' presets")
     s.add_argument("--eager", action="store_true", help="decode without CUDA graphs; not with --gpus")
     s.add_argument("--ep-ranks", "--ep-emulate", dest="ep_ranks", type=int,
                    help="emulated EP size (default: decode 144, prefill 32)")
@@ -97,8 +106,8 @@ def add_parser(sub) -> None:
     s.add_argument("--mtp", action="store_true", help="decode with the MTP layer: the emulated rank's 1 + 1 verify "
                    "step at a forced acceptance beside the plain step (--no-ep / --small: the layer-level projection)")
     s.add_argument("--acceptance", type=float, help="--mtp: the forced draft acceptance in [0, 1] (default 0.85)")
-    s.add_argument("--small", action="store_true", help="--mtp: small shapes (runs on CPU)")
-    s.add_argument("--device", choices=["cpu", "cuda"], help="--mtp --small: where it runs (default cpu)")
+    s.add_argument("--small", action="store_true", help="--mtp / --arch v32: small shapes (runs on CPU)")
+    s.add_argument("--device", choices=["cpu", "cuda"], help="--small: where it runs (default cpu)")
     s.add_argument("--gpus", type=int, help="real EP across N GPUs of this host, dispatch and combine timed")
 
     o = _leaf(bs, "overlap", "step time with the overlapped schedules on/off/auto, with and without injected "
@@ -139,6 +148,17 @@ def add_parser(sub) -> None:
                    "JSON-constrained vs none, and grammar compile time per schema")
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers (argparse type): "4096,32768" -> (4096, 32768)."""
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return vals
+
+
 def _given(a, flag: str) -> bool:
     v = getattr(a, flag.lstrip("-").replace("-", "_"))
     return v not in (None, False)
@@ -163,27 +183,48 @@ def needs_cuda(a) -> bool:
     if a.what == "grammar":
         return a.device != "cpu"
     if a.what == "step":
-        return not a.gpus and not (a.mtp and a.small and (a.device or "cpu") == "cpu")
+        return not a.gpus and not (a.small and (a.device or "cpu") == "cpu")   # check(): --small needs a mode
     return False
 
 
 def check(a) -> None:
     """Refuses flag combinations that one mode would silently ignore, and GPU runs without a GPU."""
-    if a.what == "engine":
+    if a.what == "engine" and a.small:
+        if a.arch != "v32" or a.device == "cuda":
+            raise InvalidRequest("--small needs --arch v32 and runs on CPU (not --device cuda)", "--small")
+        _refuse(a, "--arch v32 --small (its tiny checkpoints)", ("--model", "--ep-ranks", "--ep-presets", "--profile",
+                                                                 "--skew", "--tokens", "--no-transformers", "--mtp"))
+    elif a.what == "engine":
         if a.device == "cuda":
             _refuse(a, "--device cuda", ("--tokens", "--no-transformers", "--mtp"))
             if a.profile:         # profile_decode traces batch 64 of the checkpoint's own shape
                 _refuse(a, "--profile", ("--batches", "--context", "--ep-ranks", "--skew", "--ep-presets"))
             if a.ep_presets:      # the presets name their checkpoints and EP sizes
                 _refuse(a, "--ep-presets", ("--model", "--ep-ranks"))
+            if a.arch == "v32":   # the two presets are the checkpoints
+                _refuse(a, "--arch v32", ("--model", "--ep-ranks", "--ep-presets", "--profile", "--skew"))
         else:
-            for f in ("--kernels", "--context", "--ep-ranks", "--skew", "--profile", "--ep-presets"):
+            for f in ("--kernels", "--context", "--ep-ranks", "--skew", "--profile", "--ep-presets", "--arch"):
                 _need(a, f, "--device cuda")
             if a.mtp:
                 _refuse(a, "--mtp", ("--no-transformers",))
         if a.skew is not None and a.ep_ranks is None and not a.ep_presets:
             _need(a, "--skew", "--ep-ranks or --ep-presets")
+    elif a.what == "step" and a.arch == "v32":
+        _refuse(a, "--arch v32 (one layer's one-batch figure, V3.2 against V3)",
+                ("--gpus", "--no-ep", "--cached", "--mtp", "--acceptance"))
+        if a.small or a.phase == "prefill":
+            _refuse(a, "--arch v32 --small / --phase prefill (the emulated EP rank: decode on the V3-width "
+                    "presets)", ("--ep-ranks", "--skew"))
+        if a.skew is not None and a.ep_ranks is None:
+            _need(a, "--skew", "--ep-ranks")
+        if a.phase == "prefill":
+            _refuse(a, "--arch v32 --phase prefill (one 32K prompt)", ("--context", "--step-tokens"))
+        if not a.small:
+            _need(a, "--device", "--small (without --small, --arch v32 runs on cuda)")
     elif a.what == "step":
+        if a.context is not None and len(a.context) > 1:
+            raise InvalidRequest(f"--context takes one value without --arch v32, got {len(a.context)}", "--context")
         if a.gpus:
             _refuse(a, "--gpus (real EP)", ("--eager", "--ep-ranks", "--skew", "--no-ep", "--cached", "--mtp",
                                             "--context", "--small", "--device"))
@@ -198,7 +239,7 @@ def check(a) -> None:
             if a.acceptance is not None and not 0 <= a.acceptance <= 1:
                 raise InvalidRequest(f"--acceptance must be in [0, 1], got {a.acceptance}", "--acceptance")
         else:
-            _need(a, "--small", "--mtp")
+            _need(a, "--small", "--mtp or --arch v32")
             _need(a, "--acceptance", "--mtp")
             _need(a, "--device", "--mtp --small")
             if a.no_ep:

@@ -3,7 +3,9 @@ the emulated EP rank (bench/step_ep.py: two micro-batches, the rank's received r
 loads, exchanges held for DeepEP's published time, exposed vs hidden exchange time per layer).
 Secondary (`run`): one layer's one-batch work with no exchange, extrapolated to the 61-layer model.
 
-Owns: a V3-sized layer built from model/deepseek_v3.py's classes (MLA, Gate, MLP) and
+Owns: a V3-sized layer (or V3.2's, `a.is_dsa`: MLA with its lightning indexer, whose stages
+bench/step_dsa.py times; bench/step_long.py sweeps it against V3 at long context) built from
+model/deepseek_v3.py's classes (MLA, Gate, MLP) and
 model/moe_dispatch.py's ExpertShard with random FP8 weights (128x128 scales, 1x128
 activation quantisation), run eagerly through one kernel backend. `run()` returns a
 JSON-able dict; `python -m epserve.bench.step --phase prefill|decode [--out FILE]`.
@@ -31,6 +33,7 @@ import torch
 
 from epserve import kernels
 from epserve.bench.kernels import emit, env_info, graphed, rand_experts, rand_fp8_weight, time_ms
+from epserve.bench.step_dsa import attach_indexer, dsa_parts
 from epserve.kernels.layouts import masked_layout
 from epserve.model.deepseek_v3 import MLA, MLP, Batch, DecodeBatch, Gate, ModelArgs
 from epserve.model.rope import rope_inv_freq
@@ -55,6 +58,8 @@ def build_layer(a: ModelArgs, kb, dev, g, slots: int):
     mla = MLA(a, kb, wq_a=w(a.q_lora_rank, a.dim), q_norm=ones(a.q_lora_rank), wq_b=w(h * a.qk_head_dim, a.q_lora_rank),
               wkv_a=w(a.kv_dim, a.dim), kv_norm=ones(a.kv_lora_rank),
               wkv_b=w(h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), wo=w(a.dim, h * a.v_head_dim))
+    if a.is_dsa:         # V3.2: the lightning indexer beside MLA (bench/step_dsa.py)
+        attach_indexer(mla, a, dev, g)
     gate = Gate(a, weight=torch.randn(a.n_routed_experts, a.dim, device=dev, generator=g) / a.dim ** 0.5,
                 bias=torch.zeros(a.n_routed_experts, device=dev), kb=kb)
     inter = a.moe_inter_dim
@@ -66,7 +71,8 @@ def build_layer(a: ModelArgs, kb, dev, g, slots: int):
 
 
 def make_batch(phase: str, p: dict, dev, g, page: int = 64, a: ModelArgs = V3):
-    """-> (Batch or DecodeBatch, cache_layer [pages, 64, 576] bf16) for one rank's step.
+    """-> (Batch or DecodeBatch, cache_layer [pages, 64, a.cache_dim] bf16) for one rank's step (V3: 576;
+    V3.2: 704, the latent and the index key).
 
     Prefill with p["cached"] = f: prompts of p["prompt"] tokens whose first f of tokens are in the
     cache (the on-disk KV cache's hits, loaded before the step), so each step computes
@@ -81,14 +87,14 @@ def make_batch(phase: str, p: dict, dev, g, page: int = 64, a: ModelArgs = V3):
         pos = torch.arange(ctx, total, device=dev).repeat(n_seq)
         slots = (table[:, :, None] * page + torch.arange(page, device=dev)).flatten(1)[:, ctx:total].flatten()
         batch = Batch(pos.clone(), pos, [n] * n_seq, [ctx] * n_seq, table, slots)
-        cache = torch.randn(n_seq * width, page, a.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
+        cache = torch.randn(n_seq * width, page, a.cache_dim, device=dev, generator=g, dtype=torch.bfloat16)
         return batch, cache
     b, ctx, n_q = p["tokens"], p["ctx"], p.get("n_q", 1)
     lens = (torch.rand(b, device=dev, generator=g) * 0.4 + 0.8).mul(ctx).long()
     width = math.ceil(int(lens.max()) / page)
     table = torch.argsort(torch.rand(b * width, device=dev, generator=g)).view(b, width).int()
     pos = (lens[:, None] - n_q + torch.arange(n_q, device=dev)).flatten()   # n_q > 1: an MTP verify step
-    cache = torch.randn(b * width, page, a.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
+    cache = torch.randn(b * width, page, a.cache_dim, device=dev, generator=g, dtype=torch.bfloat16)
     rows = torch.arange(b, device=dev)
     return DecodeBatch.from_rows(pos.clone(), pos, rows, table, page, scratch_row=-1, n_q=n_q), cache
 
@@ -211,7 +217,7 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
     xn = kb.rms_norm(hidden, ffn_norm, a.rms_norm_eps)
     q_lat = torch.randn(t, a.n_heads, a.kv_dim, device=dev, generator=g, dtype=torch.bfloat16)
 
-    if phase == "prefill":     # core attention of each prompt alone: its new tokens over its whole context
+    if phase == "prefill" and not a.is_dsa:     # core attention of each prompt alone: its new tokens over its whole context
         n_new, n_all = batch.seq_new[0], batch.seq_new[0] + batch.seq_ctx[0]
         qkv = [(torch.randn(n_new, a.n_heads, a.qk_head_dim, device=dev, generator=g, dtype=torch.bfloat16),
                 torch.randn(n_all, a.n_heads, a.qk_head_dim, device=dev, generator=g, dtype=torch.bfloat16),
@@ -236,12 +242,13 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
         return kb.combine_rows(recv_x, pair_w, row_of_pair)
 
     parts = (("attention", attention), ("moe_ffn", moe_ffn), ("dense_ffn", dense_ffn),
-             ("attention.core", attn_core),
+             *(dsa_parts(mla, kb, batch, cache, kb.rms_norm(hidden, attn_norm, a.rms_norm_eps), rope) if a.is_dsa
+               else (("attention.core", attn_core),)),
              ("moe.gate", lambda: gate.forward(xn)), ("moe.routed_experts", routed),
              ("moe.shared_expert", lambda: shared.forward(xn)), ("moe.combine_reduction", combine))
-    if phase == "decode":
+    if phase == "decode" and not a.is_dsa:      # V3.2 plans nothing: its core reads K rows per query
         parts += (("planned_core", lambda: attn_core(fresh=True)),)
-    reps, warm = (5, 2) if phase == "prefill" else (20, 3)
+    reps, warm = p.get("reps") or ((5, 2) if phase == "prefill" else (20, 3))    # p["reps"]: (reps, warm-up)
     out = {}
     with torch.inference_mode():
         for name, fn in parts:

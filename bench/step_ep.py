@@ -2,7 +2,8 @@
 the headline block of `bench step`.
 
 Owns: a V3-width checkpoint of one rank's experts (model/tiny.py presets: decode `v3-ep144-rank`,
-2 routed slots; prefill `v3-ep32-rank`, 9 slots; 4 layers: 1 dense + 3 MoE, or --model DIR) loaded by
+2 routed slots; prefill `v3-ep32-rank`, 9 slots; 4 layers: 1 dense + 3 MoE; V3.2's `v32-*` twins with
+arch="v32"; or --model DIR) loaded by
 a RankEngine whose dispatcher is `ep_dispatch: emulated`, so every MoE layer receives the EP rank's
 rows (own + peers', skewed loads after EPLB, the busiest rank) and each dispatch and combine holds
 for DeepEP's published time at that EP size. Timed per step (CUDA events, median), LM head and
@@ -46,6 +47,7 @@ from epserve.bench.kv_load import V3_KV_LAYERS, input_rate, time_prefix_loads
 from epserve.bench.step_mtp_ep import check_acceptance, verify_steps
 
 PRESET = {"decode": "v3-ep144-rank", "prefill": "v3-ep32-rank"}
+PRESETS = {"v3": PRESET, "v32": {"decode": "v32-ep144-rank", "prefill": "v32-ep32-rank"}}   # by --arch
 BLOCKS = ("overlapped", "sbo", "one_batch", "overlapped_mtp", "one_batch_mtp")
 DEFAULT = {"decode": dict(ranks=144, tokens=128, ctx=5120), "prefill": dict(ranks=32, tokens=16384, prompt=4096)}
 
@@ -126,13 +128,14 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
         ranks: int | None = None, skew: str = "lognormal", seed: int = 0, model: str | None = None,
         graphs: bool = True, reps: int | None = None, ctx: int | None = None, layers: int | None = None,
         mtp: bool = False, acceptance: float = 0.85, cached: float = 0.0, prompt: int | None = None,
-        kv_root: str | None = None, store_layers: int | None = None, **ep_emulate) -> dict:
+        kv_root: str | None = None, store_layers: int | None = None, arch: str = "v3", **ep_emulate) -> dict:
     """The headline block for `phase` (see the module docstring); mtp (decode): also the MTP k = 1
     verify step at a forced `acceptance` (bench/step_mtp_ep.py); cached (prefill): that fraction of
     each prompt (whole 64-token blocks) is a KV-store hit whose load is timed on this host's disk
     (bench/kv_load.py: blocks of store_layers layers, default V3's 61 for the presets, under kv_root)
     and counted as the engine overlaps it; ep_emulate: other `ep_emulate` keys (experts, groups,
-    top_k) for checkpoints other than the presets."""
+    top_k) for checkpoints other than the presets. arch: whose presets (v3, or v32: DeepSeek-V3.2's
+    sparse attention at the same widths), when no model is given."""
     if phase not in DEFAULT:
         raise ValueError(f"phase must be one of {', '.join(DEFAULT)}, got {phase!r}")
     if mtp and phase != "decode":
@@ -147,7 +150,9 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
     p["cached"] = int(p.get("prompt", 0) * cached) // 64 * 64      # whole blocks of the store
     # decode's presets always carry the MTP layer (served only with mtp), so the runs with and without
     # MTP share one checkpoint per depth: a fresh GPU host's disk holds every preset a session makes
-    model_dir = model or preset_dir(PRESET[phase], device, layers, phase == "decode")
+    if arch not in PRESETS:
+        raise ValueError(f"arch must be one of {', '.join(PRESETS)}, got {arch!r}")
+    model_dir = model or preset_dir(PRESETS[arch][phase], device, layers, phase == "decode")
     emu = {**KEYS, **ep_emulate, "ranks": p["ranks"], "skew": skew, "seed": seed}
     if phase == "decode":
         pages = p["tokens"] * (math.ceil(p["ctx"] * 1.2 / 64) + 2) + 64

@@ -53,6 +53,8 @@ _V3 = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "m
        "max_position_embeddings": 163840,
        "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+_V32 = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "index_n_heads": 64,
+        "index_head_dim": 128, "index_topk": 2048}
 PRESETS = {
     "tiny": {},
     "v3-4l": _V3,
@@ -65,6 +67,10 @@ PRESETS = {
     # V3.2 (DeepSeek Sparse Attention, model/dsa.py) at the tiny shape: each query attends to at most 16 tokens
     "v32-tiny": {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "index_n_heads": 16,
                  "index_head_dim": 32, "index_topk": 16},
+    # V3.2 at V3's widths with its released indexer (64 heads of 128, top-2,048): the EP144 / EP32 ranks
+    # above with sparse attention, so bench step's emulated rank and bench engine run V3.2 against V3
+    "v32-ep144-rank": {**_V3, **_V32, "n_routed_experts": 2, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1},
+    "v32-ep32-rank": {**_V3, **_V32, "n_routed_experts": 9, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1},
     "v3-mini": {"vocab_size": 512, "hidden_size": 1024, "intermediate_size": 1024, "moe_intermediate_size": 256,
                 "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 16,
                 "num_key_value_heads": 16, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4,
