@@ -3,7 +3,6 @@ timed by fleet/recovery_model.py, against today's rebuild; `epserve simulate --r
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 
