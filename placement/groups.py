@@ -16,10 +16,12 @@ scope whose owner is dead; it never touches another scope's groups or a live own
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import ray
 from ray import PlacementGroupID
+from ray._private.state import actors as gcs_actors    # the GCS actor table; ray.util.state needs the dashboard
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 
 from epserve.errors import PlacementFailed
@@ -27,6 +29,7 @@ from epserve.errors import PlacementFailed
 log = logging.getLogger("epserve.groups")
 PREFIX = "epserve"
 DIRECT_SCOPE = "direct"      # units started outside a Serve application
+ACTOR_ID = re.compile(r"[0-9a-f]{32}")     # a Ray actor id in hex (16 bytes)
 
 
 @dataclass
@@ -111,11 +114,12 @@ def remove_orphan_groups(scope: str) -> list[str]:
     runs without the dashboard that API needs. An owner the GCS no longer knows (dead actors are
     evicted from its table after a while) counts as dead; one in any other state (alive, pending,
     restarting) keeps its groups."""
-    from ray._private.state import actors   # the GCS actor table; ray.util.state needs the dashboard
     table = placement_group_table()
     groups = {gid: g["name"] for gid, g in table.items() if g["state"] != "REMOVED" and g.get("name")}
     owners = {p[1] for p in map(parse_group_name, groups.values()) if p is not None and p[0] == scope}
-    dead = {o for o in owners if (actors(actor_id=o) or {}).get("State", "DEAD") == "DEAD"}
+    # an owner that is no actor id (a name someone else made) is never asked about, never dead
+    dead = {o for o in owners
+            if ACTOR_ID.fullmatch(o) and (gcs_actors(actor_id=o) or {}).get("State", "DEAD") == "DEAD"}
     names = []
     for gid in orphans(scope, groups, dead):
         remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(gid))))

@@ -248,14 +248,16 @@ def test_a_killed_units_replica_is_replaced_and_its_placement_groups_removed(clu
     shutdown_leaves_nothing(dash)
 
 
-def test_serve_run_blocking_stopped_by_sigint_leaves_nothing(cluster, app_config, tiny_dir):
+def test_serve_run_blocking_stopped_by_sigint_leaves_nothing(cluster, app_config, tiny_dir, tmp_path):
     gcs, dash = cluster
     port = free_port()
     serve_cli("start", "--address", gcs, "--http-host", "127.0.0.1", "--http-port", str(port))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([str(SERVE_CLI), "run", "--address", gcs, "--name", "epserve",
-                             "epserve.serve.app:build_app", f"config={app_config}", f"model={tiny_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log_path = tmp_path / "serve_run.log"              # a file, not a pipe: the replicas' logs would fill one
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([str(SERVE_CLI), "run", "--address", gcs, "--name", "epserve",
+                                 "epserve.serve.app:build_app", f"config={app_config}", f"model={tiny_dir}"],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_status(dash, "RUNNING", ingress_running=1)
@@ -263,11 +265,12 @@ def test_serve_run_blocking_stopped_by_sigint_leaves_nothing(cluster, app_config
         assert complete(base)
         assert len(alive(dash, "RankActor")) == 2
         proc.send_signal(signal.SIGINT)                          # Ctrl-C on the `serve run` we started
-        out, _ = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    out = log_path.read_text()
     assert "shutting down" in out, out[-3000:]
     deadline = time.monotonic() + 300                            # the replicas' teardown may outlast the CLI
     while (left := leftovers(dash)) != ([], []):
