@@ -1,7 +1,9 @@
 """epserve.serve.app:build_app through Ray Serve's own CLI: `serve run`, `serve deploy`, `serve status`,
 an in-place update and `serve shutdown`, against a loopback cluster with the dashboard (its REST API
 is what `serve deploy` / `status` / `shutdown` speak to); the official openai client answers in
-between, and shutdown leaves no actor and no placement group.
+between, and shutdown leaves no actor and no placement group. So do a hard-killed Units replica (Serve
+replaces it; its dead units' placement groups are removed, serve/units.py) and a blocking `serve run`
+stopped with SIGINT.
 
 The cluster is this module's own (the session's shared one has no dashboard), one for the file;
 this process never joins it: the CLI and the state API speak to the dashboard over HTTP, and the
