@@ -34,6 +34,7 @@ from epserve.actors.ledger import append_durably
 from epserve.config import ledger_root
 from epserve.fleet.ledger import CapacityRow
 from epserve.placement.capacity import CapacityPolicy, CapacityState, FleetLoad, desired_units, parse_schedule
+from epserve.placement.groups import DIRECT_SCOPE
 
 log = logging.getLogger("epserve.capacity")
 ROLES = ("prefill", "decode")
@@ -47,8 +48,9 @@ def policy_from_config(cfg) -> CapacityPolicy:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
 class CapacityController:
-    def __init__(self, cfg, model_dir: str, args, units: dict, ledger=None):
+    def __init__(self, cfg, model_dir: str, args, units: dict, ledger=None, scope: str = DIRECT_SCOPE):
         self.cfg, self.model_dir, self.args, self.ledger = cfg, model_dir, args, ledger
+        self.scope = scope          # the units it starts name their placement groups by it (placement/groups.py)
         self.policy = policy_from_config(cfg)
         self.units = {role: dict(enumerate(units[role])) for role in ROLES}    # role -> {unit id: handle}
         self.draining: dict[str, set[int]] = {role: set() for role in ROLES}
@@ -127,7 +129,7 @@ class CapacityController:
         if not todo:
             return 0
         t0 = time.time()
-        ok, failed = await start_all(self.cfg, self.model_dir, self.args, todo)
+        ok, failed = await start_all(self.cfg, self.model_dir, self.args, todo, self.scope)
         for o, unit in ok:
             self.units[o.role][o.uid] = unit
             await self._record(o.role, o.uid, "start", time.time() - t0)

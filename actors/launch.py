@@ -22,6 +22,7 @@ from epserve.config import Config, kv_store_spec
 from epserve.errors import UnitStartFailed
 from epserve.messages import RankSpec
 from epserve.model.mtp import with_mtp
+from epserve.placement.groups import DIRECT_SCOPE
 from epserve.placement.topology import UnitShape
 
 log = logging.getLogger("epserve.launch")
@@ -66,16 +67,17 @@ def unit_shape(order: UnitOrder, args) -> UnitShape:
     return UnitShape(rc.nodes_per_unit, rc.gpus_per_node, args.n_routed_experts, rc.redundant_experts)
 
 
-async def start_unit(cfg: Config, model_dir: str, args, order: UnitOrder):
+async def start_unit(cfg: Config, model_dir: str, args, order: UnitOrder, scope: str = DIRECT_SCOPE):
     """Start one unit (and its expert balancer) -> its supervisor handle; raises if it cannot start,
-    leaving nothing of it behind."""
+    leaving nothing of it behind. `scope` (the Serve application, else `direct`) names the unit's
+    placement groups, so that a later owner of the scope can remove them if this one is killed."""
     from epserve.actors.unit import UnitSupervisor
     rc = order.role_cfg
     shape = unit_shape(order, args)
     fp8_dispatch = cfg.fp8_activations and args.fp8_block is not None
     unit = UnitSupervisor.options(**control_options()).remote(
         order.uid, order.name, rank_spec(cfg, model_dir, rc, order.role), shape, rc.cpus_per_rank, fp8_dispatch,
-        n_moe_layers=with_mtp(args, cfg.mtp.n_draft).n_ep_layers)
+        n_moe_layers=with_mtp(args, cfg.mtp.n_draft).n_ep_layers, scope=scope)
     try:
         await unit.start.remote()
         if cfg.eplb.enabled and rc.ranks_per_unit > 1:
@@ -90,14 +92,15 @@ async def start_unit(cfg: Config, model_dir: str, args, order: UnitOrder):
     return unit
 
 
-async def start_all(cfg: Config, model_dir: str, args, todo: list[UnitOrder]) -> tuple[list, list]:
+async def start_all(cfg: Config, model_dir: str, args, todo: list[UnitOrder],
+                    scope: str = DIRECT_SCOPE) -> tuple[list, list]:
     """Start every ordered unit at once -> ([(order, handle)], [(order, error text)]). A shape the
     config gets wrong is the caller's error (ValueError, before anything starts), not a failed start."""
     with_mtp(args, cfg.mtp.n_draft)          # MTP on a checkpoint without the module: a clear error, now
     for o in todo:
         unit_shape(o, args)
     t0 = time.time()
-    results = await asyncio.gather(*[start_unit(cfg, model_dir, args, o) for o in todo], return_exceptions=True)
+    results = await asyncio.gather(*[start_unit(cfg, model_dir, args, o, scope) for o in todo], return_exceptions=True)
     ok = [(o, r) for o, r in zip(todo, results) if not isinstance(r, BaseException)]
     failed = [(o, f"{type(r).__name__}: {str(r).splitlines()[-1] if str(r) else ''}") for o, r in zip(todo, results)
               if isinstance(r, BaseException)]

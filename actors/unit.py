@@ -41,7 +41,7 @@ from epserve.errors import UnitFailed
 from epserve.messages import RankSpec, RankStats, RequestResult
 from epserve.pipelines.sequence import Sequence
 from epserve.placement.devices import NOSET_ENV, check_distinct_gpus
-from epserve.placement.groups import create_unit_placement, remove_unit_placement
+from epserve.placement.groups import DIRECT_SCOPE, create_unit_placement, group_name, remove_unit_placement
 from epserve.placement.topology import UnitShape, initial_phy2log
 
 log = logging.getLogger("epserve.unit")
@@ -51,8 +51,9 @@ log = logging.getLogger("epserve.unit")
 class UnitSupervisor:
     def __init__(self, unit_id: int, role: str, spec: RankSpec, shape: UnitShape, cpus_per_rank: float = 0.1,
                  fp8_dispatch: bool = False, step_timeout_s: float = 300.0, n_moe_layers: int = 0,
-                 grow_back: bool = True):
+                 grow_back: bool = True, scope: str = DIRECT_SCOPE):
         self.unit_id, self.role, self.spec, self.shape = unit_id, role, spec, shape
+        self.scope = scope             # whose units these are: names its placement groups (placement/groups.py)
         self.cpus_per_rank, self.fp8_dispatch, self.step_timeout_s = cpus_per_rank, fp8_dispatch, step_timeout_s
         self.phy2log = initial_phy2log(n_moe_layers, shape.n_routed_experts, shape.n_slots)
         self.ranks: list = []
@@ -102,7 +103,9 @@ class UnitSupervisor:
 
     async def _build(self) -> None:
         s = self.shape
-        name = f"epserve-{self.role}-unit{self.unit_id}-gen{self.n_restarts}"
+        # named by scope and this supervisor's id: if this actor is hard-killed, the group outlives it,
+        # and the scope's next owner (serve/units.py) finds and removes it by that name
+        name = group_name(self.scope, self.key, f"{self.role}-unit{self.unit_id}-gen{self.n_restarts}")
         self.placement = await asyncio.get_running_loop().run_in_executor(
             None, lambda: create_unit_placement(name, s.nodes_per_unit, s.gpus_per_node, self.cpus_per_rank))
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

@@ -207,7 +207,7 @@ class ChaosServer:
     @staticmethod
     def unit_nodes(tables: dict, role: str) -> list[str]:
         """Node ids of the live `role` unit's placement-group bundles, in bundle (= rank) order."""
-        return next((nodes for name, nodes in tables["pgs"].items() if name.startswith(f"epserve-{role}-unit0-")), [])
+        return next((nodes for name, nodes in tables["pgs"].items() if f"/{role}-unit0-" in name), [])
 
     def rank_pid(self, role: str, index: int = 0) -> int:
         t = self.tables()

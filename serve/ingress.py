@@ -138,6 +138,11 @@ class Ingress:
         if acct is not None:
             await acct.drain()
 
+    async def check_health(self) -> None:
+        """Serve's periodic probe: fails once the shared router is dead (a killed Units replica took it),
+        so Serve replaces this replica and the new one binds to the Units replica Serve started instead."""
+        await self.router.check_alive()
+
     def reconfigure(self, user_config: dict) -> None:
         """Serve's in-place update (this deployment's `user_config`): API keys and tenant limits for the
         next request, units untouched. Limits travel with each admission to the shared router, so a new

@@ -147,6 +147,9 @@ class Router:
             self.in_flight[request_id] = Booking(route, pages, tenant)
             return route
 
+    async def check_alive(self) -> None:
+        """A local router lives in its replica's process: alive while its caller is."""
+
     def release(self, request_id: str) -> None:
         """The request ended: its pages and tenant slot go (admission sees the pages free at the next refresh)."""
         b = self.in_flight.pop(request_id, None)
@@ -225,6 +228,10 @@ class RouterActor:
         return route, *handles
 
     @ray.method(enable_task_events=False)
+    def ping(self) -> None:
+        """Answers while this actor lives (RouterClient.check_alive)."""
+
+    @ray.method(enable_task_events=False)
     def release(self, request_id: str) -> None:
         """A request ended, or its caller gave up on it while its admission was still under way
         (a client that left mid-admission): that admission is undone when it ends."""
@@ -294,6 +301,15 @@ class RouterClient:
     def release(self, request_id: str) -> None:
         self.actor.release.remote(request_id)
 
+    async def check_alive(self, timeout_s: float = 10.0) -> None:
+        """Raises Ray's actor error once the shared RouterActor is dead: its owner, the Units replica,
+        died (serve/units.py), and these handles will not come back. A router too busy to answer
+        within timeout_s is slow, not dead: no error."""
+        try:
+            await asyncio.wait_for(_answer(self.actor.ping.remote()), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("the shared router did not answer a ping within %g s", timeout_s)
+
     async def refresh(self, force: bool = False) -> None:
         snap = await self.actor.snapshot.remote(force)
         self.prefill_stats, self.decode_stats = snap["prefill"], snap["decode"]
@@ -303,3 +319,7 @@ class RouterClient:
     def in_flight(self) -> range:
         """Only its size is read (metrics)."""
         return range(self.n_in_flight)
+
+
+async def _answer(ref):
+    return await ref

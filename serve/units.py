@@ -20,6 +20,13 @@ router, then every unit supervisor, whose `shutdown` removes its placement group
 ends its ranks. `graceful_shutdown_timeout_s` gives that time; Serve kills the replica
 only after it.
 
+A replica hard-killed (process crash, node loss, `ray.kill`) runs no `__del__`: its actors die
+with it, its units' placement groups do not, and they would hold the GPUs its replacement needs.
+So every unit's group is named by the application and the supervisor that made it
+(placement/groups.py), and a new replica first removes its application's groups whose supervisor
+is dead; another application's groups, and groups of live supervisors (an old replica still
+tearing down during a redeploy), are never touched.
+
 This module must never answer HTTP or hold request state: that is the ingress's.
 """
 from __future__ import annotations
@@ -38,6 +45,7 @@ from epserve.actors.ledger import LedgerActor
 from epserve.config import Config, ledger_root
 from epserve.errors import UnitStartFailed
 from epserve.model.checkpoint import check_model_dir
+from epserve.placement.groups import remove_orphan_groups
 from epserve.serve.router import RouterActor
 
 log = logging.getLogger("epserve.units")
@@ -67,8 +75,10 @@ class Units:
         self.cfg, self.ledger, self.capacity, self.router = cfg, None, None, None
         self.prefill, self.decode = [], []
         args = check_model_dir(model_dir)
+        self.scope = serve.get_replica_context().app_name
+        await asyncio.to_thread(remove_orphan_groups, self.scope)     # a killed predecessor's; logged
         todo = orders("prefill", cfg.prefill, "prefill") + orders("decode", cfg.decode, "decode")
-        ok, failed = await start_all(cfg, model_dir, args, todo)
+        ok, failed = await start_all(cfg, model_dir, args, todo, self.scope)
         for o, h in ok:
             getattr(self, o.role).append(h)
         try:
@@ -83,7 +93,7 @@ class Units:
             await self.ledger.append.remote(capacity_rows(cfg, self._unit_ids(), "start"))
             if cfg.autoscale.enabled:
                 self.capacity = CapacityController.options(**ctl).remote(
-                    cfg, model_dir, args, {"prefill": self.prefill, "decode": self.decode}, self.ledger)
+                    cfg, model_dir, args, {"prefill": self.prefill, "decode": self.decode}, self.ledger, self.scope)
                 await self.capacity.start.remote()
             units = None if self.capacity is not None else {"prefill": self.prefill, "decode": self.decode}
             self.router = RouterActor.options(**ctl).remote(units, cfg.serve.max_queue, cfg.kv_page_tokens,

@@ -25,7 +25,7 @@ def test_units_start_together_and_a_failed_one_leaves_nothing_behind(ray_cluster
         assert [o.uid for o, _ in ok] == [0, 1] and [o.uid for o, _ in failed] == [7]
         assert "memory" in failed[0][1].lower() or "alloc" in failed[0][1].lower(), failed[0][1]
         pgs = ray.util.placement_group_table().values()
-        assert not [p for p in pgs if "bad" in p.get("name", "") and p["state"] != "REMOVED"]
+        assert not [p for p in pgs if "/bad-unit" in p.get("name", "") and p["state"] != "REMOVED"]
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         for i, (_, unit) in enumerate(ok):                           # both started units serve
             out = ray.get(unit.generate.remote([(Sequence(f"l{i}", [5, 6, 7, 8], params), 1)]), timeout=60)

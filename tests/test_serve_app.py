@@ -1,7 +1,9 @@
 """epserve.serve.app:build_app through Ray Serve's own CLI: `serve run`, `serve deploy`, `serve status`,
 an in-place update and `serve shutdown`, against a loopback cluster with the dashboard (its REST API
 is what `serve deploy` / `status` / `shutdown` speak to); the official openai client answers in
-between, and shutdown leaves no actor and no placement group.
+between, and shutdown leaves no actor and no placement group. So do a hard-killed Units replica (Serve
+replaces it; its dead units' placement groups are removed, serve/units.py) and a blocking `serve run`
+stopped with SIGINT.
 
 The cluster is this module's own (the session's shared one has no dashboard), one for the file;
 this process never joins it: the CLI and the state API speak to the dashboard over HTTP, and the
@@ -9,6 +11,7 @@ application's replicas import epserve through the PYTHONPATH the cluster inherit
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -194,3 +197,85 @@ def test_serve_deploy_updates_in_place_then_shutdown_leaves_nothing(cluster, app
         complete(base)
     assert sorted(a["actor_id"] for a in alive(dash, "RankActor")) == ranks     # the units never restarted
     shutdown_leaves_nothing(dash)
+
+
+def our_groups(dash: str) -> dict[str, str]:
+    """name -> state of every placement group the epserve application's units made (groups.py names)."""
+    return {g["name"]: g["state"] for g in list_placement_groups(address=dash, limit=10000, detail=True,
+                                                                   raise_on_missing_output=False)
+            if g["name"].startswith("epserve/epserve/")}
+
+
+def units_replica(dash: str) -> dict | None:
+    """The live Units replica actor (Serve names its class ServeReplica:<app>:Units), if any."""
+    return next((a for a in alive(dash) if a["class_name"] == "ServeReplica:epserve:Units"), None)
+
+
+def test_a_killed_units_replica_is_replaced_and_its_placement_groups_removed(cluster, app_config, tiny_dir):
+    """Hard-killed, the Units replica runs no teardown: its supervisors and ranks die with it but
+    their placement groups would hold both GPUs. Its replacement removes them, then places its own."""
+    gcs, dash = cluster
+    port = free_port()
+    serve_cli("start", "--address", gcs, "--http-host", "127.0.0.1", "--http-port", str(port))
+    serve_cli("run", "--address", gcs, "--non-blocking", "--name", "epserve", "epserve.serve.app:build_app",
+              f"config={app_config}", f"model={tiny_dir}")
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base)
+    first = complete(base)
+    old = {n for n, st in our_groups(dash).items() if st == "CREATED"}
+    assert len(old) == 2, our_groups(dash)                       # one prefill, one decode unit
+    old_ranks = {a["actor_id"] for a in alive(dash, "RankActor")}
+    victim, doors = units_replica(dash), ingress_replicas(dash)
+    kill = ("import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); "
+            "ray.kill(ray.get_actor(sys.argv[2], namespace='serve'), no_restart=False)")
+    proc = subprocess.run([sys.executable, "-c", kill, gcs, victim["name"]], capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # Serve starts a new Units replica; the Ingress fails its health check (its router died with the
+    # old one) and is replaced by one bound to the new replica's units
+    deadline = time.monotonic() + 420
+    while ((new := units_replica(dash)) is None or new["actor_id"] == victim["actor_id"]
+           or set(ingress_replicas(dash)) & set(doors)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Units or Ingress not replaced 420 s after the kill; status: {app_status(dash)}")
+        time.sleep(2)
+    wait_status(dash, "RUNNING", ingress_running=1)
+    wait_healthy(base, timeout_s=300)
+    assert complete(base) == first                               # the new units answer, greedy and the same
+    groups = our_groups(dash)
+    assert {groups.get(n, "REMOVED") for n in old} == {"REMOVED"}, groups     # the dead supervisors' groups are gone
+    assert len([n for n, st in groups.items() if st != "REMOVED"]) == 2, groups      # one per unit, no more
+    assert not old_ranks & {a["actor_id"] for a in alive(dash, "RankActor")}
+    shutdown_leaves_nothing(dash)
+
+
+def test_serve_run_blocking_stopped_by_sigint_leaves_nothing(cluster, app_config, tiny_dir, tmp_path):
+    gcs, dash = cluster
+    port = free_port()
+    serve_cli("start", "--address", gcs, "--http-host", "127.0.0.1", "--http-port", str(port))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log_path = tmp_path / "serve_run.log"              # a file, not a pipe: the replicas' logs would fill one
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([str(SERVE_CLI), "run", "--address", gcs, "--name", "epserve",
+                                 "epserve.serve.app:build_app", f"config={app_config}", f"model={tiny_dir}"],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_status(dash, "RUNNING", ingress_running=1)
+        wait_healthy(base)
+        assert complete(base)
+        assert len(alive(dash, "RankActor")) == 2
+        proc.send_signal(signal.SIGINT)                          # Ctrl-C on the `serve run` we started
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log_path.read_text()
+    assert "shutting down" in out, out[-3000:]
+    deadline = time.monotonic() + 300                            # the replicas' teardown may outlast the CLI
+    while (left := leftovers(dash)) != ([], []):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left behind 300 s after serve run's SIGINT: {left}\n{out[-3000:]}")
+        time.sleep(2)

@@ -182,8 +182,8 @@ def test_a_dead_supervisor_fails_its_requests_instead_of_hanging(ray_cluster, ti
         # a killed supervisor cannot remove its unit's placement group: free the GPU for later tests
         from ray.util import placement_group_table, remove_placement_group
         from ray.util.placement_group import get_placement_group
-        for pg in placement_group_table().values():
-            if pg["name"].startswith("epserve-decode-unit8-") and pg["state"] != "REMOVED":
+        for pg in placement_group_table().values():      # named epserve/direct/<supervisor id>/... (groups.py)
+            if f"/{sup._actor_id.hex()}/" in pg["name"] and pg["state"] != "REMOVED":
                 remove_placement_group(get_placement_group(pg["name"]))
 
 
