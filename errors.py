@@ -200,6 +200,18 @@ class UnitFailed(UnitFailure):
     """The request's unit failed it: repeated rebuilds did not get past it (a poisoned batch)."""
 
 
+class PeerLost(UnitFailure):
+    """A peer rank of the unit is gone (or a peer said so): the step's agreement cannot complete
+    (an elastic unit re-forms without it, actors/unit_elastic.py)."""
+
+    status = 503
+
+
+class ReformFailed(UnitFailure):
+    """A member's part of an elastic unit's membership change failed (it died meanwhile, or timed
+    out): the change is retried without it, or the unit is rebuilt."""
+
+
 class UnitLost(UnitFailure):
     """What carried the request is gone (its unit's supervisor, or the stream sink); retry."""
 

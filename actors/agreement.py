@@ -20,11 +20,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from epserve.errors import PeerLost
+
 POISON = -(1 << 62)      # every field of a vector sent by a rank that lost a peer (no vote is this low)
-
-
-class PeerLost(RuntimeError):
-    """A peer of the unit is gone (or a peer said so): the agreement cannot complete."""
 
 
 def _is_backend(group) -> bool:

@@ -36,7 +36,8 @@ import time
 
 import torch
 
-from epserve.actors.agreement import PeerLost, spread_loss
+from epserve.actors.agreement import spread_loss
+from epserve.errors import PeerLost
 from epserve.actors.rank_groups import Groups, form_groups
 from epserve.model.moe_dispatch import ExpertMap
 from epserve.pipelines.expert_migration import stage

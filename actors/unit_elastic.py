@@ -34,6 +34,7 @@ import ray
 
 from epserve.actors.rank import RankActor
 from epserve.actors.rank_messages import UnitLayout
+from epserve.errors import ReformFailed
 from epserve.messages import RankStats
 from epserve.placement.elastic import grow_phy2log, shrink_membership, shrink_phy2log, spread_targets
 
@@ -41,10 +42,6 @@ log = logging.getLogger("epserve.unit")
 
 ELASTIC_WAIT_S = 15.0      # survivors leave their loops within this of the first loop's end, else rebuild
 MAX_REFORMS = 3            # a membership change retried this often when members die during it
-
-
-class ReformFailed(RuntimeError):
-    """A member's part of the membership change failed (it died meanwhile, or timed out)."""
 
 
 async def survive(sup, loops: list, generation: int) -> bool:

@@ -55,6 +55,8 @@ FAMILY = {
                               None, 5),
     E.HandoffFailed: (E.HandoffFailed("the prefill rank did not send"), 500, "server_error", None, 5),
     E.UnitFailed: (E.UnitFailed("the unit failed this batch 3 times"), 500, "server_error", None, 5),
+    E.PeerLost: (E.PeerLost("rank 2 of the unit is gone"), 503, "server_error", None, 5),
+    E.ReformFailed: (E.ReformFailed("rank 1 died during the membership change"), 500, "server_error", None, 5),
     E.UnitLost: (E.UnitLost("the unit's supervisor is gone"), 503, "server_error", None, 5),
 }
 
