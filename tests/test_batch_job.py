@@ -29,19 +29,31 @@ MAX_TOKENS = 8
 JOB_CONFIG = "dtype: float32\nkernels: reference\ndecode: {units: 1, nodes_per_unit: 1, gpus_per_node: 2, kv_pages: 32}\n"
 
 
-def wait_job_server(base: str, timeout_s: float = 120.0) -> None:
-    """Poll the job server's /api/version until it answers 200; TimeoutError naming the last answer."""
+def wait_job_server(base: str, gcs_address: str, timeout_s: float = 120.0) -> None:
+    """Wait until the cluster takes a job: the job server's /api/version answers 200 AND the head
+    node's dashboard agent (which runs submitted jobs) has registered its address in the GCS. Ray's
+    job head waits only 10 s for an agent before answering a submit with "500 No available agent";
+    on two busy cores the agent can take longer to start. TimeoutError naming what was missing."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray._raylet import GcsClient
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    gcs = GcsClient(address=gcs_address)
     deadline = time.monotonic() + timeout_s
+    server_up = False
     while True:
         try:
-            r = httpx.get(base + "/api/version", timeout=5)
-            if r.status_code == 200:
-                return
-            last = f"HTTP {r.status_code}: {r.text[:200]}"
+            if not server_up:
+                r = httpx.get(base + "/api/version", timeout=5)
+                server_up = r.status_code == 200
+                last = f"job server: HTTP {r.status_code}: {r.text[:200]}"
+            if server_up:
+                if gcs.internal_kv_keys(DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX.encode(), namespace=KV_NAMESPACE_DASHBOARD):
+                    return
+                last = "job server up, no dashboard agent registered yet"
         except httpx.HTTPError as exc:
-            last = f"{type(exc).__name__}: {exc}"
+            last = f"job server: {type(exc).__name__}: {exc}"
         if time.monotonic() > deadline:
-            raise TimeoutError(f"job server {base} did not answer within {timeout_s:g} s; last: {last}")
+            raise TimeoutError(f"cluster at {base} did not take jobs within {timeout_s:g} s; last: {last}")
         time.sleep(0.5)
 
 
@@ -56,7 +68,7 @@ def job_server():
         node_ip_address="127.0.0.1", object_store_memory=100 << 20, resources={"epserve_control": 10000}))
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_job_server(base)
+        wait_job_server(base, cluster.address)
         yield base
     finally:
         cluster.shutdown()

@@ -47,7 +47,7 @@ def cluster(tmp_path_factory):
         node_ip_address="127.0.0.1", object_store_memory=100 << 20, resources={"epserve_control": 10000}))
     try:
         dash = f"http://127.0.0.1:{port}"
-        wait_job_server(dash)
+        wait_job_server(dash, c.address)
         yield c.address, dash
     finally:
         c.shutdown()
