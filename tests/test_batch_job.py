@@ -29,27 +29,36 @@ MAX_TOKENS = 8
 JOB_CONFIG = "dtype: float32\nkernels: reference\ndecode: {units: 1, nodes_per_unit: 1, gpus_per_node: 2, kv_pages: 32}\n"
 
 
-def wait_job_server(base: str, gcs_address: str, timeout_s: float = 120.0) -> None:
-    """Wait until the cluster takes a job: the job server's /api/version answers 200 AND the head
-    node's dashboard agent (which runs submitted jobs) has registered its address in the GCS. Ray's
-    job head waits only 10 s for an agent before answering a submit with "500 No available agent";
-    on two busy cores the agent can take longer to start. TimeoutError naming what was missing."""
-    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
-    from ray._raylet import GcsClient
-    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
-    gcs = GcsClient(address=gcs_address)
+def wait_job_server(base: str, timeout_s: float = 180.0) -> None:
+    """Wait until the cluster takes a job: the job server's /api/version answers 200, then a no-op
+    probe job is accepted and SUCCEEDS. Ray's job head waits only 10 s for the head node's dashboard
+    agent before answering a submit "500 No available agent ... try again later"; on two busy cores
+    the agent can take longer to start, so the probe (never the test's own job) is resubmitted on
+    exactly that answer. TimeoutError naming the last answer."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
     deadline = time.monotonic() + timeout_s
-    server_up = False
+    last, probe, client = "", None, None
     while True:
         try:
-            if not server_up:
+            if client is None:
                 r = httpx.get(base + "/api/version", timeout=5)
-                server_up = r.status_code == 200
                 last = f"job server: HTTP {r.status_code}: {r.text[:200]}"
-            if server_up:
-                if gcs.internal_kv_keys(DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX.encode(), namespace=KV_NAMESPACE_DASHBOARD):
+                if r.status_code == 200:
+                    client = JobSubmissionClient(base)
+            if client is not None and probe is None:
+                try:
+                    probe = client.submit_job(entrypoint="python -c pass")
+                except RuntimeError as exc:
+                    if "No available agent" not in str(exc):
+                        raise
+                    last = f"probe job: {exc}"
+            if probe is not None:
+                status = client.get_job_status(probe)
+                if status == JobStatus.SUCCEEDED:
                     return
-                last = "job server up, no dashboard agent registered yet"
+                if status in (JobStatus.FAILED, JobStatus.STOPPED):
+                    raise RuntimeError(f"the probe job {probe} ended {status}: {client.get_job_logs(probe)[-500:]}")
+                last = f"probe job {probe}: {status}"
         except httpx.HTTPError as exc:
             last = f"job server: {type(exc).__name__}: {exc}"
         if time.monotonic() > deadline:
@@ -65,10 +74,11 @@ def job_server():
     port = free_port()
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
         num_cpus=2, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        dashboard_agent_listen_port=free_port(),
         node_ip_address="127.0.0.1", object_store_memory=100 << 20, resources={"epserve_control": 10000}))
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_job_server(base, cluster.address)
+        wait_job_server(base)
         yield base
     finally:
         cluster.shutdown()

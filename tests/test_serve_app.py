@@ -44,10 +44,11 @@ def cluster(tmp_path_factory):
     port = free_port()
     c = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
         num_cpus=4, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        dashboard_agent_listen_port=free_port(),
         node_ip_address="127.0.0.1", object_store_memory=100 << 20, resources={"epserve_control": 10000}))
     try:
         dash = f"http://127.0.0.1:{port}"
-        wait_job_server(dash, c.address)
+        wait_job_server(dash)
         yield c.address, dash
     finally:
         c.shutdown()
