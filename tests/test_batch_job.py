@@ -7,6 +7,7 @@ driver never joins it: the CLI speaks to the job server over HTTP, and the job's
 through the RAY_ADDRESS the job server gives it."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -66,22 +67,31 @@ def wait_job_server(base: str, timeout_s: float = 180.0) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def job_server():
-    """A one-node cluster with the dashboard (job server) on 127.0.0.1: 2 fake GPUs for one 2-rank unit,
-    and the control-plane resource epserve's supervisors look for. -> the job server's URL."""
+@contextlib.contextmanager
+def dashboard_cluster(num_cpus: int = 2):
+    """A one-node cluster on 127.0.0.1 with the dashboard (job server, Serve's REST API), 2 fake GPUs
+    and the control-plane resource epserve's supervisors look for, ready for jobs. Its dashboard agent
+    gets its own port: the session's shared cluster already holds Ray's default one.
+    -> (GCS address, dashboard URL)."""
     from ray.cluster_utils import Cluster
     port = free_port()
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
-        num_cpus=2, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        num_cpus=num_cpus, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
         dashboard_agent_listen_port=free_port(),
         node_ip_address="127.0.0.1", object_store_memory=100 << 20, resources={"epserve_control": 10000}))
     try:
         base = f"http://127.0.0.1:{port}"
         wait_job_server(base)
-        yield base
+        yield cluster.address, base
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job_server():
+    """The job server's URL of a dashboard cluster for one 2-rank unit."""
+    with dashboard_cluster() as (_, base):
+        yield base
 
 
 def test_ray_job_submit_writes_parquet_equal_to_single_rank(job_server, tiny_dir, tmp_path):

@@ -23,7 +23,7 @@ import yaml
 from ray.util.state import list_actors, list_placement_groups
 
 from conftest import free_port, wait_healthy
-from test_batch_job import wait_job_server
+from test_batch_job import dashboard_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_CLI = Path(sys.executable).parent / "serve"      # Ray's own CLI, from the venv that runs the tests
@@ -38,20 +38,9 @@ OURS = {"RankActor", "UnitSupervisor", "LedgerActor", "RouterActor", "CapacityCo
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A one-node cluster on 127.0.0.1 with the dashboard, 2 fake GPUs and the control-plane resource
-    -> (GCS address, dashboard URL)."""
-    from ray.cluster_utils import Cluster
-    port = free_port()
-    c = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
-        num_cpus=4, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-        dashboard_agent_listen_port=free_port(),
-        node_ip_address="127.0.0.1", object_store_memory=100 << 20, resources={"epserve_control": 10000}))
-    try:
-        dash = f"http://127.0.0.1:{port}"
-        wait_job_server(dash)
-        yield c.address, dash
-    finally:
-        c.shutdown()
+    """A dashboard cluster (test_batch_job.dashboard_cluster) with 4 CPUs -> (GCS address, dashboard URL)."""
+    with dashboard_cluster(num_cpus=4) as out:
+        yield out
 
 
 @pytest.fixture(scope="module")
