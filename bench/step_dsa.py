@@ -51,10 +51,14 @@ def dsa_parts(mla, kb, batch, cache: torch.Tensor, xn: torch.Tensor, rope) -> tu
 
     if batch.is_decode_only:       # as sparse_attend: B*S queries, each over its row's whole page table
         s_q, dev = batch.n_q, cache.device
-        slots = (batch.block_tables.long()[:, :, None] * page + torch.arange(page, device=dev)).flatten(1)
-        slots = slots.repeat_interleave(s_q, 0)
         lens = (batch.seq_lens.long()[:, None] - s_q + 1 + torch.arange(s_q, device=dev)).flatten()
-        seqs = [(slice(None), slots, lens, q.q_lat)]
+        paged = getattr(kb, "dsa_paged_select", reference_dsa.dsa_paged_select)
+
+        def indexer():
+            iq, iw = project_index()
+            return [paged(iq, iw, cache, a.kv_dim, batch.block_tables, lens, s_q, a.index_topk)]
+        seqs = [(None, None, None, q.q_lat)]
+        rows = indexer()
     else:                          # as sparse_attend: one sequence at a time, its keys shared by its queries
         seqs = []
         for i, (n, c) in enumerate(zip(batch.seq_new, batch.seq_ctx)):
@@ -64,16 +68,10 @@ def dsa_parts(mla, kb, batch, cache: torch.Tensor, xn: torch.Tensor, rope) -> tu
             q_lat = torch.cat([torch.einsum("thp,hpl->thl", q.q_nope[s], w_uk), q.q_pe[s]], -1)
             seqs.append((s, sl, torch.arange(c + 1, total + 1, device=sl.device), q_lat))
 
-    def keys(sl):
-        return flat[:, a.kv_dim:][sl] if sl.dim() == 2 else flat[:, a.kv_dim:][sl][None]
-
-    def indexer():
-        iq, iw = project_index()
-        return [select(iq[s], iw[s], keys(sl), lens, a.index_topk) for s, sl, lens, _ in seqs]
-
-    rows = []
-    for (s, sl, _, _), (idx, ok) in zip(seqs, indexer()):
-        rows.append(torch.where(ok, sl.gather(1, idx) if sl.dim() == 2 else sl[idx], -1))
+        def indexer():
+            iq, iw = project_index()
+            return [select(iq[s], iw[s], flat[:, a.kv_dim:][sl][None], lens, a.index_topk) for s, sl, lens, _ in seqs]
+        rows = [torch.where(ok, sl[idx], -1) for (_, sl, _, _), (idx, ok) in zip(seqs, indexer())]
 
     def sparse():
         return [attend(q_lat, flat, r, a.softmax_scale, a.kv_lora_rank) for (_, _, _, q_lat), r in zip(seqs, rows)]

@@ -50,7 +50,7 @@ except Exception as exc:
 __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", "fp8_gemm_nt", "Weight",
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "mla_prefill",
            "plan_mla_decode", "mla_decode", "swiglu_linear", "rms_norm", "self_test", "versions",
-           "dsa_index_select", "sparse_mla"]
+           "dsa_index_select", "dsa_paged_select", "sparse_mla"]
 
 grouped_linear = kt.grouped_linear            # the list-of-weights form stays Triton's
 combine_rows = kt.combine_rows                # the MoE combine's reduction: one Triton pass
@@ -64,6 +64,12 @@ DSA = {"native": False}   # set by self_test: V3.2's adapters passed their own c
 def dsa_index_select(q, w, keys, lens, topk):
     """V3.2's indexer choice (kernels/reference_dsa.py's contract): DeepGEMM's MQA logits once checked."""
     return (native_dsa if DSA["native"] else reference_dsa).dsa_index_select(q, w, keys, lens, topk)
+
+
+def dsa_paged_select(q, w, cache_layer, key_off, block_tables, lens, s_q, topk):
+    """V3.2's decode indexer over the paged cache (reference_dsa's contract): the Triton scorer once checked."""
+    return (native_dsa if DSA["native"] else reference_dsa).dsa_paged_select(q, w, cache_layer, key_off,
+                                                                              block_tables, lens, s_q, topk)
 
 
 def sparse_mla(q_lat, kv_rows, slots, scale, v_dim):

@@ -9,8 +9,9 @@ Never: changes the cache layout. What this does NOT use yet, and why:
   - DeepGEMM's paged `fp8_paged_mqa_logits` and FlashMLA's sparse FP8-cache decode (`flash_mla_with_kvcache`
     with indices) both read page-major FP8 layouts (per page: 64 x Di e4m3 keys then 64 fp32 scales;
     656-byte FP8 latents), while epserve's pool keeps one bf16 row per token [latent | index key]
-    (model/kv_cache.py) so that every KV path moves both caches as rows. Decode therefore scores with
-    the reference indexer (keys gathered per row) and attends with the bf16 sparse kernel.
+    (model/kv_cache.py) so that every KV path moves both caches as rows. Decode therefore scores on
+    kernels/triton_dsa.py's paged kernel over those bf16 rows (`dsa_paged_select`: the keys read once,
+    through the block table, no gather) and attends with the bf16 sparse kernel.
 Shape legend as kernels/reference_dsa.py.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from epserve.kernels import reference_dsa
+from epserve.kernels import reference_dsa, triton_dsa
 from epserve.kernels.reference import FP8, FP8_MAX
 
 try:
@@ -35,6 +36,7 @@ FLASH_SPARSE_DQK = (512, 576)
 FLASH_TOPK_BLOCK = 64              # it reads indices in blocks of 64 (config.h B_TOPK): pad with -1
 MQA_LOGITS_HEADS = (32, 64)        # sm90 fp8_mqa_logits: heads and head dims it takes
 MQA_LOGITS_DIMS = (32, 64, 128)
+PAGED_LOGITS_HEADS = (16, 32, 64, 128)   # the Triton paged scorer: tl.dot needs >= 16 rows, a power of two
 
 
 def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +69,20 @@ def dsa_index_select(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, lens:
                                       lens.to(torch.int32).contiguous(), True, 0)   # [T, N] fp32, -inf past lens
     idx = logits.topk(min(topk, n), -1).indices
     return idx, idx < lens.to(idx.device)[:, None]
+
+
+def _paged_ok(q: torch.Tensor, cache_layer: torch.Tensor) -> bool:
+    return (triton_dsa.tl is not None and q.is_cuda and cache_layer.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[1] in PAGED_LOGITS_HEADS and q.shape[2] in MQA_LOGITS_DIMS)
+
+
+def dsa_paged_select(q: torch.Tensor, w: torch.Tensor, cache_layer: torch.Tensor, key_off: int,
+                     block_tables: torch.Tensor, lens: torch.Tensor, s_q: int, topk: int) -> torch.Tensor:
+    """reference_dsa.dsa_paged_select with the scores from kernels/triton_dsa.py's paged kernel (no
+    gather of the keys): decode's indexer, where DeepGEMM's paged kernel would need an FP8 page layout."""
+    if not _paged_ok(q, cache_layer):
+        return reference_dsa.dsa_paged_select(q, w, cache_layer, key_off, block_tables, lens, s_q, topk)
+    return triton_dsa.dsa_paged_select(q, w, cache_layer, key_off, block_tables, lens, s_q, topk)
 
 
 def _sparse_ok(q_lat: torch.Tensor, kv_rows: torch.Tensor, v_dim: int) -> bool:
@@ -125,6 +141,21 @@ def self_test(device) -> tuple[bool, str]:
         frac = same / max(1, int(r_ok.sum()))
         if frac < 0.99:
             return False, f"dsa_index_select: {frac:.4f} of the top-k positions agree (< 0.99)"
-        return True, f"dsa: sparse_mla calc_diff {diff:.1e}, index top-k agreement {frac:.4f}"
+        # decode's paged indexer: 2 rows x 2 queries over 40 pages of 64 (scattered), ragged lengths
+        cache = torch.randn(96, 64, 704, device=dev, generator=g).bfloat16()
+        bt = torch.randperm(96, device=dev, generator=g)[:80].view(2, 40).int()
+        pq = torch.randn(4, 64, 128, device=dev, generator=g).bfloat16().float()
+        pw = torch.randn(4, 64, device=dev, generator=g)
+        plens = torch.tensor([2559, 2560, 700, 701], device=dev)
+        got = dsa_paged_select(pq, pw, cache, 576, bt, plens, 2, 2048)
+        want = reference_dsa.dsa_paged_select(pq, pw, cache, 576, bt, plens, 2, 2048)
+        if not torch.equal((got >= 0).sum(1), (want >= 0).sum(1)):
+            return False, "dsa_paged_select: chose a different number of visible positions"
+        agree = sum(len(set(a[a >= 0].tolist()) & set(b[b >= 0].tolist())) for a, b in zip(got, want))
+        pfrac = agree / max(1, int((want >= 0).sum()))
+        if pfrac < 0.99:
+            return False, f"dsa_paged_select: {pfrac:.4f} of the top-k rows agree (< 0.99)"
+        return True, (f"dsa: sparse_mla calc_diff {diff:.1e}, index top-k agreement {frac:.4f}, "
+                      f"paged decode top-k agreement {pfrac:.4f}")
     except Exception as exc:
         return False, f"dsa self-test raised {type(exc).__name__}: {exc}"

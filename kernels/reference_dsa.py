@@ -42,3 +42,25 @@ def sparse_mla(q_lat: torch.Tensor, kv_rows: torch.Tensor, slots: torch.Tensor, 
     scores = torch.einsum("thd,tkd->thk", q_lat.float(), kv) * scale
     probs = torch.nan_to_num(scores.masked_fill(~ok[:, None], float("-inf")).softmax(-1))
     return torch.einsum("thk,tkv->thv", probs, kv[..., :v_dim]).to(q_lat.dtype)
+
+
+def paged_positions(block_tables: torch.Tensor, page: int, s_q: int) -> torch.Tensor:
+    """The flat cache row of every key position of every decode query: block_tables int [B, P] ->
+    int64 [B*s_q, P*page] (row b's table repeated for its s_q queries)."""
+    dev = block_tables.device
+    slots = (block_tables.long()[:, :, None] * page + torch.arange(page, device=dev)).flatten(1)
+    return slots.repeat_interleave(s_q, 0)
+
+
+def dsa_paged_select(q: torch.Tensor, w: torch.Tensor, cache_layer: torch.Tensor, key_off: int,
+                     block_tables: torch.Tensor, lens: torch.Tensor, s_q: int, topk: int) -> torch.Tensor:
+    """The decode form of the indexer's choice, read straight from the paged cache: q [B*S, Hi, Di],
+    w fp32 [B*S, Hi], cache_layer [pages, page, C] (each row's index key at [key_off, key_off + Di)),
+    block_tables int [B, P], lens int [B*S] (query t sees its row's positions < lens[t]), s_q = S
+    -> int64 [B*S, min(topk, P*page)]: the flat cache row of each chosen position, -1 where none
+    (dsa_index_select over the row's gathered keys; a backend scores without the gather)."""
+    page, di = cache_layer.shape[1], q.shape[-1]
+    flat = cache_layer.view(-1, cache_layer.shape[-1])
+    slots = paged_positions(block_tables, page, s_q)
+    idx, ok = dsa_index_select(q, w, flat[:, key_off:key_off + di][slots], lens, topk)
+    return torch.where(ok, slots.gather(1, idx), -1)

@@ -5,6 +5,7 @@ The module kernels/__init__.py loads by the name `triton`; its kernels live by n
   triton_gemm.py     the block-FP8 GEMM, `linear`, the grouped expert GEMM (contiguous layout)
   triton_mla.py      absorbed MLA decode over the 64-token paged latent cache, prefill via SDPA
   triton_routing.py  the MoE gate's top-k and the combine's weighted sum
+  triton_dsa.py      V3.2's decode indexer scores over the paged cache (the native backend uses it)
   triton_jit.py      triton itself, or the stand-in that keeps all of them importable without it
 and `self_test` runs kernels/selftest.py over the ops declared in SELF_TEST before the registry
 uses it. Never: picks a backend or holds model state. Imports without triton (CPU CI tests the

@@ -95,7 +95,7 @@ def sparse_attend(mla, q, batch, cache_layer: torch.Tensor) -> torch.Tensor:
     """ATTN-1's core under DSA: q (MLA's Queries, q.index = the indexer's (q, w)), cache_layer
     [pages, page, C] -> [T, H, V] (before wo). Every token attends in the absorbed form, prefill too
     (as FlashMLA's sparse prefill does): K chosen latents, not the whole context. The backend's
-    dsa_index_select / sparse_mla run when it has them (kernels/native_dsa.py), else the reference's."""
+    dsa_index_select / dsa_paged_select (decode) / sparse_mla run when it has them (kernels/native_dsa.py), else the reference's."""
     a, kb, page = mla.args, mla.kb, cache_layer.shape[1]
     select = getattr(kb, "dsa_index_select", reference_dsa.dsa_index_select)
     attend = getattr(kb, "sparse_mla", reference_dsa.sparse_mla)
@@ -104,11 +104,10 @@ def sparse_attend(mla, q, batch, cache_layer: torch.Tensor) -> torch.Tensor:
     w_uk, w_uv = mla.absorbed(q.q_nope.dtype)
     if batch.is_decode_only:     # B rows of S = n_q queries; query j of row b sees seq_lens[b] - S + j + 1
         s_q, dev = batch.n_q, cache_layer.device
-        slots = (batch.block_tables.long()[:, :, None] * page + torch.arange(page, device=dev)).flatten(1)
-        slots = slots.repeat_interleave(s_q, 0)                                          # [B*S, N]
         lens = (batch.seq_lens.long()[:, None] - s_q + 1 + torch.arange(s_q, device=dev)).flatten()
-        idx, ok = select(iq, iw, flat[:, a.kv_dim:][slots], lens, a.index_topk)   # keys only: [B*S, N, Di]
-        o_lat = attend(q.q_lat, flat, torch.where(ok, slots.gather(1, idx), -1), a.softmax_scale, a.kv_lora_rank)
+        paged = getattr(kb, "dsa_paged_select", reference_dsa.dsa_paged_select)
+        rows = paged(iq, iw, cache_layer, a.kv_dim, batch.block_tables, lens, s_q, a.index_topk)
+        o_lat = attend(q.q_lat, flat, rows, a.softmax_scale, a.kv_lora_rank)
         return torch.einsum("thl,hvl->thv", o_lat, w_uv)
     out = q.q_nope.new_zeros(q.q_nope.shape[0], a.n_heads, a.v_head_dim)
     for i, (n, c) in enumerate(zip(batch.seq_new, batch.seq_ctx)):

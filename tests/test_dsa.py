@@ -106,6 +106,25 @@ def test_sparse_mla_over_every_visible_row_is_dense_mla_decode():
     assert torch.allclose(sparse_mla(q, cache.view(-1, 24), slots, 0.3, 16), want, atol=1e-5)
 
 
+def test_paged_select_chooses_the_top_scored_visible_rows_through_a_scattered_block_table():
+    """Decode's paged form: each query's chosen cache rows are the rows of its top-k visible positions
+    by I[t, s], read through its row's block table (pages out of order), -1 past what is visible."""
+    from epserve.kernels.reference_dsa import dsa_paged_select
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(7, 4, 28, generator=g)                  # 7 pages of 4 rows: 20 latent + 8 index key
+    table = torch.tensor([[6, 2, 4], [1, 5, 3]])                # 2 rows x 3 pages, s_q = 2 queries each
+    lens = torch.tensor([10, 11, 3, 4])
+    q, w = torch.randn(4, 2, 8, generator=g), torch.rand(4, 2, generator=g)
+    got = dsa_paged_select(q, w, cache, 20, table, lens, 2, 5)
+    flat = cache.view(-1, 28)
+    for t in range(4):
+        rows = (table[t // 2][:, None] * 4 + torch.arange(4)).flatten()[: int(lens[t])]   # visible positions' rows
+        score = torch.stack([(w[t] * (q[t] @ flat[r, 20:] / 8 ** 0.5).relu()).sum() for r in rows])
+        want = rows[score.topk(min(5, len(rows))).indices]
+        assert sorted(got[t][got[t] >= 0].tolist()) == sorted(want.tolist())
+        assert int((got[t] < 0).sum()) == 5 - len(want)
+
+
 def test_native_dsa_imports_without_cuda_and_runs_the_reference_off_its_shapes():
     """kernels/native_dsa.py on this CPU box: importable, its self-test declines, its adapters give the
     reference's answers (what they run when a shape or device is outside the kernels' reach)."""
@@ -120,6 +139,10 @@ def test_native_dsa_imports_without_cuda_and_runs_the_reference_off_its_shapes()
     lens = torch.tensor([3, 10, 7])
     assert all(torch.equal(a, b) for a, b in zip(native_dsa.dsa_index_select(iq, w, keys, lens, 4),
                                                  select(iq, w, keys, lens, 4)))
+    cache, table = torch.randn(4, 4, 28, generator=g), torch.tensor([[2, 0], [3, 1]])
+    from epserve.kernels.reference_dsa import dsa_paged_select
+    assert torch.equal(native_dsa.dsa_paged_select(iq[:2], w[:2], cache, 20, table, lens[:2], 1, 4),
+                       dsa_paged_select(iq[:2], w[:2], cache, 20, table, lens[:2], 1, 4))
 
 
 def test_fp8_checkpoint_matches_transformers_and_fp8_index_keys_stay_close(tmp_path):
