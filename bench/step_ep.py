@@ -173,20 +173,24 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
 
     cuda_graph_overlap = cuda and graphs and phase == "decode"
 
-    # decode: the micro-batches prepared once on the host, then both run as one CUDA graph (the
-    # fixed-shape MoE path: masked layout, no host sync), as the one-batch decode is; prefill runs
-    # eagerly (its launches are small next to its work)
-    mbs, rows = prepare_overlapped(eng.model, batch, static=cuda_graph_overlap)
-
-    def overlapped():
-        return run_overlapped(eng.model, mbs, rows, eng.cache.kv, len(batch.seq_new), phase).argmax(-1)
-
-    plain = batch
-    if phase == "decode" and eng.graphs is None:     # the DecodeBatch the engine's decode graphs replay
+    # decode: the step as the DecodeBatch the engine's decode graphs replay; the overlapped schedules
+    # split its rows (pipelines/overlap.py split_decode), so each micro-batch keeps the fixed-shape
+    # decode path. The micro-batches are prepared once on the host, then both run as one CUDA graph
+    # (masked-layout MoE, no host sync), as the one-batch decode is; prefill runs eagerly (its
+    # launches are small next to its work)
+    src = batch
+    if phase == "decode":
         t = torch.tensor([[s.last_token for s in seqs], [s.n_computed for s in seqs], eng.table.rows_for(seqs)],
                          dtype=torch.long).to(eng.device)
-        plain = DecodeBatch.from_rows(t[0], t[1], t[2], eng.table.tables, eng.cache.page_size, eng.table.scratch_row,
-                                      eng.kb.plan_mla_decode())
+        src = DecodeBatch.from_rows(t[0], t[1], t[2], eng.table.tables, eng.cache.page_size, eng.table.scratch_row,
+                                    eng.kb.plan_mla_decode())
+    n_out = src.n_tokens if phase == "decode" else len(batch.seq_new)
+    mbs, rows = prepare_overlapped(eng.model, src, static=cuda_graph_overlap)
+
+    def overlapped():
+        return run_overlapped(eng.model, mbs, rows, eng.cache.kv, n_out, phase).argmax(-1)
+
+    plain = src      # the one batch, when the engine has no decode graphs to replay it
 
     def one_batch():
         if phase == "decode" and eng.graphs is not None:
@@ -195,10 +199,10 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
 
     # SGLang's single-batch overlap: the batch whole, the dispatch under the shared expert, each
     # chunk's combine under the next chunk's expert GEMMs (pipelines/overlap.py "sbo")
-    sbo_mbs, sbo_rows = prepare_overlapped(eng.model, batch, static=cuda_graph_overlap, schedule="sbo")
+    sbo_mbs, sbo_rows = prepare_overlapped(eng.model, src, static=cuda_graph_overlap, schedule="sbo")
 
     def sbo():
-        return run_overlapped(eng.model, sbo_mbs, sbo_rows, eng.cache.kv, len(batch.seq_new), "sbo").argmax(-1)
+        return run_overlapped(eng.model, sbo_mbs, sbo_rows, eng.cache.kv, n_out, "sbo").argmax(-1)
 
     fns = {"overlapped": overlapped, "sbo": sbo, "one_batch": one_batch}
     layers_of = dict.fromkeys(fns, n_moe)

@@ -5,9 +5,9 @@ Owns: building one verify step of B sequences x S = 2 positions (each sequence's
 draft) on a RankEngine that serves the checkpoint's MTP layer, and the two ways it runs:
   one_batch_mtp     the target forward as one batch (the DecodeBatch with 2 causal queries per
                     sequence the engine's VerifyGraphs replay), then acceptance and the MTP module;
-  overlapped_mtp    the target forward on the decode overlap schedule (pipelines/overlap.py, the
-                    flat Batch of 2 new tokens per sequence that pipelines/mtp_decode.py splits),
-                    then the same acceptance and MTP module.
+  overlapped_mtp    the target forward on the decode overlap schedule over the same DecodeBatch's
+                    two halves of rows (pipelines/overlap.py split_decode, as pipelines/mtp_decode.py
+                    runs it), then the same acceptance and MTP module.
 Acceptance is FORCED: random weights never accept a draft, so a seeded Bernoulli mask of rate
 `acceptance` (default 0.85; DeepSeek reports 85-90 % for the second token in the V3 technical
 report) replaces the greedy comparison where pipelines/mtp_decode.py decides it
@@ -52,11 +52,10 @@ def verify_steps(eng, seqs: list[Sequence], acceptance: float, seed: int, static
         logits, hn = eng.model.forward(batch, kv, with_hidden=True)
         return dr.accept_and_draft(batch, rows_t, logits, hn, n_draft, forced=forced)[3]
 
-    flat = dr.flat_batch(batch, [s.n_computed for s in seqs])
-    mbs, mb_rows = prepare_overlapped(eng.model, flat, all_tokens=True, static=static)
+    mbs, mb_rows = prepare_overlapped(eng.model, batch, all_tokens=True, static=static)
 
     def overlapped_mtp():
-        hn = run_overlapped(eng.model, mbs, mb_rows, kv, b, "decode", all_tokens=True)
+        hn = run_overlapped(eng.model, mbs, mb_rows, kv, 2 * b, "decode", all_tokens=True)
         return dr.accept_and_draft(batch, rows_t, eng.model.head_logits(hn), hn, n_draft, forced=forced)[3]
 
     info = {"draft_tokens": 1, "acceptance": acceptance, "acceptance_forced": True,

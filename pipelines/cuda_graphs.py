@@ -19,6 +19,7 @@ import logging
 import torch
 
 from epserve.model.deepseek_v3 import DecodeBatch
+from epserve.pipelines.overlap import forward_overlapped
 
 log = logging.getLogger("epserve.cuda_graphs")
 
@@ -33,35 +34,38 @@ class DecodeGraphs:
         dev = kv_cache.device
         self.static = torch.zeros(3, max_batch, dtype=torch.long, device=dev)
         self.host = torch.zeros(3, max_batch, dtype=torch.long, pin_memory=True)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, str | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.n_replays = 0
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, schedule: str | None = None) -> torch.Tensor:
         s = self.static
         batch = DecodeBatch.from_rows(s[0, :b], s[1, :b], s[2, :b], self.table.tables, self.page_size,
                                       self.table.scratch_row, self.model.kb.plan_mla_decode())
+        if schedule is not None:
+            return forward_overlapped(self.model, batch, self.kv, schedule, static=True)
         return self.model.forward(batch, self.kv)
 
-    def run(self, ids: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
-        """One decode step for len(ids) sequences -> logits fp32 [n, vocab] (a view of the graph's output)."""
+    def run(self, ids: list[int], positions: list[int], rows: list[int], schedule: str | None = None) -> torch.Tensor:
+        """One decode step for len(ids) sequences -> logits fp32 [n, vocab] (a view of the graph's output).
+        schedule: the step as that overlap schedule's micro-batches (a graph per bucket and schedule)."""
         n = len(ids)
         b = self.bucket(n)
         h = self.host
         h[0, :n], h[1, :n], h[2, :n] = torch.tensor(ids), torch.tensor(positions), torch.tensor(rows)
         h[0, n:b], h[1, n:b], h[2, n:b] = 0, 0, self.table.scratch_row
         self.static[:, :b].copy_(h[:, :b], non_blocking=True)
-        if b not in self.graphs:
-            self.graphs[b] = self._capture(b)
-        graph, out = self.graphs[b]
+        if (b, schedule) not in self.graphs:
+            self.graphs[b, schedule] = self._capture(b, schedule)
+        graph, out = self.graphs[b, schedule]
         graph.replay()
         self.n_replays += 1
         return out[:n]
 
-    def _capture(self, b: int):
+    def _capture(self, b: int, schedule: str | None = None):
         """Warm up on a side stream (JIT compiles, cached tables, autotuning happen here, outside the
         graph), then capture. The warm-up runs the real step's inputs, so its cache writes are the
         ones the replay makes again; the expert counters it bumps are restored."""
@@ -71,14 +75,15 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):
-                self._forward(b)
+                self._forward(b, schedule)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(b)
+            out = self._forward(b, schedule)
         self.pool = graph.pool()
         self.model.dispatcher.counts.copy_(saved)
-        log.info("captured the decode step for batch bucket %d (%d graphs)", b, len(self.graphs) + 1)
+        log.info("captured the decode step for batch bucket %d, schedule %s (%d graphs)", b, schedule or "one batch",
+                 len(self.graphs) + 1)
         return graph, out
 
     def clear(self) -> None:

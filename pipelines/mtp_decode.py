@@ -146,8 +146,7 @@ class MTPDrafter:
             draft_slots = batch.slot_mapping.view(b, s_q)[:, 1:].flatten()
             saved = e.cache.kv.flatten(1, 2).index_select(1, draft_slots)        # [layers, B*k, L+R]
             qs = None if srows is None else [s.draft_q if s.draft else None for s in seqs]
-            logits, tokens, n_acc, new_drafts, new_q = self.verify_device(*inp, srows, qs, schedule,
-                                                                          [s.n_computed for s in seqs])
+            logits, tokens, n_acc, new_drafts, new_q = self.verify_device(*inp, srows, qs, schedule)
         plain = [i for i, s in enumerate(seqs) if not can_draft(s)]
         plain_tok, plain_info = {}, {}
         if plain:      # their one token through the full sampler (penalties, bias, grammar, logprobs)
@@ -178,12 +177,12 @@ class MTPDrafter:
                                      e.kb.plan_mla_decode(), n_q=self.k + 1, valid=valid.bool())
 
     def verify_device(self, ids, pos, valid, rows, n_draft, srows: SamplingRows | None = None, qs=None,
-                      schedule: str | None = None, ctx: list[int] | None = None):
+                      schedule: str | None = None):
         """Steps 2-4 on the device, no host sync (for greedy batches, what a CUDA graph captures):
         ids / pos / valid [B*S], rows / n_draft [B] -> (target logits [B*S, V], emitted tokens [B, S],
         accepted [B], next drafts [B, k], their q [B, k, V] or None)."""
         batch = self.verify_batch(ids, pos, valid, rows)
-        logits, hn = self._target(batch, schedule, ctx)
+        logits, hn = self._target(batch, schedule)
         return self.accept_and_draft(batch, rows, logits, hn, n_draft, srows, qs)
 
     def accept_and_draft(self, batch: DecodeBatch, rows: torch.Tensor, logits: torch.Tensor, hn: torch.Tensor,
@@ -224,22 +223,15 @@ class MTPDrafter:
         new_drafts, new_q = self._chain(d1, q1, m[sel], batch.positions[sel] + 1, srows, batch_for)
         return logits, tokens, n_acc, new_drafts, new_q
 
-    def _target(self, batch: DecodeBatch, schedule: str | None, ctx: list[int] | None):
-        """The target forward: one batch, or the unit's overlap schedule (two micro-batches of a Batch
-        with S new tokens per sequence, attending in the absorbed form)."""
+    def _target(self, batch: DecodeBatch, schedule: str | None):
+        """The target forward: one batch, or the unit's overlap schedule over the DecodeBatch's two
+        halves of rows (pipelines/overlap.py split_decode: S causal queries per row, as one batch)."""
         e = self.e
         if schedule is None:
             return e.model.forward(batch, e.cache.kv, with_hidden=True)
         from epserve.pipelines.overlap import forward_overlapped
-        hn = forward_overlapped(e.model, self.flat_batch(batch, ctx), e.cache.kv, schedule, all_tokens=True)
+        hn = forward_overlapped(e.model, batch, e.cache.kv, schedule, all_tokens=True, static=e.static_moe)
         return e.model.head_logits(hn), hn
-
-    def flat_batch(self, batch: DecodeBatch, ctx: list[int]) -> Batch:
-        """The verify step as a Batch of S new tokens per sequence after ctx[i] cached ones (what the
-        overlap schedules split into micro-batches), attending in the absorbed form."""
-        s_q = batch.n_q
-        return Batch(batch.input_ids, batch.positions, [s_q] * len(ctx), ctx, batch.block_tables.long(),
-                     batch.slot_mapping, plan=self.e.kb.plan_mla_decode(), max_decode_new=s_q)
 
     def rollback(self, undo, used: list[int]) -> None:
         """Put back the bytes of every draft slot past each sequence's `used` tokens (the rejected

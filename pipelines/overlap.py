@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from epserve.model.deepseek_v3 import Batch, MoE, Queries
+from epserve.model.deepseek_v3 import Batch, DecodeBatch, MoE, Queries
 
 SCHEDULES = ("prefill", "decode", "sbo")
 
@@ -125,6 +125,26 @@ def sub_batches(batch: Batch, attn_weight: float = 1e-3, with_rows: bool = False
     return (out, ends, all_rows) if with_rows else (out, ends)
 
 
+def split_decode(batch: DecodeBatch, plan_fn=None) -> list:
+    """A fixed-shape decode step's two micro-batches: rows [0, h) and [h, B), h = ceil(B / 2), each a
+    DecodeBatch of views into the step's tensors (so a CUDA graph of the step replays them) with a
+    plan of its own (plan_fn(): the kernels' per-step attention plan). The one-batch decode path
+    stays in force in each half: the absorbed queries written in place, FlashMLA's s_q, no host
+    sync. Rows keep their order, so micro-batch 0's outputs are the step's first h x S rows. A
+    step of one row gives that row and an empty Batch (both micro-batches still run every layer)."""
+    b, s_q = batch.block_tables.shape[0], batch.n_q
+    h = (b + 1) // 2
+    out = []
+    for lo, hi in ((0, h), (h, b)):
+        if hi == lo:
+            out.append(Batch.empty(batch.input_ids.device))
+            continue
+        t = slice(lo * s_q, hi * s_q)
+        out.append(DecodeBatch(batch.input_ids[t], batch.positions[t], batch.slot_mapping[t], batch.block_tables[lo:hi],
+                               batch.seq_lens[lo:hi], batch.valid[t], plan_fn() if plan_fn else None, s_q))
+    return out
+
+
 @dataclass(frozen=True)
 class Op:
     """One stage of one micro-batch in one layer, named as in DeepSeek's figures. DISPATCH
@@ -191,7 +211,7 @@ class MicroBatch:
     routing: tuple | None = None          # (weights, expert ids) from the gate
     ends: list = field(default_factory=list)   # (row, sequence) of pieces that end a sequence
     h0: torch.Tensor | None = None        # the embedded input the residual stream starts from (a replay restarts here)
-    head_rows: torch.Tensor | None = None  # device int64: rows of h whose logits HEAD computes (from `ends`)
+    head_rows: torch.Tensor | None = None  # device int64: rows of h whose logits HEAD computes (None: all)
     out_seqs: torch.Tensor | None = None   # device int64: the step's sequence of each of those logits
     logits: torch.Tensor | None = None    # HEAD: fp32 [len(ends), vocab]
 
@@ -234,7 +254,7 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
             elif op.stage == "HEAD":
                 if not m.ends:
                     continue
-                m.logits = model.logits(m.h[m.head_rows])
+                m.logits = model.logits(m.h if m.head_rows is None else m.h[m.head_rows])
             else:
                 raise ValueError(f"unknown stage {op.stage!r}")
 
@@ -245,24 +265,39 @@ def prepare_overlapped(model, batch: Batch, all_tokens: bool = False, static: bo
     with their RoPE, embedded inputs, index tensors and (decode) FlashMLA plans, all made before the
     layers run, so `run_overlapped` launches device work only (a CUDA graph can capture it and
     replay it). static: the MoE layers take the dispatcher's fixed-shape path (masked layout, no
-    host sync; a dispatcher whose launch takes `valid`: local, emulated, DeepEP).
+    host sync; a dispatcher whose launch takes `valid`: local, emulated, DeepEP; a DecodeBatch's
+    padding rows stay unrouted). A DecodeBatch splits by rows (`split_decode`), so each micro-batch
+    keeps the fixed-shape decode path; a Batch by cost (`sub_batches`).
     -> (micro-batches, each one's token rows in `batch`)."""
     dev = model.device
-    if schedule == "sbo":
+    fixed = isinstance(batch, DecodeBatch)
+    plan_fn = getattr(model.kb, "plan_mla_decode", None)
+    if fixed:        # every token row is an output row, in order
+        batches = [batch] if schedule == "sbo" else split_decode(batch, plan_fn)
+        rows, lo = [], 0
+        for b in batches:
+            rows.append(torch.arange(lo, lo + b.n_tokens, device=dev))
+            lo += b.n_tokens
+        ends = [list(range(b.n_tokens)) for b in batches]
+    elif schedule == "sbo":
         batches, rows = [batch], [torch.arange(batch.n_tokens, device=dev)]
         ends = [[(i, i) for i, n in enumerate(batch.seq_new) if n]]
     else:
         batches, ends, rows = sub_batches(batch, attention_weight(model.args), with_rows=True)
     mbs = []
-    for b, e in zip(batches, ends):
-        if b.n_tokens and b.is_decode_only and hasattr(model.kb, "plan_mla_decode"):
-            b.plan = model.kb.plan_mla_decode()      # one plan per micro-batch per step, as one batch has one
+    for b, e, r in zip(batches, ends, rows):
+        if not fixed and b.n_tokens and b.is_decode_only and plan_fn is not None:
+            b.plan = plan_fn()      # one plan per micro-batch per step, as one batch has one
         e = [] if all_tokens else e
+        if static:
+            valid = b.valid if isinstance(b, DecodeBatch) else torch.ones(b.n_tokens, dtype=torch.bool, device=dev)
         m = MicroBatch(b, model.rope(b.positions), model.embed_tokens(b.input_ids), ends=e,
-                       valid=torch.ones(b.n_tokens, dtype=torch.bool, device=dev) if static else None)
+                       valid=valid if static else None)
         m.h0 = m.h
-        if e:
-            m.head_rows = b.last_token_index[[r for r, _ in e]].to(dev)
+        if e and fixed:
+            m.head_rows, m.out_seqs = None, r
+        elif e:
+            m.head_rows = b.last_token_index[[r_ for r_, _ in e]].to(dev)
             m.out_seqs = torch.tensor([s_ for _, s_ in e], dtype=torch.long, device=dev)
         mbs.append(m)
     return mbs, rows
@@ -271,7 +306,8 @@ def prepare_overlapped(model, batch: Batch, all_tokens: bool = False, static: bo
 def run_overlapped(model, mbs: list, rows: list, kv_cache: torch.Tensor, n_seqs: int, schedule: str = "prefill",
                    trace: list[str] | None = None, all_tokens: bool = False) -> torch.Tensor:
     """The device side of an overlapped step over prepared micro-batches (restarting from their
-    embedded inputs, so it can be replayed) -> logits fp32 [n_seqs, vocab], or all_tokens: the
+    embedded inputs, so it can be replayed) -> logits fp32 [n_seqs, vocab] (a DecodeBatch's step:
+    n_seqs = its token rows, one logit row each, as model.forward gives), or all_tokens: the
     final-normed hidden of every token [T, D]."""
     a = model.args
     with torch.inference_mode():
@@ -299,4 +335,5 @@ def forward_overlapped(model, batch: Batch, kv_cache: torch.Tensor, schedule: st
     of every token instead [T, D] (what MTP verifies and drafts from). static: see prepare_overlapped."""
     with torch.inference_mode():
         mbs, rows = prepare_overlapped(model, batch, all_tokens, static, schedule)
-    return run_overlapped(model, mbs, rows, kv_cache, len(batch.seq_new), schedule, trace, all_tokens)
+    n_out = batch.n_tokens if isinstance(batch, DecodeBatch) else len(batch.seq_new)
+    return run_overlapped(model, mbs, rows, kv_cache, n_out, schedule, trace, all_tokens)

@@ -184,8 +184,8 @@ class RankEngine:
         with self.dispatcher.step_mode(low_latency):
             if self.drafter is not None:
                 return self.step_mtp(step, schedule)
-            if schedule is None and not step.is_prefill and not step.is_empty:
-                logits = self.decode(step, graphs_ok=low_latency or not agreed_phase)
+            if not step.is_prefill and not step.is_empty:
+                logits = self.decode(step, graphs_ok=low_latency or not agreed_phase, schedule=schedule)
             else:
                 batch = self.prepare(step)
                 self.last_step_tokens = batch.n_tokens
@@ -242,22 +242,31 @@ class RankEngine:
         self.batcher.finish(step.seqs)
         return deltas
 
-    def decode(self, step: Step, graphs_ok: bool = True) -> "torch.Tensor":
+    def decode(self, step: Step, graphs_ok: bool = True, schedule: str | None = None) -> "torch.Tensor":
         """A pure decode step: (token, position, table row) per sequence, then one graph replay
         (or the same DecodeBatch forward eagerly; graphs_ok False: a DeepEP unit's normal-kernel step,
-        whose exchange the graphs, captured with low-latency kernels, do not hold). -> logits fp32 [B, vocab]."""
+        whose exchange the graphs, captured with low-latency kernels, do not hold). schedule: the unit's
+        overlap schedule, run on the DecodeBatch's two halves (pipelines/overlap.py split_decode), in
+        a graph of its own. -> logits fp32 [B, vocab]."""
         seqs = step.seqs
         ids = [s.last_token for s in seqs]
         pos = [s.n_computed for s in seqs]
         rows = self.table.rows_for(seqs)
         self.last_step_tokens = len(seqs)
         if graphs_ok and self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
-            return self.graphs.run(ids, pos, rows)
+            return self.graphs.run(ids, pos, rows, schedule)
         dev = self.device
         t = torch.tensor([ids, pos, rows], dtype=torch.long).to(dev, non_blocking=True)
         batch = DecodeBatch.from_rows(t[0], t[1], t[2], self.table.tables, self.cache.page_size,
                                       self.table.scratch_row, self.kb.plan_mla_decode())
+        if schedule is not None:
+            return forward_overlapped(self.model, batch, self.cache.kv, schedule, static=self.static_moe)
         return self.model.forward(batch, self.cache.kv)
+
+    @property
+    def static_moe(self) -> bool:
+        """The dispatcher has a fixed-shape MoE path (MoE.forward's test): overlapped decode takes it too."""
+        return getattr(self.dispatcher, "run_static", None) is not None
 
     def prepare(self, step: Step) -> Batch:
         if step.is_empty:

@@ -204,6 +204,54 @@ def test_overlapped_logits_equal_the_plain_forward(engine):
                 s.pages = []
 
 
+@pytest.mark.parametrize("n_q", [1, 2])
+def test_a_fixed_shape_decode_step_splits_by_rows_and_gives_the_one_batch_logits(engine, n_q):
+    """A DecodeBatch (the engine's decode step, padded to a graph bucket; n_q = 2: MTP's verify rows)
+    runs each schedule as two halves of its rows, on the fixed-shape path and off it: the one-batch
+    forward's logits for every row, live or padding."""
+    from epserve.model.deepseek_v3 import DecodeBatch
+    from epserve.pipelines.overlap import split_decode
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    seqs = [Sequence(f"d{i}", p, params) for i, p in enumerate(prompts_of([9, 30, 5, 17, 12], seed=4))]
+    for s in seqs:
+        engine.add(s)
+    engine.step()                                                         # prefill: the rows have context
+    try:
+        for live in (1, 2, 5):
+            pad = 8 - live                                                # a bucket of 8 rows
+            rows = engine.table.rows_for(seqs[:live]) + [engine.table.scratch_row] * pad
+            ids = [t for s in seqs[:live] for t in s.all_ids[-n_q:]] + [0] * pad * n_q
+            pos = [len(s.all_ids) - n_q + j for s in seqs[:live] for j in range(n_q)] + list(range(n_q)) * pad
+            t = torch.tensor(ids), torch.tensor(pos), torch.tensor(rows)
+            valid = torch.tensor([j == 0 or i % 2 == 0 for i in range(8) for j in range(n_q)])  # absent drafts
+            batch = DecodeBatch.from_rows(*t, engine.table.tables, engine.cache.page_size, engine.table.scratch_row,
+                                          n_q=n_q, valid=valid)
+            halves = split_decode(batch)
+            assert [h.n_tokens for h in halves] == [4 * n_q, 4 * n_q]
+            assert torch.equal(torch.cat([h.input_ids for h in halves]), batch.input_ids)
+            assert torch.equal(torch.cat([h.seq_lens for h in halves]), batch.seq_lens)
+            want = engine.model.forward(batch, engine.cache.kv.clone())
+            for kind in ("decode", "prefill", "sbo"):
+                for static in (False, True):   # off the fixed-shape path every row is routed (valid unread)
+                    got = forward_overlapped(engine.model, batch, engine.cache.kv.clone(), kind, static=static)
+                    rows_ = slice(None) if static else batch.valid
+                    torch.testing.assert_close(got[rows_], want[rows_], rtol=0, atol=2e-5,
+                                               msg=f"{live} live, {kind}, static {static}")
+                    assert torch.equal(got[rows_].argmax(-1), want[rows_].argmax(-1))
+    finally:
+        for s in seqs:
+            engine.abort(s.request_id)
+
+
+def test_one_row_decode_step_pairs_with_an_empty_micro_batch():
+    from epserve.model.deepseek_v3 import Batch, DecodeBatch
+    from epserve.pipelines.overlap import split_decode
+    one = DecodeBatch(torch.tensor([5]), torch.tensor([7]), torch.tensor([7]), torch.zeros(1, 2, dtype=torch.int32),
+                      torch.tensor([8], dtype=torch.int32), torch.tensor([True]))
+    first, second = split_decode(one)
+    assert first.n_tokens == 1 and isinstance(second, Batch) and second.n_tokens == 0
+
+
 def test_profile_writes_a_browser_trace_of_each_overlapped_step(ray_cluster, tiny_dir, tmp_path):
     """`epserve bench overlap --profile DIR`: Chrome traces of a prefill and a decode step on every rank,
     with each schedule stage as a named range."""
