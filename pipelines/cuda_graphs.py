@@ -8,6 +8,10 @@ block-table row), the dispatcher's masked expert path (counts on the device), th
 per-step attention plan built inside the graph, and no .item()/.tolist() anywhere in between.
 The sampler runs after the replay, on the device, with the step's one host transfer.
 
+A unit's overlap schedule (pipelines/overlap.py) is captured the same way, as a graph of its own per
+bucket: the step's DecodeBatch split into two halves of rows, both micro-batches' stages and their
+exchanges' events in one replay.
+
 Per step the host copies 3 x bucket int64 (token, position, row) into the graph's static input;
 rows past the live ones pad the bucket (scratch row and page, valid False).
 Never: captures with the reference backend (it syncs), or a dispatcher without a static path.
@@ -112,7 +116,7 @@ class VerifyGraphs:
         n = max_batch * self.s_q
         self.static = torch.zeros(5, n, dtype=torch.long, device=dev)
         self.host = torch.zeros(5, n, dtype=torch.long, pin_memory=kv_cache.is_cuda)
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[tuple[int, str | None], tuple] = {}
         self.pool = None
         self.n_replays = 0
 
@@ -139,18 +143,19 @@ class VerifyGraphs:
         slots = self.drafter.verify_batch(*inp[:4]).slot_mapping.view(b, s_q)[:n, 1:].flatten()
         return inp, self.kv.flatten(1, 2).index_select(1, slots), slots
 
-    def run(self, n: int, inp) -> tuple[torch.Tensor, ...]:
-        """-> (logits [n*S, V], tokens [n, S], accepted [n], drafts [n, k]): views of the graph's outputs."""
+    def run(self, n: int, inp, schedule: str | None = None) -> tuple[torch.Tensor, ...]:
+        """-> (logits [n*S, V], tokens [n, S], accepted [n], drafts [n, k]): views of the graph's outputs.
+        schedule: the target forward on that overlap schedule (a graph per bucket and schedule)."""
         b = self.bucket(n)
-        if b not in self.graphs:
-            self.graphs[b] = self._capture(b, inp)
-        graph, out = self.graphs[b]
+        if (b, schedule) not in self.graphs:
+            self.graphs[b, schedule] = self._capture(b, inp, schedule)
+        graph, out = self.graphs[b, schedule]
         graph.replay()
         self.n_replays += 1
         logits, tokens, n_acc, drafts = out
         return logits[:n * self.s_q], tokens[:n], n_acc[:n], drafts[:n]
 
-    def _capture(self, b: int, inp):
+    def _capture(self, b: int, inp, schedule: str | None = None):
         d = self.drafter
         counts = d.e.model.dispatcher.counts
         saved = counts.clone()
@@ -158,14 +163,15 @@ class VerifyGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):
-                d.verify_device(*inp)
+                d.verify_device(*inp, schedule=schedule)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
-            logits, tokens, n_acc, drafts, _ = d.verify_device(*inp)
+            logits, tokens, n_acc, drafts, _ = d.verify_device(*inp, schedule=schedule)
         self.pool = graph.pool()
         counts.copy_(saved)
-        log.info("captured the MTP verify step for batch bucket %d x %d positions", b, self.s_q)
+        log.info("captured the MTP verify step for batch bucket %d x %d positions, schedule %s", b, self.s_q,
+                 schedule or "one batch")
         return graph, (logits, tokens, n_acc, drafts)
 
     def clear(self) -> None:

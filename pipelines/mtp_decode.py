@@ -133,10 +133,10 @@ class MTPDrafter:
             valid += [1] * (1 + len(d)) + [0] * (k - len(d))
             nd.append(len(d))
         srows = self._rows(seqs)
-        graphs = self.graphs if srows is None and schedule is None else None
+        graphs = self.graphs if srows is None else None
         if graphs is not None and graphs.bucket(b) is not None:
             inp, saved, draft_slots = graphs.stage(ids, pos, valid, rows, nd)
-            logits, tokens, n_acc, new_drafts = graphs.run(b, inp)
+            logits, tokens, n_acc, new_drafts = graphs.run(b, inp, schedule)
             new_q = None
         else:
             t = torch.tensor([ids, pos, valid, rows + [0] * (b * k), nd + [0] * (b * k)],
