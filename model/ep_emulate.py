@@ -309,7 +309,14 @@ class EmulatedDispatcher(LocalDispatcher):
         peer_slot = torch.where(keep, peer_slot, -1)
         self._count(layer, torch.maximum(own, rows))
         src = torch.cat([torch.arange(t * k, device=dev) // k, torch.zeros(n_peer, dtype=torch.long, device=dev)])
-        y = shard.compute(self.kb, x[src], torch.cat([local, peer_slot]))
+        if getattr(self.kb, "TAKES_FP8_ROWS", False) and x.is_cuda:
+            # DeepEP quantises on the sender (its T tokens, once) and the rows land as FP8 + scales, so
+            # the rank gathers FP8 rows: not bf16 rows it would then quantise again, row by received row
+            q, s = self.kb.per_token_group_quant_fp8(x)
+            rows_in = (q.view(torch.uint8)[src].view(q.dtype), s[src])
+        else:
+            rows_in = x[src]
+        y = shard.compute(self.kb, rows_in, torch.cat([local, peer_slot]))
         return self.kb.combine_rows(y[:t * k], weights)
 
     def _masked(self, layer, x, idx, weights, shard, valid, sbo: EmulatedExchange | None = None) -> torch.Tensor:
