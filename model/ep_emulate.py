@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from epserve.errors import ConfigError
-from epserve.kernels.layouts import masked_layout
+from epserve.kernels.layouts import empty_mn_major_scales, masked_layout
 from epserve.model.moe_dispatch import MASKED_ROWS_ALIGN, ExpertMap, ExpertShard, LocalDispatcher
 from epserve.placement import eplb
 from epserve.placement.loads import KINDS, synthetic_loads
@@ -333,7 +333,13 @@ class EmulatedDispatcher(LocalDispatcher):
         per_group = -(-(max(t, *rows_j) + 1) // MASKED_ROWS_ALIGN) * MASKED_ROWS_ALIGN
         flat = lay.group * per_group + lay.slot
         src = torch.zeros(shard.n_slots * per_group, dtype=torch.long, device=x.device).scatter_(0, flat, tok)
-        buf = x[src].view(shard.n_slots, per_group, d)
+        if getattr(self.kb, "TAKES_FP8_ROWS", False) and x.is_cuda:     # sender-side FP8, as _contiguous
+            q, sc = self.kb.per_token_group_quant_fp8(x)
+            buf_s = empty_mn_major_scales((shard.n_slots, per_group, sc.shape[-1]), x.device)
+            buf_s.copy_(sc[src].view(shard.n_slots, per_group, -1))
+            buf = (q.view(torch.uint8)[src].view(q.dtype).view(shard.n_slots, per_group, d), buf_s)
+        else:
+            buf = x[src].view(shard.n_slots, per_group, d)
         masked_m = torch.maximum(lay.masked_m, self._rows_dev(layer, t, x.device).to(lay.masked_m.dtype))
         self._count(layer, masked_m)
         expected = max(1, sum(rows_j) // max(1, shard.n_slots))
@@ -343,7 +349,8 @@ class EmulatedDispatcher(LocalDispatcher):
             parts, n = [], shard.n_slots
             bounds = [n * c // min(n, SBO_CHUNKS) for c in range(min(n, SBO_CHUNKS) + 1)]
             for lo, hi in zip(bounds, bounds[1:]):
-                parts.append(self.kb.expert_ffn_masked(buf[lo:hi], self._slots(shard.experts, lo, hi),
+                part = tuple(b[lo:hi] for b in buf) if isinstance(buf, tuple) else buf[lo:hi]
+                parts.append(self.kb.expert_ffn_masked(part, self._slots(shard.experts, lo, hi),
                                                        masked_m[lo:hi], expected))
                 sbo.done = self._start_hold("combine", layer, t, sum(rows_j[lo:hi]) / max(1, sum(rows_j)))
             y = torch.cat(parts)
