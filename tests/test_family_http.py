@@ -114,7 +114,8 @@ def test_r1_0528_chat_is_its_templates_completion_split_at_think(served):
     tok = served.tok
     text = tok.apply_chat_template(ASK)
     assert text == ct.BOS + "Be brief." + ct.USER + ASK[1]["content"] + ct.ASSISTANT   # system prompt in, no <think>
-    raw = served.raw(served.prompt(ASK), **r1_sampling(tok)).text
+    raw_choice = served.raw(served.prompt(ASK), **r1_sampling(tok))
+    raw = raw_choice.text
     assert raw.startswith(ct.THINK) and ct.END_THINK in raw       # the model opened and closed its reasoning
     reasoning, _, content = raw[len(ct.THINK):].partition(ct.END_THINK)
     r = served.chat(**r1_sampling(tok))
@@ -122,6 +123,9 @@ def test_r1_0528_chat_is_its_templates_completion_split_at_think(served):
     assert (msg.model_extra["reasoning_content"], msg.content) == (reasoning, content.lstrip("\n"))
     assert reasoning and content
     assert r.usage.prompt_tokens == len(served.prompt(ASK))
+    # reasoning tokens: the model's tokens up to and including its first </think>
+    ids = raw_choice.model_extra["token_ids"]
+    assert r.usage.completion_tokens_details.reasoning_tokens == ids.index(tok.token_id(ct.END_THINK)) + 1
 
 
 @member("r1-0528-tiny")
