@@ -229,6 +229,7 @@ class EmulatedDispatcher(LocalDispatcher):
         self.received = torch.zeros(n_moe, expert_map.slots_per_rank, dtype=torch.long)
         self.held_us = [0.0, 0.0]                       # (dispatch, combine) us queued since the last reset
         self._frac: dict = {}                           # device -> share.frac there
+        self._rows_cache: dict = {}                     # (layer, tokens, device) -> _rows_dev's tensor
         self._slot_views: dict = {}                     # (id(experts), first, end) -> ExpertWeights view
 
     def rows_for(self, layer: int, tokens: int) -> list[int]:
@@ -282,10 +283,18 @@ class EmulatedDispatcher(LocalDispatcher):
     def _rows_dev(self, layer: int, tokens: int, dev: torch.device) -> torch.Tensor:
         """rows_for() computed on the device (int64 [S]) in the same float64 order, so no host data
         is copied inside a step (a copy would sync, and a graph capture refuses it)."""
+        key = (layer, tokens, dev)
+        if key in self._rows_cache:
+            return self._rows_cache[key]
         if self._frac.get(dev) is None:
             self._frac[dev] = torch.from_numpy(self.share.frac).to(dev)
         s = self.share
-        return torch.round(self._frac[dev][layer - self.first] * s.ranks * tokens * s.top_k).long()
+        rows = torch.round(self._frac[dev][layer - self.first] * s.ranks * tokens * s.top_k).long()
+        # kept once computed eagerly (a graph's warm-up does), so a replay has no kernels for it; never
+        # while capturing: a capture records kernels without running them, the tensor would hold nothing
+        if dev.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            self._rows_cache[key] = rows
+        return rows
 
     def _count(self, layer: int, per_slot: torch.Tensor) -> None:
         if self.received.device != per_slot.device:
