@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from epserve.kernels.triton_jit import _const, _jit, tl
+from epserve.kernels.triton_jit import _jit, tl
 
 BLOCK_N = 64          # key positions per program
 
 
 @_jit
 def _index_logits_kernel(q, w, cache, block_table, lens, out, s_q, stride_row, stride_bt, n_max, scale,
-                         KEY_OFF: _const, HI: _const, DI: _const, PAGE: _const, BLOCK: _const):
+                         KEY_OFF: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, PAGE: tl.constexpr,
+                         BLOCK: tl.constexpr):
     """out[t, n] = sum_h w[t, h] relu(q[t, h] . key(n) * scale) for n < lens[t], -inf for lens[t] <= n < n_max."""
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
