@@ -67,7 +67,7 @@ def dsa_index_select(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, lens:
     ks = torch.zeros(t, dtype=torch.int32, device=q.device)
     logits = deep_gemm.fp8_mqa_logits(q8.contiguous(), (k8.contiguous(), k_s.contiguous()), weights, ks,
                                       lens.to(torch.int32).contiguous(), True, 0)   # [T, N] fp32, -inf past lens
-    idx = logits.topk(min(topk, n), -1).indices
+    idx = logits.topk(min(topk, n), -1, sorted=False).indices     # a set: sparse MLA sums over it
     return idx, idx < lens.to(idx.device)[:, None]
 
 

@@ -65,6 +65,6 @@ def dsa_paged_select(q: torch.Tensor, w: torch.Tensor, cache_layer: torch.Tensor
     """reference_dsa.dsa_paged_select on the kernel above, then torch's top-k (no host sync)."""
     logits = paged_index_logits(q, w, cache_layer, key_off, block_tables, lens, s_q)
     page = cache_layer.shape[1]
-    idx = logits.topk(min(topk, logits.shape[1]), -1).indices
+    idx = logits.topk(min(topk, logits.shape[1]), -1, sorted=False).indices   # a set: no sort of 2,048 per query
     pages = block_tables.long().repeat_interleave(s_q, 0).gather(1, idx // page)
     return torch.where(idx < lens.to(idx.device)[:, None], pages * page + idx % page, -1)

@@ -316,7 +316,8 @@ class MLA:
     wo: Weight = None
     indexer: Indexer | None = None      # V3.2 (args.is_dsa): model/dsa.py picks the tokens each query attends to
     _absorb: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    _down: Weight | bool | None = field(default=None, repr=False)   # wq(_a) and wkv_a stacked (False: cannot)
+    _down: Weight | bool | None = field(default=None, repr=False)   # wq(_a), [wk,] wkv_a stacked (False: cannot)
+    _down_names: list = field(default_factory=list, repr=False)       # the stacked weights, in order
 
     def __post_init__(self):
         if self.args.is_dsa and self.indexer is None:
@@ -344,7 +345,7 @@ class MLA:
                 cache_layer: torch.Tensor) -> "Queries":
         a, kb = self.args, self.kb
         t = x.shape[0]
-        q, kv = self.down(x)
+        q, kv, k_index = self.down(x)
         qr = None
         if self.wq is None:
             qr = kb.rms_norm(q, self.q_norm, a.rms_norm_eps)
@@ -358,7 +359,8 @@ class MLA:
                             apply_rope(k_pe, cos, sin, a.rope_interleave)], -1)
         flat_cache = cache_layer.view(-1, cache_layer.shape[-1])
         flat_cache[:, : a.kv_dim][batch.slot_mapping] = latent.to(cache_layer.dtype)
-        index = None if self.indexer is None else self.indexer.project(x, qr, rope, flat_cache, batch.slot_mapping)
+        index = None if self.indexer is None else self.indexer.project(x, qr, rope, flat_cache, batch.slot_mapping,
+                                                                       k_index)
         q_lat = None
         if batch.is_decode_only:   # absorbed form: q_nope [B, H, P] -> latent query [B, H, L]
             q_lat = self._latent_query(q_nope, q_pe, x.dtype)
@@ -367,19 +369,33 @@ class MLA:
             q_lat = torch.cat([torch.einsum("bhp,hpl->bhl", q_nope[tok], self.absorbed(x.dtype)[0]), q_pe[tok]], -1)
         return Queries(q_nope, q_pe, q_lat, index)
 
-    def down(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (x @ wq(_a)^T, x @ wkv_a^T): one GEMM over the stacked rows (one quantisation,
-        one launch), built on first use; the two weights become views of it."""
+    def down(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [T, D] -> (x @ wq(_a)^T, x @ wkv_a^T, V3.2: x @ indexer.wk^T else None): one GEMM over the
+        stacked rows (one quantisation, one launch), built on first use; the weights become views of it.
+        wkv_a goes last (its 576 rows are not whole 128-row scale blocks); the index key's wk joins
+        when it is the same kind of weight, else it runs as its own GEMM."""
         first = "wq" if self.wq is not None else "wq_a"
+        ix = self.indexer
         if self._down is None:
-            st = stack_rows(getattr(self, first), self.wkv_a)
+            names = [first] + (["wk"] if ix is not None else []) + ["wkv_a"]
+            own = lambda n: ix if n == "wk" else self       # noqa: E731
+            st = stack_rows(*(getattr(own(n), n) for n in names))
+            if st is None and ix is not None:
+                names = [first, "wkv_a"]
+                st = stack_rows(getattr(self, first), self.wkv_a)
             self._down = False if st is None else st[0]
             if st is not None:
-                setattr(self, first, st[1][0])
-                self.wkv_a = st[1][1]
+                for n, part in zip(names, st[1]):
+                    setattr(own(n), n, part)
+                self._down_names = names
         if self._down is False:
-            return self.kb.linear(x, getattr(self, first)), self.kb.linear(x, self.wkv_a)
-        return self.kb.linear(x, self._down).split([getattr(self, first).shape[0], self.wkv_a.shape[0]], -1)
+            k = None if ix is None else self.kb.linear(x, ix.wk)
+            return self.kb.linear(x, getattr(self, first)), self.kb.linear(x, self.wkv_a), k
+        own = lambda n: ix if n == "wk" else self           # noqa: E731
+        out = dict(zip(self._down_names, self.kb.linear(x, self._down).split(
+            [getattr(own(n), n).shape[0] for n in self._down_names], -1)))
+        k = out["wk"] if "wk" in out else (None if ix is None else self.kb.linear(x, ix.wk))
+        return out[first], out["wkv_a"], k
 
     def _latent_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, H, L + R]: q_nope @ W_UK written by the batched GEMM straight into the first L columns,

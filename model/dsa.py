@@ -69,12 +69,15 @@ class Indexer:
     _h: torch.Tensor | None = field(default=None, repr=False)
 
     def project(self, x: torch.Tensor, qr: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                flat_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                flat_cache: torch.Tensor, slots: torch.Tensor, k_raw: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D], qr [T, q_lora_rank] (MLA's normed query down-projection), rope (cos, sin) [T, R/2]
-        -> (q [T, Hi, Di], w fp32 [T, Hi]); writes each token's key into flat_cache [slots, L+R:]."""
+        -> (q [T, Hi, Di], w fp32 [T, Hi]); writes each token's key into flat_cache [slots, L+R:].
+        k_raw: x @ wk^T when the caller computed it (MLA.down stacks wk into its GEMM)."""
         a, kb = self.args, self.kb
         t, hi, di = x.shape[0], a.index_n_heads, a.index_head_dim
-        k = F.layer_norm(kb.linear(x, self.wk).float(), (di,), self.k_norm.float(), self.k_norm_bias.float(), 1e-6)
+        k_raw = kb.linear(x, self.wk) if k_raw is None else k_raw
+        k = F.layer_norm(k_raw.float(), (di,), self.k_norm.float(), self.k_norm_bias.float(), 1e-6)
         k = self._rope(k.to(x.dtype)[:, None], rope)[:, 0]
         q = self._rope(kb.linear(qr, self.wq_b).view(t, hi, di), rope)
         if self.fp8:

@@ -249,7 +249,10 @@ def test_serve_run_blocking_stopped_by_sigint_leaves_nothing(cluster, app_config
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([str(SERVE_CLI), "run", "--address", gcs, "--name", "epserve",
                                  "epserve.serve.app:build_app", f"config={app_config}", f"model={tiny_dir}"],
-                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                # a shell's background job starts with SIGINT ignored, and Python then
+                                # installs no KeyboardInterrupt handler: give `serve run` its Ctrl-C back
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         base = f"http://127.0.0.1:{port}"
         wait_status(dash, "RUNNING", ingress_running=1)
