@@ -317,7 +317,6 @@ class MLA:
     indexer: Indexer | None = None      # V3.2 (args.is_dsa): model/dsa.py picks the tokens each query attends to
     _absorb: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _down: Weight | bool | None = field(default=None, repr=False)   # wq(_a), [wk,] wkv_a stacked (False: cannot)
-    _down_names: list = field(default_factory=list, repr=False)       # the stacked weights, in order
 
     def __post_init__(self):
         if self.args.is_dsa and self.indexer is None:
@@ -359,8 +358,7 @@ class MLA:
                             apply_rope(k_pe, cos, sin, a.rope_interleave)], -1)
         flat_cache = cache_layer.view(-1, cache_layer.shape[-1])
         flat_cache[:, : a.kv_dim][batch.slot_mapping] = latent.to(cache_layer.dtype)
-        index = None if self.indexer is None else self.indexer.project(x, qr, rope, flat_cache, batch.slot_mapping,
-                                                                       k_index)
+        index = self.indexer.project(x, qr, rope, flat_cache, batch.slot_mapping, k_index) if self.indexer else None
         q_lat = None
         if batch.is_decode_only:   # absorbed form: q_nope [B, H, P] -> latent query [B, H, L]
             q_lat = self._latent_query(q_nope, q_pe, x.dtype)
@@ -370,32 +368,18 @@ class MLA:
         return Queries(q_nope, q_pe, q_lat, index)
 
     def down(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x [T, D] -> (x @ wq(_a)^T, x @ wkv_a^T, V3.2: x @ indexer.wk^T else None): one GEMM over the
-        stacked rows (one quantisation, one launch), built on first use; the weights become views of it.
-        wkv_a goes last (its 576 rows are not whole 128-row scale blocks); the index key's wk joins
-        when it is the same kind of weight, else it runs as its own GEMM."""
-        first = "wq" if self.wq is not None else "wq_a"
+        """x [T, D] -> (x @ wq(_a)^T, x @ wkv_a^T, V3.2: x @ indexer.wk^T else None): one GEMM over the stacked
+        rows (one quantisation, one launch; wkv_a last: its 576 rows are not whole 128-row scale blocks)."""
         ix = self.indexer
+        owners = [(self, "wq" if self.wq is not None else "wq_a")] + ([(ix, "wk")] if ix else []) + [(self, "wkv_a")]
         if self._down is None:
-            names = [first] + (["wk"] if ix is not None else []) + ["wkv_a"]
-            own = lambda n: ix if n == "wk" else self       # noqa: E731
-            st = stack_rows(*(getattr(own(n), n) for n in names))
-            if st is None and ix is not None:
-                names = [first, "wkv_a"]
-                st = stack_rows(getattr(self, first), self.wkv_a)
+            st = stack_rows(*(getattr(o, n) for o, n in owners))
             self._down = False if st is None else st[0]
-            if st is not None:
-                for n, part in zip(names, st[1]):
-                    setattr(own(n), n, part)
-                self._down_names = names
-        if self._down is False:
-            k = None if ix is None else self.kb.linear(x, ix.wk)
-            return self.kb.linear(x, getattr(self, first)), self.kb.linear(x, self.wkv_a), k
-        own = lambda n: ix if n == "wk" else self           # noqa: E731
-        out = dict(zip(self._down_names, self.kb.linear(x, self._down).split(
-            [getattr(own(n), n).shape[0] for n in self._down_names], -1)))
-        k = out["wk"] if "wk" in out else (None if ix is None else self.kb.linear(x, ix.wk))
-        return out[first], out["wkv_a"], k
+            for (o, n), part in zip(owners, st[1] if st else ()):
+                setattr(o, n, part)
+        outs = [self.kb.linear(x, getattr(o, n)) for o, n in owners] if self._down is False else \
+            self.kb.linear(x, self._down).split([getattr(o, n).shape[0] for o, n in owners], -1)
+        return outs[0], outs[-1], outs[1] if ix is not None else None
 
     def _latent_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, H, L + R]: q_nope @ W_UK written by the batched GEMM straight into the first L columns,
