@@ -280,9 +280,10 @@ class EmulatedDispatcher(LocalDispatcher):
         return self.finish(self.compute(self.launch(layer, x, idx, weights, valid), shard))
 
     # ---- the experts on own + peers' rows -------------------------------------------------
-    def _rows_dev(self, layer: int, tokens: int, dev: torch.device) -> torch.Tensor:
+    def _rows_dev(self, layer: int, tokens: int, dev: torch.device, keep: bool = False) -> torch.Tensor:
         """rows_for() computed on the device (int64 [S]) in the same float64 order, so no host data
-        is copied inside a step (a copy would sync, and a graph capture refuses it)."""
+        is copied inside a step (a copy would sync, and a graph capture refuses it). keep: the fixed-shape
+        decode path's (a few bucket sizes) are kept; prefill's many token counts are not."""
         key = (layer, tokens, dev)
         if key in self._rows_cache:
             return self._rows_cache[key]
@@ -292,9 +293,15 @@ class EmulatedDispatcher(LocalDispatcher):
         rows = torch.round(self._frac[dev][layer - self.first] * s.ranks * tokens * s.top_k).long()
         # kept once computed eagerly (a graph's warm-up does), so a replay has no kernels for it; never
         # while capturing: a capture records kernels without running them, the tensor would hold nothing
-        if dev.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        if keep and (dev.type != "cuda" or not torch.cuda.is_current_stream_capturing()):
             self._rows_cache[key] = rows
         return rows
+
+    def _fp8_rows(self, x: torch.Tensor, shard: ExpertShard) -> bool:
+        """Rows land as FP8 where the experts quantise their input to 1x128 FP8 anyway (the same values);
+        else an FP8 round trip would change the rank's own rows, which must stay the local answer."""
+        ex = shard.experts
+        return getattr(self.kb, "TAKES_FP8_ROWS", False) and x.is_cuda and ex.is_fp8 and ex.act_quant
 
     def _count(self, layer: int, per_slot: torch.Tensor) -> None:
         if self.received.device != per_slot.device:
@@ -318,7 +325,7 @@ class EmulatedDispatcher(LocalDispatcher):
         peer_slot = torch.where(keep, peer_slot, -1)
         self._count(layer, torch.maximum(own, rows))
         src = torch.cat([torch.arange(t * k, device=dev) // k, torch.zeros(n_peer, dtype=torch.long, device=dev)])
-        if getattr(self.kb, "TAKES_FP8_ROWS", False) and x.is_cuda:
+        if self._fp8_rows(x, shard):
             # DeepEP quantises on the sender (its T tokens, once) and the rows land as FP8 + scales, so
             # the rank gathers FP8 rows: not bf16 rows it would then quantise again, row by received row
             q, s = self.kb.per_token_group_quant_fp8(x)
@@ -334,6 +341,8 @@ class EmulatedDispatcher(LocalDispatcher):
         chunks, starting each chunk's combine hold into sbo.done after its GEMMs."""
         t, k = idx.shape
         d = x.shape[1]
+        if t == 0:        # an empty micro-batch: peers send as many tokens as this rank, so no rows land
+            return x.new_zeros(0, d)
         rows_j = self.rows_for(layer, t)
         local = self.route(layer, idx, valid) - self.rank * self.map.slots_per_rank
         local = torch.where(valid[:, None], local, -1).flatten()
@@ -342,14 +351,14 @@ class EmulatedDispatcher(LocalDispatcher):
         per_group = -(-(max(t, *rows_j) + 1) // MASKED_ROWS_ALIGN) * MASKED_ROWS_ALIGN
         flat = lay.group * per_group + lay.slot
         src = torch.zeros(shard.n_slots * per_group, dtype=torch.long, device=x.device).scatter_(0, flat, tok)
-        if getattr(self.kb, "TAKES_FP8_ROWS", False) and x.is_cuda:     # sender-side FP8, as _contiguous
+        if self._fp8_rows(x, shard):                                     # sender-side FP8, as _contiguous
             q, sc = self.kb.per_token_group_quant_fp8(x)
             buf_s = empty_mn_major_scales((shard.n_slots, per_group, sc.shape[-1]), x.device)
             buf_s.copy_(sc[src].view(shard.n_slots, per_group, -1))
             buf = (q.view(torch.uint8)[src].view(q.dtype).view(shard.n_slots, per_group, d), buf_s)
         else:
             buf = x[src].view(shard.n_slots, per_group, d)
-        masked_m = torch.maximum(lay.masked_m, self._rows_dev(layer, t, x.device).to(lay.masked_m.dtype))
+        masked_m = torch.maximum(lay.masked_m, self._rows_dev(layer, t, x.device, keep=True).to(lay.masked_m.dtype))
         self._count(layer, masked_m)
         expected = max(1, sum(rows_j) // max(1, shard.n_slots))
         if sbo is None:

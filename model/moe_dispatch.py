@@ -124,6 +124,8 @@ class LocalDispatcher:
         padding row of a CUDA-graph bucket: routed nowhere, not counted, output 0)."""
         t, k = idx.shape
         d = x.shape[1]
+        if t == 0:        # an empty micro-batch (a one-row step's second half): no row to gather from
+            return x.new_zeros(0, d)
         local = self.route(layer, idx, valid) - self.rank * self.map.slots_per_rank
         local = torch.where(valid[:, None], local, -1).flatten()
         lay = masked_layout(local, shard.n_slots, t)

@@ -117,9 +117,10 @@ class MTPDrafter:
             _, m = e.model.mtp.forward(e.model, b, m, e.cache.kv)
 
     # ---- verifying ---------------------------------------------------------------------------
-    def decode(self, seqs: list[Sequence], schedule: str | None):
+    def decode(self, seqs: list[Sequence], schedule: str | None, graphs_ok: bool = True):
         """One verify-and-draft step -> ([(seq, emitted tokens, their logprob infos)], the undo record
-        for `rollback`)."""
+        for `rollback`). graphs_ok False: a DeepEP unit's normal-kernel step (runner.decode's rule), which
+        the verify graphs, captured with low-latency kernels, must not replay."""
         e, k = self.e, self.k
         s_q, b = k + 1, len(seqs)
         dev = e.device
@@ -133,7 +134,7 @@ class MTPDrafter:
             valid += [1] * (1 + len(d)) + [0] * (k - len(d))
             nd.append(len(d))
         srows = self._rows(seqs)
-        graphs = self.graphs if srows is None else None
+        graphs = self.graphs if srows is None and graphs_ok else None
         if graphs is not None and graphs.bucket(b) is not None:
             inp, saved, draft_slots = graphs.stage(ids, pos, valid, rows, nd)
             logits, tokens, n_acc, new_drafts = graphs.run(b, inp, schedule)

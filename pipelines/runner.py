@@ -183,7 +183,7 @@ class RankEngine:
         step = self.batcher.schedule(allow_prefill=not low_latency)
         with self.dispatcher.step_mode(low_latency):
             if self.drafter is not None:
-                return self.step_mtp(step, schedule)
+                return self.step_mtp(step, schedule, graphs_ok=low_latency or not agreed_phase)
             if not step.is_prefill and not step.is_empty:
                 logits = self.decode(step, graphs_ok=low_latency or not agreed_phase, schedule=schedule)
             else:
@@ -195,12 +195,12 @@ class RankEngine:
                     logits = self.model.forward(batch, self.cache.kv)
         return self.postprocess(step, logits)
 
-    def step_mtp(self, step: Step, schedule: str | None) -> list[TokenDelta]:
+    def step_mtp(self, step: Step, schedule: str | None, graphs_ok: bool = True) -> list[TokenDelta]:
         """A step with the MTP module (pipelines/mtp_decode.py): verify-and-draft for decode steps;
         prefill steps sample the first token, then draft from the prompt."""
         if not step.is_prefill and not step.is_empty:
             self.last_step_tokens = len(step.seqs) * (1 + self.drafter.k)
-            out, undo = self.drafter.decode(step.seqs, schedule)
+            out, undo = self.drafter.decode(step.seqs, schedule, graphs_ok)
             return self.postprocess_verified(step, out, undo)
         batch = self.prepare(step)
         self.last_step_tokens = batch.n_tokens

@@ -243,6 +243,26 @@ def test_a_fixed_shape_decode_step_splits_by_rows_and_gives_the_one_batch_logits
             engine.abort(s.request_id)
 
 
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_a_one_row_fixed_shape_step_runs_its_empty_half_on_the_static_path(engine, kind):
+    """A unit decoding one sequence (graph bucket 1): its second micro-batch is empty, and the fixed-shape
+    MoE path must pass it through (it gathered rows out of an empty tensor), giving the one-batch logits."""
+    from epserve.model.deepseek_v3 import DecodeBatch
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    seq = Sequence("one", prompts_of([11], seed=6)[0], params)
+    engine.add(seq)
+    engine.step()
+    try:
+        t = torch.tensor([seq.last_token]), torch.tensor([seq.n_computed]), torch.tensor(engine.table.rows_for([seq]))
+        batch = DecodeBatch.from_rows(*t, engine.table.tables, engine.cache.page_size, engine.table.scratch_row)
+        want = engine.model.forward(batch, engine.cache.kv.clone())
+        got = forward_overlapped(engine.model, batch, engine.cache.kv.clone(), kind, static=True)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+        assert engine.step(schedule=kind)                       # the engine's own decode step under it
+    finally:
+        engine.abort(seq.request_id)
+
+
 def test_one_row_decode_step_pairs_with_an_empty_micro_batch():
     from epserve.model.deepseek_v3 import Batch, DecodeBatch
     from epserve.pipelines.overlap import split_decode
