@@ -286,8 +286,6 @@ def prepare_overlapped(model, batch: Batch, all_tokens: bool = False, static: bo
         batches, ends, rows = sub_batches(batch, attention_weight(model.args), with_rows=True)
     mbs = []
     for b, e, r in zip(batches, ends, rows):
-        if not fixed and b.n_tokens and b.is_decode_only and plan_fn is not None:
-            b.plan = plan_fn()      # one plan per micro-batch per step, as one batch has one
         e = [] if all_tokens else e
         if static:
             valid = b.valid if isinstance(b, DecodeBatch) else torch.ones(b.n_tokens, dtype=torch.bool, device=dev)

@@ -2,6 +2,7 @@
 simulated multi-node cluster on loopback shared by every test that needs it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -118,6 +119,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def one_rank_server(model_dir: str, tmp_path_factory, model_name: str):
+    """A real server (serve/app.py start_deployment) of `model_dir` with 1-rank prefill and decode units,
+    reference kernels in float32, API key "k", on the shared cluster -> its base URL; shut down on exit."""
+    from epserve.config import load_config
+    from epserve.serve.app import start_deployment
+    port = free_port()
+    cfg = load_config({"model": model_dir, "dtype": "float32", "kernels": "reference", "kv_store": {"enabled": False},
+                       "ledger": {"path": str(tmp_path_factory.mktemp("ledger")), "flush_interval_s": 3600},
+                       "prefill": {"gpus_per_node": 1, "kv_pages": 32}, "decode": {"gpus_per_node": 1, "kv_pages": 64},
+                       "serve": {"port": port, "model_name": model_name, "api_keys": ["k"]}})
+    dep = start_deployment(cfg)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base)
+        yield base
+    finally:
+        dep.shutdown()
 
 
 def wait_healthy(base: str, timeout_s: float = 90.0, poll_s: float = 0.5) -> dict:

@@ -17,8 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import free_port, wait_healthy
-from epserve.config import load_config
+from conftest import one_rank_server
 from epserve.model import chat_templates as ct
 from epserve.model.tokenizer import Tokenizer
 
@@ -54,21 +53,10 @@ def served(request, ray_cluster, tmp_path_factory):
     """The member named by the test's parameter, served; one server at a time (pytest groups the
     tests by parameter and tears the previous server down before starting the next)."""
     from epserve.model.tiny import make_tiny_model
-    from epserve.serve.app import start_deployment
     preset = request.param
     model_dir = str(make_tiny_model(tmp_path_factory.mktemp("ckpt") / preset, preset=preset))
-    port = free_port()
-    cfg = load_config({"model": model_dir, "dtype": "float32", "kernels": "reference", "kv_store": {"enabled": False},
-                       "ledger": {"path": str(tmp_path_factory.mktemp("ledger")), "flush_interval_s": 3600},
-                       "prefill": {"gpus_per_node": 1, "kv_pages": 32}, "decode": {"gpus_per_node": 1, "kv_pages": 64},
-                       "serve": {"port": port, "model_name": "m", "api_keys": ["k"]}})
-    dep = start_deployment(cfg)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(base)
+    with one_rank_server(model_dir, tmp_path_factory, "m") as base:
         yield Member(preset, model_dir, base)
-    finally:
-        dep.shutdown()
 
 
 def member(preset):

@@ -14,8 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import free_port, wait_healthy
-from epserve.config import load_config
+from conftest import one_rank_server
 from epserve.model import chat_templates as ct
 from epserve.model.tokenizer import Tokenizer
 from epserve.serve.chat_output import parse
@@ -35,17 +34,8 @@ def v31_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, v31_dir, tmp_path_factory):
-    from epserve.serve.app import start_deployment
-    port = free_port()
-    cfg = load_config({"model": v31_dir, "dtype": "float32", "kernels": "reference", "kv_store": {"enabled": False},
-                       "ledger": {"path": str(tmp_path_factory.mktemp("ledger")), "flush_interval_s": 3600},
-                       "prefill": {"gpus_per_node": 1, "kv_pages": 32}, "decode": {"gpus_per_node": 1, "kv_pages": 64},
-                       "serve": {"port": port, "model_name": "v31", "api_keys": ["k"]}})
-    dep = start_deployment(cfg)
-    base = f"http://127.0.0.1:{port}"
-    wait_healthy(base)
-    yield base
-    dep.shutdown()
+    with one_rank_server(v31_dir, tmp_path_factory, "v31") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
