@@ -89,6 +89,24 @@ def wait_unit_empty(unit, timeout_s: float = 30.0, poll_s: float = 0.05) -> list
 
 
 
+def wait_dead(actor, timeout_s: float = 60.0) -> None:
+    """Until calls to a killed actor fail because it died. ray.kill only asks for the kill: for a
+    moment after it returns, the actor still answers calls. TimeoutError when it still answers
+    after timeout_s."""
+    import time
+
+    import ray
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the killed actor still answers {timeout_s:g} s after ray.kill")
+        time.sleep(0.2)
+
+
 def decode_forward_without_sync(eng) -> tuple[torch.Tensor, int]:
     """Two warm-up steps of two sequences on `eng` (a CUDA engine), then one decode forward under
     torch's sync debug mode "error" (a host sync in it raises) -> (its logits, sequences in the step)."""

@@ -10,7 +10,7 @@ import openai
 import pytest
 import ray
 
-from conftest import free_port, wait_healthy
+from conftest import free_port, wait_dead, wait_healthy
 from epserve.config import load_config
 
 
@@ -47,20 +47,6 @@ async def _burst(base: str, n: int, max_tokens: int = 4) -> list[tuple[str, str]
     return await asyncio.gather(*[one(i) for i in range(n)])
 
 
-def _wait_dead(actor, timeout_s: float = 60.0) -> None:
-    """Until calls to the actor fail because it died (Serve replicas have max_restarts=0);
-    TimeoutError when it still answers after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=30)
-        except ray.exceptions.RayActorError:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the killed replica still answers {timeout_s:g} s after ray.kill")
-        time.sleep(0.2)
-
-
 def test_two_ingress_replicas_admit_through_one_router(two_doors):
     base, dep = two_doors
     replicas = _ingress_replicas()
@@ -91,7 +77,7 @@ def test_a_killed_ingress_replica_leaves_the_other_serving_and_the_routing_state
     admitted = ray.get(dep.router.snapshot.remote())["admitted"]
     victim = ray.get_actor(replicas[victim_id]["name"], namespace=replicas[victim_id]["namespace"])
     ray.kill(victim, no_restart=False)
-    _wait_dead(victim)
+    wait_dead(victim)
     answers = asyncio.run(_burst(base, 8))            # no retry here: any failed request fails the test
     served = Counter(rep for _, rep in answers)
     assert victim_id not in served and served[survivor_id] >= 1, (victim_id, survivor_id, served)

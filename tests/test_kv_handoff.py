@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from conftest import prompts_of
+from conftest import prompts_of, wait_dead
 from epserve.model.sampling import SamplingParams
 from epserve.pipelines.kv_handoff import KvTicket, ParkedKv, join_blocks, split_blocks
 from epserve.pipelines.sequence import Sequence
@@ -110,7 +110,9 @@ def test_dead_prefill_rank_falls_back_to_recompute_without_hanging(units, tiny_d
     want = _single_rank(tiny_dir, prompts)
     first = ray.get(pre.prefill.remote(Sequence("dead0", prompts[0], _greedy()), 0), timeout=120)
     assert isinstance(first.kv_blocks, KvTicket)
-    ray.kill(ray.get(pre.rank_handles.remote())[0], no_restart=True)     # the latents die with their rank
+    rank0 = ray.get(pre.rank_handles.remote())[0]
+    ray.kill(rank0, no_restart=True)     # the latents die with their rank
+    wait_dead(rank0)                     # ray.kill returns before the rank is gone
     # without hanging: a hung handoff raises GetTimeoutError here (its own waits are bounded by 30 s)
     got = ray.get(dec.generate.remote([(Sequence("dead0", prompts[0], _greedy(), output_ids=list(first.token_ids),
                                                  kv_blocks=first.kv_blocks), 0)]), timeout=120)

@@ -11,6 +11,7 @@ import logging
 
 import ray
 
+from conftest import wait_dead
 from epserve.actors.unit import UnitSupervisor
 from epserve.model.tiny import TINY_CONFIG
 from epserve.pipelines.runner import RankSpec
@@ -36,6 +37,7 @@ def test_a_dead_supervisor_is_logged_and_counted_and_the_other_units_still_serve
     assert "epserve_metrics_errors_total{" not in before       # no sample until a source fails
 
     ray.kill(doomed, no_restart=True)
+    wait_dead(doomed)     # ray.kill returns before the actor dies; until then it still reports
     with caplog.at_level(logging.ERROR, logger="epserve.metrics"):
         asyncio.run(m.collect(router))
     after = _render(m, router)
