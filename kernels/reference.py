@@ -24,6 +24,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """x [T, ..., R] rotated by per-token angles; cos/sin [T, R/2] broadcast over the middle dims.
+
+    Interleaved (DeepSeek's layout): pairs (x0, x1), (x2, x3) ... share one frequency.
+    """
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+def mla_rope_latent(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    kv_norm: torch.Tensor, eps: float, interleave: bool, flat_cache: torch.Tensor,
+                    slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """MLA's per-token work between its down projection and core attention: the new latents
+    [rms_norm(c_kv) * kv_norm, rope(k_pe)] written to flat_cache[slots, :L + R] (kv [T, L + R]),
+    and the rotated query rope part q_pe [T, H, R] -> written into `out` (a view, e.g. the absorbed
+    query's last R columns) or a new tensor; returned."""
+    r = q_pe.shape[-1]
+    c_kv, k_pe = kv.split([kv.shape[-1] - r, r], -1)
+    latent = torch.cat([rms_norm(c_kv, kv_norm, eps), apply_rope(k_pe, cos, sin, interleave)], -1)
+    flat_cache[:, : kv.shape[-1]][slots] = latent.to(flat_cache.dtype)
+    q = apply_rope(q_pe, cos, sin, interleave)
+    if out is None:
+        return q
+    out.copy_(q)
+    return out
+
+
 def per_token_group_quant_fp8(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q fp8 [..., K], s fp32 [..., ceil(K/group)]), x ~= q * s per group."""
     k = x.shape[-1]

@@ -33,6 +33,7 @@ TOLERANCE = {
     "route_topk": {"weight_abs": 1e-5},           # and the same experts for every token
     "rms_norm": {"max_abs_ulp": 1.0},             # at most one bf16 rounding of the output apart
     "swiglu_linear": {"calc_diff": 1e-5},         # fused SwiGLU + quantise + GEMM against its unfused ops
+    "mla_rope_latent": {"max_abs_ulp": 1.0},      # the latent's norm as rms_norm's; the rotation rounds as torch's
 }
 
 # case tables: small and ragged shapes, and DeepSeek-V3's (7168 hidden, 2048 expert inter, 576-wide latents)
@@ -53,6 +54,8 @@ COMBINE_CASES = ((5, 8, 7168), (33, 2, 200))                                    
 ROUTE_CASES = ((300, 256, 8, 4, 8), (7, 16, 4, 2, 4), (5, 2, 1, 1, 2))             # (tokens, E, groups, top groups, K)
 NORM_CASES = ((64, 7168, 7168), (5, 1536, 2112), (3, 512, 576), (0, 7168, 7168))   # (rows, D, row stride: a split view)
 SWIGLU_CASES = ((64, 2048, 7168), (128, 18432, 7168), (3, 256, 200))               # (tokens, inter, D)
+LATENT_CASES = ((BF16, 64, 128, 512, 64, True), (BF16, 5, 16, 512, 64, False), (F32, 3, 2, 32, 8, True))
+#               (dtype, tokens, heads, latent, rope, interleaved)
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,27 @@ def _check_swiglu(kb, dev, g, tol, cases) -> str:
     return "swiglu ok"
 
 
+def _check_latent(kb, dev, g, tol, cases) -> str:
+    for dt, t, h, lat, r, inter in cases:
+        q = torch.randn(t, h, 128 + r, generator=g, device=dev).to(dt)[..., 128:]          # a split view
+        kv = torch.randn(t, 200 + lat + r, generator=g, device=dev).to(dt)[:, 200:]     # of a stacked GEMM's output
+        ang = torch.rand(t, r // 2, generator=g, device=dev) * 100
+        cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+        w = (torch.rand(lat, generator=g, device=dev) + 0.5).to(dt)
+        slots = torch.randperm(3 * t, generator=g, device=dev)[:t]
+        caches = [torch.zeros(3 * t, lat + r + 16, dtype=dt, device=dev) for _ in range(2)]
+        q_lat = torch.zeros(t, h, lat + r, dtype=dt, device=dev)               # the decode form writes in place
+        got = kb.mla_rope_latent(q, kv, cos, sin, w, 1e-6, inter, caches[0], slots, q_lat[..., lat:])
+        want = reference.mla_rope_latent(q, kv, cos, sin, w, 1e-6, inter, caches[1], slots)
+        for name, a, b in (("query", got, want), ("cache", caches[0], caches[1])):
+            ulp = (b.float().abs() * (2 ** -7 if dt == BF16 else 2 ** -23)).clamp(min=2 ** -126)
+            worst = float(((a.float() - b.float()).abs() / ulp).max())
+            assert worst <= tol["max_abs_ulp"], f"mla_rope_latent {t}x{h} {dt}: {name} {worst:.2f} ulps apart"
+        assert bool((q_lat[..., :lat] == 0).all()) and got.data_ptr() == q_lat[..., lat:].data_ptr(), \
+            "mla_rope_latent wrote outside its output view"
+    return "rope latent ok"
+
+
 CHECKS = {  # op -> (check, default case table)
     "per_token_group_quant_fp8": (_check_quant, QUANT_CASES),
     "fp8_gemm_nt": (_check_gemm, GEMM_CASES),
@@ -279,4 +303,5 @@ CHECKS = {  # op -> (check, default case table)
     "route_topk": (_check_route, ROUTE_CASES),
     "rms_norm": (_check_norm, NORM_CASES),
     "swiglu_linear": (_check_swiglu, SWIGLU_CASES),
+    "mla_rope_latent": (_check_latent, LATENT_CASES),
 }

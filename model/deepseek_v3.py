@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from epserve.errors import ConfigError
-from epserve.kernels.reference import Weight, route_topk, stack_rows
+from epserve.kernels.reference import Weight, mla_rope_latent, route_topk, stack_rows
 from epserve.model.dsa import Indexer, sparse_attend
-from epserve.model.rope import apply_rope, rope_inv_freq, yarn_mscale
+from epserve.model.rope import rope_inv_freq, yarn_mscale
 
 
 @dataclass(frozen=True)
@@ -351,18 +351,16 @@ class MLA:
             q = kb.linear(qr, self.wq_b)
         q = q.view(t, a.n_heads, a.qk_head_dim)
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)
-        cos, sin = rope
-        q_pe = apply_rope(q_pe, cos, sin, a.rope_interleave)
-        c_kv, k_pe = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
-        latent = torch.cat([kb.rms_norm(c_kv, self.kv_norm, a.rms_norm_eps),
-                            apply_rope(k_pe, cos, sin, a.rope_interleave)], -1)
-        flat_cache = cache_layer.view(-1, cache_layer.shape[-1])
-        flat_cache[:, : a.kv_dim][batch.slot_mapping] = latent.to(cache_layer.dtype)
-        index = self.indexer.project(x, qr, rope, flat_cache, batch.slot_mapping, k_index) if self.indexer else None
         q_lat = None
-        if batch.is_decode_only:   # absorbed form: q_nope [B, H, P] -> latent query [B, H, L]
-            q_lat = self._latent_query(q_nope, q_pe, x.dtype)
-        elif batch.decode_rows:
+        if batch.is_decode_only:   # absorbed form [B, H, L + R]: q_nope @ W_UK, then the rotated q_pe
+            q_lat = self._latent_query(q_nope, x.dtype)
+        # the new latents into the cache and the query's rotation: one kernel on CUDA (kernels/triton_latent.py)
+        flat_cache = cache_layer.view(-1, cache_layer.shape[-1])
+        q_pe = getattr(kb, "mla_rope_latent", mla_rope_latent)(
+            q_pe, kv, rope[0], rope[1], self.kv_norm, a.rms_norm_eps, a.rope_interleave, flat_cache,
+            batch.slot_mapping, None if q_lat is None else q_lat[..., a.kv_lora_rank:])
+        index = self.indexer.project(x, qr, rope, flat_cache, batch.slot_mapping, k_index) if self.indexer else None
+        if q_lat is None and batch.decode_rows:
             tok = batch.decode_index[0]
             q_lat = torch.cat([torch.einsum("bhp,hpl->bhl", q_nope[tok], self.absorbed(x.dtype)[0]), q_pe[tok]], -1)
         return Queries(q_nope, q_pe, q_lat, index)
@@ -381,14 +379,13 @@ class MLA:
             self.kb.linear(x, self._down).split([getattr(o, n).shape[0] for o, n in owners], -1)
         return outs[0], outs[-1], outs[1] if ix is not None else None
 
-    def _latent_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[B, H, L + R]: q_nope @ W_UK written by the batched GEMM straight into the first L columns,
-        q_pe after them. (A cat of the GEMM's [B, H, L] result copied 38 MB at B = 256, 84 us a
-        layer on an H200: as long as the GEMM itself.)"""
+    def _latent_query(self, q_nope: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B, H, L + R] with q_nope @ W_UK written by the batched GEMM straight into the first L
+        columns (a cat of the GEMM's [B, H, L] result copied 38 MB at B = 256, 84 us a layer on an
+        H200: as long as the GEMM itself); the last R columns are left for the rotated q_pe."""
         a = self.args
         q_lat = q_nope.new_empty(q_nope.shape[0], a.n_heads, a.kv_dim)
         torch.bmm(q_nope.transpose(0, 1), self.absorbed(dtype)[0], out=q_lat.transpose(0, 1)[..., :a.kv_lora_rank])
-        q_lat[..., a.kv_lora_rank:] = q_pe
         return q_lat
 
     def attend(self, q: "Queries", batch: Batch, cache_layer: torch.Tensor) -> torch.Tensor:

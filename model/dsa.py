@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 from epserve.errors import ConfigError
 from epserve.kernels import reference_dsa
-from epserve.kernels.reference import Weight, per_token_group_quant_fp8
-from epserve.model.rope import apply_rope
+from epserve.kernels.reference import Weight, apply_rope, per_token_group_quant_fp8
 
 
 def hadamard(n: int, device, dtype=torch.float32) -> torch.Tensor:

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from epserve.errors import ConfigError
-from epserve.kernels.layouts import empty_mn_major_scales, masked_layout
+from epserve.kernels.layouts import empty_mn_major_scales
 from epserve.model.moe_dispatch import MASKED_ROWS_ALIGN, ExpertMap, ExpertShard, LocalDispatcher
 from epserve.placement import eplb
 from epserve.placement.loads import KINDS, synthetic_loads
@@ -344,13 +344,12 @@ class EmulatedDispatcher(LocalDispatcher):
         if t == 0:        # an empty micro-batch: peers send as many tokens as this rank, so no rows land
             return x.new_zeros(0, d)
         rows_j = self.rows_for(layer, t)
-        local = self.route(layer, idx, valid) - self.rank * self.map.slots_per_rank
-        local = torch.where(valid[:, None], local, -1).flatten()
-        lay = masked_layout(local, shard.n_slots, t)
-        tok = torch.arange(t * k, device=x.device) // k
-        per_group = -(-(max(t, *rows_j) + 1) // MASKED_ROWS_ALIGN) * MASKED_ROWS_ALIGN
-        flat = lay.group * per_group + lay.slot
-        src = torch.zeros(shard.n_slots * per_group, dtype=torch.long, device=x.device).scatter_(0, flat, tok)
+        per_group = -(-max(t, *rows_j) // MASKED_ROWS_ALIGN) * MASKED_ROWS_ALIGN
+        if self.received.device != x.device:
+            self.received = self.received.to(x.device)
+        src, pair_row, masked_m = self.masked_rows(layer, idx, valid, shard.n_slots, per_group,
+                                                   self._rows_dev(layer, t, x.device, keep=True),
+                                                   self.received[layer - self.first])
         if self._fp8_rows(x, shard):                                     # sender-side FP8, as _contiguous
             q, sc = self.kb.per_token_group_quant_fp8(x)
             buf_s = empty_mn_major_scales((shard.n_slots, per_group, sc.shape[-1]), x.device)
@@ -358,8 +357,6 @@ class EmulatedDispatcher(LocalDispatcher):
             buf = (q.view(torch.uint8)[src].view(q.dtype).view(shard.n_slots, per_group, d), buf_s)
         else:
             buf = x[src].view(shard.n_slots, per_group, d)
-        masked_m = torch.maximum(lay.masked_m, self._rows_dev(layer, t, x.device, keep=True).to(lay.masked_m.dtype))
-        self._count(layer, masked_m)
         expected = max(1, sum(rows_j) // max(1, shard.n_slots))
         if sbo is None:
             y = self.kb.expert_ffn_masked(buf, shard.experts, masked_m, expected)
@@ -372,7 +369,7 @@ class EmulatedDispatcher(LocalDispatcher):
                                                        masked_m[lo:hi], expected))
                 sbo.done = self._start_hold("combine", layer, t, sum(rows_j[lo:hi]) / max(1, sum(rows_j)))
             y = torch.cat(parts)
-        return self.kb.combine_rows(y.view(-1, d), weights, torch.where(lay.keep, flat, -1))
+        return self.kb.combine_rows(y.view(-1, d), weights, pair_row)
 
     def _slots(self, ex, lo: int, hi: int):
         """Slots [lo, hi) of ExpertWeights ex as one (views: live EPLB's in-place copies show)."""

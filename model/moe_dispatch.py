@@ -126,21 +126,50 @@ class LocalDispatcher:
         d = x.shape[1]
         if t == 0:        # an empty micro-batch (a one-row step's second half): no row to gather from
             return x.new_zeros(0, d)
+        # at most t rows a group (a token picks a slot once), padded to whole 128-row tiles: DeepGEMM's
+        # masked GEMM stores whole tiles, so a group's last tile must not reach into the next group's rows
+        per_group = -(-t // MASKED_ROWS_ALIGN) * MASKED_ROWS_ALIGN
+        src, pair_row, masked_m = self.masked_rows(layer, idx, valid, shard.n_slots, per_group)
+        buf = x[src].view(shard.n_slots, per_group, d)
+        y = self.kb.expert_ffn_masked(buf, shard.experts, masked_m, max(1, t * k // max(1, shard.n_slots)))
+        # each token reads its K rows straight out of the GEMM's buffer (a dropped pair's row is never read)
+        return self.kb.combine_rows(y.view(-1, d), weights, pair_row)
+
+    def masked_rows(self, layer: int, idx: torch.Tensor, valid: torch.Tensor, n_slots: int, per_group: int,
+                    floor: torch.Tensor | None = None, received: torch.Tensor | None = None):
+        """Where a fixed-shape step's (token, expert) pairs land in a masked-layout buffer of n_slots
+        groups of per_group rows (route(), then masked_layout; pairs of padding rows land nowhere).
+        floor [n_slots]: raise each group's row count to it (the emulated rank's peer rows);
+        received [n_slots] int64: add the row counts into it. The backend's `masked_route` does it in
+        one kernel where it has one (kernels/triton_routing.py), else the torch ops below.
+        -> (src [n_slots * per_group]: the token each buffer row reads, 0 where no pair lands (rows
+        past masked_m are never read back); pair_row [T * K]: each pair's row, -1 dropped; masked_m)."""
+        fused = getattr(self.kb, "masked_route", None)
+        if fused is not None:
+            m = layer - self.first
+            if self.counts.device != idx.device:
+                self.counts = self.counts.to(idx.device)
+            log2phy, _, slot_node = self.map.tables(idx.device)
+            got = fused(idx, valid, log2phy[m], slot_node, self.node, self.rank * self.map.slots_per_rank, n_slots,
+                        per_group, self.counts[m], floor, received)
+            if got is not None:
+                return got
+        t, k = idx.shape
         local = self.route(layer, idx, valid) - self.rank * self.map.slots_per_rank
         local = torch.where(valid[:, None], local, -1).flatten()
-        lay = masked_layout(local, shard.n_slots, t)
-        tok = torch.arange(t * k, device=x.device) // k
-        # t + 1 rows (the spare row of dropped pairs), padded to whole 128-row tiles: DeepGEMM's masked
-        # GEMM stores whole tiles, so a group's last tile must not reach into the next group's rows
-        per_group = -(-(t + 1) // MASKED_ROWS_ALIGN) * MASKED_ROWS_ALIGN
-        flat = lay.group * per_group + lay.slot                    # each pair's row in the [G * rows] buffer
+        lay = masked_layout(local, n_slots, t)
+        flat = torch.where(lay.keep, lay.group * per_group + lay.slot, -1)
+        tok = torch.arange(t * k, device=idx.device) // k
         # filled by a row gather (a scatter of ints inverts the map; rows no pair lands on read token 0
-        # and are past masked_m, so never used): an index_put of the rows would run element by element
-        src = torch.zeros(shard.n_slots * per_group, dtype=torch.long, device=x.device).scatter_(0, flat, tok)
-        buf = x[src].view(shard.n_slots, per_group, d)
-        y = self.kb.expert_ffn_masked(buf, shard.experts, lay.masked_m, max(1, t * k // max(1, shard.n_slots)))
-        # each token reads its K rows straight out of the GEMM's buffer (a dropped pair's row is never read)
-        return self.kb.combine_rows(y.view(-1, d), weights, torch.where(lay.keep, flat, -1))
+        # and are past masked_m, so never used): an index_put of the rows would run element by element.
+        # Dropped pairs scatter into one spare row past the buffer.
+        spare = n_slots * per_group
+        src = torch.zeros(spare + 1, dtype=torch.long, device=idx.device).scatter_(
+            0, torch.where(flat >= 0, flat, spare), tok)[:spare]
+        masked_m = lay.masked_m if floor is None else torch.maximum(lay.masked_m, floor.to(lay.masked_m.dtype))
+        if received is not None:
+            received += masked_m
+        return src, flat, masked_m
 
     def step_mode(self, low_latency: bool):
         """The kernels of one step (DeepEP's normal or low-latency); nothing to choose here."""

@@ -1,5 +1,6 @@
 """Rotary position embedding as DeepSeek-V3 applies it to the 64 rope dims of MLA's queries and
-keys: the inverse frequencies (YaRN-extended when the checkpoint says so) and the rotation.
+keys: the inverse frequencies (YaRN-extended when the checkpoint says so); the rotation itself is
+kernels/reference.py's apply_rope, which the backends' fused kernels match.
 `args` is model/deepseek_v3.py's ModelArgs (read for its rope fields only).
 """
 from __future__ import annotations
@@ -33,17 +34,3 @@ def rope_inv_freq(args) -> tuple[torch.Tensor, float]:
     else:
         factor = yarn_mscale(args.rope_factor)
     return freqs, factor
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """x [T, ..., R] rotated by per-token angles; cos/sin [T, R/2] broadcast over the middle dims.
-
-    Interleaved (DeepSeek's layout): pairs (x0, x1), (x2, x3) ... share one frequency.
-    """
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
-    x1, x2 = x.chunk(2, -1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)

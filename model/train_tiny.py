@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from epserve.kernels.reference import rms_norm
+from epserve.kernels.reference import apply_rope, rms_norm
 from epserve.model.deepseek_v3 import Gate, ModelArgs
-from epserve.model.rope import apply_rope, rope_inv_freq
+from epserve.model.rope import rope_inv_freq
 from epserve.model.tiny import TINY_CONFIG, write_tokenizer
 
 # The trained shape: 3 layers (1 dense, 2 MoE) + the MTP layer, 8 experts in 2 groups, top-2 of 1 group.

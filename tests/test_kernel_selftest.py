@@ -26,7 +26,14 @@ SMALL = {   # CPU-sized case tables, in each table's format (selftest.py's comme
     "route_topk": ((7, 16, 4, 2, 4),),
     "rms_norm": ((4, 64, 80), (0, 64, 64)),
     "swiglu_linear": ((3, 128, 128),),
+    "mla_rope_latent": ((F32, 3, 2, 32, 8, True), (F32, 2, 3, 16, 8, False)),
 }
+
+
+def _unrotated(q_pe, kv, cos, sin, w, eps, inter, cache, slots, out=None):
+    """mla_rope_latent with the query's rotation left out."""
+    reference.mla_rope_latent(q_pe, kv, cos, sin, w, eps, inter, cache, slots)
+    return q_pe if out is None else out.copy_(q_pe)
 
 
 def _backend(**ops):
@@ -46,6 +53,7 @@ def test_every_op_check_passes_reference_against_itself():
     ("route_topk", lambda *a, **kw: (lambda w, i: (w, (i + 1) % 16))(*reference.route_topk(*a, **kw)),
      "chose other experts"),
     ("mla_prefill", lambda q, k, v, s: reference.mla_prefill(q, k, v, s)[:, :, :-1], "RuntimeError"),
+    ("mla_rope_latent", _unrotated, "mla_rope_latent"),
 ])
 def test_a_backend_off_by_more_than_the_tolerance_fails_naming_the_op(op, broken, message):
     ok, why = selftest.run(_backend(**{op: broken}), "cpu", {op: selftest.Op(cases=SMALL[op])})

@@ -149,3 +149,39 @@ def test_local_engine_on_gpu_generates_the_cpu_tokens(tiny_dir):
         counts = eng.dispatcher.take_counts()
         assert counts.device.type == "cpu" and int(counts.sum()) > 0
     assert out["cuda"] == out["cpu"]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("experts, slots, ranks, tokens, k, floor, node", [
+    (16, 24, 1, 37, 4, False, None),     # replicas, padding rows
+    (64, 96, 1, 300, 8, True, None),     # several pair blocks, the emulated rank's floor
+    (16, 32, 4, 50, 4, False, 1),        # the last of 4 ranks: pairs for other ranks' slots dropped; node preference
+    (256, 288, 144, 128, 8, True, 17),   # EP144's shape: 2 slots a rank
+])
+def test_masked_route_places_pairs_as_the_torch_ops_do(experts, slots, ranks, tokens, k, floor, node):
+    """The fused kernel against LocalDispatcher's torch composition (route, masked_layout, the row
+    scatter): the same rows, row counts, expert counts and received counts, exactly."""
+    from epserve.model.moe_dispatch import ExpertMap, LocalDispatcher
+    g = torch.Generator().manual_seed(experts + tokens)
+    phy2log = torch.stack([torch.cat([torch.randperm(experts, generator=g),
+                                      torch.randint(0, experts, (slots - experts,), generator=g)])[
+        torch.randperm(slots, generator=g)] for _ in range(2)])
+    em = ExpertMap(phy2log, experts, ranks, 8)
+    fused, plain = LocalDispatcher(kt, em, 1), LocalDispatcher(ref, em, 1)
+    for d in (fused, plain):
+        d.rank, d.node = ranks - 1, (node if node is not None else 0)
+    n_slots, dev = slots // ranks, torch.device("cuda")
+    idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]).to(dev)
+    valid = (torch.rand(tokens, generator=g) > 0.2).to(dev)
+    per_group = -(-tokens // 128) * 128 + (128 if floor else 0)
+    low = torch.randint(0, per_group, (n_slots,), generator=g).to(dev) if floor else None
+    got_recv, want_recv = (torch.zeros(n_slots, dtype=torch.long, device=dev) for _ in range(2))
+    got = fused.masked_rows(2, idx, valid, n_slots, per_group, low, got_recv)
+    want = plain.masked_rows(2, idx, valid, n_slots, per_group, low, want_recv)
+    assert got[1].ge(0).sum() > 0
+    for a, b in zip(got, want):
+        assert torch.equal(a.long(), b.long())
+    assert torch.equal(got_recv, want_recv) and torch.equal(fused.counts, plain.counts)
