@@ -50,7 +50,8 @@ except Exception as exc:
 __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", "fp8_gemm_nt", "Weight",
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "mla_prefill",
            "plan_mla_decode", "mla_decode", "swiglu_linear", "rms_norm", "self_test", "versions",
-           "dsa_index_select", "dsa_paged_select", "sparse_mla", "mla_rope_latent", "masked_route"]
+           "dsa_index_select", "dsa_paged_select", "sparse_mla", "mla_rope_latent", "masked_route",
+           "quant_rows_fp8"]
 
 grouped_linear = kt.grouped_linear            # the list-of-weights form stays Triton's
 combine_rows = kt.combine_rows                # the MoE combine's reduction: one Triton pass
@@ -58,6 +59,7 @@ rms_norm = kt.rms_norm                        # one Triton kernel per norm (kern
 route_topk = kt.route_topk                    # the gate's routing: one Triton kernel per token
 mla_rope_latent = kt.mla_rope_latent          # MLA's latent write and query rotation: one Triton kernel
 masked_route = kt.masked_route                # a decode step's pairs into the masked layout: one Triton kernel
+quant_rows_fp8 = kt.quant_rows_fp8            # the emulated rank's received rows, landed as FP8: one kernel
 TAKES_FP8_ROWS = True                          # expert_ffn takes dispatched FP8 rows (q, s) without a dequantise
 PREFILL_ATTENTION = {"backend": "flash-padded"}   # set by self_test from a measurement
 DSA = {"native": False}   # set by self_test: V3.2's adapters passed their own check (else the reference runs)

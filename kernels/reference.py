@@ -307,10 +307,12 @@ expert_ffn_masked = expert_ffn_masked_with(expert_ffn)
 def route_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_groups: int = 1, topk_groups: int = 1,
                score_func: str = "sigmoid", noaux: bool = True, norm: bool = True, scale: float = 1.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-limited top-k routing of gate logits fp32 [T, E] -> (weights fp32 [T, k], expert ids
-    int64 [T, k]): scores by sigmoid (or softmax); the choice adds the correction bias (noaux_tc);
-    groups ranked by their top-2 choice sum (noaux) or max, the best topk_groups kept; the k best
-    experts of those; their unbiased scores as weights, normalised if norm, times scale."""
+    """Group-limited top-k routing of gate logits [T, E] (any float dtype; scored in fp32) ->
+    (weights fp32 [T, k], expert ids int64 [T, k]): scores by sigmoid (or softmax); the choice adds
+    the correction bias (noaux_tc); groups ranked by their top-2 choice sum (noaux) or max, the best
+    topk_groups kept; the k best experts of those; their unbiased scores as weights, normalised if
+    norm, times scale."""
+    logits = logits.float()
     scores = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
     choice = scores + bias if bias is not None and noaux else scores
     if n_groups > 1:

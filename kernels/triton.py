@@ -25,7 +25,7 @@ from epserve.kernels.triton_gemm import (W_ALIGN, expert_ffn, expert_ffn_masked,
 from epserve.kernels.triton_jit import BLOCK, triton
 from epserve.kernels.triton_norm import rms_norm
 from epserve.kernels.triton_mla import MLA_DECODE_CONFIG, mla_decode, mla_prefill, plan_kv_splits
-from epserve.kernels.triton_quant import per_token_group_quant_fp8, silu_mul_quant_fp8
+from epserve.kernels.triton_quant import per_token_group_quant_fp8, quant_rows_fp8, silu_mul_quant_fp8
 from epserve.kernels.triton_latent import mla_rope_latent
 from epserve.kernels.triton_routing import combine_rows, masked_route, route_topk
 
@@ -33,7 +33,7 @@ __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", 
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "silu_mul_quant_fp8",
            "mla_prefill", "plan_mla_decode", "mla_decode", "combine_rows", "route_topk", "self_test", "plan_kv_splits",
            "plan_group_tiles", "BLOCK", "W_ALIGN", "MLA_DECODE_CONFIG", "rms_norm", "swiglu_linear", "mla_rope_latent",
-           "masked_route"]
+           "masked_route", "quant_rows_fp8"]
 
 # The ops with kernels of their own, each checked against reference.py with its default cases and
 # tolerance (expert_ffn / expert_ffn_masked are reference's loops over grouped_linear).

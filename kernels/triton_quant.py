@@ -28,13 +28,16 @@ def _scale_strides(s: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 @_jit
-def _quant_kernel(x, q, s, K, n_groups, stride_xm, rpg, s_sg, s_sm, s_sk, GROUP: tl.constexpr, GPP: tl.constexpr):
-    """One row, GPP groups: s = max(amax, floor) / 448, q = e4m3(clamp(x / s))."""
+def _quant_kernel(x, q, s, src, K, n_groups, stride_xm, rpg, s_sg, s_sm, s_sk, GROUP: tl.constexpr,
+                  GPP: tl.constexpr, GATHER: tl.constexpr):
+    """One row, GPP groups: s = max(amax, floor) / 448, q = e4m3(clamp(x / s)). GATHER: output row m
+    quantises input row src[m]."""
     m = tl.program_id(0).to(tl.int64)
     offs_g = tl.program_id(1) * GPP + tl.arange(0, GPP)
     cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     ok = cols < K
-    v = tl.load(x + m * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+    xr = tl.load(src + m).to(tl.int64) if GATHER else m
+    v = tl.load(x + xr * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(v), axis=1), _FLOOR)
     # torch on CUDA divides by a scalar as a multiply by its fp32 reciprocal (so do DeepGEMM's
     # and reference.py's amax / 448 there); then an IEEE division: q and s match torch bit for bit
@@ -65,9 +68,25 @@ def per_token_group_quant_fp8(x: torch.Tensor, group: int = BLOCK, mn_major: boo
         s = torch.empty(*x.shape[:-1], n_groups, dtype=torch.float32, device=x.device)
     if x2.shape[0] and k:
         gpp = 8 if group <= 128 else 1
-        _quant_kernel[(x2.shape[0], _cdiv(n_groups, gpp))](x2, q, s, k, n_groups, x2.stride(0), *_scale_strides(s),
-                                                                  GROUP=group, GPP=gpp, num_warps=4)
+        _quant_kernel[(x2.shape[0], _cdiv(n_groups, gpp))](x2, q, s, x2, k, n_groups, x2.stride(0), *_scale_strides(s),
+                                                                  GROUP=group, GPP=gpp, GATHER=False, num_warps=4)
     return q.view(x.shape), s
+
+
+def quant_rows_fp8(x: torch.Tensor, src: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x[src] (x [T, K] bf16, src int64 [G * M]) as DeepGEMM's masked-layout input, in one launch:
+    (q fp8 [G, M, K], s fp32 [G, M, K/128] MN-major), each row as per_token_group_quant_fp8 quantises it
+    (so the same codes as quantising x once and gathering: rows that land already quantised)."""
+    k = x.shape[-1]
+    n_groups, m = math.ceil(k / BLOCK), src.numel() // groups
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(groups, m, k, dtype=FP8, device=x.device)
+    s = empty_mn_major_scales((groups, m, n_groups), x.device)
+    if src.numel() and k:
+        _quant_kernel[(src.numel(), _cdiv(n_groups, 8))](x, q, s, src, k, n_groups, x.stride(0), *_scale_strides(s),
+                                                        GROUP=BLOCK, GPP=8, GATHER=True, num_warps=4)
+    return q, s
 
 
 @_jit

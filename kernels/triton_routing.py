@@ -51,7 +51,7 @@ def _route_kernel(logits, bias, w_out, idx_out, scale, E: tl.constexpr, G: tl.co
                   K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, E)
-    s = tl.sigmoid(tl.load(logits + t * E + offs))
+    s = tl.sigmoid(tl.load(logits + t * E + offs).to(tl.float32))
     c = s
     if HAS_BIAS:
         c = s + tl.load(bias + offs)
@@ -91,12 +91,13 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_groups
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.route_topk as one kernel per token (its sigmoid, bias, group ranking and top-k were
     some fifteen small kernels, 0.07 ms at 256 tokens on an H200). Sigmoid scoring with noaux_tc
-    (or one group) at power-of-two sizes; anything else takes reference's."""
+    (or one group) at power-of-two sizes; anything else takes reference's. bf16 logits are read as
+    they are and scored in fp32 (no upcast kernel)."""
     t, e = logits.shape
     if (logits.device.type != "cuda" or t == 0 or score_func != "sigmoid" or not (noaux or n_groups == 1)
             or not (_pow2_ok(e) and _pow2_ok(k) and _pow2_ok(n_groups) and e % n_groups == 0 and k <= e)):
         return reference.route_topk(logits, bias, k, n_groups, topk_groups, score_func, noaux, norm, scale)
-    logits = logits.float().contiguous()
+    logits = logits.contiguous()
     w = torch.empty(t, k, dtype=torch.float32, device=logits.device)
     idx = torch.empty(t, k, dtype=torch.int64, device=logits.device)
     _route_kernel[(t,)](logits, bias if bias is not None else logits, w, idx, float(scale), E=e, G=n_groups,

@@ -486,7 +486,7 @@ class Gate:
         The logits GEMM runs in the activation dtype (bf16 on GPU, as DeepSeek's own inference
         code does; float32 in exact tests), the scores and the choice in float32."""
         a = self.args
-        logits = F.linear(x, self._weight_as(x.dtype)).float()
+        logits = F.linear(x, self._weight_as(x.dtype))           # scored in fp32 by the routing
         route = getattr(self.kb, "route_topk", route_topk)     # triton/native: one fused kernel on CUDA
         return route(logits, self.bias, a.n_activated_experts, a.n_expert_groups, a.n_limited_groups, a.score_func,
                      a.topk_method == "noaux_tc", a.norm_topk_prob, a.route_scale)

@@ -350,7 +350,11 @@ class EmulatedDispatcher(LocalDispatcher):
         src, pair_row, masked_m = self.masked_rows(layer, idx, valid, shard.n_slots, per_group,
                                                    self._rows_dev(layer, t, x.device, keep=True),
                                                    self.received[layer - self.first])
-        if self._fp8_rows(x, shard):                                     # sender-side FP8, as _contiguous
+        if self._fp8_rows(x, shard) and hasattr(self.kb, "quant_rows_fp8"):
+            # the rows land as FP8 + scales in the experts' layout: one kernel (the same codes as
+            # quantising on the sender and gathering, as below)
+            buf = self.kb.quant_rows_fp8(x, src, shard.n_slots)
+        elif self._fp8_rows(x, shard):                                   # sender-side FP8, as _contiguous
             q, sc = self.kb.per_token_group_quant_fp8(x)
             buf_s = empty_mn_major_scales((shard.n_slots, per_group, sc.shape[-1]), x.device)
             buf_s.copy_(sc[src].view(shard.n_slots, per_group, -1))

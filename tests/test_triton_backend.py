@@ -185,3 +185,17 @@ def test_masked_route_places_pairs_as_the_torch_ops_do(experts, slots, ranks, to
     for a, b in zip(got, want):
         assert torch.equal(a.long(), b.long())
     assert torch.equal(got_recv, want_recv) and torch.equal(fused.counts, plain.counts)
+
+
+@needs_cuda
+def test_quant_rows_fp8_lands_the_rows_a_sender_quantised():
+    """The emulated rank's received rows in one kernel: the codes and scales of quantising x once
+    (DeepEP's sender) and gathering, exactly, in DeepGEMM's masked layout (MN-major scales)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 7168, generator=g, device="cuda").bfloat16() * 3
+    src = torch.randint(0, 64, (2 * 640,), generator=g, device="cuda")
+    q, s = kt.quant_rows_fp8(x, src, 2)
+    rq, rs = kt.per_token_group_quant_fp8(x)
+    assert q.shape == (2, 640, 7168) and s.shape == (2, 640, 56) and s.stride(1) == 1
+    assert torch.equal(q.view(torch.uint8).view(-1, 7168), rq.view(torch.uint8)[src])
+    assert torch.equal(s.reshape(-1, 56), rs[src])
