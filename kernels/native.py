@@ -51,11 +51,12 @@ __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", 
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "mla_prefill",
            "plan_mla_decode", "mla_decode", "swiglu_linear", "rms_norm", "self_test", "versions",
            "dsa_index_select", "dsa_paged_select", "sparse_mla", "mla_rope_latent", "masked_route",
-           "quant_rows_fp8"]
+           "quant_rows_fp8", "add_rms_norm"]
 
 grouped_linear = kt.grouped_linear            # the list-of-weights form stays Triton's
 combine_rows = kt.combine_rows                # the MoE combine's reduction: one Triton pass
 rms_norm = kt.rms_norm                        # one Triton kernel per norm (kernels/triton_norm.py)
+add_rms_norm = kt.add_rms_norm                # the residual add and the next norm: one Triton kernel
 route_topk = kt.route_topk                    # the gate's routing: one Triton kernel per token
 mla_rope_latent = kt.mla_rope_latent          # MLA's latent write and query rotation: one Triton kernel
 masked_route = kt.masked_route                # a decode step's pairs into the masked layout: one Triton kernel

@@ -24,6 +24,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def add_rms_norm(h: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream's update and the next sublayer's norm: (h + dx, rms_norm(h + dx))."""
+    h = h + dx
+    return h, rms_norm(h, weight, eps)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
     """x [T, ..., R] rotated by per-token angles; cos/sin [T, R/2] broadcast over the middle dims.
 

@@ -33,7 +33,8 @@ TOLERANCE = {
     "route_topk": {"weight_abs": 1e-5},           # and the same experts for every token
     "rms_norm": {"max_abs_ulp": 1.0},             # at most one bf16 rounding of the output apart
     "swiglu_linear": {"calc_diff": 1e-5},         # fused SwiGLU + quantise + GEMM against its unfused ops
-    "mla_rope_latent": {"max_abs_ulp": 1.0},      # the latent's norm as rms_norm's; the rotation rounds as torch's
+    "mla_rope_latent": {"max_abs_ulp": 1.0},
+    "add_rms_norm": {"max_abs_ulp": 1.0},         # the sum exact (one rounding, as torch's); the norm as rms_norm      # the latent's norm as rms_norm's; the rotation rounds as torch's
 }
 
 # case tables: small and ragged shapes, and DeepSeek-V3's (7168 hidden, 2048 expert inter, 576-wide latents)
@@ -257,6 +258,18 @@ def _check_norm(kb, dev, g, tol, cases) -> str:
     return "rms_norm ok"
 
 
+def _check_add_norm(kb, dev, g, tol, cases) -> str:
+    for t, d, stride in cases:
+        h = torch.randn(t, stride, generator=g, device=dev).bfloat16()[:, :d]
+        dx = torch.randn(t, d, generator=g, device=dev).bfloat16()
+        w = (torch.rand(d, generator=g, device=dev) + 0.5).bfloat16()
+        (hs, y), (rh, ry) = kb.add_rms_norm(h, dx, w, 1e-6), reference.add_rms_norm(h, dx, w, 1e-6)
+        ulp = (ry.float().abs() * 2 ** -7).clamp(min=2 ** -126)
+        worst = float(((y.float() - ry.float()).abs() / ulp).max()) if t else 0.0
+        assert torch.equal(hs, rh) and worst <= tol["max_abs_ulp"], f"add_rms_norm {t}x{d}: {worst:.2f} bf16 ulps apart"
+    return "add_rms_norm ok"
+
+
 def _check_swiglu(kb, dev, g, tol, cases) -> str:
     for t, i, d in cases:
         h13 = torch.randn(t, 2 * i, generator=g, device=dev).bfloat16()
@@ -304,4 +317,5 @@ CHECKS = {  # op -> (check, default case table)
     "rms_norm": (_check_norm, NORM_CASES),
     "swiglu_linear": (_check_swiglu, SWIGLU_CASES),
     "mla_rope_latent": (_check_latent, LATENT_CASES),
+    "add_rms_norm": (_check_add_norm, NORM_CASES),
 }

@@ -23,7 +23,7 @@ from epserve.kernels.triton_gemm import (W_ALIGN, expert_ffn, expert_ffn_masked,
                                          swiglu_linear,
                                          plan_group_tiles)
 from epserve.kernels.triton_jit import BLOCK, triton
-from epserve.kernels.triton_norm import rms_norm
+from epserve.kernels.triton_norm import add_rms_norm, rms_norm
 from epserve.kernels.triton_mla import MLA_DECODE_CONFIG, mla_decode, mla_prefill, plan_kv_splits
 from epserve.kernels.triton_quant import per_token_group_quant_fp8, quant_rows_fp8, silu_mul_quant_fp8
 from epserve.kernels.triton_latent import mla_rope_latent
@@ -33,13 +33,13 @@ __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", 
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "silu_mul_quant_fp8",
            "mla_prefill", "plan_mla_decode", "mla_decode", "combine_rows", "route_topk", "self_test", "plan_kv_splits",
            "plan_group_tiles", "BLOCK", "W_ALIGN", "MLA_DECODE_CONFIG", "rms_norm", "swiglu_linear", "mla_rope_latent",
-           "masked_route", "quant_rows_fp8"]
+           "masked_route", "quant_rows_fp8", "add_rms_norm"]
 
 # The ops with kernels of their own, each checked against reference.py with its default cases and
 # tolerance (expert_ffn / expert_ffn_masked are reference's loops over grouped_linear).
 SELF_TEST = {op: selftest.Op() for op in ("per_token_group_quant_fp8", "fp8_gemm_nt", "linear", "grouped_linear",
                                           "mla_decode", "mla_prefill", "combine_rows", "route_topk",
-                                          "rms_norm", "mla_rope_latent")}
+                                          "rms_norm", "mla_rope_latent", "add_rms_norm")}
 
 
 def self_test(device) -> tuple[bool, str]:

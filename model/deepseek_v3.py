@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from epserve.errors import ConfigError
-from epserve.kernels.reference import Weight, mla_rope_latent, route_topk, stack_rows
+from epserve.kernels.reference import Weight, add_rms_norm, mla_rope_latent, route_topk, stack_rows
 from epserve.model.dsa import Indexer, sparse_attend
 from epserve.model.rope import rope_inv_freq, yarn_mscale
 
@@ -558,8 +558,8 @@ class Transformer:
     def run_block(self, blk: Block, layer: int, h: torch.Tensor, batch, rope, kv_cache: torch.Tensor,
                   valid: torch.Tensor | None) -> torch.Tensor:
         a = self.args
-        h = h + blk.attn.forward(self.kb.rms_norm(h, blk.attn_norm, a.rms_norm_eps), batch, rope, kv_cache[layer])
-        x = self.kb.rms_norm(h, blk.ffn_norm, a.rms_norm_eps)
+        out = blk.attn.forward(self.kb.rms_norm(h, blk.attn_norm, a.rms_norm_eps), batch, rope, kv_cache[layer])
+        h, x = getattr(self.kb, "add_rms_norm", add_rms_norm)(h, out, blk.ffn_norm, a.rms_norm_eps)
         return h + (blk.ffn.forward(x, valid) if isinstance(blk.ffn, MoE) else blk.ffn.forward(x))
 
     @torch.inference_mode()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from epserve.kernels.reference import add_rms_norm
 from epserve.model.deepseek_v3 import Batch, DecodeBatch, MoE, Queries
 
 SCHEDULES = ("prefill", "decode", "sbo")
@@ -230,8 +231,9 @@ def run_schedule(model, mbs: list[MicroBatch], ops: list[Op], kv_cache: torch.Te
                 m.q = blk.attn.project(model.kb.rms_norm(m.h, blk.attn_norm, a.rms_norm_eps), m.batch, m.rope,
                                        kv_cache[op.layer])
             elif op.stage == "ATTN-1":
-                m.h = m.h + blk.attn.attend(m.q, m.batch, kv_cache[op.layer])
-                m.x, m.q = model.kb.rms_norm(m.h, blk.ffn_norm, a.rms_norm_eps), None
+                m.h, m.x = getattr(model.kb, "add_rms_norm", add_rms_norm)(
+                    m.h, blk.attn.attend(m.q, m.batch, kv_cache[op.layer]), blk.ffn_norm, a.rms_norm_eps)
+                m.q = None
                 if isinstance(blk.ffn, MoE):
                     m.routing = blk.ffn.gate.forward(m.x)
             elif op.stage == "FFN":

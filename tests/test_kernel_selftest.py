@@ -27,6 +27,7 @@ SMALL = {   # CPU-sized case tables, in each table's format (selftest.py's comme
     "rms_norm": ((4, 64, 80), (0, 64, 64)),
     "swiglu_linear": ((3, 128, 128),),
     "mla_rope_latent": ((F32, 3, 2, 32, 8, True), (F32, 2, 3, 16, 8, False)),
+    "add_rms_norm": ((4, 64, 80), (0, 64, 64)),
 }
 
 
