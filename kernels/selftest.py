@@ -34,7 +34,9 @@ TOLERANCE = {
     "rms_norm": {"max_abs_ulp": 1.0},             # at most one bf16 rounding of the output apart
     "swiglu_linear": {"calc_diff": 1e-5},         # fused SwiGLU + quantise + GEMM against its unfused ops
     "mla_rope_latent": {"max_abs_ulp": 1.0},
-    "add_rms_norm": {"max_abs_ulp": 1.0},         # the sum exact (one rounding, as torch's); the norm as rms_norm      # the latent's norm as rms_norm's; the rotation rounds as torch's
+    "add_rms_norm": {"max_abs_ulp": 1.0},
+    "masked_route": {},                           # integers: exactly the oracle's rows, counts and tokens
+    "quant_rows_fp8": {},                         # exactly the codes and scales of quantising, then gathering         # the sum exact (one rounding, as torch's); the norm as rms_norm      # the latent's norm as rms_norm's; the rotation rounds as torch's
 }
 
 # case tables: small and ragged shapes, and DeepSeek-V3's (7168 hidden, 2048 expert inter, 576-wide latents)
@@ -55,6 +57,10 @@ COMBINE_CASES = ((5, 8, 7168), (33, 2, 200))                                    
 ROUTE_CASES = ((300, 256, 8, 4, 8), (7, 16, 4, 2, 4), (5, 2, 1, 1, 2))             # (tokens, E, groups, top groups, K)
 NORM_CASES = ((64, 7168, 7168), (5, 1536, 2112), (3, 512, 576), (0, 7168, 7168))   # (rows, D, row stride: a split view)
 SWIGLU_CASES = ((64, 2048, 7168), (128, 18432, 7168), (3, 256, 200))               # (tokens, inter, D)
+# (tokens, K, experts, replicas, slots of the unit, this rank's first slot, its slots, per_group, floor)
+ROUTE_MASKED_CASES = ((37, 4, 16, 3, 24, 0, 24, 128, False), (50, 4, 16, 2, 32, 24, 8, 256, True),
+                      (300, 8, 64, 2, 96, 0, 96, 384, True))
+QUANT_ROWS_CASES = ((64, 7168, 2, 640), (5, 256, 3, 128))                         # (tokens, K, groups, rows a group)
 LATENT_CASES = ((BF16, 64, 128, 512, 64, True), (BF16, 5, 16, 512, 64, False), (F32, 3, 2, 32, 8, True))
 #               (dtype, tokens, heads, latent, rope, interleaved)
 
@@ -81,7 +87,7 @@ def run(kb, device, ops: dict[str, Op]) -> tuple[bool, str]:
     done = []
     try:
         for name, op in ops.items():
-            check, default = CHECKS[name]
+            check, default = CHECKS[name] if name in CHECKS else FUSED_CHECKS[name]
             done.append(check(kb, dev, g, {**TOLERANCE[name], **op.tol}, op.cases or default))
     except Exception as exc:  # a failed check or a kernel error both mean: do not use this backend
         return False, f"{type(exc).__name__}: {exc}"
@@ -295,12 +301,88 @@ def _check_latent(kb, dev, g, tol, cases) -> str:
         got = kb.mla_rope_latent(q, kv, cos, sin, w, 1e-6, inter, caches[0], slots, q_lat[..., lat:])
         want = reference.mla_rope_latent(q, kv, cos, sin, w, 1e-6, inter, caches[1], slots)
         for name, a, b in (("query", got, want), ("cache", caches[0], caches[1])):
-            ulp = (b.float().abs() * (2 ** -7 if dt == BF16 else 2 ** -23)).clamp(min=2 ** -126)
+            # in ulps of the row's largest value: the rotation's differences cancel (x1 c - x2 s), so an
+            # element may be 0 on one side and one rounding of its products on the other
+            ulp = (b.float().abs().amax(-1, keepdim=True) * (2 ** -7 if dt == BF16 else 2 ** -23)).clamp(min=2 ** -126)
             worst = float(((a.float() - b.float()).abs() / ulp).max())
             assert worst <= tol["max_abs_ulp"], f"mla_rope_latent {t}x{h} {dt}: {name} {worst:.2f} ulps apart"
         assert bool((q_lat[..., :lat] == 0).all()) and got.data_ptr() == q_lat[..., lat:].data_ptr(), \
             "mla_rope_latent wrote outside its output view"
     return "rope latent ok"
+
+
+def _route_oracle(idx, valid, log2phy, slot_node, my_node, first, n_slots, per_group, floor):
+    """masked_route's contract in plain Python (a test oracle): each valid pair takes candidate t mod n
+    of its expert's replicas (those on my_node if any), in candidate order; pairs keep input order
+    within a slot."""
+    t, k = idx.shape
+    src, rows, per, load = [0] * (n_slots * per_group), [], [0] * n_slots, [0] * log2phy.shape[0]
+    for p, e in enumerate(idx.flatten().tolist()):
+        tok = p // k
+        if not valid[tok]:
+            rows.append(-1)
+            continue
+        load[e] += 1
+        cands = [c for c in log2phy[e].tolist() if c >= 0]
+        pool = [c for c in cands if slot_node[c] == my_node] or cands
+        g = pool[tok % len(pool)] - first
+        if not 0 <= g < n_slots:
+            rows.append(-1)
+            continue
+        rows.append(g * per_group + per[g])
+        src[rows[-1]] = tok
+        per[g] += 1
+    m = [max(min(c, t), f) for c, f in zip(per, floor)]
+    return src, rows, m, load
+
+
+def _check_masked_route(kb, dev, g, tol, cases) -> str:
+    for t, k, e, x, slots, first, n_slots, per_group, with_floor in cases:
+        idx = torch.stack([torch.randperm(e, generator=g, device=dev)[:k] for _ in range(t)])
+        valid = torch.rand(t, generator=g, device=dev) > 0.2
+        log2phy = torch.randint(0, slots, (e, x), generator=g, device=dev)
+        log2phy[:, 1:][torch.rand(e, x - 1, generator=g, device=dev) > 0.5] = -1        # replica counts vary
+        slot_node = torch.randint(0, 3, (slots,), generator=g, device=dev)
+        floor = torch.randint(0, per_group, (n_slots,), generator=g, device=dev) if with_floor else None
+        counts = torch.zeros(e, dtype=torch.long, device=dev)
+        received = torch.full((n_slots,), 5, dtype=torch.long, device=dev)
+        got = kb.masked_route(idx, valid, log2phy, slot_node, 1, first, n_slots, per_group, counts, floor, received)
+        assert got is not None, f"masked_route {t}x{k}: declined the case"
+        src, rows, m, load = _route_oracle(idx.cpu(), valid.cpu().tolist(), log2phy.cpu(), slot_node.cpu().tolist(), 1,
+                                           first, n_slots, per_group, floor.tolist() if with_floor else [0] * n_slots)
+        assert got[0].tolist() == src and got[1].tolist() == rows and got[2].tolist() == m, \
+            f"masked_route {t}x{k} E={e}: rows differ from the oracle's"
+        assert counts.tolist() == load and received.tolist() == [5 + v for v in m], \
+            f"masked_route {t}x{k} E={e}: counts differ from the oracle's"
+    return "masked_route ok"
+
+
+def _check_quant_rows(kb, dev, g, tol, cases) -> str:
+    for t, k, groups, m in cases:
+        x = torch.randn(t, k, generator=g, device=dev).bfloat16() * 3
+        src = torch.randint(0, t, (groups * m,), generator=g, device=dev)
+        q, s = kb.quant_rows_fp8(x, src, groups)
+        rq, rs = kb.per_token_group_quant_fp8(x)
+        n = rs.shape[-1]
+        assert q.shape == (groups, m, k) and s.shape == (groups, m, n), f"quant_rows_fp8 {t}x{k}: shapes"
+        assert torch.equal(q.view(torch.uint8).reshape(-1, k), rq.view(torch.uint8)[src]) and \
+            torch.equal(s.reshape(-1, n), rs[src]), f"quant_rows_fp8 {t}x{k}: codes or scales differ"
+    return "quant_rows ok"
+
+
+def gate(kb, device, ops: dict[str, Op], off: set) -> list[str]:
+    """Check each op on its own; one that fails (or raises) goes into `off`, where its callers take
+    reference's path instead: a fused op new to this machine costs its own speed-up, not the backend.
+    -> a line per op, its outcome."""
+    out = []
+    for name, op in ops.items():
+        ok, why = run(kb, device, {name: op})
+        if ok:
+            off.discard(name)
+        else:
+            off.add(name)
+        out.append(f"{name} {'on' if ok else 'off'} ({why})")
+    return out
 
 
 CHECKS = {  # op -> (check, default case table)
@@ -318,4 +400,8 @@ CHECKS = {  # op -> (check, default case table)
     "swiglu_linear": (_check_swiglu, SWIGLU_CASES),
     "mla_rope_latent": (_check_latent, LATENT_CASES),
     "add_rms_norm": (_check_add_norm, NORM_CASES),
+}
+FUSED_CHECKS = {  # ops with no reference counterpart (fused-only): checked against an oracle or the unfused ops
+    "masked_route": (_check_masked_route, ROUTE_MASKED_CASES),
+    "quant_rows_fp8": (_check_quant_rows, QUANT_ROWS_CASES),
 }

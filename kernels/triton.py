@@ -13,6 +13,7 @@ pure planning helpers and the wrappers' preconditions); kernels then refuse.
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
@@ -22,7 +23,7 @@ from epserve.kernels.reference import ExpertWeights, Weight, dequant_block, per_
 from epserve.kernels.triton_gemm import (W_ALIGN, expert_ffn, expert_ffn_masked, fp8_gemm_nt, grouped_linear, linear,
                                          swiglu_linear,
                                          plan_group_tiles)
-from epserve.kernels.triton_jit import BLOCK, triton
+from epserve.kernels.triton_jit import BLOCK, OFF, triton
 from epserve.kernels.triton_norm import add_rms_norm, rms_norm
 from epserve.kernels.triton_mla import MLA_DECODE_CONFIG, mla_decode, mla_prefill, plan_kv_splits
 from epserve.kernels.triton_quant import per_token_group_quant_fp8, quant_rows_fp8, silu_mul_quant_fp8
@@ -39,13 +40,24 @@ __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", 
 # tolerance (expert_ffn / expert_ffn_masked are reference's loops over grouped_linear).
 SELF_TEST = {op: selftest.Op() for op in ("per_token_group_quant_fp8", "fp8_gemm_nt", "linear", "grouped_linear",
                                           "mla_decode", "mla_prefill", "combine_rows", "route_topk",
-                                          "rms_norm", "mla_rope_latent", "add_rms_norm")}
+                                          "rms_norm")}
+# The decode hot path's fused ops: each is checked on its own (selftest.gate), and one that fails on
+# this machine is switched off (triton_jit.OFF: its callers take the unfused path), not the backend
+FUSED = ("mla_rope_latent", "add_rms_norm", "masked_route", "quant_rows_fp8")
+log = logging.getLogger("epserve.kernels.triton")
 
 
 def self_test(device) -> tuple[bool, str]:
-    """Every declared op once on seeded inputs (small and V3 shapes) against reference.py. Never raises."""
+    """Every declared op once on seeded inputs (small and V3 shapes) against reference.py, then each
+    FUSED op on its own (switched off here if it fails; logged). Never raises."""
     if triton is None:
         return False, "triton is not importable"
     if torch.device(device).type != "cuda":
         return False, "needs CUDA"
-    return selftest.run(sys.modules[__name__], device, SELF_TEST)
+    ok, why = selftest.run(sys.modules[__name__], device, SELF_TEST)
+    if not ok:
+        return ok, why
+    fused = selftest.gate(sys.modules[__name__], device, {op: selftest.Op() for op in FUSED}, OFF)
+    for line in fused:
+        (log.warning if " off (" in line else log.info)("kernels: fused %s", line)
+    return True, f"{why}; fused ops off: {', '.join(sorted(OFF)) or 'none'}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from epserve.kernels import reference
-from epserve.kernels.triton_jit import _jit, _pow2, tl
+from epserve.kernels.triton_jit import OFF, _jit, _pow2, tl
 
 
 @_jit
@@ -64,7 +64,7 @@ def mla_rope_latent(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin
     """reference.mla_rope_latent in one launch (the module docstring)."""
     t, h, r = q_pe.shape
     ell = kv.shape[-1] - r
-    if (not q_pe.is_cuda or t == 0 or r % 2 or _pow2(r) != r or q_pe.dtype != kv.dtype
+    if ("mla_rope_latent" in OFF or not q_pe.is_cuda or t == 0 or r % 2 or _pow2(r) != r or q_pe.dtype != kv.dtype
             or kv_norm.dtype != kv.dtype or cos.dtype != kv.dtype or q_pe.stride(-1) != 1 or kv.stride(-1) != 1
             or flat_cache.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride()
             or (out is not None and (out.stride(-1) != 1 or out.dtype != q_pe.dtype))):

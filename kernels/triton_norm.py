@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from epserve.kernels import reference
+from epserve.kernels.triton_jit import OFF
 
 try:
     import triton
@@ -50,7 +51,7 @@ if triton is not None:
 def add_rms_norm(h: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.add_rms_norm in one pass: the residual stream's add and the next norm (h [T, D], dx [T, D])."""
     d = h.shape[-1]
-    if (triton is None or not h.is_cuda or h.dim() != 2 or h.shape != dx.shape or not (h.dtype == dx.dtype == weight.dtype)
+    if ("add_rms_norm" in OFF or triton is None or not h.is_cuda or h.dim() != 2 or h.shape != dx.shape or not (h.dtype == dx.dtype == weight.dtype)
             or h.stride(-1) != 1 or dx.stride(-1) != 1 or weight.stride(-1) != 1 or d > 16384):
         return reference.add_rms_norm(h, dx, weight, eps)
     hs, y = (torch.empty(h.shape, dtype=h.dtype, device=h.device) for _ in range(2))

@@ -12,7 +12,7 @@ import torch
 
 from epserve.kernels.layouts import empty_mn_major_scales
 from epserve.kernels.reference import AMAX_FLOOR, FP8, FP8_MAX
-from epserve.kernels.triton_jit import BLOCK, _cdiv, _const, _jit, tl
+from epserve.kernels.triton_jit import BLOCK, OFF, _cdiv, _const, _jit, tl
 
 # kernels may read only constexpr globals
 _FLOOR, _QMAX = _const(AMAX_FLOOR), _const(FP8_MAX)
@@ -73,10 +73,13 @@ def per_token_group_quant_fp8(x: torch.Tensor, group: int = BLOCK, mn_major: boo
     return q.view(x.shape), s
 
 
-def quant_rows_fp8(x: torch.Tensor, src: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_rows_fp8(x: torch.Tensor, src: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Rows x[src] (x [T, K] bf16, src int64 [G * M]) as DeepGEMM's masked-layout input, in one launch:
     (q fp8 [G, M, K], s fp32 [G, M, K/128] MN-major), each row as per_token_group_quant_fp8 quantises it
-    (so the same codes as quantising x once and gathering: rows that land already quantised)."""
+    (so the same codes as quantising x once and gathering: rows that land already quantised).
+    None where it is off on this machine (triton_jit.OFF) or x is not on CUDA: the caller gathers."""
+    if "quant_rows_fp8" in OFF or not x.is_cuda:
+        return None
     k = x.shape[-1]
     n_groups, m = math.ceil(k / BLOCK), src.numel() // groups
     if x.stride(-1) != 1:

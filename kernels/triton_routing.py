@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from epserve.kernels import reference
-from epserve.kernels.triton_jit import _cdiv, _jit, _pow2, tl
+from epserve.kernels.triton_jit import OFF, _cdiv, _jit, _pow2, tl
 
 
 @_jit
@@ -165,10 +165,11 @@ def masked_route(idx: torch.Tensor, valid: torch.Tensor, log2phy: torch.Tensor, 
     -> (src int64 [n_slots * per_group]: each buffer row's token, 0 where no pair lands;
         pair_row int64 [T * K]: each pair's buffer row, -1 dropped;
         masked_m int32 [n_slots]: rows per group, min(pairs, T), raised to floor [n_slots] when given),
-    or None where this kernel does not take the shapes (the caller composes the torch ops instead)."""
+    or None where this kernel does not take the shapes or is off on this machine (triton_jit.OFF); the
+    caller composes the torch ops instead."""
     t, k = idx.shape
     x = log2phy.shape[1]
-    if (not idx.is_cuda or t == 0 or n_slots > 1024 or x > 64 or counts.dtype != torch.int64
+    if ("masked_route" in OFF or not idx.is_cuda or t == 0 or n_slots > 1024 or x > 64 or counts.dtype != torch.int64
             or log2phy.stride(1) != 1 or (received is not None and received.dtype != torch.int64)):
         return None
     dev = idx.device

@@ -24,6 +24,31 @@ from epserve.placement.topology import choose_replicas, maps_from_phy2log
 MASKED_ROWS_ALIGN = 128        # rows per group of a masked-layout buffer come in whole GEMM tiles
 
 
+def masked_route(idx: torch.Tensor, valid: torch.Tensor, log2phy: torch.Tensor, slot_node: torch.Tensor | None,
+                 my_node: int | None, first_slot: int, n_slots: int, per_group: int, counts: torch.Tensor,
+                 floor: torch.Tensor | None = None, received: torch.Tensor | None = None):
+    """kernels/triton_routing.py's masked_route as torch ops (its contract, and the path off CUDA):
+    choose_replicas, then masked_layout, then the rows' scatter. -> (src, pair_row, masked_m)."""
+    t, k = idx.shape
+    ones = valid[:, None].expand_as(idx).long()
+    counts.scatter_add_(0, idx.flatten(), ones.flatten())
+    local = choose_replicas(idx, log2phy, None, slot_node, my_node) - first_slot
+    local = torch.where(valid[:, None] & (local < n_slots), local, -1).flatten()
+    lay = masked_layout(local, n_slots, t)
+    flat = torch.where(lay.keep, lay.group * per_group + lay.slot, -1)
+    tok = torch.arange(t * k, device=idx.device) // k
+    # filled by a row gather (a scatter of ints inverts the map; rows no pair lands on read token 0
+    # and are past masked_m, so never used): an index_put of the rows would run element by element.
+    # Dropped pairs scatter into one spare row past the buffer.
+    spare = n_slots * per_group
+    src = torch.zeros(spare + 1, dtype=torch.long, device=idx.device).scatter_(
+        0, torch.where(flat >= 0, flat, spare), tok)[:spare]
+    masked_m = lay.masked_m if floor is None else torch.maximum(lay.masked_m, floor.to(lay.masked_m.dtype))
+    if received is not None:
+        received += masked_m
+    return src, flat, masked_m
+
+
 class ExpertShard:
     """This rank's slots of one MoE layer; `experts` is None until the checkpoint fills it."""
 
@@ -141,35 +166,18 @@ class LocalDispatcher:
         groups of per_group rows (route(), then masked_layout; pairs of padding rows land nowhere).
         floor [n_slots]: raise each group's row count to it (the emulated rank's peer rows);
         received [n_slots] int64: add the row counts into it. The backend's `masked_route` does it in
-        one kernel where it has one (kernels/triton_routing.py), else the torch ops below.
+        one kernel where it has one (kernels/triton_routing.py), else this module's masked_route.
         -> (src [n_slots * per_group]: the token each buffer row reads, 0 where no pair lands (rows
         past masked_m are never read back); pair_row [T * K]: each pair's row, -1 dropped; masked_m)."""
+        m = layer - self.first
+        if self.counts.device != idx.device:
+            self.counts = self.counts.to(idx.device)
+        log2phy, _, slot_node = self.map.tables(idx.device)
+        args = (idx, valid, log2phy[m], slot_node, self.node, self.rank * self.map.slots_per_rank, n_slots, per_group,
+                self.counts[m], floor, received)
         fused = getattr(self.kb, "masked_route", None)
-        if fused is not None:
-            m = layer - self.first
-            if self.counts.device != idx.device:
-                self.counts = self.counts.to(idx.device)
-            log2phy, _, slot_node = self.map.tables(idx.device)
-            got = fused(idx, valid, log2phy[m], slot_node, self.node, self.rank * self.map.slots_per_rank, n_slots,
-                        per_group, self.counts[m], floor, received)
-            if got is not None:
-                return got
-        t, k = idx.shape
-        local = self.route(layer, idx, valid) - self.rank * self.map.slots_per_rank
-        local = torch.where(valid[:, None], local, -1).flatten()
-        lay = masked_layout(local, n_slots, t)
-        flat = torch.where(lay.keep, lay.group * per_group + lay.slot, -1)
-        tok = torch.arange(t * k, device=idx.device) // k
-        # filled by a row gather (a scatter of ints inverts the map; rows no pair lands on read token 0
-        # and are past masked_m, so never used): an index_put of the rows would run element by element.
-        # Dropped pairs scatter into one spare row past the buffer.
-        spare = n_slots * per_group
-        src = torch.zeros(spare + 1, dtype=torch.long, device=idx.device).scatter_(
-            0, torch.where(flat >= 0, flat, spare), tok)[:spare]
-        masked_m = lay.masked_m if floor is None else torch.maximum(lay.masked_m, floor.to(lay.masked_m.dtype))
-        if received is not None:
-            received += masked_m
-        return src, flat, masked_m
+        got = fused(*args) if fused is not None else None
+        return got if got is not None else masked_route(*args)
 
     def step_mode(self, low_latency: bool):
         """The kernels of one step (DeepEP's normal or low-latency); nothing to choose here."""

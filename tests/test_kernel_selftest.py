@@ -73,3 +73,47 @@ def test_backends_declare_only_ops_the_harness_checks_and_they_provide(backend):
     assert backend.SELF_TEST and set(backend.SELF_TEST) <= set(selftest.CHECKS)
     for op in backend.SELF_TEST:
         assert callable(getattr(backend, op)), op
+
+
+def test_a_fused_op_that_fails_its_check_is_switched_off_alone():
+    """selftest.gate: each fused op on its own; the broken one goes into the off set, the sound one
+    stays on (and a later pass takes it out of the set again)."""
+    off = {"add_rms_norm"}
+    ops = {"mla_rope_latent": selftest.Op(cases=SMALL["mla_rope_latent"]),
+           "add_rms_norm": selftest.Op(cases=SMALL["add_rms_norm"])}
+    lines = selftest.gate(_backend(mla_rope_latent=_unrotated), "cpu", ops, off)
+    assert off == {"mla_rope_latent"}
+    assert lines[0].startswith("mla_rope_latent off (") and lines[1].startswith("add_rms_norm on (")
+
+
+ROUTE_SMALL = ((37, 4, 16, 3, 24, 0, 24, 128, False), (50, 4, 16, 2, 32, 24, 8, 256, True))
+
+
+def test_the_masked_route_oracle_agrees_with_the_torch_ops_and_catches_a_wrong_row():
+    """The fused masked_route's start-up check compares it with a plain-Python oracle of the contract;
+    the torch composition (what runs off CUDA) passes it, and a route that swaps two rows fails it."""
+    from epserve.model.moe_dispatch import masked_route
+    ok, why = selftest.run(types.SimpleNamespace(masked_route=masked_route), "cpu",
+                           {"masked_route": selftest.Op(cases=ROUTE_SMALL)})
+    assert ok, why
+
+    def swapped(*args):
+        src, rows, m = masked_route(*args)
+        live = (rows >= 0).nonzero()[:2, 0]
+        rows[live] = rows[live.flip(0)]
+        return src, rows, m
+    ok, why = selftest.run(types.SimpleNamespace(masked_route=swapped), "cpu", {"masked_route": selftest.Op(cases=ROUTE_SMALL)})
+    assert not ok and "rows differ" in why
+
+
+def test_quant_rows_check_wants_the_gathered_codes_exactly():
+    def gathered(x, src, groups):
+        q, s = reference.per_token_group_quant_fp8(x)
+        return q[src].view(groups, -1, x.shape[1]), s[src].view(groups, -1, s.shape[1])
+    cases = ((5, 256, 3, 8),)
+    ns = types.SimpleNamespace(per_token_group_quant_fp8=reference.per_token_group_quant_fp8)
+    ns.quant_rows_fp8 = gathered
+    assert selftest.run(ns, "cpu", {"quant_rows_fp8": selftest.Op(cases=cases)}) == (True, "quant_rows ok")
+    ns.quant_rows_fp8 = lambda x, src, groups: gathered(x * 1.5, src, groups)
+    ok, why = selftest.run(ns, "cpu", {"quant_rows_fp8": selftest.Op(cases=cases)})
+    assert not ok and "quant_rows_fp8" in why
