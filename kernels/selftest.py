@@ -7,7 +7,9 @@ another case table). Inputs are identical quantised tensors on both sides, so a 
 the kernel's own arithmetic: fp32 accumulation order, bf16 outputs, split-KV merges.
 Ops a backend borrows unchanged (native's grouped_linear is triton's) are checked by the
 backend that owns them. Runs on any device (CPU tests run it on reference itself); never raises,
-never picks a backend.
+never picks a backend. `gate` checks the decode hot path's fused ops one by one, so a backend can
+switch off just the one that fails. Over 400 lines: one short check per op, with its cases and
+tolerance, kept in one table so every backend is held to the same contract.
 """
 from __future__ import annotations
 
