@@ -187,7 +187,7 @@ def _layer_ms(phase: str, p: dict, layer, kb, dev, g, use_graphs: bool = False, 
     recv_in = kb.per_token_group_quant_fp8(recv_x) if getattr(kb, "TAKES_FP8_ROWS", False) else recv_x
     if phase == "decode":   # what DeepEP's low-latency dispatch hands the rank: [slots, max_m, D] + counts
         lay = masked_layout(recv_slot, p["slots"], rows)
-        buf = recv_x.new_zeros(p["slots"], -(-(rows + 1) // 128) * 128, a.dim)   # whole tiles (moe_dispatch)
+        buf = recv_x.new_zeros(p["slots"], -(-rows // 128) * 128, a.dim)   # whole tiles, as moe_dispatch sizes them
         buf[lay.group, lay.slot] = recv_x
         per_slot = max(1, rows // p["slots"])
         flat = lay.group * buf.shape[1] + lay.slot

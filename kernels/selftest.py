@@ -246,12 +246,13 @@ def _check_route(kb, dev, g, tol, cases) -> str:
     for t, e, groups, top_groups, k in cases:
         logits = torch.randn(t, e, generator=g, device=dev)
         bias = torch.randn(e, generator=g, device=dev) * 0.1
-        w, idx = kb.route_topk(logits, bias, k, groups, top_groups, scale=2.5)
-        rw, ridx = reference.route_topk(logits, bias, k, groups, top_groups, scale=2.5)
-        same = idx.sort(1)[0] == ridx.sort(1)[0]
-        assert same.all(), f"route_topk {t}x{e}: {int((~same.all(1)).sum())} tokens chose other experts"
-        dw = float((w.sort(1)[0] - rw.sort(1)[0]).abs().max())
-        assert dw <= tol["weight_abs"], f"route_topk {t}x{e}: weights differ by {dw:.1e}"
+        for lg in (logits, logits.bfloat16()):        # the gate hands bf16 logits over as they are
+            w, idx = kb.route_topk(lg, bias, k, groups, top_groups, scale=2.5)
+            rw, ridx = reference.route_topk(lg, bias, k, groups, top_groups, scale=2.5)
+            same = idx.sort(1)[0] == ridx.sort(1)[0]
+            assert same.all(), f"route_topk {t}x{e} {lg.dtype}: {int((~same.all(1)).sum())} tokens chose other experts"
+            dw = float((w.sort(1)[0] - rw.sort(1)[0]).abs().max())
+            assert dw <= tol["weight_abs"], f"route_topk {t}x{e} {lg.dtype}: weights differ by {dw:.1e}"
     return "route ok"
 
 

@@ -5,8 +5,9 @@ query's rope part rotated into place (a decode step: the absorbed query's last R
 In torch that was about 20 launches a layer (two rotations of 7 elementwise kernels each, the
 norm, the cat, the cache's index_put, the copy into the absorbed query), each as long as its
 work at decode sizes, and paid again by each of a step's two micro-batches. Rounds as
-reference.mla_rope_latent does: each elementwise product and sum is rounded to the tensor's dtype,
-XX
+reference.mla_rope_latent does: each elementwise product and sum of the rotation is rounded to the
+tensor's dtype, as torch's bf16 ops round (the compiler may still contract them: the start-up check
+allows two roundings of a row's largest value); the norm as kernels/triton_norm.py's.
 Never: changes the math; falls back to reference for layouts it does not take.
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ def mla_rope_latent(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin
     if ("mla_rope_latent" in OFF or not q_pe.is_cuda or t == 0 or r % 2 or _pow2(r) != r or q_pe.dtype != kv.dtype
             or kv_norm.dtype != kv.dtype or cos.dtype != kv.dtype or q_pe.stride(-1) != 1 or kv.stride(-1) != 1
             or flat_cache.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride()
+            or sin.dtype != cos.dtype or slots.stride(0) != 1 or kv_norm.stride(-1) != 1
             or (out is not None and (out.stride(-1) != 1 or out.dtype != q_pe.dtype))):
         return reference.mla_rope_latent(q_pe, kv, cos, sin, kv_norm, eps, interleave, flat_cache, slots, out)
     if out is None:

@@ -169,7 +169,7 @@ def masked_route(idx: torch.Tensor, valid: torch.Tensor, log2phy: torch.Tensor, 
     caller composes the torch ops instead."""
     t, k = idx.shape
     x = log2phy.shape[1]
-    if ("masked_route" in OFF or not idx.is_cuda or t == 0 or n_slots > 1024 or x > 64 or counts.dtype != torch.int64
+    if ("masked_route" in OFF or not idx.is_cuda or t == 0 or n_slots > 1024 or valid.dtype != torch.bool or x > 64 or counts.dtype != torch.int64
             or log2phy.stride(1) != 1 or (received is not None and received.dtype != torch.int64)):
         return None
     dev = idx.device

@@ -7,7 +7,7 @@ oracle); model/ep_dispatch.py's all-to-all version across a unit's ranks. Both c
 tokens per logical expert per layer for the expert balancer.
 
 Two local paths: `run` (rows in the contiguous layout, any step) and `run_static` (the masked
-layout [slots, tokens + 1, D]: fixed shapes and no host sync, what a decode step replays inside a
+layout [slots, tokens in whole 128-row tiles, D]: fixed shapes and no host sync, what a decode step replays inside a
 CUDA graph; padded rows of the graph's bucket route nowhere and are not counted).
 """
 from __future__ import annotations
