@@ -256,13 +256,18 @@ def _check_route(kb, dev, g, tol, cases) -> str:
     return "route ok"
 
 
+def _bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference in bf16 roundings at each element's value (0 for empty tensors)."""
+    ulp = (want.float().abs() * 2 ** -7).clamp(min=2 ** -126)
+    return float(((got.float() - want.float()).abs() / ulp).max()) if want.numel() else 0.0
+
+
 def _check_norm(kb, dev, g, tol, cases) -> str:
     for t, d, stride in cases:
         x = torch.randn(t, stride, generator=g, device=dev).bfloat16()[:, :d]
         w = (torch.rand(d, generator=g, device=dev) + 0.5).bfloat16()
         got, want = kb.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6)
-        ulp = (want.float().abs() * 2 ** -7).clamp(min=2 ** -126)       # one bf16 rounding at that value
-        worst = float(((got.float() - want.float()).abs() / ulp).max()) if t else 0.0
+        worst = _bf16_ulps(got, want)
         assert got.shape == want.shape and worst <= tol["max_abs_ulp"], f"rms_norm {t}x{d}: {worst:.2f} bf16 ulps apart"
     return "rms_norm ok"
 
@@ -273,8 +278,7 @@ def _check_add_norm(kb, dev, g, tol, cases) -> str:
         dx = torch.randn(t, d, generator=g, device=dev).bfloat16()
         w = (torch.rand(d, generator=g, device=dev) + 0.5).bfloat16()
         (hs, y), (rh, ry) = kb.add_rms_norm(h, dx, w, 1e-6), reference.add_rms_norm(h, dx, w, 1e-6)
-        ulp = (ry.float().abs() * 2 ** -7).clamp(min=2 ** -126)
-        worst = float(((y.float() - ry.float()).abs() / ulp).max()) if t else 0.0
+        worst = _bf16_ulps(y, ry)
         assert torch.equal(hs, rh) and worst <= tol["max_abs_ulp"], f"add_rms_norm {t}x{d}: {worst:.2f} bf16 ulps apart"
     return "add_rms_norm ok"
 
@@ -319,14 +323,15 @@ def _route_oracle(idx, valid, log2phy, slot_node, my_node, first, n_slots, per_g
     of its expert's replicas (those on my_node if any), in candidate order; pairs keep input order
     within a slot."""
     t, k = idx.shape
-    src, rows, per, load = [0] * (n_slots * per_group), [], [0] * n_slots, [0] * log2phy.shape[0]
+    table = log2phy.tolist()
+    src, rows, per, load = [0] * (n_slots * per_group), [], [0] * n_slots, [0] * len(table)
     for p, e in enumerate(idx.flatten().tolist()):
         tok = p // k
         if not valid[tok]:
             rows.append(-1)
             continue
         load[e] += 1
-        cands = [c for c in log2phy[e].tolist() if c >= 0]
+        cands = [c for c in table[e] if c >= 0]
         pool = [c for c in cands if slot_node[c] == my_node] or cands
         g = pool[tok % len(pool)] - first
         if not 0 <= g < n_slots:

@@ -350,17 +350,15 @@ class EmulatedDispatcher(LocalDispatcher):
         src, pair_row, masked_m = self.masked_rows(layer, idx, valid, shard.n_slots, per_group,
                                                    self._rows_dev(layer, t, x.device, keep=True),
                                                    self.received[layer - self.first])
-        fp8 = self._fp8_rows(x, shard)
-        # the rows land as FP8 + scales in the experts' layout: one kernel where the backend has it (the
-        # same codes as quantising on the sender and gathering, as below)
-        buf = getattr(self.kb, "quant_rows_fp8", lambda *_: None)(x, src, shard.n_slots) if fp8 else None
-        if buf is None and fp8:                                          # sender-side FP8, as _contiguous
-            q, sc = self.kb.per_token_group_quant_fp8(x)
-            buf_s = empty_mn_major_scales((shard.n_slots, per_group, sc.shape[-1]), x.device)
-            buf_s.copy_(sc[src].view(shard.n_slots, per_group, -1))
-            buf = (q.view(torch.uint8)[src].view(q.dtype).view(shard.n_slots, per_group, d), buf_s)
-        elif buf is None:
+        if not self._fp8_rows(x, shard):
             buf = x[src].view(shard.n_slots, per_group, d)
+        else:   # the rows land as FP8 + scales in the experts' layout: one kernel where the backend has it
+            buf = getattr(self.kb, "quant_rows_fp8", lambda *_: None)(x, src, shard.n_slots)
+            if buf is None:     # the same codes: quantised once on the sender, then gathered (as _contiguous)
+                q, sc = self.kb.per_token_group_quant_fp8(x)
+                buf_s = empty_mn_major_scales((shard.n_slots, per_group, sc.shape[-1]), x.device)
+                buf_s.copy_(sc[src].view(shard.n_slots, per_group, -1))
+                buf = (q.view(torch.uint8)[src].view(q.dtype).view(shard.n_slots, per_group, d), buf_s)
         expected = max(1, sum(rows_j) // max(1, shard.n_slots))
         if sbo is None:
             y = self.kb.expert_ffn_masked(buf, shard.experts, masked_m, expected)
