@@ -28,10 +28,13 @@ fleet/kv_block_format.py), fanned out into 256 directories by key prefix. Why:
 
 Several processes (and nodes) may share a root. Each evicts on its own view, which
 it refreshes by a rescan before evicting and at least every `rescan_interval_s`;
-files vanishing under it (another evictor) are fine.
+files vanishing under it (another evictor) are fine. Between scans each writer reserves
+its bytes in a ledger the others read (fleet/kv_ledger.py) and makes room before it writes,
+so the store stays under capacity_bytes whichever rank writes.
 
 This process's view of the directory and the LRU eviction over it are fleet/kv_block_index.py;
-this file decides when to rescan and evict.
+this file decides when to rescan and evict. It runs past 400 lines because reads, writes and
+their faults share one view and one lock; the bytes are kv_block_format's, the view kv_block_index's.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ from epserve.fleet.kv_block_format import (KEY_RE, MAX_META_BYTES, SUFFIX, Block
                                            file_bytes, header_bytes, header_digest,
                                            payload_digest, write_atomic)
 from epserve.fleet.kv_block_index import BlockIndex, evict_lru, scan
+from epserve.fleet.kv_ledger import WriterLedger
 
 __all__ = ["KVStore", "KVStoreStats", "block_keys"]
 
@@ -78,6 +82,7 @@ class KVStoreStats:
     bytes_written: int = 0
     write_skips: int = 0     # save() of a key already on disk
     write_errors: int = 0
+    writes_refused: int = 0  # a batch skipped: no room even after eviction (others' reservations, blocks in use)
     rescans: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -141,8 +146,9 @@ class KVStore:
                 probe.unlink()
             except OSError as e:
                 self._disable_writes(f"cannot write under {self.root}: {e}")
+        self._ledger = WriterLedger(self.root, stale_s=stale_tmp_s)
         self.rescan()
-        self._maybe_evict()
+        self._make_room()
 
     # ---- keys and paths -------------------------------------------------------------
     def namespace_for(self, tenant: str) -> str:
@@ -279,59 +285,118 @@ class KVStore:
         Returns True if this call wrote the file; False if it existed already or
         writes are off. Raises ValueError only for a wrong key/shape/dtype (a caller bug).
         """
-        path = self.path_for(key)
-        if tuple(kv.shape) != self.spec.shape or kv.dtype != self.spec.dtype:
-            raise ValueError(f"kv_store.save: got {tuple(kv.shape)} {kv.dtype}, "
-                             f"want {self.spec.shape} {self.spec.dtype}")
-        if not self._writes_enabled or time.monotonic() < self._writes_paused_until:
-            return False
-        if path.is_file():  # same key = same content; refresh its recency instead
-            with contextlib.suppress(OSError):
-                os.utime(path)
-            self.stats.write_skips += 1
-            return False
-        try:
-            n = write_atomic(path, encode_block(self.spec, key, kv), self.fsync)
-        except OSError as e:
-            self._on_write_error(e)
-            return False
-        with self._lock:
-            self.stats.blocks_written += 1
-            self.stats.bytes_written += n
-            self._index.add(key, n, time.time())
-        self._maybe_evict()
-        return True
+        return self.save_many([key], [kv]) == 1
 
     def save_many(self, keys: Sequence[str], kvs: Sequence[torch.Tensor]) -> int:
-        """save() each (key, block) pair; returns how many files this call wrote."""
+        """Write each (key, block) pair not on disk yet, making room first; returns how many
+        files this call wrote. The blocks are a prefix's, in order: of a batch larger than the
+        whole store only the leading blocks that fit are written (a later block is no use
+        without the earlier ones)."""
         if len(keys) != len(kvs):
             raise ValueError(f"kv_store.save_many: {len(keys)} keys but {len(kvs)} blocks")
-        return sum(self.save(k, kv) for k, kv in zip(keys, kvs))
+        paths = [self.path_for(k) for k in keys]
+        for kv in kvs:
+            if tuple(kv.shape) != self.spec.shape or kv.dtype != self.spec.dtype:
+                raise ValueError(f"kv_store.save: got {tuple(kv.shape)} {kv.dtype}, "
+                                 f"want {self.spec.shape} {self.spec.dtype}")
+        if not self.writes_enabled:
+            return 0
+        todo = []
+        for key, kv, path in zip(keys, kvs, paths):
+            if path.is_file():  # same key = same content; refresh its recency instead
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+                self.stats.write_skips += 1
+            else:
+                todo.append((key, kv, path))
+        todo = todo[:self.capacity_bytes // self.block_file_bytes]
+        if not todo or not self._reserve(len(todo) * self.block_file_bytes):
+            return 0
+        own, written = self._ledger.own, 0
+        try:
+            for key, kv, path in todo:
+                try:
+                    n = write_atomic(path, encode_block(self.spec, key, kv), self.fsync)
+                except OSError as e:
+                    self._on_write_error(e)
+                    if not self.writes_enabled:
+                        break
+                    continue
+                with self._lock:
+                    self.stats.blocks_written += 1
+                    self.stats.bytes_written += n
+                    self._index.add(key, n, time.time())
+                    own.added += n
+                    own.pending -= self.block_file_bytes
+                    written += 1
+                    self._publish()
+        finally:
+            with self._lock:  # give back what was reserved and not written
+                own.pending -= (len(todo) - written) * self.block_file_bytes
+                self._publish()
+        return written
 
     # ---- index and eviction ---------------------------------------------------------
     def rescan(self) -> None:
-        """Rebuild the view (key -> size, mtime) from disk; sweep stale temp files."""
-        entries = scan(self.root, self.stale_tmp_s)
+        """Rebuild the view (key -> size, mtime) from disk; sweep stale temp files. The other
+        writers' ledgers are read first, so what lands during the scan is counted, if twice."""
         with self._lock:
+            self._ledger.snapshot()
+            entries = scan(self.root, self.stale_tmp_s)
             self._index.replace(entries)
             self.stats.rescans += 1
 
-    def _maybe_evict(self) -> None:
-        """If over capacity after a fresh rescan, delete least-recently-used blocks down to
-        low_watermark * capacity_bytes."""
-        if not self._writes_enabled:
-            return
+    def estimated_bytes(self) -> int:
+        """The store's bytes as this process knows them: its view, its own reservation, and
+        what the other writers' ledgers say they reserved, added and removed since its scan."""
+        with self._lock:
+            return self._index.total + self._ledger.own.pending + self._ledger.others_since_scan()
+
+    def _reserve(self, need: int) -> bool:
+        """Announce `need` bytes about to be written, then make room for them; False (nothing
+        reserved) if the ledger cannot be written: an unannounced write could overrun the store."""
+        with self._lock:
+            self._ledger.own.pending += need
+            try:
+                self._ledger.publish()
+            except OSError as e:
+                self._ledger.own.pending -= need
+                self._on_write_error(e)
+                return False
+            if self._make_room():
+                return True
+            self._ledger.own.pending -= need     # still no room (blocks in use, others' reservations)
+            self._publish()
+            self.stats.writes_refused += 1
+            return False
+
+    def _make_room(self) -> bool:
+        """If the estimate is over capacity (or the view is old), rescan; if still over, delete
+        least-recently-used blocks until the estimate is down to low_watermark * capacity_bytes.
+        -> whether the estimate now fits capacity_bytes."""
         with self._lock:
             is_stale = time.monotonic() - self._index.last_scan > self.rescan_interval_s
-            if self._index.total <= self.capacity_bytes and not is_stale:
-                return
+            if not is_stale and self.estimated_bytes() <= self.capacity_bytes:
+                return True
             self.rescan()
-            if self._index.total <= self.capacity_bytes:
-                return
-            for _, size in evict_lru(self._index, self.low_watermark * self.capacity_bytes, self.path_for,
-                                     self._evict_failed):
+            over = self.estimated_bytes()
+            if over <= self.capacity_bytes or not self._writes_enabled:
+                return over <= self.capacity_bytes
+            target = self.low_watermark * self.capacity_bytes - (over - self._index.total)
+            for _, size in evict_lru(self._index, target, self.path_for, self._evict_failed):
                 self.stats.evictions += 1
                 self.stats.evicted_bytes += size
+                self._ledger.own.removed += size
+            self._publish()
+            return self.estimated_bytes() <= self.capacity_bytes
+
+    def _publish(self) -> None:
+        """Publish this process's counts after a change; a failure only costs the others a stale
+        reading (they rescan when over, and a ledger left unchanged stops counting as pending)."""
+        try:
+            self._ledger.publish()
+        except OSError as e:
+            self._warn_once(f"ledger:{e.errno}", f"kv_store: cannot update the writer ledger: {e}")
 
     def _evict_failed(self, path: Path, e: OSError) -> None:
         self._warn_once(f"evict:{e.errno}", f"kv_store: cannot evict {path}: {e}")

@@ -236,10 +236,10 @@ def test_eviction_bounds_bytes_and_keeps_recently_used(tmp_path):
     store.save_many(keys[:5], [block(i) for i in range(5)])
     _age(store, keys[:5])
     assert store.load(keys[0]) is not None  # a hit makes block 0 the most recent
-    store.save_many(keys[5:], [block(5), block(6)])  # 6th block > 5.5: evict to <= 4.95, then 7th
+    store.save_many(keys[5:], [block(5), block(6)])  # 5 + 2 reserved > 5.5: evict to <= 4.95 with the 2
     on_disk = {p.name[:-4] for p in files(tmp_path / "kv")}
-    assert on_disk == {keys[0], keys[3], keys[4], keys[5], keys[6]}  # 1 and 2 were oldest
-    assert store.stats.evictions == 2 and store.total_bytes == 5 * size <= store.capacity_bytes
+    assert on_disk == {keys[0], keys[4], keys[5], keys[6]}  # 1, 2 and 3 were oldest
+    assert store.stats.evictions == 3 and store.total_bytes == 4 * size <= store.capacity_bytes
 
 
 def test_lru_recency_survives_reopening(tmp_path):
@@ -306,6 +306,53 @@ def test_two_processes_writing_overlapping_keys(tmp_path):
     for i in present:
         assert torch.equal(store.load(keys[i]), block(i))
     assert store.stats.corrupt == 0 and len(files(tmp_path / "kv")) == len(present)
+
+
+def _disk_bytes(root):
+    return sum(f.stat().st_size for f in files(root))
+
+
+def test_stores_sharing_a_root_stay_under_capacity_between_rescans(tmp_path):
+    """Two ranks' stores on one directory, neither rescanning on its own for a minute: each one's
+    writes reach the other through the writer ledger, so the disk never holds more than capacity."""
+    size = make_store(tmp_path / "probe").block_file_bytes
+    a, b = (make_store(tmp_path / "kv", capacity=6 * size) for _ in range(2))
+    keys = keys_for(a, 16)
+    for i, key in enumerate(keys):
+        assert (a if i % 2 else b).save(key, block(i))
+        assert _disk_bytes(tmp_path / "kv") <= 6 * size, f"over capacity after block {i}"
+    assert a.stats.evictions + b.stats.evictions == 16 - len(files(tmp_path / "kv"))
+    ledger = (tmp_path / "kv" / ".writers" / a._ledger.name).read_text().split()
+    assert [int(v) for v in ledger] == [0, 8 * size, a.stats.evicted_bytes]
+
+
+def test_a_reservation_counts_for_the_others_until_its_writer_goes_quiet(tmp_path):
+    """A foreign writer's ledger (the file format is the contract between processes): its pending
+    bytes count while it is live, not once it has been silent for PENDING_TTL_S (it died mid-write),
+    and a ledger silent for stale_tmp_s is swept at the next scan."""
+    from epserve.fleet.kv_ledger import PENDING_TTL_S
+    store = make_store(tmp_path, capacity=4 * make_store(tmp_path / "probe").block_file_bytes)
+    size = store.block_file_bytes
+    keys = keys_for(store, 3)
+    store.save_many(keys[:2], [block(0), block(1)])
+    other = tmp_path / ".writers" / "host.1.dead"
+    other.write_text(f"{4 * size} 0 0\n")                        # it is about to fill the store
+    assert store.estimated_bytes() == 6 * size
+    assert not store.save(keys[2], block(2)) and store.stats.writes_refused == 1
+    assert store.lookup(keys) == 0 and store.stats.evictions == 2   # it made what room it could
+    os.utime(other, (time.time() - PENDING_TTL_S - 1,) * 2)
+    assert store.estimated_bytes() == 0 and store.save(keys[2], block(2))
+    os.utime(other, (time.time() - 7200,) * 2)
+    store.rescan()
+    assert not other.exists() and (tmp_path / ".writers" / store._ledger.name).exists()
+
+
+def test_a_batch_larger_than_the_store_keeps_its_leading_blocks(tmp_path):
+    size = make_store(tmp_path / "probe").block_file_bytes
+    store = make_store(tmp_path / "kv", capacity=int(3.5 * size))
+    keys = keys_for(store, 5)
+    assert store.save_many(keys, [block(i) for i in range(5)]) == 3
+    assert store.lookup(keys) == 3 and _disk_bytes(tmp_path / "kv") == 3 * size
 
 
 # ---- faults ---------------------------------------------------------------------------
