@@ -51,7 +51,7 @@ __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", 
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "mla_prefill",
            "plan_mla_decode", "mla_decode", "swiglu_linear", "rms_norm", "self_test", "versions",
            "dsa_index_select", "dsa_paged_select", "sparse_mla", "mla_rope_latent", "masked_route",
-           "quant_rows_fp8", "add_rms_norm"]
+           "quant_rows_fp8", "add_rms_norm", "dsa_index_qk"]
 
 grouped_linear = kt.grouped_linear            # the list-of-weights form stays Triton's
 combine_rows = kt.combine_rows                # the MoE combine's reduction: one Triton pass
@@ -61,6 +61,7 @@ route_topk = kt.route_topk                    # the gate's routing: one Triton k
 mla_rope_latent = kt.mla_rope_latent          # MLA's latent write and query rotation: one Triton kernel
 masked_route = kt.masked_route                # a decode step's pairs into the masked layout: one Triton kernel
 quant_rows_fp8 = kt.quant_rows_fp8            # the emulated rank's received rows, landed as FP8: one kernel
+dsa_index_qk = kt.dsa_index_qk                # V3.2's indexer q/k work and key write: one Triton kernel
 TAKES_FP8_ROWS = True                          # expert_ffn takes dispatched FP8 rows (q, s) without a dequantise
 PREFILL_ATTENTION = {"backend": "flash-padded"}   # set by self_test from a measurement
 DSA = {"native": False}   # set by self_test: V3.2's adapters passed their own check (else the reference runs)

@@ -1,7 +1,8 @@
 """Reference kernels of DeepSeek-V3.2's sparse attention (DSA) in plain torch: the semantics the
 native ones (kernels/native_dsa.py: DeepGEMM's MQA logits, FlashMLA's sparse attention) must match.
 
-Owns: `dsa_index_select` (the lightning indexer's ReLU-weighted scores and top-k choice) and
+Owns: `dsa_index_qk` (the indexer's per-token work between its projections and its scores),
+`dsa_index_select` (the lightning indexer's ReLU-weighted scores and top-k choice) and
 `sparse_mla` (absorbed MLA over an explicit list of cache rows per query). Any device; float32 inside.
 Never: holds state, reads the model, or picks a backend (model/dsa.py asks the backend `kb` for these
 names and falls back to these).
@@ -11,6 +12,52 @@ H heads, S cache rows (pages x page_size, flattened), C row width (>= the latent
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from epserve.errors import ConfigError
+from epserve.kernels.reference import apply_rope, per_token_group_quant_fp8
+
+
+def hadamard(n: int, device, dtype=torch.float32) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two): H @ H^T = I."""
+    if n & (n - 1):
+        raise ConfigError(f"config.json: index_head_dim={n} must be a power of two for the FP8 indexer's "
+                          "Hadamard rotation")
+    h = torch.ones(1, 1, dtype=dtype, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h * n ** -0.5
+
+
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """x [..., Di] -> the e4m3 value times its 1x128 scale, in x's dtype (what FP8 scoring multiplies)."""
+    q, s = per_token_group_quant_fp8(x, 128)
+    return (q.float() * s.repeat_interleave(128, -1)[..., : x.shape[-1]]).to(x.dtype)
+
+
+def _rope_head(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R = 2 cos.shape[-1] dims of v [T, n, Di], half-split; the rest pass through."""
+    r = 2 * cos.shape[-1]
+    return torch.cat([apply_rope(v[..., :r], cos, sin, False), v[..., r:]], -1)
+
+
+def dsa_index_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_norm: torch.Tensor,
+                 k_norm_bias: torch.Tensor, eps: float, rot: torch.Tensor | None, flat_cache: torch.Tensor,
+                 key_off: int, slots: torch.Tensor) -> torch.Tensor:
+    """The indexer's per-token work between its projections and its scores: q [T, Hi, Di] (wq_b's
+    output) and k [T, Di] (wk's) -> q ready to score, in q's dtype; the key goes into
+    flat_cache[slots, key_off:key_off + Di].
+
+    The key is LayerNormed (fp32, then q's dtype); both take RoPE on their first R = 2 cos.shape[-1]
+    dims, half-split (cos, sin [T, R/2]); with rot (the Hadamard [Di, Di] fp32: FP8 activations) both
+    are rotated by it in fp32, rounded to the dtype, and go through the 1x128 e4m3 round trip."""
+    di = k.shape[-1]
+    kn = F.layer_norm(k.float(), (di,), k_norm.float(), k_norm_bias.float(), eps).to(q.dtype)
+    q, kn = _rope_head(q, cos, sin), _rope_head(kn[:, None], cos, sin)[:, 0]
+    if rot is not None:
+        q, kn = (fp8_round_trip((v.float() @ rot).to(v.dtype)) for v in (q, kn))
+    flat_cache[:, key_off:key_off + di][slots] = kn.to(flat_cache.dtype)
+    return q
 
 
 def dsa_index_select(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, lens: torch.Tensor,

@@ -5,7 +5,7 @@ The module kernels/__init__.py loads by the name `triton`; its kernels live by n
   triton_gemm.py     the block-FP8 GEMM, `linear`, the grouped expert GEMM (contiguous layout)
   triton_mla.py      absorbed MLA decode over the 64-token paged latent cache, prefill via SDPA
   triton_routing.py  the MoE gate's top-k and the combine's weighted sum
-  triton_dsa.py      V3.2's decode indexer scores over the paged cache (the native backend uses it)
+  triton_dsa.py      V3.2's indexer: its q/k work in one launch, its decode scores over the paged cache
   triton_jit.py      triton itself, or the stand-in that keeps all of them importable without it
 and `self_test` runs kernels/selftest.py over the ops declared in SELF_TEST before the registry
 uses it. Never: picks a backend or holds model state. Imports without triton (CPU CI tests the
@@ -27,6 +27,7 @@ from epserve.kernels.triton_jit import BLOCK, OFF, triton
 from epserve.kernels.triton_norm import add_rms_norm, rms_norm
 from epserve.kernels.triton_mla import MLA_DECODE_CONFIG, mla_decode, mla_prefill, plan_kv_splits
 from epserve.kernels.triton_quant import per_token_group_quant_fp8, quant_rows_fp8, silu_mul_quant_fp8
+from epserve.kernels.triton_dsa import dsa_index_qk
 from epserve.kernels.triton_latent import mla_rope_latent
 from epserve.kernels.triton_routing import combine_rows, masked_route, route_topk
 
@@ -34,7 +35,7 @@ __all__ = ["per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_block", 
            "ExpertWeights", "linear", "grouped_linear", "expert_ffn", "expert_ffn_masked", "silu_mul_quant_fp8",
            "mla_prefill", "plan_mla_decode", "mla_decode", "combine_rows", "route_topk", "self_test", "plan_kv_splits",
            "plan_group_tiles", "BLOCK", "W_ALIGN", "MLA_DECODE_CONFIG", "rms_norm", "swiglu_linear", "mla_rope_latent",
-           "masked_route", "quant_rows_fp8", "add_rms_norm"]
+           "masked_route", "quant_rows_fp8", "add_rms_norm", "dsa_index_qk"]
 
 # The ops with kernels of their own, each checked against reference.py with its default cases and
 # tolerance (expert_ffn / expert_ffn_masked are reference's loops over grouped_linear).
@@ -43,7 +44,7 @@ SELF_TEST = {op: selftest.Op() for op in ("per_token_group_quant_fp8", "fp8_gemm
                                           "rms_norm")}
 # The decode hot path's fused ops: each is checked on its own (selftest.gate), and one that fails on
 # this machine is switched off (triton_jit.OFF: its callers take the unfused path), not the backend
-FUSED = ("mla_rope_latent", "add_rms_norm", "masked_route", "quant_rows_fp8")
+FUSED = ("mla_rope_latent", "add_rms_norm", "masked_route", "quant_rows_fp8", "dsa_index_qk")
 log = logging.getLogger("epserve.kernels.triton")
 
 

@@ -1,4 +1,11 @@
-"""DeepSeek-V3.2's indexer scores in decode as one Triton kernel over the paged cache rows.
+"""DeepSeek-V3.2's indexer in Triton: its per-token q/k work in one launch, and its decode scores
+over the paged cache rows in another.
+
+`dsa_index_qk` (reference_dsa's contract) is the key's LayerNorm, both RoPEs, and with FP8
+activations the Hadamard rotation and the e4m3 round trip of q and k, plus the key's write into the
+cache: in torch about 30 launches a layer, each as long as its work at decode sizes. One program per
+token: its Hi query rows as one tile (the rotation is one tl.dot in IEEE fp32) and its key row.
+Rounds where torch's ops round: the rotation's products and sums in the dtype, as the latent kernel.
 
 kernels/reference_dsa.py `dsa_paged_select` gathers every visible index key of every query into a
 [T, N, Di] tensor before scoring it (at 128 requests x 64K context: 2 GB written and read again, then a
@@ -9,16 +16,91 @@ so decode's indexer costs a read of the keys (Di x 2 bytes per position) instead
 The top-k of those logits is torch's. Why not DeepGEMM's `fp8_paged_mqa_logits`: it reads a page-major
 FP8 key cache, and the pool keeps one bf16 row per token [latent | index key] (kernels/native_dsa.py).
 
-Owns: `paged_index_logits` and `dsa_paged_select` (reference_dsa's contract). Never: changes the cache.
+Owns: `dsa_index_qk`, `paged_index_logits` and `dsa_paged_select` (reference_dsa's contracts).
+Never: changes the cache but for the new keys `dsa_index_qk` writes.
 Imports without triton (kernels/triton_jit.py); the kernel then refuses at launch.
 """
 from __future__ import annotations
 
 import torch
 
-from epserve.kernels.triton_jit import _jit, tl
+from epserve.kernels import reference_dsa
+from epserve.kernels.reference import AMAX_FLOOR, FP8_MAX
+from epserve.kernels.triton_jit import OFF, _const, _jit, _pow2, tl
 
 BLOCK_N = 64          # key positions per program
+_FLOOR, _QMAX, _INV_QMAX = _const(AMAX_FLOOR), _const(FP8_MAX), _const(1.0 / FP8_MAX)
+
+
+@_jit
+def _fp8_round_trip(v, axis: tl.constexpr):
+    """The 1x128 e4m3 value times its scale along `axis` (one group: Di <= 128), as quantisation's kernel."""
+    sc = tl.maximum(tl.max(tl.abs(v), axis=axis), _FLOOR) * _INV_QMAX
+    sc = tl.expand_dims(sc, axis)
+    return tl.clamp(tl.math.div_rn(v, sc), -_QMAX, _QMAX).to(tl.float8e4nv).to(tl.float32) * sc
+
+
+@_jit
+def _index_qk_kernel(q, stride_qt, stride_qh, k, stride_k, cos, sin, stride_cs, nw, nb, rot, cache, stride_c,
+                     slots, out, eps, HI: tl.constexpr, HP: tl.constexpr, DI: tl.constexpr, R: tl.constexpr,
+                     KEY_OFF: tl.constexpr, ROT: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    dt = out.dtype.element_ty
+    d = tl.arange(0, DI)
+    first = d < R // 2
+    in_rope = d < R
+    partner = tl.where(first, d + R // 2, tl.where(in_rope, d - R // 2, d))
+    fi = tl.where(first, d, d - R // 2)
+    c = tl.load(cos + t * stride_cs + fi, mask=in_rope, other=1.0).to(tl.float32)
+    s = tl.load(sin + t * stride_cs + fi, mask=in_rope, other=0.0).to(tl.float32)
+    sign = tl.where(first, -1.0, 1.0)
+    # the key: LayerNorm in fp32 rounded to the dtype (each element and its partner), then RoPE
+    kv = tl.load(k + t * stride_k + d).to(tl.float32)
+    kp = tl.load(k + t * stride_k + partner).to(tl.float32)
+    mean = tl.sum(kv, axis=0) / DI
+    rstd = tl.rsqrt(tl.sum((kv - mean) * (kv - mean), axis=0) / DI + eps)
+    kn = ((kv - mean) * rstd * tl.load(nw + d).to(tl.float32) + tl.load(nb + d).to(tl.float32)).to(dt).to(tl.float32)
+    kpn = ((kp - mean) * rstd * tl.load(nw + partner).to(tl.float32)
+           + tl.load(nb + partner).to(tl.float32)).to(dt).to(tl.float32)
+    # half-split RoPE; each product and the sum rounded to the dtype, as torch's ops on it round
+    y = ((kn * c).to(dt).to(tl.float32) + sign * (kpn * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    key = tl.where(in_rope, y, kn)
+    # the query's heads as one [HP, DI] tile
+    h = tl.arange(0, HP)[:, None]
+    hm = h < HI
+    qa = q + t * stride_qt + h * stride_qh
+    qv = tl.load(qa + d[None, :], mask=hm, other=0.0).to(tl.float32)
+    qp = tl.load(qa + partner[None, :], mask=hm, other=0.0).to(tl.float32)
+    c, s, sign = c[None, :], s[None, :], sign[None, :]
+    y = ((qv * c).to(dt).to(tl.float32) + sign * (qp * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    qr = tl.where(in_rope[None, :], y, qv)
+    if ROT:       # the Hadamard in fp32, rounded to the dtype, then the e4m3 round trip
+        hm_ = tl.load(rot + d[:, None] * DI + d[None, :])
+        qr = _fp8_round_trip(tl.dot(qr, hm_, input_precision="ieee").to(dt).to(tl.float32), 1)
+        key = _fp8_round_trip(tl.sum(key[:, None] * hm_, axis=0).to(dt).to(tl.float32), 0)
+    tl.store(out + t * HI * DI + h * DI + d[None, :], qr.to(dt), mask=hm)
+    row = tl.load(slots + t).to(tl.int64) * stride_c
+    tl.store(cache + row + KEY_OFF + d, key.to(dt).to(cache.dtype.element_ty))
+
+
+def dsa_index_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_norm: torch.Tensor,
+                 k_norm_bias: torch.Tensor, eps: float, rot: torch.Tensor | None, flat_cache: torch.Tensor,
+                 key_off: int, slots: torch.Tensor) -> torch.Tensor:
+    """reference_dsa.dsa_index_qk in one launch (the module docstring); other layouts run the reference."""
+    t, hi, di = q.shape
+    r = 2 * cos.shape[-1]
+    if ("dsa_index_qk" in OFF or not q.is_cuda or t == 0 or di > 128 or _pow2(di) != di or r > di or r % 4
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride()
+            or cos.dtype != q.dtype or sin.dtype != q.dtype or flat_cache.stride(-1) != 1 or slots.stride(0) != 1
+            or not (k_norm.is_contiguous() and k_norm_bias.is_contiguous())
+            or (rot is not None and (rot.dtype != torch.float32 or not rot.is_contiguous()))):
+        return reference_dsa.dsa_index_qk(q, k, cos, sin, k_norm, k_norm_bias, eps, rot, flat_cache, key_off, slots)
+    out = torch.empty(t, hi, di, dtype=q.dtype, device=q.device)
+    _index_qk_kernel[(t,)](q, q.stride(0), q.stride(1), k, k.stride(0), cos, sin, cos.stride(0), k_norm, k_norm_bias,
+                           q if rot is None else rot, flat_cache, flat_cache.stride(0), slots, out, eps,
+                           HI=hi, HP=max(16, _pow2(hi)), DI=di, R=r, KEY_OFF=key_off, ROT=rot is not None,
+                           num_warps=4)
+    return out
 
 
 @_jit

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from epserve.errors import CheckpointError, ConfigError
 from epserve.kernels.reference import FP8, Weight
 from epserve.model.deepseek_v3 import ModelArgs, Transformer
-from epserve.model.dsa import hadamard
+from epserve.kernels.reference_dsa import hadamard
 from epserve.model.moe_dispatch import ExpertShard
 
 log = logging.getLogger("epserve.checkpoint")

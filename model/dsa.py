@@ -31,26 +31,9 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from epserve.errors import ConfigError
 from epserve.kernels import reference_dsa
-from epserve.kernels.reference import Weight, apply_rope, per_token_group_quant_fp8
-
-
-def hadamard(n: int, device, dtype=torch.float32) -> torch.Tensor:
-    """The orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two): H @ H^T = I."""
-    if n & (n - 1):
-        raise ConfigError(f"config.json: index_head_dim={n} must be a power of two for the FP8 indexer's "
-                          "Hadamard rotation")
-    h = torch.ones(1, 1, dtype=dtype, device=device)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h * n ** -0.5
-
-
-def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
-    """x [..., Di] -> the e4m3 value times its 1x128 scale, in x's dtype (what FP8 scoring multiplies)."""
-    q, s = per_token_group_quant_fp8(x, 128)
-    return (q.float() * s.repeat_interleave(128, -1)[..., : x.shape[-1]]).to(x.dtype)
+from epserve.kernels.reference_dsa import hadamard
+from epserve.kernels.reference import Weight
 
 
 @dataclass
@@ -76,21 +59,13 @@ class Indexer:
         a, kb = self.args, self.kb
         t, hi, di = x.shape[0], a.index_n_heads, a.index_head_dim
         k_raw = kb.linear(x, self.wk) if k_raw is None else k_raw
-        k = F.layer_norm(k_raw.float(), (di,), self.k_norm.float(), self.k_norm_bias.float(), 1e-6)
-        k = self._rope(k.to(x.dtype)[:, None], rope)[:, 0]
-        q = self._rope(kb.linear(qr, self.wq_b).view(t, hi, di), rope)
-        if self.fp8:
-            if self._h is None:
-                self._h = hadamard(di, x.device)
-            q, k = (fp8_round_trip((v.float() @ self._h).to(x.dtype)) for v in (q, k))
-        flat_cache[:, a.kv_dim:][slots] = k.to(flat_cache.dtype)
+        if self.fp8 and self._h is None:
+            self._h = hadamard(di, x.device)
+        index_qk = getattr(kb, "dsa_index_qk", reference_dsa.dsa_index_qk)
+        q = index_qk(kb.linear(qr, self.wq_b).view(t, hi, di), k_raw, rope[0], rope[1], self.k_norm,
+                     self.k_norm_bias, 1e-6, self._h if self.fp8 else None, flat_cache, a.kv_dim, slots)
         w = F.linear(x.float(), self.weights_proj.dense(torch.float32)) * hi ** -0.5
         return q, w
-
-    def _rope(self, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate the first R dims of v [T, n, Di], half-split; the rest pass through."""
-        r = self.args.qk_rope_head_dim
-        return torch.cat([apply_rope(v[..., :r], rope[0], rope[1], False), v[..., r:]], -1)
 
 
 def sparse_attend(mla, q, batch, cache_layer: torch.Tensor) -> torch.Tensor:

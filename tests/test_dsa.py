@@ -15,7 +15,7 @@ from epserve.kernels import reference
 from epserve.kernels.reference_dsa import dsa_index_select as select
 from epserve.kernels.reference_dsa import sparse_mla
 from epserve.model.deepseek_v3 import ModelArgs
-from epserve.model.dsa import hadamard
+from epserve.kernels.reference_dsa import hadamard
 from epserve.model.tiny import PRESETS, TINY_CONFIG, make_tiny_model
 from epserve.pipelines.local import make_local_engine
 from test_model_vs_transformers import _dequantized_copy, engine_prompt_logits, run_engine

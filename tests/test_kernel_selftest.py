@@ -86,6 +86,27 @@ def test_a_fused_op_that_fails_its_check_is_switched_off_alone():
     assert lines[0].startswith("mla_rope_latent off (") and lines[1].startswith("add_rms_norm on (")
 
 
+INDEX_QK_SMALL = ((F32, 3, 4, 32, 16, False), (F32, 3, 4, 32, 16, True))
+
+
+def test_the_indexer_qk_check_passes_its_contract_and_catches_an_unrotated_key():
+    """dsa_index_qk's start-up check holds the fused kernel to kernels/reference_dsa.py's contract: the
+    reference passes it, in float32, with and without the FP8 Hadamard round trip; a kernel that leaves
+    the key's RoPE out fails it, naming the op."""
+    from epserve.kernels import reference_dsa
+    ops = {"dsa_index_qk": selftest.Op(cases=INDEX_QK_SMALL)}
+    ok, why = selftest.run(types.SimpleNamespace(dsa_index_qk=reference_dsa.dsa_index_qk), "cpu", ops)
+    assert ok, why
+
+    def unrotated_key(q, k, cos, sin, *rest):
+        out = reference_dsa.dsa_index_qk(q, k, cos, sin, *rest)
+        reference_dsa.dsa_index_qk(q, k, torch.ones_like(cos), torch.zeros_like(sin), *rest)
+        return out
+
+    ok, why = selftest.run(types.SimpleNamespace(dsa_index_qk=unrotated_key), "cpu", ops)
+    assert ok is False and "dsa_index_qk" in why and "key" in why, why
+
+
 ROUTE_SMALL = ((37, 4, 16, 3, 24, 0, 24, 128, False), (50, 4, 16, 2, 32, 24, 8, 256, True))
 
 

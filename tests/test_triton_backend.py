@@ -199,3 +199,42 @@ def test_quant_rows_fp8_lands_the_rows_a_sender_quantised():
     assert q.shape == (2, 640, 7168) and s.shape == (2, 640, 56) and s.stride(1) == 1
     assert torch.equal(q.view(torch.uint8).view(-1, 7168), rq.view(torch.uint8)[src])
     assert torch.equal(s.reshape(-1, 56), rs[src])
+
+
+@needs_cuda
+def test_every_fused_op_passes_its_own_check_on_gpu():
+    """Each fused decode op (kernels/triton.py FUSED) against its contract on this GPU: one switched
+    off here would cost its speed-up silently, so the test names it."""
+    from epserve.kernels import selftest
+    off: set[str] = set()
+    lines = selftest.gate(kt, "cuda", {op: selftest.Op() for op in kt.FUSED}, off)
+    assert not off, lines
+
+
+@needs_cuda
+def test_dsa_index_qk_gives_a_v32_decode_the_reference_tokens(tmp_path):
+    """The fused indexer q/k kernel inside a real V3.2 rank on CUDA in float32 (where it differs from the
+    reference only by LayerNorm's summation order): the greedy tokens of the reference's q/k path."""
+    from conftest import prompts_of
+    from epserve.kernels import reference_dsa
+    from epserve.model.sampling import SamplingParams
+    from epserve.model.tiny import make_tiny_model
+    from epserve.pipelines.local import make_local_engine
+    from epserve.pipelines.sequence import Sequence
+    d = make_tiny_model(tmp_path / "v32", preset="v32-tiny", seed=3)
+    out, fused = {}, kt.dsa_index_qk
+    try:
+        for name, fn in (("fused", fused), ("reference", reference_dsa.dsa_index_qk)):
+            kt.dsa_index_qk = fn
+            eng = make_local_engine(d, kernels="triton", device="cuda")
+            assert eng.model.layers[0].attn.kb is kt
+            seqs = [Sequence(f"d{i}", p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+                    for i, p in enumerate(prompts_of([300, 90, 7], seed=5))]
+            for s in seqs:
+                eng.add(s)
+            while eng.has_work:
+                eng.step()
+            out[name] = [s.output_ids for s in seqs]
+    finally:
+        kt.dsa_index_qk = fused
+    assert out["fused"] == out["reference"]
