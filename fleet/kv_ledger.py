@@ -49,27 +49,25 @@ class WriterLedger:
         self.name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         self.stale_s = stale_s
         self.own = Counts()
-        self._at_scan: dict[str, Counts] = {}
+        self.at_scan: dict[str, Counts] = {}   # the others' counts read right before the last scan
 
     def publish(self) -> None:
         """Write this process's counts (raises OSError: the caller decides what a fault means)."""
         c = self.own
         write_atomic(self.dir / self.name, [f"{c.pending} {c.added} {c.removed}\n".encode()], False)
 
-    def snapshot(self) -> None:
-        """Remember the others' counts; call right before scanning the blocks. Sweeps the ledgers
-        and temp files of writers gone for stale_s."""
-        self._at_scan = self._read_others(sweep=True)
-
     def others_since_scan(self) -> int:
-        """Bytes the other writers have reserved, or added less removed, since the last snapshot."""
+        """Bytes the other writers have reserved, or added less removed, since at_scan was read."""
         total = 0
-        for name, now in self._read_others(sweep=False).items():
-            then = self._at_scan.get(name, Counts())
+        for name, now in self.read_others(sweep=False).items():
+            then = self.at_scan.get(name, Counts())
             total += now.pending + (now.added - then.added) - (now.removed - then.removed)
         return total
 
-    def _read_others(self, sweep: bool) -> dict[str, Counts]:
+    def read_others(self, sweep: bool) -> dict[str, Counts]:
+        """The other writers' counts (pending zeroed where silent for PENDING_TTL_S); sweep: also
+        delete the ledgers and temp files of writers silent for stale_s. Read one right before a scan
+        and keep it as at_scan."""
         out: dict[str, Counts] = {}
         try:
             entries = list(os.scandir(self.dir))

@@ -340,9 +340,10 @@ class KVStore:
     def rescan(self) -> None:
         """Rebuild the view (key -> size, mtime) from disk; sweep stale temp files. The other
         writers' ledgers are read first, so what lands during the scan is counted, if twice."""
+        seen = self._ledger.read_others(sweep=True)
+        entries = scan(self.root, self.stale_tmp_s)
         with self._lock:
-            self._ledger.snapshot()
-            entries = scan(self.root, self.stale_tmp_s)
+            self._ledger.at_scan = seen
             self._index.replace(entries)
             self.stats.rescans += 1
 
