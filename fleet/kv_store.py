@@ -55,7 +55,7 @@ from epserve.fleet.kv_block_format import (KEY_RE, MAX_META_BYTES, SUFFIX, Block
                                            BlockSpec, block_keys, decode_block, encode_block,
                                            file_bytes, header_bytes, header_digest,
                                            payload_digest, write_atomic)
-from epserve.fleet.kv_block_index import BlockIndex, evict_lru, scan
+from epserve.fleet.kv_block_index import BlockIndex, claim_lru, scan
 from epserve.fleet.kv_ledger import WriterLedger
 
 __all__ = ["KVStore", "KVStoreStats", "block_keys"]
@@ -147,6 +147,11 @@ class KVStore:
             except OSError as e:
                 self._disable_writes(f"cannot write under {self.root}: {e}")
         self._ledger = WriterLedger(self.root, stale_s=stale_tmp_s)
+        if self._writes_enabled:
+            try:
+                self._ledger.publish(self._lock)
+            except OSError as e:
+                self._disable_writes(f"cannot write its writer ledger under {self._ledger.dir}: {e}")
         self.rescan()
         self._make_room()
 
@@ -207,7 +212,7 @@ class KVStore:
                 os.close(fd)
             kv = decode_block(buf if n_read == size else buf[:n_read], self.spec, key)
         except (FileNotFoundError, NotADirectoryError):  # absent (or no store dir at all)
-            self._index.forget(key)
+            self._index.forget(key, gone=True)
             self.stats.misses += 1
             return None
         except BlockFormatError as e:
@@ -329,73 +334,99 @@ class KVStore:
                     own.added += n
                     own.pending -= self.block_file_bytes
                     written += 1
-                    self._publish()
+                self._publish()
         finally:
             with self._lock:  # give back what was reserved and not written
                 own.pending -= (len(todo) - written) * self.block_file_bytes
-                self._publish()
+            self._publish()
         return written
 
     # ---- index and eviction ---------------------------------------------------------
     def rescan(self) -> None:
         """Rebuild the view (key -> size, mtime) from disk; sweep stale temp files. The other
-        writers' ledgers are read first, so what lands during the scan is counted, if twice."""
-        seen = self._ledger.read_others(sweep=True)
-        entries = scan(self.root, self.stale_tmp_s)
+        writers' ledgers are read before and after, so what changes meanwhile is counted, if twice."""
+        before = self._ledger.read_others(sweep=True)
+        entries, claimed = scan(self.root, self.stale_tmp_s)
+        after = self._ledger.read_others(sweep=False)
         with self._lock:
-            self._ledger.at_scan = seen
-            self._index.replace(entries)
+            self._ledger.scan_baseline(before, after)
+            self._index.replace(entries, claimed)
             self.stats.rescans += 1
 
     def estimated_bytes(self) -> int:
-        """The store's bytes as this process knows them: its view, its own reservation, and
-        what the other writers' ledgers say they reserved, added and removed since its scan."""
+        """The store's bytes as this process knows them: its view (with what vanished from it since
+        the scan, which the remover's ledger counts), its own reservation, and what the other
+        writers' ledgers say they reserved, added and removed since its scan."""
+        pending, net = self._ledger.others_since_scan()
         with self._lock:
-            return self._index.total + self._ledger.own.pending + self._ledger.others_since_scan()
+            return self._index.total + self._index.extra + self._ledger.own.pending + pending + net
 
     def _reserve(self, need: int) -> bool:
         """Announce `need` bytes about to be written, then make room for them; False (nothing
-        reserved) if the ledger cannot be written: an unannounced write could overrun the store."""
+        kept reserved) if the ledger cannot be written (an unannounced write could overrun the
+        store) or there is no room even after eviction."""
         with self._lock:
             self._ledger.own.pending += need
-            try:
-                self._ledger.publish()
-            except OSError as e:
+        try:
+            self._ledger.publish(self._lock)
+        except OSError as e:
+            with self._lock:
                 self._ledger.own.pending -= need
-                self._on_write_error(e)
-                return False
-            if self._make_room():
-                return True
-            self._ledger.own.pending -= need     # still no room (blocks in use, others' reservations)
-            self._publish()
-            self.stats.writes_refused += 1
+            self._on_write_error(e)
             return False
+        if self._make_room():
+            return True
+        with self._lock:
+            self._ledger.own.pending -= need     # no room: blocks in use, or others' reservations
+            self.stats.writes_refused += 1
+        self._publish()
+        return False
 
     def _make_room(self) -> bool:
         """If the estimate is over capacity (or the view is old), rescan; if still over, delete
-        least-recently-used blocks until the estimate is down to low_watermark * capacity_bytes.
-        -> whether the estimate now fits capacity_bytes."""
+        least-recently-used blocks until what this process knows is on disk, with its own
+        reservation, is down to low_watermark * capacity_bytes (never for the others' reservations:
+        each writer makes room for its own). -> whether the estimate fits capacity_bytes. The scan
+        runs outside the store's lock; the eviction holds it, as the view changes under it."""
+        if time.monotonic() - self._index.last_scan <= self.rescan_interval_s \
+                and self.estimated_bytes() <= self.capacity_bytes:
+            return True
+        self.rescan()
+        if self.estimated_bytes() <= self.capacity_bytes or not self._writes_enabled:
+            return self.estimated_bytes() <= self.capacity_bytes
+        pending, net = self._ledger.others_since_scan()
         with self._lock:
-            is_stale = time.monotonic() - self._index.last_scan > self.rescan_interval_s
-            if not is_stale and self.estimated_bytes() <= self.capacity_bytes:
-                return True
-            self.rescan()
-            over = self.estimated_bytes()
-            if over <= self.capacity_bytes or not self._writes_enabled:
-                return over <= self.capacity_bytes
-            target = self.low_watermark * self.capacity_bytes - (over - self._index.total)
-            for _, size in evict_lru(self._index, target, self.path_for, self._evict_failed):
+            target = self.low_watermark * self.capacity_bytes - self._ledger.own.pending - net
+            claims = claim_lru(self._index, target, self.path_for, self._evict_failed)
+            self._index.extra += sum(size for _, size, _ in claims)     # on disk until unlinked below
+            self._ledger.own.removed += sum(size for _, size, _ in claims)
+        if claims:
+            self._publish()                      # announced before the files go (kv_block_index.claim_lru)
+        kept = 0
+        for _, size, claim in claims:
+            try:
+                os.unlink(claim)
+            except FileNotFoundError:
+                pass                             # swept as a crashed claim: gone all the same
+            except OSError as e:
+                self._evict_failed(claim, e)
+                kept += size
+                continue
+            with self._lock:
+                self._index.extra -= size
                 self.stats.evictions += 1
                 self.stats.evicted_bytes += size
-                self._ledger.own.removed += size
+        if kept:                                 # still on disk: not removed after all
+            with self._lock:
+                self._ledger.own.removed -= kept
             self._publish()
-            return self.estimated_bytes() <= self.capacity_bytes
+        return self.estimated_bytes() <= self.capacity_bytes
 
     def _publish(self) -> None:
         """Publish this process's counts after a change; a failure only costs the others a stale
         reading (they rescan when over, and a ledger left unchanged stops counting as pending)."""
         try:
-            self._ledger.publish()
+            self._ledger.publish(self._lock)
         except OSError as e:
             self._warn_once(f"ledger:{e.errno}", f"kv_store: cannot update the writer ledger: {e}")
 
