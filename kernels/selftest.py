@@ -40,7 +40,7 @@ TOLERANCE = {
     "masked_route": {},                           # integers: exactly the oracle's rows, counts and tokens
     "quant_rows_fp8": {},                         # exactly the codes and scales of quantising, then gathering
     "dsa_index_qk": {"max_abs_ulp": 2.0,          # without FP8: as mla_rope_latent, the norm within it
-                     "fp8_steps": 1.0, "fp8_differ": 0.02},  # with: one e4m3 step apart, on few elements
+                     "fp8_steps": 1.0, "fp8_differ": 0.02},  # with: codes one e4m3 step apart, on few elements
 }
 
 # case tables: small and ragged shapes, and DeepSeek-V3's (7168 hidden, 2048 expert inter, 576-wide latents)
@@ -341,7 +341,8 @@ def _check_index_qk(kb, dev, g, tol, cases) -> str:
             amax = ref.abs().amax(-1, keepdim=True)
             if fp8:   # a one-rounding difference before the round trip may move a code by one e4m3 step
                 step = (ref.abs() * 2 ** -3).clamp(min=1e-30) + amax / 448 * 2 ** -9
-                worst, differ = float(((a - ref).abs() / step).max()), float((a != ref).float().mean())
+                moved = (a - ref).abs() > ref.abs() * 2 ** -5 + amax / 448 * 2 ** -10   # a code, not a rounding
+                worst, differ = float(((a - ref).abs() / step).max()), float(moved.float().mean())
                 assert worst <= tol["fp8_steps"] and differ <= tol["fp8_differ"], \
                     f"dsa_index_qk {t}x{hi}x{di} fp8: {name} {worst:.2f} steps apart on {differ:.1%} of elements"
             else:

@@ -4,8 +4,9 @@ over the paged cache rows in another.
 `dsa_index_qk` (reference_dsa's contract) is the key's LayerNorm, both RoPEs, and with FP8
 activations the Hadamard rotation and the e4m3 round trip of q and k, plus the key's write into the
 cache: in torch about 30 launches a layer, each as long as its work at decode sizes. One program per
-token: its Hi query rows as one tile (the rotation is one tl.dot in IEEE fp32) and its key row.
-Rounds where torch's ops round: the rotation's products and sums in the dtype, as the latent kernel.
+token: its Hi query rows as one tile (the Hadamard is one tl.dot in IEEE fp32, rounded to the dtype
+once, as the reference's fp32 matmul) and its key row. The RoPE rounds each product and sum in the
+dtype, as torch's ops on it do (as kernels/triton_latent.py).
 
 kernels/reference_dsa.py `dsa_paged_select` gathers every visible index key of every query into a
 [T, N, Di] tensor before scoring it (at 128 requests x 64K context: 2 GB written and read again, then a
@@ -89,7 +90,7 @@ def dsa_index_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     """reference_dsa.dsa_index_qk in one launch (the module docstring); other layouts run the reference."""
     t, hi, di = q.shape
     r = 2 * cos.shape[-1]
-    if ("dsa_index_qk" in OFF or not q.is_cuda or t == 0 or di > 128 or _pow2(di) != di or r > di or r % 4
+    if ("dsa_index_qk" in OFF or not q.is_cuda or t == 0 or not 16 <= di <= 128 or _pow2(di) != di or r > di or r % 4
             or q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride()
             or cos.dtype != q.dtype or sin.dtype != q.dtype or flat_cache.stride(-1) != 1 or slots.stride(0) != 1
             or not (k_norm.is_contiguous() and k_norm_bias.is_contiguous())

@@ -221,7 +221,9 @@ def test_dsa_index_qk_gives_a_v32_decode_the_reference_tokens(tmp_path):
     from epserve.model.tiny import make_tiny_model
     from epserve.pipelines.local import make_local_engine
     from epserve.pipelines.sequence import Sequence
+    from epserve.kernels.triton_jit import OFF
     d = make_tiny_model(tmp_path / "v32", preset="v32-tiny", seed=3)
+    assert kt.self_test("cuda")[0] and "dsa_index_qk" not in OFF      # else both runs take the reference
     out, fused = {}, kt.dsa_index_qk
     try:
         for name, fn in (("fused", fused), ("reference", reference_dsa.dsa_index_qk)):
