@@ -405,25 +405,31 @@ def test_a_batch_larger_than_the_store_keeps_its_leading_blocks(tmp_path):
 
 
 def _contending_writer(root, wid, capacity, n_batches, barrier):
-    """Batches of 1-3 new blocks and loads of earlier ones (some evicted by the other writer); after
-    each batch the whole directory must fit capacity."""
+    """Batches of 1-3 new blocks and loads of earlier ones (some evicted by the other writer). Each
+    batch holds a shared lock on root/../pause, so the parent can look at the directory between batches."""
+    import fcntl
     import random
     store = make_store(root, capacity=capacity)
     rng, written = random.Random(wid), []
     barrier.wait()
-    for _ in range(n_batches):
-        keys = keys_for(store, rng.randint(1, 3), seed=rng.randrange(1 << 30))
-        store.save_many(keys, [block(0)] * len(keys))
-        written += keys
-        assert _disk_bytes(root) <= capacity, f"writer {wid}: {_disk_bytes(root)} B on disk, capacity {capacity}"
-        for key in rng.sample(written, min(3, len(written))):
-            store.load(key)
+    with open(root.parent / "pause", "a") as pause:
+        for _ in range(n_batches):
+            keys = keys_for(store, rng.randint(1, 3), seed=rng.randrange(1 << 30))
+            fcntl.flock(pause, fcntl.LOCK_SH)
+            store.save_many(keys, [block(0)] * len(keys))
+            fcntl.flock(pause, fcntl.LOCK_UN)
+            written += keys
+            for key in rng.sample(written, min(3, len(written))):
+                store.load(key)
+            time.sleep(0.001)
     assert store.stats.evictions > 0 and store.stats.blocks_written > 0
 
 
 def test_writers_in_several_processes_never_take_the_disk_over_capacity(tmp_path):
-    """Two processes write and read one small store at once (each evicting the other's blocks), the
-    parent sampling the directory meanwhile: it never holds more than capacity."""
+    """Two processes write and read one small store at once, each evicting the other's blocks (their
+    batches run concurrently); between batches (an exclusive lock: a walk of the directory while a
+    batch runs could count a deleted file and its replacement both) it never holds more than capacity."""
+    import fcntl
     ctx = mp.get_context("spawn")
     size = make_store(tmp_path / "probe").block_file_bytes
     capacity, root = 20 * size, tmp_path / "kv"
@@ -432,14 +438,17 @@ def test_writers_in_several_processes_never_take_the_disk_over_capacity(tmp_path
     for p in procs:
         p.start()
     barrier.wait(60)
-    most = 0
-    while any(p.is_alive() for p in procs):
-        most = max(most, _disk_bytes(root))
-        time.sleep(0.002)
+    seen = []
+    with open(tmp_path / "pause", "a") as pause:
+        while any(p.is_alive() for p in procs):
+            fcntl.flock(pause, fcntl.LOCK_EX)
+            seen.append(_disk_bytes(root))
+            fcntl.flock(pause, fcntl.LOCK_UN)
+            time.sleep(0.002)
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
-    assert 0 < most <= capacity
+    assert len(seen) >= 10 and max(seen) <= capacity, (len(seen), max(seen), capacity)
 
 
 # ---- faults ---------------------------------------------------------------------------
