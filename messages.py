@@ -150,7 +150,7 @@ class RankRef:
 # What became of the KV-store blocks a rank handed to its background writer (pipelines/kv_writer.py):
 # written (a new file), skipped (the block was on disk already, or the store had paused writes after a
 # disk error), dropped (the writer's queue was full or closed), failed (the write raised).
-KV_WRITE_OUTCOMES = ("written", "skipped", "dropped", "failed")
+KV_WRITE_OUTCOMES = ("written", "skipped", "refused", "dropped", "failed")
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ class KVStoreStats:
     bytes_written: int = 0
     write_skips: int = 0     # save() of a key already on disk
     write_errors: int = 0
-    writes_refused: int = 0  # a batch skipped: no room even after eviction (others' reservations, blocks in use)
+    blocks_refused: int = 0  # not written: no room even after eviction (others' reservations, blocks in use)
     rescans: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -378,7 +378,7 @@ class KVStore:
             return True
         with self._lock:
             self._ledger.own.pending -= need     # no room: blocks in use, or others' reservations
-            self.stats.writes_refused += 1
+            self.stats.blocks_refused += need // self.block_file_bytes
         self._publish()
         return False
 
@@ -392,8 +392,9 @@ class KVStore:
                 and self.estimated_bytes() <= self.capacity_bytes:
             return True
         self.rescan()
-        if self.estimated_bytes() <= self.capacity_bytes or not self._writes_enabled:
-            return self.estimated_bytes() <= self.capacity_bytes
+        fits = self.estimated_bytes() <= self.capacity_bytes
+        if fits or not self._writes_enabled:
+            return fits
         pending, net = self._ledger.others_since_scan()
         with self._lock:
             target = self.low_watermark * self.capacity_bytes - self._ledger.own.pending - net

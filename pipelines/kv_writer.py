@@ -94,11 +94,15 @@ class BlockWriter:
             try:
                 if done is not None:
                     done.synchronize()
+                refused = self.store.stats.blocks_refused
                 written = self.store.save_many(keys, blocks)
+                refused = min(self.store.stats.blocks_refused - refused, len(keys) - written)
                 with self._cv:
                     per_block = n_bytes // max(1, len(keys))
                     self._count("written", written, written * per_block)
-                    self._count("skipped", len(keys) - written, n_bytes - written * per_block)
+                    self._count("refused", refused, refused * per_block)
+                    skipped = len(keys) - written - refused
+                    self._count("skipped", skipped, n_bytes - (written + refused) * per_block)
             except Exception as exc:                         # never reaches the request that made the blocks
                 with self._cv:
                     self.stats["errors"] += 1

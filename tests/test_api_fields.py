@@ -117,7 +117,7 @@ def _kv_writes(base: str) -> dict[str, float]:
 def test_the_kv_store_writes_of_a_request_appear_on_metrics(server, client):
     base, _ = server
     before = _kv_writes(base)
-    assert set(before) == {"written", "skipped", "dropped", "failed"}    # a rank with a writer reports all four
+    assert set(before) == {"written", "skipped", "refused", "dropped", "failed"}   # a rank with a writer reports all
     prompt = " ".join(["A long prompt whose first blocks the prefill rank writes to the KV store."] * 12)
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0.0)
     n_blocks = (r.usage.prompt_tokens - 1) // 64

@@ -347,7 +347,7 @@ def test_a_reservation_counts_for_the_others_until_its_writer_goes_quiet(tmp_pat
     other = tmp_path / ".writers" / "host.1.dead"
     other.write_text(f"{4 * size} 0 0\n")                        # it is about to fill the store
     assert store.estimated_bytes() == 6 * size
-    assert not store.save(keys[2], block(2)) and store.stats.writes_refused == 1
+    assert not store.save(keys[2], block(2)) and store.stats.blocks_refused == 1
     assert store.lookup(keys) == 2 and store.stats.evictions == 0   # no eviction for another's reservation
     (tmp_path / ".writers" / "host.2.foreign").write_text("-5 0 0\n")   # not a ledger of ours: ignored
     os.utime(other, (time.time() - PENDING_TTL_S - 1,) * 2)

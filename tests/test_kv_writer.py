@@ -104,8 +104,9 @@ def test_the_queue_is_bounded_and_close_writes_what_is_queued(tmp_path, monkeypa
 
 
 def test_every_submitted_block_ends_in_one_outcome_with_its_bytes(tmp_path, monkeypatch):
-    """written / skipped (on disk already) / dropped (over the bound) / failed (the write raised), as
-    RankStats carries them to /metrics (tests/test_api_fields.py)."""
+    """written / skipped (on disk already) / refused (no room: another writer reserved the store) /
+    dropped (over the bound) / failed (the write raised), as RankStats carries them to /metrics
+    (tests/test_api_fields.py)."""
     from epserve.messages import KV_WRITE_OUTCOMES
     store = KVStore(tmp_path / "kv", "m", torch.float32, (2, 4, 8), 1 << 30)
     block_bytes = 2 * 4 * 8 * 4
@@ -114,12 +115,17 @@ def test_every_submitted_block_ends_in_one_outcome_with_its_bytes(tmp_path, monk
     blocks = [torch.randn(2, 4, 8) for _ in range(2)]
     assert w.submit(keys[0], blocks) and w.flush(30)                           # 2 written
     assert w.submit(keys[0], blocks) and w.flush(30)                           # 2 skipped: on disk
+    other = tmp_path / "kv" / ".writers" / "host.9.other"
+    other.write_text(f"{1 << 30} 0 0\n")                                       # another writer reserved it all
+    assert w.submit(keys[2], blocks) and w.flush(30)                           # 2 refused: no room
+    other.unlink()
     gate = _gate_writes(store, monkeypatch, fail=True)
     assert w.submit(keys[1], blocks)                                           # fails once the gate opens
     assert not w.submit(keys[2], blocks)                                       # 2 dropped: over the bound
     gate.set()
     assert w.flush(30)
     n_blocks, n_bytes = w.outcomes()
-    assert dict(zip(KV_WRITE_OUTCOMES, n_blocks)) == {"written": 2, "skipped": 2, "dropped": 2, "failed": 2}
+    assert dict(zip(KV_WRITE_OUTCOMES, n_blocks)) == {"written": 2, "skipped": 2, "refused": 2, "dropped": 2,
+                                                      "failed": 2}
     assert n_bytes == tuple(n * block_bytes for n in n_blocks)
     w.close()
