@@ -165,7 +165,7 @@ def _bench_step(mod, args):
     return mod.run_step(backend=args.backend, phase=args.phase or "decode", tokens=args.step_tokens,
                         graphs=not args.eager, cached=args.cached or 0.0, ep_ranks=args.ep_ranks,
                         skew=args.skew or "lognormal", ep=not args.no_ep, mtp=args.mtp, acceptance=acceptance,
-                        ctx=args.context[0] if args.context else None)
+                        ctx=args.context[0] if args.context else None, kernel_table=args.kernel_table)
 
 
 def _bench_serve(mod, args) -> list | dict:

@@ -108,6 +108,8 @@ def add_parser(sub) -> None:
     s.add_argument("--acceptance", type=float, help="--mtp: the forced draft acceptance in [0, 1] (default 0.85)")
     s.add_argument("--small", action="store_true", help="--mtp / --arch v32: small shapes (runs on CPU)")
     s.add_argument("--device", choices=["cpu", "cuda"], help="--small: where it runs (default cpu)")
+    s.add_argument("--kernel-table", action="store_true", help="the emulated EP rank: also where the overlapped "
+                   "schedule's extra time goes, kernel by kernel against the one batch (launches and us per MoE layer)")
     s.add_argument("--gpus", type=int, help="real EP across N GPUs of this host, dispatch and combine timed")
 
     o = _leaf(bs, "overlap", "step time with the overlapped schedules on/off/auto, with and without injected "
@@ -212,7 +214,7 @@ def check(a) -> None:
             _need(a, "--skew", "--ep-ranks or --ep-presets")
     elif a.what == "step" and a.arch == "v32":
         _refuse(a, "--arch v32 (one layer's one-batch figure, V3.2 against V3)",
-                ("--gpus", "--no-ep", "--cached", "--mtp", "--acceptance"))
+                ("--gpus", "--no-ep", "--cached", "--mtp", "--acceptance", "--kernel-table"))
         if a.small or a.phase == "prefill":
             _refuse(a, "--arch v32 --small / --phase prefill (the emulated EP rank: decode on the V3-width "
                     "presets)", ("--ep-ranks", "--skew"))
@@ -226,14 +228,15 @@ def check(a) -> None:
         if a.context is not None and len(a.context) > 1:
             raise InvalidRequest(f"--context takes one value without --arch v32, got {len(a.context)}", "--context")
         if a.gpus:
-            _refuse(a, "--gpus (real EP)", ("--eager", "--ep-ranks", "--skew", "--no-ep", "--cached", "--mtp",
+            _refuse(a, "--gpus (real EP)", ("--eager", "--ep-ranks", "--skew", "--no-ep", "--cached", "--mtp", "--kernel-table",
                                             "--context", "--small", "--device"))
         elif a.mtp:
             if a.phase == "prefill":
                 raise InvalidRequest("--phase prefill does not apply with --mtp (drafts are decode tokens)", "--phase")
             _refuse(a, "--mtp", ("--cached",))
             if a.small or a.no_ep:
-                _refuse(a, "--small / --no-ep (the layer-level projection)", ("--ep-ranks", "--skew", "--context"))
+                _refuse(a, "--small / --no-ep (the layer-level projection)", ("--ep-ranks", "--skew", "--context",
+                                                                              "--kernel-table"))
             if not a.small:
                 _need(a, "--device", "--mtp --small (without --small, --mtp runs on cuda)")
             if a.acceptance is not None and not 0 <= a.acceptance <= 1:
@@ -243,7 +246,7 @@ def check(a) -> None:
             _need(a, "--acceptance", "--mtp")
             _need(a, "--device", "--mtp --small")
             if a.no_ep:
-                _refuse(a, "--no-ep", ("--ep-ranks", "--skew", "--context"))
+                _refuse(a, "--no-ep", ("--ep-ranks", "--skew", "--context", "--kernel-table"))
             if a.context is not None and a.phase == "prefill":
                 raise InvalidRequest("--context is a decode request's context (prefill: 4K prompts)", "--context")
             if a.cached is not None and a.phase != "prefill":

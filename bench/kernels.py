@@ -57,6 +57,48 @@ def graphed(fn):
     return graph.replay
 
 
+def kernel_profile(fn, reps: int = 5) -> dict[str, tuple[float, float]]:
+    """kernel name -> (launches, us) per fn() call, over `reps` calls under torch.profiler after one
+    warm-up call: the GPU kernels' time on CUDA (a graph replay's kernels too), the aten ops' self
+    time on CPU. Names are cut at 120 characters (template arguments)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    table: dict[str, list] = {}
+    for e in prof.events():
+        if cuda and e.device_type != DeviceType.CUDA:
+            continue
+        us = (getattr(e, "device_time_total", 0) or e.cuda_time_total) if cuda else e.self_cpu_time_total
+        row = table.setdefault(e.name[:120], [0, 0.0])
+        row[0] += 1
+        row[1] += us
+    return {k: (n / reps, us / reps) for k, (n, us) in table.items()}
+
+
+def kernel_diff(a: dict, b: dict, per: int, top: int = 40) -> dict:
+    """Two kernel_profile tables side by side (a: the schedule under study, b: its baseline), per
+    `per` (MoE layers): totals, and the `top` kernels by a's extra time over b's."""
+    rows = sorted(set(a) | set(b), key=lambda k: -(a.get(k, (0, 0))[1] - b.get(k, (0, 0))[1]))
+
+    def fmt(n: float, us: float) -> dict:
+        return {"launches": round(n / per, 2), "us": round(us / per, 2)}
+
+    return {"per": per,
+            "total": {"a": fmt(sum(v[0] for v in a.values()), sum(v[1] for v in a.values())),
+                      "b": fmt(sum(v[0] for v in b.values()), sum(v[1] for v in b.values()))},
+            "kernels": [{"kernel": k, "a": fmt(*a.get(k, (0, 0))), "b": fmt(*b.get(k, (0, 0))),
+                         "extra_us": round((a.get(k, (0, 0))[1] - b.get(k, (0, 0))[1]) / per, 2)}
+                        for k in rows[:top]]}
+
+
 def time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
     """Median of reps CUDA-event timings of fn() after warm-up (wall-clock timings without CUDA)."""
     for _ in range(warmup):

@@ -314,17 +314,18 @@ def run_mtp(device: str = "cuda", backend: str = "triton", tokens: int | None = 
 
 def run_step(backend: str = "native", phase: str = "decode", tokens: int | None = None, graphs: bool = True,
              cached: float = 0.0, ep_ranks: int | None = None, skew: str = "lognormal", ep: bool = True,
-             mtp: bool = False, acceptance: float = 0.85, ctx: int | None = None) -> dict:
+             mtp: bool = False, acceptance: float = 0.85, ctx: int | None = None, kernel_table: bool = False) -> dict:
     """{"emulated_ep_rank": the headline, "one_batch_no_exchange": run()'s layer figures}; ep False:
     the secondary block only. mtp: the headline also times decode with MTP k = 1 at a forced
-    `acceptance` (bench/step_mtp_ep.py), beside the plain step."""
+    `acceptance` (bench/step_mtp_ep.py), beside the plain step. kernel_table: the first emulated-rank
+    run also tables the overlapped step's kernels against the one batch's (bench/step_ep.py)."""
     from epserve.bench import step_ep
     out = {"headline": "emulated_ep_rank_61_layers" if ep and torch.cuda.is_available() else
            "emulated_ep_rank" if ep else "one_batch_no_exchange"}
     if ep:
         kw = dict(backend=backend, tokens=tokens, ranks=ep_ranks, skew=skew, graphs=graphs, mtp=mtp,
                   acceptance=acceptance, cached=cached, ctx=ctx)
-        shallow = step_ep.run(phase, **kw)
+        shallow = step_ep.run(phase, kernel_table=kernel_table, **kw)
         out["emulated_ep_rank"] = shallow
         if torch.cuda.is_available():      # the 61-layer figure from a second, deeper checkpoint
             gc.collect()                   # the first engine's KV pool and graphs go before the second's

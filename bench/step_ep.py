@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from epserve.bench.kernels import graphed, time_ms
+from epserve.bench.kernels import graphed, kernel_diff, kernel_profile, time_ms
 from epserve.model.ep_emulate import KEYS
 from epserve.placement.loads import KINDS
 from epserve.model.deepseek_v3 import DecodeBatch
@@ -128,14 +128,17 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
         ranks: int | None = None, skew: str = "lognormal", seed: int = 0, model: str | None = None,
         graphs: bool = True, reps: int | None = None, ctx: int | None = None, layers: int | None = None,
         mtp: bool = False, acceptance: float = 0.85, cached: float = 0.0, prompt: int | None = None,
-        kv_root: str | None = None, store_layers: int | None = None, arch: str = "v3", **ep_emulate) -> dict:
+        kv_root: str | None = None, store_layers: int | None = None, arch: str = "v3", kernel_table: bool = False,
+        **ep_emulate) -> dict:
     """The headline block for `phase` (see the module docstring); mtp (decode): also the MTP k = 1
     verify step at a forced `acceptance` (bench/step_mtp_ep.py); cached (prefill): that fraction of
     each prompt (whole 64-token blocks) is a KV-store hit whose load is timed on this host's disk
     (bench/kv_load.py: blocks of store_layers layers, default V3's 61 for the presets, under kv_root)
     and counted as the engine overlaps it; ep_emulate: other `ep_emulate` keys (experts, groups,
     top_k) for checkpoints other than the presets. arch: whose presets (v3, or v32: DeepSeek-V3.2's
-    sparse attention at the same widths), when no model is given."""
+    sparse attention at the same widths), when no model is given. kernel_table: also where the
+    overlapped schedule's extra time goes, kernel by kernel against the one batch (both with no
+    exchange time, as they are timed: graph replays on CUDA), per MoE layer."""
     if phase not in DEFAULT:
         raise ValueError(f"phase must be one of {', '.join(DEFAULT)}, got {phase!r}")
     if mtp and phase != "decode":
@@ -248,6 +251,20 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
             row["per_moe_layer_us"] = {"exchange": round(queued, 3), "exposed": round(exposed, 3),
                                        "hidden": round(queued - exposed, 3)}
             out[name] = row
+    table = None
+    if kernel_table:           # the same calls as timed above, the exchange holds at 0
+        d.hold_scale = 0.0
+        if eng.graphs is not None:
+            eng.graphs.clear()
+        with torch.inference_mode():
+            prof = {}
+            for name in ("overlapped", "one_batch"):
+                fn = fns[name]
+                if name in bench_graphed and cuda_graph_overlap and name not in capture_failed:
+                    fn = graphed(fn)
+                prof[name] = kernel_profile(fn)
+        table = {"a": "overlapped", "b": "one_batch", "exchange": "not held (0)",
+                 **kernel_diff(prof["overlapped"], prof["one_batch"], n_moe)}
     prefix = None
     if p["cached"]:            # the store's load of the step's cached blocks, on this host's disk
         n_layers = store_layers or (V3_KV_LAYERS if model is None else a.n_kv_layers)
@@ -276,4 +293,5 @@ def run(phase: str = "decode", device: str = "cuda", backend: str = "native", to
         **out,
         "tokens_per_s": {k: round(tokens_of[k] / out[k]["held"]["step_ms"] * 1e3, 1) for k in out},
         "cached_prefix": prefix,
+        **({"kernel_table": table} if kernel_table else {}),
     }

@@ -182,6 +182,21 @@ def test_bench_step_headline_runs_the_overlapped_schedule_on_the_emulated_rank(t
     assert sum(rows) == pytest.approx(4 * 8 * out["ep_emulate"]["busiest_rank_over_mean"], rel=0.5)
 
 
+def test_bench_step_kernel_table_sets_the_overlapped_step_beside_the_one_batch(tiny_dir):
+    """--kernel-table: the overlapped step's kernels against the one batch's, per MoE layer (on CPU the
+    aten ops): two micro-batches launch more, and the rows come largest extra time first."""
+    from epserve.bench import step_ep
+    out = step_ep.run("decode", device="cpu", backend="reference", tokens=4, ranks=16, ctx=40, reps=1,
+                      model=tiny_dir, kernel_table=True)
+    t = out["kernel_table"]
+    assert (t["a"], t["b"], t["per"]) == ("overlapped", "one_batch", out["shape"]["moe_layers"])
+    assert t["total"]["a"]["launches"] > t["total"]["b"]["launches"] > 0
+    extra = [row["extra_us"] for row in t["kernels"]]
+    assert extra == sorted(extra, reverse=True) and 0 < len(extra) <= 40
+    assert "kernel_table" not in step_ep.run("decode", device="cpu", backend="reference", tokens=4, ranks=16,
+                                             ctx=40, reps=1, model=tiny_dir)
+
+
 def test_a_ray_unit_on_the_emulated_rank_gives_the_single_rank_tokens(ray_cluster, tiny_dir):
     """Through actors/launch.py and actors/rank.py: one-rank units with ep_dispatch: emulated and
     overlap on (split steps on one rank) answer as the single-rank engine."""
