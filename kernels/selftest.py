@@ -267,6 +267,14 @@ def _bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(((got.float() - want.float()).abs() / ulp).max()) if want.numel() else 0.0
 
 
+def _row_ulps(got: torch.Tensor, want: torch.Tensor, dt: torch.dtype) -> float:
+    """The largest difference in roundings (of dt) of each row's largest value: a rotation's differences
+    cancel (x1 c - x2 s), so an element may be 0 on one side and one rounding of its products on the other."""
+    want = want.float()
+    ulp = (want.abs().amax(-1, keepdim=True) * (2 ** -7 if dt == BF16 else 2 ** -23)).clamp(min=2 ** -126)
+    return float(((got.float() - want).abs() / ulp).max()) if want.numel() else 0.0
+
+
 def _check_norm(kb, dev, g, tol, cases) -> str:
     for t, d, stride in cases:
         x = torch.randn(t, stride, generator=g, device=dev).bfloat16()[:, :d]
@@ -313,10 +321,7 @@ def _check_latent(kb, dev, g, tol, cases) -> str:
         got = kb.mla_rope_latent(q, kv, cos, sin, w, 1e-6, inter, caches[0], slots, q_lat[..., lat:])
         want = reference.mla_rope_latent(q, kv, cos, sin, w, 1e-6, inter, caches[1], slots)
         for name, a, b in (("query", got, want), ("cache", caches[0], caches[1])):
-            # in ulps of the row's largest value: the rotation's differences cancel (x1 c - x2 s), so an
-            # element may be 0 on one side and one rounding of its products on the other
-            ulp = (b.float().abs().amax(-1, keepdim=True) * (2 ** -7 if dt == BF16 else 2 ** -23)).clamp(min=2 ** -126)
-            worst = float(((a.float() - b.float()).abs() / ulp).max())
+            worst = _row_ulps(a, b, dt)
             assert worst <= tol["max_abs_ulp"], f"mla_rope_latent {t}x{h} {dt}: {name} {worst:.2f} ulps apart"
         assert bool((q_lat[..., :lat] == 0).all()) and got.data_ptr() == q_lat[..., lat:].data_ptr(), \
             "mla_rope_latent wrote outside its output view"
@@ -346,8 +351,7 @@ def _check_index_qk(kb, dev, g, tol, cases) -> str:
                 assert worst <= tol["fp8_steps"] and differ <= tol["fp8_differ"], \
                     f"dsa_index_qk {t}x{hi}x{di} fp8: {name} {worst:.2f} steps apart on {differ:.1%} of elements"
             else:
-                ulp = (amax * (2 ** -7 if dt == BF16 else 2 ** -23)).clamp(min=2 ** -126)
-                worst = float(((a - ref).abs() / ulp).max())
+                worst = _row_ulps(a, ref, dt)
                 assert worst <= tol["max_abs_ulp"], f"dsa_index_qk {t}x{hi}x{di} {dt}: {name} {worst:.2f} ulps apart"
         assert bool((caches[0][:, :24] == 0).all()), "dsa_index_qk wrote outside the key's columns"
     return "index qk ok"

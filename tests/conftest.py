@@ -61,17 +61,21 @@ def prompts_of(lengths, vocab=TINY_CONFIG["vocab_size"], seed=0):
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def single_rank_outputs(model_dir, prompts, params) -> list[list[int]]:
-    """Each prompt's tokens from one in-process rank with every expert local (the oracle units are held to)."""
-    from epserve.pipelines.local import make_local_engine
+def engine_outputs(engine, prompts, params) -> list[list[int]]:
+    """Each prompt's tokens from an in-process engine, stepped until it has no work."""
     from epserve.pipelines.sequence import Sequence
-    engine = make_local_engine(model_dir)
     seqs = [Sequence(f"ref{i}", p, params) for i, p in enumerate(prompts)]
     for s in seqs:
         engine.add(s)
     while engine.has_work:
         engine.step()
     return [s.output_ids for s in seqs]
+
+
+def single_rank_outputs(model_dir, prompts, params) -> list[list[int]]:
+    """Each prompt's tokens from one in-process rank with every expert local (the oracle units are held to)."""
+    from epserve.pipelines.local import make_local_engine
+    return engine_outputs(make_local_engine(model_dir), prompts, params)
 
 
 def wait_unit_empty(unit, timeout_s: float = 30.0, poll_s: float = 0.05) -> list:

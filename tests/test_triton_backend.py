@@ -132,20 +132,14 @@ def test_overlapped_schedules_match_the_plain_forward_on_gpu(tiny_dir):
 def test_local_engine_on_gpu_generates_the_cpu_tokens(tiny_dir):
     """A whole rank on CUDA (routing tables, counters and caches on the GPU) gives the CPU's
     greedy tokens in float32 and returns its expert counters on the CPU."""
-    from conftest import prompts_of
+    from conftest import engine_outputs, prompts_of
     from epserve.model.sampling import SamplingParams
     from epserve.pipelines.local import make_local_engine
-    from epserve.pipelines.sequence import Sequence
     out = {}
     for dev in ("cpu", "cuda"):
         eng = make_local_engine(tiny_dir, redundant_experts=4, kernels="reference", device=dev)
-        seqs = [Sequence(f"d{i}", p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-                for i, p in enumerate(prompts_of([20, 7, 33], seed=2))]
-        for s in seqs:
-            eng.add(s)
-        while eng.has_work:
-            eng.step()
-        out[dev] = [s.output_ids for s in seqs]
+        out[dev] = engine_outputs(eng, prompts_of([20, 7, 33], seed=2),
+                                  SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
         counts = eng.dispatcher.take_counts()
         assert counts.device.type == "cpu" and int(counts.sum()) > 0
     assert out["cuda"] == out["cpu"]
@@ -215,13 +209,12 @@ def test_every_fused_op_passes_its_own_check_on_gpu():
 def test_dsa_index_qk_gives_a_v32_decode_the_reference_tokens(tmp_path):
     """The fused indexer q/k kernel inside a real V3.2 rank on CUDA in float32 (where it differs from the
     reference only by LayerNorm's summation order): the greedy tokens of the reference's q/k path."""
-    from conftest import prompts_of
+    from conftest import engine_outputs, prompts_of
     from epserve.kernels import reference_dsa
+    from epserve.kernels.triton_jit import OFF
     from epserve.model.sampling import SamplingParams
     from epserve.model.tiny import make_tiny_model
     from epserve.pipelines.local import make_local_engine
-    from epserve.pipelines.sequence import Sequence
-    from epserve.kernels.triton_jit import OFF
     d = make_tiny_model(tmp_path / "v32", preset="v32-tiny", seed=3)
     assert kt.self_test("cuda")[0] and "dsa_index_qk" not in OFF      # else both runs take the reference
     out, fused = {}, kt.dsa_index_qk
@@ -230,13 +223,8 @@ def test_dsa_index_qk_gives_a_v32_decode_the_reference_tokens(tmp_path):
             kt.dsa_index_qk = fn
             eng = make_local_engine(d, kernels="triton", device="cuda")
             assert eng.model.layers[0].attn.kb is kt
-            seqs = [Sequence(f"d{i}", p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
-                    for i, p in enumerate(prompts_of([300, 90, 7], seed=5))]
-            for s in seqs:
-                eng.add(s)
-            while eng.has_work:
-                eng.step()
-            out[name] = [s.output_ids for s in seqs]
+            out[name] = engine_outputs(eng, prompts_of([300, 90, 7], seed=5),
+                                       SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     finally:
         kt.dsa_index_qk = fused
     assert out["fused"] == out["reference"]
